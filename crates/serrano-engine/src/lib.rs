@@ -1,0 +1,27 @@
+//! serrano's inference engine for Llama-family GGUF models.
+//!
+//! Data flow: [`gguf`] maps the file; [`model`] builds the transformer over the mapped weights
+//! ([`quant`] formats, [`ops`] kernels); [`tokenizer`] and [`chat`] turn text into tokens;
+//! [`engine`] runs a thread that batches requests arriving over a bounded channel, samples
+//! ([`sampling`]) and streams events back. Nothing here knows about HTTP.
+
+pub mod chat;
+pub mod engine;
+pub mod error;
+pub mod gguf;
+pub mod kv;
+pub mod model;
+pub mod ops;
+pub mod quant;
+pub mod sampling;
+pub mod stop;
+pub mod testing;
+pub mod tokenizer;
+
+pub use chat::ChatMessage;
+pub use engine::{
+    start, start_from_gguf, EngineConfig, EngineHandle, Event, FinishReason, GenerateRequest,
+    ModelInfo, SubmitError, MAX_LOGPROBS,
+};
+pub use error::{EngineError, Result};
+pub use sampling::{SamplingParams, TokenLogprobs};

@@ -1,0 +1,399 @@
+//! Llama-family transformer: configuration from GGUF metadata, weights, and the batched forward
+//! pass over sequences at different positions.
+
+use rayon::prelude::*;
+
+use crate::error::{EngineError, Result};
+use crate::gguf::{GgufFile, TensorInfo};
+use crate::kv::KvSeq;
+use crate::ops::{self, matmul, rmsnorm, QMatrix, Rope, RopeStyle};
+use crate::quant::dequantize_row;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub architecture: String,
+    pub n_layers: usize,
+    pub d_model: usize,
+    pub d_ff: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub context_length: usize,
+    pub rms_eps: f32,
+    pub rope_base: f32,
+    pub rope_dims: usize,
+    pub rope_style: RopeStyle,
+    pub rope_pos_scale: f32,
+}
+
+impl ModelConfig {
+    pub fn from_gguf(f: &GgufFile) -> Result<ModelConfig> {
+        let arch = f.get_str("general.architecture")?.to_string();
+        let rope_style = match arch.as_str() {
+            "llama" | "mistral" => RopeStyle::Adjacent,
+            "qwen2" => RopeStyle::Neox,
+            _ => return Err(EngineError::UnsupportedArchitecture(arch)),
+        };
+        let k = |s: &str| format!("{arch}.{s}");
+        let u = |s: &str| f.get_u64(&k(s)).map(|v| v as usize);
+        let d_model = u("embedding_length")?;
+        let n_heads = u("attention.head_count")?;
+        let n_kv_heads = u("attention.head_count_kv").unwrap_or(n_heads);
+        if n_heads == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 || d_model % n_heads != 0 {
+            return Err(EngineError::Invalid(format!(
+                "{n_heads} heads / {n_kv_heads} KV heads do not divide a {d_model}-wide model"
+            )));
+        }
+        let head_dim = u("attention.key_length").unwrap_or(d_model / n_heads);
+        let rope_dims = u("rope.dimension_count").unwrap_or(head_dim);
+        if rope_dims > head_dim || rope_dims % 2 != 0 {
+            return Err(EngineError::Invalid(format!(
+                "rope dimension {rope_dims} does not fit head dimension {head_dim}"
+            )));
+        }
+        let rope_pos_scale = match f.get(&k("rope.scaling.type")).and_then(|v| v.as_str()) {
+            None | Some("none") => 1.0,
+            Some("linear") => {
+                1.0 / f.get_f64(&k("rope.scaling.factor")).unwrap_or(1.0).max(1.0) as f32
+            }
+            Some(other) => {
+                return Err(EngineError::Invalid(format!(
+                    "rope scaling '{other}' is not supported; supported: none, linear"
+                )))
+            }
+        };
+        let vocab_size = match f.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()) {
+            Some(t) => t.len(),
+            None => u("vocab_size")?,
+        };
+        Ok(ModelConfig {
+            n_layers: u("block_count")?,
+            d_ff: u("feed_forward_length")?,
+            context_length: u("context_length")?,
+            rms_eps: f
+                .get_f64(&k("attention.layer_norm_rms_epsilon"))
+                .unwrap_or(1e-5) as f32,
+            rope_base: f.get_f64(&k("rope.freq_base")).unwrap_or(10000.0) as f32,
+            architecture: arch,
+            d_model,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            vocab_size,
+            rope_dims,
+            rope_style,
+            rope_pos_scale,
+        })
+    }
+
+    /// Width of one position's K (or V) across KV heads.
+    pub fn kv_width(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+}
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    wq: QMatrix,
+    wk: QMatrix,
+    wv: QMatrix,
+    wo: QMatrix,
+    bq: Option<Vec<f32>>,
+    bk: Option<Vec<f32>>,
+    bv: Option<Vec<f32>>,
+    ffn_norm: Vec<f32>,
+    w_gate: QMatrix,
+    w_up: QMatrix,
+    w_down: QMatrix,
+}
+
+pub struct Model {
+    pub config: ModelConfig,
+    token_embd: QMatrix,
+    layers: Vec<Layer>,
+    output_norm: Vec<f32>,
+    output: QMatrix,
+    rope: Rope,
+    weight_bytes: usize,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Which logits a sequence wants back from a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsWanted {
+    None,
+    /// The last new token's (next-token prediction).
+    Last,
+    /// Every new token's (prompt log-probabilities).
+    All,
+}
+
+/// One sequence's share of a forward step: its new tokens, appended at `kv.len()`.
+pub struct SeqStep<'a> {
+    pub tokens: &'a [u32],
+    pub kv: &'a mut dyn KvSeq,
+    pub logits: LogitsWanted,
+}
+
+fn tensor<'a>(f: &'a GgufFile, name: &str) -> Result<&'a TensorInfo> {
+    f.tensors
+        .get(name)
+        .ok_or_else(|| EngineError::MissingTensor(name.into()))
+}
+
+fn matrix(f: &GgufFile, name: &str, rows: usize, cols: usize) -> Result<QMatrix> {
+    let t = tensor(f, name)?;
+    if t.dims != [cols as u64, rows as u64] {
+        return Err(EngineError::TensorShape {
+            name: name.into(),
+            got: t.dims.clone(),
+            want: vec![cols as u64, rows as u64],
+        });
+    }
+    Ok(QMatrix::new(t.dtype, rows, cols, f.bytes.clone(), t.offset))
+}
+
+fn vector(f: &GgufFile, name: &str, n: usize) -> Result<Vec<f32>> {
+    let t = tensor(f, name)?;
+    if t.n_elements() != n as u64 {
+        return Err(EngineError::TensorShape {
+            name: name.into(),
+            got: t.dims.clone(),
+            want: vec![n as u64],
+        });
+    }
+    let mut out = vec![0f32; n];
+    dequantize_row(t.dtype, f.tensor_bytes(t), &mut out);
+    Ok(out)
+}
+
+fn optional_vector(f: &GgufFile, name: &str, n: usize) -> Result<Option<Vec<f32>>> {
+    if f.tensors.contains_key(name) {
+        vector(f, name, n).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+impl Model {
+    pub fn load(f: &GgufFile) -> Result<Model> {
+        let c = ModelConfig::from_gguf(f)?;
+        let (d, q_width, kv_width) = (c.d_model, c.n_heads * c.head_dim, c.kv_width());
+        let token_embd = matrix(f, "token_embd.weight", c.vocab_size, d)?;
+        let output = if f.tensors.contains_key("output.weight") {
+            matrix(f, "output.weight", c.vocab_size, d)?
+        } else {
+            token_embd.clone()
+        };
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for i in 0..c.n_layers {
+            let n = |s: &str| format!("blk.{i}.{s}");
+            layers.push(Layer {
+                attn_norm: vector(f, &n("attn_norm.weight"), d)?,
+                wq: matrix(f, &n("attn_q.weight"), q_width, d)?,
+                wk: matrix(f, &n("attn_k.weight"), kv_width, d)?,
+                wv: matrix(f, &n("attn_v.weight"), kv_width, d)?,
+                wo: matrix(f, &n("attn_output.weight"), d, q_width)?,
+                bq: optional_vector(f, &n("attn_q.bias"), q_width)?,
+                bk: optional_vector(f, &n("attn_k.bias"), kv_width)?,
+                bv: optional_vector(f, &n("attn_v.bias"), kv_width)?,
+                ffn_norm: vector(f, &n("ffn_norm.weight"), d)?,
+                w_gate: matrix(f, &n("ffn_gate.weight"), c.d_ff, d)?,
+                w_up: matrix(f, &n("ffn_up.weight"), c.d_ff, d)?,
+                w_down: matrix(f, &n("ffn_down.weight"), d, c.d_ff)?,
+            });
+        }
+        let freq_factors = optional_vector(f, "rope_freqs.weight", c.rope_dims / 2)?;
+        let rope = Rope::new(
+            c.rope_style,
+            c.rope_dims,
+            c.rope_base,
+            freq_factors.as_deref(),
+            c.rope_pos_scale,
+        );
+        let tied = !f.tensors.contains_key("output.weight");
+        let weight_bytes = token_embd.bytes_total()
+            + if tied { 0 } else { output.bytes_total() }
+            + layers
+                .iter()
+                .map(|l| {
+                    [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]
+                        .iter()
+                        .map(|m| m.bytes_total())
+                        .sum::<usize>()
+                })
+                .sum::<usize>();
+        Ok(Model {
+            output_norm: vector(f, "output_norm.weight", d)?,
+            config: c,
+            token_embd,
+            layers,
+            output,
+            rope,
+            weight_bytes,
+        })
+    }
+
+    /// Bytes of weights read per decode step (the memory-bandwidth floor of one token).
+    pub fn weight_bytes(&self) -> usize {
+        self.weight_bytes
+    }
+
+    /// Runs one step over all sequences' new tokens and returns, per sequence, the logits it asked
+    /// for (`rows * vocab` values). Weights are read once for the whole batch; attention runs per
+    /// sequence over its own cache.
+    pub fn forward(&self, seqs: &mut [SeqStep<'_>]) -> Result<Vec<Vec<f32>>> {
+        let c = &self.config;
+        let (d, hd, nh, nkv) = (c.d_model, c.head_dim, c.n_heads, c.n_kv_heads);
+        let (qw, kvw) = (nh * hd, c.kv_width());
+        // Flatten: token t belongs to sequence seq_of[t] at position pos_of[t].
+        let mut seq_of = Vec::new();
+        let mut pos_of = Vec::new();
+        let mut ids = Vec::new();
+        for (s, step) in seqs.iter().enumerate() {
+            let start = step.kv.len();
+            if start + step.tokens.len() > c.context_length {
+                return Err(EngineError::Invalid(format!(
+                    "sequence of {} tokens exceeds the context length {}",
+                    start + step.tokens.len(),
+                    c.context_length
+                )));
+            }
+            for (i, &t) in step.tokens.iter().enumerate() {
+                if t as usize >= c.vocab_size {
+                    return Err(EngineError::Invalid(format!(
+                        "token id {t} is outside the vocabulary ({})",
+                        c.vocab_size
+                    )));
+                }
+                seq_of.push(s);
+                pos_of.push(start + i);
+                ids.push(t);
+            }
+        }
+        let n = ids.len();
+        let mut x = vec![0f32; n * d];
+        for (t, &id) in ids.iter().enumerate() {
+            self.token_embd
+                .dequantize_row_into(id as usize, &mut x[t * d..(t + 1) * d]);
+        }
+        let mut h = vec![0f32; n * d];
+        let mut q = vec![0f32; n * qw];
+        let mut k = vec![0f32; n * kvw];
+        let mut v = vec![0f32; n * kvw];
+        let mut att = vec![0f32; n * qw];
+        let mut o = vec![0f32; n * d];
+        let mut g = vec![0f32; n * c.d_ff];
+        let mut up = vec![0f32; n * c.d_ff];
+        let scale = 1.0 / (hd as f32).sqrt();
+        let group = nh / nkv;
+        for (li, layer) in self.layers.iter().enumerate() {
+            rmsnorm(&x, &layer.attn_norm, c.rms_eps, &mut h);
+            matmul(&layer.wq, &h, n, &mut q);
+            matmul(&layer.wk, &h, n, &mut k);
+            matmul(&layer.wv, &h, n, &mut v);
+            add_bias(&mut q, layer.bq.as_deref());
+            add_bias(&mut k, layer.bk.as_deref());
+            add_bias(&mut v, layer.bv.as_deref());
+            for t in 0..n {
+                for head in q[t * qw..(t + 1) * qw].chunks_exact_mut(hd) {
+                    self.rope.apply(head, pos_of[t]);
+                }
+                for head in k[t * kvw..(t + 1) * kvw].chunks_exact_mut(hd) {
+                    self.rope.apply(head, pos_of[t]);
+                }
+                seqs[seq_of[t]].kv.write(
+                    li,
+                    pos_of[t],
+                    &k[t * kvw..(t + 1) * kvw],
+                    &v[t * kvw..(t + 1) * kvw],
+                );
+            }
+            // Causal attention: token t attends to its own sequence's positions 0..=pos_of[t].
+            let kvs: Vec<&dyn KvSeq> = seqs.iter().map(|s| &*s.kv).collect();
+            att.par_chunks_mut(hd).enumerate().for_each(|(i, out)| {
+                let (t, head) = (i / nh, i % nh);
+                let kv = kvs[seq_of[t]];
+                let kvh = head / group;
+                let qh = &q[t * qw + head * hd..t * qw + (head + 1) * hd];
+                let mut scores: Vec<f32> = (0..=pos_of[t])
+                    .map(|p| ops::dot(qh, &kv.key(li, p)[kvh * hd..(kvh + 1) * hd]) * scale)
+                    .collect();
+                ops::softmax(&mut scores);
+                out.fill(0.0);
+                for (p, &w) in scores.iter().enumerate() {
+                    let vv = &kv.value(li, p)[kvh * hd..(kvh + 1) * hd];
+                    for (a, b) in out.iter_mut().zip(vv) {
+                        *a += w * b;
+                    }
+                }
+            });
+            matmul(&layer.wo, &att, n, &mut o);
+            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+            rmsnorm(&x, &layer.ffn_norm, c.rms_eps, &mut h);
+            matmul(&layer.w_gate, &h, n, &mut g);
+            matmul(&layer.w_up, &h, n, &mut up);
+            g.par_iter_mut()
+                .zip(&up)
+                .for_each(|(a, b)| *a = ops::silu(*a) * b);
+            matmul(&layer.w_down, &g, n, &mut o);
+            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+        }
+        // Only the rows someone asked for go through the (large) output head.
+        let mut rows: Vec<usize> = Vec::new();
+        let mut t0 = 0;
+        for s in seqs.iter() {
+            let len = s.tokens.len();
+            match s.logits {
+                LogitsWanted::None => {}
+                LogitsWanted::Last if len > 0 => rows.push(t0 + len - 1),
+                LogitsWanted::Last => {}
+                LogitsWanted::All => rows.extend(t0..t0 + len),
+            }
+            t0 += len;
+        }
+        let mut sel = vec![0f32; rows.len() * d];
+        for (i, &r) in rows.iter().enumerate() {
+            rmsnorm(
+                &x[r * d..(r + 1) * d],
+                &self.output_norm,
+                c.rms_eps,
+                &mut sel[i * d..(i + 1) * d],
+            );
+        }
+        let mut logits = vec![0f32; rows.len() * c.vocab_size];
+        if !rows.is_empty() {
+            matmul(&self.output, &sel, rows.len(), &mut logits);
+        }
+        let mut out = Vec::with_capacity(seqs.len());
+        let mut at = 0;
+        for s in seqs.iter_mut() {
+            let new_len = s.kv.len() + s.tokens.len();
+            s.kv.commit(new_len);
+            let k = match s.logits {
+                LogitsWanted::None => 0,
+                LogitsWanted::Last => usize::from(!s.tokens.is_empty()),
+                LogitsWanted::All => s.tokens.len(),
+            };
+            out.push(logits[at * c.vocab_size..(at + k) * c.vocab_size].to_vec());
+            at += k;
+        }
+        Ok(out)
+    }
+}
+
+fn add_bias(x: &mut [f32], bias: Option<&[f32]>) {
+    if let Some(b) = bias {
+        for row in x.chunks_exact_mut(b.len()) {
+            row.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+        }
+    }
+}

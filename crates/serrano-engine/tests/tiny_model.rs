@@ -1,0 +1,211 @@
+//! Engine behaviour on a tiny random-weight GGUF written by the test itself.
+
+use serrano_engine::gguf::GgufFile;
+use serrano_engine::kv::ContiguousKv;
+use serrano_engine::model::{LogitsWanted, Model, SeqStep};
+use serrano_engine::testing::TinyModel;
+use serrano_engine::{
+    start_from_gguf, EngineConfig, Event, FinishReason, GenerateRequest, SamplingParams,
+    SubmitError,
+};
+
+fn tiny() -> GgufFile {
+    GgufFile::from_vec(TinyModel::default().gguf_bytes()).unwrap()
+}
+
+fn kv(m: &Model) -> ContiguousKv {
+    ContiguousKv::new(
+        m.config.n_layers,
+        m.config.kv_width(),
+        m.config.context_length,
+    )
+}
+
+#[test]
+fn incremental_decode_matches_full_prefill() {
+    let model = Model::load(&tiny()).unwrap();
+    let prompt = [5u32, 77, 260, 12, 9, 140];
+    let mut full = kv(&model);
+    let all = model
+        .forward(&mut [SeqStep {
+            tokens: &prompt,
+            kv: &mut full,
+            logits: LogitsWanted::All,
+        }])
+        .unwrap()
+        .remove(0);
+    let v = model.config.vocab_size;
+    let mut inc = kv(&model);
+    for (i, t) in prompt.iter().enumerate() {
+        let row = model
+            .forward(&mut [SeqStep {
+                tokens: std::slice::from_ref(t),
+                kv: &mut inc,
+                logits: LogitsWanted::Last,
+            }])
+            .unwrap()
+            .remove(0);
+        for (a, b) in row.iter().zip(&all[i * v..(i + 1) * v]) {
+            assert!((a - b).abs() < 1e-4, "position {i}: {a} vs {b}");
+        }
+    }
+}
+
+#[test]
+fn a_sequence_gets_the_same_logits_alone_or_in_a_batch() {
+    let model = Model::load(&tiny()).unwrap();
+    let (a, b) = ([1u32, 2, 3, 4], [200u32, 100]);
+    let alone = |toks: &[u32]| {
+        let mut c = kv(&model);
+        model
+            .forward(&mut [SeqStep {
+                tokens: toks,
+                kv: &mut c,
+                logits: LogitsWanted::Last,
+            }])
+            .unwrap()
+            .remove(0)
+    };
+    let (mut ka, mut kb) = (kv(&model), kv(&model));
+    let both = model
+        .forward(&mut [
+            SeqStep {
+                tokens: &a,
+                kv: &mut ka,
+                logits: LogitsWanted::Last,
+            },
+            SeqStep {
+                tokens: &b,
+                kv: &mut kb,
+                logits: LogitsWanted::Last,
+            },
+        ])
+        .unwrap();
+    assert_eq!(both[0], alone(&a));
+    assert_eq!(both[1], alone(&b));
+}
+
+#[test]
+fn out_of_vocabulary_and_over_context_are_errors() {
+    let model = Model::load(&tiny()).unwrap();
+    let mut c = kv(&model);
+    assert!(model
+        .forward(&mut [SeqStep {
+            tokens: &[100_000],
+            kv: &mut c,
+            logits: LogitsWanted::Last
+        }])
+        .is_err());
+    let long = vec![1u32; model.config.context_length + 1];
+    assert!(model
+        .forward(&mut [SeqStep {
+            tokens: &long,
+            kv: &mut c,
+            logits: LogitsWanted::Last
+        }])
+        .is_err());
+}
+
+fn collect(rx: &mut tokio::sync::mpsc::Receiver<Event>) -> (Vec<u32>, String, FinishReason, usize) {
+    let (mut ids, mut text) = (vec![], String::new());
+    while let Some(e) = rx.blocking_recv() {
+        match e {
+            Event::Token { id, text: t, .. } => {
+                ids.push(id);
+                text.push_str(&t);
+            }
+            Event::Finished {
+                reason,
+                completion_tokens,
+                ..
+            } => return (ids, text, reason, completion_tokens),
+            Event::PromptLogprobs(_) => {}
+            Event::Error(e) => panic!("{e}"),
+        }
+    }
+    panic!("stream ended without Finished");
+}
+
+#[test]
+fn engine_generates_streams_and_finishes_by_length() {
+    let h = start_from_gguf(&tiny(), EngineConfig::default()).unwrap();
+    let mut req = GenerateRequest::new(vec![1, 2, 3], 12);
+    req.ignore_eos = true;
+    let mut rx = h.submit(req).unwrap();
+    let (ids, _, reason, n) = collect(&mut rx);
+    assert_eq!((ids.len(), reason, n), (12, FinishReason::Length, 12));
+}
+
+#[test]
+fn same_seed_same_output_even_under_concurrency() {
+    let h = start_from_gguf(&tiny(), EngineConfig::default()).unwrap();
+    let req = |seed| {
+        let mut r = GenerateRequest::new(vec![10, 20, 30], 16);
+        r.ignore_eos = true;
+        r.sampling = SamplingParams {
+            temperature: 1.0,
+            seed: Some(seed),
+            ..Default::default()
+        };
+        r
+    };
+    let first = collect(&mut h.submit(req(7)).unwrap()).0;
+    // Now with company in the batch.
+    let mut rxs: Vec<_> = (0..4).map(|i| h.submit(req(7 + i)).unwrap()).collect();
+    let outs: Vec<_> = rxs.iter_mut().map(|rx| collect(rx).0).collect();
+    assert_eq!(outs[0], first);
+    assert_ne!(outs[1], first);
+}
+
+#[test]
+fn stop_token_ids_and_prompt_logprobs() {
+    let h = start_from_gguf(&tiny(), EngineConfig::default()).unwrap();
+    let mut probe = GenerateRequest::new(vec![1, 2, 3], 3);
+    probe.ignore_eos = true;
+    let (ids, ..) = collect(&mut h.submit(probe).unwrap());
+    let mut req = GenerateRequest::new(vec![1, 2, 3], 3);
+    req.ignore_eos = true;
+    req.stop_token_ids = vec![ids[1]];
+    req.prompt_logprobs = Some(2);
+    let mut rx = h.submit(req).unwrap();
+    match rx.blocking_recv() {
+        Some(Event::PromptLogprobs(p)) => {
+            assert_eq!(p.len(), 3);
+            assert!(p[0].is_none());
+            assert_eq!(p[1].as_ref().unwrap().token, 2);
+            assert_eq!(p[2].as_ref().unwrap().top.len(), 2);
+        }
+        other => panic!("{other:?}"),
+    }
+    let (got, _, reason, _) = collect(&mut rx);
+    let first = ids.iter().position(|&t| t == ids[1]).unwrap();
+    assert_eq!((got.len(), reason), (first + 1, FinishReason::Stop));
+}
+
+#[test]
+fn invalid_requests_are_refused_before_queueing() {
+    let h = start_from_gguf(&tiny(), EngineConfig::default()).unwrap();
+    assert!(matches!(
+        h.submit(GenerateRequest::new(vec![], 4)),
+        Err(SubmitError::Invalid(_))
+    ));
+    assert!(matches!(
+        h.submit(GenerateRequest::new(vec![1], 10_000)),
+        Err(SubmitError::Invalid(_))
+    ));
+    assert!(matches!(
+        h.submit(GenerateRequest::new(vec![999_999], 1)),
+        Err(SubmitError::Invalid(_))
+    ));
+}
+
+#[test]
+fn a_dropped_receiver_cancels_and_the_engine_keeps_serving() {
+    let h = start_from_gguf(&tiny(), EngineConfig::default()).unwrap();
+    let mut long = GenerateRequest::new(vec![1, 2], 200);
+    long.ignore_eos = true;
+    drop(h.submit(long).unwrap());
+    let mut req = GenerateRequest::new(vec![1, 2], 4);
+    req.ignore_eos = true;
+    assert_eq!(collect(&mut h.submit(req).unwrap()).3, 4);
+}

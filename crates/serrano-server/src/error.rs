@@ -1,0 +1,118 @@
+//! OpenAI-style errors: `{"error": {"message", "type", "param", "code"}}` with the right status.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serrano_api::{ErrorBody, ErrorResponse};
+use serrano_engine::SubmitError;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<String>,
+    pub retry_after_s: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+            kind,
+            param: None,
+            code: None,
+            retry_after_s: None,
+        }
+    }
+
+    /// 400: the request is malformed or a value is out of range.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+    }
+
+    /// 400 naming the offending field.
+    pub fn invalid_param(param: &str, message: impl Into<String>) -> Self {
+        ApiError {
+            param: Some(param.into()),
+            ..Self::invalid(message)
+        }
+    }
+
+    pub fn model_not_found(model: &str) -> Self {
+        ApiError {
+            param: Some("model".into()),
+            code: Some("model_not_found".into()),
+            ..Self::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                format!("The model '{model}' does not exist"),
+            )
+        }
+    }
+
+    pub fn not_found(path: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!("Unknown route: {path}"),
+        )
+    }
+
+    /// 500 with a generic message; the detail goes to the log, not to the client.
+    pub fn internal(detail: impl std::fmt::Display) -> Self {
+        tracing::error!(%detail, "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "The server had an error while processing your request",
+        )
+    }
+
+    pub fn body(&self) -> ErrorResponse {
+        ErrorResponse {
+            error: ErrorBody {
+                message: self.message.clone(),
+                kind: self.kind.to_string(),
+                param: self.param.clone(),
+                code: self.code.clone(),
+            },
+        }
+    }
+}
+
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> Self {
+        match e {
+            SubmitError::QueueFull(_) => ApiError {
+                code: Some("rate_limit_exceeded".into()),
+                retry_after_s: Some(1),
+                ..ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit_error",
+                    format!("Server is busy: {e}. Retry later."),
+                )
+            },
+            SubmitError::Stopped => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "The engine is not running",
+            ),
+            SubmitError::Invalid(m) => ApiError::invalid(m),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.status, Json(self.body())).into_response();
+        if let Some(s) = self.retry_after_s {
+            if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        resp
+    }
+}

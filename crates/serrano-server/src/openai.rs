@@ -1,0 +1,701 @@
+//! The OpenAI-compatible routes: completions, chat completions (both streamed over SSE or not),
+//! models, and vLLM's tokenize/detokenize.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::StreamExt;
+use serrano_api as api;
+use serrano_engine::{ChatMessage, Event, FinishReason, GenerateRequest, ModelInfo, TokenLogprobs};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::error::ApiError;
+use crate::extract::JsonBody;
+use crate::params;
+use crate::{unix_now, AppState};
+
+type St = State<Arc<AppState>>;
+
+/// Default `max_tokens` for legacy completions, as OpenAI's.
+const DEFAULT_COMPLETION_MAX_TOKENS: usize = 16;
+
+fn request_id(prefix: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{prefix}-{:016x}{:04x}",
+        rand::random::<u64>(),
+        COUNTER.fetch_add(1, Ordering::Relaxed) & 0xffff
+    )
+}
+
+pub async fn models(State(st): St) -> Json<api::ModelList> {
+    let max = st.engine.info().context_length as u32;
+    let data = st
+        .config
+        .model_names
+        .iter()
+        .map(|n| api::ModelCard {
+            id: n.clone(),
+            object: "model".into(),
+            created: st.started,
+            owned_by: "serrano".into(),
+            max_model_len: max,
+        })
+        .collect();
+    Json(api::ModelList {
+        object: "list".into(),
+        data,
+    })
+}
+
+fn engine_messages(messages: &[api::ChatMessage]) -> Result<Vec<ChatMessage>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid_param(
+            "messages",
+            "messages must not be empty",
+        ));
+    }
+    messages
+        .iter()
+        .map(|m| {
+            let content = match &m.content {
+                None => String::new(),
+                Some(c) => c
+                    .text()
+                    .map_err(|e| ApiError::invalid_param("messages", e))?,
+            };
+            Ok(ChatMessage {
+                role: m.role.clone(),
+                content,
+            })
+        })
+        .collect()
+}
+
+fn chat_prompt(
+    info: &ModelInfo,
+    messages: &[api::ChatMessage],
+    add_generation_prompt: bool,
+) -> Result<Vec<u32>, ApiError> {
+    let msgs = engine_messages(messages)?;
+    info.chat_prompt(&msgs, add_generation_prompt)
+        .map_err(|e| ApiError::invalid_param("messages", e.to_string()))
+}
+
+pub async fn tokenize(
+    State(st): St,
+    JsonBody(req): JsonBody<api::TokenizeRequest>,
+) -> Result<Json<api::TokenizeResponse>, ApiError> {
+    st.model_name(req.model.as_deref())?;
+    let info = st.engine.info();
+    let tokens = match (&req.prompt, &req.messages) {
+        (Some(p), None) => info
+            .tokenizer
+            .encode(p, req.add_special_tokens.unwrap_or(true), true),
+        (None, Some(m)) => chat_prompt(info, m, req.add_generation_prompt)?,
+        _ => {
+            return Err(ApiError::invalid(
+                "give exactly one of 'prompt' or 'messages'",
+            ))
+        }
+    };
+    Ok(Json(api::TokenizeResponse {
+        count: tokens.len() as u32,
+        tokens,
+        max_model_len: info.context_length as u32,
+    }))
+}
+
+pub async fn detokenize(
+    State(st): St,
+    JsonBody(req): JsonBody<api::DetokenizeRequest>,
+) -> Result<Json<api::DetokenizeResponse>, ApiError> {
+    st.model_name(req.model.as_deref())?;
+    let tok = &st.engine.info().tokenizer;
+    if let Some(bad) = req.tokens.iter().find(|&&t| t as usize >= tok.vocab_size()) {
+        return Err(ApiError::invalid_param(
+            "tokens",
+            format!(
+                "token id {bad} is outside the vocabulary (size {})",
+                tok.vocab_size()
+            ),
+        ));
+    }
+    Ok(Json(api::DetokenizeResponse {
+        prompt: tok.decode(&req.tokens, false),
+    }))
+}
+
+/// Everything a finished (non-streamed) generation produced.
+#[derive(Default)]
+struct Collected {
+    prompt_logprobs: Option<Vec<Option<TokenLogprobs>>>,
+    tokens: Vec<(u32, Option<TokenLogprobs>)>,
+    text: String,
+    finish: Option<FinishReason>,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+}
+
+async fn collect(mut rx: mpsc::Receiver<Event>) -> Result<Collected, ApiError> {
+    let mut c = Collected::default();
+    while let Some(e) = rx.recv().await {
+        match e {
+            Event::PromptLogprobs(p) => c.prompt_logprobs = Some(p),
+            Event::Token { id, text, logprobs } => {
+                c.text.push_str(&text);
+                c.tokens.push((id, logprobs));
+            }
+            Event::Finished {
+                reason,
+                prompt_tokens,
+                completion_tokens,
+            } => {
+                c.finish = Some(reason);
+                c.prompt_tokens = prompt_tokens;
+                c.completion_tokens = completion_tokens;
+                return Ok(c);
+            }
+            Event::Error(e) => return Err(ApiError::internal(e)),
+        }
+    }
+    Err(ApiError::internal("the engine dropped the request"))
+}
+
+/// How tokens are named in log-prob listings.
+struct TokenNamer<'a> {
+    info: &'a ModelInfo,
+    as_ids: bool,
+}
+
+impl TokenNamer<'_> {
+    fn name(&self, id: u32) -> String {
+        if self.as_ids {
+            format!("token_id:{id}")
+        } else {
+            self.info.tokenizer.token_text(id)
+        }
+    }
+    fn top_map(&self, lp: &TokenLogprobs) -> BTreeMap<String, f32> {
+        lp.top.iter().map(|&(t, l)| (self.name(t), l)).collect()
+    }
+}
+
+/// Appends one token to a legacy `logprobs` object.
+fn push_completion_logprob(
+    out: &mut api::CompletionLogprobs,
+    namer: &TokenNamer<'_>,
+    id: u32,
+    lp: Option<&TokenLogprobs>,
+    offset: &mut u32,
+) {
+    out.tokens.push(namer.name(id));
+    out.token_logprobs.push(lp.map(|l| l.logprob));
+    out.top_logprobs.push(lp.map(|l| namer.top_map(l)));
+    out.text_offset.push(*offset);
+    *offset += namer.info.tokenizer.token_text(id).chars().count() as u32;
+}
+
+fn chat_logprob(namer: &TokenNamer<'_>, lp: &TokenLogprobs) -> api::ChatTokenLogprob {
+    let tok = &namer.info.tokenizer;
+    api::ChatTokenLogprob {
+        token: namer.name(lp.token),
+        logprob: lp.logprob,
+        bytes: Some(tok.token_bytes(lp.token).to_vec()),
+        top_logprobs: lp
+            .top
+            .iter()
+            .map(|&(t, l)| api::ChatTopLogprob {
+                token: namer.name(t),
+                logprob: l,
+                bytes: Some(tok.token_bytes(t).to_vec()),
+            })
+            .collect(),
+    }
+}
+
+fn usage(prompt: usize, completion: usize) -> api::Usage {
+    api::Usage::new(prompt as u32, completion as u32)
+}
+
+fn sse(rx: mpsc::Receiver<String>) -> Response {
+    let stream =
+        ReceiverStream::new(rx).map(|data| Ok::<_, Infallible>(SseEvent::default().data(data)));
+    Sse::new(stream).into_response()
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    // Wire types are plain data; serialization cannot fail.
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+// ---------------------------------------------------------------- /v1/completions
+
+pub async fn completions(
+    State(st): St,
+    JsonBody(req): JsonBody<api::CompletionRequest>,
+) -> Result<Response, ApiError> {
+    let model = st.model_name(req.model.as_deref())?;
+    let info = st.engine.info().clone();
+    params::check_n(&req.sampling)?;
+    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::invalid_param("suffix", "suffix is not supported"));
+    }
+    let prompt = match req.prompt {
+        api::PromptSpec::Text(s) => info.tokenizer.encode(&s, true, true),
+        api::PromptSpec::Texts(v) if v.len() == 1 => info.tokenizer.encode(&v[0], true, true),
+        api::PromptSpec::Tokens(t) => t,
+        api::PromptSpec::TokenLists(mut v) if v.len() == 1 => v.remove(0),
+        _ => {
+            return Err(ApiError::invalid_param(
+                "prompt",
+                "batched prompts are not supported yet; send one prompt per request",
+            ))
+        }
+    };
+    if prompt.is_empty() {
+        return Err(ApiError::invalid_param("prompt", "the prompt is empty"));
+    }
+    let n_logprobs = req.logprobs.map(|n| n as usize);
+    if n_logprobs.is_some_and(|n| n > serrano_engine::MAX_LOGPROBS) {
+        return Err(ApiError::invalid_param(
+            "logprobs",
+            format!("logprobs must be at most {}", serrano_engine::MAX_LOGPROBS),
+        ));
+    }
+    let gen = GenerateRequest {
+        sampling: params::sampling(&req.sampling, info.config.vocab_size)?,
+        max_tokens: req
+            .max_tokens
+            .map_or(DEFAULT_COMPLETION_MAX_TOKENS, |m| m as usize),
+        stop: params::stops(&req.sampling)?,
+        stop_token_ids: req.sampling.stop_token_ids.clone().unwrap_or_default(),
+        ignore_eos: req.sampling.ignore_eos,
+        logprobs: n_logprobs,
+        prompt_logprobs: if req.echo { n_logprobs } else { None },
+        prompt: prompt.clone(),
+    };
+    let rx = st.engine.submit(gen)?;
+    let ctx = CompletionCtx {
+        id: request_id("cmpl"),
+        created: unix_now(),
+        model,
+        echo: req.echo,
+        as_ids: req.return_tokens_as_token_ids,
+        logprobs: n_logprobs.is_some(),
+        prompt,
+        info,
+    };
+    if req.sampling.stream {
+        let include_usage = req.sampling.stream_options.is_some_and(|o| o.include_usage);
+        let (tx, out) = mpsc::channel(64);
+        tokio::spawn(stream_completion(ctx, rx, tx, include_usage));
+        return Ok(sse(out));
+    }
+    let c = collect(rx).await?;
+    Ok(Json(ctx.finish(c)).into_response())
+}
+
+struct CompletionCtx {
+    id: String,
+    created: u64,
+    model: String,
+    echo: bool,
+    as_ids: bool,
+    logprobs: bool,
+    prompt: Vec<u32>,
+    info: Arc<ModelInfo>,
+}
+
+impl CompletionCtx {
+    fn namer(&self) -> TokenNamer<'_> {
+        TokenNamer {
+            info: &self.info,
+            as_ids: self.as_ids,
+        }
+    }
+
+    fn response(
+        &self,
+        choices: Vec<api::CompletionChoice>,
+        usage: Option<api::Usage>,
+    ) -> api::Completion {
+        api::Completion {
+            id: self.id.clone(),
+            object: "text_completion".into(),
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage,
+            system_fingerprint: None,
+        }
+    }
+
+    fn prompt_text(&self) -> String {
+        self.info.tokenizer.decode(&self.prompt, false)
+    }
+
+    /// The echoed prompt's entries of a `logprobs` object.
+    fn prompt_logprobs(
+        &self,
+        entries: Option<&[Option<TokenLogprobs>]>,
+        out: &mut api::CompletionLogprobs,
+        offset: &mut u32,
+    ) {
+        let namer = self.namer();
+        for (i, &id) in self.prompt.iter().enumerate() {
+            let lp = entries.and_then(|e| e.get(i)).and_then(|e| e.as_ref());
+            push_completion_logprob(out, &namer, id, lp, offset);
+        }
+    }
+
+    fn finish(&self, c: Collected) -> api::Completion {
+        let mut text = if self.echo {
+            self.prompt_text()
+        } else {
+            String::new()
+        };
+        text.push_str(&c.text);
+        let logprobs = self.logprobs.then(|| {
+            let mut lp = api::CompletionLogprobs::default();
+            let mut offset = 0;
+            if self.echo {
+                self.prompt_logprobs(c.prompt_logprobs.as_deref(), &mut lp, &mut offset);
+            }
+            let namer = self.namer();
+            for (id, l) in &c.tokens {
+                push_completion_logprob(&mut lp, &namer, *id, l.as_ref(), &mut offset);
+            }
+            lp
+        });
+        let choice = api::CompletionChoice {
+            index: 0,
+            text,
+            logprobs,
+            finish_reason: c.finish.map(|f| f.as_str().to_string()),
+        };
+        self.response(
+            vec![choice],
+            Some(usage(c.prompt_tokens, c.completion_tokens)),
+        )
+    }
+
+    fn chunk(
+        &self,
+        text: String,
+        logprobs: Option<api::CompletionLogprobs>,
+        finish: Option<FinishReason>,
+    ) -> String {
+        to_json(&self.response(
+            vec![api::CompletionChoice {
+                index: 0,
+                text,
+                logprobs,
+                finish_reason: finish.map(|f| f.as_str().to_string()),
+            }],
+            None,
+        ))
+    }
+}
+
+async fn stream_completion(
+    ctx: CompletionCtx,
+    mut rx: mpsc::Receiver<Event>,
+    tx: mpsc::Sender<String>,
+    include_usage: bool,
+) {
+    let mut offset = 0u32;
+    let mut echoed = !ctx.echo;
+    // Without prompt log-probs the echo can go out at once; with them, when they arrive.
+    if ctx.echo && !ctx.logprobs {
+        echoed = true;
+        if tx
+            .send(ctx.chunk(ctx.prompt_text(), None, None))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+    while let Some(e) = rx.recv().await {
+        let msg = match e {
+            Event::PromptLogprobs(p) if !echoed => {
+                echoed = true;
+                let mut lp = api::CompletionLogprobs::default();
+                ctx.prompt_logprobs(Some(&p), &mut lp, &mut offset);
+                ctx.chunk(ctx.prompt_text(), Some(lp), None)
+            }
+            Event::PromptLogprobs(_) => continue,
+            Event::Token { id, text, logprobs } => {
+                if text.is_empty() && !ctx.logprobs {
+                    continue;
+                }
+                let lp = ctx.logprobs.then(|| {
+                    let mut lp = api::CompletionLogprobs::default();
+                    push_completion_logprob(
+                        &mut lp,
+                        &ctx.namer(),
+                        id,
+                        logprobs.as_ref(),
+                        &mut offset,
+                    );
+                    lp
+                });
+                ctx.chunk(text, lp, None)
+            }
+            Event::Finished {
+                reason,
+                prompt_tokens,
+                completion_tokens,
+            } => {
+                if tx
+                    .send(ctx.chunk(String::new(), None, Some(reason)))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                if include_usage {
+                    let u = ctx.response(vec![], Some(usage(prompt_tokens, completion_tokens)));
+                    if tx.send(to_json(&u)).await.is_err() {
+                        return;
+                    }
+                }
+                break;
+            }
+            Event::Error(e) => {
+                tracing::error!("generation failed mid-stream: {e}");
+                to_json(&ApiError::internal(e).body())
+            }
+        };
+        if tx.send(msg).await.is_err() {
+            // Client gone: dropping `rx` tells the engine to abort the sequence.
+            return;
+        }
+    }
+    let _ = tx.send("[DONE]".into()).await;
+}
+
+// ---------------------------------------------------------------- /v1/chat/completions
+
+pub async fn chat_completions(
+    State(st): St,
+    JsonBody(req): JsonBody<api::ChatCompletionRequest>,
+) -> Result<Response, ApiError> {
+    let model = st.model_name(req.model.as_deref())?;
+    let info = st.engine.info().clone();
+    params::check_n(&req.sampling)?;
+    let prompt = chat_prompt(&info, &req.messages, true)?;
+    let top = match (req.logprobs, req.top_logprobs) {
+        (false, Some(_)) => {
+            return Err(ApiError::invalid_param(
+                "top_logprobs",
+                "top_logprobs requires logprobs: true",
+            ))
+        }
+        (false, None) => None,
+        (true, n) => Some(n.unwrap_or(0) as usize),
+    };
+    if top.is_some_and(|n| n > serrano_engine::MAX_LOGPROBS) {
+        return Err(ApiError::invalid_param(
+            "top_logprobs",
+            format!(
+                "top_logprobs must be at most {}",
+                serrano_engine::MAX_LOGPROBS
+            ),
+        ));
+    }
+    // Without a limit, a chat may use the rest of the context, as OpenAI's does.
+    let max_tokens = match req.max_completion_tokens.or(req.max_tokens) {
+        Some(m) => m as usize,
+        None => info.context_length.saturating_sub(prompt.len()).max(1),
+    };
+    let gen = GenerateRequest {
+        sampling: params::sampling(&req.sampling, info.config.vocab_size)?,
+        max_tokens,
+        stop: params::stops(&req.sampling)?,
+        stop_token_ids: req.sampling.stop_token_ids.clone().unwrap_or_default(),
+        ignore_eos: req.sampling.ignore_eos,
+        logprobs: top,
+        prompt_logprobs: None,
+        prompt,
+    };
+    let rx = st.engine.submit(gen)?;
+    let ctx = ChatCtx {
+        id: request_id("chatcmpl"),
+        created: unix_now(),
+        model,
+        logprobs: top.is_some(),
+        info,
+    };
+    if req.sampling.stream {
+        let include_usage = req.sampling.stream_options.is_some_and(|o| o.include_usage);
+        let (tx, out) = mpsc::channel(64);
+        tokio::spawn(stream_chat(ctx, rx, tx, include_usage));
+        return Ok(sse(out));
+    }
+    let c = collect(rx).await?;
+    let namer = TokenNamer {
+        info: &ctx.info,
+        as_ids: false,
+    };
+    let logprobs = ctx.logprobs.then(|| api::ChatLogprobs {
+        content: c
+            .tokens
+            .iter()
+            .filter_map(|(_, l)| l.as_ref())
+            .map(|l| chat_logprob(&namer, l))
+            .collect(),
+    });
+    let choice = api::ChatChoice {
+        index: 0,
+        message: api::AssistantMessage {
+            role: "assistant".into(),
+            content: Some(c.text),
+        },
+        logprobs,
+        finish_reason: c.finish.map(|f| f.as_str().to_string()),
+    };
+    Ok(Json(api::ChatCompletion {
+        id: ctx.id,
+        object: "chat.completion".into(),
+        created: ctx.created,
+        model: ctx.model,
+        choices: vec![choice],
+        usage: usage(c.prompt_tokens, c.completion_tokens),
+        system_fingerprint: None,
+    })
+    .into_response())
+}
+
+struct ChatCtx {
+    id: String,
+    created: u64,
+    model: String,
+    logprobs: bool,
+    info: Arc<ModelInfo>,
+}
+
+impl ChatCtx {
+    fn chunk(
+        &self,
+        choices: Vec<api::ChatChunkChoice>,
+        include_usage: bool,
+        usage: Option<api::Usage>,
+    ) -> String {
+        to_json(&api::ChatCompletionChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk".into(),
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage: include_usage.then_some(usage),
+            system_fingerprint: None,
+        })
+    }
+
+    fn delta(
+        &self,
+        delta: api::ChatDelta,
+        logprobs: Option<api::ChatLogprobs>,
+        finish: Option<FinishReason>,
+        include_usage: bool,
+    ) -> String {
+        self.chunk(
+            vec![api::ChatChunkChoice {
+                index: 0,
+                delta,
+                logprobs,
+                finish_reason: finish.map(|f| f.as_str().to_string()),
+            }],
+            include_usage,
+            None,
+        )
+    }
+}
+
+async fn stream_chat(
+    ctx: ChatCtx,
+    mut rx: mpsc::Receiver<Event>,
+    tx: mpsc::Sender<String>,
+    include_usage: bool,
+) {
+    let first = api::ChatDelta {
+        role: Some("assistant".into()),
+        content: Some(String::new()),
+    };
+    if tx
+        .send(ctx.delta(first, None, None, include_usage))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let namer = TokenNamer {
+        info: &ctx.info,
+        as_ids: false,
+    };
+    while let Some(e) = rx.recv().await {
+        let msg = match e {
+            Event::PromptLogprobs(_) => continue,
+            Event::Token { text, logprobs, .. } => {
+                if text.is_empty() && !ctx.logprobs {
+                    continue;
+                }
+                let lp = ctx.logprobs.then(|| api::ChatLogprobs {
+                    content: logprobs.iter().map(|l| chat_logprob(&namer, l)).collect(),
+                });
+                ctx.delta(
+                    api::ChatDelta {
+                        role: None,
+                        content: Some(text),
+                    },
+                    lp,
+                    None,
+                    include_usage,
+                )
+            }
+            Event::Finished {
+                reason,
+                prompt_tokens,
+                completion_tokens,
+            } => {
+                if tx
+                    .send(ctx.delta(api::ChatDelta::default(), None, Some(reason), include_usage))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                if include_usage
+                    && tx
+                        .send(ctx.chunk(
+                            vec![],
+                            true,
+                            Some(usage(prompt_tokens, completion_tokens)),
+                        ))
+                        .await
+                        .is_err()
+                {
+                    return;
+                }
+                break;
+            }
+            Event::Error(e) => {
+                tracing::error!("generation failed mid-stream: {e}");
+                to_json(&ApiError::internal(e).body())
+            }
+        };
+        if tx.send(msg).await.is_err() {
+            return;
+        }
+    }
+    let _ = tx.send("[DONE]".into()).await;
+}

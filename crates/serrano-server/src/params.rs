@@ -1,0 +1,160 @@
+//! Validation of request fields and their translation into engine parameters. Each limit is
+//! named in the error so a client can tell which value to change.
+
+use serrano_api::SamplingFields;
+use serrano_engine::SamplingParams;
+
+use crate::error::ApiError;
+
+/// Most stop strings per request, and longest stop string, in bytes.
+pub const MAX_STOP_STRINGS: usize = 16;
+pub const MAX_STOP_BYTES: usize = 512;
+/// Most `logit_bias` entries.
+pub const MAX_LOGIT_BIAS: usize = 1024;
+
+fn range(param: &str, v: Option<f32>, lo: f32, hi: f32, default: f32) -> Result<f32, ApiError> {
+    match v {
+        None => Ok(default),
+        Some(x) if x.is_finite() && (lo..=hi).contains(&x) => Ok(x),
+        Some(x) => Err(ApiError::invalid_param(
+            param,
+            format!("{param} must be between {lo} and {hi}, got {x}"),
+        )),
+    }
+}
+
+pub fn sampling(f: &SamplingFields, vocab_size: usize) -> Result<SamplingParams, ApiError> {
+    let top_p = range("top_p", f.top_p, 0.0, 1.0, 1.0)?;
+    if top_p <= 0.0 {
+        return Err(ApiError::invalid_param(
+            "top_p",
+            "top_p must be greater than 0",
+        ));
+    }
+    let top_k = match f.top_k {
+        None | Some(-1) | Some(0) => 0,
+        Some(k) if k > 0 => k as usize,
+        Some(k) => {
+            return Err(ApiError::invalid_param(
+                "top_k",
+                format!("top_k must be -1 (disabled) or positive, got {k}"),
+            ))
+        }
+    };
+    let repetition_penalty = range("repetition_penalty", f.repetition_penalty, 0.0, 10.0, 1.0)?;
+    if repetition_penalty <= 0.0 {
+        return Err(ApiError::invalid_param(
+            "repetition_penalty",
+            "repetition_penalty must be greater than 0",
+        ));
+    }
+    let mut logit_bias = Vec::new();
+    if let Some(b) = &f.logit_bias {
+        if b.len() > MAX_LOGIT_BIAS {
+            return Err(ApiError::invalid_param(
+                "logit_bias",
+                format!("at most {MAX_LOGIT_BIAS} logit_bias entries"),
+            ));
+        }
+        for (k, &v) in b {
+            let id: u32 = k
+                .parse()
+                .ok()
+                .filter(|&i: &u32| (i as usize) < vocab_size)
+                .ok_or_else(|| {
+                    ApiError::invalid_param(
+                        "logit_bias",
+                        format!("'{k}' is not a token id below {vocab_size}"),
+                    )
+                })?;
+            if !(-100.0..=100.0).contains(&v) {
+                return Err(ApiError::invalid_param(
+                    "logit_bias",
+                    format!("bias for token {id} must be between -100 and 100"),
+                ));
+            }
+            logit_bias.push((id, v));
+        }
+    }
+    Ok(SamplingParams {
+        temperature: range("temperature", f.temperature, 0.0, 2.0, 1.0)?,
+        top_k,
+        top_p,
+        min_p: range("min_p", f.min_p, 0.0, 1.0, 0.0)?,
+        repetition_penalty,
+        frequency_penalty: range("frequency_penalty", f.frequency_penalty, -2.0, 2.0, 0.0)?,
+        presence_penalty: range("presence_penalty", f.presence_penalty, -2.0, 2.0, 0.0)?,
+        logit_bias,
+        seed: f.seed.map(|s| s as u64),
+    })
+}
+
+pub fn stops(f: &SamplingFields) -> Result<Vec<String>, ApiError> {
+    let stops = f.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
+    if stops.len() > MAX_STOP_STRINGS {
+        return Err(ApiError::invalid_param(
+            "stop",
+            format!("at most {MAX_STOP_STRINGS} stop strings"),
+        ));
+    }
+    if stops.iter().any(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(ApiError::invalid_param(
+            "stop",
+            format!("stop strings are limited to {MAX_STOP_BYTES} bytes"),
+        ));
+    }
+    Ok(stops)
+}
+
+pub fn check_n(f: &SamplingFields) -> Result<(), ApiError> {
+    match f.n {
+        None | Some(1) => Ok(()),
+        Some(0) => Err(ApiError::invalid_param("n", "n must be at least 1")),
+        Some(_) => Err(ApiError::invalid_param("n", "n > 1 is not supported yet (it arrives with the serving core); send n separate requests")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(json: &str) -> SamplingFields {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn defaults_follow_openai() {
+        let p = sampling(&fields("{}"), 100).unwrap();
+        assert_eq!((p.temperature, p.top_p, p.top_k), (1.0, 1.0, 0));
+    }
+
+    #[test]
+    fn out_of_range_values_name_the_param() {
+        for (json, param) in [
+            (r#"{"temperature": 3}"#, "temperature"),
+            (r#"{"temperature": -1}"#, "temperature"),
+            (r#"{"top_p": 0}"#, "top_p"),
+            (r#"{"top_k": -5}"#, "top_k"),
+            (r#"{"min_p": 2}"#, "min_p"),
+            (r#"{"presence_penalty": 9}"#, "presence_penalty"),
+            (r#"{"frequency_penalty": -9}"#, "frequency_penalty"),
+            (r#"{"repetition_penalty": 0}"#, "repetition_penalty"),
+            (r#"{"logit_bias": {"abc": 1}}"#, "logit_bias"),
+            (r#"{"logit_bias": {"5": 1000}}"#, "logit_bias"),
+            (r#"{"logit_bias": {"500": 1}}"#, "logit_bias"),
+        ] {
+            let e = sampling(&fields(json), 100).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{json}");
+            assert_eq!(e.status, 400);
+        }
+    }
+
+    #[test]
+    fn stop_limits() {
+        assert_eq!(stops(&fields(r#"{"stop": "x"}"#)).unwrap(), vec!["x"]);
+        let many = format!(r#"{{"stop": [{}]}}"#, vec!["\"a\""; 17].join(","));
+        assert!(stops(&fields(&many)).is_err());
+        assert!(check_n(&fields(r#"{"n": 2}"#)).is_err());
+        assert!(check_n(&fields(r#"{"n": 1}"#)).is_ok());
+    }
+}

