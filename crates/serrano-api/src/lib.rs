@@ -128,9 +128,11 @@ impl MessageContent {
                 for p in parts {
                     match (p.kind.as_str(), &p.text) {
                         ("text", Some(t)) => out.push_str(t),
-                        (kind, _) => return Err(format!(
+                        (kind, _) => {
+                            return Err(format!(
                             "content part of type '{kind}' is not supported; only text parts are"
-                        )),
+                        ))
+                        }
                     }
                 }
                 Ok(out)

@@ -60,40 +60,29 @@ impl QMatrix {
 /// Rows handed to one rayon task: enough work to amortise scheduling, small enough to balance.
 const ROWS_PER_TASK: usize = 16;
 
-/// Partial sums are formed over chunks of this many elements and added in order. Both the
-/// one-token and the many-token paths use exactly this order, so a sequence's logits do not
-/// depend on what else is in the batch (same seed, same request, same output under load).
+/// Dot products are summed over chunks of this many elements, chunk sums added in order.
 const DOT_CHUNK: usize = 32;
 
 /// `y[t * w.rows + r] = dot(w[r], x[t * w.cols ..])` for `n` tokens.
+///
+/// Each task takes a band of weight rows, dequantizes each row once into an L1-resident buffer
+/// and runs every token against it, so weights stream from memory once per call whatever `n` is.
+/// One token or many, each (row, token) pair is summed in the same order, so a sequence's
+/// logits do not depend on its batch-mates (same seed, same request, same output under load).
 pub fn matmul(w: &QMatrix, x: &[f32], n: usize, y: &mut [f32]) {
     assert_eq!(x.len(), n * w.cols);
     assert_eq!(y.len(), n * w.rows);
     if n == 1 {
         y.par_chunks_mut(ROWS_PER_TASK)
             .enumerate()
-            .for_each(|(c, ys)| {
-                let mut tmp = [0f32; 256];
-                for (i, out) in ys.iter_mut().enumerate() {
-                    *out = dot_row(w.dtype, w.row(c * ROWS_PER_TASK + i), x, &mut tmp);
-                }
-            });
+            .for_each(|(c, ys)| band(w, x, 1, c * ROWS_PER_TASK, ys));
         return;
     }
-    // Several tokens: dequantize each weight row once and reuse it for every token. Results are
-    // produced transposed (row-major per weight row) so tasks own disjoint output slices.
+    // Results are produced transposed (per weight row) so tasks own disjoint output slices.
     let mut yt = vec![0f32; n * w.rows];
     yt.par_chunks_mut(ROWS_PER_TASK * n)
         .enumerate()
-        .for_each(|(c, ys)| {
-            let mut buf = vec![0f32; w.cols];
-            for (i, yr) in ys.chunks_mut(n).enumerate() {
-                w.dequantize_row_into(c * ROWS_PER_TASK + i, &mut buf);
-                for (t, out) in yr.iter_mut().enumerate() {
-                    *out = chunked_dot(&buf, &x[t * w.cols..(t + 1) * w.cols]);
-                }
-            }
-        });
+        .for_each(|(c, ys)| band(w, x, n, c * ROWS_PER_TASK, ys));
     for r in 0..w.rows {
         for t in 0..n {
             y[t * w.rows + r] = yt[r * n + t];
@@ -101,6 +90,41 @@ pub fn matmul(w: &QMatrix, x: &[f32], n: usize, y: &mut [f32]) {
     }
 }
 
+/// One task's rows, dispatched to a build of the same code for AVX2 where the CPU has it.
+/// The arithmetic is identical in both builds (no FMA contraction, same summation order); only
+/// the vector width differs.
+fn band(w: &QMatrix, x: &[f32], n: usize, row0: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
+            // SAFETY: the features this build needs were detected just above.
+            unsafe { band_avx2(w, x, n, row0, out) };
+            return;
+        }
+    }
+    band_portable(w, x, n, row0, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn band_avx2(w: &QMatrix, x: &[f32], n: usize, row0: usize, out: &mut [f32]) {
+    band_portable(w, x, n, row0, out);
+}
+
+#[inline(always)]
+fn band_portable(w: &QMatrix, x: &[f32], n: usize, row0: usize, out: &mut [f32]) {
+    let mut buf = vec![0f32; w.cols];
+    for (i, yr) in out.chunks_mut(n).enumerate() {
+        dequantize_row(w.dtype, w.row(row0 + i), &mut buf);
+        for (t, o) in yr.iter_mut().enumerate() {
+            *o = chunked_dot(&buf, &x[t * w.cols..(t + 1) * w.cols]);
+        }
+    }
+}
+
+#[inline(always)]
 fn chunked_dot(a: &[f32], b: &[f32]) -> f32 {
     let mut s = 0f32;
     for (ac, bc) in a.chunks(DOT_CHUNK).zip(b.chunks(DOT_CHUNK)) {
@@ -109,24 +133,8 @@ fn chunked_dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// Dot product of one quantized row with `x`, dequantizing a block group at a time into `tmp`
-/// and summing in [`DOT_CHUNK`] order.
-fn dot_row(dtype: DType, row: &[u8], x: &[f32], tmp: &mut [f32; 256]) -> f32 {
-    let group = dtype.block_elems().max(DOT_CHUNK);
-    let group_bytes = dtype.row_bytes(group);
-    let mut s = 0f32;
-    for (b, xs) in row.chunks(group_bytes).zip(x.chunks(group)) {
-        let t = &mut tmp[..xs.len()];
-        dequantize_row(dtype, b, t);
-        for (tc, xc) in t.chunks(DOT_CHUNK).zip(xs.chunks(DOT_CHUNK)) {
-            s += dot(tc, xc);
-        }
-    }
-    s
-}
-
 /// f32 dot product with 8 independent accumulators (vectorizes without fast-math).
-#[inline]
+#[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
     let mut acc = [0f32; 8];

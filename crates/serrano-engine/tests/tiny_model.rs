@@ -209,3 +209,43 @@ fn a_dropped_receiver_cancels_and_the_engine_keeps_serving() {
     req.ignore_eos = true;
     assert_eq!(collect(&mut h.submit(req).unwrap()).3, 4);
 }
+
+#[test]
+fn unsupported_architecture_is_named() {
+    use serrano_engine::gguf::{GgufWriter, Value};
+    let mut w = GgufWriter::new();
+    w.meta("general.architecture", Value::String("falcon".into()));
+    let err = Model::load(&GgufFile::from_vec(w.to_bytes()).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("falcon") && err.contains("llama"), "{err}");
+}
+
+#[test]
+fn every_weight_type_loads_and_runs() {
+    use serrano_engine::quant::DType;
+    for wt in [
+        DType::F32,
+        DType::F16,
+        DType::BF16,
+        DType::Q8_0,
+        DType::Q4_0,
+    ] {
+        let bytes = TinyModel {
+            weight_type: wt,
+            ..Default::default()
+        }
+        .gguf_bytes();
+        let model = Model::load(&GgufFile::from_vec(bytes).unwrap()).unwrap();
+        let mut c = kv(&model);
+        let logits = model
+            .forward(&mut [SeqStep {
+                tokens: &[1, 2, 3],
+                kv: &mut c,
+                logits: LogitsWanted::Last,
+            }])
+            .unwrap()
+            .remove(0);
+        assert!(logits.iter().all(|l| l.is_finite()), "{wt:?}");
+    }
+}

