@@ -293,7 +293,23 @@ impl Worker {
                     Err(_) => break,
                 }
             }
-            self.step();
+            // A bug that panics inside a step fails that step's requests, not the whole server.
+            if let Err(panic) =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step()))
+            {
+                let msg = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!("engine step panicked: {msg}");
+                for s in &mut self.active {
+                    let _ = s
+                        .events
+                        .try_send(Event::Error(format!("internal engine error: {msg}")));
+                    s.done = true;
+                }
+            }
             self.active.retain(|s| !s.done);
         }
     }

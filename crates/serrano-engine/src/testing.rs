@@ -19,6 +19,8 @@ pub struct TinyModel {
     pub context_length: u32,
     pub seed: u64,
     pub weight_type: DType,
+    /// `llama` or `qwen2` (which adds Q/K/V biases and rotates halves).
+    pub architecture: &'static str,
 }
 
 impl Default for TinyModel {
@@ -32,6 +34,7 @@ impl Default for TinyModel {
             context_length: 256,
             seed: 1,
             weight_type: DType::Q4_1,
+            architecture: "llama",
         }
     }
 }
@@ -89,16 +92,18 @@ impl TinyModel {
         };
         let mut w = GgufWriter::new();
         let s = |v: &str| Value::String(v.into());
-        w.meta("general.architecture", s("llama"))
-            .meta("general.name", s("tiny-random-llama"))
-            .meta("llama.block_count", Value::U32(self.n_layers))
-            .meta("llama.context_length", Value::U32(self.context_length))
-            .meta("llama.embedding_length", Value::U32(self.d_model))
-            .meta("llama.feed_forward_length", Value::U32(self.d_ff))
-            .meta("llama.attention.head_count", Value::U32(self.n_heads))
-            .meta("llama.attention.head_count_kv", Value::U32(self.n_kv_heads))
-            .meta("llama.rope.freq_base", Value::F32(10000.0))
-            .meta("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5))
+        let arch = self.architecture;
+        let k = |key: &str| format!("{arch}.{key}");
+        w.meta("general.architecture", s(arch))
+            .meta("general.name", s("tiny-random"))
+            .meta(&k("block_count"), Value::U32(self.n_layers))
+            .meta(&k("context_length"), Value::U32(self.context_length))
+            .meta(&k("embedding_length"), Value::U32(self.d_model))
+            .meta(&k("feed_forward_length"), Value::U32(self.d_ff))
+            .meta(&k("attention.head_count"), Value::U32(self.n_heads))
+            .meta(&k("attention.head_count_kv"), Value::U32(self.n_kv_heads))
+            .meta(&k("rope.freq_base"), Value::F32(10000.0))
+            .meta(&k("attention.layer_norm_rms_epsilon"), Value::F32(1e-5))
             .meta("tokenizer.ggml.model", s("gpt2"))
             .meta("tokenizer.ggml.pre", s("smollm"))
             .meta(
@@ -137,6 +142,26 @@ impl TinyModel {
             w.tensor(&n("ffn_gate.weight"), &[d, ff], wt, mat(ff, d, wt, 0.3));
             w.tensor(&n("ffn_up.weight"), &[d, ff], wt, mat(ff, d, wt, 0.3));
             w.tensor(&n("ffn_down.weight"), &[ff, d], wt, mat(d, ff, wt, 0.3));
+            if arch == "qwen2" {
+                w.tensor(
+                    &n("attn_q.bias"),
+                    &[d],
+                    DType::F32,
+                    mat(1, d, DType::F32, 0.1),
+                );
+                w.tensor(
+                    &n("attn_k.bias"),
+                    &[kvw],
+                    DType::F32,
+                    mat(1, kvw, DType::F32, 0.1),
+                );
+                w.tensor(
+                    &n("attn_v.bias"),
+                    &[kvw],
+                    DType::F32,
+                    mat(1, kvw, DType::F32, 0.1),
+                );
+            }
         }
         w.to_bytes()
     }

@@ -249,3 +249,27 @@ fn every_weight_type_loads_and_runs() {
         assert!(logits.iter().all(|l| l.is_finite()), "{wt:?}");
     }
 }
+
+#[test]
+fn qwen2_loads_with_biases_and_neox_rope() {
+    let bytes = TinyModel {
+        architecture: "qwen2",
+        ..Default::default()
+    }
+    .gguf_bytes();
+    let model = Model::load(&GgufFile::from_vec(bytes).unwrap()).unwrap();
+    assert_eq!(
+        model.config.rope_style,
+        serrano_engine::ops::RopeStyle::Neox
+    );
+    let mut c = kv(&model);
+    let logits = model
+        .forward(&mut [SeqStep {
+            tokens: &[1, 2, 3],
+            kv: &mut c,
+            logits: LogitsWanted::Last,
+        }])
+        .unwrap()
+        .remove(0);
+    assert!(logits.iter().all(|l| l.is_finite()));
+}
