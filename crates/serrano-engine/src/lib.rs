@@ -9,6 +9,7 @@ pub mod chat;
 pub mod engine;
 pub mod error;
 pub mod gguf;
+pub mod kernels;
 pub mod kv;
 pub mod model;
 pub mod ops;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use crate::gguf::Bytes;
+use crate::kernels;
 use crate::quant::{dequantize_row, DType};
 
 /// A row-major weight matrix in its file format, borrowed from the memory-mapped GGUF.
@@ -72,6 +73,9 @@ const DOT_CHUNK: usize = 32;
 pub fn matmul(w: &QMatrix, x: &[f32], n: usize, y: &mut [f32]) {
     assert_eq!(x.len(), n * w.cols);
     assert_eq!(y.len(), n * w.rows);
+    if kernels::supported(w.dtype) {
+        return matmul_q8(w, x, n, y);
+    }
     if n == 1 {
         y.par_chunks_mut(ROWS_PER_TASK)
             .enumerate()
@@ -83,6 +87,56 @@ pub fn matmul(w: &QMatrix, x: &[f32], n: usize, y: &mut [f32]) {
     yt.par_chunks_mut(ROWS_PER_TASK * n)
         .enumerate()
         .for_each(|(c, ys)| band(w, x, n, c * ROWS_PER_TASK, ys));
+    for r in 0..w.rows {
+        for t in 0..n {
+            y[t * w.rows + r] = yt[r * n + t];
+        }
+    }
+}
+
+/// The integer path: activations quantized once per call, then every (row, token) pair through
+/// [`kernels::dot`] while the row is in L1.
+fn matmul_q8(w: &QMatrix, x: &[f32], n: usize, y: &mut [f32]) {
+    let nb = w.cols / crate::quant::QK;
+    let mut xq = Vec::with_capacity(n * nb);
+    let mut blocks = Vec::with_capacity(nb);
+    for t in 0..n {
+        kernels::quantize_acts(&x[t * w.cols..(t + 1) * w.cols], &mut blocks);
+        xq.extend_from_slice(&blocks);
+    }
+    if n == 1 {
+        y.par_chunks_mut(ROWS_PER_TASK)
+            .enumerate()
+            .for_each(|(c, ys)| {
+                for (i, o) in ys.iter_mut().enumerate() {
+                    *o = kernels::dot(w.dtype, w.row(c * ROWS_PER_TASK + i), &xq);
+                }
+            });
+        return;
+    }
+    let mut yt = vec![0f32; n * w.rows];
+    let act = |t: usize| &xq[t * nb..(t + 1) * nb];
+    yt.par_chunks_mut(ROWS_PER_TASK * n)
+        .enumerate()
+        .for_each(|(c, ys)| {
+            for (i, yr) in ys.chunks_mut(n).enumerate() {
+                let row = w.row(c * ROWS_PER_TASK + i);
+                // Four tokens per pass share each decoded weight block.
+                let mut t = 0;
+                for quad in yr.chunks_exact_mut(4) {
+                    quad.copy_from_slice(&kernels::dot_n::<4>(
+                        w.dtype,
+                        row,
+                        [act(t), act(t + 1), act(t + 2), act(t + 3)],
+                    ));
+                    t += 4;
+                }
+                for o in yr.chunks_exact_mut(4).into_remainder() {
+                    *o = kernels::dot(w.dtype, row, act(t));
+                    t += 1;
+                }
+            }
+        });
     for r in 0..w.rows {
         for t in 0..n {
             y[t * w.rows + r] = yt[r * n + t];
@@ -297,9 +351,15 @@ mod tests {
                 let x = rand_vec(cols * n, 99);
                 let mut y = vec![0f32; rows * n];
                 matmul(&w, &x, n, &mut y);
+                // The integer path quantizes activations to 8 bits (about 0.4% per product).
+                let tol = if crate::kernels::supported(dtype) {
+                    1e-2 * (cols as f32).sqrt()
+                } else {
+                    1e-3
+                };
                 for (a, b) in y.iter().zip(reference(&w, &x, n)) {
                     assert!(
-                        (a - b).abs() < 1e-3 * (1.0 + b.abs()),
+                        (a - b).abs() < tol * (1.0 + b.abs()),
                         "{dtype:?} {rows}x{cols}x{n}: {a} vs {b}"
                     );
                 }
