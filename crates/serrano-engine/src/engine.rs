@@ -1,21 +1,22 @@
-//! The engine thread: requests arrive over a bounded channel, every step runs one forward pass
-//! over all active sequences, and each sequence streams its events back over its own channel.
-//!
-//! This is iteration-level batching without paging or chunking: a new request is prefilled in
-//! the step after it arrives, alongside the decodes of running ones. The serving-core issue adds
-//! the paged KV pool, chunked prefill, preemption and fair scheduling behind the same handle.
+//! The engine thread: requests arrive over a bounded channel; every step the scheduler picks
+//! chunks of tokens from the running sequences (decodes first, then prefill chunks, then newly
+//! admitted ones) under a token budget, one forward pass runs them all over the paged KV cache,
+//! and each sequence streams its events back over its own channel.
 
 use std::sync::Arc;
 use std::thread;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
 use crate::chat::{ChatMessage, ChatTemplate, CHATML_TEMPLATE};
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
-use crate::kv::{ContiguousKv, KvSeq};
+use crate::metrics::{self, EngineMetrics};
 use crate::model::{LogitsWanted, Model, ModelConfig, SeqStep};
+use crate::paged::{KvStorage, PagedStep, SharedAllocator, BLOCK_TOKENS};
 use crate::sampling::{logprobs, Sampler, SamplingParams, TokenLogprobs};
+use crate::scheduler::{Planned, Scheduler, SchedulerConfig, SeqId};
 use crate::stop::StopMatcher;
 use crate::tokenizer::{Tokenizer, Utf8Stream};
 
@@ -24,20 +25,29 @@ pub const MAX_LOGPROBS: usize = 20;
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
-    /// Requests waiting for the engine beyond the running ones; more are refused (backpressure).
+    /// Requests queued for the engine; beyond this `submit` refuses (backpressure).
     pub max_waiting: usize,
-    /// Sequences decoded together in one step.
+    /// Most sequences in one step.
     pub max_num_seqs: usize,
+    /// Most tokens (prefill chunks plus decodes) in one step.
+    pub max_batch_tokens: usize,
+    /// Memory for the KV block pool, allocated once at start-up.
+    pub kv_cache_bytes: usize,
     /// Context length used, at most the model's own.
     pub max_context: Option<usize>,
+    /// Name under which metrics are labelled (`model_name`).
+    pub model_name: String,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
             max_waiting: 64,
-            max_num_seqs: 8,
+            max_num_seqs: 32,
+            max_batch_tokens: 512,
+            kv_cache_bytes: 1 << 30,
             max_context: None,
+            model_name: "default".into(),
         }
     }
 }
@@ -56,6 +66,10 @@ pub struct GenerateRequest {
     pub logprobs: Option<usize>,
     /// Report log-probs for every prompt token (needs logits at every prompt position).
     pub prompt_logprobs: Option<usize>,
+    /// Who the request is for: scheduling is fair across tenants.
+    pub tenant: String,
+    /// Higher is admitted first.
+    pub priority: i32,
 }
 
 impl GenerateRequest {
@@ -69,6 +83,8 @@ impl GenerateRequest {
             ignore_eos: false,
             logprobs: None,
             prompt_logprobs: None,
+            tenant: "default".into(),
+            priority: 0,
         }
     }
 }
@@ -122,6 +138,8 @@ pub enum SubmitError {
 /// Facts about the loaded model the front end needs (limits, tokenizer, template).
 pub struct ModelInfo {
     pub config: ModelConfig,
+    /// Tokens the KV block pool holds in all.
+    pub kv_cache_tokens: usize,
     pub tokenizer: Tokenizer,
     pub chat_template: ChatTemplate,
     pub context_length: usize,
@@ -151,12 +169,17 @@ struct Submission {
 pub struct EngineHandle {
     tx: mpsc::Sender<Submission>,
     info: Arc<ModelInfo>,
+    metrics: Arc<EngineMetrics>,
     max_waiting: usize,
 }
 
 impl EngineHandle {
     pub fn info(&self) -> &Arc<ModelInfo> {
         &self.info
+    }
+
+    pub fn metrics(&self) -> &Arc<EngineMetrics> {
+        &self.metrics
     }
 
     /// Queues a request; fails at once (never blocks) when the queue is full.
@@ -186,6 +209,15 @@ impl EngineHandle {
                 "this model's maximum context length is {ctx} tokens; the prompt has {} tokens and max_tokens is {}",
                 req.prompt.len(),
                 req.max_tokens
+            )));
+        }
+        let need = (req.prompt.len() + req.max_tokens).div_ceil(BLOCK_TOKENS) * BLOCK_TOKENS;
+        if need > self.info.kv_cache_tokens {
+            return Err(SubmitError::Invalid(format!(
+                "the prompt ({} tokens) plus max_tokens ({}) can never fit the KV cache ({} tokens; see --kv-cache-memory)",
+                req.prompt.len(),
+                req.max_tokens,
+                self.info.kv_cache_tokens
             )));
         }
         let vocab = self.info.config.vocab_size;
@@ -231,20 +263,44 @@ pub fn start_from_gguf(file: &GgufFile, config: EngineConfig) -> Result<EngineHa
     let context_length = config.max_context.map_or(model.config.context_length, |c| {
         c.min(model.config.context_length)
     });
+    let block_bytes = KvStorage::block_bytes(model.config.n_layers, model.config.kv_width());
+    let n_blocks = config.kv_cache_bytes / block_bytes;
+    if n_blocks == 0 {
+        return Err(EngineError::Invalid(format!(
+            "the KV cache budget ({} bytes) holds no block of {block_bytes} bytes",
+            config.kv_cache_bytes
+        )));
+    }
     let info = Arc::new(ModelInfo {
         config: model.config.clone(),
+        kv_cache_tokens: n_blocks * BLOCK_TOKENS,
         tokenizer,
         chat_template,
         context_length,
         weight_bytes: model.weight_bytes(),
     });
+    tracing::info!(
+        blocks = n_blocks,
+        tokens = n_blocks * BLOCK_TOKENS,
+        mib = (n_blocks * block_bytes) >> 20,
+        "KV cache allocated (f16, {BLOCK_TOKENS} tokens per block)"
+    );
+    let metrics = Arc::new(EngineMetrics::new(&config.model_name));
     let (tx, rx) = mpsc::channel(config.max_waiting.max(1));
+    let alloc = SharedAllocator::new(n_blocks);
+    let sched_cfg = SchedulerConfig {
+        max_num_seqs: config.max_num_seqs.max(1),
+        max_batch_tokens: config.max_batch_tokens.max(1),
+    };
     let worker = Worker {
+        storage: KvStorage::new(model.config.n_layers, model.config.kv_width(), n_blocks),
         model,
         info: info.clone(),
         rx,
-        max_num_seqs: config.max_num_seqs.max(1),
-        active: Vec::new(),
+        sched: Scheduler::new(sched_cfg, alloc),
+        max_waiting: config.max_waiting.max(1),
+        metrics: metrics.clone(),
+        next_id: 0,
     };
     thread::Builder::new()
         .name("serrano-engine".into())
@@ -253,46 +309,60 @@ pub fn start_from_gguf(file: &GgufFile, config: EngineConfig) -> Result<EngineHa
     Ok(EngineHandle {
         tx,
         info,
+        metrics,
         max_waiting: config.max_waiting,
     })
 }
 
-struct Sequence {
+/// What the engine keeps per sequence beside the scheduler's state.
+struct Payload {
     req: GenerateRequest,
     events: mpsc::Sender<Event>,
-    kv: ContiguousKv,
     sampler: Sampler,
-    /// Next token to feed (`None` until the prompt is prefilled).
-    next_input: Option<u32>,
-    generated: usize,
     utf8: Utf8Stream,
     stop: StopMatcher,
-    done: bool,
+    generated: usize,
+    /// Prompt log-probs gathered chunk by chunk until the prompt is done.
+    prompt_lp: Option<Vec<Option<TokenLogprobs>>>,
+    arrival: Instant,
+    first_scheduled: Option<Instant>,
+    last_token: Option<Instant>,
+    failed: bool,
 }
 
 struct Worker {
     model: Model,
+    storage: KvStorage,
     info: Arc<ModelInfo>,
     rx: mpsc::Receiver<Submission>,
-    max_num_seqs: usize,
-    active: Vec<Sequence>,
+    sched: Scheduler<Payload>,
+    max_waiting: usize,
+    metrics: Arc<EngineMetrics>,
+    next_id: SeqId,
 }
 
 impl Worker {
     fn run(mut self) {
         loop {
-            if self.active.is_empty() {
+            if self.sched.is_idle() {
                 match self.rx.blocking_recv() {
                     Some(s) => self.admit(s),
                     None => return,
                 }
             }
-            while self.active.len() < self.max_num_seqs {
+            // Take new requests only while the engine's own queue has room: the channel stays
+            // the bound, so a flood is refused at submission instead of buffered here.
+            while self.sched.num_waiting() < self.max_waiting {
                 match self.rx.try_recv() {
                     Ok(s) => self.admit(s),
                     Err(_) => break,
                 }
             }
+            // Clients that went away: dropping their entries frees their blocks.
+            let gone = self
+                .sched
+                .drain_where(|e| e.payload.events.is_closed() || e.payload.failed);
+            drop(gone);
             // A bug that panics inside a step fails that step's requests, not the whole server.
             if let Err(panic) =
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step()))
@@ -303,162 +373,272 @@ impl Worker {
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_default();
                 tracing::error!("engine step panicked: {msg}");
-                for s in &mut self.active {
-                    let _ = s
+                for e in self.sched.drain_where(|_| true) {
+                    let _ = e
+                        .payload
                         .events
                         .try_send(Event::Error(format!("internal engine error: {msg}")));
-                    s.done = true;
                 }
             }
-            self.active.retain(|s| !s.done);
+            self.update_gauges();
         }
     }
 
     fn admit(&mut self, s: Submission) {
-        let c = &self.model.config;
-        let kv = ContiguousKv::new(c.n_layers, c.kv_width(), self.info.context_length);
-        let sampler = Sampler::new(s.req.sampling.clone(), &s.req.prompt);
-        let stop = StopMatcher::new(s.req.stop.clone());
-        self.active.push(Sequence {
-            req: s.req,
-            events: s.events,
-            kv,
-            sampler,
-            next_input: None,
-            generated: 0,
+        let id = self.next_id;
+        self.next_id += 1;
+        let req = s.req;
+        let max_len = req.prompt.len() + req.max_tokens;
+        let payload = Payload {
+            sampler: Sampler::new(req.sampling.clone(), &req.prompt),
+            stop: StopMatcher::new(req.stop.clone()),
             utf8: Utf8Stream::default(),
-            stop,
-            done: false,
-        });
+            generated: 0,
+            prompt_lp: req.prompt_logprobs.map(|_| vec![None]),
+            arrival: Instant::now(),
+            first_scheduled: None,
+            last_token: None,
+            failed: false,
+            events: s.events,
+            req,
+        };
+        let (tenant, priority, prompt) = (
+            Arc::from(payload.req.tenant.as_str()),
+            payload.req.priority,
+            payload.req.prompt.clone(),
+        );
+        // Prompt log-probs need logits at every prompt position: no prefix reuse for those.
+        let cacheable = payload.prompt_lp.is_none();
+        self.sched
+            .add(id, tenant, priority, prompt, max_len, cacheable, payload);
+    }
+
+    fn update_gauges(&self) {
+        let m = &self.metrics;
+        m.num_requests_running.set(self.sched.num_running() as i64);
+        m.num_requests_waiting.set(self.sched.num_waiting() as i64);
+        let a = self.sched.allocator().lock();
+        m.kv_cache_usage_perc
+            .set(a.used() as f64 / a.total().max(1) as f64);
     }
 
     fn step(&mut self) {
-        // Skip sequences whose client has gone away before spending compute on them.
-        for s in &mut self.active {
-            if s.events.is_closed() {
-                s.done = true;
-            }
+        let before = self.sched.stats;
+        let plan = self.sched.schedule();
+        let after = self.sched.stats;
+        self.metrics
+            .num_preemptions
+            .inc_by(after.preemptions - before.preemptions);
+        self.metrics
+            .prefix_cache_queries
+            .inc_by(after.prefix_queries - before.prefix_queries);
+        self.metrics
+            .prefix_cache_hits
+            .inc_by(after.prefix_hits - before.prefix_hits);
+        if plan.is_empty() {
+            // Nothing runnable (all waiting on blocks that running sequences will free): wait a
+            // little for a new request instead of spinning.
+            std::thread::sleep(Duration::from_millis(1));
+            return;
         }
-        let inputs: Vec<Vec<u32>> = self
-            .active
+        self.metrics
+            .iteration_tokens_total
+            .observe(plan.iter().map(|p| p.len).sum::<usize>() as f64);
+        let now = Instant::now();
+        let mut inputs: Vec<Vec<u32>> = Vec::with_capacity(plan.len());
+        let mut wants = Vec::with_capacity(plan.len());
+        for p in &plan {
+            let Some(e) = self.sched.get_mut(p.id) else {
+                continue;
+            };
+            let pl = &mut e.payload;
+            if pl.first_scheduled.is_none() {
+                pl.first_scheduled = Some(now);
+                let t = metrics::tenant(&pl.req.tenant);
+                self.metrics
+                    .request_queue_time_seconds
+                    .get_or_create(&t)
+                    .observe((now - pl.arrival).as_secs_f64());
+                self.metrics
+                    .prompt_tokens
+                    .get_or_create(&t)
+                    .inc_by(pl.req.prompt.len() as u64);
+            }
+            let in_prompt = p.start < pl.req.prompt.len();
+            wants.push(if pl.prompt_lp.is_some() && in_prompt {
+                LogitsWanted::All
+            } else if p.samples {
+                LogitsWanted::Last
+            } else {
+                LogitsWanted::None
+            });
+            inputs.push(e.tokens[p.start..p.start + p.len].to_vec());
+        }
+        let steps: Vec<SeqStep<'_>> = plan
             .iter()
-            .map(|s| {
-                if s.done {
-                    vec![]
-                } else {
-                    s.next_input
-                        .map_or_else(|| s.req.prompt.clone(), |t| vec![t])
-                }
-            })
-            .collect();
-        let mut steps: Vec<SeqStep<'_>> = self
-            .active
-            .iter_mut()
             .zip(&inputs)
-            .map(|(s, toks)| {
-                let wanted = match (s.next_input, s.req.prompt_logprobs) {
-                    _ if toks.is_empty() => LogitsWanted::None,
-                    (None, Some(_)) => LogitsWanted::All,
-                    _ => LogitsWanted::Last,
-                };
-                SeqStep {
-                    tokens: toks,
-                    kv: &mut s.kv as &mut dyn KvSeq,
-                    logits: wanted,
-                }
+            .zip(&wants)
+            .map(|((p, t), &w)| SeqStep {
+                tokens: t,
+                start: p.start,
+                logits: w,
             })
             .collect();
-        let result = self.model.forward(&mut steps);
-        drop(steps);
+        let tables: Vec<Vec<u32>> = plan
+            .iter()
+            .map(|p| {
+                self.sched
+                    .get_mut(p.id)
+                    .map(|e| e.table.blocks().to_vec())
+                    .unwrap_or_default()
+            })
+            .collect();
+        let mut kv = PagedStep {
+            storage: &mut self.storage,
+            tables: tables.iter().map(Vec::as_slice).collect(),
+        };
+        let result = self.model.forward(&mut kv, &steps);
         let logits = match result {
             Ok(l) => l,
             Err(e) => {
-                for s in &mut self.active {
-                    let _ = s.events.try_send(Event::Error(e.to_string()));
-                    s.done = true;
+                for p in &plan {
+                    if let Some(en) = self.sched.get_mut(p.id) {
+                        let _ = en.payload.events.try_send(Event::Error(e.to_string()));
+                        en.payload.failed = true;
+                    }
                 }
                 return;
             }
         };
+        self.sched.after_step();
         let vocab = self.model.config.vocab_size;
-        for (s, rows) in self.active.iter_mut().zip(logits) {
-            if s.done || rows.is_empty() {
-                continue;
+        for ((p, rows), want) in plan.iter().zip(logits).zip(wants) {
+            if want == LogitsWanted::All {
+                self.gather_prompt_logprobs(p, &rows, vocab);
             }
-            if s.next_input.is_none() {
-                if let Some(n) = s.req.prompt_logprobs {
-                    let p = &s.req.prompt;
-                    let mut entries = vec![None];
-                    entries.extend(
-                        (1..p.len())
-                            .map(|i| Some(logprobs(&rows[(i - 1) * vocab..i * vocab], p[i], n))),
-                    );
-                    send(s, Event::PromptLogprobs(entries));
-                }
+            if p.samples && !rows.is_empty() {
+                let mut last = rows[rows.len() - vocab..].to_vec();
+                self.sample(p.id, &mut last);
             }
-            let mut last = rows[rows.len() - vocab..].to_vec();
-            advance(&self.info, s, &mut last);
         }
     }
-}
 
-/// Samples the next token of `s` from its logits and decides whether it is finished.
-fn advance(info: &ModelInfo, s: &mut Sequence, logits: &mut [f32]) {
-    let raw = s.req.logprobs.map(|_| logits.to_vec());
-    let id = s.sampler.sample(logits);
-    let lp = raw.map(|r| logprobs(&r, id, s.req.logprobs.unwrap_or(0)));
-    s.generated += 1;
-    s.next_input = Some(id);
-    let tok = &info.tokenizer;
-    let eog = !s.req.ignore_eos && tok.eog.contains(&id);
-    let mut finish = None;
-    let mut text = String::new();
-    if eog || s.req.stop_token_ids.contains(&id) {
-        finish = Some(FinishReason::Stop);
-    } else if !tok.is_special(id) {
-        let piece = s.utf8.push(tok.token_bytes(id));
-        let (emit, hit) = s.stop.push(&piece);
-        text = emit;
-        if hit {
-            finish = Some(FinishReason::Stop);
+    /// Prompt log-probs from a chunk's rows: row `i` (position `start + i`) predicts the token
+    /// at `start + i + 1`.
+    fn gather_prompt_logprobs(&mut self, p: &Planned, rows: &[f32], vocab: usize) {
+        let Some(e) = self.sched.get_mut(p.id) else {
+            return;
+        };
+        let pl = &mut e.payload;
+        let (n, prompt) = (pl.req.prompt_logprobs.unwrap_or(0), &pl.req.prompt);
+        let Some(lp) = pl.prompt_lp.as_mut() else {
+            return;
+        };
+        for (i, row) in rows.chunks_exact(vocab).enumerate() {
+            let next = p.start + i + 1;
+            if next < prompt.len() && next == lp.len() {
+                lp.push(Some(logprobs(row, prompt[next], n)));
+            }
+        }
+        if lp.len() == prompt.len() {
+            let done = pl.prompt_lp.take().unwrap_or_default();
+            send(pl, Event::PromptLogprobs(done));
         }
     }
-    let full = s.req.prompt.len() + s.generated >= info.context_length;
-    if finish.is_none() && (s.generated >= s.req.max_tokens || full) {
-        finish = Some(FinishReason::Length);
-    }
-    if finish == Some(FinishReason::Length) || (finish.is_some() && !s.stop.stopped()) {
-        // Nothing can match any more: release what was held back.
-        let tail = s.utf8.finish();
-        let (emit, _) = s.stop.push(&tail);
-        text.push_str(&emit);
-        text.push_str(&s.stop.flush());
-    }
-    send(
-        s,
-        Event::Token {
-            id,
-            text,
-            logprobs: lp,
-        },
-    );
-    if let Some(reason) = finish {
+
+    /// Samples the next token of a sequence and decides whether it is finished.
+    fn sample(&mut self, id: SeqId, logits: &mut [f32]) {
+        let info = self.info.clone();
+        let Some(e) = self.sched.get_mut(id) else {
+            return;
+        };
+        let total_len = e.tokens.len();
+        let s = &mut e.payload;
+        let raw = s.req.logprobs.map(|_| logits.to_vec());
+        let token = s.sampler.sample(logits);
+        let lp = raw.map(|r| logprobs(&r, token, s.req.logprobs.unwrap_or(0)));
+        s.generated += 1;
+        let now = Instant::now();
+        let t = metrics::tenant(&s.req.tenant);
+        match s.last_token {
+            None => self
+                .metrics
+                .time_to_first_token_seconds
+                .get_or_create(&t)
+                .observe((now - s.arrival).as_secs_f64()),
+            Some(prev) => self
+                .metrics
+                .inter_token_latency_seconds
+                .observe((now - prev).as_secs_f64()),
+        }
+        s.last_token = Some(now);
+        let tok = &info.tokenizer;
+        let eog = !s.req.ignore_eos && tok.eog.contains(&token);
+        let mut finish = None;
+        let mut text = String::new();
+        if eog || s.req.stop_token_ids.contains(&token) {
+            finish = Some(FinishReason::Stop);
+        } else if !tok.is_special(token) {
+            let piece = s.utf8.push(tok.token_bytes(token));
+            let (emit, hit) = s.stop.push(&piece);
+            text = emit;
+            if hit {
+                finish = Some(FinishReason::Stop);
+            }
+        }
+        if finish.is_none()
+            && (s.generated >= s.req.max_tokens || total_len + 1 >= info.context_length)
+        {
+            finish = Some(FinishReason::Length);
+        }
+        if finish == Some(FinishReason::Length) || (finish.is_some() && !s.stop.stopped()) {
+            // Nothing can match any more: release what was held back.
+            let tail = s.utf8.finish();
+            let (emit, _) = s.stop.push(&tail);
+            text.push_str(&emit);
+            text.push_str(&s.stop.flush());
+        }
         send(
             s,
-            Event::Finished {
-                reason,
-                prompt_tokens: s.req.prompt.len(),
-                completion_tokens: s.generated,
+            Event::Token {
+                id: token,
+                text,
+                logprobs: lp,
             },
         );
-        s.done = true;
+        match finish {
+            Some(reason) => {
+                send(
+                    s,
+                    Event::Finished {
+                        reason,
+                        prompt_tokens: s.req.prompt.len(),
+                        completion_tokens: s.generated,
+                    },
+                );
+                self.metrics
+                    .generation_tokens
+                    .get_or_create(&t)
+                    .inc_by(s.generated as u64);
+                self.metrics
+                    .e2e_request_latency_seconds
+                    .get_or_create(&t)
+                    .observe((now - s.arrival).as_secs_f64());
+                let mut labels = t;
+                labels.push(("finished_reason".into(), reason.as_str().into()));
+                self.metrics.request_success.get_or_create(&labels).inc();
+                // Dropping the entry returns its blocks to the pool.
+                self.sched.remove(id);
+            }
+            None => self.sched.push_token(id, token),
+        }
     }
 }
 
 /// A full or closed channel means the client is gone (its channel has room for every event):
-/// the sequence is dropped and its cache freed at the end of this step.
-fn send(s: &mut Sequence, e: Event) {
+/// the sequence is dropped before the next step.
+fn send(s: &mut Payload, e: Event) {
     if s.events.try_send(e).is_err() {
-        s.done = true;
+        s.failed = true;
     }
 }

@@ -5,7 +5,6 @@ use rayon::prelude::*;
 
 use crate::error::{EngineError, Result};
 use crate::gguf::{GgufFile, TensorInfo};
-use crate::kv::KvSeq;
 use crate::ops::{self, matmul, rmsnorm, QMatrix, Rope, RopeStyle};
 use crate::quant::dequantize_row;
 
@@ -136,11 +135,22 @@ pub enum LogitsWanted {
     All,
 }
 
-/// One sequence's share of a forward step: its new tokens, appended at `kv.len()`.
+/// One sequence's share of a forward step: `tokens` go at positions `start..`, and its KV is
+/// sequence `i` of the step's [`KvCache`] when this is the step's `i`-th entry.
+#[derive(Debug, Clone, Copy)]
 pub struct SeqStep<'a> {
     pub tokens: &'a [u32],
-    pub kv: &'a mut dyn KvSeq,
+    pub start: usize,
     pub logits: LogitsWanted,
+}
+
+/// The KV cache as one forward step sees it, sequences numbered by their place in the step.
+/// Positions are written in order before they are read; the paged pool implements it.
+pub trait KvCache: Sync {
+    /// Stores `k` and `v` (each `n_kv_heads * head_dim`) of `seq` for `layer` at `pos`.
+    fn write(&mut self, seq: usize, layer: usize, pos: usize, k: &[f32], v: &[f32]);
+    /// Copies KV head `head`'s key (or value) of `seq` at `layer`, `pos` into `out` (head_dim).
+    fn read(&self, seq: usize, layer: usize, pos: usize, value: bool, head: usize, out: &mut [f32]);
 }
 
 fn tensor<'a>(f: &'a GgufFile, name: &str) -> Result<&'a TensorInfo> {
@@ -250,7 +260,7 @@ impl Model {
     /// Runs one step over all sequences' new tokens and returns, per sequence, the logits it asked
     /// for (`rows * vocab` values). Weights are read once for the whole batch; attention runs per
     /// sequence over its own cache.
-    pub fn forward(&self, seqs: &mut [SeqStep<'_>]) -> Result<Vec<Vec<f32>>> {
+    pub fn forward(&self, kv: &mut dyn KvCache, seqs: &[SeqStep<'_>]) -> Result<Vec<Vec<f32>>> {
         let c = &self.config;
         let (d, hd, nh, nkv) = (c.d_model, c.head_dim, c.n_heads, c.n_kv_heads);
         let (qw, kvw) = (nh * hd, c.kv_width());
@@ -259,7 +269,7 @@ impl Model {
         let mut pos_of = Vec::new();
         let mut ids = Vec::new();
         for (s, step) in seqs.iter().enumerate() {
-            let start = step.kv.len();
+            let start = step.start;
             if start + step.tokens.len() > c.context_length {
                 return Err(EngineError::Invalid(format!(
                     "sequence of {} tokens exceeds the context length {}",
@@ -310,7 +320,8 @@ impl Model {
                 for head in k[t * kvw..(t + 1) * kvw].chunks_exact_mut(hd) {
                     self.rope.apply(head, pos_of[t]);
                 }
-                seqs[seq_of[t]].kv.write(
+                kv.write(
+                    seq_of[t],
                     li,
                     pos_of[t],
                     &k[t * kvw..(t + 1) * kvw],
@@ -318,24 +329,39 @@ impl Model {
                 );
             }
             // Causal attention: token t attends to its own sequence's positions 0..=pos_of[t].
-            let kvs: Vec<&dyn KvSeq> = seqs.iter().map(|s| &*s.kv).collect();
-            att.par_chunks_mut(hd).enumerate().for_each(|(i, out)| {
-                let (t, head) = (i / nh, i % nh);
-                let kv = kvs[seq_of[t]];
-                let kvh = head / group;
-                let qh = &q[t * qw + head * hd..t * qw + (head + 1) * hd];
-                let mut scores: Vec<f32> = (0..=pos_of[t])
-                    .map(|p| ops::dot(qh, &kv.key(li, p)[kvh * hd..(kvh + 1) * hd]) * scale)
-                    .collect();
-                ops::softmax(&mut scores);
-                out.fill(0.0);
-                for (p, &w) in scores.iter().enumerate() {
-                    let vv = &kv.value(li, p)[kvh * hd..(kvh + 1) * hd];
-                    for (a, b) in out.iter_mut().zip(vv) {
-                        *a += w * b;
+            // One task per (token, KV head) serves the query heads of its group, so each cached
+            // key and value is read once per task.
+            let kv_ro: &dyn KvCache = kv;
+            att.par_chunks_mut(group * hd)
+                .enumerate()
+                .for_each(|(i, out)| {
+                    let (t, kvh) = (i / nkv, i % nkv);
+                    let n_pos = pos_of[t] + 1;
+                    let mut kbuf = vec![0f32; hd];
+                    let mut scores = vec![0f32; group * n_pos];
+                    for p in 0..n_pos {
+                        kv_ro.read(seq_of[t], li, p, false, kvh, &mut kbuf);
+                        for g in 0..group {
+                            let head = kvh * group + g;
+                            scores[g * n_pos + p] =
+                                ops::dot(&q[t * qw + head * hd..t * qw + (head + 1) * hd], &kbuf)
+                                    * scale;
+                        }
                     }
-                }
-            });
+                    for g in 0..group {
+                        ops::softmax(&mut scores[g * n_pos..(g + 1) * n_pos]);
+                    }
+                    out.fill(0.0);
+                    for p in 0..n_pos {
+                        kv_ro.read(seq_of[t], li, p, true, kvh, &mut kbuf);
+                        for g in 0..group {
+                            let w = scores[g * n_pos + p];
+                            for (a, b) in out[g * hd..(g + 1) * hd].iter_mut().zip(&kbuf) {
+                                *a += w * b;
+                            }
+                        }
+                    }
+                });
             matmul(&layer.wo, &att, n, &mut o);
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             rmsnorm(&x, &layer.ffn_norm, c.rms_eps, &mut h);
@@ -375,9 +401,7 @@ impl Model {
         }
         let mut out = Vec::with_capacity(seqs.len());
         let mut at = 0;
-        for s in seqs.iter_mut() {
-            let new_len = s.kv.len() + s.tokens.len();
-            s.kv.commit(new_len);
+        for s in seqs {
             let k = match s.logits {
                 LogitsWanted::None => 0,
                 LogitsWanted::Last => usize::from(!s.tokens.is_empty()),

@@ -1,8 +1,8 @@
 //! Engine behaviour on a tiny random-weight GGUF written by the test itself.
 
 use serrano_engine::gguf::GgufFile;
-use serrano_engine::kv::ContiguousKv;
 use serrano_engine::model::{LogitsWanted, Model, SeqStep};
+use serrano_engine::paged::{BlockId, KvStorage, PagedStep, BLOCK_TOKENS};
 use serrano_engine::testing::TinyModel;
 use serrano_engine::{
     start_from_gguf, EngineConfig, Event, FinishReason, GenerateRequest, SamplingParams,
@@ -13,38 +13,58 @@ fn tiny() -> GgufFile {
     GgufFile::from_vec(TinyModel::default().gguf_bytes()).unwrap()
 }
 
-fn kv(m: &Model) -> ContiguousKv {
-    ContiguousKv::new(
-        m.config.n_layers,
-        m.config.kv_width(),
-        m.config.context_length,
-    )
+/// A KV pool big enough for `seqs` sequences of the whole context, and each sequence's blocks.
+struct Kv {
+    storage: KvStorage,
+    tables: Vec<Vec<BlockId>>,
+}
+
+fn kv(m: &Model, seqs: usize) -> Kv {
+    let per = m.config.context_length.div_ceil(BLOCK_TOKENS);
+    let storage = KvStorage::new(m.config.n_layers, m.config.kv_width(), per * seqs);
+    // Interleave the sequences' blocks, as a shared pool would.
+    let tables = (0..seqs)
+        .map(|s| (0..per).map(|b| (b * seqs + s) as BlockId).collect())
+        .collect();
+    Kv { storage, tables }
+}
+
+fn forward(m: &Model, kv: &mut Kv, steps: &[SeqStep<'_>]) -> serrano_engine::Result<Vec<Vec<f32>>> {
+    let mut step = PagedStep {
+        storage: &mut kv.storage,
+        tables: kv.tables.iter().map(Vec::as_slice).collect(),
+    };
+    m.forward(&mut step, steps)
+}
+
+fn step(tokens: &[u32], start: usize, logits: LogitsWanted) -> SeqStep<'_> {
+    SeqStep {
+        tokens,
+        start,
+        logits,
+    }
 }
 
 #[test]
 fn incremental_decode_matches_full_prefill() {
     let model = Model::load(&tiny()).unwrap();
-    let prompt = [5u32, 77, 260, 12, 9, 140];
-    let mut full = kv(&model);
-    let all = model
-        .forward(&mut [SeqStep {
-            tokens: &prompt,
-            kv: &mut full,
-            logits: LogitsWanted::All,
-        }])
+    let prompt = [
+        5u32, 77, 260, 12, 9, 140, 3, 8, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
+    ];
+    let mut full = kv(&model, 1);
+    let all = forward(&model, &mut full, &[step(&prompt, 0, LogitsWanted::All)])
         .unwrap()
         .remove(0);
     let v = model.config.vocab_size;
-    let mut inc = kv(&model);
+    let mut inc = kv(&model, 1);
     for (i, t) in prompt.iter().enumerate() {
-        let row = model
-            .forward(&mut [SeqStep {
-                tokens: std::slice::from_ref(t),
-                kv: &mut inc,
-                logits: LogitsWanted::Last,
-            }])
-            .unwrap()
-            .remove(0);
+        let row = forward(
+            &model,
+            &mut inc,
+            &[step(std::slice::from_ref(t), i, LogitsWanted::Last)],
+        )
+        .unwrap()
+        .remove(0);
         for (a, b) in row.iter().zip(&all[i * v..(i + 1) * v]) {
             assert!((a - b).abs() < 1e-4, "position {i}: {a} vs {b}");
         }
@@ -56,31 +76,21 @@ fn a_sequence_gets_the_same_logits_alone_or_in_a_batch() {
     let model = Model::load(&tiny()).unwrap();
     let (a, b) = ([1u32, 2, 3, 4], [200u32, 100]);
     let alone = |toks: &[u32]| {
-        let mut c = kv(&model);
-        model
-            .forward(&mut [SeqStep {
-                tokens: toks,
-                kv: &mut c,
-                logits: LogitsWanted::Last,
-            }])
+        let mut c = kv(&model, 1);
+        forward(&model, &mut c, &[step(toks, 0, LogitsWanted::Last)])
             .unwrap()
             .remove(0)
     };
-    let (mut ka, mut kb) = (kv(&model), kv(&model));
-    let both = model
-        .forward(&mut [
-            SeqStep {
-                tokens: &a,
-                kv: &mut ka,
-                logits: LogitsWanted::Last,
-            },
-            SeqStep {
-                tokens: &b,
-                kv: &mut kb,
-                logits: LogitsWanted::Last,
-            },
-        ])
-        .unwrap();
+    let mut k2 = kv(&model, 2);
+    let both = forward(
+        &model,
+        &mut k2,
+        &[
+            step(&a, 0, LogitsWanted::Last),
+            step(&b, 0, LogitsWanted::Last),
+        ],
+    )
+    .unwrap();
     assert_eq!(both[0], alone(&a));
     assert_eq!(both[1], alone(&b));
 }
@@ -88,22 +98,10 @@ fn a_sequence_gets_the_same_logits_alone_or_in_a_batch() {
 #[test]
 fn out_of_vocabulary_and_over_context_are_errors() {
     let model = Model::load(&tiny()).unwrap();
-    let mut c = kv(&model);
-    assert!(model
-        .forward(&mut [SeqStep {
-            tokens: &[100_000],
-            kv: &mut c,
-            logits: LogitsWanted::Last
-        }])
-        .is_err());
+    let mut c = kv(&model, 1);
+    assert!(forward(&model, &mut c, &[step(&[100_000], 0, LogitsWanted::Last)]).is_err());
     let long = vec![1u32; model.config.context_length + 1];
-    assert!(model
-        .forward(&mut [SeqStep {
-            tokens: &long,
-            kv: &mut c,
-            logits: LogitsWanted::Last
-        }])
-        .is_err());
+    assert!(forward(&model, &mut c, &[step(&long, 0, LogitsWanted::Last)]).is_err());
 }
 
 fn collect(rx: &mut tokio::sync::mpsc::Receiver<Event>) -> (Vec<u32>, String, FinishReason, usize) {
@@ -237,13 +235,8 @@ fn every_weight_type_loads_and_runs() {
         }
         .gguf_bytes();
         let model = Model::load(&GgufFile::from_vec(bytes).unwrap()).unwrap();
-        let mut c = kv(&model);
-        let logits = model
-            .forward(&mut [SeqStep {
-                tokens: &[1, 2, 3],
-                kv: &mut c,
-                logits: LogitsWanted::Last,
-            }])
+        let mut c = kv(&model, 1);
+        let logits = forward(&model, &mut c, &[step(&[1, 2, 3], 0, LogitsWanted::Last)])
             .unwrap()
             .remove(0);
         assert!(logits.iter().all(|l| l.is_finite()), "{wt:?}");
@@ -262,13 +255,8 @@ fn qwen2_loads_with_biases_and_neox_rope() {
         model.config.rope_style,
         serrano_engine::ops::RopeStyle::Neox
     );
-    let mut c = kv(&model);
-    let logits = model
-        .forward(&mut [SeqStep {
-            tokens: &[1, 2, 3],
-            kv: &mut c,
-            logits: LogitsWanted::Last,
-        }])
+    let mut c = kv(&model, 1);
+    let logits = forward(&model, &mut c, &[step(&[1, 2, 3], 0, LogitsWanted::Last)])
         .unwrap()
         .remove(0);
     assert!(logits.iter().all(|l| l.is_finite()));

@@ -80,6 +80,7 @@ pub fn router(engine: EngineHandle, mut config: ServerConfig) -> Router {
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/tokenize", post(openai::tokenize))
         .route("/detokenize", post(openai::detokenize))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
@@ -88,6 +89,18 @@ pub fn router(engine: EngineHandle, mut config: ServerConfig) -> Router {
 
 async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn metrics(
+    axum::extract::State(st): axum::extract::State<Arc<AppState>>,
+) -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        st.engine.metrics().encode(),
+    )
 }
 
 async fn not_found(uri: Uri) -> ApiError {

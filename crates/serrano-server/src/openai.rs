@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -22,6 +23,48 @@ use crate::params;
 use crate::{unix_now, AppState};
 
 type St = State<Arc<AppState>>;
+
+/// Header naming the tenant a request is for (the gateway will bind tenants to API keys).
+pub const TENANT_HEADER: &str = "x-serrano-tenant";
+/// Header with an integer priority; higher is admitted first.
+pub const PRIORITY_HEADER: &str = "x-serrano-priority";
+/// Longest accepted tenant name.
+const MAX_TENANT_BYTES: usize = 64;
+
+/// The request's tenant and priority, from headers.
+fn tenancy(headers: &HeaderMap) -> Result<(String, i32), ApiError> {
+    let tenant = match headers.get(TENANT_HEADER) {
+        None => "default".to_string(),
+        Some(v) => {
+            let t = v.to_str().ok().filter(|t| {
+                !t.is_empty()
+                    && t.len() <= MAX_TENANT_BYTES
+                    && t.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            });
+            t.ok_or_else(|| {
+                ApiError::invalid(format!(
+                    "{TENANT_HEADER} must be 1 to {MAX_TENANT_BYTES} characters of [A-Za-z0-9._-]"
+                ))
+            })?
+            .to_string()
+        }
+    };
+    let priority = match headers.get(PRIORITY_HEADER) {
+        None => 0,
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|p| p.parse::<i32>().ok())
+            .filter(|p| (-100..=100).contains(p))
+            .ok_or_else(|| {
+                ApiError::invalid(format!(
+                    "{PRIORITY_HEADER} must be an integer from -100 to 100"
+                ))
+            })?,
+    };
+    Ok((tenant, priority))
+}
 
 /// Default `max_tokens` for legacy completions, as OpenAI's.
 const DEFAULT_COMPLETION_MAX_TOKENS: usize = 16;
@@ -240,9 +283,11 @@ fn to_json<T: serde::Serialize>(v: &T) -> String {
 
 pub async fn completions(
     State(st): St,
+    headers: HeaderMap,
     JsonBody(req): JsonBody<api::CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let model = st.model_name(req.model.as_deref())?;
+    let (tenant, priority) = tenancy(&headers)?;
     let info = st.engine.info().clone();
     params::check_n(&req.sampling)?;
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
@@ -281,6 +326,8 @@ pub async fn completions(
         logprobs: n_logprobs,
         prompt_logprobs: if req.echo { n_logprobs } else { None },
         prompt: prompt.clone(),
+        tenant,
+        priority,
     };
     let rx = st.engine.submit(gen)?;
     let ctx = CompletionCtx {
@@ -487,9 +534,11 @@ async fn stream_completion(
 
 pub async fn chat_completions(
     State(st): St,
+    headers: HeaderMap,
     JsonBody(req): JsonBody<api::ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     let model = st.model_name(req.model.as_deref())?;
+    let (tenant, priority) = tenancy(&headers)?;
     let info = st.engine.info().clone();
     params::check_n(&req.sampling)?;
     let prompt = chat_prompt(&info, &req.messages, true)?;
@@ -526,6 +575,8 @@ pub async fn chat_completions(
         logprobs: top,
         prompt_logprobs: None,
         prompt,
+        tenant,
+        priority,
     };
     let rx = st.engine.submit(gen)?;
     let ctx = ChatCtx {

@@ -60,11 +60,18 @@ struct ModelArgs {
     /// Context length to serve, at most the model's own (default: the model's).
     #[arg(long)]
     ctx_size: Option<usize>,
-    /// Sequences decoded together in one engine step.
-    #[arg(long, default_value_t = 8)]
+    /// Most sequences in one engine step.
+    #[arg(long, default_value_t = 32)]
     max_num_seqs: usize,
+    /// Most tokens (prefill chunks plus decodes) in one engine step; long prompts are prefilled
+    /// in chunks of at most this many tokens.
+    #[arg(long, default_value_t = 512)]
+    max_batch_tokens: usize,
+    /// Memory for the paged KV cache, allocated at start-up (e.g. 512MiB, 1GiB, 2G).
+    #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
+    kv_cache_memory: usize,
     /// Requests that may wait for the engine; beyond this the server answers 429.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 256)]
     max_waiting: usize,
 }
 
@@ -148,7 +155,8 @@ fn resolve_model(m: &ModelArgs) -> Result<PathBuf> {
     }
 }
 
-fn start_engine(m: &ModelArgs) -> Result<(PathBuf, EngineHandle)> {
+/// Loads the model and starts the engine; `name` labels its metrics (default: the file stem).
+fn start_engine(m: &ModelArgs, name: Option<String>) -> Result<(PathBuf, EngineHandle)> {
     let threads = m
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -162,7 +170,10 @@ fn start_engine(m: &ModelArgs) -> Result<(PathBuf, EngineHandle)> {
     let cfg = EngineConfig {
         max_waiting: m.max_waiting,
         max_num_seqs: m.max_num_seqs,
+        max_batch_tokens: m.max_batch_tokens,
+        kv_cache_bytes: m.kv_cache_memory,
         max_context: m.ctx_size,
+        model_name: name.unwrap_or_else(|| model_stem(&path)),
     };
     let engine = serrano_engine::start(&path, cfg)
         .with_context(|| format!("cannot load {}", path.display()))?;
@@ -187,7 +198,7 @@ fn model_stem(path: &Path) -> String {
 }
 
 fn serve(a: ServeArgs) -> Result<()> {
-    let (path, engine) = start_engine(&a.model)?;
+    let (path, engine) = start_engine(&a.model, a.served_model_names.first().cloned())?;
     let names = if a.served_model_names.is_empty() {
         vec![model_stem(&path)]
     } else {
@@ -237,7 +248,7 @@ async fn shutdown_signal() {
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {
-    let (_, engine) = start_engine(&a.model)?;
+    let (_, engine) = start_engine(&a.model, None)?;
     let info = engine.info().clone();
     let prompt = match a.prompt_tokens {
         Some(n) => synthetic_prompt(&info.tokenizer, n),
@@ -287,6 +298,33 @@ fn generate(a: GenerateArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Parses a byte size: a number with an optional K/M/G (powers of 1000) or KiB/MiB/GiB suffix.
+fn parse_bytes(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size like 512MiB or 1GiB"))?;
+    let mul = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        other => {
+            return Err(format!(
+                "unknown size unit '{other}' (use B, K, M, G, KiB, MiB, GiB)"
+            ))
+        }
+    };
+    Ok((n * mul) as usize)
 }
 
 /// A prompt of exactly `n` tokens, from ordinary English text repeated as needed.
