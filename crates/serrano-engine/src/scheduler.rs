@@ -216,14 +216,22 @@ impl<P> Scheduler<P> {
         }
         // 2. Prefill chunks of running sequences, oldest first. If the oldest cannot get a single
         //    block, the newest is preempted (even if it was planned above), so it always advances.
+        //    While others wait for a slot, a quarter of the budget is kept for admitting them, so
+        //    a long prompt never holds a short request's first token hostage.
+        let admitting = self.num_waiting() > 0 && self.running.len() < self.cfg.max_num_seqs;
+        let reserve = if admitting {
+            (self.cfg.max_batch_tokens / 4).min(budget.saturating_sub(1))
+        } else {
+            0
+        };
         let mut i = 0;
-        while i < self.running.len() && budget > 0 {
+        while i < self.running.len() && budget > reserve {
             let left = self.running[i].tokens.len() - self.running[i].computed;
             if left == 0 {
                 i += 1;
                 continue;
             }
-            let n = Self::fit_chunk(&mut self.running[i], left.min(budget));
+            let n = Self::fit_chunk(&mut self.running[i], left.min(budget - reserve));
             if n == 0 {
                 let victim = self.running.len() - 1;
                 if i == 0 && victim > 0 {
@@ -505,9 +513,31 @@ mod tests {
                 },
                 "the decode goes first every step"
             );
-            assert_eq!(p[1].len, 31, "the prompt gets the rest of the budget");
+            assert_eq!(
+                p[1].len, 31,
+                "with nobody waiting, the prompt gets the rest of the budget"
+            );
             s.push_token(1, 9);
         }
+    }
+
+    #[test]
+    fn a_long_prefill_leaves_room_to_admit_a_waiting_request() {
+        let alloc = SharedAllocator::new(64);
+        let mut s: Scheduler<()> = Scheduler::new(
+            SchedulerConfig {
+                max_num_seqs: 4,
+                max_batch_tokens: 64,
+            },
+            alloc,
+        );
+        s.add(1, Arc::from("a"), 0, vec![2; 600], 700, true, ());
+        assert_eq!(s.schedule()[0].len, 64);
+        s.add(2, Arc::from("b"), 0, vec![3; 5], 10, true, ());
+        let p = s.schedule();
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert_eq!((p[0].id, p[0].len), (1, 48));
+        assert_eq!((p[1].id, p[1].len), (2, 5));
     }
 
     #[test]
