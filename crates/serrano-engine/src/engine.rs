@@ -44,7 +44,7 @@ impl Default for EngineConfig {
         EngineConfig {
             max_waiting: 64,
             max_num_seqs: 32,
-            max_batch_tokens: 512,
+            max_batch_tokens: 256,
             kv_cache_bytes: 1 << 30,
             max_context: None,
             model_name: "default".into(),

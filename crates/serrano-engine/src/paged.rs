@@ -11,6 +11,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use half::f16;
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 
 use crate::model::KvCache;
 
@@ -318,9 +319,9 @@ impl KvCache for PagedStep<'_> {
         let w = self.storage.width;
         for (kv, src) in [(0, k), (1, v)] {
             let at = self.storage.offset(block, layer, kv, pos % BLOCK_TOKENS);
-            for (d, s) in self.storage.data[at..at + w].iter_mut().zip(src) {
-                *d = f16::from_f32(*s).to_bits();
-            }
+            // Slice conversions use F16C where the CPU has it.
+            let dst: &mut [f16] = self.storage.data[at..at + w].reinterpret_cast_mut();
+            dst.convert_from_f32_slice(&src[..w]);
         }
     }
 
@@ -339,9 +340,8 @@ impl KvCache for PagedStep<'_> {
             .storage
             .offset(block, layer, usize::from(value), pos % BLOCK_TOKENS)
             + head * n;
-        for (o, s) in out.iter_mut().zip(&self.storage.data[at..at + n]) {
-            *o = f16::from_bits(*s).to_f32();
-        }
+        let src: &[f16] = self.storage.data[at..at + n].reinterpret_cast();
+        src.convert_to_f32_slice(out);
     }
 }
 

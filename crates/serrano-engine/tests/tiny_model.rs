@@ -261,3 +261,96 @@ fn qwen2_loads_with_biases_and_neox_rope() {
         .remove(0);
     assert!(logits.iter().all(|l| l.is_finite()));
 }
+
+/// Prompt log-probs and outputs do not depend on how the prompt was chunked (or on the pool size
+/// forcing preemptions): a 40-token prompt through 8-token steps equals one 512-token step.
+#[test]
+fn chunked_prefill_gives_the_same_prompt_logprobs_and_tokens() {
+    let run = |max_batch_tokens: usize| {
+        let cfg = EngineConfig {
+            max_batch_tokens,
+            kv_cache_bytes: 1 << 20,
+            ..EngineConfig::default()
+        };
+        let h = start_from_gguf(&tiny(), cfg).unwrap();
+        let mut req = GenerateRequest::new((0..40).map(|i| (i * 13 % 250) as u32).collect(), 10);
+        req.ignore_eos = true;
+        req.prompt_logprobs = Some(2);
+        let mut rx = h.submit(req).unwrap();
+        let prompt_lp = match rx.blocking_recv() {
+            Some(Event::PromptLogprobs(p)) => p,
+            other => panic!("{other:?}"),
+        };
+        (prompt_lp, collect(&mut rx).0)
+    };
+    let (lp_small, toks_small) = run(8);
+    let (lp_big, toks_big) = run(512);
+    assert_eq!(lp_small.len(), 40);
+    assert_eq!(toks_small, toks_big);
+    for (a, b) in lp_small.iter().zip(&lp_big) {
+        assert_eq!(
+            a.as_ref()
+                .map(|x| (x.token, x.top.iter().map(|t| t.0).collect::<Vec<_>>())),
+            b.as_ref()
+                .map(|x| (x.token, x.top.iter().map(|t| t.0).collect::<Vec<_>>()))
+        );
+        if let (Some(a), Some(b)) = (a, b) {
+            assert!((a.logprob - b.logprob).abs() < 1e-5);
+        }
+    }
+}
+
+#[test]
+fn a_request_that_can_never_fit_the_pool_is_refused() {
+    // 4096 bytes per block for the tiny model: 8 blocks = 128 tokens.
+    let cfg = EngineConfig {
+        kv_cache_bytes: 8 * 4096,
+        ..EngineConfig::default()
+    };
+    let h = start_from_gguf(&tiny(), cfg).unwrap();
+    let err = h
+        .submit(GenerateRequest::new(vec![1; 100], 100))
+        .unwrap_err();
+    assert!(
+        matches!(&err, SubmitError::Invalid(m) if m.contains("KV cache")),
+        "{err:?}"
+    );
+    let mut ok = GenerateRequest::new(vec![1; 60], 60);
+    ok.ignore_eos = true;
+    assert_eq!(collect(&mut h.submit(ok).unwrap()).3, 60);
+}
+
+/// Many sequences through a pool too small for all of them at once: preemption and recompute
+/// give every one the same tokens it gets alone.
+#[test]
+fn preemption_recomputes_to_the_same_output() {
+    let req = |i: u32| {
+        let mut r = GenerateRequest::new(vec![i + 1, 7, 9, i + 2], 40);
+        r.ignore_eos = true;
+        r
+    };
+    let alone = start_from_gguf(&tiny(), EngineConfig::default()).unwrap();
+    let want: Vec<Vec<u32>> = (0..6)
+        .map(|i| collect(&mut alone.submit(req(i)).unwrap()).0)
+        .collect();
+    // 6 blocks = 96 tokens for 6 sequences of 44: most steps must preempt someone.
+    let small = start_from_gguf(
+        &tiny(),
+        EngineConfig {
+            kv_cache_bytes: 6 * 4096,
+            ..EngineConfig::default()
+        },
+    )
+    .unwrap();
+    let mut rxs: Vec<_> = (0..6).map(|i| small.submit(req(i)).unwrap()).collect();
+    for (rx, w) in rxs.iter_mut().zip(&want) {
+        assert_eq!(&collect(rx).0, w);
+    }
+    let text = small.metrics().encode();
+    let preemptions: f64 = text
+        .lines()
+        .find(|l| l.starts_with("serrano:num_preemptions_total"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap();
+    assert!(preemptions > 0.0, "the pool was meant to force preemptions");
+}

@@ -65,7 +65,7 @@ struct ModelArgs {
     max_num_seqs: usize,
     /// Most tokens (prefill chunks plus decodes) in one engine step; long prompts are prefilled
     /// in chunks of at most this many tokens.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 256)]
     max_batch_tokens: usize,
     /// Memory for the paged KV cache, allocated at start-up (e.g. 512MiB, 1GiB, 2G).
     #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
