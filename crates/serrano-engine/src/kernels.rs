@@ -40,7 +40,9 @@ pub fn quantize_acts(x: &[f32], out: &mut Vec<BlockQ8>) {
         };
         let mut sum = 0i32;
         for (q, v) in blk.qs.iter_mut().zip(b) {
-            *q = (v * id).round() as i8;
+            // Round half away from zero without a libm call, so the loop vectorizes.
+            let x = v * id;
+            *q = (x + 0.5f32.copysign(x)) as i8;
             sum += *q as i32;
         }
         blk.s = d * sum as f32;

@@ -336,31 +336,17 @@ impl Model {
                 .enumerate()
                 .for_each(|(i, out)| {
                     let (t, kvh) = (i / nkv, i % nkv);
-                    let n_pos = pos_of[t] + 1;
-                    let mut kbuf = vec![0f32; hd];
-                    let mut scores = vec![0f32; group * n_pos];
-                    for p in 0..n_pos {
-                        kv_ro.read(seq_of[t], li, p, false, kvh, &mut kbuf);
-                        for g in 0..group {
-                            let head = kvh * group + g;
-                            scores[g * n_pos + p] =
-                                ops::dot(&q[t * qw + head * hd..t * qw + (head + 1) * hd], &kbuf)
-                                    * scale;
-                        }
-                    }
-                    for g in 0..group {
-                        ops::softmax(&mut scores[g * n_pos..(g + 1) * n_pos]);
-                    }
-                    out.fill(0.0);
-                    for p in 0..n_pos {
-                        kv_ro.read(seq_of[t], li, p, true, kvh, &mut kbuf);
-                        for g in 0..group {
-                            let w = scores[g * n_pos + p];
-                            for (a, b) in out[g * hd..(g + 1) * hd].iter_mut().zip(&kbuf) {
-                                *a += w * b;
-                            }
-                        }
-                    }
+                    let qg = &q[t * qw + kvh * group * hd..t * qw + (kvh + 1) * group * hd];
+                    let task = Attend {
+                        kv: kv_ro,
+                        seq: seq_of[t],
+                        layer: li,
+                        n_pos: pos_of[t] + 1,
+                        kv_head: kvh,
+                        head_dim: hd,
+                        scale,
+                    };
+                    attend(&task, qg, out);
                 });
             matmul(&layer.wo, &att, n, &mut o);
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
@@ -411,6 +397,66 @@ impl Model {
             at += k;
         }
         Ok(out)
+    }
+}
+
+/// One (token, KV head) attention task: the query heads of the group attend to positions
+/// `0..n_pos` of the sequence.
+struct Attend<'a> {
+    kv: &'a dyn KvCache,
+    seq: usize,
+    layer: usize,
+    n_pos: usize,
+    kv_head: usize,
+    head_dim: usize,
+    scale: f32,
+}
+
+/// Dispatches to a build of the same code for AVX2 where the CPU has it (identical arithmetic).
+fn attend(task: &Attend<'_>, q: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 was detected just above.
+            unsafe { attend_avx2(task, q, out) };
+            return;
+        }
+    }
+    attend_portable(task, q, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn attend_avx2(task: &Attend<'_>, q: &[f32], out: &mut [f32]) {
+    attend_portable(task, q, out);
+}
+
+#[inline(always)]
+fn attend_portable(task: &Attend<'_>, q: &[f32], out: &mut [f32]) {
+    let (hd, n_pos) = (task.head_dim, task.n_pos);
+    let group = q.len() / hd;
+    let mut buf = vec![0f32; hd];
+    let mut scores = vec![0f32; group * n_pos];
+    for p in 0..n_pos {
+        task.kv
+            .read(task.seq, task.layer, p, false, task.kv_head, &mut buf);
+        for (g, qh) in q.chunks_exact(hd).enumerate() {
+            scores[g * n_pos + p] = ops::dot(qh, &buf) * task.scale;
+        }
+    }
+    for s in scores.chunks_exact_mut(n_pos) {
+        ops::softmax(s);
+    }
+    out.fill(0.0);
+    for p in 0..n_pos {
+        task.kv
+            .read(task.seq, task.layer, p, true, task.kv_head, &mut buf);
+        for (g, o) in out.chunks_exact_mut(hd).enumerate() {
+            let w = scores[g * n_pos + p];
+            for (a, b) in o.iter_mut().zip(&buf) {
+                *a += w * b;
+            }
+        }
     }
 }
 

@@ -114,33 +114,64 @@ fn matmul_q8(w: &QMatrix, x: &[f32], n: usize, y: &mut [f32]) {
             });
         return;
     }
-    let mut yt = vec![0f32; n * w.rows];
     let act = |t: usize| &xq[t * nb..(t + 1) * nb];
-    yt.par_chunks_mut(ROWS_PER_TASK * n)
-        .enumerate()
-        .for_each(|(c, ys)| {
-            for (i, yr) in ys.chunks_mut(n).enumerate() {
-                let row = w.row(c * ROWS_PER_TASK + i);
+    let out = Scatter::new(y, w.rows);
+    (0..w.rows.div_ceil(ROWS_PER_TASK))
+        .into_par_iter()
+        .for_each(|c| {
+            for r in c * ROWS_PER_TASK..((c + 1) * ROWS_PER_TASK).min(w.rows) {
+                let row = w.row(r);
                 // Four tokens per pass share each decoded weight block.
                 let mut t = 0;
-                for quad in yr.chunks_exact_mut(4) {
-                    quad.copy_from_slice(&kernels::dot_n::<4>(
+                while t + 4 <= n {
+                    let v = kernels::dot_n::<4>(
                         w.dtype,
                         row,
                         [act(t), act(t + 1), act(t + 2), act(t + 3)],
-                    ));
+                    );
+                    for (k, v) in v.into_iter().enumerate() {
+                        // SAFETY: this task alone owns row `r` (bands are disjoint).
+                        unsafe { out.set(t + k, r, v) };
+                    }
                     t += 4;
                 }
-                for o in yr.chunks_exact_mut(4).into_remainder() {
-                    *o = kernels::dot(w.dtype, row, act(t));
+                while t < n {
+                    // SAFETY: as above.
+                    unsafe { out.set(t, r, kernels::dot(w.dtype, row, act(t))) };
                     t += 1;
                 }
             }
         });
-    for r in 0..w.rows {
-        for t in 0..n {
-            y[t * w.rows + r] = yt[r * n + t];
+}
+
+/// The output of a multi-token matmul, `y[t * rows + r]`, written from parallel tasks that each
+/// own a band of rows `r`: their writes never overlap, and the borrow of `y` outlives them.
+struct Scatter {
+    ptr: *mut f32,
+    len: usize,
+    rows: usize,
+}
+
+// SAFETY: tasks write disjoint elements (see `set`), and `Scatter` does not outlive the `&mut`
+// borrow it was made from (it lives inside the call that holds that borrow).
+unsafe impl Send for Scatter {}
+unsafe impl Sync for Scatter {}
+
+impl Scatter {
+    fn new(y: &mut [f32], rows: usize) -> Self {
+        Scatter {
+            ptr: y.as_mut_ptr(),
+            len: y.len(),
+            rows,
         }
+    }
+
+    /// SAFETY: no other thread may write element (`t`, `r`) during the call.
+    #[inline]
+    unsafe fn set(&self, t: usize, r: usize, v: f32) {
+        let i = t * self.rows + r;
+        assert!(i < self.len);
+        *self.ptr.add(i) = v;
     }
 }
 

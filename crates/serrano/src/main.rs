@@ -256,6 +256,11 @@ fn generate(a: GenerateArgs) -> Result<()> {
         None => info.tokenizer.encode(&a.prompt, true, true),
     };
     for run in 0..a.repeat.max(1) {
+        let mut prompt = prompt.clone();
+        if a.prompt_tokens.is_some() {
+            // A different first token each run, so no run is served from the prefix cache.
+            prompt[0] = (prompt[0] + run as u32 + 1) % info.config.vocab_size as u32;
+        }
         let mut req = GenerateRequest::new(prompt.clone(), a.max_tokens);
         req.sampling = SamplingParams {
             temperature: a.temperature,
