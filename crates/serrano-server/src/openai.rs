@@ -212,6 +212,46 @@ async fn collect(mut rx: mpsc::Receiver<Event>) -> Result<Collected, ApiError> {
     Err(ApiError::internal("the engine dropped the request"))
 }
 
+/// Submits `n` copies of a request (choices); with a seed, choice `i` uses `seed + i` so choices
+/// differ yet repeat. If one submission is refused, the ones already queued are dropped (and so
+/// cancelled).
+fn submit_n(
+    st: &AppState,
+    gen: GenerateRequest,
+    n: usize,
+) -> Result<Vec<mpsc::Receiver<Event>>, ApiError> {
+    (0..n)
+        .map(|i| {
+            let mut g = gen.clone();
+            g.sampling.seed = gen.sampling.seed.map(|s| s.wrapping_add(i as u64));
+            st.engine.submit(g).map_err(ApiError::from)
+        })
+        .collect()
+}
+
+async fn collect_all(rxs: Vec<mpsc::Receiver<Event>>) -> Result<Vec<Collected>, ApiError> {
+    futures::future::try_join_all(rxs.into_iter().map(collect)).await
+}
+
+/// Every choice's events in arrival order, tagged with the choice index.
+fn merged(
+    rxs: Vec<mpsc::Receiver<Event>>,
+) -> futures::stream::SelectAll<futures::stream::BoxStream<'static, (u32, Event)>> {
+    futures::stream::select_all(
+        rxs.into_iter()
+            .enumerate()
+            .map(|(i, rx)| ReceiverStream::new(rx).map(move |e| (i as u32, e)).boxed()),
+    )
+}
+
+/// Usage of all choices: the prompt counted once, completions summed.
+fn total_usage(cs: &[Collected]) -> api::Usage {
+    usage(
+        cs.first().map_or(0, |c| c.prompt_tokens),
+        cs.iter().map(|c| c.completion_tokens).sum(),
+    )
+}
+
 /// How tokens are named in log-prob listings.
 struct TokenNamer<'a> {
     info: &'a ModelInfo,
@@ -289,7 +329,7 @@ pub async fn completions(
     let model = st.model_name(req.model.as_deref())?;
     let (tenant, priority) = tenancy(&headers)?;
     let info = st.engine.info().clone();
-    params::check_n(&req.sampling)?;
+    let n = params::choices(&req.sampling)?;
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid_param("suffix", "suffix is not supported"));
     }
@@ -329,7 +369,7 @@ pub async fn completions(
         tenant,
         priority,
     };
-    let rx = st.engine.submit(gen)?;
+    let rxs = submit_n(&st, gen, n)?;
     let ctx = CompletionCtx {
         id: request_id("cmpl"),
         created: unix_now(),
@@ -343,11 +383,11 @@ pub async fn completions(
     if req.sampling.stream {
         let include_usage = req.sampling.stream_options.is_some_and(|o| o.include_usage);
         let (tx, out) = mpsc::channel(64);
-        tokio::spawn(stream_completion(ctx, rx, tx, include_usage));
+        tokio::spawn(stream_completion(ctx, rxs, tx, include_usage));
         return Ok(sse(out));
     }
-    let c = collect(rx).await?;
-    Ok(Json(ctx.finish(c)).into_response())
+    let cs = collect_all(rxs).await?;
+    Ok(Json(ctx.finish(cs)).into_response())
 }
 
 struct CompletionCtx {
@@ -403,7 +443,17 @@ impl CompletionCtx {
         }
     }
 
-    fn finish(&self, c: Collected) -> api::Completion {
+    fn finish(&self, cs: Vec<Collected>) -> api::Completion {
+        let u = total_usage(&cs);
+        let choices = cs
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| self.choice(i as u32, c))
+            .collect();
+        self.response(choices, Some(u))
+    }
+
+    fn choice(&self, index: u32, c: Collected) -> api::CompletionChoice {
         let mut text = if self.echo {
             self.prompt_text()
         } else {
@@ -422,27 +472,24 @@ impl CompletionCtx {
             }
             lp
         });
-        let choice = api::CompletionChoice {
-            index: 0,
+        api::CompletionChoice {
+            index,
             text,
             logprobs,
             finish_reason: c.finish.map(|f| f.as_str().to_string()),
-        };
-        self.response(
-            vec![choice],
-            Some(usage(c.prompt_tokens, c.completion_tokens)),
-        )
+        }
     }
 
     fn chunk(
         &self,
+        index: u32,
         text: String,
         logprobs: Option<api::CompletionLogprobs>,
         finish: Option<FinishReason>,
     ) -> String {
         to_json(&self.response(
             vec![api::CompletionChoice {
-                index: 0,
+                index,
                 text,
                 logprobs,
                 finish_reason: finish.map(|f| f.as_str().to_string()),
@@ -454,30 +501,36 @@ impl CompletionCtx {
 
 async fn stream_completion(
     ctx: CompletionCtx,
-    mut rx: mpsc::Receiver<Event>,
+    rxs: Vec<mpsc::Receiver<Event>>,
     tx: mpsc::Sender<String>,
     include_usage: bool,
 ) {
-    let mut offset = 0u32;
-    let mut echoed = !ctx.echo;
+    let n = rxs.len();
+    let mut events = merged(rxs);
+    let mut offset = vec![0u32; n];
+    let mut echoed = vec![!ctx.echo; n];
+    let (mut finished, mut prompt_tokens, mut completion_tokens) = (0, 0, 0);
     // Without prompt log-probs the echo can go out at once; with them, when they arrive.
     if ctx.echo && !ctx.logprobs {
-        echoed = true;
-        if tx
-            .send(ctx.chunk(ctx.prompt_text(), None, None))
-            .await
-            .is_err()
-        {
-            return;
+        for i in 0..n {
+            echoed[i] = true;
+            if tx
+                .send(ctx.chunk(i as u32, ctx.prompt_text(), None, None))
+                .await
+                .is_err()
+            {
+                return;
+            }
         }
     }
-    while let Some(e) = rx.recv().await {
+    while let Some((i, e)) = events.next().await {
+        let k = i as usize;
         let msg = match e {
-            Event::PromptLogprobs(p) if !echoed => {
-                echoed = true;
+            Event::PromptLogprobs(p) if !echoed[k] => {
+                echoed[k] = true;
                 let mut lp = api::CompletionLogprobs::default();
-                ctx.prompt_logprobs(Some(&p), &mut lp, &mut offset);
-                ctx.chunk(ctx.prompt_text(), Some(lp), None)
+                ctx.prompt_logprobs(Some(&p), &mut lp, &mut offset[k]);
+                ctx.chunk(i, ctx.prompt_text(), Some(lp), None)
             }
             Event::PromptLogprobs(_) => continue,
             Event::Token { id, text, logprobs } => {
@@ -491,31 +544,21 @@ async fn stream_completion(
                         &ctx.namer(),
                         id,
                         logprobs.as_ref(),
-                        &mut offset,
+                        &mut offset[k],
                     );
                     lp
                 });
-                ctx.chunk(text, lp, None)
+                ctx.chunk(i, text, lp, None)
             }
             Event::Finished {
                 reason,
-                prompt_tokens,
-                completion_tokens,
+                prompt_tokens: p,
+                completion_tokens: c,
             } => {
-                if tx
-                    .send(ctx.chunk(String::new(), None, Some(reason)))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-                if include_usage {
-                    let u = ctx.response(vec![], Some(usage(prompt_tokens, completion_tokens)));
-                    if tx.send(to_json(&u)).await.is_err() {
-                        return;
-                    }
-                }
-                break;
+                finished += 1;
+                prompt_tokens = p;
+                completion_tokens += c;
+                ctx.chunk(i, String::new(), None, Some(reason))
             }
             Event::Error(e) => {
                 tracing::error!("generation failed mid-stream: {e}");
@@ -523,7 +566,16 @@ async fn stream_completion(
             }
         };
         if tx.send(msg).await.is_err() {
-            // Client gone: dropping `rx` tells the engine to abort the sequence.
+            // Client gone: dropping the receivers tells the engine to abort the sequences.
+            return;
+        }
+        if finished == n {
+            break;
+        }
+    }
+    if include_usage && finished == n {
+        let u = ctx.response(vec![], Some(usage(prompt_tokens, completion_tokens)));
+        if tx.send(to_json(&u)).await.is_err() {
             return;
         }
     }
@@ -540,7 +592,7 @@ pub async fn chat_completions(
     let model = st.model_name(req.model.as_deref())?;
     let (tenant, priority) = tenancy(&headers)?;
     let info = st.engine.info().clone();
-    params::check_n(&req.sampling)?;
+    let n = params::choices(&req.sampling)?;
     let prompt = chat_prompt(&info, &req.messages, true)?;
     let top = match (req.logprobs, req.top_logprobs) {
         (false, Some(_)) => {
@@ -578,7 +630,7 @@ pub async fn chat_completions(
         tenant,
         priority,
     };
-    let rx = st.engine.submit(gen)?;
+    let rxs = submit_n(&st, gen, n)?;
     let ctx = ChatCtx {
         id: request_id("chatcmpl"),
         created: unix_now(),
@@ -589,38 +641,42 @@ pub async fn chat_completions(
     if req.sampling.stream {
         let include_usage = req.sampling.stream_options.is_some_and(|o| o.include_usage);
         let (tx, out) = mpsc::channel(64);
-        tokio::spawn(stream_chat(ctx, rx, tx, include_usage));
+        tokio::spawn(stream_chat(ctx, rxs, tx, include_usage));
         return Ok(sse(out));
     }
-    let c = collect(rx).await?;
+    let cs = collect_all(rxs).await?;
     let namer = TokenNamer {
         info: &ctx.info,
         as_ids: false,
     };
-    let logprobs = ctx.logprobs.then(|| api::ChatLogprobs {
-        content: c
-            .tokens
-            .iter()
-            .filter_map(|(_, l)| l.as_ref())
-            .map(|l| chat_logprob(&namer, l))
-            .collect(),
-    });
-    let choice = api::ChatChoice {
-        index: 0,
-        message: api::AssistantMessage {
-            role: "assistant".into(),
-            content: Some(c.text),
-        },
-        logprobs,
-        finish_reason: c.finish.map(|f| f.as_str().to_string()),
-    };
+    let u = total_usage(&cs);
+    let choices = cs
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| api::ChatChoice {
+            index: i as u32,
+            logprobs: ctx.logprobs.then(|| api::ChatLogprobs {
+                content: c
+                    .tokens
+                    .iter()
+                    .filter_map(|(_, l)| l.as_ref())
+                    .map(|l| chat_logprob(&namer, l))
+                    .collect(),
+            }),
+            message: api::AssistantMessage {
+                role: "assistant".into(),
+                content: Some(c.text),
+            },
+            finish_reason: c.finish.map(|f| f.as_str().to_string()),
+        })
+        .collect();
     Ok(Json(api::ChatCompletion {
         id: ctx.id,
         object: "chat.completion".into(),
         created: ctx.created,
         model: ctx.model,
-        choices: vec![choice],
-        usage: usage(c.prompt_tokens, c.completion_tokens),
+        choices,
+        usage: u,
         system_fingerprint: None,
     })
     .into_response())
@@ -654,6 +710,7 @@ impl ChatCtx {
 
     fn delta(
         &self,
+        index: u32,
         delta: api::ChatDelta,
         logprobs: Option<api::ChatLogprobs>,
         finish: Option<FinishReason>,
@@ -661,7 +718,7 @@ impl ChatCtx {
     ) -> String {
         self.chunk(
             vec![api::ChatChunkChoice {
-                index: 0,
+                index,
                 delta,
                 logprobs,
                 finish_reason: finish.map(|f| f.as_str().to_string()),
@@ -674,26 +731,31 @@ impl ChatCtx {
 
 async fn stream_chat(
     ctx: ChatCtx,
-    mut rx: mpsc::Receiver<Event>,
+    rxs: Vec<mpsc::Receiver<Event>>,
     tx: mpsc::Sender<String>,
     include_usage: bool,
 ) {
-    let first = api::ChatDelta {
-        role: Some("assistant".into()),
-        content: Some(String::new()),
-    };
-    if tx
-        .send(ctx.delta(first, None, None, include_usage))
-        .await
-        .is_err()
-    {
-        return;
+    let n = rxs.len();
+    for i in 0..n {
+        let first = api::ChatDelta {
+            role: Some("assistant".into()),
+            content: Some(String::new()),
+        };
+        if tx
+            .send(ctx.delta(i as u32, first, None, None, include_usage))
+            .await
+            .is_err()
+        {
+            return;
+        }
     }
     let namer = TokenNamer {
         info: &ctx.info,
         as_ids: false,
     };
-    while let Some(e) = rx.recv().await {
+    let mut events = merged(rxs);
+    let (mut finished, mut prompt_tokens, mut completion_tokens) = (0, 0, 0);
+    while let Some((i, e)) = events.next().await {
         let msg = match e {
             Event::PromptLogprobs(_) => continue,
             Event::Token { text, logprobs, .. } => {
@@ -704,6 +766,7 @@ async fn stream_chat(
                     content: logprobs.iter().map(|l| chat_logprob(&namer, l)).collect(),
                 });
                 ctx.delta(
+                    i,
                     api::ChatDelta {
                         role: None,
                         content: Some(text),
@@ -715,29 +778,19 @@ async fn stream_chat(
             }
             Event::Finished {
                 reason,
-                prompt_tokens,
-                completion_tokens,
+                prompt_tokens: p,
+                completion_tokens: c,
             } => {
-                if tx
-                    .send(ctx.delta(api::ChatDelta::default(), None, Some(reason), include_usage))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-                if include_usage
-                    && tx
-                        .send(ctx.chunk(
-                            vec![],
-                            true,
-                            Some(usage(prompt_tokens, completion_tokens)),
-                        ))
-                        .await
-                        .is_err()
-                {
-                    return;
-                }
-                break;
+                finished += 1;
+                prompt_tokens = p;
+                completion_tokens += c;
+                ctx.delta(
+                    i,
+                    api::ChatDelta::default(),
+                    None,
+                    Some(reason),
+                    include_usage,
+                )
             }
             Event::Error(e) => {
                 tracing::error!("generation failed mid-stream: {e}");
@@ -747,6 +800,18 @@ async fn stream_chat(
         if tx.send(msg).await.is_err() {
             return;
         }
+        if finished == n {
+            break;
+        }
+    }
+    if include_usage
+        && finished == n
+        && tx
+            .send(ctx.chunk(vec![], true, Some(usage(prompt_tokens, completion_tokens))))
+            .await
+            .is_err()
+    {
+        return;
     }
     let _ = tx.send("[DONE]".into()).await;
 }

@@ -106,11 +106,18 @@ pub fn stops(f: &SamplingFields) -> Result<Vec<String>, ApiError> {
     Ok(stops)
 }
 
-pub fn check_n(f: &SamplingFields) -> Result<(), ApiError> {
+/// Most choices (`n`) per request.
+pub const MAX_CHOICES: u32 = 16;
+
+/// The number of choices asked for (`n`, default 1).
+pub fn choices(f: &SamplingFields) -> Result<usize, ApiError> {
     match f.n {
-        None | Some(1) => Ok(()),
-        Some(0) => Err(ApiError::invalid_param("n", "n must be at least 1")),
-        Some(_) => Err(ApiError::invalid_param("n", "n > 1 is not supported yet (it arrives with the serving core); send n separate requests")),
+        None => Ok(1),
+        Some(n) if (1..=MAX_CHOICES).contains(&n) => Ok(n as usize),
+        Some(n) => Err(ApiError::invalid_param(
+            "n",
+            format!("n must be between 1 and {MAX_CHOICES}, got {n}"),
+        )),
     }
 }
 
@@ -154,7 +161,9 @@ mod tests {
         assert_eq!(stops(&fields(r#"{"stop": "x"}"#)).unwrap(), vec!["x"]);
         let many = format!(r#"{{"stop": [{}]}}"#, vec!["\"a\""; 17].join(","));
         assert!(stops(&fields(&many)).is_err());
-        assert!(check_n(&fields(r#"{"n": 2}"#)).is_err());
-        assert!(check_n(&fields(r#"{"n": 1}"#)).is_ok());
+        assert_eq!(choices(&fields(r#"{"n": 3}"#)).unwrap(), 3);
+        assert_eq!(choices(&fields("{}")).unwrap(), 1);
+        assert!(choices(&fields(r#"{"n": 0}"#)).is_err());
+        assert!(choices(&fields(r#"{"n": 17}"#)).is_err());
     }
 }

@@ -220,7 +220,8 @@ fn bad_input_gets_openai_errors_and_the_server_keeps_serving() {
         ("min_p", json!(1.5)),
         ("presence_penalty", json!(3)),
         ("logprobs", json!(50)),
-        ("n", json!(3)),
+        ("n", json!(0)),
+        ("n", json!(17)),
     ] {
         let mut body = json!({"prompt": "hi", "max_tokens": 2});
         body[field] = value;
@@ -268,4 +269,48 @@ fn a_client_that_disconnects_mid_stream_does_not_wedge_the_engine() {
     );
     assert_eq!(st, 200, "{r}");
     assert_eq!(r["usage"]["completion_tokens"], 3);
+}
+
+#[test]
+fn n_choices_plain_and_streamed() {
+    let s = Server::tiny(&[]);
+    let body = json!({"prompt": "hello", "max_tokens": 6, "ignore_eos": true, "temperature": 1.0, "seed": 5, "n": 3});
+    let (st, r) = s.post("/v1/completions", &body);
+    assert_eq!(st, 200, "{r}");
+    let choices = r["choices"].as_array().unwrap();
+    assert_eq!(
+        choices
+            .iter()
+            .map(|c| c["index"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
+    assert_eq!(r["usage"]["completion_tokens"], 18);
+    assert_eq!(r["usage"]["prompt_tokens"], 1);
+    // Seeded choices repeat, and differ from each other.
+    assert_eq!(s.post("/v1/completions", &body).1["choices"], r["choices"]);
+    assert_ne!(choices[0]["text"], choices[1]["text"]);
+
+    let chat = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "ignore_eos": true, "n": 2, "stream": true, "stream_options": {"include_usage": true}});
+    let events = s.stream("/v1/chat/completions", &chat);
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    for i in 0..2 {
+        let mine: Vec<&Value> = chunks
+            .iter()
+            .filter(|c| c["choices"].get(0).is_some_and(|ch| ch["index"] == i))
+            .collect();
+        assert_eq!(mine[0]["choices"][0]["delta"]["role"], "assistant");
+        assert_eq!(
+            mine.iter()
+                .filter(|c| c["choices"][0]["finish_reason"] == "length")
+                .count(),
+            1,
+            "choice {i}"
+        );
+    }
+    assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 10);
 }
