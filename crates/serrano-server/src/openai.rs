@@ -512,8 +512,8 @@ async fn stream_completion(
     let (mut finished, mut prompt_tokens, mut completion_tokens) = (0, 0, 0);
     // Without prompt log-probs the echo can go out at once; with them, when they arrive.
     if ctx.echo && !ctx.logprobs {
-        for i in 0..n {
-            echoed[i] = true;
+        for (i, e) in echoed.iter_mut().enumerate() {
+            *e = true;
             if tx
                 .send(ctx.chunk(i as u32, ctx.prompt_text(), None, None))
                 .await
