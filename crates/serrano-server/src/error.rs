@@ -53,6 +53,21 @@ impl ApiError {
         }
     }
 
+    /// 408: the generation outlasted `--request-timeout` (OpenAI clients retry these).
+    pub fn timeout(limit: std::time::Duration) -> Self {
+        ApiError {
+            code: Some("request_timeout".into()),
+            ..Self::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout_error",
+                format!(
+                    "Request timed out after {} s (--request-timeout)",
+                    limit.as_secs_f64()
+                ),
+            )
+        }
+    }
+
     pub fn not_found(path: &str) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,

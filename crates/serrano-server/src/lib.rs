@@ -28,6 +28,9 @@ pub struct ServerConfig {
     pub model_names: Vec<String>,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// Longest a generation may take, queueing included; past it the request is cancelled and
+    /// answered 408 (or, mid-stream, ended with an error event).
+    pub request_timeout: std::time::Duration,
 }
 
 impl Default for ServerConfig {
@@ -35,6 +38,7 @@ impl Default for ServerConfig {
         ServerConfig {
             model_names: vec!["default".into()],
             max_body_bytes: 4 << 20,
+            request_timeout: std::time::Duration::from_secs(600),
         }
     }
 }

@@ -229,9 +229,37 @@ fn submit_n(
         .collect()
 }
 
-async fn collect_all(rxs: Vec<mpsc::Receiver<Event>>) -> Result<Vec<Collected>, ApiError> {
-    futures::future::try_join_all(rxs.into_iter().map(collect)).await
+/// Collects every choice; past `limit` the receivers are dropped, which cancels the sequences.
+async fn collect_all(
+    rxs: Vec<mpsc::Receiver<Event>>,
+    limit: std::time::Duration,
+) -> Result<Vec<Collected>, ApiError> {
+    tokio::time::timeout(
+        limit,
+        futures::future::try_join_all(rxs.into_iter().map(collect)),
+    )
+    .await
+    .map_err(|_| ApiError::timeout(limit))?
 }
+
+/// The next event of a stream, or `None` at the end or when the deadline passed (then an error
+/// event has been sent and the stream must end).
+async fn next_or_deadline(
+    events: &mut Merged,
+    deadline: tokio::time::Instant,
+    limit: std::time::Duration,
+    tx: &mpsc::Sender<String>,
+) -> Option<(u32, Event)> {
+    match tokio::time::timeout_at(deadline, events.next()).await {
+        Ok(e) => e,
+        Err(_) => {
+            let _ = tx.send(to_json(&ApiError::timeout(limit).body())).await;
+            None
+        }
+    }
+}
+
+type Merged = futures::stream::SelectAll<futures::stream::BoxStream<'static, (u32, Event)>>;
 
 /// Every choice's events in arrival order, tagged with the choice index.
 fn merged(
@@ -383,10 +411,16 @@ pub async fn completions(
     if req.sampling.stream {
         let include_usage = req.sampling.stream_options.is_some_and(|o| o.include_usage);
         let (tx, out) = mpsc::channel(64);
-        tokio::spawn(stream_completion(ctx, rxs, tx, include_usage));
+        tokio::spawn(stream_completion(
+            ctx,
+            rxs,
+            tx,
+            include_usage,
+            st.config.request_timeout,
+        ));
         return Ok(sse(out));
     }
-    let cs = collect_all(rxs).await?;
+    let cs = collect_all(rxs, st.config.request_timeout).await?;
     Ok(Json(ctx.finish(cs)).into_response())
 }
 
@@ -504,6 +538,7 @@ async fn stream_completion(
     rxs: Vec<mpsc::Receiver<Event>>,
     tx: mpsc::Sender<String>,
     include_usage: bool,
+    limit: std::time::Duration,
 ) {
     let n = rxs.len();
     let mut events = merged(rxs);
@@ -523,7 +558,8 @@ async fn stream_completion(
             }
         }
     }
-    while let Some((i, e)) = events.next().await {
+    let deadline = tokio::time::Instant::now() + limit;
+    while let Some((i, e)) = next_or_deadline(&mut events, deadline, limit, &tx).await {
         let k = i as usize;
         let msg = match e {
             Event::PromptLogprobs(p) if !echoed[k] => {
@@ -641,10 +677,16 @@ pub async fn chat_completions(
     if req.sampling.stream {
         let include_usage = req.sampling.stream_options.is_some_and(|o| o.include_usage);
         let (tx, out) = mpsc::channel(64);
-        tokio::spawn(stream_chat(ctx, rxs, tx, include_usage));
+        tokio::spawn(stream_chat(
+            ctx,
+            rxs,
+            tx,
+            include_usage,
+            st.config.request_timeout,
+        ));
         return Ok(sse(out));
     }
-    let cs = collect_all(rxs).await?;
+    let cs = collect_all(rxs, st.config.request_timeout).await?;
     let namer = TokenNamer {
         info: &ctx.info,
         as_ids: false,
@@ -734,6 +776,7 @@ async fn stream_chat(
     rxs: Vec<mpsc::Receiver<Event>>,
     tx: mpsc::Sender<String>,
     include_usage: bool,
+    limit: std::time::Duration,
 ) {
     let n = rxs.len();
     for i in 0..n {
@@ -755,7 +798,8 @@ async fn stream_chat(
     };
     let mut events = merged(rxs);
     let (mut finished, mut prompt_tokens, mut completion_tokens) = (0, 0, 0);
-    while let Some((i, e)) = events.next().await {
+    let deadline = tokio::time::Instant::now() + limit;
+    while let Some((i, e)) = next_or_deadline(&mut events, deadline, limit, &tx).await {
         let msg = match e {
             Event::PromptLogprobs(_) => continue,
             Event::Token { text, logprobs, .. } => {

@@ -89,6 +89,10 @@ struct ServeArgs {
     /// Largest request body accepted; larger ones get 413.
     #[arg(long, default_value_t = 4 << 20)]
     max_body_bytes: usize,
+    /// Longest a generation may take, queueing included (seconds); then it is cancelled and
+    /// answered 408.
+    #[arg(long, default_value_t = 600.0)]
+    request_timeout: f64,
 }
 
 #[derive(Args)]
@@ -212,6 +216,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         serrano_server::ServerConfig {
             model_names: names.clone(),
             max_body_bytes: a.max_body_bytes,
+            request_timeout: std::time::Duration::from_secs_f64(a.request_timeout.max(0.001)),
         },
     );
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -71,11 +71,14 @@ impl Server {
 
     /// Starts a server on a fresh tiny random-weight model.
     pub fn tiny(args: &[&str]) -> Server {
+        Server::random(serrano_engine::testing::TinyModel::default(), args)
+    }
+
+    /// Starts a server on a random-weight model of the given shape.
+    pub fn random(model: serrano_engine::testing::TinyModel, args: &[&str]) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tiny.gguf");
-        serrano_engine::testing::TinyModel::default()
-            .write(&path)
-            .unwrap();
+        model.write(&path).unwrap();
         let mut s = Server::start(&path, args);
         s._dir = Some(dir);
         s
