@@ -44,7 +44,7 @@ def run(base, model, prompt, c, per_stream, max_tokens):
 
     def client(k):
         for j in range(per_stream):
-            ids = [prompt[0] + 1 + k * per_stream + j] + prompt[1:]
+            ids = [prompt[0] + 1 + k * per_stream + j] + prompt[1:128]
             t0, st = one(base, model, ids, max_tokens)
             with lock:
                 if st:
@@ -65,6 +65,24 @@ def run(base, model, prompt, c, per_stream, max_tokens):
             "itl_p50_ms": round(pct(itl, 50) * 1e3, 1), "itl_p99_ms": round(pct(itl, 99) * 1e3, 1)}
 
 
+def prefix_test(base, model, ids, n_prefix, label, reps=6):
+    """TTFT for prompts that share an n_prefix-token prefix (then 16 own tokens) versus prompts
+    that differ from their first token: the gain a prefix cache gives a repeated system prompt."""
+    res = {}
+    for mode in ("unique", "shared"):
+        ttfts = []
+        for j in range(reps):
+            tail = [ids[n_prefix + (k + j) % 16] for k in range(16)]
+            head = list(ids[:n_prefix])
+            if mode == "unique":
+                head[0] = ids[0] + 1000 + j
+            t0, st = one(base, model, head + tail, 16)
+            ttfts.append(st[0] - t0)
+        res[mode] = statistics.median(ttfts[1:])  # the first shared request fills the cache
+    print(json.dumps({"server": label, "shared_prefix_tokens": n_prefix, "ttft_p50_ms_unique": round(res["unique"] * 1e3),
+                      "ttft_p50_ms_shared": round(res["shared"] * 1e3), "gain": round(res["unique"] / res["shared"], 2)}), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--base-url", required=True)
@@ -74,9 +92,13 @@ def main():
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
     ap.add_argument("--requests-per-stream", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--prefix-test", type=int, default=0, metavar="N", help="instead: TTFT with and without a shared N-token prefix")
     a = ap.parse_args()
     prompt = json.load(open(a.prompt_ids))
-    one(a.base_url.rstrip("/"), a.model, prompt, 4)  # warm-up
+    one(a.base_url.rstrip("/"), a.model, prompt[:128], 4)  # warm-up
+    if a.prefix_test:
+        prefix_test(a.base_url.rstrip("/"), a.model, prompt, a.prefix_test, a.label)
+        return
     for c in a.concurrency:
         r = run(a.base_url.rstrip("/"), a.model, prompt, c, a.requests_per_stream, a.max_tokens)
         r["server"] = a.label
