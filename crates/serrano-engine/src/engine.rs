@@ -147,6 +147,12 @@ pub struct ModelInfo {
 }
 
 impl ModelInfo {
+    /// Longest prompt text worth tokenizing: anything longer has more tokens than the context.
+    pub fn max_prompt_bytes(&self) -> usize {
+        self.context_length
+            .saturating_mul(self.tokenizer.max_token_bytes)
+    }
+
     /// Renders a chat and tokenizes it; special tokens in the rendered text are parsed, and no BOS
     /// is added (templates that want one write it themselves).
     pub fn chat_prompt(
@@ -271,9 +277,19 @@ pub fn start_from_gguf(file: &GgufFile, config: EngineConfig) -> Result<EngineHa
             config.kv_cache_bytes
         )));
     }
+    // A context the pool cannot hold would make every default-length chat a 400.
+    let kv_cache_tokens = n_blocks * BLOCK_TOKENS;
+    if kv_cache_tokens < context_length {
+        tracing::warn!(
+            context_length,
+            kv_cache_tokens,
+            "context length reduced to what the KV cache holds; raise --kv-cache-memory for more"
+        );
+    }
+    let context_length = context_length.min(kv_cache_tokens);
     let info = Arc::new(ModelInfo {
         config: model.config.clone(),
-        kv_cache_tokens: n_blocks * BLOCK_TOKENS,
+        kv_cache_tokens,
         tokenizer,
         chat_template,
         context_length,
@@ -301,6 +317,8 @@ pub fn start_from_gguf(file: &GgufFile, config: EngineConfig) -> Result<EngineHa
         max_waiting: config.max_waiting.max(1),
         metrics: metrics.clone(),
         next_id: 0,
+        in_step: Vec::new(),
+        labelled_tenants: Default::default(),
     };
     thread::Builder::new()
         .name("serrano-engine".into())
@@ -339,6 +357,10 @@ struct Worker {
     max_waiting: usize,
     metrics: Arc<EngineMetrics>,
     next_id: SeqId,
+    /// Sequences of the step in progress (to fail just those if it panics).
+    in_step: Vec<SeqId>,
+    /// Tenants that have their own metric label; later ones share `other`.
+    labelled_tenants: std::collections::HashSet<String>,
 }
 
 impl Worker {
@@ -373,7 +395,9 @@ impl Worker {
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_default();
                 tracing::error!("engine step panicked: {msg}");
-                for e in self.sched.drain_where(|_| true) {
+                // Only the sequences in that step fail; queued ones never reached the bug.
+                let in_step = std::mem::take(&mut self.in_step);
+                for e in self.sched.drain_where(|e| in_step.contains(&e.id)) {
                     let _ = e
                         .payload
                         .events
@@ -425,6 +449,7 @@ impl Worker {
     fn step(&mut self) {
         let before = self.sched.stats;
         let plan = self.sched.schedule();
+        self.in_step = plan.iter().map(|p| p.id).collect();
         let after = self.sched.stats;
         self.metrics
             .num_preemptions
@@ -454,7 +479,7 @@ impl Worker {
             let pl = &mut e.payload;
             if pl.first_scheduled.is_none() {
                 pl.first_scheduled = Some(now);
-                let t = metrics::tenant(&pl.req.tenant);
+                let t = tenant_label(&mut self.labelled_tenants, &pl.req.tenant);
                 self.metrics
                     .request_queue_time_seconds
                     .get_or_create(&t)
@@ -559,7 +584,7 @@ impl Worker {
         let lp = raw.map(|r| logprobs(&r, token, s.req.logprobs.unwrap_or(0)));
         s.generated += 1;
         let now = Instant::now();
-        let t = metrics::tenant(&s.req.tenant);
+        let t = tenant_label(&mut self.labelled_tenants, &s.req.tenant);
         match s.last_token {
             None => self
                 .metrics
@@ -632,6 +657,23 @@ impl Worker {
             }
             None => self.sched.push_token(id, token),
         }
+    }
+}
+
+/// Most tenants with their own metric label: tenant names come from clients, and every label
+/// value is a set of series kept forever.
+const MAX_TENANT_LABELS: usize = 64;
+
+fn tenant_label(
+    labelled: &mut std::collections::HashSet<String>,
+    tenant: &str,
+) -> Vec<(String, String)> {
+    if labelled.contains(tenant)
+        || (labelled.len() < MAX_TENANT_LABELS && labelled.insert(tenant.to_string()))
+    {
+        metrics::tenant(tenant)
+    } else {
+        metrics::tenant("other")
     }
 }
 

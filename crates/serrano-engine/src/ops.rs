@@ -1,6 +1,6 @@
-//! The numeric building blocks of the forward pass: matmul over quantized weights, RMSNorm,
-//! RoPE, softmax. Portable scalar code written so that LLVM vectorizes the inner loops; the
-//! speed issue replaces the hot ones with runtime-detected SIMD kernels tested against these.
+//! The numeric building blocks of the forward pass: matmul over quantized weights (integer SIMD
+//! kernels from `kernels` for the 32-element formats, dequantize-and-dot for the rest), RMSNorm,
+//! RoPE, softmax. The f32 code is written so that LLVM vectorizes its inner loops.
 
 use std::sync::Arc;
 

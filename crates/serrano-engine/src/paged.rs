@@ -21,9 +21,11 @@ pub type BlockId = u32;
 pub const BLOCK_TOKENS: usize = 16;
 
 /// Chained hash of a full block: depends on every token before it, so equal hashes mean equal
-/// prefixes (up to 64-bit collisions).
+/// prefixes. Keyed with a per-process random key, so no client can craft colliding prefixes.
 pub fn block_hash(prev: u64, tokens: &[u32]) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
+    use std::hash::BuildHasher;
+    static KEY: std::sync::OnceLock<std::hash::RandomState> = std::sync::OnceLock::new();
+    let mut h = KEY.get_or_init(std::hash::RandomState::new).build_hasher();
     prev.hash(&mut h);
     tokens.hash(&mut h);
     h.finish()

@@ -60,6 +60,7 @@ pub struct Sampler {
     /// Occurrences of each token so far (prompt and output for the repetition penalty,
     /// output only for frequency/presence, as OpenAI and vLLM define them).
     output_counts: HashMap<u32, u32>,
+    /// Prompt tokens (kept only when the repetition penalty is on).
     prompt_tokens: std::collections::HashSet<u32>,
     /// Reused per step so sampling allocates nothing after the first token.
     scratch: Vec<(u32, f32)>,
@@ -102,7 +103,12 @@ impl Sampler {
             }
         }
         if p.repetition_penalty != 1.0 {
-            let seen = self.prompt_tokens.iter().chain(self.output_counts.keys());
+            // Each seen token once, whether it was in the prompt, the output or both.
+            let seen = self.prompt_tokens.iter().chain(
+                self.output_counts
+                    .keys()
+                    .filter(|t| !self.prompt_tokens.contains(t)),
+            );
             for &t in seen {
                 if let Some(l) = logits.get_mut(t as usize) {
                     *l = if *l > 0.0 {
@@ -377,6 +383,22 @@ mod tests {
             &[1],
         );
         assert_eq!(s.sample(&mut logits()), 4, "3.0 / 2 = 1.5 < 2.9");
+    }
+
+    #[test]
+    fn repetition_penalty_applies_once_to_a_token_in_prompt_and_output() {
+        let mut s = Sampler::new(
+            SamplingParams {
+                temperature: 0.0,
+                repetition_penalty: 2.0,
+                ..Default::default()
+            },
+            &[1],
+        );
+        s.output_counts.insert(1, 3);
+        let mut l = logits();
+        s.apply_penalties(&mut l);
+        assert_eq!(l[1], 1.5);
     }
 
     #[test]

@@ -135,13 +135,11 @@ impl<P> Scheduler<P> {
             arrival,
             payload,
         };
-        // A tenant that was idle starts level with the least-served active tenant: no banked credit.
-        let floor = self.served.values().copied().min().unwrap_or(0);
-        let s = self.served.entry(tenant.clone()).or_insert(floor);
-        if self.waiting.get(&tenant).is_none_or(VecDeque::is_empty)
-            && !self.running.iter().any(|r| r.tenant == tenant)
-        {
-            *s = (*s).max(floor);
+        // A tenant that was idle (it has no entry: idle tenants are pruned) starts level with the
+        // least-served active tenant: no banked credit, no lasting debt.
+        if !self.served.contains_key(&tenant) {
+            let floor = self.served.values().copied().min().unwrap_or(0);
+            self.served.insert(tenant.clone(), floor);
         }
         self.waiting.entry(tenant).or_default().push_back(e);
     }
@@ -183,6 +181,12 @@ impl<P> Scheduler<P> {
 
     /// Plans the next step. Chunk tokens are marked computed at once (the step writes them).
     pub fn schedule(&mut self) -> Vec<Planned> {
+        // Forget tenants with nothing waiting or running, so client-chosen tenant names cannot
+        // grow these maps (or the scans over them) without bound.
+        self.waiting.retain(|_, q| !q.is_empty());
+        let (waiting, running) = (&self.waiting, &self.running);
+        self.served
+            .retain(|t, _| waiting.contains_key(t) || running.iter().any(|e| &e.tenant == t));
         let mut plan: Vec<Planned> = Vec::new();
         let mut budget = self.cfg.max_batch_tokens;
         // 1. Decodes (one token each), oldest first; preempt the newest when blocks run out.
@@ -264,16 +268,20 @@ impl<P> Scheduler<P> {
             let Some(mut e) = self.waiting.get_mut(&tenant).and_then(VecDeque::pop_front) else {
                 break;
             };
-            self.reuse_prefix(&mut e);
+            let (queried, hit) = self.reuse_prefix(&mut e);
             let left = e.tokens.len() - e.computed;
             let n = Self::fit_chunk(&mut e, left.min(budget));
             if n == 0 {
                 // The pool cannot hold even a first chunk now: put it back and wait.
                 e.table.clear();
                 e.computed = 0;
+                e.registered = 0;
                 self.waiting.entry(tenant).or_default().push_front(e);
                 break;
             }
+            // Counted only now: a retried admission must not count its lookups twice.
+            self.stats.prefix_queries += queried as u64;
+            self.stats.prefix_hits += hit as u64;
             plan.push(Planned {
                 id: e.id,
                 start: e.computed,
@@ -334,10 +342,11 @@ impl<P> Scheduler<P> {
         n
     }
 
-    /// Looks up the sequence's full blocks (all but its last token) in the prefix cache.
-    fn reuse_prefix(&mut self, e: &mut Entry<P>) {
+    /// Looks up the sequence's full blocks (all but its last token) in the prefix cache; returns
+    /// the tokens looked up and the tokens found.
+    fn reuse_prefix(&mut self, e: &mut Entry<P>) -> (usize, usize) {
         if !e.cacheable || e.computed > 0 || e.tokens.len() < 2 {
-            return;
+            return (0, 0);
         }
         let full = (e.tokens.len() - 1) / BLOCK_TOKENS;
         let mut h = 0;
@@ -348,10 +357,9 @@ impl<P> Scheduler<P> {
             })
             .collect();
         let hit = e.table.adopt_cached(&hashes);
-        self.stats.prefix_queries += (full * BLOCK_TOKENS) as u64;
-        self.stats.prefix_hits += (hit * BLOCK_TOKENS) as u64;
         e.computed = hit * BLOCK_TOKENS;
         e.registered = hit;
+        (full * BLOCK_TOKENS, hit * BLOCK_TOKENS)
     }
 
     fn preempt(&mut self, i: usize) {
@@ -538,6 +546,38 @@ mod tests {
         assert_eq!(p.len(), 2, "{p:?}");
         assert_eq!((p[0].id, p[0].len), (1, 48));
         assert_eq!((p[1].id, p[1].len), (2, 5));
+    }
+
+    #[test]
+    fn an_idle_tenant_does_not_bank_credit() {
+        let alloc = SharedAllocator::new(64);
+        let mut s: Scheduler<()> = Scheduler::new(
+            SchedulerConfig {
+                max_num_seqs: 1,
+                max_batch_tokens: 64,
+            },
+            alloc,
+        );
+        // "early" is served a little, then goes idle; "busy" is served a lot.
+        s.add(1, Arc::from("early"), 0, vec![1; 4], 8, true, ());
+        s.schedule();
+        s.remove(1);
+        for i in 0..6 {
+            s.add(10 + i, Arc::from("busy"), 0, vec![1; 40], 48, true, ());
+        }
+        for _ in 0..5 {
+            let p = s.schedule();
+            s.remove(p[0].id);
+        }
+        assert!(
+            !s.served.contains_key("early"),
+            "idle tenants are forgotten"
+        );
+        let busy = s.served["busy"];
+        assert!(busy >= 200);
+        // "early" rejoins level with "busy" (which still has work queued), not ~200 tokens ahead.
+        s.add(21, Arc::from("early"), 0, vec![1; 4], 8, true, ());
+        assert_eq!(s.served["early"], busy);
     }
 
     #[test]

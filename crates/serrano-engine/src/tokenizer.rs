@@ -32,8 +32,12 @@ pub struct Tokenizer {
     token_ids: HashMap<String, u32>,
     /// (left id, right id) -> (rank, merged id).
     merges: HashMap<(u32, u32), (u32, u32)>,
-    /// Special tokens matched verbatim in text, longest first.
-    specials: Vec<(String, u32)>,
+    /// Finds special-token strings in text in one left-to-right pass (leftmost, then longest):
+    /// searching once per special token would make text full of them quadratic.
+    specials: Option<aho_corasick::AhoCorasick>,
+    special_ids: Vec<u32>,
+    /// Longest token in bytes: a text longer than `context * max_token_bytes` cannot fit.
+    pub max_token_bytes: usize,
     is_special: Vec<bool>,
     pre: Vec<Regex>,
     byte_to_char: [char; 256],
@@ -187,7 +191,17 @@ impl Tokenizer {
                 token_bytes.push(b);
             }
         }
-        specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+        let special_ids: Vec<u32> = specials.iter().map(|(_, id)| *id).collect();
+        let specials = if specials.is_empty() {
+            None
+        } else {
+            let ac = aho_corasick::AhoCorasick::builder()
+                .match_kind(aho_corasick::MatchKind::LeftmostLongest)
+                .build(specials.iter().map(|(t, _)| t.as_str()))
+                .map_err(|e| EngineError::Tokenizer(format!("special tokens: {e}")))?;
+            Some(ac)
+        };
+        let max_token_bytes = token_bytes.iter().map(Vec::len).max().unwrap_or(1).max(1);
         let mut merge_map = HashMap::with_capacity(merges.len());
         for (rank, m) in merges.iter().enumerate() {
             let Some((l, r)) = m.split_once(' ') else {
@@ -222,6 +236,8 @@ impl Tokenizer {
             token_ids,
             merges: merge_map,
             specials,
+            special_ids,
+            max_token_bytes,
             is_special,
             pre,
             byte_to_char,
@@ -260,39 +276,17 @@ impl Tokenizer {
         if add_special && self.add_bos {
             out.extend(self.bos);
         }
-        let mut rest = text;
-        while !rest.is_empty() {
-            let next = if parse_special {
-                self.find_special(rest)
-            } else {
-                None
-            };
-            match next {
-                Some((at, len, id)) => {
-                    self.encode_plain(&rest[..at], &mut out);
-                    out.push(id);
-                    rest = &rest[at + len..];
-                }
-                None => {
-                    self.encode_plain(rest, &mut out);
-                    break;
-                }
+        let ac = self.specials.as_ref().filter(|_| parse_special);
+        let mut last = 0;
+        if let Some(ac) = ac {
+            for m in ac.find_iter(text) {
+                self.encode_plain(&text[last..m.start()], &mut out);
+                out.push(self.special_ids[m.pattern().as_usize()]);
+                last = m.end();
             }
         }
+        self.encode_plain(&text[last..], &mut out);
         out
-    }
-
-    /// The earliest special token in `s` (the longest one where several start at the same byte).
-    fn find_special(&self, s: &str) -> Option<(usize, usize, u32)> {
-        let mut best: Option<(usize, usize, u32)> = None;
-        for (text, id) in &self.specials {
-            if let Some(at) = s.find(text.as_str()) {
-                if best.is_none_or(|(b, l, _)| at < b || (at == b && text.len() > l)) {
-                    best = Some((at, text.len(), *id));
-                }
-            }
-        }
-        best
     }
 
     fn encode_plain(&self, text: &str, out: &mut Vec<u32>) {
@@ -533,6 +527,14 @@ mod tests {
         assert!(!literal.contains(&start));
         assert_eq!(t.decode(&literal, false), "<|im_start|>user");
         assert_eq!(t.decode(&parsed, true), "user");
+    }
+
+    #[test]
+    fn text_full_of_special_tokens_is_linear() {
+        // One pass over the text: searching once per special per occurrence would take minutes.
+        let t = toy();
+        let s = "<|im_end|>x".repeat(100_000);
+        assert_eq!(t.encode(&s, false, true).len(), 200_000);
     }
 
     #[test]

@@ -308,11 +308,13 @@ fn a_request_that_can_never_fit_the_pool_is_refused() {
         ..EngineConfig::default()
     };
     let h = start_from_gguf(&tiny(), cfg).unwrap();
+    // The served context shrinks to what the pool holds, so the limit is named up front.
+    assert_eq!(h.info().context_length, 128);
     let err = h
         .submit(GenerateRequest::new(vec![1; 100], 100))
         .unwrap_err();
     assert!(
-        matches!(&err, SubmitError::Invalid(m) if m.contains("KV cache")),
+        matches!(&err, SubmitError::Invalid(m) if m.contains("128")),
         "{err:?}"
     );
     let mut ok = GenerateRequest::new(vec![1; 60], 60);

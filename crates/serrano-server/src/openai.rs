@@ -122,13 +122,40 @@ fn engine_messages(messages: &[api::ChatMessage]) -> Result<Vec<ChatMessage>, Ap
         .collect()
 }
 
-fn chat_prompt(
-    info: &ModelInfo,
+/// Text longer than the context could ever hold is refused before any tokenizing.
+fn check_text_len(info: &ModelInfo, param: &str, len: usize) -> Result<(), ApiError> {
+    if len > info.max_prompt_bytes() {
+        return Err(ApiError::invalid_param(param, format!("the prompt ({len} bytes) is longer than this model's context of {} tokens could hold", info.context_length)));
+    }
+    Ok(())
+}
+
+/// Tokenizes off the async workers: a long prompt must not stall other connections.
+async fn encode(
+    info: &Arc<ModelInfo>,
+    param: &str,
+    text: String,
+    add_special: bool,
+) -> Result<Vec<u32>, ApiError> {
+    check_text_len(info, param, text.len())?;
+    let info = info.clone();
+    tokio::task::spawn_blocking(move || info.tokenizer.encode(&text, add_special, true))
+        .await
+        .map_err(ApiError::internal)
+}
+
+/// Renders the chat template and tokenizes, off the async workers.
+async fn chat_prompt(
+    info: &Arc<ModelInfo>,
     messages: &[api::ChatMessage],
     add_generation_prompt: bool,
 ) -> Result<Vec<u32>, ApiError> {
     let msgs = engine_messages(messages)?;
-    info.chat_prompt(&msgs, add_generation_prompt)
+    check_text_len(info, "messages", msgs.iter().map(|m| m.content.len()).sum())?;
+    let info = info.clone();
+    tokio::task::spawn_blocking(move || info.chat_prompt(&msgs, add_generation_prompt))
+        .await
+        .map_err(ApiError::internal)?
         .map_err(|e| ApiError::invalid_param("messages", e.to_string()))
 }
 
@@ -138,11 +165,11 @@ pub async fn tokenize(
 ) -> Result<Json<api::TokenizeResponse>, ApiError> {
     st.model_name(req.model.as_deref())?;
     let info = st.engine.info();
-    let tokens = match (&req.prompt, &req.messages) {
-        (Some(p), None) => info
-            .tokenizer
-            .encode(p, req.add_special_tokens.unwrap_or(true), true),
-        (None, Some(m)) => chat_prompt(info, m, req.add_generation_prompt)?,
+    let tokens = match (req.prompt, &req.messages) {
+        (Some(p), None) => {
+            encode(info, "prompt", p, req.add_special_tokens.unwrap_or(true)).await?
+        }
+        (None, Some(m)) => chat_prompt(info, m, req.add_generation_prompt).await?,
         _ => {
             return Err(ApiError::invalid(
                 "give exactly one of 'prompt' or 'messages'",
@@ -362,8 +389,10 @@ pub async fn completions(
         return Err(ApiError::invalid_param("suffix", "suffix is not supported"));
     }
     let prompt = match req.prompt {
-        api::PromptSpec::Text(s) => info.tokenizer.encode(&s, true, true),
-        api::PromptSpec::Texts(v) if v.len() == 1 => info.tokenizer.encode(&v[0], true, true),
+        api::PromptSpec::Text(s) => encode(&info, "prompt", s, true).await?,
+        api::PromptSpec::Texts(mut v) if v.len() == 1 => {
+            encode(&info, "prompt", v.remove(0), true).await?
+        }
         api::PromptSpec::Tokens(t) => t,
         api::PromptSpec::TokenLists(mut v) if v.len() == 1 => v.remove(0),
         _ => {
@@ -389,7 +418,7 @@ pub async fn completions(
             .max_tokens
             .map_or(DEFAULT_COMPLETION_MAX_TOKENS, |m| m as usize),
         stop: params::stops(&req.sampling)?,
-        stop_token_ids: req.sampling.stop_token_ids.clone().unwrap_or_default(),
+        stop_token_ids: params::stop_token_ids(&req.sampling, info.config.vocab_size)?,
         ignore_eos: req.sampling.ignore_eos,
         logprobs: n_logprobs,
         prompt_logprobs: if req.echo { n_logprobs } else { None },
@@ -629,7 +658,7 @@ pub async fn chat_completions(
     let (tenant, priority) = tenancy(&headers)?;
     let info = st.engine.info().clone();
     let n = params::choices(&req.sampling)?;
-    let prompt = chat_prompt(&info, &req.messages, true)?;
+    let prompt = chat_prompt(&info, &req.messages, true).await?;
     let top = match (req.logprobs, req.top_logprobs) {
         (false, Some(_)) => {
             return Err(ApiError::invalid_param(
@@ -658,7 +687,7 @@ pub async fn chat_completions(
         sampling: params::sampling(&req.sampling, info.config.vocab_size)?,
         max_tokens,
         stop: params::stops(&req.sampling)?,
-        stop_token_ids: req.sampling.stop_token_ids.clone().unwrap_or_default(),
+        stop_token_ids: params::stop_token_ids(&req.sampling, info.config.vocab_size)?,
         ignore_eos: req.sampling.ignore_eos,
         logprobs: top,
         prompt_logprobs: None,

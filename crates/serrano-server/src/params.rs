@@ -106,6 +106,26 @@ pub fn stops(f: &SamplingFields) -> Result<Vec<String>, ApiError> {
     Ok(stops)
 }
 
+/// Most `stop_token_ids` per request.
+pub const MAX_STOP_TOKEN_IDS: usize = 64;
+
+pub fn stop_token_ids(f: &SamplingFields, vocab_size: usize) -> Result<Vec<u32>, ApiError> {
+    let ids = f.stop_token_ids.clone().unwrap_or_default();
+    if ids.len() > MAX_STOP_TOKEN_IDS {
+        return Err(ApiError::invalid_param(
+            "stop_token_ids",
+            format!("at most {MAX_STOP_TOKEN_IDS} stop_token_ids"),
+        ));
+    }
+    if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab_size) {
+        return Err(ApiError::invalid_param(
+            "stop_token_ids",
+            format!("token id {bad} is outside the vocabulary (size {vocab_size})"),
+        ));
+    }
+    Ok(ids)
+}
+
 /// Most choices (`n`) per request.
 pub const MAX_CHOICES: u32 = 16;
 

@@ -62,6 +62,12 @@ fn completion_usage_and_length_finish() {
     );
     assert_eq!(st, 200);
     assert_eq!(r2["choices"][0]["text"], r["choices"][0]["text"]);
+    // Text longer than the context could hold is refused before it is tokenized.
+    let (st, b) = s.post(
+        "/v1/completions",
+        &json!({"prompt": "<|im_end|>".repeat(100_000)}),
+    );
+    assert_openai_error(st, &b, 400, Some("prompt"));
     let (_, d) = s.post("/detokenize", &json!({"tokens": tok["tokens"]}));
     assert_eq!(d["prompt"], "hello world");
 }
