@@ -129,6 +129,8 @@ pub enum Event {
 pub enum SubmitError {
     #[error("the engine queue is full ({0} waiting)")]
     QueueFull(usize),
+    #[error("tenant '{tenant}' already has {limit} requests in flight")]
+    TenantBusy { tenant: String, limit: usize },
     #[error("the engine has stopped")]
     Stopped,
     #[error("{0}")]
@@ -168,12 +170,61 @@ impl ModelInfo {
 struct Submission {
     req: GenerateRequest,
     events: mpsc::Sender<Event>,
+    /// Held for the request's whole life (it moves into the engine's entry).
+    _slot: TenantSlot,
+}
+
+/// Requests in flight per tenant, queued or running. One tenant may hold at most
+/// `max_waiting + max_num_seqs`, so a flood from one tenant leaves the submission queue room for
+/// the others; a single-tenant deployment is unaffected in practice.
+#[derive(Debug, Default)]
+struct InFlight(std::sync::Mutex<std::collections::HashMap<String, usize>>);
+
+/// One request's claim on its tenant's in-flight count, released on drop (finish, cancel,
+/// error, or a refused submission).
+#[derive(Debug)]
+struct TenantSlot {
+    in_flight: Arc<InFlight>,
+    tenant: String,
+}
+
+impl InFlight {
+    fn claim(self: &Arc<Self>, tenant: &str, limit: usize) -> Result<TenantSlot, SubmitError> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(tenant.to_string()).or_insert(0);
+        if *n >= limit {
+            return Err(SubmitError::TenantBusy {
+                tenant: tenant.to_string(),
+                limit,
+            });
+        }
+        *n += 1;
+        Ok(TenantSlot {
+            in_flight: self.clone(),
+            tenant: tenant.to_string(),
+        })
+    }
+}
+
+impl Drop for TenantSlot {
+    fn drop(&mut self) {
+        let mut m = self.in_flight.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.tenant) {
+            *n -= 1;
+            if *n == 0 {
+                // Keeps the map to the tenants with work: names come from clients.
+                m.remove(&self.tenant);
+            }
+        }
+    }
 }
 
 /// Cheap to clone; the engine thread stops when every handle is dropped.
 #[derive(Clone)]
 pub struct EngineHandle {
     tx: mpsc::Sender<Submission>,
+    in_flight: Arc<InFlight>,
+    per_tenant_limit: usize,
     info: Arc<ModelInfo>,
     metrics: Arc<EngineMetrics>,
     max_waiting: usize,
@@ -191,10 +242,15 @@ impl EngineHandle {
     /// Queues a request; fails at once (never blocks) when the queue is full.
     pub fn submit(&self, req: GenerateRequest) -> Result<mpsc::Receiver<Event>, SubmitError> {
         self.validate(&req)?;
+        let slot = self.in_flight.claim(&req.tenant, self.per_tenant_limit)?;
         // Every event of this request fits: one per token, the prompt log-probs, the end.
         let (tx, rx) = mpsc::channel(req.max_tokens + 3);
         self.tx
-            .try_send(Submission { req, events: tx })
+            .try_send(Submission {
+                req,
+                events: tx,
+                _slot: slot,
+            })
             .map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull(self.max_waiting),
                 mpsc::error::TrySendError::Closed(_) => SubmitError::Stopped,
@@ -325,6 +381,8 @@ pub fn start_from_gguf(file: &GgufFile, config: EngineConfig) -> Result<EngineHa
         .spawn(move || worker.run())
         .map_err(|e| EngineError::Invalid(format!("cannot start the engine thread: {e}")))?;
     Ok(EngineHandle {
+        in_flight: Arc::default(),
+        per_tenant_limit: config.max_waiting.max(1) + config.max_num_seqs.max(1),
         tx,
         info,
         metrics,
@@ -334,6 +392,7 @@ pub fn start_from_gguf(file: &GgufFile, config: EngineConfig) -> Result<EngineHa
 
 /// What the engine keeps per sequence beside the scheduler's state.
 struct Payload {
+    _slot: TenantSlot,
     req: GenerateRequest,
     events: mpsc::Sender<Event>,
     sampler: Sampler,
@@ -424,6 +483,7 @@ impl Worker {
             last_token: None,
             failed: false,
             events: s.events,
+            _slot: s._slot,
             req,
         };
         let (tenant, priority, prompt) = (

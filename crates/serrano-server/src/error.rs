@@ -110,6 +110,15 @@ impl From<SubmitError> for ApiError {
                     format!("Server is busy: {e}. Retry later."),
                 )
             },
+            SubmitError::TenantBusy { .. } => ApiError {
+                code: Some("rate_limit_exceeded".into()),
+                retry_after_s: Some(1),
+                ..ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit_error",
+                    format!("{e}. Retry later."),
+                )
+            },
             SubmitError::Stopped => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",

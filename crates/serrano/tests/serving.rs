@@ -296,3 +296,56 @@ fn a_flooding_tenant_does_not_delay_another() {
         "the quiet tenant waited for {done_then} of the flood's 40 requests"
     );
 }
+
+/// One tenant filling its share of the queue gets 429s; another tenant is still admitted.
+#[test]
+fn a_tenant_over_its_share_gets_429_and_others_do_not() {
+    let _serial = serial();
+    // Per-tenant limit: max-waiting + max-num-seqs = 3 requests in flight. The flood's requests
+    // are long (seconds each), so all six arrive while the first three are in flight.
+    let shape = serrano_engine::testing::TinyModel {
+        d_model: 256,
+        d_ff: 512,
+        n_layers: 4,
+        context_length: 2048,
+        ..Default::default()
+    };
+    let s = Server::random(shape, &["--max-num-seqs", "1", "--max-waiting", "2"]);
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    for _ in 0..6 {
+        let (url, done) = (s.url("/v1/completions"), done_tx.clone());
+        std::thread::spawn(move || {
+            let code = match ureq::post(&url)
+                .set("x-serrano-tenant", "flood")
+                .send_json(json!({"prompt": "hello", "max_tokens": 2000, "ignore_eos": true}))
+            {
+                Ok(r) => r.status(),
+                Err(ureq::Error::Status(code, _)) => code,
+                Err(_) => 0, // the server is stopped at the end of the test
+            };
+            let _ = done.send(code);
+        });
+    }
+    // Three refusals arrive at once; the three accepted requests keep running.
+    let refused: Vec<u16> = (0..3)
+        .map(|_| {
+            done_rx
+                .recv_timeout(Duration::from_secs(20))
+                .expect("refusals come back at once")
+        })
+        .collect();
+    assert_eq!(refused, vec![429, 429, 429]);
+    // The accepted three reach the engine: one running, two waiting, the submission queue empty.
+    // Without per-tenant shares the flood would also hold the queue, and "other" would get 429.
+    let in_flight =
+        || metric(&s, "serrano:num_requests_running") + metric(&s, "serrano:num_requests_waiting");
+    assert!(
+        common::wait_until(Duration::from_secs(10), || in_flight() >= 3.0),
+        "in flight: {}",
+        in_flight()
+    );
+    let r = ureq::post(&s.url("/v1/completions"))
+        .set("x-serrano-tenant", "other")
+        .send_json(json!({"prompt": "hi", "max_tokens": 2, "ignore_eos": true}));
+    assert_eq!(r.map(|r| r.status()).unwrap_or_else(|e| panic!("{e}")), 200);
+}
