@@ -393,6 +393,8 @@ pub fn start_from_gguf(file: &GgufFile, config: EngineConfig) -> Result<EngineHa
 /// What the engine keeps per sequence beside the scheduler's state.
 struct Payload {
     _slot: TenantSlot,
+    /// Metric labels of the request's tenant, computed once at admission.
+    labels: Vec<(String, String)>,
     req: GenerateRequest,
     events: mpsc::Sender<Event>,
     sampler: Sampler,
@@ -484,6 +486,7 @@ impl Worker {
             failed: false,
             events: s.events,
             _slot: s._slot,
+            labels: tenant_label(&mut self.labelled_tenants, &req.tenant),
             req,
         };
         let (tenant, priority, prompt) = (
@@ -539,14 +542,14 @@ impl Worker {
             let pl = &mut e.payload;
             if pl.first_scheduled.is_none() {
                 pl.first_scheduled = Some(now);
-                let t = tenant_label(&mut self.labelled_tenants, &pl.req.tenant);
+                let t = &pl.labels;
                 self.metrics
                     .request_queue_time_seconds
-                    .get_or_create(&t)
+                    .get_or_create(t)
                     .observe((now - pl.arrival).as_secs_f64());
                 self.metrics
                     .prompt_tokens
-                    .get_or_create(&t)
+                    .get_or_create(t)
                     .inc_by(pl.req.prompt.len() as u64);
             }
             let in_prompt = p.start < pl.req.prompt.len();
@@ -644,12 +647,11 @@ impl Worker {
         let lp = raw.map(|r| logprobs(&r, token, s.req.logprobs.unwrap_or(0)));
         s.generated += 1;
         let now = Instant::now();
-        let t = tenant_label(&mut self.labelled_tenants, &s.req.tenant);
         match s.last_token {
             None => self
                 .metrics
                 .time_to_first_token_seconds
-                .get_or_create(&t)
+                .get_or_create(&s.labels)
                 .observe((now - s.arrival).as_secs_f64()),
             Some(prev) => self
                 .metrics
@@ -703,13 +705,13 @@ impl Worker {
                 );
                 self.metrics
                     .generation_tokens
-                    .get_or_create(&t)
+                    .get_or_create(&s.labels)
                     .inc_by(s.generated as u64);
                 self.metrics
                     .e2e_request_latency_seconds
-                    .get_or_create(&t)
+                    .get_or_create(&s.labels)
                     .observe((now - s.arrival).as_secs_f64());
-                let mut labels = t;
+                let mut labels = s.labels.clone();
                 labels.push(("finished_reason".into(), reason.as_str().into()));
                 self.metrics.request_success.get_or_create(&labels).inc();
                 // Dropping the entry returns its blocks to the pool.

@@ -241,17 +241,7 @@ mod tests {
     use super::*;
     use crate::quant::{dequantize_row, quantize_row};
 
-    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::testing::random_vec as rand_vec;
 
     #[test]
     fn activation_quantization_round_trips_within_a_step() {

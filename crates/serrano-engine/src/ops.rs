@@ -334,19 +334,7 @@ mod tests {
     use super::*;
     use crate::quant::quantize_row;
 
-    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::testing::random_vec as rand_vec;
 
     fn reference(w: &QMatrix, x: &[f32], n: usize) -> Vec<f32> {
         let mut out = vec![0f32; n * w.rows];

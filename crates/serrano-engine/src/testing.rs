@@ -50,6 +50,12 @@ impl Lcg {
     }
 }
 
+/// Deterministic values in [-1, 1), for kernel tests against their references.
+pub fn random_vec(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = Lcg(seed);
+    (0..n).map(|_| rng.next()).collect()
+}
+
 impl TinyModel {
     pub fn gguf_bytes(&self) -> Vec<u8> {
         let mut tokens: Vec<String> = Vec::new();

@@ -324,14 +324,7 @@ fn n_choices_plain_and_streamed() {
 #[test]
 fn request_timeout_cancels_and_answers_408() {
     // A random model big enough that 2,000 tokens take seconds, against a 50 ms limit.
-    let shape = serrano_engine::testing::TinyModel {
-        d_model: 256,
-        d_ff: 512,
-        n_layers: 4,
-        context_length: 2048,
-        ..Default::default()
-    };
-    let s = Server::random(shape, &["--request-timeout", "0.05", "--max-num-seqs", "1"]);
+    let s = Server::slow(&["--request-timeout", "0.05", "--max-num-seqs", "1"]);
     let long = json!({"prompt": "hello", "max_tokens": 2000, "ignore_eos": true});
     let (st, b) = s.post("/v1/completions", &long);
     assert_openai_error(st, &b, 408, None);

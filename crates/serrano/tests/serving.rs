@@ -303,14 +303,7 @@ fn a_tenant_over_its_share_gets_429_and_others_do_not() {
     let _serial = serial();
     // Per-tenant limit: max-waiting + max-num-seqs = 3 requests in flight. The flood's requests
     // are long (seconds each), so all six arrive while the first three are in flight.
-    let shape = serrano_engine::testing::TinyModel {
-        d_model: 256,
-        d_ff: 512,
-        n_layers: 4,
-        context_length: 2048,
-        ..Default::default()
-    };
-    let s = Server::random(shape, &["--max-num-seqs", "1", "--max-waiting", "2"]);
+    let s = Server::slow(&["--max-num-seqs", "1", "--max-waiting", "2"]);
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     for _ in 0..6 {
         let (url, done) = (s.url("/v1/completions"), done_tx.clone());
@@ -335,12 +328,13 @@ fn a_tenant_over_its_share_gets_429_and_others_do_not() {
         })
         .collect();
     assert_eq!(refused, vec![429, 429, 429]);
-    // The accepted three reach the engine: one running, two waiting, the submission queue empty.
-    // Without per-tenant shares the flood would also hold the queue, and "other" would get 429.
+    // The flood holds at most its share of 3 (one may have lost the race for a queue slot); once
+    // two of them are inside the engine, the submission queue (2 slots) has room. Without
+    // per-tenant shares the flood would hold the queue too, and "other" would get 429.
     let in_flight =
         || metric(&s, "serrano:num_requests_running") + metric(&s, "serrano:num_requests_waiting");
     assert!(
-        common::wait_until(Duration::from_secs(10), || in_flight() >= 3.0),
+        common::wait_until(Duration::from_secs(10), || in_flight() >= 2.0),
         "in flight: {}",
         in_flight()
     );

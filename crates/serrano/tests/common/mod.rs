@@ -74,6 +74,18 @@ impl Server {
         Server::random(serrano_engine::testing::TinyModel::default(), args)
     }
 
+    /// Starts a server on a random-weight model big enough that 2,000 tokens take seconds.
+    pub fn slow(args: &[&str]) -> Server {
+        let shape = serrano_engine::testing::TinyModel {
+            d_model: 256,
+            d_ff: 512,
+            n_layers: 4,
+            context_length: 2048,
+            ..Default::default()
+        };
+        Server::random(shape, args)
+    }
+
     /// Starts a server on a random-weight model of the given shape.
     pub fn random(model: serrano_engine::testing::TinyModel, args: &[&str]) -> Server {
         let dir = tempfile::tempdir().unwrap();
