@@ -13,7 +13,8 @@ model=$($serrano models pull 2>/dev/null)
 ids=$(mktemp); trap 'rm -f $ids; kill $(jobs -p) 2>/dev/null || true' EXIT
 wait_up() { for _ in $(seq 1 600); do curl -sf "$1/health" >/dev/null 2>&1 && return 0; sleep 0.2; done; return 1; }
 
-$serrano serve --port 18181 --max-num-seqs 32 2>/dev/null & pid=$!
+# Governance stays on (audit, ledger) for a fair cost; the client sends no key, so anonymous.
+$serrano serve --port 18181 --max-num-seqs 32 --allow-anonymous --db "$(mktemp -d)/serrano.db" 2>/dev/null & pid=$!
 wait_up http://127.0.0.1:18181
 curl -s http://127.0.0.1:18181/v1/completions -H 'Content-Type: application/json' -d '{"prompt":"Once upon a time","max_tokens":1}' >/dev/null
 python3 - "$ids" <<'PY'

@@ -5,6 +5,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serrano_api::{ErrorBody, ErrorResponse};
 use serrano_engine::SubmitError;
+use serrano_gov::GovError;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiError {
@@ -129,9 +130,57 @@ impl From<SubmitError> for ApiError {
     }
 }
 
+/// The message of an error response, kept on the response for the audit record.
+#[derive(Debug, Clone)]
+pub struct ErrorNote(pub String);
+
+impl From<GovError> for ApiError {
+    fn from(e: GovError) -> Self {
+        let msg = e.to_string();
+        let (status, kind, code) = match e {
+            GovError::Unauthorized(_) => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                "invalid_api_key",
+            ),
+            GovError::Forbidden(_) => (StatusCode::FORBIDDEN, "permission_error", "forbidden"),
+            GovError::OverBudget(_) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "insufficient_quota",
+                "budget_exceeded",
+            ),
+            GovError::Duplicate(_) => (
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                "duplicate_request_id",
+            ),
+            GovError::Invalid(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_value",
+            ),
+            GovError::NotFound(_) => (StatusCode::NOT_FOUND, "invalid_request_error", "not_found"),
+            GovError::Unavailable(_) => {
+                tracing::error!("{msg}");
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    "governance_unavailable",
+                )
+            }
+        };
+        ApiError {
+            code: Some(code.into()),
+            ..ApiError::new(status, kind, msg)
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = (self.status, Json(self.body())).into_response();
+        resp.extensions_mut()
+            .insert(ErrorNote(self.message.clone()));
         if let Some(s) = self.retry_after_s {
             if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
                 resp.headers_mut().insert(header::RETRY_AFTER, v);

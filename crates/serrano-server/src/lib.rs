@@ -4,8 +4,10 @@
 //! engine requests here; the engine never sees HTTP. Every body has a size limit, every error is
 //! an OpenAI-style JSON object, and accepted connections have TCP_NODELAY set.
 
+mod admin;
 mod error;
 mod extract;
+pub mod gov;
 mod openai;
 mod params;
 
@@ -19,7 +21,9 @@ use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use serrano_engine::EngineHandle;
+use serrano_gov::Governance;
 
+pub use admin::budget_amount;
 pub use error::ApiError;
 
 #[derive(Debug, Clone)]
@@ -45,6 +49,9 @@ impl Default for ServerConfig {
 
 pub struct AppState {
     pub engine: EngineHandle,
+    pub gov: Governance,
+    /// Who a request without a key is, when anonymous access is on.
+    pub anonymous: Option<serrano_gov::Principal>,
     pub config: ServerConfig,
     pub started: u64,
 }
@@ -67,26 +74,81 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-pub fn router(engine: EngineHandle, mut config: ServerConfig) -> Router {
+/// The route table: every path the server answers, with its methods. The router is built from
+/// this list, so a test that walks it walks every route.
+pub const ROUTES: &[(&str, &[&str])] = &[
+    ("/health", &["GET"]),
+    ("/v1/models", &["GET"]),
+    ("/v1/completions", &["POST"]),
+    ("/v1/chat/completions", &["POST"]),
+    ("/tokenize", &["POST"]),
+    ("/detokenize", &["POST"]),
+    ("/metrics", &["GET"]),
+    ("/admin/v1/tenants", &["GET", "POST"]),
+    ("/admin/v1/keys", &["GET", "POST"]),
+    ("/admin/v1/keys/{id}/revoke", &["POST"]),
+    ("/admin/v1/budgets", &["GET", "POST"]),
+    ("/admin/v1/prices", &["POST"]),
+    ("/admin/v1/usage", &["GET"]),
+    ("/admin/v1/ledger", &["GET"]),
+    ("/admin/v1/audit", &["GET"]),
+    ("/admin/v1/audit/verify", &["GET"]),
+    ("/admin/v1/audit/erase", &["POST"]),
+];
+
+fn route(path: &str) -> axum::routing::MethodRouter<Arc<AppState>> {
+    match path {
+        "/health" => get(health),
+        "/v1/models" => get(openai::models),
+        "/v1/completions" => post(openai::completions),
+        "/v1/chat/completions" => post(openai::chat_completions),
+        "/tokenize" => post(openai::tokenize),
+        "/detokenize" => post(openai::detokenize),
+        "/metrics" => get(metrics),
+        "/admin/v1/tenants" => get(admin::tenants).post(admin::create_tenant),
+        "/admin/v1/keys" => get(admin::keys).post(admin::create_key),
+        "/admin/v1/keys/{id}/revoke" => post(admin::revoke_key),
+        "/admin/v1/budgets" => get(admin::budgets).post(admin::set_budget),
+        "/admin/v1/prices" => post(admin::set_price),
+        "/admin/v1/usage" => get(admin::usage),
+        "/admin/v1/ledger" => get(admin::ledger),
+        "/admin/v1/audit" => get(admin::audit),
+        "/admin/v1/audit/verify" => get(admin::verify),
+        "/admin/v1/audit/erase" => post(admin::erase),
+        // Unreachable while ROUTES and this match agree; a test keeps them so.
+        _ => axum::routing::any(not_found),
+    }
+}
+
+/// The whole API. Every route but [`gov::PUBLIC_ROUTES`] (unknown paths included) goes through
+/// the governance gate: key checked, tenant bound, one audit record written.
+pub fn router(
+    engine: EngineHandle,
+    gov: Governance,
+    anonymous: Option<serrano_gov::Principal>,
+    mut config: ServerConfig,
+) -> Router {
     if config.model_names.is_empty() {
         config.model_names.push("default".into());
     }
     let limit = config.max_body_bytes;
     let state = Arc::new(AppState {
         engine,
+        gov,
+        anonymous,
         config,
         started: unix_now(),
     });
-    Router::new()
-        .route("/health", get(health))
-        .route("/v1/models", get(openai::models))
-        .route("/v1/completions", post(openai::completions))
-        .route("/v1/chat/completions", post(openai::chat_completions))
-        .route("/tokenize", post(openai::tokenize))
-        .route("/detokenize", post(openai::detokenize))
-        .route("/metrics", get(metrics))
-        .fallback(not_found)
+    let mut app = Router::new();
+    for &(path, _) in ROUTES {
+        app = app.route(path, route(path));
+    }
+    app.fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            gov::gate,
+        ))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }

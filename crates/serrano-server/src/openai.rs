@@ -6,7 +6,7 @@ use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
@@ -19,39 +19,27 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::error::ApiError;
 use crate::extract::JsonBody;
+use crate::gov::principal;
 use crate::params;
 use crate::{unix_now, AppState};
+use serrano_gov::{GovError, Principal, Role, Ticket};
 
 type St = State<Arc<AppState>>;
 
-/// Header naming the tenant a request is for (the gateway will bind tenants to API keys).
-pub const TENANT_HEADER: &str = "x-serrano-tenant";
-/// Header with an integer priority; higher is admitted first.
+/// Header with an integer priority; higher is admitted first. Admin keys only: a tenant must not
+/// raise itself above others.
 pub const PRIORITY_HEADER: &str = "x-serrano-priority";
-/// Longest accepted tenant name.
-const MAX_TENANT_BYTES: usize = 64;
 
-/// The request's tenant and priority, from headers.
-fn tenancy(headers: &HeaderMap) -> Result<(String, i32), ApiError> {
-    let tenant = match headers.get(TENANT_HEADER) {
-        None => "default".to_string(),
-        Some(v) => {
-            let t = v.to_str().ok().filter(|t| {
-                !t.is_empty()
-                    && t.len() <= MAX_TENANT_BYTES
-                    && t.chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-            });
-            t.ok_or_else(|| {
-                ApiError::invalid(format!(
-                    "{TENANT_HEADER} must be 1 to {MAX_TENANT_BYTES} characters of [A-Za-z0-9._-]"
-                ))
-            })?
-            .to_string()
-        }
-    };
+/// The engine's tenant and priority for this request.
+fn tenancy(headers: &HeaderMap, p: &Principal) -> Result<(String, i32), ApiError> {
     let priority = match headers.get(PRIORITY_HEADER) {
         None => 0,
+        Some(_) if p.role != Role::Admin => {
+            return Err(GovError::Forbidden(format!(
+                "{PRIORITY_HEADER} may only be sent with an admin key"
+            ))
+            .into())
+        }
         Some(v) => v
             .to_str()
             .ok()
@@ -63,7 +51,24 @@ fn tenancy(headers: &HeaderMap) -> Result<(String, i32), ApiError> {
                 ))
             })?,
     };
-    Ok((tenant, priority))
+    Ok((p.tenant.clone(), priority))
+}
+
+/// Resolves the model, checks the key may use it, and records it on the ticket.
+fn scoped_model(
+    st: &AppState,
+    ticket: &Ticket,
+    p: &Principal,
+    requested: Option<&str>,
+) -> Result<String, ApiError> {
+    let model = st.model_name(requested)?;
+    if !p.may_use_model(&model) {
+        return Err(
+            GovError::Forbidden(format!("This API key may not use the model '{model}'")).into(),
+        );
+    }
+    ticket.set_model(&model);
+    Ok(model)
 }
 
 /// Default `max_tokens` for legacy completions, as OpenAI's.
@@ -78,12 +83,17 @@ fn request_id(prefix: &str) -> String {
     )
 }
 
-pub async fn models(State(st): St) -> Json<api::ModelList> {
+pub async fn models(
+    State(st): St,
+    Extension(ticket): Extension<Ticket>,
+) -> Result<Json<api::ModelList>, ApiError> {
+    let p = principal(&ticket)?;
     let max = st.engine.info().context_length as u32;
     let data = st
         .config
         .model_names
         .iter()
+        .filter(|n| p.may_use_model(n))
         .map(|n| api::ModelCard {
             id: n.clone(),
             object: "model".into(),
@@ -92,10 +102,10 @@ pub async fn models(State(st): St) -> Json<api::ModelList> {
             max_model_len: max,
         })
         .collect();
-    Json(api::ModelList {
+    Ok(Json(api::ModelList {
         object: "list".into(),
         data,
-    })
+    }))
 }
 
 fn engine_messages(messages: &[api::ChatMessage]) -> Result<Vec<ChatMessage>, ApiError> {
@@ -214,12 +224,17 @@ struct Collected {
     completion_tokens: usize,
 }
 
-async fn collect(mut rx: mpsc::Receiver<Event>) -> Result<Collected, ApiError> {
+async fn collect(
+    mut rx: mpsc::Receiver<Event>,
+    ticket: Ticket,
+    index: usize,
+) -> Result<Collected, ApiError> {
     let mut c = Collected::default();
     while let Some(e) = rx.recv().await {
         match e {
             Event::PromptLogprobs(p) => c.prompt_logprobs = Some(p),
             Event::Token { id, text, logprobs } => {
+                ticket.token(index, &text);
                 c.text.push_str(&text);
                 c.tokens.push((id, logprobs));
             }
@@ -229,6 +244,7 @@ async fn collect(mut rx: mpsc::Receiver<Event>) -> Result<Collected, ApiError> {
                 completion_tokens,
             } => {
                 c.finish = Some(reason);
+                ticket.set_finish_reason(reason.as_str());
                 c.prompt_tokens = prompt_tokens;
                 c.completion_tokens = completion_tokens;
                 return Ok(c);
@@ -260,28 +276,90 @@ fn submit_n(
 async fn collect_all(
     rxs: Vec<mpsc::Receiver<Event>>,
     limit: std::time::Duration,
+    ticket: &Ticket,
 ) -> Result<Vec<Collected>, ApiError> {
-    tokio::time::timeout(
-        limit,
-        futures::future::try_join_all(rxs.into_iter().map(collect)),
-    )
-    .await
-    .map_err(|_| ApiError::timeout(limit))?
+    let all = rxs
+        .into_iter()
+        .enumerate()
+        .map(|(i, rx)| collect(rx, ticket.clone(), i));
+    let cs = tokio::time::timeout(limit, futures::future::try_join_all(all))
+        .await
+        .map_err(|_| ApiError::timeout(limit))??;
+    let u = total_usage(&cs);
+    ticket.set_usage(u.prompt_tokens as u64, u.completion_tokens as u64);
+    Ok(cs)
 }
 
-/// The next event of a stream, or `None` at the end or when the deadline passed (then an error
-/// event has been sent and the stream must end).
-async fn next_or_deadline(
-    events: &mut Merged,
-    deadline: tokio::time::Instant,
+/// Reserves the request's worst case: the prompt plus `max_tokens` for every choice.
+async fn reserve(ticket: &Ticket, gen: &GenerateRequest, n: usize) -> Result<(), ApiError> {
+    let worst = gen.max_tokens.saturating_mul(n) as u64;
+    ticket.reserve(gen.prompt.len() as u64, worst).await?;
+    Ok(())
+}
+
+/// The sending side of an SSE response: forwards chunks, enforces the deadline, counts tokens on
+/// the ticket, and writes the audit record before the stream's last chunks.
+struct Relay {
+    tx: mpsc::Sender<String>,
+    ticket: Ticket,
     limit: std::time::Duration,
-    tx: &mpsc::Sender<String>,
-) -> Option<(u32, Event)> {
-    match tokio::time::timeout_at(deadline, events.next()).await {
-        Ok(e) => e,
-        Err(_) => {
-            let _ = tx.send(to_json(&ApiError::timeout(limit).body())).await;
-            None
+    deadline: tokio::time::Instant,
+    /// The first failure (status, message) seen mid-stream.
+    failure: Option<(u16, String)>,
+}
+
+impl Relay {
+    fn new(tx: mpsc::Sender<String>, ticket: Ticket, limit: std::time::Duration) -> Relay {
+        Relay {
+            tx,
+            ticket,
+            limit,
+            deadline: tokio::time::Instant::now() + limit,
+            failure: None,
+        }
+    }
+
+    /// Sends one chunk; `false` means the client is gone (the caller returns, and dropping the
+    /// receivers and the ticket aborts the sequences and audits a 499).
+    async fn send(&self, data: String) -> bool {
+        self.tx.send(data).await.is_ok()
+    }
+
+    /// The next event, or `None` at the end or past the deadline (then an error event is sent).
+    async fn next(&mut self, events: &mut Merged) -> Option<(u32, Event)> {
+        match tokio::time::timeout_at(self.deadline, events.next()).await {
+            Ok(e) => e,
+            Err(_) => {
+                let e = ApiError::timeout(self.limit);
+                self.failure
+                    .get_or_insert((e.status.as_u16(), e.message.clone()));
+                let _ = self.tx.send(to_json(&e.body())).await;
+                None
+            }
+        }
+    }
+
+    /// A mid-stream engine failure: an error event, recorded.
+    fn engine_error(&mut self, e: String) -> String {
+        tracing::error!("generation failed mid-stream: {e}");
+        let err = ApiError::internal(&e);
+        self.failure.get_or_insert((err.status.as_u16(), e));
+        to_json(&err.body())
+    }
+
+    /// Writes the audit record (and settles); `true` if the stream may end normally.
+    async fn close(&mut self, complete: bool) -> bool {
+        let (status, error) = match self.failure.take() {
+            Some((s, e)) => (s, Some(e)),
+            None if complete => (200, None),
+            None => (500, Some("the engine ended the stream early".into())),
+        };
+        match self.ticket.finish(status, error).await {
+            Ok(_) => true,
+            Err(e) => {
+                let _ = self.tx.send(to_json(&ApiError::from(e).body())).await;
+                false
+            }
         }
     }
 }
@@ -378,11 +456,13 @@ fn to_json<T: serde::Serialize>(v: &T) -> String {
 
 pub async fn completions(
     State(st): St,
+    Extension(ticket): Extension<Ticket>,
     headers: HeaderMap,
     JsonBody(req): JsonBody<api::CompletionRequest>,
 ) -> Result<Response, ApiError> {
-    let model = st.model_name(req.model.as_deref())?;
-    let (tenant, priority) = tenancy(&headers)?;
+    let p = principal(&ticket)?;
+    let model = scoped_model(&st, &ticket, &p, req.model.as_deref())?;
+    let (tenant, priority) = tenancy(&headers, &p)?;
     let info = st.engine.info().clone();
     let n = params::choices(&req.sampling)?;
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
@@ -426,6 +506,10 @@ pub async fn completions(
         tenant,
         priority,
     };
+    if ticket.keeps_content() {
+        ticket.set_prompt_text(info.tokenizer.decode(&gen.prompt, false));
+    }
+    reserve(&ticket, &gen, n).await?;
     let rxs = submit_n(&st, gen, n)?;
     let ctx = CompletionCtx {
         id: request_id("cmpl"),
@@ -440,16 +524,16 @@ pub async fn completions(
     if req.sampling.stream {
         let include_usage = req.sampling.stream_options.is_some_and(|o| o.include_usage);
         let (tx, out) = mpsc::channel(64);
+        ticket.detach();
         tokio::spawn(stream_completion(
             ctx,
             rxs,
-            tx,
+            Relay::new(tx, ticket, st.config.request_timeout),
             include_usage,
-            st.config.request_timeout,
         ));
         return Ok(sse(out));
     }
-    let cs = collect_all(rxs, st.config.request_timeout).await?;
+    let cs = collect_all(rxs, st.config.request_timeout, &ticket).await?;
     Ok(Json(ctx.finish(cs)).into_response())
 }
 
@@ -565,9 +649,8 @@ impl CompletionCtx {
 async fn stream_completion(
     ctx: CompletionCtx,
     rxs: Vec<mpsc::Receiver<Event>>,
-    tx: mpsc::Sender<String>,
+    mut out: Relay,
     include_usage: bool,
-    limit: std::time::Duration,
 ) {
     let n = rxs.len();
     let mut events = merged(rxs);
@@ -578,17 +661,15 @@ async fn stream_completion(
     if ctx.echo && !ctx.logprobs {
         for (i, e) in echoed.iter_mut().enumerate() {
             *e = true;
-            if tx
+            if !out
                 .send(ctx.chunk(i as u32, ctx.prompt_text(), None, None))
                 .await
-                .is_err()
             {
                 return;
             }
         }
     }
-    let deadline = tokio::time::Instant::now() + limit;
-    while let Some((i, e)) = next_or_deadline(&mut events, deadline, limit, &tx).await {
+    while let Some((i, e)) = out.next(&mut events).await {
         let k = i as usize;
         let msg = match e {
             Event::PromptLogprobs(p) if !echoed[k] => {
@@ -599,6 +680,7 @@ async fn stream_completion(
             }
             Event::PromptLogprobs(_) => continue,
             Event::Token { id, text, logprobs } => {
+                out.ticket.token(k, &text);
                 if text.is_empty() && !ctx.logprobs {
                     continue;
                 }
@@ -623,39 +705,45 @@ async fn stream_completion(
                 finished += 1;
                 prompt_tokens = p;
                 completion_tokens += c;
+                out.ticket.set_finish_reason(reason.as_str());
                 ctx.chunk(i, String::new(), None, Some(reason))
             }
-            Event::Error(e) => {
-                tracing::error!("generation failed mid-stream: {e}");
-                to_json(&ApiError::internal(e).body())
-            }
+            Event::Error(e) => out.engine_error(e),
         };
-        if tx.send(msg).await.is_err() {
-            // Client gone: dropping the receivers tells the engine to abort the sequences.
+        if !out.send(msg).await {
             return;
         }
         if finished == n {
             break;
         }
     }
+    if finished == n {
+        out.ticket
+            .set_usage(prompt_tokens as u64, completion_tokens as u64);
+    }
+    if !out.close(finished == n).await {
+        return;
+    }
     if include_usage && finished == n {
         let u = ctx.response(vec![], Some(usage(prompt_tokens, completion_tokens)));
-        if tx.send(to_json(&u)).await.is_err() {
+        if !out.send(to_json(&u)).await {
             return;
         }
     }
-    let _ = tx.send("[DONE]".into()).await;
+    out.send("[DONE]".into()).await;
 }
 
 // ---------------------------------------------------------------- /v1/chat/completions
 
 pub async fn chat_completions(
     State(st): St,
+    Extension(ticket): Extension<Ticket>,
     headers: HeaderMap,
     JsonBody(req): JsonBody<api::ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
-    let model = st.model_name(req.model.as_deref())?;
-    let (tenant, priority) = tenancy(&headers)?;
+    let p = principal(&ticket)?;
+    let model = scoped_model(&st, &ticket, &p, req.model.as_deref())?;
+    let (tenant, priority) = tenancy(&headers, &p)?;
     let info = st.engine.info().clone();
     let n = params::choices(&req.sampling)?;
     let prompt = chat_prompt(&info, &req.messages, true).await?;
@@ -695,6 +783,10 @@ pub async fn chat_completions(
         tenant,
         priority,
     };
+    if ticket.keeps_content() {
+        ticket.set_prompt_text(to_json(&req.messages));
+    }
+    reserve(&ticket, &gen, n).await?;
     let rxs = submit_n(&st, gen, n)?;
     let ctx = ChatCtx {
         id: request_id("chatcmpl"),
@@ -706,16 +798,16 @@ pub async fn chat_completions(
     if req.sampling.stream {
         let include_usage = req.sampling.stream_options.is_some_and(|o| o.include_usage);
         let (tx, out) = mpsc::channel(64);
+        ticket.detach();
         tokio::spawn(stream_chat(
             ctx,
             rxs,
-            tx,
+            Relay::new(tx, ticket, st.config.request_timeout),
             include_usage,
-            st.config.request_timeout,
         ));
         return Ok(sse(out));
     }
-    let cs = collect_all(rxs, st.config.request_timeout).await?;
+    let cs = collect_all(rxs, st.config.request_timeout, &ticket).await?;
     let namer = TokenNamer {
         info: &ctx.info,
         as_ids: false,
@@ -803,9 +895,8 @@ impl ChatCtx {
 async fn stream_chat(
     ctx: ChatCtx,
     rxs: Vec<mpsc::Receiver<Event>>,
-    tx: mpsc::Sender<String>,
+    mut out: Relay,
     include_usage: bool,
-    limit: std::time::Duration,
 ) {
     let n = rxs.len();
     for i in 0..n {
@@ -813,10 +904,9 @@ async fn stream_chat(
             role: Some("assistant".into()),
             content: Some(String::new()),
         };
-        if tx
+        if !out
             .send(ctx.delta(i as u32, first, None, None, include_usage))
             .await
-            .is_err()
         {
             return;
         }
@@ -827,11 +917,11 @@ async fn stream_chat(
     };
     let mut events = merged(rxs);
     let (mut finished, mut prompt_tokens, mut completion_tokens) = (0, 0, 0);
-    let deadline = tokio::time::Instant::now() + limit;
-    while let Some((i, e)) = next_or_deadline(&mut events, deadline, limit, &tx).await {
+    while let Some((i, e)) = out.next(&mut events).await {
         let msg = match e {
             Event::PromptLogprobs(_) => continue,
             Event::Token { text, logprobs, .. } => {
+                out.ticket.token(i as usize, &text);
                 if text.is_empty() && !ctx.logprobs {
                     continue;
                 }
@@ -857,6 +947,7 @@ async fn stream_chat(
                 finished += 1;
                 prompt_tokens = p;
                 completion_tokens += c;
+                out.ticket.set_finish_reason(reason.as_str());
                 ctx.delta(
                     i,
                     api::ChatDelta::default(),
@@ -865,26 +956,29 @@ async fn stream_chat(
                     include_usage,
                 )
             }
-            Event::Error(e) => {
-                tracing::error!("generation failed mid-stream: {e}");
-                to_json(&ApiError::internal(e).body())
-            }
+            Event::Error(e) => out.engine_error(e),
         };
-        if tx.send(msg).await.is_err() {
+        if !out.send(msg).await {
             return;
         }
         if finished == n {
             break;
         }
     }
+    if finished == n {
+        out.ticket
+            .set_usage(prompt_tokens as u64, completion_tokens as u64);
+    }
+    if !out.close(finished == n).await {
+        return;
+    }
     if include_usage
         && finished == n
-        && tx
+        && !out
             .send(ctx.chunk(vec![], true, Some(usage(prompt_tokens, completion_tokens))))
             .await
-            .is_err()
     {
         return;
     }
-    let _ = tx.send("[DONE]".into()).await;
+    out.send("[DONE]".into()).await;
 }

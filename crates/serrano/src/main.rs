@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+mod govcli;
+
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use serrano_engine::{
@@ -17,7 +19,7 @@ use serrano_engine::{
     about = "A governed LLM inference stack: an OpenAI-compatible server over a GGUF inference engine."
 )]
 #[command(
-    after_help = "Start here:\n  serrano serve              # fetch the default model on first use, serve on 127.0.0.1:8080\n  serrano generate -p 'Hi'   # one generation from the terminal, with timings"
+    after_help = "Start here:\n  serrano serve                          # fetch the default model on first use, serve on 127.0.0.1:8080\n                                         # (the first start prints an admin key, shown once)\n  serrano admin tenant create acme       # a tenant, then a key for it:\n  serrano admin key create --tenant acme\n  serrano generate -p 'Hi'               # one generation from the terminal, with timings"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -33,6 +35,22 @@ enum Command {
     Models(ModelsCommand),
     /// Generate once from the terminal and print prefill and decode speed.
     Generate(GenerateArgs),
+    /// Manage tenants, API keys, budgets and prices (works while the server runs).
+    Admin {
+        #[command(flatten)]
+        db: govcli::DbArgs,
+        #[command(subcommand)]
+        command: govcli::AdminCommand,
+    },
+    /// Report tokens and cost by tenant, key, model and day.
+    Usage(govcli::UsageArgs),
+    /// Verify, export or erase the tamper-evident audit log.
+    Audit {
+        #[command(flatten)]
+        db: govcli::DbArgs,
+        #[command(subcommand)]
+        command: govcli::AuditCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -93,6 +111,28 @@ struct ServeArgs {
     /// answered 408.
     #[arg(long, default_value_t = 600.0)]
     request_timeout: f64,
+    #[command(flatten)]
+    db: govcli::DbArgs,
+    /// An admin key of your choosing (at least 32 characters), registered at start-up. Without
+    /// it, the first start creates one and shows it once.
+    #[arg(long, env = "SERRANO_ADMIN_KEY", hide_env_values = true)]
+    admin_key: Option<String>,
+    /// The region recorded in every audit record (data residency).
+    #[arg(long, env = "SERRANO_REGION")]
+    region: Option<String>,
+    /// How long a ledger or audit write waits for a lock held by another process before the
+    /// request fails closed with 503 (seconds).
+    #[arg(long, default_value_t = 5.0)]
+    db_busy_timeout: f64,
+    /// Serve requests that carry no API key as the tenant 'anonymous' (inference only; its
+    /// budgets and the audit log still apply). For local development and benchmarks; a request
+    /// with a wrong key is still refused.
+    #[arg(long)]
+    allow_anonymous: bool,
+    /// How long a request's budget reservation holds if the request never settles because its
+    /// process died (seconds); default: --request-timeout plus 60. Must exceed --request-timeout.
+    #[arg(long)]
+    reservation_ttl: Option<f64>,
 }
 
 #[derive(Args)]
@@ -148,6 +188,9 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Generate(a) => generate(a),
+        Command::Admin { db, command } => govcli::admin(&db, command),
+        Command::Usage(a) => govcli::usage(a),
+        Command::Audit { db, command } => govcli::audit(&db, command),
     }
 }
 
@@ -211,19 +254,48 @@ fn serve(a: ServeArgs) -> Result<()> {
     let addr: SocketAddr = format!("{}:{}", a.host, a.port)
         .parse()
         .with_context(|| format!("bad address {}:{}", a.host, a.port))?;
-    let app = serrano_server::router(
-        engine,
-        serrano_server::ServerConfig {
-            model_names: names.clone(),
-            max_body_bytes: a.max_body_bytes,
-            request_timeout: std::time::Duration::from_secs_f64(a.request_timeout.max(0.001)),
-        },
-    );
+    let request_timeout = std::time::Duration::from_secs_f64(a.request_timeout.max(0.001));
+    let config = serrano_server::ServerConfig {
+        model_names: names.clone(),
+        max_body_bytes: a.max_body_bytes,
+        request_timeout,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
+    // A reservation must outlive its request's deadline, so that only a dead process's expire.
+    let reservation_ttl = match a.reservation_ttl {
+        None => request_timeout + std::time::Duration::from_secs(60),
+        Some(t) if t > request_timeout.as_secs_f64() => std::time::Duration::from_secs_f64(t),
+        Some(t) => bail!(
+            "--reservation-ttl ({t} s) must exceed --request-timeout ({} s)",
+            request_timeout.as_secs_f64()
+        ),
+    };
     rt.block_on(async move {
+        let db = a.db.path();
+        let gov = serrano_gov::Governance::open(serrano_gov::GovConfig {
+            db_path: db.clone(),
+            busy_timeout: std::time::Duration::from_secs_f64(a.db_busy_timeout.max(0.0)),
+            reservation_ttl,
+            region: a.region,
+        })
+        .await
+        .with_context(|| format!("cannot open the governance database {}", db.display()))?;
+        if let Some(key) = gov.bootstrap(a.admin_key.as_deref()).await? {
+            show_first_admin_key(&db, &key)?;
+        }
+        tracing::info!(db = %db.display(), "governance on: every request needs an API key");
+        let anonymous = if a.allow_anonymous {
+            tracing::warn!(
+                "--allow-anonymous: requests without a key are served as tenant 'anonymous'"
+            );
+            Some(gov.anonymous().await?)
+        } else {
+            None
+        };
+        let app = serrano_server::router(engine, gov, anonymous, config);
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
@@ -231,6 +303,30 @@ fn serve(a: ServeArgs) -> Result<()> {
         serrano_server::serve_listener(listener, app, shutdown_signal()).await?;
         Ok(())
     })
+}
+
+/// Shows the generated admin key once: on the terminal if there is one, else in a file only its
+/// owner can read (never in the log, which may be shipped elsewhere).
+fn show_first_admin_key(db: &Path, key: &str) -> Result<()> {
+    use std::io::IsTerminal;
+    if std::io::stdout().is_terminal() {
+        println!("\nCreated the first admin key; it is shown only now, so store it:\n\n    {key}\n\nSend it as 'Authorization: Bearer <key>'. Create tenants and their keys with\n'serrano admin' or POST /admin/v1/tenants and /admin/v1/keys.\n");
+        return Ok(());
+    }
+    let path = db.with_file_name("first-admin-key");
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts
+        .open(&path)
+        .with_context(|| format!("cannot write the first admin key to {}", path.display()))?;
+    std::io::Write::write_all(&mut f, format!("{key}\n").as_bytes())?;
+    tracing::warn!(
+        "created the first admin key; it is in {} (read it, then delete the file)",
+        path.display()
+    );
+    Ok(())
 }
 
 async fn shutdown_signal() {

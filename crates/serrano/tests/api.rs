@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::Server;
 use serde_json::{json, Value};
 
@@ -263,7 +265,7 @@ fn a_client_that_disconnects_mid_stream_does_not_wedge_the_engine() {
     let body = json!({"prompt": "hello", "max_tokens": 250, "ignore_eos": true, "stream": true})
         .to_string();
     let mut c = std::net::TcpStream::connect(&addr).unwrap();
-    write!(c, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    write!(c, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", common::ADMIN_KEY, body.len()).unwrap();
     let mut buf = [0u8; 512];
     let n = c.read(&mut buf).unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).contains("200 OK"));
@@ -275,6 +277,23 @@ fn a_client_that_disconnects_mid_stream_does_not_wedge_the_engine() {
     );
     assert_eq!(st, 200, "{r}");
     assert_eq!(r["usage"]["completion_tokens"], 3);
+    // The abandoned stream left one audit record (499) and no open reservation.
+    let abandoned = || {
+        let (_, audit) = s.get("/admin/v1/audit?limit=1000");
+        audit["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["status"] == 499)
+            .cloned()
+            .collect::<Vec<Value>>()
+    };
+    assert!(common::wait_until(Duration::from_secs(10), || !abandoned().is_empty()));
+    let records = abandoned();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert!(records[0]["completion_tokens"].as_u64().unwrap() < 250);
+    let (_, ledger) = s.get("/admin/v1/ledger");
+    assert_eq!(ledger["open_requests"], 0, "{ledger}");
 }
 
 #[test]

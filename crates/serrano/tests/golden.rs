@@ -9,7 +9,8 @@ use common::{real_model, shared_dir, Server};
 
 #[test]
 fn golden_check_against_llama_cpp_reference() {
-    let s = Server::start(&real_model(), &[]);
+    // check.py sends no API key: it runs as the audited 'anonymous' tenant.
+    let s = Server::start(&real_model(), &["--allow-anonymous"]);
     let script = shared_dir().join("golden/check.py");
     assert!(
         script.exists(),

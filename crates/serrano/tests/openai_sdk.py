@@ -3,7 +3,7 @@ import sys
 
 from openai import OpenAI
 
-client = OpenAI(base_url=sys.argv[1], api_key="unused")
+client = OpenAI(base_url=sys.argv[1], api_key=sys.argv[2])
 model = client.models.list().data[0].id
 passed = 0
 

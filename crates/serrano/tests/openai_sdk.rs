@@ -51,6 +51,7 @@ fn openai_python_sdk_chat_stream_and_legacy_completion() {
     let out = Command::new(&py)
         .arg(script)
         .arg(format!("{}/v1", s.base))
+        .arg(common::ADMIN_KEY)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);

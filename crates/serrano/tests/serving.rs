@@ -19,7 +19,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn metric(s: &Server, name: &str) -> f64 {
-    let text = ureq::get(&s.url("/metrics"))
+    let text = common::authed_get(&s.url("/metrics"))
         .call()
         .unwrap()
         .into_string()
@@ -66,7 +66,7 @@ fn batched_equals_unbatched_on_golden_prompts() {
         .map(|p| {
             let (url, b) = (format!("{base}/v1/completions"), body(p));
             std::thread::spawn(move || {
-                ureq::post(&url)
+                common::authed_post(&url)
                     .send_json(b)
                     .unwrap()
                     .into_json::<Value>()
@@ -125,7 +125,10 @@ fn sixteen_concurrent_streams_complete_correctly_and_blocks_come_back() {
             std::thread::spawn(move || {
                 let mut text = String::new();
                 std::io::Read::read_to_string(
-                    &mut ureq::post(&url).send_json(b).unwrap().into_reader(),
+                    &mut common::authed_post(&url)
+                        .send_json(b)
+                        .unwrap()
+                        .into_reader(),
                     &mut text,
                 )
                 .unwrap();
@@ -173,7 +176,7 @@ fn a_short_request_is_not_stuck_behind_a_long_one() {
     let (url, flag) = (s.url("/v1/completions"), long_done.clone());
     let long = std::thread::spawn(move || {
         let prompt = "Tell me everything about the history of lighthouses. ".repeat(40);
-        let r: Value = ureq::post(&url)
+        let r: Value = common::authed_post(&url)
             .send_json(json!({"prompt": prompt, "max_tokens": 200, "ignore_eos": true}))
             .unwrap()
             .into_json()
@@ -207,7 +210,7 @@ fn disconnect_frees_blocks() {
     let addr = s.base.trim_start_matches("http://").to_string();
     let body = json!({"prompt": "Once upon a time", "max_tokens": 1000, "ignore_eos": true, "stream": true}).to_string();
     let mut c = std::net::TcpStream::connect(&addr).unwrap();
-    write!(c, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    write!(c, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", common::ADMIN_KEY, body.len()).unwrap();
     let mut buf = [0u8; 4096];
     let _ = c.read(&mut buf).unwrap();
     assert!(common::wait_until(Duration::from_secs(10), || metric(
@@ -233,7 +236,7 @@ fn queue_overflow_is_429_with_retry_after() {
         .map(|_| {
             let url = format!("{base}/v1/completions");
             std::thread::spawn(move || {
-                match ureq::post(&url)
+                match common::authed_post(&url)
                     .send_json(json!({"prompt": "hello", "max_tokens": 240, "ignore_eos": true}))
                 {
                     Ok(r) => (r.status(), None),
@@ -265,13 +268,15 @@ fn queue_overflow_is_429_with_retry_after() {
 fn a_flooding_tenant_does_not_delay_another() {
     let _serial = serial();
     let s = Server::start(&real_model(), &["--max-num-seqs", "4"]);
+    s.tenant("flood");
+    s.tenant("quiet");
     let a_done = Arc::new(AtomicUsize::new(0));
     let base = s.base.clone();
     let flood: Vec<_> = (0..40)
         .map(|i| {
             let (url, done) = (format!("{base}/v1/completions"), a_done.clone());
             std::thread::spawn(move || {
-                let r = ureq::post(&url).set("x-serrano-tenant", "flood").send_json(json!({"prompt": format!("Request {i}: the"), "max_tokens": 16, "ignore_eos": true}));
+                let r = common::authed_post(&url).set("x-serrano-tenant", "flood").send_json(json!({"prompt": format!("Request {i}: the"), "max_tokens": 16, "ignore_eos": true}));
                 assert_eq!(r.unwrap().status(), 200);
                 done.fetch_add(1, Ordering::SeqCst);
             })
@@ -281,7 +286,7 @@ fn a_flooding_tenant_does_not_delay_another() {
         &s,
         "serrano:num_requests_waiting"
     ) >= 20.0));
-    let r = ureq::post(&s.url("/v1/completions"))
+    let r = common::authed_post(&s.url("/v1/completions"))
         .set("x-serrano-tenant", "quiet")
         .send_json(json!({"prompt": "Hello", "max_tokens": 16, "ignore_eos": true}))
         .unwrap();
@@ -304,11 +309,13 @@ fn a_tenant_over_its_share_gets_429_and_others_do_not() {
     // Per-tenant limit: max-waiting + max-num-seqs = 3 requests in flight. The flood's requests
     // are long (seconds each), so all six arrive while the first three are in flight.
     let s = Server::slow(&["--max-num-seqs", "1", "--max-waiting", "2"]);
+    s.tenant("flood");
+    s.tenant("other");
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     for _ in 0..6 {
         let (url, done) = (s.url("/v1/completions"), done_tx.clone());
         std::thread::spawn(move || {
-            let code = match ureq::post(&url)
+            let code = match common::authed_post(&url)
                 .set("x-serrano-tenant", "flood")
                 .send_json(json!({"prompt": "hello", "max_tokens": 2000, "ignore_eos": true}))
             {
@@ -338,7 +345,7 @@ fn a_tenant_over_its_share_gets_429_and_others_do_not() {
         "in flight: {}",
         in_flight()
     );
-    let r = ureq::post(&s.url("/v1/completions"))
+    let r = common::authed_post(&s.url("/v1/completions"))
         .set("x-serrano-tenant", "other")
         .send_json(json!({"prompt": "hi", "max_tokens": 2, "ignore_eos": true}));
     assert_eq!(r.map(|r| r.status()).unwrap_or_else(|e| panic!("{e}")), 200);

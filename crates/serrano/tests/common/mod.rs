@@ -9,10 +9,29 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// The admin key every test server registers at start-up (`SERRANO_ADMIN_KEY`).
+pub const ADMIN_KEY: &str = "sk-srn-test-admin-key-0123456789abcdef";
+
 pub struct Server {
     child: Child,
     pub base: String,
+    /// The governance database of this server.
+    pub db: PathBuf,
+    model: PathBuf,
+    /// Everything the server wrote to stderr (its log) so far.
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     _dir: Option<tempfile::TempDir>,
+    _db_dir: tempfile::TempDir,
+}
+
+/// A POST carrying the admin key.
+pub fn authed_post(url: &str) -> ureq::Request {
+    ureq::post(url).set("Authorization", &format!("Bearer {ADMIN_KEY}"))
+}
+
+/// A GET carrying the admin key.
+pub fn authed_get(url: &str) -> ureq::Request {
+    ureq::get(url).set("Authorization", &format!("Bearer {ADMIN_KEY}"))
 }
 
 impl Drop for Server {
@@ -25,17 +44,34 @@ impl Drop for Server {
 impl Server {
     /// Starts `serrano serve --model MODEL --port 0 ARGS` and waits until it listens.
     pub fn start(model: &Path, args: &[&str]) -> Server {
+        let db_dir = tempfile::tempdir().unwrap();
+        let db = db_dir.path().join("serrano.db");
+        Server::start_with_db(model, args, db, db_dir)
+    }
+
+    /// Starts a server on an existing governance database (to restart one).
+    pub fn start_with_db(
+        model: &Path,
+        args: &[&str],
+        db: PathBuf,
+        db_dir: tempfile::TempDir,
+    ) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_serrano"))
             .args(["serve", "--port", "0", "--threads", "2", "--model"])
             .arg(model)
+            .arg("--db")
+            .arg(&db)
             .args(args)
             .env("RUST_LOG", "info")
+            .env("SERRANO_ADMIN_KEY", ADMIN_KEY)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn serrano");
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log_w = log.clone();
         // Keep draining stderr for the server's whole life so it never blocks on a full pipe.
         std::thread::spawn(move || {
             let mut sent = false;
@@ -57,6 +93,7 @@ impl Server {
                 if std::env::var_os("SERRANO_TEST_LOG").is_some() {
                     eprintln!("[server] {line}");
                 }
+                log_w.lock().unwrap().push(line);
             }
         });
         let base = rx
@@ -65,7 +102,11 @@ impl Server {
         Server {
             child,
             base,
+            db,
+            model: model.to_path_buf(),
+            log,
             _dir: None,
+            _db_dir: db_dir,
         }
     }
 
@@ -96,13 +137,56 @@ impl Server {
         s
     }
 
+    /// Creates a tenant through the admin API.
+    pub fn tenant(&self, name: &str) {
+        let (status, body) = self.post("/admin/v1/tenants", &serde_json::json!({"name": name}));
+        assert_eq!(status, 201, "{body}");
+    }
+
+    /// Creates a key for `tenant` with extra fields (role, models, expires_in); returns the
+    /// response, whose `key` is the secret.
+    pub fn key(&self, tenant: &str, extra: Value) -> Value {
+        let mut body = serde_json::json!({"tenant": tenant});
+        if let (Some(b), Value::Object(e)) = (body.as_object_mut(), extra) {
+            b.extend(e);
+        }
+        let (status, v) = self.post("/admin/v1/keys", &body);
+        assert_eq!(status, 201, "{v}");
+        v
+    }
+
+    /// Stops the server at once (SIGKILL), as a crash would, keeping its files for a restart.
+    pub fn kill(mut self) -> Crashed {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        Crashed {
+            db: self.db.clone(),
+            model: self.model.clone(),
+            db_dir: std::mem::replace(&mut self._db_dir, tempfile::tempdir().unwrap()),
+            model_dir: self._dir.take(),
+        }
+    }
+
+    /// Starts a server again on a killed one's model and database.
+    pub fn restart(c: Crashed, args: &[&str]) -> Server {
+        let mut s = Server::start_with_db(&c.model, args, c.db, c.db_dir);
+        s._dir = c.model_dir;
+        s
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
 
     /// POSTs raw bytes; returns status and parsed JSON (or `Value::Null` for a non-JSON body).
     pub fn post_raw(&self, path: &str, body: &[u8]) -> (u16, Value, Headers) {
+        self.post_as(ADMIN_KEY, path, body)
+    }
+
+    /// POSTs raw bytes with the given key.
+    pub fn post_as(&self, key: &str, path: &str, body: &[u8]) -> (u16, Value, Headers) {
         let r = ureq::post(&self.url(path))
+            .set("Authorization", &format!("Bearer {key}"))
             .set("Content-Type", "application/json")
             .timeout(Duration::from_secs(120))
             .send_bytes(body);
@@ -116,7 +200,7 @@ impl Server {
 
     pub fn get(&self, path: &str) -> (u16, Value) {
         let (s, v, _) = into_parts(
-            ureq::get(&self.url(path))
+            authed_get(&self.url(path))
                 .timeout(Duration::from_secs(30))
                 .call(),
         );
@@ -125,7 +209,7 @@ impl Server {
 
     /// POSTs a streaming request and returns the `data:` payloads in order.
     pub fn stream(&self, path: &str, body: &Value) -> Vec<String> {
-        let r = ureq::post(&self.url(path))
+        let r = authed_post(&self.url(path))
             .timeout(Duration::from_secs(120))
             .send_json(body.clone())
             .expect("stream request");
@@ -160,6 +244,14 @@ fn into_parts(r: Result<ureq::Response, ureq::Error>) -> (u16, Value, Headers) {
         serde_json::from_str(&text).unwrap_or(Value::Null),
         headers,
     )
+}
+
+/// What a killed server leaves behind.
+pub struct Crashed {
+    db: PathBuf,
+    model: PathBuf,
+    db_dir: tempfile::TempDir,
+    model_dir: Option<tempfile::TempDir>,
 }
 
 pub type Headers = std::collections::HashMap<String, String>;

@@ -1,0 +1,268 @@
+//! The audit record and its hash chain.
+//!
+//! Each record's hash covers the previous record's hash, its sequence number and its exact JSON
+//! text, and the chain's tip is kept beside it (`audit_head`). Changing, deleting, reordering or
+//! truncating records therefore breaks verification; prompt and completion content lives in a
+//! separate table so it can be erased without touching the chain.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The `prev_hash` of the first record.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// How much of a tenant's prompts and completions the audit log keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Retention {
+    /// Nothing but counts.
+    #[default]
+    None,
+    /// The sha256 of each, to prove later what was sent without keeping it.
+    Hash,
+    /// The text itself.
+    Full,
+}
+
+impl Retention {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Retention::None => "none",
+            Retention::Hash => "hash",
+            Retention::Full => "full",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Retention> {
+        match s {
+            "none" => Some(Retention::None),
+            "hash" => Some(Retention::Hash),
+            "full" => Some(Retention::Full),
+            _ => None,
+        }
+    }
+}
+
+/// One request, whatever its outcome. Field order is the JSON order, and the JSON text is what
+/// the chain hashes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Position in the chain, from 1; set when the record is appended.
+    pub seq: u64,
+    /// Unix milliseconds when the record was appended.
+    pub time_ms: i64,
+    pub request_id: String,
+    pub method: String,
+    pub endpoint: String,
+    pub tenant: Option<String>,
+    /// The key's shown prefix, never the secret.
+    pub key: Option<String>,
+    pub model: Option<String>,
+    pub backend: Option<String>,
+    pub region: Option<String>,
+    pub config_version: Option<u64>,
+    pub route: Option<String>,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost_nusd: i64,
+    pub ttft_ms: Option<f64>,
+    pub latency_ms: f64,
+    /// HTTP status; 499 when the client went away first.
+    pub status: u16,
+    pub finish_reason: Option<String>,
+    pub error: Option<String>,
+    /// Safety-filter verdicts.
+    pub filters: Vec<serde_json::Value>,
+    pub tool_calls: Vec<String>,
+}
+
+pub fn chain_hash(prev_hash: &str, seq: u64, record: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(prev_hash.as_bytes());
+    h.update(b"\n");
+    h.update(seq.to_string().as_bytes());
+    h.update(b"\n");
+    h.update(record.as_bytes());
+    hex(&h.finalize())
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn sha256_hex(text: &str) -> String {
+    hex(&Sha256::digest(text.as_bytes()))
+}
+
+/// One stored row of the chain.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChainRow {
+    pub seq: i64,
+    pub record: String,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+/// The first place the chain does not hold.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("audit record {seq}: {reason}")]
+pub struct ChainError {
+    pub seq: i64,
+    pub reason: String,
+}
+
+/// What `serrano audit verify` reports.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VerifyReport {
+    pub records: u64,
+    pub ok: bool,
+    pub first_bad_seq: Option<i64>,
+    pub reason: Option<String>,
+    pub head_hash: String,
+}
+
+/// Checks rows (in stored order) against each other and against the recorded tip `head`
+/// (`(seq, hash)`, or `None` for an empty log). Returns the number of records.
+pub fn verify_chain(
+    rows: impl IntoIterator<Item = ChainRow>,
+    head: Option<(i64, String)>,
+) -> Result<u64, ChainError> {
+    let mut prev = GENESIS.to_string();
+    let mut expected = 1i64;
+    for row in rows {
+        let bad = |reason: String| ChainError {
+            seq: row.seq,
+            reason,
+        };
+        if row.seq != expected {
+            return Err(bad(format!(
+                "expected sequence number {expected} (a record is missing or out of order)"
+            )));
+        }
+        if row.prev_hash != prev {
+            return Err(bad("does not link to the record before it".into()));
+        }
+        if chain_hash(&row.prev_hash, row.seq as u64, &row.record) != row.hash {
+            return Err(bad("content does not match its hash".into()));
+        }
+        match serde_json::from_str::<AuditRecord>(&row.record) {
+            Ok(r) if r.seq == row.seq as u64 => {}
+            _ => return Err(bad("record is not a valid audit record".into())),
+        }
+        prev = row.hash;
+        expected += 1;
+    }
+    let last = expected - 1;
+    match head {
+        None if last == 0 => Ok(0),
+        None => Err(ChainError {
+            seq: last,
+            reason: "records exist but the chain head is missing".into(),
+        }),
+        Some((seq, hash)) if seq == last && hash == prev => Ok(last as u64),
+        Some((seq, _)) => Err(ChainError {
+            seq: last + 1,
+            reason: format!(
+                "the chain head says {seq} records but {last} verify (records were truncated or the head edited)"
+            ),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn chain(n: usize) -> (Vec<ChainRow>, Option<(i64, String)>) {
+        let mut prev = GENESIS.to_string();
+        let mut rows = vec![];
+        for i in 1..=n {
+            let rec = AuditRecord {
+                seq: i as u64,
+                request_id: format!("req-{i}"),
+                status: 200,
+                prompt_tokens: i as u64 * 7,
+                ..Default::default()
+            };
+            let text = serde_json::to_string(&rec).unwrap();
+            let hash = chain_hash(&prev, i as u64, &text);
+            rows.push(ChainRow {
+                seq: i as i64,
+                record: text,
+                prev_hash: prev.clone(),
+                hash: hash.clone(),
+            });
+            prev = hash;
+        }
+        let head = (n > 0).then_some((n as i64, prev));
+        (rows, head)
+    }
+
+    #[test]
+    fn intact_chain_verifies() {
+        let (rows, head) = chain(5);
+        assert_eq!(verify_chain(rows, head), Ok(5));
+        assert_eq!(verify_chain(vec![], None), Ok(0));
+    }
+
+    #[derive(Debug, Clone)]
+    enum Tamper {
+        Byte {
+            row: usize,
+            field: u8,
+            at: usize,
+            xor: u8,
+        },
+        Delete(usize),
+        Swap(usize, usize),
+        Truncate(usize),
+    }
+
+    fn tamper() -> impl Strategy<Value = Tamper> {
+        prop_oneof![
+            (0..64usize, 0..3u8, 0..4096usize, 1..=255u8).prop_map(|(row, field, at, xor)| {
+                Tamper::Byte {
+                    row,
+                    field,
+                    at,
+                    xor,
+                }
+            }),
+            (0..64usize).prop_map(Tamper::Delete),
+            (0..64usize, 0..64usize).prop_map(|(a, b)| Tamper::Swap(a, b)),
+            (1..64usize).prop_map(Tamper::Truncate),
+        ]
+    }
+
+    proptest! {
+        /// Any single-byte change, deletion, reordering or truncation fails verification.
+        #[test]
+        fn any_tampering_is_detected(n in 1..12usize, t in tamper()) {
+            let (mut rows, head) = chain(n);
+            match t {
+                Tamper::Byte { row, field, at, xor } => {
+                    let r = &mut rows[row % n];
+                    let s = match field {
+                        0 => &mut r.record,
+                        1 => &mut r.prev_hash,
+                        _ => &mut r.hash,
+                    };
+                    let mut bytes = std::mem::take(s).into_bytes();
+                    let i = at % bytes.len();
+                    bytes[i] ^= xor;
+                    // Invalid UTF-8 could not be stored as TEXT; keep such a byte lossy, which
+                    // still changes it.
+                    *s = String::from_utf8_lossy(&bytes).into_owned();
+                }
+                Tamper::Delete(i) => { rows.remove(i % n); }
+                Tamper::Swap(a, b) => {
+                    let (a, b) = (a % n, b % n);
+                    prop_assume!(a != b);
+                    rows.swap(a, b);
+                }
+                Tamper::Truncate(k) => { rows.truncate(n - 1 - (k % n).min(n - 1)); prop_assume!(rows.len() < n); }
+            }
+            prop_assert!(verify_chain(rows, head).is_err());
+        }
+    }
+}

@@ -1,0 +1,43 @@
+//! serrano's governance layer: who is asking (tenants, API keys, scopes), what they may spend
+//! (budgets kept as a ledger of reservations and settlements), and what happened (a hash-chained,
+//! durable audit log). Storage is SQLite through `sqlx`; PostgreSQL is meant to implement the same
+//! operations for multi-replica gateways.
+//!
+//! Invariants:
+//! - A key is stored only as its sha256; the secret is returned once, at creation.
+//! - Budget checks and reservations happen in one write transaction, so concurrent requests can
+//!   never reserve past a limit; settlement replaces a reservation by the actual usage (never more
+//!   than reserved) in the same transaction as the request's audit record.
+//! - Every write goes through one writer task that group-commits (`synchronous=FULL`), so the
+//!   audit record of a response is on disk before the response completes.
+
+mod audit;
+mod error;
+mod keys;
+mod ledger;
+mod store;
+mod ticket;
+mod time;
+mod writer;
+
+pub use audit::{
+    verify_chain, AuditRecord, ChainError, ChainRow, Retention, VerifyReport, GENESIS,
+};
+pub use error::GovError;
+pub use keys::{Principal, Role};
+pub use ledger::{BudgetPeriod, BudgetUnit};
+pub use store::{
+    default_db_path, usage_csv, BudgetInfo, GovConfig, Governance, KeyInfo, LedgerState, NewKey,
+    TenantInfo, UsageRow, ADMIN_TENANT, ANONYMOUS_TENANT,
+};
+pub use ticket::Ticket;
+pub use ticket::{CLIENT_CLOSED, LOCAL_BACKEND};
+pub use time::{day_key, month_key, now_ms};
+
+/// Nano-dollars per dollar: money is kept in integer nano-dollars so sums are exact.
+pub const NUSD_PER_USD: f64 = 1e9;
+
+/// Converts a price in dollars per million tokens into integer nano-dollars per token.
+pub fn nusd_per_token(usd_per_million: f64) -> i64 {
+    (usd_per_million * NUSD_PER_USD / 1e6).round() as i64
+}

@@ -1,0 +1,267 @@
+//! A request's governance ticket: who made it, what it reserved, what it used, and its audit
+//! record. Exactly one record is written per ticket: by `finish`, or, if the request is dropped
+//! first (client gone, handler cancelled), by the ticket's destructor.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::audit::{AuditRecord, Retention};
+use crate::error::GovError;
+use crate::keys::Principal;
+use crate::ledger::{ReserveOp, Settlement};
+use crate::store::Governance;
+use crate::time::now_ms;
+use crate::writer::{Content, FinishOp, Finished};
+
+/// Status recorded when the client went away before the response completed (nginx's 499).
+pub const CLIENT_CLOSED: u16 = 499;
+/// The backend name of the in-process engine.
+pub const LOCAL_BACKEND: &str = "local";
+
+#[derive(Clone)]
+pub struct Ticket(Arc<Inner>);
+
+struct Inner {
+    gov: Governance,
+    started: Instant,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    record: AuditRecord,
+    principal: Option<Principal>,
+    reserved: bool,
+    first_token: Option<Instant>,
+    prompt_text: Option<String>,
+    completions: Vec<String>,
+    detached: bool,
+    done: bool,
+}
+
+impl Ticket {
+    pub fn new(gov: &Governance, request_id: String, method: &str, endpoint: &str) -> Ticket {
+        let record = AuditRecord {
+            request_id,
+            method: method.to_string(),
+            endpoint: endpoint.to_string(),
+            region: gov.config().region.clone(),
+            ..Default::default()
+        };
+        Ticket(Arc::new(Inner {
+            gov: gov.clone(),
+            started: Instant::now(),
+            state: Mutex::new(State {
+                record,
+                ..Default::default()
+            }),
+        }))
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock left plain data; keep using it.
+        self.0.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn request_id(&self) -> String {
+        self.state().record.request_id.clone()
+    }
+
+    pub fn set_principal(&self, p: Principal) {
+        let mut s = self.state();
+        s.record.tenant = Some(p.tenant.clone());
+        s.record.key = Some(p.key_prefix.clone());
+        s.principal = Some(p);
+    }
+
+    pub fn principal(&self) -> Option<Principal> {
+        self.state().principal.clone()
+    }
+
+    /// Whether prompts and completions are kept (so the caller knows to pass them).
+    pub fn keeps_content(&self) -> bool {
+        self.state()
+            .principal
+            .as_ref()
+            .is_some_and(|p| p.retention != Retention::None)
+    }
+
+    pub fn set_model(&self, model: &str) {
+        let mut s = self.state();
+        s.record.model = Some(model.to_string());
+        s.record.backend = Some(LOCAL_BACKEND.to_string());
+        s.record.route = Some(LOCAL_BACKEND.to_string());
+    }
+
+    pub fn set_prompt_text(&self, text: String) {
+        self.state().prompt_text = Some(text);
+    }
+
+    /// Reserves the worst case (`prompt_tokens + max_completion_tokens`, priced) against every
+    /// budget of the principal's tenant and key. Call after `set_principal` and `set_model`.
+    pub async fn reserve(
+        &self,
+        prompt_tokens: u64,
+        max_completion_tokens: u64,
+    ) -> Result<(), GovError> {
+        let op = {
+            let mut s = self.state();
+            s.record.prompt_tokens = prompt_tokens;
+            let p = s
+                .principal
+                .as_ref()
+                .ok_or_else(|| GovError::Unauthorized("no principal".into()))?;
+            let ttl = self.0.gov.config().reservation_ttl;
+            ReserveOp {
+                request_id: s.record.request_id.clone(),
+                tenant_id: p.tenant_id,
+                key_id: p.key_id,
+                model: s.record.model.clone().unwrap_or_default(),
+                backend: s.record.backend.clone().unwrap_or_default(),
+                prompt_tokens,
+                max_completion_tokens,
+                expires_ms: now_ms().saturating_add(ttl.as_millis() as i64),
+            }
+        };
+        self.0.gov.reserve(op).await?;
+        self.state().reserved = true;
+        Ok(())
+    }
+
+    /// One generated token of choice `index`, with its text if content is kept.
+    pub fn token(&self, index: usize, text: &str) {
+        let mut s = self.state();
+        s.record.completion_tokens += 1;
+        if s.first_token.is_none() {
+            s.first_token = Some(Instant::now());
+        }
+        if s.prompt_text.is_some() {
+            if s.completions.len() <= index {
+                s.completions.resize(index + 1, String::new());
+            }
+            s.completions[index].push_str(text);
+        }
+    }
+
+    /// The engine's final counts, which win over the per-token tally.
+    pub fn set_usage(&self, prompt_tokens: u64, completion_tokens: u64) {
+        let mut s = self.state();
+        s.record.prompt_tokens = prompt_tokens;
+        s.record.completion_tokens = completion_tokens;
+    }
+
+    pub fn set_finish_reason(&self, reason: &str) {
+        let mut s = self.state();
+        let r = &mut s.record.finish_reason;
+        // With several choices, keep them all: "stop,length".
+        match r {
+            Some(prev) if !prev.split(',').any(|x| x == reason) => {
+                prev.push(',');
+                prev.push_str(reason);
+            }
+            Some(_) => {}
+            None => *r = Some(reason.to_string()),
+        }
+    }
+
+    /// The response is a stream that will call `finish` itself; whoever returns the response
+    /// headers must not.
+    pub fn detach(&self) {
+        self.state().detached = true;
+    }
+
+    pub fn is_detached(&self) -> bool {
+        self.state().detached
+    }
+
+    /// Settles the reservation with the usage so far and appends the audit record; returns once
+    /// both are durable. A second call is a no-op.
+    pub async fn finish(&self, status: u16, error: Option<String>) -> Result<Finished, GovError> {
+        let Some(op) = self.take(status, error) else {
+            return Ok(Finished {
+                seq: 0,
+                cost_nusd: 0,
+            });
+        };
+        self.0.gov.finish(op).await
+    }
+
+    fn take(&self, status: u16, error: Option<String>) -> Option<FinishOp> {
+        let mut s = self.state();
+        if s.done {
+            return None;
+        }
+        s.done = true;
+        Some(build(&mut s, self.0.started, status, error))
+    }
+}
+
+fn build(s: &mut State, started: Instant, status: u16, error: Option<String>) -> FinishOp {
+    let mut record = std::mem::take(&mut s.record);
+    record.status = status;
+    record.error = error;
+    record.latency_ms = ms(started.elapsed());
+    record.ttft_ms = s.first_token.map(|t| ms(t - started));
+    let settlement = match (&s.principal, s.reserved) {
+        (Some(p), true) => Some(Settlement {
+            request_id: record.request_id.clone(),
+            tenant_id: p.tenant_id,
+            key_id: p.key_id,
+            tenant: p.tenant.clone(),
+            key_prefix: p.key_prefix.clone(),
+            model: record.model.clone().unwrap_or_default(),
+            backend: record.backend.clone().unwrap_or_default(),
+            prompt_tokens: record.prompt_tokens,
+            completion_tokens: record.completion_tokens,
+        }),
+        _ => None,
+    };
+    let content = match (&s.principal, s.prompt_text.take()) {
+        (Some(p), Some(prompt)) if p.retention != Retention::None => Some(Content {
+            tenant_id: p.tenant_id,
+            retention: p.retention,
+            prompt,
+            completion: serde_json::to_string(&s.completions).unwrap_or_default(),
+        }),
+        _ => None,
+    };
+    FinishOp {
+        settlement,
+        record,
+        content,
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let s = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        if s.done {
+            return;
+        }
+        s.done = true;
+        let op = build(
+            s,
+            self.started,
+            CLIENT_CLOSED,
+            Some("the client closed the connection before the response completed".into()),
+        );
+        let gov = self.gov.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    if let Err(e) = gov.finish(op).await {
+                        tracing::error!("cannot audit an abandoned request: {e}");
+                    }
+                });
+            }
+            Err(_) => tracing::error!(
+                request_id = %op.record.request_id,
+                "request dropped outside the runtime: its reservation will expire unaudited"
+            ),
+        }
+    }
+}

@@ -1,0 +1,296 @@
+//! The ledger and audit log against a real SQLite file.
+
+use std::time::Duration;
+
+use serrano_gov::{
+    BudgetPeriod, BudgetUnit, GovConfig, GovError, Governance, NewKey, Principal, Retention, Ticket,
+};
+
+async fn open(dir: &tempfile::TempDir) -> Governance {
+    let gov = Governance::open(GovConfig::new(dir.path().join("gov.db")))
+        .await
+        .unwrap();
+    gov.bootstrap(None).await.unwrap();
+    gov
+}
+
+async fn tenant_key(gov: &Governance, name: &str) -> Principal {
+    gov.create_tenant(name, Retention::None).await.unwrap();
+    let (_, secret) = gov
+        .create_key(NewKey {
+            tenant: name.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    gov.authenticate(&secret).await.unwrap()
+}
+
+/// One simulated request: reserve `prompt + max`, then use `used` completion tokens.
+async fn request(
+    gov: &Governance,
+    p: &Principal,
+    id: String,
+    prompt: u64,
+    max: u64,
+    used: u64,
+) -> Result<(), GovError> {
+    let t = Ticket::new(gov, id, "POST", "/v1/completions");
+    t.set_principal(p.clone());
+    t.set_model("m");
+    let r = t.reserve(prompt, max).await;
+    if let Err(e) = r {
+        t.finish(429, Some(e.to_string())).await.unwrap();
+        return Err(e);
+    }
+    for _ in 0..used {
+        t.token(0, "x");
+    }
+    t.set_finish_reason("length");
+    t.finish(200, None).await.unwrap();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_never_overspend_a_token_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let gov = open(&dir).await;
+    let p = tenant_key(&gov, "acme").await;
+    const BUDGET: i64 = 5_000;
+    gov.set_budget("acme", None, BudgetUnit::Tokens, BudgetPeriod::Day, BUDGET)
+        .await
+        .unwrap();
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let (gov, p) = (gov.clone(), p.clone());
+            // Worst case 10 + 90 = 100 tokens each; each actually uses between 10 and 100.
+            tokio::spawn(async move { request(&gov, &p, format!("r{i}"), 10, 90, i % 91).await })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(()) => ok += 1,
+            Err(GovError::OverBudget(m)) => assert!(m.contains("day tokens budget"), "{m}"),
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    let state = gov.ledger_state().await.unwrap();
+    assert_eq!(state.open_requests, 0);
+    assert_eq!(state.reserved_total, 0);
+    assert!(state.spent_total <= BUDGET, "{state:?}");
+    assert!(ok >= 50, "only {ok} requests were admitted");
+    // The settled usage equals what the audit log recorded.
+    let usage = gov.usage(&[]).await.unwrap();
+    let audited: u64 = gov
+        .audit_records(0, 10_000)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|r| r.status == 200)
+        .map(|r| r.prompt_tokens + r.completion_tokens)
+        .sum();
+    assert_eq!(
+        (usage[0].prompt_tokens + usage[0].completion_tokens) as u64,
+        audited
+    );
+    assert_eq!(state.spent_total as u64, audited);
+    let v = gov.verify_audit().await.unwrap();
+    assert!(v.ok, "{v:?}");
+    assert_eq!(v.records, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_never_overspend_a_money_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let gov = open(&dir).await;
+    let p = tenant_key(&gov, "acme").await;
+    // $1 per million input tokens, $4 per million output: 1,000 and 4,000 nano-dollars a token.
+    gov.set_price("m", "local", 1.0, 4.0).await.unwrap();
+    let budget =
+        serrano_gov::nusd_per_token(1.0) * 10 * 30 + serrano_gov::nusd_per_token(4.0) * 90 * 30;
+    gov.set_budget(
+        "acme",
+        Some(p.key_id),
+        BudgetUnit::Usd,
+        BudgetPeriod::Month,
+        budget,
+    )
+    .await
+    .unwrap();
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let (gov, p) = (gov.clone(), p.clone());
+            tokio::spawn(async move { request(&gov, &p, format!("r{i}"), 10, 90, 90).await })
+        })
+        .collect();
+    let ok = futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .filter(|r| matches!(r, Ok(Ok(()))))
+        .count();
+    // Every request uses its whole worst case, so exactly 30 fit.
+    assert_eq!(ok, 30);
+    let state = gov.ledger_state().await.unwrap();
+    assert_eq!((state.open_requests, state.reserved_total), (0, 0));
+    assert_eq!(state.spent_total, budget);
+    let cost: f64 = gov.usage(&["key"]).await.unwrap()[0].cost_usd;
+    assert!((cost - budget as f64 / 1e9).abs() < 1e-9);
+}
+
+#[tokio::test]
+async fn a_replayed_request_id_is_not_charged_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let gov = open(&dir).await;
+    let p = tenant_key(&gov, "acme").await;
+    gov.set_budget("acme", None, BudgetUnit::Tokens, BudgetPeriod::Total, 1_000)
+        .await
+        .unwrap();
+    request(&gov, &p, "same".into(), 10, 10, 10).await.unwrap();
+    let e = request(&gov, &p, "same".into(), 10, 10, 10)
+        .await
+        .unwrap_err();
+    assert_eq!(e, GovError::Duplicate("same".into()));
+    assert_eq!(gov.ledger_state().await.unwrap().spent_total, 20);
+}
+
+#[tokio::test]
+async fn a_dropped_ticket_is_audited_and_released() {
+    let dir = tempfile::tempdir().unwrap();
+    let gov = open(&dir).await;
+    let p = tenant_key(&gov, "acme").await;
+    gov.set_budget("acme", None, BudgetUnit::Tokens, BudgetPeriod::Total, 1_000)
+        .await
+        .unwrap();
+    let t = Ticket::new(&gov, "gone".into(), "POST", "/v1/completions");
+    t.set_principal(p);
+    t.set_model("m");
+    t.reserve(10, 100).await.unwrap();
+    t.token(0, "a");
+    drop(t);
+    let ok = async {
+        loop {
+            let s = gov.ledger_state().await.unwrap();
+            if s.open_requests == 0 {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    let s = tokio::time::timeout(Duration::from_secs(5), ok)
+        .await
+        .unwrap();
+    assert_eq!((s.reserved_total, s.spent_total), (0, 11));
+    let recs = gov.audit_records(0, 10).await.unwrap();
+    let last = recs.last().unwrap();
+    assert_eq!((last.status, last.completion_tokens), (499, 1));
+}
+
+#[tokio::test]
+async fn expired_reservations_are_released() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = GovConfig::new(dir.path().join("gov.db"));
+    cfg.reservation_ttl = Duration::from_millis(1);
+    let gov = Governance::open(cfg).await.unwrap();
+    let p = tenant_key(&gov, "acme").await;
+    gov.set_budget("acme", None, BudgetUnit::Tokens, BudgetPeriod::Total, 1_000)
+        .await
+        .unwrap();
+    let t = Ticket::new(&gov, "crashed".into(), "POST", "/v1/completions");
+    t.set_principal(p);
+    t.set_model("m");
+    t.reserve(10, 500).await.unwrap();
+    // A crashed process never settles: forget the ticket without running its destructor.
+    std::mem::forget(t);
+    let released = async {
+        loop {
+            if gov.ledger_state().await.unwrap().reserved_total == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), released)
+        .await
+        .unwrap();
+    assert_eq!(gov.ledger_state().await.unwrap().open_requests, 0);
+}
+
+#[tokio::test]
+async fn keys_are_checked_revoked_and_expired() {
+    let dir = tempfile::tempdir().unwrap();
+    let gov = open(&dir).await;
+    gov.create_tenant("acme", Retention::None).await.unwrap();
+    let (info, secret) = gov
+        .create_key(NewKey {
+            tenant: "acme".into(),
+            models: Some(vec!["m".into()]),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let p = gov.authenticate(&secret).await.unwrap();
+    assert!(p.may_use_model("m") && !p.may_use_model("other"));
+    let mut wrong = secret.clone();
+    wrong.pop();
+    wrong.push('!');
+    assert!(matches!(
+        gov.authenticate(&wrong).await,
+        Err(GovError::Unauthorized(_))
+    ));
+    gov.revoke_key(info.id).await.unwrap();
+    assert_eq!(
+        gov.authenticate(&secret).await,
+        Err(GovError::Unauthorized(
+            "This API key has been revoked.".into()
+        ))
+    );
+    let (_, old) = gov
+        .create_key(NewKey {
+            tenant: "acme".into(),
+            expires_ms: Some(1),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        gov.authenticate(&old).await,
+        Err(GovError::Unauthorized("This API key has expired.".into()))
+    );
+    // The database never holds a secret.
+    let raw = std::fs::read(dir.path().join("gov.db")).unwrap();
+    let wal = std::fs::read(dir.path().join("gov.db-wal")).unwrap_or_default();
+    for bytes in [raw, wal] {
+        assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()));
+    }
+}
+
+#[tokio::test]
+async fn erasure_removes_content_and_keeps_the_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let gov = open(&dir).await;
+    gov.create_tenant("acme", Retention::Full).await.unwrap();
+    let (_, secret) = gov
+        .create_key(NewKey {
+            tenant: "acme".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let p = gov.authenticate(&secret).await.unwrap();
+    let t = Ticket::new(&gov, "r1".into(), "POST", "/v1/completions");
+    t.set_principal(p);
+    t.set_model("m");
+    assert!(t.keeps_content());
+    t.set_prompt_text("my secret prompt".into());
+    t.reserve(3, 5).await.unwrap();
+    t.token(0, "hello");
+    let fin = t.finish(200, None).await.unwrap();
+    let (retention, prompt, completion) = gov.audit_content(fin.seq as i64).await.unwrap().unwrap();
+    assert_eq!(retention, "full");
+    assert_eq!(prompt.as_deref(), Some("my secret prompt"));
+    assert_eq!(completion.as_deref(), Some(r#"["hello"]"#));
+    assert_eq!(gov.erase_content("acme").await.unwrap(), 1);
+    assert_eq!(gov.audit_content(fin.seq as i64).await.unwrap(), None);
+    assert!(gov.verify_audit().await.unwrap().ok);
+}

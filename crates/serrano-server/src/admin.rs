@@ -1,0 +1,238 @@
+//! `/admin/v1/...`: tenants, keys, budgets, prices, usage and audit, for admin-scoped keys (the
+//! gate refuses other keys with 403). The same operations back `serrano admin` on the CLI.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use serrano_gov::{BudgetPeriod, BudgetUnit, GovError, NewKey, Retention, Role};
+
+use crate::error::ApiError;
+use crate::extract::JsonBody;
+use crate::AppState;
+
+type St = State<Arc<AppState>>;
+
+/// Most audit records one listing returns.
+const MAX_AUDIT_PAGE: i64 = 1000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewTenant {
+    name: String,
+    #[serde(default)]
+    retention: Retention,
+}
+
+pub async fn create_tenant(
+    State(st): St,
+    JsonBody(t): JsonBody<NewTenant>,
+) -> Result<Response, ApiError> {
+    let info = st.gov.create_tenant(&t.name, t.retention).await?;
+    Ok((StatusCode::CREATED, Json(info)).into_response())
+}
+
+pub async fn tenants(State(st): St) -> Result<Json<Value>, ApiError> {
+    Ok(Json(
+        json!({"object": "list", "data": st.gov.tenants().await?}),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyRequest {
+    tenant: String,
+    #[serde(default)]
+    name: String,
+    role: Option<Role>,
+    models: Option<Vec<String>>,
+    /// Seconds from now until the key stops working.
+    expires_in: Option<u64>,
+}
+
+/// Creates a key; the response is the only place its secret ever appears.
+pub async fn create_key(
+    State(st): St,
+    JsonBody(k): JsonBody<KeyRequest>,
+) -> Result<Response, ApiError> {
+    let expires_ms = k
+        .expires_in
+        .map(|s| serrano_gov::now_ms().saturating_add((s as i64).saturating_mul(1000)));
+    let (info, secret) = st
+        .gov
+        .create_key(NewKey {
+            tenant: k.tenant,
+            name: k.name,
+            role: k.role,
+            models: k.models,
+            expires_ms,
+        })
+        .await?;
+    let mut body = serde_json::to_value(info).map_err(ApiError::internal)?;
+    body["key"] = Value::String(secret);
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+#[derive(Deserialize)]
+pub struct TenantFilter {
+    tenant: Option<String>,
+}
+
+pub async fn keys(State(st): St, Query(f): Query<TenantFilter>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(
+        json!({"object": "list", "data": st.gov.keys(f.tenant.as_deref()).await?}),
+    ))
+}
+
+pub async fn revoke_key(State(st): St, Path(id): Path<i64>) -> Result<Json<Value>, ApiError> {
+    st.gov.revoke_key(id).await?;
+    Ok(Json(json!({"id": id, "revoked": true})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetRequest {
+    tenant: String,
+    key_id: Option<i64>,
+    unit: BudgetUnit,
+    period: BudgetPeriod,
+    /// Tokens, or dollars for `usd`.
+    limit: f64,
+}
+
+pub async fn set_budget(
+    State(st): St,
+    JsonBody(b): JsonBody<BudgetRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = budget_amount(b.unit, b.limit)?;
+    let id = st
+        .gov
+        .set_budget(&b.tenant, b.key_id, b.unit, b.period, limit)
+        .await?;
+    Ok(Json(json!({"id": id, "limit": limit})))
+}
+
+/// A budget limit in ledger units: whole tokens, or nano-dollars.
+pub fn budget_amount(unit: BudgetUnit, limit: f64) -> Result<i64, GovError> {
+    if !(0.0..=1e15).contains(&limit) {
+        return Err(GovError::Invalid(
+            "limit must be a non-negative number".into(),
+        ));
+    }
+    Ok(match unit {
+        BudgetUnit::Tokens => limit.floor() as i64,
+        BudgetUnit::Usd => (limit * serrano_gov::NUSD_PER_USD).round() as i64,
+    })
+}
+
+pub async fn budgets(
+    State(st): St,
+    Query(f): Query<TenantFilter>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(
+        json!({"object": "list", "data": st.gov.budgets(f.tenant.as_deref()).await?}),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceRequest {
+    model: String,
+    #[serde(default = "local")]
+    backend: String,
+    /// Dollars per million prompt tokens.
+    input_per_million: f64,
+    /// Dollars per million completion tokens.
+    output_per_million: f64,
+}
+
+fn local() -> String {
+    serrano_gov::LOCAL_BACKEND.into()
+}
+
+pub async fn set_price(
+    State(st): St,
+    JsonBody(p): JsonBody<PriceRequest>,
+) -> Result<Json<Value>, ApiError> {
+    st.gov
+        .set_price(
+            &p.model,
+            &p.backend,
+            p.input_per_million,
+            p.output_per_million,
+        )
+        .await?;
+    Ok(Json(json!({"model": p.model, "backend": p.backend})))
+}
+
+#[derive(Deserialize)]
+pub struct UsageQuery {
+    /// Comma-separated: tenant, key, model, day.
+    group_by: Option<String>,
+    /// `json` (default) or `csv`.
+    format: Option<String>,
+}
+
+pub async fn usage(State(st): St, Query(q): Query<UsageQuery>) -> Result<Response, ApiError> {
+    let group = q.group_by.unwrap_or_else(|| "tenant,model,day".into());
+    let fields: Vec<&str> = group
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    let rows = st.gov.usage(&fields).await?;
+    match q.format.as_deref() {
+        None | Some("json") => Ok(Json(json!({"object": "list", "data": rows})).into_response()),
+        Some("csv") => Ok((
+            [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
+            serrano_gov::usage_csv(&rows),
+        )
+            .into_response()),
+        Some(other) => Err(ApiError::invalid_param(
+            "format",
+            format!("unknown format '{other}' (json or csv)"),
+        )),
+    }
+}
+
+pub async fn ledger(State(st): St) -> Result<Json<Value>, ApiError> {
+    Ok(Json(
+        serde_json::to_value(st.gov.ledger_state().await?).map_err(ApiError::internal)?,
+    ))
+}
+
+#[derive(Deserialize)]
+pub struct AuditQuery {
+    after: Option<i64>,
+    limit: Option<i64>,
+}
+
+pub async fn audit(State(st): St, Query(q): Query<AuditQuery>) -> Result<Json<Value>, ApiError> {
+    let limit = q.limit.unwrap_or(100).clamp(1, MAX_AUDIT_PAGE);
+    let data = st.gov.audit_records(q.after.unwrap_or(0), limit).await?;
+    Ok(Json(json!({"object": "list", "data": data})))
+}
+
+pub async fn verify(State(st): St) -> Result<Json<Value>, ApiError> {
+    Ok(Json(
+        serde_json::to_value(st.gov.verify_audit().await?).map_err(ApiError::internal)?,
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EraseRequest {
+    tenant: String,
+}
+
+pub async fn erase(
+    State(st): St,
+    JsonBody(e): JsonBody<EraseRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let n = st.gov.erase_content(&e.tenant).await?;
+    Ok(Json(json!({"tenant": e.tenant, "erased_records": n})))
+}

@@ -1,0 +1,139 @@
+//! The governance gate in front of every route: authenticate the bearer key, bind the tenant,
+//! and make sure each request leaves exactly one durable audit record before its response
+//! completes (streams write theirs before `[DONE]`).
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::header::AUTHORIZATION;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serrano_gov::{GovError, Principal, Role, Ticket};
+
+use crate::error::{ApiError, ErrorNote};
+use crate::AppState;
+
+/// Routes anyone may call without a key. Everything else, unknown paths included, needs one.
+pub const PUBLIC_ROUTES: &[&str] = &["/health"];
+/// A client-chosen request id; a replayed one is refused (409) and never charged twice.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// Lets an admin key act for a tenant (a gateway forwarding its caller); others get 403.
+pub const TENANT_HEADER: &str = "x-serrano-tenant";
+const MAX_REQUEST_ID_CHARS: usize = 128;
+
+pub async fn gate(State(st): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
+    if req.method() == Method::GET && PUBLIC_ROUTES.contains(&req.uri().path()) {
+        return next.run(req).await;
+    }
+    let (id, bad_id) = request_id(req.headers());
+    let ticket = Ticket::new(&st.gov, id.clone(), req.method().as_str(), req.uri().path());
+    let resp = match bad_id.map_or(Ok(()), Err) {
+        Ok(()) => match authorize(&st, req.headers(), req.uri().path(), &ticket).await {
+            Ok(()) => {
+                req.extensions_mut().insert(ticket.clone());
+                next.run(req).await
+            }
+            Err(e) => e.into_response(),
+        },
+        Err(e) => e.into_response(),
+    };
+    let mut resp = if ticket.is_detached() {
+        resp
+    } else {
+        let status = resp.status();
+        let note = resp.extensions().get::<ErrorNote>().map(|n| n.0.clone());
+        let error = note.or_else(|| (status.as_u16() >= 400).then(|| status.to_string()));
+        match ticket.finish(status.as_u16(), error).await {
+            Ok(_) => resp,
+            // No audit, no response: the client gets 503, never an unrecorded answer.
+            Err(e) => ApiError::from(e).into_response(),
+        }
+    };
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert(REQUEST_ID_HEADER, v);
+    }
+    resp
+}
+
+/// The client's `x-request-id` if valid, else a fresh one (and the reason the client's is bad).
+fn request_id(headers: &HeaderMap) -> (String, Option<ApiError>) {
+    let fresh = || format!("req-{:032x}", rand::random::<u128>());
+    match headers.get(REQUEST_ID_HEADER).map(|v| v.to_str()) {
+        None => (fresh(), None),
+        Some(Ok(s))
+            if !s.is_empty()
+                && s.len() <= MAX_REQUEST_ID_CHARS
+                && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c)) =>
+        {
+            (s.to_string(), None)
+        }
+        Some(_) => (
+            fresh(),
+            Some(ApiError::invalid(format!(
+                "{REQUEST_ID_HEADER} must be 1 to {MAX_REQUEST_ID_CHARS} characters of [A-Za-z0-9._:-]"
+            ))),
+        ),
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Result<&str, GovError> {
+    let missing = || {
+        GovError::Unauthorized(
+            "You didn't provide an API key. Send it in the Authorization header: 'Authorization: Bearer YOUR_KEY'.".into(),
+        )
+    };
+    let v = headers
+        .get(AUTHORIZATION)
+        .ok_or_else(missing)?
+        .to_str()
+        .map_err(|_| missing())?;
+    let (scheme, key) = v.split_once(' ').ok_or_else(missing)?;
+    if !scheme.eq_ignore_ascii_case("bearer") || key.trim().is_empty() {
+        return Err(missing());
+    }
+    Ok(key.trim())
+}
+
+async fn authorize(
+    st: &AppState,
+    headers: &HeaderMap,
+    path: &str,
+    ticket: &Ticket,
+) -> Result<(), ApiError> {
+    let mut p: Principal = match (&st.anonymous, headers.contains_key(AUTHORIZATION)) {
+        (Some(anon), false) => anon.clone(),
+        _ => st.gov.authenticate(bearer(headers)?).await?,
+    };
+    if path.starts_with("/admin/") && p.role != Role::Admin {
+        return Err(GovError::Forbidden("This route needs an admin key.".into()).into());
+    }
+    if let Some(t) = headers.get(TENANT_HEADER) {
+        if p.role != Role::Admin {
+            return Err(GovError::Forbidden(format!(
+                "{TENANT_HEADER} may only be sent with an admin key; a key's tenant is fixed"
+            ))
+            .into());
+        }
+        let name = t
+            .to_str()
+            .map_err(|_| ApiError::invalid(format!("{TENANT_HEADER} is not ASCII")))?;
+        let tenant = st.gov.tenant(name).await?;
+        p.tenant_id = tenant.id;
+        p.tenant = tenant.name;
+        p.retention = tenant.retention;
+    }
+    ticket.set_principal(p);
+    Ok(())
+}
+
+/// The request's principal; the gate guarantees one on every non-public route.
+pub fn principal(ticket: &Ticket) -> Result<Principal, ApiError> {
+    ticket.principal().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "no API key was checked for this request",
+        )
+    })
+}

@@ -1,0 +1,343 @@
+//! `serrano admin`, `serrano usage` and `serrano audit`: governance from the terminal, on the same
+//! database the server uses (SQLite allows both at once).
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use serrano_gov::{BudgetPeriod, BudgetUnit, GovConfig, Governance, NewKey, Retention, Role};
+
+#[derive(Args, Clone)]
+pub struct DbArgs {
+    /// The governance database (tenants, keys, budgets, usage, audit). Default:
+    /// $SERRANO_HOME/serrano.db, else ~/.local/share/serrano/serrano.db.
+    #[arg(long, env = "SERRANO_DB", global = true)]
+    pub db: Option<PathBuf>,
+}
+
+impl DbArgs {
+    pub fn path(&self) -> PathBuf {
+        self.db.clone().unwrap_or_else(serrano_gov::default_db_path)
+    }
+}
+
+#[derive(Subcommand)]
+pub enum AdminCommand {
+    /// Tenants: who requests are attributed and billed to.
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// API keys: secrets shown once, stored as hashes.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Token and money budgets per tenant or key, per day, month or in total.
+    #[command(subcommand)]
+    Budget(BudgetCommand),
+    /// Prices per model and backend, in dollars per million tokens.
+    #[command(subcommand)]
+    Price(PriceCommand),
+}
+
+#[derive(Subcommand)]
+pub enum TenantCommand {
+    Create {
+        name: String,
+        /// How much prompt and completion content the audit log keeps: none, hash or full.
+        #[arg(long, default_value = "none", value_parser = parse_retention)]
+        retention: Retention,
+    },
+    /// Change a tenant's content retention.
+    Retention {
+        name: String,
+        #[arg(value_parser = parse_retention)]
+        retention: Retention,
+    },
+    List,
+}
+
+#[derive(Subcommand)]
+pub enum KeyCommand {
+    /// Create a key and print its secret (the only time it is shown).
+    Create {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long, default_value = "")]
+        name: String,
+        /// inference (default) or admin.
+        #[arg(long, default_value = "inference", value_parser = parse_role)]
+        role: Role,
+        /// A model the key may use (repeatable); default: all.
+        #[arg(long = "model")]
+        models: Vec<String>,
+        /// Days until the key stops working; default: never.
+        #[arg(long)]
+        expires_in_days: Option<f64>,
+    },
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Revoke a key by id; its next request is refused.
+    Revoke { id: i64 },
+}
+
+#[derive(Subcommand)]
+pub enum BudgetCommand {
+    /// Set (or replace) a budget.
+    Set {
+        #[arg(long)]
+        tenant: String,
+        /// A key id, for a per-key budget; default: the whole tenant.
+        #[arg(long)]
+        key: Option<i64>,
+        /// tokens or usd.
+        #[arg(long, value_parser = parse_unit)]
+        unit: BudgetUnit,
+        /// day, month or total.
+        #[arg(long, value_parser = parse_period)]
+        period: BudgetPeriod,
+        /// Tokens, or dollars for --unit usd.
+        #[arg(long)]
+        limit: f64,
+    },
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum PriceCommand {
+    Set {
+        #[arg(long)]
+        model: String,
+        #[arg(long, default_value = "local")]
+        backend: String,
+        /// Dollars per million prompt tokens.
+        #[arg(long)]
+        input: f64,
+        /// Dollars per million completion tokens.
+        #[arg(long)]
+        output: f64,
+    },
+}
+
+#[derive(Args)]
+pub struct UsageArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Group by any of tenant, key, model, day (comma-separated).
+    #[arg(long, default_value = "tenant,model,day")]
+    pub group_by: String,
+    /// table, json or csv.
+    #[arg(long, default_value = "table")]
+    pub format: String,
+}
+
+#[derive(Subcommand)]
+pub enum AuditCommand {
+    /// Check the hash chain; exits non-zero and names the first bad record if it does not hold.
+    Verify,
+    /// Write records as JSON lines (for a SIEM).
+    Export {
+        /// Only records after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+        /// Output file; default: stdout.
+        #[arg(long, short = 'o')]
+        output: Option<PathBuf>,
+    },
+    /// Erase a tenant's stored prompts and completions (GDPR); the chain still verifies.
+    Erase {
+        #[arg(long)]
+        tenant: String,
+    },
+}
+
+fn parse_retention(s: &str) -> Result<Retention, String> {
+    Retention::parse(s).ok_or_else(|| format!("'{s}': use none, hash or full"))
+}
+fn parse_role(s: &str) -> Result<Role, String> {
+    Role::parse(s).ok_or_else(|| format!("'{s}': use inference or admin"))
+}
+fn parse_unit(s: &str) -> Result<BudgetUnit, String> {
+    BudgetUnit::parse(s).ok_or_else(|| format!("'{s}': use tokens or usd"))
+}
+fn parse_period(s: &str) -> Result<BudgetPeriod, String> {
+    BudgetPeriod::parse(s).ok_or_else(|| format!("'{s}': use day, month or total"))
+}
+
+/// Runs `f` against the database on a small runtime of its own.
+fn with_gov<T>(db: &DbArgs, f: impl AsyncFnOnce(Governance) -> Result<T>) -> Result<T> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let path = db.path();
+        let gov = Governance::open(GovConfig::new(path.clone()))
+            .await
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        f(gov).await
+    })
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+pub fn admin(db: &DbArgs, cmd: AdminCommand) -> Result<()> {
+    with_gov(db, async |gov| match cmd {
+        AdminCommand::Tenant(TenantCommand::Create { name, retention }) => {
+            print_json(&gov.create_tenant(&name, retention).await?)
+        }
+        AdminCommand::Tenant(TenantCommand::Retention { name, retention }) => {
+            gov.set_retention(&name, retention).await?;
+            Ok(())
+        }
+        AdminCommand::Tenant(TenantCommand::List) => print_json(&gov.tenants().await?),
+        AdminCommand::Key(KeyCommand::Create {
+            tenant,
+            name,
+            role,
+            models,
+            expires_in_days,
+        }) => {
+            let expires_ms =
+                expires_in_days.map(|d| serrano_gov::now_ms() + (d * 86_400_000.0) as i64);
+            let (info, secret) = gov
+                .create_key(NewKey {
+                    tenant,
+                    name,
+                    role: Some(role),
+                    models: (!models.is_empty()).then_some(models),
+                    expires_ms,
+                })
+                .await?;
+            eprintln!(
+                "created key {} ({}) for tenant '{}'; the secret is shown only now:",
+                info.id, info.prefix, info.tenant
+            );
+            println!("{secret}");
+            Ok(())
+        }
+        AdminCommand::Key(KeyCommand::List { tenant }) => {
+            print_json(&gov.keys(tenant.as_deref()).await?)
+        }
+        AdminCommand::Key(KeyCommand::Revoke { id }) => {
+            gov.revoke_key(id).await?;
+            eprintln!("revoked key {id}");
+            Ok(())
+        }
+        AdminCommand::Budget(BudgetCommand::Set {
+            tenant,
+            key,
+            unit,
+            period,
+            limit,
+        }) => {
+            let amount = serrano_server::budget_amount(unit, limit)?;
+            let id = gov.set_budget(&tenant, key, unit, period, amount).await?;
+            eprintln!("budget {id} set");
+            Ok(())
+        }
+        AdminCommand::Budget(BudgetCommand::List { tenant }) => {
+            print_json(&gov.budgets(tenant.as_deref()).await?)
+        }
+        AdminCommand::Price(PriceCommand::Set {
+            model,
+            backend,
+            input,
+            output,
+        }) => {
+            gov.set_price(&model, &backend, input, output).await?;
+            Ok(())
+        }
+    })
+}
+
+pub fn usage(a: UsageArgs) -> Result<()> {
+    with_gov(&a.db, async |gov| {
+        let fields: Vec<&str> = a
+            .group_by
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        let rows = gov.usage(&fields).await?;
+        match a.format.as_str() {
+            "json" => print_json(&rows),
+            "csv" => {
+                print!("{}", serrano_gov::usage_csv(&rows));
+                Ok(())
+            }
+            "table" => {
+                println!(
+                    "{:<16} {:<16} {:<24} {:<10} {:>9} {:>12} {:>12} {:>12}",
+                    "tenant", "key", "model", "day", "requests", "prompt", "completion", "cost_usd"
+                );
+                let d = |s: &Option<String>| s.clone().unwrap_or_else(|| "*".into());
+                for r in rows {
+                    println!(
+                        "{:<16} {:<16} {:<24} {:<10} {:>9} {:>12} {:>12} {:>12.6}",
+                        d(&r.tenant),
+                        d(&r.key),
+                        d(&r.model),
+                        d(&r.day),
+                        r.requests,
+                        r.prompt_tokens,
+                        r.completion_tokens,
+                        r.cost_usd
+                    );
+                }
+                Ok(())
+            }
+            other => bail!("unknown format '{other}' (table, json or csv)"),
+        }
+    })
+}
+
+pub fn audit(db: &DbArgs, cmd: AuditCommand) -> Result<()> {
+    with_gov(db, async |gov| match cmd {
+        AuditCommand::Verify => {
+            let r = gov.verify_audit().await?;
+            print_json(&r)?;
+            if !r.ok {
+                bail!(
+                    "the audit chain does not verify: record {} ({})",
+                    r.first_bad_seq.unwrap_or(0),
+                    r.reason.unwrap_or_default()
+                );
+            }
+            Ok(())
+        }
+        AuditCommand::Export { after, output } => {
+            let mut out: Box<dyn Write> = match &output {
+                Some(p) => Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(p)
+                        .with_context(|| format!("cannot create {}", p.display()))?,
+                )),
+                None => Box::new(std::io::stdout().lock()),
+            };
+            let (mut after, mut n) = (after, 0u64);
+            loop {
+                let page = gov.audit_records(after, 1000).await?;
+                let Some(last) = page.last() else { break };
+                after = last.seq as i64;
+                for r in &page {
+                    serde_json::to_writer(&mut out, r)?;
+                    out.write_all(b"\n")?;
+                    n += 1;
+                }
+            }
+            out.flush()?;
+            eprintln!("exported {n} audit records");
+            Ok(())
+        }
+        AuditCommand::Erase { tenant } => {
+            let n = gov.erase_content(&tenant).await?;
+            eprintln!("erased the stored content of {n} records of tenant '{tenant}'");
+            Ok(())
+        }
+    })
+}
