@@ -10,6 +10,9 @@ pub enum GovError {
     /// 429: the named budget has not enough left for the request's worst case.
     #[error("{0}")]
     OverBudget(String),
+    /// 429: a rate limit; retry after the given seconds.
+    #[error("{message}")]
+    RateLimited { message: String, retry_after_s: u64 },
     /// 409: the request id was used before (a replay is never charged twice).
     #[error("request id '{0}' was already used")]
     Duplicate(String),

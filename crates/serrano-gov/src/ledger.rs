@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::{Row, SqliteConnection};
 
 use crate::error::GovError;
+use crate::rate::{self, RateInfo};
 use crate::time::{day_key, month_key};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -149,12 +150,13 @@ fn cost(prices: (i64, i64), prompt: u64, completion: u64) -> i64 {
     (prompt as i64).saturating_mul(prices.0) + (completion as i64).saturating_mul(prices.1)
 }
 
-/// Reserves the worst case against every budget of the tenant and key, or none of them.
+/// Reserves the worst case against every rate limit and budget of the tenant and key, or none
+/// of them (the caller's savepoint undoes a partial reservation).
 pub async fn reserve(
     conn: &mut SqliteConnection,
     op: &ReserveOp,
     now: i64,
-) -> Result<(), GovError> {
+) -> Result<Option<RateInfo>, GovError> {
     let fresh = sqlx::query(
         "INSERT INTO requests (request_id, tenant_id, key_id, state, created_ms, expires_ms)
          VALUES (?1, ?2, ?3, 'reserved', ?4, ?5) ON CONFLICT DO NOTHING",
@@ -170,8 +172,17 @@ pub async fn reserve(
     if fresh == 0 {
         return Err(GovError::Duplicate(op.request_id.clone()));
     }
-    let prices = price(conn, &op.model, &op.backend).await?;
     let worst_tokens = op.prompt_tokens.saturating_add(op.max_completion_tokens) as i64;
+    let rate = rate::admit(conn, op.tenant_id, op.key_id, worst_tokens, now).await?;
+    if rate.is_some() {
+        sqlx::query("UPDATE requests SET rate_minute = ?2, rate_tokens = ?3 WHERE request_id = ?1")
+            .bind(&op.request_id)
+            .bind(now.div_euclid(60_000))
+            .bind(worst_tokens)
+            .execute(&mut *conn)
+            .await?;
+    }
+    let prices = price(conn, &op.model, &op.backend).await?;
     let worst_cost = cost(prices, op.prompt_tokens, op.max_completion_tokens);
     for b in budgets(conn, op.tenant_id, op.key_id).await? {
         let amount = match b.unit {
@@ -206,7 +217,7 @@ pub async fn reserve(
             .execute(&mut *conn)
             .await?;
     }
-    Ok(())
+    Ok(rate)
 }
 
 fn over_budget_message(b: &Budget, amount: i64) -> String {
@@ -233,12 +244,13 @@ pub async fn settle(
     s: &Settlement,
     now: i64,
 ) -> Result<i64, GovError> {
-    let state: Option<String> =
-        sqlx::query_scalar("SELECT state FROM requests WHERE request_id = ?1")
+    let row =
+        sqlx::query("SELECT state, rate_minute, rate_tokens FROM requests WHERE request_id = ?1")
             .bind(&s.request_id)
             .fetch_optional(&mut *conn)
             .await?;
-    let Some(state) = state else { return Ok(0) };
+    let Some(row) = row else { return Ok(0) };
+    let state: String = row.try_get("state")?;
     if state == "settled" {
         return Ok(0);
     }
@@ -256,6 +268,10 @@ pub async fn settle(
     .bind(&s.request_id)
     .fetch_all(&mut *conn)
     .await?;
+    if let Some(minute) = row.try_get::<Option<i64>, _>("rate_minute")? {
+        let unused = row.try_get::<i64, _>("rate_tokens")? - actual_tokens;
+        rate::refund(conn, s.tenant_id, s.key_id, minute, unused).await?;
+    }
     if state == "reserved" {
         for r in &held {
             let unit = BudgetUnit::parse(r.try_get("unit")?).unwrap_or(BudgetUnit::Tokens);

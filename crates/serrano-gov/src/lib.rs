@@ -15,6 +15,7 @@ mod audit;
 mod error;
 mod keys;
 mod ledger;
+mod rate;
 mod store;
 mod ticket;
 mod time;
@@ -26,9 +27,10 @@ pub use audit::{
 pub use error::GovError;
 pub use keys::{Principal, Role};
 pub use ledger::{BudgetPeriod, BudgetUnit};
+pub use rate::RateInfo;
 pub use store::{
-    default_db_path, usage_csv, BudgetInfo, GovConfig, Governance, KeyInfo, LedgerState, NewKey,
-    TenantInfo, UsageRow, ADMIN_TENANT, ANONYMOUS_TENANT,
+    default_db_path, usage_csv, BudgetInfo, GovConfig, Governance, KeyInfo, LedgerState, LimitInfo,
+    Limits, NewKey, TenantInfo, UsageRow, ADMIN_TENANT, ANONYMOUS_TENANT,
 };
 pub use ticket::Ticket;
 pub use ticket::{CLIENT_CLOSED, LOCAL_BACKEND};

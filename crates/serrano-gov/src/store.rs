@@ -18,6 +18,7 @@ use crate::audit::{verify_chain, AuditRecord, ChainRow, Retention, VerifyReport}
 use crate::error::GovError;
 use crate::keys::{self, Principal, Role};
 use crate::ledger::{BudgetPeriod, BudgetUnit, ReserveOp};
+use crate::rate::RateInfo;
 use crate::time::now_ms;
 use crate::writer::{self, FinishOp, Finished, Op};
 
@@ -130,6 +131,23 @@ pub struct UsageRow {
     pub cost_usd: f64,
 }
 
+/// Rate limits of a tenant or key; `None` is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct Limits {
+    pub rpm: Option<i64>,
+    pub tpm: Option<i64>,
+    pub max_concurrent: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LimitInfo {
+    pub id: i64,
+    pub tenant: String,
+    pub key_id: i64,
+    #[serde(flatten)]
+    pub limits: Limits,
+}
+
 /// Open reservations, for operators and tests ("every outcome leaves reservations at zero").
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
 pub struct LedgerState {
@@ -152,13 +170,22 @@ struct Inner {
 
 fn migrator() -> Migrator {
     Migrator {
-        migrations: Cow::Owned(vec![Migration::new(
-            1,
-            Cow::Borrowed("governance"),
-            MigrationType::Simple,
-            Cow::Borrowed(include_str!("../migrations/0001_governance.sql")),
-            false,
-        )]),
+        migrations: Cow::Owned(vec![
+            Migration::new(
+                1,
+                Cow::Borrowed("governance"),
+                MigrationType::Simple,
+                Cow::Borrowed(include_str!("../migrations/0001_governance.sql")),
+                false,
+            ),
+            Migration::new(
+                2,
+                Cow::Borrowed("rate limits"),
+                MigrationType::Simple,
+                Cow::Borrowed(include_str!("../migrations/0002_rate_limits.sql")),
+                false,
+            ),
+        ]),
         ..Migrator::DEFAULT
     }
 }
@@ -492,16 +519,7 @@ impl Governance {
             ));
         }
         let t = self.tenant(tenant).await?;
-        if let Some(k) = key_id {
-            let owner: Option<i64> =
-                sqlx::query_scalar("SELECT tenant_id FROM api_keys WHERE id = ?1")
-                    .bind(k)
-                    .fetch_optional(self.pool())
-                    .await?;
-            if owner != Some(t.id) {
-                return Err(GovError::NotFound(format!("key {k} of tenant '{tenant}'")));
-            }
-        }
+        self.check_key_owner(&t, tenant, key_id).await?;
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO budgets (tenant_id, key_id, unit, period, limit_amount) VALUES (?1, ?2, ?3, ?4, ?5)
              ON CONFLICT (tenant_id, key_id, unit, period) DO UPDATE SET limit_amount = excluded.limit_amount
@@ -515,6 +533,82 @@ impl Governance {
         .fetch_one(self.pool())
         .await?;
         Ok(id)
+    }
+
+    /// Sets (or replaces) the rate limits of a tenant, or of one of its keys; `None` means no
+    /// limit of that kind.
+    pub async fn set_limits(
+        &self,
+        tenant: &str,
+        key_id: Option<i64>,
+        l: Limits,
+    ) -> Result<i64, GovError> {
+        if [l.rpm, l.tpm, l.max_concurrent]
+            .iter()
+            .flatten()
+            .any(|v| *v < 0)
+        {
+            return Err(GovError::Invalid("limits cannot be negative".into()));
+        }
+        let t = self.tenant(tenant).await?;
+        self.check_key_owner(&t, tenant, key_id).await?;
+        Ok(sqlx::query_scalar(
+            "INSERT INTO limits (tenant_id, key_id, rpm, tpm, max_concurrent) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (tenant_id, key_id) DO UPDATE SET rpm = excluded.rpm, tpm = excluded.tpm,
+                 max_concurrent = excluded.max_concurrent
+             RETURNING id",
+        )
+        .bind(t.id)
+        .bind(key_id.unwrap_or(0))
+        .bind(l.rpm)
+        .bind(l.tpm)
+        .bind(l.max_concurrent)
+        .fetch_one(self.pool())
+        .await?)
+    }
+
+    pub async fn limits(&self, tenant: Option<&str>) -> Result<Vec<LimitInfo>, GovError> {
+        let rows = sqlx::query(
+            "SELECT l.id, t.name AS tenant, l.key_id, l.rpm, l.tpm, l.max_concurrent
+             FROM limits l JOIN tenants t ON t.id = l.tenant_id
+             WHERE ?1 IS NULL OR t.name = ?1 ORDER BY l.id",
+        )
+        .bind(tenant)
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(LimitInfo {
+                    id: r.try_get("id")?,
+                    tenant: r.try_get("tenant")?,
+                    key_id: r.try_get("key_id")?,
+                    limits: Limits {
+                        rpm: r.try_get("rpm")?,
+                        tpm: r.try_get("tpm")?,
+                        max_concurrent: r.try_get("max_concurrent")?,
+                    },
+                })
+            })
+            .collect()
+    }
+
+    async fn check_key_owner(
+        &self,
+        t: &TenantInfo,
+        tenant: &str,
+        key_id: Option<i64>,
+    ) -> Result<(), GovError> {
+        if let Some(k) = key_id {
+            let owner: Option<i64> =
+                sqlx::query_scalar("SELECT tenant_id FROM api_keys WHERE id = ?1")
+                    .bind(k)
+                    .fetch_optional(self.pool())
+                    .await?;
+            if owner != Some(t.id) {
+                return Err(GovError::NotFound(format!("key {k} of tenant '{tenant}'")));
+            }
+        }
+        Ok(())
     }
 
     /// Budgets with their current window's spend and reservations.
@@ -748,7 +842,7 @@ impl Governance {
             .transpose()
     }
 
-    pub(crate) async fn reserve(&self, op: ReserveOp) -> Result<(), GovError> {
+    pub(crate) async fn reserve(&self, op: ReserveOp) -> Result<Option<RateInfo>, GovError> {
         let (tx, rx) = oneshot::channel();
         self.send(Op::Reserve(op, tx)).await?;
         rx.await.map_err(|_| gone())?

@@ -9,6 +9,7 @@ use crate::audit::{AuditRecord, Retention};
 use crate::error::GovError;
 use crate::keys::Principal;
 use crate::ledger::{ReserveOp, Settlement};
+use crate::rate::RateInfo;
 use crate::store::Governance;
 use crate::time::now_ms;
 use crate::writer::{Content, FinishOp, Finished};
@@ -32,6 +33,7 @@ struct State {
     record: AuditRecord,
     principal: Option<Principal>,
     reserved: bool,
+    rate: Option<RateInfo>,
     first_token: Option<Instant>,
     prompt_text: Option<String>,
     completions: Vec<String>,
@@ -123,9 +125,16 @@ impl Ticket {
                 expires_ms: now_ms().saturating_add(ttl.as_millis() as i64),
             }
         };
-        self.0.gov.reserve(op).await?;
-        self.state().reserved = true;
+        let rate = self.0.gov.reserve(op).await?;
+        let mut s = self.state();
+        s.reserved = true;
+        s.rate = rate;
         Ok(())
+    }
+
+    /// The rate-limit state after this request's reservation, for `x-ratelimit-*` headers.
+    pub fn rate_info(&self) -> Option<RateInfo> {
+        self.state().rate
     }
 
     /// One generated token of choice `index`, with its text if content is kept.

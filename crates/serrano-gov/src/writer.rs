@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::audit::{chain_hash, sha256_hex, AuditRecord, Retention, GENESIS};
 use crate::error::GovError;
 use crate::ledger::{self, ReserveOp, Settlement};
+use crate::rate::RateInfo;
 use crate::time::now_ms;
 
 /// Most ops committed together.
@@ -43,12 +44,18 @@ pub struct Finished {
 }
 
 pub enum Op {
-    Reserve(ReserveOp, oneshot::Sender<Result<(), GovError>>),
+    Reserve(
+        ReserveOp,
+        oneshot::Sender<Result<Option<RateInfo>, GovError>>,
+    ),
     Finish(Box<FinishOp>, oneshot::Sender<Result<Finished, GovError>>),
 }
 
 enum Done {
-    Reserved(oneshot::Sender<Result<(), GovError>>, Result<(), GovError>),
+    Reserved(
+        oneshot::Sender<Result<Option<RateInfo>, GovError>>,
+        Result<Option<RateInfo>, GovError>,
+    ),
     Finished(
         oneshot::Sender<Result<Finished, GovError>>,
         Result<Finished, GovError>,

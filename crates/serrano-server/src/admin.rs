@@ -140,6 +140,37 @@ pub async fn budgets(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct LimitRequest {
+    tenant: String,
+    key_id: Option<i64>,
+    /// Requests per minute.
+    rpm: Option<i64>,
+    /// Tokens (prompt plus max_tokens, as reserved) per minute.
+    tpm: Option<i64>,
+    max_concurrent: Option<i64>,
+}
+
+pub async fn set_limits(
+    State(st): St,
+    JsonBody(l): JsonBody<LimitRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let limits = serrano_gov::Limits {
+        rpm: l.rpm,
+        tpm: l.tpm,
+        max_concurrent: l.max_concurrent,
+    };
+    let id = st.gov.set_limits(&l.tenant, l.key_id, limits).await?;
+    Ok(Json(json!({"id": id})))
+}
+
+pub async fn limits(State(st): St, Query(f): Query<TenantFilter>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(
+        json!({"object": "list", "data": st.gov.limits(f.tenant.as_deref()).await?}),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PriceRequest {
     model: String,
     #[serde(default = "local")]

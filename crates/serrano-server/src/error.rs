@@ -149,6 +149,13 @@ impl From<GovError> for ApiError {
                 "insufficient_quota",
                 "budget_exceeded",
             ),
+            GovError::RateLimited { retry_after_s, .. } => {
+                return ApiError {
+                    code: Some("rate_limit_exceeded".into()),
+                    retry_after_s: Some(retry_after_s),
+                    ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", msg)
+                }
+            }
             GovError::Duplicate(_) => (
                 StatusCode::CONFLICT,
                 "invalid_request_error",

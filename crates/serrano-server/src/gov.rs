@@ -9,7 +9,7 @@ use axum::http::header::AUTHORIZATION;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use serrano_gov::{GovError, Principal, Role, Ticket};
+use serrano_gov::{GovError, Principal, RateInfo, Role, Ticket};
 
 use crate::error::{ApiError, ErrorNote};
 use crate::AppState;
@@ -53,7 +53,51 @@ pub async fn gate(State(st): State<Arc<AppState>>, mut req: Request, next: Next)
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert(REQUEST_ID_HEADER, v);
     }
+    if let Some(r) = ticket.rate_info() {
+        rate_headers(resp.headers_mut(), &r);
+    }
     resp
+}
+
+/// OpenAI's `x-ratelimit-*` headers, for the tightest limit of each kind.
+fn rate_headers(h: &mut HeaderMap, r: &RateInfo) {
+    let mut put = |name: &'static str, value: String| {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            h.insert(name, v);
+        }
+    };
+    if let Some(l) = r.limit_requests {
+        put("x-ratelimit-limit-requests", l.to_string());
+        put(
+            "x-ratelimit-remaining-requests",
+            r.remaining_requests.to_string(),
+        );
+        put(
+            "x-ratelimit-reset-requests",
+            openai_duration(r.reset_requests_s),
+        );
+    }
+    if let Some(l) = r.limit_tokens {
+        put("x-ratelimit-limit-tokens", l.to_string());
+        put(
+            "x-ratelimit-remaining-tokens",
+            r.remaining_tokens.to_string(),
+        );
+        put(
+            "x-ratelimit-reset-tokens",
+            openai_duration(r.reset_tokens_s),
+        );
+    }
+}
+
+/// Durations as OpenAI writes them in rate-limit headers: `17ms`, `1s`, `6m0s`.
+fn openai_duration(secs: f64) -> String {
+    let ms = (secs.max(0.0) * 1000.0).round() as u64;
+    match ms {
+        0..1000 => format!("{ms}ms"),
+        1000..60_000 => format!("{}s", ms.div_ceil(1000)),
+        _ => format!("{}m{}s", ms / 60_000, (ms % 60_000).div_ceil(1000)),
+    }
 }
 
 /// The client's `x-request-id` if valid, else a fresh one (and the reason the client's is bad).
@@ -136,4 +180,17 @@ pub fn principal(ticket: &Ticket) -> Result<Principal, ApiError> {
             "no API key was checked for this request",
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::openai_duration;
+
+    #[test]
+    fn durations_read_like_openai_headers() {
+        assert_eq!(openai_duration(0.017), "17ms");
+        assert_eq!(openai_duration(1.0), "1s");
+        assert_eq!(openai_duration(1.2), "2s");
+        assert_eq!(openai_duration(360.0), "6m0s");
+    }
 }

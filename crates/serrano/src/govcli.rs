@@ -33,9 +33,37 @@ pub enum AdminCommand {
     /// Token and money budgets per tenant or key, per day, month or in total.
     #[command(subcommand)]
     Budget(BudgetCommand),
+    /// Rate limits per tenant or key: requests and tokens per minute, concurrent requests.
+    #[command(subcommand)]
+    Limit(LimitCommand),
     /// Prices per model and backend, in dollars per million tokens.
     #[command(subcommand)]
     Price(PriceCommand),
+}
+
+#[derive(Subcommand)]
+pub enum LimitCommand {
+    /// Set (or replace) the limits of a tenant or key; an omitted kind is unlimited.
+    Set {
+        #[arg(long)]
+        tenant: String,
+        /// A key id, for per-key limits; default: the whole tenant.
+        #[arg(long)]
+        key: Option<i64>,
+        /// Requests per minute.
+        #[arg(long)]
+        rpm: Option<i64>,
+        /// Tokens per minute (prompt plus max_tokens, counted at admission; unused ones refunded).
+        #[arg(long)]
+        tpm: Option<i64>,
+        /// Requests in flight at once.
+        #[arg(long)]
+        max_concurrent: Option<i64>,
+    },
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -243,6 +271,25 @@ pub fn admin(db: &DbArgs, cmd: AdminCommand) -> Result<()> {
         }
         AdminCommand::Budget(BudgetCommand::List { tenant }) => {
             print_json(&gov.budgets(tenant.as_deref()).await?)
+        }
+        AdminCommand::Limit(LimitCommand::Set {
+            tenant,
+            key,
+            rpm,
+            tpm,
+            max_concurrent,
+        }) => {
+            let limits = serrano_gov::Limits {
+                rpm,
+                tpm,
+                max_concurrent,
+            };
+            let id = gov.set_limits(&tenant, key, limits).await?;
+            eprintln!("limits {id} set");
+            Ok(())
+        }
+        AdminCommand::Limit(LimitCommand::List { tenant }) => {
+            print_json(&gov.limits(tenant.as_deref()).await?)
         }
         AdminCommand::Price(PriceCommand::Set {
             model,

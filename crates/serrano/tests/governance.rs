@@ -451,3 +451,100 @@ fn anonymous_access_is_opt_in_and_audited() {
     let r = ureq::post(&plain.url("/v1/completions")).send_json(json!({"prompt": "hi"}));
     assert!(matches!(r, Err(ureq::Error::Status(401, _))));
 }
+
+/// Requests per minute are counted in the store: two server processes on one database share
+/// the limit. Answers carry OpenAI's `x-ratelimit-*` headers; past the limit, 429 with
+/// `Retry-After`.
+#[test]
+fn rate_limits_are_shared_by_replicas_and_sent_as_headers() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    serrano_engine::testing::TinyModel::default()
+        .write(&model)
+        .unwrap();
+    let db_dir = tempfile::tempdir().unwrap();
+    let db = db_dir.path().join("shared.db");
+    let a = Server::start_with_db(&model, &[], db.clone(), tempfile::tempdir().unwrap());
+    let b = Server::start_with_db(&model, &[], db, tempfile::tempdir().unwrap());
+    a.tenant("acme");
+    let key = a.key("acme", json!({}))["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (st, v) = a.post(
+        "/admin/v1/limits",
+        &json!({"tenant": "acme", "rpm": 4, "tpm": 1000}),
+    );
+    assert_eq!(st, 200, "{v}");
+    let mut remaining = vec![];
+    for s in [&a, &b, &a, &b] {
+        let (st, v, h) = s.post_as(&key, "/v1/completions", &completion(2));
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(h["x-ratelimit-limit-requests"], "4");
+        assert_eq!(h["x-ratelimit-limit-tokens"], "1000");
+        assert!(h.contains_key("x-ratelimit-reset-requests"));
+        remaining.push(h["x-ratelimit-remaining-requests"].parse::<i64>().unwrap());
+    }
+    assert_eq!(remaining, vec![3, 2, 1, 0]);
+    for s in [&a, &b] {
+        let (st, v, h) = s.post_as(&key, "/v1/completions", &completion(2));
+        assert_eq!(
+            (st, v["error"]["code"].as_str()),
+            (429, Some("rate_limit_exceeded")),
+            "{v}"
+        );
+        assert!(h["retry-after"].parse::<u64>().unwrap() >= 1);
+    }
+    // A request that could never fit the token limit says so.
+    a.post("/admin/v1/limits", &json!({"tenant": "acme", "tpm": 50}));
+    let (st, v, _) = a.post_as(&key, "/v1/completions", &completion(100));
+    assert_eq!(st, 429);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("lower max_tokens"),
+        "{v}"
+    );
+}
+
+/// A key limited to one request at a time gets 429 for a second concurrent one, and is served
+/// again once the first finishes.
+#[test]
+fn concurrent_request_limit() {
+    let s = Server::slow(&[]);
+    s.tenant("acme");
+    let k = s.key("acme", json!({}));
+    let (key, id) = (
+        k["key"].as_str().unwrap().to_string(),
+        k["id"].as_i64().unwrap(),
+    );
+    let (st, v) = s.post(
+        "/admin/v1/limits",
+        &json!({"tenant": "acme", "key_id": id, "max_concurrent": 1}),
+    );
+    assert_eq!(st, 200, "{v}");
+    let url = s.url("/v1/completions");
+    let long = {
+        let key = key.clone();
+        std::thread::spawn(move || {
+            ureq::post(&url)
+                .set("Authorization", &format!("Bearer {key}"))
+                .send_json(json!({"prompt": "hi", "max_tokens": 1500, "ignore_eos": true}))
+                .map(|r| r.status())
+                .unwrap_or(0)
+        })
+    };
+    assert!(common::wait_until(Duration::from_secs(10), || ledger(&s)
+        ["open_requests"]
+        == 1));
+    let (st, v, _) = s.post_as(&key, "/v1/completions", &completion(2));
+    assert_eq!(st, 429, "{v}");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("concurrent"));
+    assert_eq!(long.join().unwrap(), 200);
+    let (st, _, _) = s.post_as(&key, "/v1/completions", &completion(2));
+    assert_eq!(st, 200);
+}

@@ -1,0 +1,227 @@
+//! Rate limits kept in the store: requests and tokens per minute (a sliding window over UTC
+//! minutes, the previous minute weighted by how much of it still overlaps the last 60 s) and
+//! concurrent requests (open reservations). Runs inside the writer's transaction, like budgets.
+
+use serde::Serialize;
+use sqlx::{Row, SqliteConnection};
+
+use crate::error::GovError;
+
+/// What a client is told in `x-ratelimit-*` headers: the tightest of its tenant's and key's limits.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Default)]
+pub struct RateInfo {
+    pub limit_requests: Option<i64>,
+    pub remaining_requests: i64,
+    /// Seconds until the request window has fully refilled.
+    pub reset_requests_s: f64,
+    pub limit_tokens: Option<i64>,
+    pub remaining_tokens: i64,
+    pub reset_tokens_s: f64,
+}
+
+struct Limit {
+    id: i64,
+    key_id: i64,
+    rpm: Option<i64>,
+    tpm: Option<i64>,
+    max_concurrent: Option<i64>,
+}
+
+async fn limits(
+    conn: &mut SqliteConnection,
+    tenant_id: i64,
+    key_id: i64,
+) -> Result<Vec<Limit>, GovError> {
+    let rows = sqlx::query(
+        "SELECT id, key_id, rpm, tpm, max_concurrent FROM limits
+         WHERE tenant_id = ?1 AND key_id IN (0, ?2) ORDER BY id",
+    )
+    .bind(tenant_id)
+    .bind(key_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(Limit {
+                id: r.try_get("id")?,
+                key_id: r.try_get("key_id")?,
+                rpm: r.try_get("rpm")?,
+                tpm: r.try_get("tpm")?,
+                max_concurrent: r.try_get("max_concurrent")?,
+            })
+        })
+        .collect()
+}
+
+/// Seconds until `need` more fits under `limit`, given the previous and current minute's counts
+/// and the fraction `f` of the current minute that has passed; `None` if it never can.
+pub fn wait_for(prev: i64, curr: i64, f: f64, need: i64, limit: i64) -> Option<f64> {
+    if need > limit {
+        return None;
+    }
+    let room = (limit - need) as f64;
+    let (prev, curr) = (prev as f64, curr as f64);
+    if prev * (1.0 - f) + curr <= room {
+        return Some(0.0);
+    }
+    if curr <= room {
+        // The previous minute's weight decays within this minute.
+        let f_ok = 1.0 - (room - curr) / prev;
+        return Some((f_ok - f).max(0.0) * 60.0);
+    }
+    // Only next minute, as this minute's count decays.
+    let f_next = 1.0 - room / curr;
+    Some((1.0 - f) * 60.0 + f_next.max(0.0) * 60.0)
+}
+
+/// Counts one request of `tokens` (worst case) against every limit of the tenant and key, or
+/// refuses with the tightest limit's wait. The request's own row in `requests` already exists.
+pub async fn admit(
+    conn: &mut SqliteConnection,
+    tenant_id: i64,
+    key_id: i64,
+    tokens: i64,
+    now_ms: i64,
+) -> Result<Option<RateInfo>, GovError> {
+    let ls = limits(conn, tenant_id, key_id).await?;
+    if ls.is_empty() {
+        return Ok(None);
+    }
+    let minute = now_ms.div_euclid(60_000);
+    let f = now_ms.rem_euclid(60_000) as f64 / 60_000.0;
+    let mut info = RateInfo {
+        remaining_requests: i64::MAX,
+        remaining_tokens: i64::MAX,
+        ..Default::default()
+    };
+    for l in &ls {
+        let owner = if l.key_id == 0 { "tenant" } else { "key" };
+        if let Some(max) = l.max_concurrent {
+            let open: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM requests WHERE state = 'reserved' AND tenant_id = ?1
+                 AND (?2 = 0 OR key_id = ?2)",
+            )
+            .bind(tenant_id)
+            .bind(l.key_id)
+            .fetch_one(&mut *conn)
+            .await?;
+            // `open` counts this request too.
+            if open > max {
+                return Err(GovError::RateLimited {
+                    message: format!("Rate limit reached: the {owner}'s limit of {max} concurrent requests. Retry when one finishes."),
+                    retry_after_s: 1,
+                });
+            }
+        }
+        let counts = sqlx::query("SELECT minute, requests, tokens FROM rate_windows WHERE limit_id = ?1 AND minute IN (?2, ?3)")
+            .bind(l.id)
+            .bind(minute - 1)
+            .bind(minute)
+            .fetch_all(&mut *conn)
+            .await?;
+        let (mut prev, mut curr) = ((0i64, 0i64), (0i64, 0i64));
+        for r in counts {
+            let m: i64 = r.try_get("minute")?;
+            let c = (r.try_get("requests")?, r.try_get("tokens")?);
+            if m == minute {
+                curr = c;
+            } else {
+                prev = c;
+            }
+        }
+        let checks = [
+            (l.rpm, prev.0, curr.0, 1, "requests"),
+            (l.tpm, prev.1, curr.1, tokens, "tokens"),
+        ];
+        for (limit, p, c, need, what) in checks {
+            let Some(limit) = limit else { continue };
+            match wait_for(p, c, f, need, limit) {
+                Some(w) if w <= 0.0 => {}
+                Some(w) => {
+                    return Err(GovError::RateLimited {
+                        message: format!("Rate limit reached: the {owner}'s limit of {limit} {what} per minute. Retry in {w:.1} s."),
+                        retry_after_s: w.ceil().max(1.0) as u64,
+                    })
+                }
+                None => {
+                    return Err(GovError::RateLimited {
+                        message: format!("This request ({need} {what}, prompt plus max_tokens) exceeds the {owner}'s limit of {limit} {what} per minute; lower max_tokens."),
+                        retry_after_s: 60,
+                    })
+                }
+            }
+            let used = (p as f64 * (1.0 - f) + c as f64).ceil() as i64 + need;
+            let remaining = (limit - used).max(0);
+            // Full refill: this minute's and the previous minute's counts have both aged out.
+            let reset = (1.0 - f) * 60.0 + if c > 0 { 60.0 } else { 0.0 };
+            if what == "requests" && remaining < info.remaining_requests {
+                (
+                    info.limit_requests,
+                    info.remaining_requests,
+                    info.reset_requests_s,
+                ) = (Some(limit), remaining, reset);
+            }
+            if what == "tokens" && remaining < info.remaining_tokens {
+                (
+                    info.limit_tokens,
+                    info.remaining_tokens,
+                    info.reset_tokens_s,
+                ) = (Some(limit), remaining, reset);
+            }
+        }
+        sqlx::query(
+            "INSERT INTO rate_windows (limit_id, minute, requests, tokens) VALUES (?1, ?2, 1, ?3)
+             ON CONFLICT (limit_id, minute) DO UPDATE SET requests = requests + 1, tokens = tokens + excluded.tokens",
+        )
+        .bind(l.id)
+        .bind(minute)
+        .bind(tokens)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(Some(info))
+}
+
+/// Gives back the part of a request's worst case it did not use, in the minute it was counted.
+pub async fn refund(
+    conn: &mut SqliteConnection,
+    tenant_id: i64,
+    key_id: i64,
+    minute: i64,
+    unused: i64,
+) -> Result<(), GovError> {
+    if unused <= 0 {
+        return Ok(());
+    }
+    sqlx::query(
+        "UPDATE rate_windows SET tokens = MAX(0, tokens - ?4)
+         WHERE minute = ?3 AND limit_id IN (SELECT id FROM limits WHERE tenant_id = ?1 AND key_id IN (0, ?2))",
+    )
+    .bind(tenant_id)
+    .bind(key_id)
+    .bind(minute)
+    .bind(unused)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wait_for;
+
+    #[test]
+    fn sliding_window_waits() {
+        // Empty windows: no wait; a request bigger than the limit: never.
+        assert_eq!(wait_for(0, 0, 0.5, 1, 3), Some(0.0));
+        assert_eq!(wait_for(0, 0, 0.5, 4, 3), None);
+        // 3 of 3 this minute, at its start: the next minute at 1/3 in.
+        let w = wait_for(0, 3, 0.0, 1, 3).unwrap();
+        assert!((w - 80.0).abs() < 1e-9, "{w}");
+        // 3 last minute, none now, half-way: estimate 1.5 + 1 <= 3 already.
+        assert_eq!(wait_for(3, 0, 0.5, 1, 3), Some(0.0));
+        // 4 last minute, 1 now, a quarter in: need 4 * (1 - f) + 1 <= 2, f >= 0.75.
+        let w = wait_for(4, 1, 0.25, 1, 3).unwrap();
+        assert!((w - 30.0).abs() < 1e-9, "{w}");
+    }
+}
