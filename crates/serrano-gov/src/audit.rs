@@ -118,6 +118,8 @@ pub struct VerifyReport {
     pub first_bad_seq: Option<i64>,
     pub reason: Option<String>,
     pub head_hash: String,
+    /// Signed checkpoints that verified.
+    pub checkpoints: u64,
 }
 
 /// Checks rows (in stored order) against each other and against the recorded tip `head`

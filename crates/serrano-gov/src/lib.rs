@@ -12,6 +12,7 @@
 //!   audit record of a response is on disk before the response completes.
 
 mod audit;
+mod checkpoint;
 mod error;
 mod keys;
 mod ledger;
@@ -22,8 +23,10 @@ mod time;
 mod writer;
 
 pub use audit::{
-    verify_chain, AuditRecord, ChainError, ChainRow, Retention, VerifyReport, GENESIS,
+    chain_hash, verify_chain, AuditRecord, ChainError, ChainRow, Retention, VerifyReport, GENESIS,
 };
+pub use checkpoint::{generate_signing_key, parse_public_key, read_signing_key, Checkpoint};
+pub use ed25519_dalek::{SigningKey, VerifyingKey};
 pub use error::GovError;
 pub use keys::{Principal, Role};
 pub use ledger::{BudgetPeriod, BudgetUnit};

@@ -15,12 +15,14 @@ use sqlx::{ConnectOptions, Row};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::audit::{verify_chain, AuditRecord, ChainRow, Retention, VerifyReport};
+use crate::checkpoint::Checkpoint;
 use crate::error::GovError;
 use crate::keys::{self, Principal, Role};
 use crate::ledger::{BudgetPeriod, BudgetUnit, ReserveOp};
 use crate::rate::RateInfo;
 use crate::time::now_ms;
 use crate::writer::{self, FinishOp, Finished, Op};
+use ed25519_dalek::{SigningKey, VerifyingKey};
 
 /// Ledger and audit writes that may wait for the writer; past it, callers wait (backpressure).
 const WRITER_QUEUE: usize = 4096;
@@ -183,6 +185,13 @@ fn migrator() -> Migrator {
                 Cow::Borrowed("rate limits"),
                 MigrationType::Simple,
                 Cow::Borrowed(include_str!("../migrations/0002_rate_limits.sql")),
+                false,
+            ),
+            Migration::new(
+                3,
+                Cow::Borrowed("audit checkpoints"),
+                MigrationType::Simple,
+                Cow::Borrowed(include_str!("../migrations/0003_checkpoints.sql")),
                 false,
             ),
         ]),
@@ -753,8 +762,19 @@ impl Governance {
         })
     }
 
-    /// Walks the whole chain and compares its end with the recorded head.
+    /// Walks the whole chain and compares its end with the recorded head and every stored
+    /// checkpoint.
     pub async fn verify_audit(&self) -> Result<VerifyReport, GovError> {
+        self.verify_audit_with(None, &[]).await
+    }
+
+    /// As [`Governance::verify_audit`], also requiring checkpoints to be signed by `trusted` and
+    /// checking `extra` checkpoints (exported earlier, so an attacker could not delete them).
+    pub async fn verify_audit_with(
+        &self,
+        trusted: Option<&VerifyingKey>,
+        extra: &[Checkpoint],
+    ) -> Result<VerifyReport, GovError> {
         let rows = sqlx::query("SELECT seq, record, prev_hash, hash FROM audit_log ORDER BY seq")
             .fetch_all(self.pool())
             .await?;
@@ -775,14 +795,16 @@ impl Governance {
             .map(|r| Ok::<_, sqlx::Error>((r.try_get::<i64, _>(0)?, r.try_get::<String, _>(1)?)))
             .transpose()?;
         let head_hash = head.as_ref().map(|h| h.1.clone()).unwrap_or_default();
+        let hashes: Vec<String> = rows.iter().map(|r| r.hash.clone()).collect();
         let n = rows.len() as u64;
-        Ok(match verify_chain(rows, head) {
+        let mut report = match verify_chain(rows, head) {
             Ok(records) => VerifyReport {
                 records,
                 ok: true,
                 first_bad_seq: None,
                 reason: None,
                 head_hash,
+                checkpoints: 0,
             },
             Err(e) => VerifyReport {
                 records: n,
@@ -790,8 +812,77 @@ impl Governance {
                 first_bad_seq: Some(e.seq),
                 reason: Some(e.reason),
                 head_hash,
+                checkpoints: 0,
             },
-        })
+        };
+        if !report.ok {
+            return Ok(report);
+        }
+        let mut all = self.checkpoints().await?;
+        all.extend_from_slice(extra);
+        for cp in &all {
+            let problem = match cp.verify_signature(trusted) {
+                Err(e) => Some(e),
+                Ok(()) => match usize::try_from(cp.seq - 1).ok().and_then(|i| hashes.get(i)) {
+                    None => Some("its record is missing (the chain was truncated)".into()),
+                    Some(h) if *h != cp.hash => {
+                        Some("the chain at its record differs from what was signed".into())
+                    }
+                    Some(_) => None,
+                },
+            };
+            if let Some(p) = problem {
+                report.ok = false;
+                report.first_bad_seq = Some(cp.seq);
+                report.reason = Some(format!("checkpoint at record {}: {p}", cp.seq));
+                return Ok(report);
+            }
+            report.checkpoints += 1;
+        }
+        Ok(report)
+    }
+
+    /// Signs the chain's current head, unless it is empty or already signed. Returns the
+    /// checkpoint made, if any.
+    pub async fn checkpoint(&self, key: &SigningKey) -> Result<Option<Checkpoint>, GovError> {
+        let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
+            .fetch_optional(self.pool())
+            .await?;
+        let Some(head) = head else { return Ok(None) };
+        let (seq, hash): (i64, String) = (head.try_get(0)?, head.try_get(1)?);
+        let cp = Checkpoint::sign(key, seq, &hash, now_ms());
+        let n = sqlx::query(
+            "INSERT INTO audit_checkpoints (seq, hash, time_ms, public_key, signature)
+             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
+        )
+        .bind(cp.seq)
+        .bind(&cp.hash)
+        .bind(cp.time_ms)
+        .bind(&cp.public_key)
+        .bind(&cp.signature)
+        .execute(self.pool())
+        .await?
+        .rows_affected();
+        Ok((n == 1).then_some(cp))
+    }
+
+    pub async fn checkpoints(&self) -> Result<Vec<Checkpoint>, GovError> {
+        let rows = sqlx::query(
+            "SELECT seq, hash, time_ms, public_key, signature FROM audit_checkpoints ORDER BY seq",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Checkpoint {
+                    seq: r.try_get(0)?,
+                    hash: r.try_get(1)?,
+                    time_ms: r.try_get(2)?,
+                    public_key: r.try_get(3)?,
+                    signature: r.try_get(4)?,
+                })
+            })
+            .collect()
     }
 
     /// Audit records after `after_seq`, oldest first, at most `limit`.

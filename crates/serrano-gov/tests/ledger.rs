@@ -294,3 +294,70 @@ async fn erasure_removes_content_and_keeps_the_chain() {
     assert_eq!(gov.audit_content(fin.seq as i64).await.unwrap(), None);
     assert!(gov.verify_audit().await.unwrap().ok);
 }
+
+/// An attacker with write access rebuilds the whole chain after editing a record (every hash and
+/// the head recomputed): the chain alone verifies, but a checkpoint signed before the edit does
+/// not, and neither does an exported copy of it after the stored checkpoints are deleted.
+#[tokio::test]
+async fn signed_checkpoints_catch_a_rebuilt_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let gov = open(&dir).await;
+    let p = tenant_key(&gov, "acme").await;
+    for i in 0..5 {
+        request(&gov, &p, format!("r{i}"), 5, 5, 5).await.unwrap();
+    }
+    let (key, _) = serrano_gov::generate_signing_key();
+    let cp = gov.checkpoint(&key).await.unwrap().unwrap();
+    assert_eq!(cp.seq, 5);
+    assert!(
+        gov.checkpoint(&key).await.unwrap().is_none(),
+        "same head, no new checkpoint"
+    );
+    let trusted = key.verifying_key();
+    let r = gov.verify_audit_with(Some(&trusted), &[]).await.unwrap();
+    assert!(r.ok && r.checkpoints == 1, "{r:?}");
+
+    let pool =
+        sqlx::SqlitePool::connect(&format!("sqlite://{}", dir.path().join("gov.db").display()))
+            .await
+            .unwrap();
+    let rows: Vec<(i64, String)> = sqlx::query_as("SELECT seq, record FROM audit_log ORDER BY seq")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    let mut prev = serrano_gov::GENESIS.to_string();
+    for (seq, record) in rows {
+        let record = if seq == 2 {
+            record.replace("\"completion_tokens\":5", "\"completion_tokens\":1")
+        } else {
+            record
+        };
+        let hash = serrano_gov::chain_hash(&prev, seq as u64, &record);
+        sqlx::query("UPDATE audit_log SET record = ?2, prev_hash = ?3, hash = ?4 WHERE seq = ?1")
+            .bind(seq)
+            .bind(&record)
+            .bind(&prev)
+            .bind(&hash)
+            .execute(&pool)
+            .await
+            .unwrap();
+        prev = hash;
+    }
+    sqlx::query("UPDATE audit_head SET hash = ?1")
+        .bind(&prev)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let r = gov.verify_audit_with(Some(&trusted), &[]).await.unwrap();
+    assert!(!r.ok && r.first_bad_seq == Some(5), "{r:?}");
+    sqlx::query("DELETE FROM audit_checkpoints")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(
+        gov.verify_audit().await.unwrap().ok,
+        "without checkpoints the rebuilt chain passes"
+    );
+    let r = gov.verify_audit_with(Some(&trusted), &[cp]).await.unwrap();
+    assert!(!r.ok, "the exported checkpoint catches it: {r:?}");
+}

@@ -248,6 +248,12 @@ pub async fn audit(State(st): St, Query(q): Query<AuditQuery>) -> Result<Json<Va
     Ok(Json(json!({"object": "list", "data": data})))
 }
 
+pub async fn checkpoints(State(st): St) -> Result<Json<Value>, ApiError> {
+    Ok(Json(
+        json!({"object": "list", "data": st.gov.checkpoints().await?}),
+    ))
+}
+
 pub async fn verify(State(st): St) -> Result<Json<Value>, ApiError> {
     Ok(Json(
         serde_json::to_value(st.gov.verify_audit().await?).map_err(ApiError::internal)?,

@@ -94,6 +94,7 @@ pub const ROUTES: &[(&str, &[&str])] = &[
     ("/admin/v1/ledger", &["GET"]),
     ("/admin/v1/audit", &["GET"]),
     ("/admin/v1/audit/verify", &["GET"]),
+    ("/admin/v1/audit/checkpoints", &["GET"]),
     ("/admin/v1/audit/erase", &["POST"]),
 ];
 
@@ -116,6 +117,7 @@ fn route(path: &str) -> axum::routing::MethodRouter<Arc<AppState>> {
         "/admin/v1/ledger" => get(admin::ledger),
         "/admin/v1/audit" => get(admin::audit),
         "/admin/v1/audit/verify" => get(admin::verify),
+        "/admin/v1/audit/checkpoints" => get(admin::checkpoints),
         "/admin/v1/audit/erase" => post(admin::erase),
         // Unreachable while ROUTES and this match agree; a test keeps them so.
         _ => axum::routing::any(not_found),

@@ -164,8 +164,30 @@ pub struct UsageArgs {
 
 #[derive(Subcommand)]
 pub enum AuditCommand {
-    /// Check the hash chain; exits non-zero and names the first bad record if it does not hold.
-    Verify,
+    /// Check the hash chain and its signed checkpoints; exits non-zero and names the first bad
+    /// record if they do not hold.
+    Verify {
+        /// Require checkpoints to be signed by this Ed25519 public key (hex).
+        #[arg(long)]
+        public_key: Option<String>,
+        /// Also check these exported checkpoints (JSON lines from `serrano audit checkpoints`).
+        #[arg(long)]
+        checkpoints: Option<PathBuf>,
+    },
+    /// Create an Ed25519 signing key for checkpoints: the seed goes to FILE (mode 0600), the
+    /// public key to stdout.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Sign the chain's current head with the key in FILE (`serve --audit-signing-key` does this
+    /// periodically).
+    Checkpoint {
+        #[arg(long)]
+        key: PathBuf,
+    },
+    /// Print every stored checkpoint as JSON lines, to keep outside this machine.
+    Checkpoints,
     /// Write records as JSON lines (for a SIEM).
     Export {
         /// Only records after this sequence number.
@@ -346,8 +368,25 @@ pub fn usage(a: UsageArgs) -> Result<()> {
 
 pub fn audit(db: &DbArgs, cmd: AuditCommand) -> Result<()> {
     with_gov(db, async |gov| match cmd {
-        AuditCommand::Verify => {
-            let r = gov.verify_audit().await?;
+        AuditCommand::Verify {
+            public_key,
+            checkpoints,
+        } => {
+            let trusted = public_key
+                .map(|k| serrano_gov::parse_public_key(&k))
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
+            let extra = match checkpoints {
+                None => vec![],
+                Some(p) => std::fs::read_to_string(&p)
+                    .with_context(|| format!("cannot read {}", p.display()))?
+                    .lines()
+                    .filter(|l| !l.trim().is_empty())
+                    .map(serde_json::from_str)
+                    .collect::<Result<Vec<serrano_gov::Checkpoint>, _>>()
+                    .with_context(|| format!("{} is not checkpoint JSON lines", p.display()))?,
+            };
+            let r = gov.verify_audit_with(trusted.as_ref(), &extra).await?;
             print_json(&r)?;
             if !r.ok {
                 bail!(
@@ -379,6 +418,45 @@ pub fn audit(db: &DbArgs, cmd: AuditCommand) -> Result<()> {
             }
             out.flush()?;
             eprintln!("exported {n} audit records");
+            Ok(())
+        }
+        AuditCommand::Keygen { out } => {
+            let (key, seed) = serrano_gov::generate_signing_key();
+            let mut opts = std::fs::OpenOptions::new();
+            opts.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+            let mut f = opts
+                .open(&out)
+                .with_context(|| format!("cannot create {}", out.display()))?;
+            f.write_all(format!("{seed}\n").as_bytes())?;
+            let public: String = key
+                .verifying_key()
+                .as_bytes()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            eprintln!(
+                "wrote the signing key to {}; its public key:",
+                out.display()
+            );
+            println!("{public}");
+            Ok(())
+        }
+        AuditCommand::Checkpoint { key } => {
+            let key = serrano_gov::read_signing_key(&key)?;
+            match gov.checkpoint(&key).await? {
+                Some(cp) => print_json(&cp),
+                None => {
+                    eprintln!("nothing to sign: the log is empty or its head is signed already");
+                    Ok(())
+                }
+            }
+        }
+        AuditCommand::Checkpoints => {
+            for cp in gov.checkpoints().await? {
+                println!("{}", serde_json::to_string(&cp)?);
+            }
             Ok(())
         }
         AuditCommand::Erase { tenant } => {

@@ -129,6 +129,13 @@ struct ServeArgs {
     /// with a wrong key is still refused.
     #[arg(long)]
     allow_anonymous: bool,
+    /// Sign the audit chain's head with this Ed25519 key (a file from `serrano audit keygen`)
+    /// every --checkpoint-every seconds; export the checkpoints to pin the log.
+    #[arg(long, env = "SERRANO_AUDIT_SIGNING_KEY")]
+    audit_signing_key: Option<PathBuf>,
+    /// Seconds between signed checkpoints (with --audit-signing-key).
+    #[arg(long, default_value_t = 60.0)]
+    checkpoint_every: f64,
     /// How long a request's budget reservation holds if the request never settles because its
     /// process died (seconds); default: --request-timeout plus 60. Must exceed --request-timeout.
     #[arg(long)]
@@ -287,6 +294,19 @@ fn serve(a: ServeArgs) -> Result<()> {
             show_first_admin_key(&db, &key)?;
         }
         tracing::info!(db = %db.display(), "governance on: every request needs an API key");
+        if let Some(path) = &a.audit_signing_key {
+            let key = serrano_gov::read_signing_key(path)?;
+            let every = std::time::Duration::from_secs_f64(a.checkpoint_every.max(0.1));
+            let gov = gov.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    if let Err(e) = gov.checkpoint(&key).await {
+                        tracing::error!("cannot sign an audit checkpoint: {e}");
+                    }
+                }
+            });
+        }
         let anonymous = if a.allow_anonymous {
             tracing::warn!(
                 "--allow-anonymous: requests without a key are served as tenant 'anonymous'"

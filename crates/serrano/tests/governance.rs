@@ -366,7 +366,22 @@ fn an_unwritable_store_refuses_requests() {
 /// a tampered record makes `serrano audit verify` fail.
 #[test]
 fn cli_reports_verifies_and_detects_tampering() {
-    let s = Server::tiny(&[]);
+    let keys = tempfile::tempdir().unwrap();
+    let seed = keys.path().join("audit.key");
+    let out = serrano(&["audit", "keygen", "--out", seed.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let public = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(public.len(), 64);
+    let s = Server::tiny(&[
+        "--audit-signing-key",
+        seed.to_str().unwrap(),
+        "--checkpoint-every",
+        "0.2",
+    ]);
     let (st, v) = s.post(
         "/admin/v1/tenants",
         &json!({"name": "acme", "retention": "full"}),
@@ -396,12 +411,33 @@ fn cli_reports_verifies_and_detects_tampering() {
         csv.lines().any(|l| l.starts_with("\"acme\",,\"tiny\",,3,")),
         "{csv}"
     );
-    let out = serrano(&["audit", "verify", "--db", &db]);
+    // The server signs checkpoints; export them and verify against the public key.
+    assert!(common::wait_until(Duration::from_secs(10), || {
+        s.get("/admin/v1/audit/checkpoints").1["data"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
+    }));
+    let exported = keys.path().join("checkpoints.jsonl");
+    let out = serrano(&["audit", "checkpoints", "--db", &db]);
+    std::fs::write(&exported, &out.stdout).unwrap();
+    let verify_args = [
+        "audit",
+        "verify",
+        "--db",
+        &db,
+        "--public-key",
+        &public,
+        "--checkpoints",
+        exported.to_str().unwrap(),
+    ];
+    let out = serrano(&verify_args);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report["checkpoints"].as_u64().unwrap() >= 2, "{report}");
     let out = serrano(&["audit", "export", "--db", &db]);
     let lines = String::from_utf8_lossy(&out.stdout).lines().count();
     assert!(lines >= 5, "{lines} exported records");
@@ -421,7 +457,7 @@ fn cli_reports_verifies_and_detects_tampering() {
         "{}",
         String::from_utf8_lossy(&edit.stderr)
     );
-    let out = serrano(&["audit", "verify", "--db", &db]);
+    let out = serrano(&verify_args);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not verify"));
 }
