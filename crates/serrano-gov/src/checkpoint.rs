@@ -86,7 +86,7 @@ pub fn generate_signing_key() -> (SigningKey, String) {
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if s.len() & 1 == 1 {
         return None;
     }
     (0..s.len())
