@@ -14,6 +14,7 @@
 mod audit;
 mod checkpoint;
 mod error;
+mod jwt;
 mod keys;
 mod ledger;
 mod rate;
@@ -28,6 +29,7 @@ pub use audit::{
 pub use checkpoint::{generate_signing_key, parse_public_key, read_signing_key, Checkpoint};
 pub use ed25519_dalek::{SigningKey, VerifyingKey};
 pub use error::GovError;
+pub use jwt::{JwtConfig, JwtIdentity, JwtVerifier};
 pub use keys::{Principal, Role};
 pub use ledger::{BudgetPeriod, BudgetUnit};
 pub use rate::RateInfo;

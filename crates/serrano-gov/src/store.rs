@@ -307,6 +307,26 @@ impl Governance {
         })
     }
 
+    /// The principal of a verified JWT: its tenant must exist (403 otherwise); it may infer with
+    /// any model, and is recorded as `jwt:SUBJECT`. Only the tenant's budgets and limits apply.
+    pub async fn jwt_principal(&self, id: &crate::JwtIdentity) -> Result<Principal, GovError> {
+        let t = self.tenant(&id.tenant).await.map_err(|_| {
+            GovError::Forbidden(format!(
+                "The token's tenant '{}' is not known here.",
+                id.tenant
+            ))
+        })?;
+        Ok(Principal {
+            tenant_id: t.id,
+            tenant: t.name,
+            key_id: 0,
+            key_prefix: format!("jwt:{}", id.subject),
+            role: Role::Inference,
+            models: None,
+            retention: t.retention,
+        })
+    }
+
     async fn ensure_tenant(&self, name: &str) -> Result<(), GovError> {
         sqlx::query(
             "INSERT INTO tenants (name, created_ms) VALUES (?1, ?2) ON CONFLICT DO NOTHING",

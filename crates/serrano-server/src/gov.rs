@@ -9,7 +9,7 @@ use axum::http::header::AUTHORIZATION;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use serrano_gov::{GovError, Principal, RateInfo, Role, Ticket};
+use serrano_gov::{GovError, JwtVerifier, Principal, RateInfo, Role, Ticket};
 
 use crate::error::{ApiError, ErrorNote};
 use crate::AppState;
@@ -145,9 +145,17 @@ async fn authorize(
     path: &str,
     ticket: &Ticket,
 ) -> Result<(), ApiError> {
-    let mut p: Principal = match (&st.anonymous, headers.contains_key(AUTHORIZATION)) {
+    let mut p: Principal = match (&st.auth.anonymous, headers.contains_key(AUTHORIZATION)) {
         (Some(anon), false) => anon.clone(),
-        _ => st.gov.authenticate(bearer(headers)?).await?,
+        _ => {
+            let token = bearer(headers)?;
+            match &st.auth.jwt {
+                Some(v) if JwtVerifier::looks_like_jwt(token) => {
+                    st.gov.jwt_principal(&v.verify(token)?).await?
+                }
+                _ => st.gov.authenticate(token).await?,
+            }
+        }
     };
     if path.starts_with("/admin/") && p.role != Role::Admin {
         return Err(GovError::Forbidden("This route needs an admin key.".into()).into());

@@ -47,11 +47,19 @@ impl Default for ServerConfig {
     }
 }
 
+/// Ways to authenticate besides API keys.
+#[derive(Default, Clone)]
+pub struct AuthConfig {
+    /// Who a request without credentials is, when anonymous access is on.
+    pub anonymous: Option<serrano_gov::Principal>,
+    /// Verifies OIDC/JWT bearer tokens, when a JWKS is configured.
+    pub jwt: Option<Arc<serrano_gov::JwtVerifier>>,
+}
+
 pub struct AppState {
     pub engine: EngineHandle,
     pub gov: Governance,
-    /// Who a request without a key is, when anonymous access is on.
-    pub anonymous: Option<serrano_gov::Principal>,
+    pub auth: AuthConfig,
     pub config: ServerConfig,
     pub started: u64,
 }
@@ -129,7 +137,7 @@ fn route(path: &str) -> axum::routing::MethodRouter<Arc<AppState>> {
 pub fn router(
     engine: EngineHandle,
     gov: Governance,
-    anonymous: Option<serrano_gov::Principal>,
+    auth: AuthConfig,
     mut config: ServerConfig,
 ) -> Router {
     if config.model_names.is_empty() {
@@ -139,7 +147,7 @@ pub fn router(
     let state = Arc::new(AppState {
         engine,
         gov,
-        anonymous,
+        auth,
         config,
         started: unix_now(),
     });

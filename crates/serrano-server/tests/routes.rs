@@ -36,7 +36,7 @@ async fn fixture() -> Fixture {
         .await
         .unwrap();
     Fixture {
-        app: router(engine, gov, None, ServerConfig::default()),
+        app: router(engine, gov, Default::default(), ServerConfig::default()),
         admin,
         user,
         _dir: dir,

@@ -136,6 +136,19 @@ struct ServeArgs {
     /// Seconds between signed checkpoints (with --audit-signing-key).
     #[arg(long, default_value_t = 60.0)]
     checkpoint_every: f64,
+    /// Also accept OIDC/JWT bearer tokens signed by a key in this JWKS file (RSA, EC or Ed25519
+    /// public keys, as an identity provider publishes them).
+    #[arg(long, env = "SERRANO_JWKS")]
+    jwks: Option<PathBuf>,
+    /// Required `iss` of JWTs.
+    #[arg(long, requires = "jwks")]
+    jwt_issuer: Option<String>,
+    /// Required `aud` of JWTs.
+    #[arg(long, requires = "jwks")]
+    jwt_audience: Option<String>,
+    /// The JWT claim naming the tenant (which must exist).
+    #[arg(long, default_value = "tenant")]
+    jwt_tenant_claim: String,
     /// How long a request's budget reservation holds if the request never settles because its
     /// process died (seconds); default: --request-timeout plus 60. Must exceed --request-timeout.
     #[arg(long)]
@@ -315,7 +328,19 @@ fn serve(a: ServeArgs) -> Result<()> {
         } else {
             None
         };
-        let app = serrano_server::router(engine, gov, anonymous, config);
+        let jwt = match a.jwks {
+            Some(path) => Some(std::sync::Arc::new(serrano_gov::JwtVerifier::load(
+                serrano_gov::JwtConfig {
+                    jwks_path: path,
+                    issuer: a.jwt_issuer,
+                    audience: a.jwt_audience,
+                    tenant_claim: a.jwt_tenant_claim,
+                },
+            )?)),
+            None => None,
+        };
+        let auth = serrano_server::AuthConfig { anonymous, jwt };
+        let app = serrano_server::router(engine, gov, auth, config);
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;

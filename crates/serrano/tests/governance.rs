@@ -584,3 +584,87 @@ fn concurrent_request_limit() {
     let (st, _, _) = s.post_as(&key, "/v1/completions", &completion(2));
     assert_eq!(st, 200);
 }
+
+fn b64url(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for c in bytes.chunks(3) {
+        let n = c
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | (*b as u32) << (16 - 8 * i));
+        for i in 0..=c.len() {
+            out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+/// A JWT signed by the identity provider's key (Ed25519 here), naming a known tenant, is
+/// accepted and audited as `jwt:SUBJECT`; expired, wrong-audience, foreign-key and unknown-tenant
+/// tokens are not.
+#[test]
+fn oidc_jwt_bearer_tokens() {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    let dir = tempfile::tempdir().unwrap();
+    let idp = |seed: u8| {
+        let sk = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
+        let mut der = vec![
+            0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
+            0x04, 0x20,
+        ];
+        der.extend_from_slice(&[seed; 32]);
+        (
+            EncodingKey::from_ed_der(&der),
+            b64url(sk.verifying_key().as_bytes()),
+        )
+    };
+    let (key, x) = idp(7);
+    let (foreign, _) = idp(8);
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(
+        &jwks,
+        json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "x": x, "kid": "k1", "alg": "EdDSA"}]})
+            .to_string(),
+    )
+    .unwrap();
+    let s = Server::tiny(&[
+        "--jwks",
+        jwks.to_str().unwrap(),
+        "--jwt-issuer",
+        "https://idp.test",
+        "--jwt-audience",
+        "serrano",
+    ]);
+    s.tenant("acme");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let token = |k: &EncodingKey, claims: Value| {
+        let mut h = Header::new(Algorithm::EdDSA);
+        h.kid = Some("k1".into());
+        encode(&h, &claims, k).unwrap()
+    };
+    let claims = |tenant: &str, aud: &str, exp: u64| json!({"sub": "alice", "tenant": tenant, "iss": "https://idp.test", "aud": aud, "exp": exp});
+    let good = token(&key, claims("acme", "serrano", now + 300));
+    let (st, v, _) = s.post_as(&good, "/v1/completions", &completion(2));
+    assert_eq!(st, 200, "{v}");
+    let rec = audit(&s)
+        .into_iter()
+        .find(|r| r["key"] == "jwt:alice")
+        .unwrap();
+    assert_eq!(rec["tenant"], "acme");
+    for (bad, want) in [
+        (token(&key, claims("acme", "serrano", now - 300)), 401),
+        (token(&key, claims("acme", "other", now + 300)), 401),
+        (token(&foreign, claims("acme", "serrano", now + 300)), 401),
+        (token(&key, claims("nobody", "serrano", now + 300)), 403),
+    ] {
+        let (st, v, _) = s.post_as(&bad, "/v1/completions", &completion(2));
+        assert_eq!(st, want, "{v}");
+    }
+    // A JWT is never an admin credential.
+    let (st, _, _) = s.post_as(&good, "/admin/v1/tenants", br#"{"name":"x"}"#);
+    assert_eq!(st, 403);
+}
