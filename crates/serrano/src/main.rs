@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models, ...).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage the model cache ($SERRANO_HOME/models or ~/.cache/serrano/models).
     #[command(subcommand)]
     Models(ModelsCommand),
@@ -197,7 +197,7 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Serve(a) => serve(a),
+        Command::Serve(a) => serve(*a),
         Command::Models(ModelsCommand::Pull { force }) => {
             let p = serrano_models::pull_default_model(true, force)?;
             println!("{}", p.display());
