@@ -95,6 +95,13 @@ impl Ticket {
         s.record.route = Some(LOCAL_BACKEND.to_string());
     }
 
+    /// The request goes to a named upstream rather than the local engine.
+    pub fn set_backend(&self, name: &str) {
+        let mut s = self.state();
+        s.record.backend = Some(name.to_string());
+        s.record.route = Some(name.to_string());
+    }
+
     pub fn set_prompt_text(&self, text: String) {
         self.state().prompt_text = Some(text);
     }

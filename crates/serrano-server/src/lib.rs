@@ -10,6 +10,7 @@ mod extract;
 pub mod gov;
 mod openai;
 mod params;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -56,8 +57,22 @@ pub struct AuthConfig {
     pub jwt: Option<Arc<serrano_gov::JwtVerifier>>,
 }
 
+/// Where requests can go: the in-process engine, upstream servers, or both.
+#[derive(Default)]
+pub struct Backends {
+    pub local: Option<EngineHandle>,
+    pub upstreams: Vec<Arc<upstream::Upstream>>,
+}
+
+/// Where one request goes.
+pub enum Target {
+    Local(String),
+    Upstream(Arc<upstream::Upstream>, String),
+}
+
 pub struct AppState {
-    pub engine: EngineHandle,
+    pub engine: Option<EngineHandle>,
+    pub upstreams: Vec<Arc<upstream::Upstream>>,
     pub gov: Governance,
     pub auth: AuthConfig,
     pub config: ServerConfig,
@@ -65,13 +80,50 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// Resolves the request's `model`; a missing one means the default model.
+    /// Resolves a `model` served by the local engine; a missing one means its default model.
     pub fn model_name(&self, requested: Option<&str>) -> Result<String, ApiError> {
+        self.local()?;
         match requested {
             None | Some("") => Ok(self.config.model_names[0].clone()),
             Some(m) if self.config.model_names.iter().any(|n| n == m) => Ok(m.to_string()),
             Some(m) => Err(ApiError::model_not_found(m)),
         }
+    }
+
+    /// Resolves `model` to the local engine or the first upstream serving it; a missing one
+    /// means the local default model, else the first upstream's first.
+    pub fn target(&self, requested: Option<&str>) -> Result<Target, ApiError> {
+        let wanted = requested.filter(|m| !m.is_empty());
+        if self.engine.is_some()
+            && wanted.is_none_or(|m| self.config.model_names.iter().any(|n| n == m))
+        {
+            return Ok(Target::Local(self.model_name(wanted)?));
+        }
+        for up in &self.upstreams {
+            match wanted {
+                None => {
+                    if let Some(m) = up.models.first() {
+                        return Ok(Target::Upstream(up.clone(), m.clone()));
+                    }
+                }
+                Some(m) if up.models.iter().any(|x| x == m) => {
+                    return Ok(Target::Upstream(up.clone(), m.to_string()))
+                }
+                _ => {}
+            }
+        }
+        Err(ApiError::model_not_found(wanted.unwrap_or("")))
+    }
+
+    /// The local engine, or 404 on a gateway without one.
+    pub fn local(&self) -> Result<&EngineHandle, ApiError> {
+        self.engine.as_ref().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "This server has no local model (it is a gateway); this route needs one",
+            )
+        })
     }
 }
 
@@ -135,7 +187,7 @@ fn route(path: &str) -> axum::routing::MethodRouter<Arc<AppState>> {
 /// The whole API. Every route but [`gov::PUBLIC_ROUTES`] (unknown paths included) goes through
 /// the governance gate: key checked, tenant bound, one audit record written.
 pub fn router(
-    engine: EngineHandle,
+    backends: Backends,
     gov: Governance,
     auth: AuthConfig,
     mut config: ServerConfig,
@@ -145,7 +197,8 @@ pub fn router(
     }
     let limit = config.max_body_bytes;
     let state = Arc::new(AppState {
-        engine,
+        engine: backends.local,
+        upstreams: backends.upstreams,
         gov,
         auth,
         config,
@@ -177,7 +230,9 @@ async fn metrics(
             axum::http::header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        st.engine.metrics().encode(),
+        st.engine
+            .as_ref()
+            .map_or_else(|| "# EOF\n".to_string(), |e| e.metrics().encode()),
     )
 }
 

@@ -21,7 +21,8 @@ use crate::error::ApiError;
 use crate::extract::JsonBody;
 use crate::gov::principal;
 use crate::params;
-use crate::{unix_now, AppState};
+use crate::upstream;
+use crate::{unix_now, AppState, Target};
 use serrano_gov::{GovError, Principal, Role, Ticket};
 
 type St = State<Arc<AppState>>;
@@ -54,21 +55,32 @@ fn tenancy(headers: &HeaderMap, p: &Principal) -> Result<(String, i32), ApiError
     Ok((p.tenant.clone(), priority))
 }
 
-/// Resolves the model, checks the key may use it, and records it on the ticket.
-fn scoped_model(
+/// Resolves the model to a backend, checks the key may use it, and records both on the ticket.
+fn scoped_target(
     st: &AppState,
     ticket: &Ticket,
     p: &Principal,
     requested: Option<&str>,
-) -> Result<String, ApiError> {
-    let model = st.model_name(requested)?;
-    if !p.may_use_model(&model) {
+) -> Result<Target, ApiError> {
+    let target = st.target(requested)?;
+    let model = match &target {
+        Target::Local(m) | Target::Upstream(_, m) => m,
+    };
+    if !p.may_use_model(model) {
         return Err(
             GovError::Forbidden(format!("This API key may not use the model '{model}'")).into(),
         );
     }
-    ticket.set_model(&model);
-    Ok(model)
+    ticket.set_model(model);
+    if let Target::Upstream(up, _) = &target {
+        ticket.set_backend(&up.name);
+    }
+    Ok(target)
+}
+
+/// The typed request, once the raw body is known to be for the local engine.
+fn typed<T: serde::de::DeserializeOwned>(raw: serde_json::Value) -> Result<T, ApiError> {
+    serde_json::from_value(raw).map_err(|e| ApiError::invalid(format!("Invalid JSON body: {e}")))
 }
 
 /// Default `max_tokens` for legacy completions, as OpenAI's.
@@ -88,18 +100,28 @@ pub async fn models(
     Extension(ticket): Extension<Ticket>,
 ) -> Result<Json<api::ModelList>, ApiError> {
     let p = principal(&ticket)?;
-    let max = st.engine.info().context_length as u32;
-    let data = st
-        .config
-        .model_names
+    let local = st.engine.as_ref().map(|e| {
+        let max = e.info().context_length as u32;
+        st.config
+            .model_names
+            .iter()
+            .map(move |n| (n.clone(), "serrano".to_string(), max))
+    });
+    let remote = st
+        .upstreams
         .iter()
-        .filter(|n| p.may_use_model(n))
-        .map(|n| api::ModelCard {
-            id: n.clone(),
+        .flat_map(|u| u.models.iter().map(|m| (m.clone(), u.name.clone(), 0)));
+    let data = local
+        .into_iter()
+        .flatten()
+        .chain(remote)
+        .filter(|(n, _, _)| p.may_use_model(n))
+        .map(|(id, owned_by, max_model_len)| api::ModelCard {
+            id,
             object: "model".into(),
             created: st.started,
-            owned_by: "serrano".into(),
-            max_model_len: max,
+            owned_by,
+            max_model_len,
         })
         .collect();
     Ok(Json(api::ModelList {
@@ -174,7 +196,7 @@ pub async fn tokenize(
     JsonBody(req): JsonBody<api::TokenizeRequest>,
 ) -> Result<Json<api::TokenizeResponse>, ApiError> {
     st.model_name(req.model.as_deref())?;
-    let info = st.engine.info();
+    let info = st.local()?.info();
     let tokens = match (req.prompt, &req.messages) {
         (Some(p), None) => {
             encode(info, "prompt", p, req.add_special_tokens.unwrap_or(true)).await?
@@ -198,7 +220,7 @@ pub async fn detokenize(
     JsonBody(req): JsonBody<api::DetokenizeRequest>,
 ) -> Result<Json<api::DetokenizeResponse>, ApiError> {
     st.model_name(req.model.as_deref())?;
-    let tok = &st.engine.info().tokenizer;
+    let tok = &st.local()?.info().tokenizer;
     if let Some(bad) = req.tokens.iter().find(|&&t| t as usize >= tok.vocab_size()) {
         return Err(ApiError::invalid_param(
             "tokens",
@@ -267,7 +289,7 @@ fn submit_n(
         .map(|i| {
             let mut g = gen.clone();
             g.sampling.seed = gen.sampling.seed.map(|s| s.wrapping_add(i as u64));
-            st.engine.submit(g).map_err(ApiError::from)
+            st.local()?.submit(g).map_err(ApiError::from)
         })
         .collect()
 }
@@ -441,10 +463,16 @@ fn usage(prompt: usize, completion: usize) -> api::Usage {
     api::Usage::new(prompt as u32, completion as u32)
 }
 
-fn sse(rx: mpsc::Receiver<String>) -> Response {
+/// An SSE response whose events are the strings received (each becomes one `data:` line).
+pub(crate) fn sse_response(rx: mpsc::Receiver<String>) -> Response {
     let stream =
         ReceiverStream::new(rx).map(|data| Ok::<_, Infallible>(SseEvent::default().data(data)));
     Sse::new(stream).into_response()
+}
+
+/// An error as the JSON of an SSE event.
+pub(crate) fn error_json(e: &ApiError) -> String {
+    to_json(&e.body())
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> String {
@@ -458,12 +486,19 @@ pub async fn completions(
     State(st): St,
     Extension(ticket): Extension<Ticket>,
     headers: HeaderMap,
-    JsonBody(req): JsonBody<api::CompletionRequest>,
+    JsonBody(raw): JsonBody<serde_json::Value>,
 ) -> Result<Response, ApiError> {
     let p = principal(&ticket)?;
-    let model = scoped_model(&st, &ticket, &p, req.model.as_deref())?;
     let (tenant, priority) = tenancy(&headers, &p)?;
-    let info = st.engine.info().clone();
+    let model = match scoped_target(&st, &ticket, &p, raw["model"].as_str())? {
+        Target::Local(m) => m,
+        Target::Upstream(up, _) => {
+            let timeout = st.config.request_timeout;
+            return upstream::forward(up, ticket, "/completions", raw, timeout).await;
+        }
+    };
+    let req: api::CompletionRequest = typed(raw)?;
+    let info = st.local()?.info().clone();
     let n = params::choices(&req.sampling)?;
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid_param("suffix", "suffix is not supported"));
@@ -531,7 +566,7 @@ pub async fn completions(
             Relay::new(tx, ticket, st.config.request_timeout),
             include_usage,
         ));
-        return Ok(sse(out));
+        return Ok(sse_response(out));
     }
     let cs = collect_all(rxs, st.config.request_timeout, &ticket).await?;
     Ok(Json(ctx.finish(cs)).into_response())
@@ -739,12 +774,19 @@ pub async fn chat_completions(
     State(st): St,
     Extension(ticket): Extension<Ticket>,
     headers: HeaderMap,
-    JsonBody(req): JsonBody<api::ChatCompletionRequest>,
+    JsonBody(raw): JsonBody<serde_json::Value>,
 ) -> Result<Response, ApiError> {
     let p = principal(&ticket)?;
-    let model = scoped_model(&st, &ticket, &p, req.model.as_deref())?;
     let (tenant, priority) = tenancy(&headers, &p)?;
-    let info = st.engine.info().clone();
+    let model = match scoped_target(&st, &ticket, &p, raw["model"].as_str())? {
+        Target::Local(m) => m,
+        Target::Upstream(up, _) => {
+            let timeout = st.config.request_timeout;
+            return upstream::forward(up, ticket, "/chat/completions", raw, timeout).await;
+        }
+    };
+    let req: api::ChatCompletionRequest = typed(raw)?;
+    let info = st.local()?.info().clone();
     let n = params::choices(&req.sampling)?;
     let prompt = chat_prompt(&info, &req.messages, true).await?;
     let top = match (req.logprobs, req.top_logprobs) {
@@ -805,7 +847,7 @@ pub async fn chat_completions(
             Relay::new(tx, ticket, st.config.request_timeout),
             include_usage,
         ));
-        return Ok(sse(out));
+        return Ok(sse_response(out));
     }
     let cs = collect_all(rxs, st.config.request_timeout, &ticket).await?;
     let namer = TokenNamer {

@@ -36,7 +36,15 @@ async fn fixture() -> Fixture {
         .await
         .unwrap();
     Fixture {
-        app: router(engine, gov, Default::default(), ServerConfig::default()),
+        app: router(
+            serrano_server::Backends {
+                local: Some(engine),
+                upstreams: vec![],
+            },
+            gov,
+            Default::default(),
+            ServerConfig::default(),
+        ),
         admin,
         user,
         _dir: dir,

@@ -30,6 +30,8 @@ struct Cli {
 enum Command {
     /// Serve the OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models, ...).
     Serve(Box<ServeArgs>),
+    /// Serve the same governed API without a local model, forwarding to --upstream.
+    Gateway(Box<GatewayArgs>),
     /// Manage the model cache ($SERRANO_HOME/models or ~/.cache/serrano/models).
     #[command(subcommand)]
     Models(ModelsCommand),
@@ -97,13 +99,48 @@ struct ModelArgs {
 struct ServeArgs {
     #[command(flatten)]
     model: ModelArgs,
+    /// Name(s) clients use in `model` (repeatable). Default: the GGUF file name without `.gguf`.
+    #[arg(long = "served-model-name")]
+    served_model_names: Vec<String>,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(Args)]
+struct GatewayArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+/// Forwarding to an OpenAI-compatible server (another serrano, llama-server, vLLM, a hosted API).
+#[derive(Args)]
+struct UpstreamArgs {
+    /// Base URL of the upstream's API, e.g. http://127.0.0.1:8000/v1.
+    #[arg(long)]
+    upstream: Option<String>,
+    /// The backend's name in audit records, prices and response headers.
+    #[arg(long, default_value = "upstream")]
+    upstream_name: String,
+    /// Environment variable holding the upstream's API key (never the key itself).
+    #[arg(long)]
+    upstream_key_env: Option<String>,
+    /// A model the upstream serves (repeatable). Default: its /v1/models, asked at start-up.
+    #[arg(long = "upstream-model")]
+    upstream_models: Vec<String>,
+    /// `max_tokens` put into forwarded requests that have none, so that the reservation bounds
+    /// what the upstream may generate.
+    #[arg(long, default_value_t = 4096)]
+    upstream_default_max_tokens: u64,
+}
+
+#[derive(Args)]
+struct ServerArgs {
     #[arg(long, default_value = "127.0.0.1", env = "SERRANO_HOST")]
     host: String,
     #[arg(long, short = 'p', default_value_t = 8080, env = "SERRANO_PORT")]
     port: u16,
-    /// Name(s) clients use in `model` (repeatable). Default: the GGUF file name without `.gguf`.
-    #[arg(long = "served-model-name")]
-    served_model_names: Vec<String>,
+    #[command(flatten)]
+    upstream: UpstreamArgs,
     /// Largest request body accepted; larger ones get 413.
     #[arg(long, default_value_t = 4 << 20)]
     max_body_bytes: usize,
@@ -198,6 +235,12 @@ fn main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Serve(a) => serve(*a),
+        Command::Gateway(a) => {
+            if a.server.upstream.upstream.is_none() {
+                bail!("a gateway needs --upstream URL");
+            }
+            run_server(None, vec![], a.server)
+        }
         Command::Models(ModelsCommand::Pull { force }) => {
             let p = serrano_models::pull_default_model(true, force)?;
             println!("{}", p.display());
@@ -271,6 +314,50 @@ fn serve(a: ServeArgs) -> Result<()> {
     } else {
         a.served_model_names
     };
+    run_server(Some(engine), names, a.server)
+}
+
+/// The upstream named on the command line, with its models (asked from it if not given).
+async fn upstream(
+    u: UpstreamArgs,
+) -> Result<Option<std::sync::Arc<serrano_server::upstream::Upstream>>> {
+    let Some(url) = u.upstream else {
+        return Ok(None);
+    };
+    let key = match &u.upstream_key_env {
+        Some(var) => Some(
+            std::env::var(var).with_context(|| format!("--upstream-key-env: ${var} is not set"))?,
+        ),
+        None => None,
+    };
+    let mut up = serrano_server::upstream::Upstream::new(
+        u.upstream_name,
+        &url,
+        key,
+        u.upstream_models,
+        u.upstream_default_max_tokens,
+        std::time::Duration::from_secs(10),
+    )?;
+    match up.discover_models().await {
+        Ok(found) => {
+            if up.models.is_empty() {
+                up.models = found.iter().map(|(m, _)| m.clone()).collect();
+            }
+            up.context = found
+                .into_iter()
+                .filter_map(|(m, c)| Some((m, c?)))
+                .collect();
+            tracing::info!(backend = %up.name, models = ?up.models, "upstream models");
+        }
+        Err(e) if up.models.is_empty() => {
+            bail!("cannot list the models of {url}: {e} (or give --upstream-model)")
+        }
+        Err(e) => tracing::warn!("cannot list the models of {url}: {e}"),
+    }
+    Ok(Some(std::sync::Arc::new(up)))
+}
+
+fn run_server(engine: Option<EngineHandle>, names: Vec<String>, a: ServerArgs) -> Result<()> {
     let addr: SocketAddr = format!("{}:{}", a.host, a.port)
         .parse()
         .with_context(|| format!("bad address {}:{}", a.host, a.port))?;
@@ -340,7 +427,11 @@ fn serve(a: ServeArgs) -> Result<()> {
             None => None,
         };
         let auth = serrano_server::AuthConfig { anonymous, jwt };
-        let app = serrano_server::router(engine, gov, auth, config);
+        let backends = serrano_server::Backends {
+            local: engine,
+            upstreams: upstream(a.upstream).await?.into_iter().collect(),
+        };
+        let app = serrano_server::router(backends, gov, auth, config);
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;

@@ -56,12 +56,33 @@ impl Server {
         db: PathBuf,
         db_dir: tempfile::TempDir,
     ) -> Server {
+        let mut full: Vec<std::ffi::OsString> = ["serve", "--threads", "2", "--model"]
+            .iter()
+            .map(Into::into)
+            .collect();
+        full.push(model.into());
+        full.extend(args.iter().map(Into::into));
+        let mut s = Server::launch(full, db, db_dir);
+        s.model = model.to_path_buf();
+        s
+    }
+
+    /// Starts `serrano gateway --upstream URL ARGS` (no local model) on a fresh database.
+    pub fn gateway(upstream: &str, args: &[&str]) -> Server {
+        let db_dir = tempfile::tempdir().unwrap();
+        let db = db_dir.path().join("serrano.db");
+        let mut full: Vec<std::ffi::OsString> =
+            vec!["gateway".into(), "--upstream".into(), upstream.into()];
+        full.extend(args.iter().map(Into::into));
+        Server::launch(full, db, db_dir)
+    }
+
+    /// Runs the binary with ARGS, a free port and the database, and waits until it listens.
+    fn launch(args: Vec<std::ffi::OsString>, db: PathBuf, db_dir: tempfile::TempDir) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_serrano"))
-            .args(["serve", "--port", "0", "--threads", "2", "--model"])
-            .arg(model)
-            .arg("--db")
+            .args(&args)
+            .args(["--port", "0", "--db"])
             .arg(&db)
-            .args(args)
             .env("RUST_LOG", "info")
             .env("SERRANO_ADMIN_KEY", ADMIN_KEY)
             .stdout(Stdio::null())
@@ -103,7 +124,7 @@ impl Server {
             child,
             base,
             db,
-            model: model.to_path_buf(),
+            model: PathBuf::new(),
             log,
             _dir: None,
             _db_dir: db_dir,

@@ -1,0 +1,396 @@
+//! An OpenAI-compatible upstream (another serrano, llama.cpp's llama-server, vLLM, a hosted API)
+//! behind the same governance as the local engine: the request is checked, its worst case
+//! reserved, forwarded unchanged but for a guaranteed `max_tokens`, and settled from the
+//! upstream's reported usage. Streams pass through chunk by chunk.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use serde_json::Value;
+use serrano_gov::Ticket;
+use tokio::sync::mpsc;
+
+use crate::error::ApiError;
+
+/// Most choices a forwarded request may ask for, as for the local engine.
+const MAX_CHOICES: u64 = 16;
+/// Longest single SSE event accepted from an upstream.
+const MAX_EVENT_BYTES: usize = 1 << 20;
+/// Prompt-token bound per message on top of its text: role markers and template tokens.
+const TOKENS_PER_MESSAGE: u64 = 8;
+
+/// One upstream server.
+pub struct Upstream {
+    pub name: String,
+    /// Base URL including `/v1`.
+    pub base: String,
+    pub models: Vec<String>,
+    /// Context lengths the upstream reported (`max_model_len`), by model.
+    pub context: std::collections::HashMap<String, u64>,
+    /// Put into requests without `max_tokens` (at most the rest of the model's context, when
+    /// known), so the reservation bounds what is generated.
+    pub default_max_tokens: u64,
+    key: Option<String>,
+    client: reqwest::Client,
+}
+
+impl Upstream {
+    pub fn new(
+        name: String,
+        base: &str,
+        key: Option<String>,
+        models: Vec<String>,
+        default_max_tokens: u64,
+        connect_timeout: Duration,
+    ) -> Result<Upstream, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .tcp_nodelay(true)
+            .connect_timeout(connect_timeout)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()?;
+        Ok(Upstream {
+            name,
+            base: base.trim_end_matches('/').to_string(),
+            models,
+            context: Default::default(),
+            default_max_tokens,
+            key,
+            client,
+        })
+    }
+
+    fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        let r = self.client.post(format!("{}{path}", self.base));
+        match &self.key {
+            Some(k) => r.bearer_auth(k),
+            None => r,
+        }
+    }
+
+    /// The upstream's model ids and, where reported (vLLM, serrano), context lengths.
+    pub async fn discover_models(&self) -> Result<Vec<(String, Option<u64>)>, String> {
+        let mut r = self.client.get(format!("{}/models", self.base));
+        if let Some(k) = &self.key {
+            r = r.bearer_auth(k);
+        }
+        let v: Value = r
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(|e| e.to_string())?
+            .json()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(v["data"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|m| {
+                        let id = m["id"].as_str()?.to_string();
+                        Some((id, m["max_model_len"].as_u64().filter(|&c| c > 0)))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+}
+
+fn upstream_error(up: &Upstream, detail: impl std::fmt::Display) -> ApiError {
+    tracing::warn!(backend = %up.name, "upstream failed: {detail}");
+    ApiError {
+        code: Some("upstream_error".into()),
+        ..ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "server_error",
+            format!("The backend '{}' failed to answer", up.name),
+        )
+    }
+}
+
+/// A bound on the prompt's tokens without the upstream's tokenizer: a byte-level BPE token
+/// covers at least one byte, and each message adds a few template tokens.
+fn prompt_bound(body: &Value) -> u64 {
+    fn text_bytes(v: &Value) -> u64 {
+        match v {
+            Value::String(s) => s.len() as u64,
+            Value::Array(a) => a.iter().map(text_bytes).sum(),
+            Value::Object(o) => o.values().map(text_bytes).sum(),
+            Value::Number(_) => 1,
+            _ => 0,
+        }
+    }
+    match (&body["messages"], &body["prompt"]) {
+        (Value::Array(m), _) => {
+            m.iter()
+                .map(|msg| text_bytes(msg) + TOKENS_PER_MESSAGE)
+                .sum::<u64>()
+                + TOKENS_PER_MESSAGE
+        }
+        (_, p) => text_bytes(p) + 1,
+    }
+}
+
+/// Forwards a chat or legacy completion (`path` is `/chat/completions` or `/completions`).
+pub async fn forward(
+    up: Arc<Upstream>,
+    ticket: Ticket,
+    path: &'static str,
+    mut body: Value,
+    timeout: Duration,
+) -> Result<Response, ApiError> {
+    let n = body["n"].as_u64().unwrap_or(1);
+    if !(1..=MAX_CHOICES).contains(&n) {
+        return Err(ApiError::invalid_param(
+            "n",
+            format!("n must be from 1 to {MAX_CHOICES}"),
+        ));
+    }
+    let field = if body.get("max_completion_tokens").is_some() {
+        "max_completion_tokens"
+    } else {
+        "max_tokens"
+    };
+    let bound = prompt_bound(&body);
+    let max_tokens = match &body[field] {
+        Value::Null => {
+            let model = body["model"].as_str().unwrap_or_default();
+            let m = match up.context.get(model) {
+                Some(&ctx) => up.default_max_tokens.min(ctx - bound.min(ctx - 1)),
+                None => up.default_max_tokens,
+            };
+            body[field] = Value::from(m);
+            m
+        }
+        v => v.as_u64().filter(|m| *m >= 1).ok_or_else(|| {
+            ApiError::invalid_param(field, format!("{field} must be a positive integer"))
+        })?,
+    };
+    if ticket.keeps_content() {
+        let prompt = if path == "/chat/completions" {
+            &body["messages"]
+        } else {
+            &body["prompt"]
+        };
+        ticket.set_prompt_text(prompt.to_string());
+    }
+    ticket.reserve(bound, n.saturating_mul(max_tokens)).await?;
+    let stream = body["stream"].as_bool().unwrap_or(false);
+    if stream {
+        let wants_usage = body["stream_options"]["include_usage"]
+            .as_bool()
+            .unwrap_or(false);
+        body["stream_options"] = serde_json::json!({"include_usage": true});
+        let resp = up
+            .post(path)
+            .json(&body)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| upstream_error(&up, e))?;
+        if !resp.status().is_success() {
+            return Err(relay_status(&up, resp).await);
+        }
+        let (tx, rx) = mpsc::channel(64);
+        ticket.detach();
+        tokio::spawn(relay_stream(up, ticket, resp, tx, wants_usage));
+        return Ok(crate::openai::sse_response(rx));
+    }
+    let resp = up
+        .post(path)
+        .json(&body)
+        .timeout(timeout)
+        .send()
+        .await
+        .map_err(|e| upstream_error(&up, e))?;
+    if !resp.status().is_success() {
+        return Err(relay_status(&up, resp).await);
+    }
+    let v: Value = resp.json().await.map_err(|e| upstream_error(&up, e))?;
+    record_choices(&ticket, &v);
+    record_usage(&ticket, &v["usage"]);
+    Ok(axum::Json(v).into_response())
+}
+
+/// An upstream's refusal: client errors (4xx) pass through with the upstream's message;
+/// anything else is 502.
+async fn relay_status(up: &Upstream, resp: reqwest::Response) -> ApiError {
+    let status = resp.status();
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    let msg = body["error"]["message"].as_str().unwrap_or("").to_string();
+    match StatusCode::from_u16(status.as_u16()) {
+        Ok(s)
+            if s.is_client_error()
+                && s != StatusCode::UNAUTHORIZED
+                && s != StatusCode::FORBIDDEN =>
+        {
+            ApiError::new(
+                s,
+                "invalid_request_error",
+                format!("The backend '{}' refused the request: {msg}", up.name),
+            )
+        }
+        _ => upstream_error(up, format!("status {status}: {msg}")),
+    }
+}
+
+fn record_choices(ticket: &Ticket, v: &Value) {
+    for (i, c) in v["choices"].as_array().into_iter().flatten().enumerate() {
+        let text = c["message"]["content"]
+            .as_str()
+            .or(c["text"].as_str())
+            .unwrap_or("");
+        if !text.is_empty() {
+            ticket.token(i, text);
+        }
+        if let Some(r) = c["finish_reason"].as_str() {
+            ticket.set_finish_reason(r);
+        }
+    }
+}
+
+/// The upstream's usage wins over the chunk tally; without it, the tally stands (one token per
+/// content chunk) and the prompt stays at its reserved bound.
+fn record_usage(ticket: &Ticket, usage: &Value) {
+    if let (Some(p), Some(c)) = (
+        usage["prompt_tokens"].as_u64(),
+        usage["completion_tokens"].as_u64(),
+    ) {
+        ticket.set_usage(p, c);
+    }
+}
+
+async fn relay_stream(
+    up: Arc<Upstream>,
+    ticket: Ticket,
+    resp: reqwest::Response,
+    tx: mpsc::Sender<String>,
+    wants_usage: bool,
+) {
+    let mut bytes = resp.bytes_stream();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut failure: Option<String> = None;
+    let mut done = false;
+    'read: while let Some(chunk) = bytes.next().await {
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                failure = Some(e.to_string());
+                break;
+            }
+        };
+        buf.extend_from_slice(&chunk);
+        while let Some(end) = find_event_end(&buf) {
+            let event: Vec<u8> = buf.drain(..end.1).collect();
+            let text = String::from_utf8_lossy(&event[..end.0]);
+            for data in text
+                .lines()
+                .filter_map(|l| l.strip_prefix("data:"))
+                .map(str::trim)
+            {
+                if data == "[DONE]" {
+                    done = true;
+                    break 'read;
+                }
+                let Ok(v) = serde_json::from_str::<Value>(data) else {
+                    continue;
+                };
+                let is_usage_only = v["choices"].as_array().is_some_and(|c| c.is_empty());
+                record_stream_chunk(&ticket, &v);
+                if is_usage_only && !wants_usage {
+                    continue;
+                }
+                if tx.send(data.to_string()).await.is_err() {
+                    return; // client gone: dropping the ticket audits a 499
+                }
+            }
+        }
+        if buf.len() > MAX_EVENT_BYTES {
+            failure = Some("an event longer than 1 MiB".into());
+            break;
+        }
+    }
+    let (status, error) = match (done, failure) {
+        (true, _) => (200, None),
+        (false, Some(e)) => (502, Some(format!("backend '{}': {e}", up.name))),
+        (false, None) => (
+            502,
+            Some(format!("backend '{}' ended the stream early", up.name)),
+        ),
+    };
+    if status != 200 {
+        tracing::warn!(backend = %up.name, "stream failed: {error:?}");
+        let _ = tx
+            .send(crate::openai::error_json(&upstream_error(
+                &up,
+                "stream failed",
+            )))
+            .await;
+    }
+    match ticket.finish(status, error).await {
+        Ok(_) if status == 200 => {
+            let _ = tx.send("[DONE]".into()).await;
+        }
+        Ok(_) => {}
+        Err(e) => {
+            let _ = tx.send(crate::openai::error_json(&ApiError::from(e))).await;
+        }
+    }
+}
+
+fn record_stream_chunk(ticket: &Ticket, v: &Value) {
+    for c in v["choices"].as_array().into_iter().flatten() {
+        let i = c["index"].as_u64().unwrap_or(0) as usize;
+        let text = c["delta"]["content"]
+            .as_str()
+            .or(c["text"].as_str())
+            .unwrap_or("");
+        if !text.is_empty() {
+            ticket.token(i, text);
+        }
+        if let Some(r) = c["finish_reason"].as_str() {
+            ticket.set_finish_reason(r);
+        }
+    }
+    record_usage(ticket, &v["usage"]);
+}
+
+/// (end of the event's text, end including its blank line) of the first complete SSE event.
+fn find_event_end(buf: &[u8]) -> Option<(usize, usize)> {
+    let lf = buf
+        .windows(2)
+        .position(|w| w == b"\n\n")
+        .map(|i| (i, i + 2));
+    let crlf = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| (i, i + 4));
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(if a.0 < b.0 { a } else { b }),
+        (a, b) => a.or(b),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_bounds_cover_text_and_template() {
+        let chat = serde_json::json!({"messages": [{"role": "user", "content": "hello"}]});
+        assert_eq!(prompt_bound(&chat), 4 + 5 + 8 + 8);
+        let text = serde_json::json!({"prompt": "hello"});
+        assert_eq!(prompt_bound(&text), 6);
+        let ids = serde_json::json!({"prompt": [1, 2, 3]});
+        assert_eq!(prompt_bound(&ids), 4);
+    }
+
+    #[test]
+    fn sse_events_split_on_blank_lines() {
+        assert_eq!(find_event_end(b"data: a\n\ndata: b"), Some((7, 9)));
+        assert_eq!(find_event_end(b"data: a\r\n\r\n"), Some((7, 11)));
+        assert_eq!(find_event_end(b"data: a\n"), None);
+    }
+}
