@@ -41,7 +41,7 @@ impl Role {
 }
 
 /// Who a request is from, once its key checked out.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Principal {
     pub tenant_id: i64,
     pub tenant: String,
@@ -52,6 +52,8 @@ pub struct Principal {
     /// Model names this key may use; `None` allows all.
     pub models: Option<Vec<String>>,
     pub retention: Retention,
+    /// The tenant's safety filters, if it has a policy.
+    pub filter: Option<std::sync::Arc<serrano_safety::Filter>>,
 }
 
 impl Principal {

@@ -24,6 +24,8 @@ use crate::time::now_ms;
 use crate::writer::{self, FinishOp, Finished, Op};
 use ed25519_dalek::{SigningKey, VerifyingKey};
 
+/// Distinct compiled policies kept at once.
+const MAX_CACHED_FILTERS: usize = 256;
 /// Ledger and audit writes that may wait for the writer; past it, callers wait (backpressure).
 const WRITER_QUEUE: usize = 4096;
 /// The tenant that owns the bootstrap admin key.
@@ -78,6 +80,9 @@ pub struct TenantInfo {
     pub name: String,
     pub retention: Retention,
     pub created_ms: i64,
+    /// The safety-filter policy as JSON, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -166,6 +171,8 @@ pub struct Governance {
 
 struct Inner {
     pool: SqlitePool,
+    /// Compiled safety filters by policy text (bounded: cleared when full).
+    filters: std::sync::Mutex<std::collections::HashMap<String, Arc<serrano_safety::Filter>>>,
     writer: mpsc::Sender<Op>,
     config: GovConfig,
 }
@@ -192,6 +199,13 @@ fn migrator() -> Migrator {
                 Cow::Borrowed("audit checkpoints"),
                 MigrationType::Simple,
                 Cow::Borrowed(include_str!("../migrations/0003_checkpoints.sql")),
+                false,
+            ),
+            Migration::new(
+                4,
+                Cow::Borrowed("safety policies"),
+                MigrationType::Simple,
+                Cow::Borrowed(include_str!("../migrations/0004_policies.sql")),
                 false,
             ),
         ]),
@@ -239,6 +253,7 @@ impl Governance {
         Ok(Governance {
             inner: Arc::new(Inner {
                 pool,
+                filters: Default::default(),
                 writer: tx,
                 config,
             }),
@@ -304,6 +319,7 @@ impl Governance {
             role: Role::Inference,
             models: None,
             retention: t.retention,
+            filter: self.filter(t.policy.clone()),
         })
     }
 
@@ -324,6 +340,7 @@ impl Governance {
             role: Role::Inference,
             models: None,
             retention: t.retention,
+            filter: self.filter(t.policy.clone()),
         })
     }
 
@@ -345,7 +362,7 @@ impl Governance {
         let hash = keys::hash(key);
         let rows = sqlx::query(
             "SELECT k.id, k.hash, k.prefix, k.role, k.models, k.expires_ms, k.revoked_ms,
-                    t.id AS tenant_id, t.name AS tenant, t.retention
+                    t.id AS tenant_id, t.name AS tenant, t.retention, t.policy
              FROM api_keys k JOIN tenants t ON t.id = k.tenant_id WHERE k.prefix = ?1",
         )
         .bind(prefix)
@@ -374,17 +391,20 @@ impl Governance {
                 role: Role::parse(r.try_get("role")?).unwrap_or(Role::Inference),
                 models: parse_models(r.try_get("models")?),
                 retention: Retention::parse(r.try_get("retention")?).unwrap_or_default(),
+                filter: self.filter(r.try_get("policy")?),
             });
         }
         Err(invalid())
     }
 
     pub async fn tenant(&self, name: &str) -> Result<TenantInfo, GovError> {
-        let r = sqlx::query("SELECT id, name, retention, created_ms FROM tenants WHERE name = ?1")
-            .bind(name)
-            .fetch_optional(self.pool())
-            .await?
-            .ok_or_else(|| GovError::NotFound(format!("tenant '{name}'")))?;
+        let r = sqlx::query(
+            "SELECT id, name, retention, created_ms, policy FROM tenants WHERE name = ?1",
+        )
+        .bind(name)
+        .fetch_optional(self.pool())
+        .await?
+        .ok_or_else(|| GovError::NotFound(format!("tenant '{name}'")))?;
         tenant_row(&r)
     }
 
@@ -412,6 +432,47 @@ impl Governance {
         self.tenant(name).await
     }
 
+    /// Sets (or, with `None`, removes) a tenant's safety-filter policy; the JSON is validated.
+    pub async fn set_policy(&self, name: &str, policy: Option<&str>) -> Result<(), GovError> {
+        let normalized = match policy {
+            Some(json) => {
+                let p = serrano_safety::Policy::from_json(json)
+                    .map_err(|e| GovError::Invalid(format!("invalid policy: {e}")))?;
+                Some(serde_json::to_string(&p).map_err(|e| GovError::Invalid(e.to_string()))?)
+            }
+            None => None,
+        };
+        let n = sqlx::query("UPDATE tenants SET policy = ?2 WHERE name = ?1")
+            .bind(name)
+            .bind(normalized)
+            .execute(self.pool())
+            .await?
+            .rows_affected();
+        if n == 0 {
+            return Err(GovError::NotFound(format!("tenant '{name}'")));
+        }
+        Ok(())
+    }
+
+    /// The compiled filter of a policy, built once per distinct policy text.
+    fn filter(&self, policy: Option<String>) -> Option<Arc<serrano_safety::Filter>> {
+        let json = policy?;
+        let mut cache = self.inner.filters.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = cache.get(&json) {
+            return Some(f.clone());
+        }
+        let f = serrano_safety::Policy::from_json(&json)
+            .and_then(serrano_safety::Filter::new)
+            .map_err(|e| tracing::error!("a stored policy does not load: {e}"))
+            .ok()?;
+        if cache.len() >= MAX_CACHED_FILTERS {
+            cache.clear();
+        }
+        let f = Arc::new(f);
+        cache.insert(json, f.clone());
+        Some(f)
+    }
+
     pub async fn set_retention(&self, name: &str, retention: Retention) -> Result<(), GovError> {
         let n = sqlx::query("UPDATE tenants SET retention = ?2 WHERE name = ?1")
             .bind(name)
@@ -426,9 +487,10 @@ impl Governance {
     }
 
     pub async fn tenants(&self) -> Result<Vec<TenantInfo>, GovError> {
-        let rows = sqlx::query("SELECT id, name, retention, created_ms FROM tenants ORDER BY id")
-            .fetch_all(self.pool())
-            .await?;
+        let rows =
+            sqlx::query("SELECT id, name, retention, created_ms, policy FROM tenants ORDER BY id")
+                .fetch_all(self.pool())
+                .await?;
         rows.iter().map(tenant_row).collect()
     }
 
@@ -980,6 +1042,7 @@ fn tenant_row(r: &sqlx::sqlite::SqliteRow) -> Result<TenantInfo, GovError> {
         name: r.try_get("name")?,
         retention: Retention::parse(r.try_get("retention")?).unwrap_or_default(),
         created_ms: r.try_get("created_ms")?,
+        policy: r.try_get("policy")?,
     })
 }
 

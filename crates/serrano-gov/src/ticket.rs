@@ -95,6 +95,19 @@ impl Ticket {
         s.record.route = Some(LOCAL_BACKEND.to_string());
     }
 
+    /// A safety-filter verdict (never the matched text).
+    pub fn add_verdict(&self, verdict: serde_json::Value) {
+        self.state().record.filters.push(verdict);
+    }
+
+    /// Tool names a response called.
+    pub fn add_tool_calls(&self, names: &[&str]) {
+        let mut s = self.state();
+        s.record
+            .tool_calls
+            .extend(names.iter().map(|n| n.to_string()));
+    }
+
     /// The request goes to a named upstream rather than the local engine.
     pub fn set_backend(&self, name: &str) {
         let mut s = self.state();
@@ -151,12 +164,12 @@ impl Ticket {
         if s.first_token.is_none() {
             s.first_token = Some(Instant::now());
         }
-        if s.prompt_text.is_some() {
-            if s.completions.len() <= index {
-                s.completions.resize(index + 1, String::new());
-            }
-            s.completions[index].push_str(text);
-        }
+        push_text(&mut s, index, text);
+    }
+
+    /// Completion text of choice `index` without counting a token (text a filter held back).
+    pub fn append_text(&self, index: usize, text: &str) {
+        push_text(&mut self.state(), index, text);
     }
 
     /// The engine's final counts, which win over the per-token tally.
@@ -209,6 +222,15 @@ impl Ticket {
         }
         s.done = true;
         Some(build(&mut s, self.0.started, status, error))
+    }
+}
+
+fn push_text(s: &mut State, index: usize, text: &str) {
+    if s.prompt_text.is_some() && !text.is_empty() {
+        if s.completions.len() <= index {
+            s.completions.resize(index + 1, String::new());
+        }
+        s.completions[index].push_str(text);
     }
 }
 

@@ -42,6 +42,17 @@ pub async fn tenants(State(st): St) -> Result<Json<Value>, ApiError> {
     ))
 }
 
+/// Sets a tenant's safety-filter policy (the body is the policy; `null` removes it).
+pub async fn set_policy(
+    State(st): St,
+    Path(name): Path<String>,
+    JsonBody(policy): JsonBody<Value>,
+) -> Result<Json<Value>, ApiError> {
+    let text = (!policy.is_null()).then(|| policy.to_string());
+    st.gov.set_policy(&name, text.as_deref()).await?;
+    Ok(Json(json!({"tenant": name, "policy": policy})))
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyRequest {

@@ -10,6 +10,7 @@ mod extract;
 pub mod gov;
 mod openai;
 mod params;
+pub mod safety;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -145,6 +146,7 @@ pub const ROUTES: &[(&str, &[&str])] = &[
     ("/detokenize", &["POST"]),
     ("/metrics", &["GET"]),
     ("/admin/v1/tenants", &["GET", "POST"]),
+    ("/admin/v1/tenants/{name}/policy", &["POST"]),
     ("/admin/v1/keys", &["GET", "POST"]),
     ("/admin/v1/keys/{id}/revoke", &["POST"]),
     ("/admin/v1/budgets", &["GET", "POST"]),
@@ -168,6 +170,7 @@ fn route(path: &str) -> axum::routing::MethodRouter<Arc<AppState>> {
         "/detokenize" => post(openai::detokenize),
         "/metrics" => get(metrics),
         "/admin/v1/tenants" => get(admin::tenants).post(admin::create_tenant),
+        "/admin/v1/tenants/{name}/policy" => post(admin::set_policy),
         "/admin/v1/keys" => get(admin::keys).post(admin::create_key),
         "/admin/v1/keys/{id}/revoke" => post(admin::revoke_key),
         "/admin/v1/budgets" => get(admin::budgets).post(admin::set_budget),

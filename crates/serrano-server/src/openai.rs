@@ -21,6 +21,7 @@ use crate::error::ApiError;
 use crate::extract::JsonBody;
 use crate::gov::principal;
 use crate::params;
+use crate::safety::{self, OutputGuard};
 use crate::upstream;
 use crate::{unix_now, AppState, Target};
 use serrano_gov::{GovError, Principal, Role, Ticket};
@@ -241,7 +242,7 @@ struct Collected {
     prompt_logprobs: Option<Vec<Option<TokenLogprobs>>>,
     tokens: Vec<(u32, Option<TokenLogprobs>)>,
     text: String,
-    finish: Option<FinishReason>,
+    finish: Option<&'static str>,
     prompt_tokens: usize,
     completion_tokens: usize,
 }
@@ -256,7 +257,8 @@ async fn collect(
         match e {
             Event::PromptLogprobs(p) => c.prompt_logprobs = Some(p),
             Event::Token { id, text, logprobs } => {
-                ticket.token(index, &text);
+                // Counted now; the text goes on the record once filtered.
+                ticket.token(index, "");
                 c.text.push_str(&text);
                 c.tokens.push((id, logprobs));
             }
@@ -265,7 +267,7 @@ async fn collect(
                 prompt_tokens,
                 completion_tokens,
             } => {
-                c.finish = Some(reason);
+                c.finish = Some(reason.as_str());
                 ticket.set_finish_reason(reason.as_str());
                 c.prompt_tokens = prompt_tokens;
                 c.completion_tokens = completion_tokens;
@@ -312,6 +314,36 @@ async fn collect_all(
     Ok(cs)
 }
 
+/// The output filter of a request; log-probs would reveal filtered text, so they are refused
+/// when completions are filtered.
+fn output_guard(p: &Principal, n: usize, gen: &GenerateRequest) -> Result<OutputGuard, ApiError> {
+    let guard = OutputGuard::new(p, n);
+    if guard.active() && (gen.logprobs.is_some() || gen.prompt_logprobs.is_some()) {
+        return Err(ApiError::invalid_param(
+            "logprobs",
+            "log-probs are not available while the tenant's policy filters completions",
+        ));
+    }
+    Ok(guard)
+}
+
+/// Runs whole (non-streamed) choices through the output filter.
+fn filter_collected(
+    guard: &mut OutputGuard,
+    ticket: &Ticket,
+    mut cs: Vec<Collected>,
+) -> Vec<Collected> {
+    for (i, c) in cs.iter_mut().enumerate() {
+        c.text = guard.filter_whole(i, &c.text);
+        ticket.append_text(i, &c.text);
+        if guard.blocked(i) {
+            c.finish = Some(safety::CONTENT_FILTER);
+        }
+    }
+    guard.record(ticket);
+    cs
+}
+
 /// Reserves the request's worst case: the prompt plus `max_tokens` for every choice.
 async fn reserve(ticket: &Ticket, gen: &GenerateRequest, n: usize) -> Result<(), ApiError> {
     let worst = gen.max_tokens.saturating_mul(n) as u64;
@@ -324,6 +356,7 @@ async fn reserve(ticket: &Ticket, gen: &GenerateRequest, n: usize) -> Result<(),
 struct Relay {
     tx: mpsc::Sender<String>,
     ticket: Ticket,
+    guard: OutputGuard,
     limit: std::time::Duration,
     deadline: tokio::time::Instant,
     /// The first failure (status, message) seen mid-stream.
@@ -331,10 +364,16 @@ struct Relay {
 }
 
 impl Relay {
-    fn new(tx: mpsc::Sender<String>, ticket: Ticket, limit: std::time::Duration) -> Relay {
+    fn new(
+        tx: mpsc::Sender<String>,
+        ticket: Ticket,
+        guard: OutputGuard,
+        limit: std::time::Duration,
+    ) -> Relay {
         Relay {
             tx,
             ticket,
+            guard,
             limit,
             deadline: tokio::time::Instant::now() + limit,
             failure: None,
@@ -369,8 +408,26 @@ impl Relay {
         to_json(&err.body())
     }
 
+    /// A token of choice `i`: counted, then what the output filter lets through (`None` once
+    /// the choice is blocked).
+    fn token(&mut self, i: usize, text: &str) -> Option<String> {
+        let shown = self.guard.push(i, text);
+        self.ticket.token(i, &shown);
+        (!self.guard.blocked(i)).then_some(shown)
+    }
+
+    /// The end of choice `i`: held-back text, and the finish reason to report.
+    fn end(&mut self, i: usize, reason: FinishReason) -> (String, &'static str) {
+        let rest = self.guard.finish(i);
+        self.ticket.append_text(i, &rest);
+        let reason = self.guard.finish_reason(i, reason.as_str());
+        self.ticket.set_finish_reason(reason);
+        (rest, reason)
+    }
+
     /// Writes the audit record (and settles); `true` if the stream may end normally.
     async fn close(&mut self, complete: bool) -> bool {
+        self.guard.record(&self.ticket);
         let (status, error) = match self.failure.take() {
             Some((s, e)) => (s, Some(e)),
             None if complete => (200, None),
@@ -486,15 +543,18 @@ pub async fn completions(
     State(st): St,
     Extension(ticket): Extension<Ticket>,
     headers: HeaderMap,
-    JsonBody(raw): JsonBody<serde_json::Value>,
+    JsonBody(mut raw): JsonBody<serde_json::Value>,
 ) -> Result<Response, ApiError> {
     let p = principal(&ticket)?;
     let (tenant, priority) = tenancy(&headers, &p)?;
-    let model = match scoped_target(&st, &ticket, &p, raw["model"].as_str())? {
+    let target = scoped_target(&st, &ticket, &p, raw["model"].as_str())?;
+    safety::filter_request(&p, &ticket, &mut raw)?;
+    let model = match target {
         Target::Local(m) => m,
         Target::Upstream(up, _) => {
             let timeout = st.config.request_timeout;
-            return upstream::forward(up, ticket, "/completions", raw, timeout).await;
+            let guard = OutputGuard::new(&p, raw["n"].as_u64().unwrap_or(1).clamp(1, 16) as usize);
+            return upstream::forward(up, ticket, guard, "/completions", raw, timeout).await;
         }
     };
     let req: api::CompletionRequest = typed(raw)?;
@@ -544,6 +604,7 @@ pub async fn completions(
     if ticket.keeps_content() {
         ticket.set_prompt_text(info.tokenizer.decode(&gen.prompt, false));
     }
+    let mut guard = output_guard(&p, n, &gen)?;
     reserve(&ticket, &gen, n).await?;
     let rxs = submit_n(&st, gen, n)?;
     let ctx = CompletionCtx {
@@ -563,12 +624,16 @@ pub async fn completions(
         tokio::spawn(stream_completion(
             ctx,
             rxs,
-            Relay::new(tx, ticket, st.config.request_timeout),
+            Relay::new(tx, ticket, guard, st.config.request_timeout),
             include_usage,
         ));
         return Ok(sse_response(out));
     }
-    let cs = collect_all(rxs, st.config.request_timeout, &ticket).await?;
+    let cs = filter_collected(
+        &mut guard,
+        &ticket,
+        collect_all(rxs, st.config.request_timeout, &ticket).await?,
+    );
     Ok(Json(ctx.finish(cs)).into_response())
 }
 
@@ -658,7 +723,7 @@ impl CompletionCtx {
             index,
             text,
             logprobs,
-            finish_reason: c.finish.map(|f| f.as_str().to_string()),
+            finish_reason: c.finish.map(str::to_string),
         }
     }
 
@@ -667,14 +732,14 @@ impl CompletionCtx {
         index: u32,
         text: String,
         logprobs: Option<api::CompletionLogprobs>,
-        finish: Option<FinishReason>,
+        finish: Option<&str>,
     ) -> String {
         to_json(&self.response(
             vec![api::CompletionChoice {
                 index,
                 text,
                 logprobs,
-                finish_reason: finish.map(|f| f.as_str().to_string()),
+                finish_reason: finish.map(str::to_string),
             }],
             None,
         ))
@@ -715,7 +780,9 @@ async fn stream_completion(
             }
             Event::PromptLogprobs(_) => continue,
             Event::Token { id, text, logprobs } => {
-                out.ticket.token(k, &text);
+                let Some(text) = out.token(k, &text) else {
+                    continue;
+                };
                 if text.is_empty() && !ctx.logprobs {
                     continue;
                 }
@@ -740,8 +807,8 @@ async fn stream_completion(
                 finished += 1;
                 prompt_tokens = p;
                 completion_tokens += c;
-                out.ticket.set_finish_reason(reason.as_str());
-                ctx.chunk(i, String::new(), None, Some(reason))
+                let (rest, reason) = out.end(k, reason);
+                ctx.chunk(i, rest, None, Some(reason))
             }
             Event::Error(e) => out.engine_error(e),
         };
@@ -774,15 +841,18 @@ pub async fn chat_completions(
     State(st): St,
     Extension(ticket): Extension<Ticket>,
     headers: HeaderMap,
-    JsonBody(raw): JsonBody<serde_json::Value>,
+    JsonBody(mut raw): JsonBody<serde_json::Value>,
 ) -> Result<Response, ApiError> {
     let p = principal(&ticket)?;
     let (tenant, priority) = tenancy(&headers, &p)?;
-    let model = match scoped_target(&st, &ticket, &p, raw["model"].as_str())? {
+    let target = scoped_target(&st, &ticket, &p, raw["model"].as_str())?;
+    safety::filter_request(&p, &ticket, &mut raw)?;
+    let model = match target {
         Target::Local(m) => m,
         Target::Upstream(up, _) => {
             let timeout = st.config.request_timeout;
-            return upstream::forward(up, ticket, "/chat/completions", raw, timeout).await;
+            let guard = OutputGuard::new(&p, raw["n"].as_u64().unwrap_or(1).clamp(1, 16) as usize);
+            return upstream::forward(up, ticket, guard, "/chat/completions", raw, timeout).await;
         }
     };
     let req: api::ChatCompletionRequest = typed(raw)?;
@@ -828,6 +898,7 @@ pub async fn chat_completions(
     if ticket.keeps_content() {
         ticket.set_prompt_text(to_json(&req.messages));
     }
+    let mut guard = output_guard(&p, n, &gen)?;
     reserve(&ticket, &gen, n).await?;
     let rxs = submit_n(&st, gen, n)?;
     let ctx = ChatCtx {
@@ -844,12 +915,16 @@ pub async fn chat_completions(
         tokio::spawn(stream_chat(
             ctx,
             rxs,
-            Relay::new(tx, ticket, st.config.request_timeout),
+            Relay::new(tx, ticket, guard, st.config.request_timeout),
             include_usage,
         ));
         return Ok(sse_response(out));
     }
-    let cs = collect_all(rxs, st.config.request_timeout, &ticket).await?;
+    let cs = filter_collected(
+        &mut guard,
+        &ticket,
+        collect_all(rxs, st.config.request_timeout, &ticket).await?,
+    );
     let namer = TokenNamer {
         info: &ctx.info,
         as_ids: false,
@@ -872,7 +947,7 @@ pub async fn chat_completions(
                 role: "assistant".into(),
                 content: Some(c.text),
             },
-            finish_reason: c.finish.map(|f| f.as_str().to_string()),
+            finish_reason: c.finish.map(str::to_string),
         })
         .collect();
     Ok(Json(api::ChatCompletion {
@@ -918,7 +993,7 @@ impl ChatCtx {
         index: u32,
         delta: api::ChatDelta,
         logprobs: Option<api::ChatLogprobs>,
-        finish: Option<FinishReason>,
+        finish: Option<&str>,
         include_usage: bool,
     ) -> String {
         self.chunk(
@@ -926,7 +1001,7 @@ impl ChatCtx {
                 index,
                 delta,
                 logprobs,
-                finish_reason: finish.map(|f| f.as_str().to_string()),
+                finish_reason: finish.map(str::to_string),
             }],
             include_usage,
             None,
@@ -963,7 +1038,9 @@ async fn stream_chat(
         let msg = match e {
             Event::PromptLogprobs(_) => continue,
             Event::Token { text, logprobs, .. } => {
-                out.ticket.token(i as usize, &text);
+                let Some(text) = out.token(i as usize, &text) else {
+                    continue;
+                };
                 if text.is_empty() && !ctx.logprobs {
                     continue;
                 }
@@ -989,14 +1066,12 @@ async fn stream_chat(
                 finished += 1;
                 prompt_tokens = p;
                 completion_tokens += c;
-                out.ticket.set_finish_reason(reason.as_str());
-                ctx.delta(
-                    i,
-                    api::ChatDelta::default(),
-                    None,
-                    Some(reason),
-                    include_usage,
-                )
+                let (rest, reason) = out.end(i as usize, reason);
+                let delta = api::ChatDelta {
+                    role: None,
+                    content: (!rest.is_empty()).then_some(rest),
+                };
+                ctx.delta(i, delta, None, Some(reason), include_usage)
             }
             Event::Error(e) => out.engine_error(e),
         };

@@ -14,6 +14,7 @@ use serrano_gov::Ticket;
 use tokio::sync::mpsc;
 
 use crate::error::ApiError;
+use crate::safety::{self, OutputGuard};
 
 /// Most choices a forwarded request may ask for, as for the local engine.
 const MAX_CHOICES: u64 = 16;
@@ -137,6 +138,7 @@ fn prompt_bound(body: &Value) -> u64 {
 pub async fn forward(
     up: Arc<Upstream>,
     ticket: Ticket,
+    mut guard: OutputGuard,
     path: &'static str,
     mut body: Value,
     timeout: Duration,
@@ -195,7 +197,7 @@ pub async fn forward(
         }
         let (tx, rx) = mpsc::channel(64);
         ticket.detach();
-        tokio::spawn(relay_stream(up, ticket, resp, tx, wants_usage));
+        tokio::spawn(relay_stream(up, ticket, guard, resp, tx, wants_usage));
         return Ok(crate::openai::sse_response(rx));
     }
     let resp = up
@@ -208,7 +210,8 @@ pub async fn forward(
     if !resp.status().is_success() {
         return Err(relay_status(&up, resp).await);
     }
-    let v: Value = resp.json().await.map_err(|e| upstream_error(&up, e))?;
+    let mut v: Value = resp.json().await.map_err(|e| upstream_error(&up, e))?;
+    filter_choices(&mut guard, &ticket, &mut v);
     record_choices(&ticket, &v);
     record_usage(&ticket, &v["usage"]);
     Ok(axum::Json(v).into_response())
@@ -234,6 +237,83 @@ async fn relay_status(up: &Upstream, resp: reqwest::Response) -> ApiError {
         }
         _ => upstream_error(up, format!("status {status}: {msg}")),
     }
+}
+
+/// Runs a whole response's choices through the output filter and the tool allowlist.
+fn filter_choices(guard: &mut OutputGuard, ticket: &Ticket, v: &mut Value) {
+    for (i, c) in v["choices"]
+        .as_array_mut()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let names: Vec<String> = tool_call_names(&c["message"]);
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        ticket.add_tool_calls(&refs);
+        if !guard.tools_allowed(ticket, &refs) {
+            c["message"]["tool_calls"] = Value::Null;
+            c["finish_reason"] = Value::from(safety::CONTENT_FILTER);
+        }
+        let field = if c["message"]["content"].is_string() {
+            &mut c["message"]["content"]
+        } else {
+            &mut c["text"]
+        };
+        if let Some(text) = field.as_str() {
+            *field = Value::String(guard.filter_whole(i, text));
+        }
+        if guard.blocked(i) {
+            c["finish_reason"] = Value::from(safety::CONTENT_FILTER);
+        }
+    }
+    guard.record(ticket);
+}
+
+fn tool_call_names(message: &Value) -> Vec<String> {
+    message["tool_calls"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t["function"]["name"].as_str().map(String::from))
+        .collect()
+}
+
+/// Runs one streamed chunk through the output filter; `Err` names a tool that is not allowed.
+fn filter_chunk(guard: &mut OutputGuard, ticket: &Ticket, v: &mut Value) -> Result<(), String> {
+    for c in v["choices"].as_array_mut().into_iter().flatten() {
+        let i = c["index"].as_u64().unwrap_or(0) as usize;
+        let names = tool_call_names(&c["delta"]);
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        ticket.add_tool_calls(&refs);
+        if !guard.tools_allowed(ticket, &refs) {
+            return Err(format!(
+                "the model called a tool this key may not use ({})",
+                refs.join(", ")
+            ));
+        }
+        let key = if c["delta"].is_object() {
+            "delta"
+        } else {
+            "text"
+        };
+        let current = match key {
+            "delta" => c["delta"]["content"].as_str(),
+            _ => c["text"].as_str(),
+        };
+        let had_text = current.is_some();
+        let mut shown = current.map(|t| guard.push(i, t)).unwrap_or_default();
+        if let Some(reason) = c["finish_reason"].as_str().map(String::from) {
+            shown.push_str(&guard.finish(i));
+            c["finish_reason"] = Value::from(guard.finish_reason(i, &reason));
+        }
+        if had_text || !shown.is_empty() {
+            match key {
+                "delta" => c["delta"]["content"] = Value::String(shown),
+                _ => c["text"] = Value::String(shown),
+            }
+        }
+    }
+    Ok(())
 }
 
 fn record_choices(ticket: &Ticket, v: &Value) {
@@ -265,6 +345,7 @@ fn record_usage(ticket: &Ticket, usage: &Value) {
 async fn relay_stream(
     up: Arc<Upstream>,
     ticket: Ticket,
+    mut guard: OutputGuard,
     resp: reqwest::Response,
     tx: mpsc::Sender<String>,
     wants_usage: bool,
@@ -272,6 +353,7 @@ async fn relay_stream(
     let mut bytes = resp.bytes_stream();
     let mut buf: Vec<u8> = Vec::new();
     let mut failure: Option<String> = None;
+    let mut violation: Option<String> = None;
     let mut done = false;
     'read: while let Some(chunk) = bytes.next().await {
         let chunk = match chunk {
@@ -294,15 +376,19 @@ async fn relay_stream(
                     done = true;
                     break 'read;
                 }
-                let Ok(v) = serde_json::from_str::<Value>(data) else {
+                let Ok(mut v) = serde_json::from_str::<Value>(data) else {
                     continue;
                 };
                 let is_usage_only = v["choices"].as_array().is_some_and(|c| c.is_empty());
+                if let Err(e) = filter_chunk(&mut guard, &ticket, &mut v) {
+                    violation = Some(e);
+                    break 'read;
+                }
                 record_stream_chunk(&ticket, &v);
                 if is_usage_only && !wants_usage {
                     continue;
                 }
-                if tx.send(data.to_string()).await.is_err() {
+                if tx.send(v.to_string()).await.is_err() {
                     return; // client gone: dropping the ticket audits a 499
                 }
             }
@@ -312,7 +398,9 @@ async fn relay_stream(
             break;
         }
     }
+    guard.record(&ticket);
     let (status, error) = match (done, failure) {
+        _ if violation.is_some() => (400, violation.clone()),
         (true, _) => (200, None),
         (false, Some(e)) => (502, Some(format!("backend '{}': {e}", up.name))),
         (false, None) => (
@@ -320,7 +408,13 @@ async fn relay_stream(
             Some(format!("backend '{}' ended the stream early", up.name)),
         ),
     };
-    if status != 200 {
+    if let Some(v) = &violation {
+        let e = ApiError {
+            code: Some("content_policy_violation".into()),
+            ..ApiError::invalid(v.clone())
+        };
+        let _ = tx.send(crate::openai::error_json(&e)).await;
+    } else if status != 200 {
         tracing::warn!(backend = %up.name, "stream failed: {error:?}");
         let _ = tx
             .send(crate::openai::error_json(&upstream_error(

@@ -58,7 +58,7 @@ async fn call(
     key: Option<&str>,
 ) -> (StatusCode, String) {
     // A key id that does not exist: revoking a real one would lock the test out.
-    let path = path.replace("{id}", "999");
+    let path = path.replace("{id}", "999").replace("{name}", "nobody");
     let mut req = Request::builder().method(method).uri(&path);
     if let Some(k) = key {
         req = req.header("authorization", format!("Bearer {k}"));

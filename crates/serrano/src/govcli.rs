@@ -74,6 +74,15 @@ pub enum TenantCommand {
         #[arg(long, default_value = "none", value_parser = parse_retention)]
         retention: Retention,
     },
+    /// Set a tenant's safety-filter policy (JSON; see README), or remove it with --clear.
+    Policy {
+        name: String,
+        /// The policy, e.g. '{"pii": "redact", "injection": "block"}'.
+        #[arg(long, conflicts_with = "clear")]
+        json: Option<String>,
+        #[arg(long)]
+        clear: bool,
+    },
     /// Change a tenant's content retention.
     Retention {
         name: String,
@@ -243,6 +252,17 @@ pub fn admin(db: &DbArgs, cmd: AdminCommand) -> Result<()> {
         }
         AdminCommand::Tenant(TenantCommand::Retention { name, retention }) => {
             gov.set_retention(&name, retention).await?;
+            Ok(())
+        }
+        AdminCommand::Tenant(TenantCommand::Policy { name, json, clear }) => {
+            if json.is_none() && !clear {
+                bail!("give --json POLICY or --clear");
+            }
+            gov.set_policy(&name, json.as_deref()).await?;
+            eprintln!(
+                "policy of tenant '{name}' {}",
+                if clear { "removed" } else { "set" }
+            );
             Ok(())
         }
         AdminCommand::Tenant(TenantCommand::List) => print_json(&gov.tenants().await?),

@@ -1,0 +1,73 @@
+//! Open-loop latency of chat completions at fixed request rates, for measuring a gateway's
+//! added latency against the same stub called directly. Latency is measured from each request's
+//! intended send time, so queueing in the client is not hidden.
+//!
+//! `overhead_bench URL KEY RATE SECONDS` prints one JSON line: rate, sent, ok, errors, p50/p90/p99
+//! in milliseconds, and the client's worst send lag.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 1)]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let (url, key) = (args[1].clone(), args[2].clone());
+    let rate: f64 = args[3].parse().expect("RATE");
+    let secs: f64 = args[4].parse().expect("SECONDS");
+    let client = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(4096)
+        .build()
+        .expect("client");
+    let body = json!({"model": "stub", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 16});
+    let n = (rate * secs) as usize;
+    let start = Instant::now() + Duration::from_millis(200);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut max_lag = Duration::ZERO;
+    // Warm the connection pool so the first requests do not pay for connecting.
+    for _ in 0..8 {
+        let _ = client.post(&url).bearer_auth(&key).json(&body).send().await;
+    }
+    for i in 0..n {
+        let intended = start + Duration::from_secs_f64(i as f64 / rate);
+        tokio::time::sleep_until(intended.into()).await;
+        max_lag = max_lag.max(Instant::now().saturating_duration_since(intended));
+        let (client, url, key, body, tx) = (
+            client.clone(),
+            url.clone(),
+            key.clone(),
+            body.clone(),
+            tx.clone(),
+        );
+        tokio::spawn(async move {
+            let ok = match client.post(&url).bearer_auth(&key).json(&body).send().await {
+                Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
+                Err(_) => false,
+            };
+            let _ = tx.send((ok, intended.elapsed()));
+        });
+    }
+    drop(tx);
+    let mut lat = vec![];
+    let mut errors = 0;
+    while let Some((ok, d)) = rx.recv().await {
+        if ok {
+            lat.push(d.as_secs_f64() * 1e3);
+        } else {
+            errors += 1;
+        }
+    }
+    lat.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    println!(
+        "{}",
+        json!({"rate": rate, "sent": n, "ok": lat.len(), "errors": errors,
+               "p50_ms": pct(0.50), "p90_ms": pct(0.90), "p99_ms": pct(0.99),
+               "max_send_lag_ms": max_lag.as_secs_f64() * 1e3})
+    );
+}

@@ -1,0 +1,179 @@
+//! The tenant's safety filters on the request path: prompts (chat message text, completion
+//! prompt strings) and requested tools before anything runs, completions as they stream. Every
+//! verdict goes into the request's audit record; matched text never does.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+use serrano_gov::{Principal, Ticket};
+use serrano_safety::{Filter, OutputScanner, PromptOutcome, Verdict};
+
+use crate::error::ApiError;
+
+/// The OpenAI finish reason of a choice cut off by a filter.
+pub const CONTENT_FILTER: &str = "content_filter";
+
+fn refused(reason: String) -> ApiError {
+    ApiError {
+        code: Some("content_policy_violation".into()),
+        ..ApiError::invalid(reason)
+    }
+}
+
+fn record(ticket: &Ticket, verdicts: &[Verdict]) {
+    for v in verdicts {
+        ticket.add_verdict(serde_json::to_value(v).unwrap_or(Value::Null));
+    }
+}
+
+/// Names of the tools a request offers (`tools[].function.name`, legacy `functions[].name`).
+fn tool_names(raw: &Value) -> Vec<&str> {
+    let tools = raw["tools"].as_array().into_iter().flatten();
+    let functions = raw["functions"].as_array().into_iter().flatten();
+    tools
+        .filter_map(|t| t["function"]["name"].as_str())
+        .chain(functions.filter_map(|f| f["name"].as_str()))
+        .collect()
+}
+
+/// Checks one text field in place: redacted text replaces it, a block refuses the request.
+fn check_text(f: &Filter, ticket: &Ticket, text: &mut Value) -> Result<(), ApiError> {
+    let Some(s) = text.as_str() else {
+        return Ok(());
+    };
+    match f.check_prompt(s) {
+        PromptOutcome::Allow { verdicts } => record(ticket, &verdicts),
+        PromptOutcome::Redacted { text: t, verdicts } => {
+            record(ticket, &verdicts);
+            *text = Value::String(t);
+        }
+        PromptOutcome::Blocked { verdicts, reason } => {
+            record(ticket, &verdicts);
+            return Err(refused(reason));
+        }
+    }
+    Ok(())
+}
+
+/// Applies the prompt and tool filters to a raw chat or completion body, redacting in place.
+/// Token-id prompts carry no text to check and pass as they are.
+pub fn filter_request(p: &Principal, ticket: &Ticket, raw: &mut Value) -> Result<(), ApiError> {
+    let Some(f) = &p.filter else { return Ok(()) };
+    let names = tool_names(raw);
+    if !names.is_empty() {
+        if let Err((verdict, reason)) = f.check_tools(&names) {
+            record(ticket, &[verdict]);
+            return Err(refused(reason));
+        }
+    }
+    if let Some(messages) = raw.get_mut("messages").and_then(Value::as_array_mut) {
+        for m in messages {
+            match m.get_mut("content") {
+                Some(Value::Array(parts)) => {
+                    for part in parts {
+                        if let Some(t) = part.get_mut("text") {
+                            check_text(f, ticket, t)?;
+                        }
+                    }
+                }
+                Some(content) => check_text(f, ticket, content)?,
+                None => {}
+            }
+        }
+    }
+    match raw.get_mut("prompt") {
+        Some(Value::Array(items)) => {
+            for item in items {
+                check_text(f, ticket, item)?;
+            }
+        }
+        Some(prompt) => check_text(f, ticket, prompt)?,
+        None => {}
+    }
+    Ok(())
+}
+
+/// Output filtering for the choices of one response: each choice's text goes through its own
+/// scanner, which may hold back text that could still turn out to be PII.
+pub struct OutputGuard {
+    scanners: Vec<Option<OutputScanner>>,
+    filter: Option<Arc<Filter>>,
+}
+
+impl OutputGuard {
+    pub fn new(p: &Principal, choices: usize) -> OutputGuard {
+        let scanners = (0..choices)
+            .map(|_| p.filter.as_ref().and_then(|f| f.output_scanner()))
+            .collect();
+        OutputGuard {
+            scanners,
+            filter: p.filter.clone(),
+        }
+    }
+
+    /// Whether completions are scanned (then log-probs, which would reveal the text, are refused).
+    pub fn active(&self) -> bool {
+        self.scanners.iter().any(Option::is_some)
+    }
+
+    /// Text of choice `i` that may be shown now.
+    pub fn push(&mut self, i: usize, text: &str) -> String {
+        match self.scanners.get_mut(i) {
+            Some(Some(s)) => s.push(text),
+            _ => text.to_string(),
+        }
+    }
+
+    /// The rest of choice `i`, at its end.
+    pub fn finish(&mut self, i: usize) -> String {
+        match self.scanners.get_mut(i) {
+            Some(Some(s)) => s.finish(),
+            _ => String::new(),
+        }
+    }
+
+    pub fn blocked(&self, i: usize) -> bool {
+        matches!(self.scanners.get(i), Some(Some(s)) if s.blocked())
+    }
+
+    /// The finish reason to report for choice `i`.
+    pub fn finish_reason<'a>(&self, i: usize, reason: &'a str) -> &'a str {
+        if self.blocked(i) {
+            CONTENT_FILTER
+        } else {
+            reason
+        }
+    }
+
+    /// Whole texts at once (non-streamed responses).
+    pub fn filter_whole(&mut self, i: usize, text: &str) -> String {
+        let mut out = self.push(i, text);
+        out.push_str(&self.finish(i));
+        out
+    }
+
+    /// Checks the tool names a response calls; `false` if one is not allowed.
+    pub fn tools_allowed(&self, ticket: &Ticket, names: &[&str]) -> bool {
+        match &self.filter {
+            Some(f) if !names.is_empty() => match f.check_tools(names) {
+                Ok(_) => true,
+                Err((verdict, _)) => {
+                    record(ticket, &[verdict]);
+                    false
+                }
+            },
+            _ => true,
+        }
+    }
+
+    /// Puts the output verdicts on the audit record.
+    pub fn record(&self, ticket: &Ticket) {
+        let verdicts: Vec<Verdict> = self
+            .scanners
+            .iter()
+            .flatten()
+            .filter_map(|s| s.verdict())
+            .collect();
+        record(ticket, &verdicts);
+    }
+}

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The governance layer's added latency: open-loop chat completions at increasing rates against a
+# fast stub upstream on loopback, called directly, through `serrano gateway` (auth, budgets,
+# rate limits and the durable audit log all on), and through LiteLLM's proxy, interleaved per
+# rate in one run. Usage: scripts/bench-gateway.sh [SECONDS_PER_RUN] [RATES...]
+# Needs: a release build (cargo build --release -p serrano -p serrano-server --examples --bins)
+# and LiteLLM in $LITELLM_VENV (default /tmp/litellm-venv: python3 -m venv ...; pip install 'litellm[proxy]').
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${1:-5}; shift || true
+rates=${*:-250 500 1000 2000}
+bin=target/release
+venv=${LITELLM_VENV:-/tmp/litellm-venv}
+tmp=$(mktemp -d)
+pids=()
+trap 'kill ${pids[*]} 2>/dev/null; rm -rf "$tmp"' EXIT
+wait_up() { for _ in $(seq 1 300); do curl -sf -o /dev/null "$1" && return 0; sleep 0.2; done; echo "no answer from $1" >&2; return 1; }
+
+$bin/examples/stub_upstream 18190 2>/dev/null & pids+=($!)
+wait_up http://127.0.0.1:18190/v1/models
+
+export SERRANO_ADMIN_KEY=sk-srn-bench-admin-key-0123456789abcdef
+$bin/serrano gateway --port 18191 --db "$tmp/serrano.db" --upstream http://127.0.0.1:18190/v1 \
+  --upstream-model stub 2>"$tmp/gateway.log" & pids+=($!)
+wait_up http://127.0.0.1:18191/health
+admin() { curl -sf -H "Authorization: Bearer $SERRANO_ADMIN_KEY" -H 'Content-Type: application/json' "http://127.0.0.1:18191/admin/v1/$1" -d "$2"; }
+admin tenants '{"name":"bench"}' >/dev/null
+key=$(admin keys '{"tenant":"bench"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
+admin budgets '{"tenant":"bench","unit":"tokens","period":"day","limit":1e12}' >/dev/null
+admin limits '{"tenant":"bench","rpm":10000000,"tpm":1000000000,"max_concurrent":100000}' >/dev/null
+admin prices '{"model":"stub","backend":"upstream","input_per_million":0.15,"output_per_million":0.6}' >/dev/null
+
+cat > "$tmp/litellm.yaml" <<YAML
+model_list:
+  - model_name: stub
+    litellm_params: {model: openai/stub, api_base: "http://127.0.0.1:18190/v1", api_key: none}
+general_settings: {master_key: sk-litellm-bench}
+litellm_settings: {drop_params: true, telemetry: false}
+YAML
+"$venv/bin/litellm" --config "$tmp/litellm.yaml" --port 18192 --num_workers 1 >"$tmp/litellm.log" 2>&1 & pids+=($!)
+wait_up http://127.0.0.1:18192/health/liveliness
+
+run() { $bin/examples/overhead_bench "$1" "$2" "$3" "$secs"; }
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
+for rate in $rates; do
+  echo "direct   $(run http://127.0.0.1:18190/v1/chat/completions none "$rate")"
+  echo "serrano  $(run http://127.0.0.1:18191/v1/chat/completions "$key" "$rate")"
+  echo "litellm  $(run http://127.0.0.1:18192/v1/chat/completions sk-litellm-bench "$rate")"
+done
+echo "serrano gateway peak RSS: $(grep VmHWM /proc/${pids[1]}/status)"
+echo "audit records: $(curl -sf -H "Authorization: Bearer $SERRANO_ADMIN_KEY" http://127.0.0.1:18191/admin/v1/audit/verify)"
