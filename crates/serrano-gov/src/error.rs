@@ -33,6 +33,12 @@ impl From<sqlx::Error> for GovError {
     }
 }
 
+impl From<rusqlite::Error> for GovError {
+    fn from(e: rusqlite::Error) -> Self {
+        GovError::Unavailable(e.to_string())
+    }
+}
+
 impl From<sqlx::migrate::MigrateError> for GovError {
     fn from(e: sqlx::migrate::MigrateError) -> Self {
         GovError::Unavailable(format!("migration failed: {e}"))

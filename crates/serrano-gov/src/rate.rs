@@ -3,7 +3,7 @@
 //! concurrent requests (open reservations). Runs inside the writer's transaction, like budgets.
 
 use serde::Serialize;
-use sqlx::{Row, SqliteConnection};
+use rusqlite::{params, Connection};
 
 use crate::error::GovError;
 
@@ -27,30 +27,21 @@ struct Limit {
     max_concurrent: Option<i64>,
 }
 
-async fn limits(
-    conn: &mut SqliteConnection,
-    tenant_id: i64,
-    key_id: i64,
-) -> Result<Vec<Limit>, GovError> {
-    let rows = sqlx::query(
+fn limits(conn: &Connection, tenant_id: i64, key_id: i64) -> Result<Vec<Limit>, GovError> {
+    let mut stmt = conn.prepare_cached(
         "SELECT id, key_id, rpm, tpm, max_concurrent FROM limits
          WHERE tenant_id = ?1 AND key_id IN (0, ?2) ORDER BY id",
-    )
-    .bind(tenant_id)
-    .bind(key_id)
-    .fetch_all(&mut *conn)
-    .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(Limit {
-                id: r.try_get("id")?,
-                key_id: r.try_get("key_id")?,
-                rpm: r.try_get("rpm")?,
-                tpm: r.try_get("tpm")?,
-                max_concurrent: r.try_get("max_concurrent")?,
-            })
+    )?;
+    let rows = stmt.query_map(params![tenant_id, key_id], |r| {
+        Ok(Limit {
+            id: r.get(0)?,
+            key_id: r.get(1)?,
+            rpm: r.get(2)?,
+            tpm: r.get(3)?,
+            max_concurrent: r.get(4)?,
         })
-        .collect()
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 /// Seconds until `need` more fits under `limit`, given the previous and current minute's counts
@@ -76,14 +67,14 @@ pub fn wait_for(prev: i64, curr: i64, f: f64, need: i64, limit: i64) -> Option<f
 
 /// Counts one request of `tokens` (worst case) against every limit of the tenant and key, or
 /// refuses with the tightest limit's wait. The request's own row in `requests` already exists.
-pub async fn admit(
-    conn: &mut SqliteConnection,
+pub fn admit(
+    conn: &Connection,
     tenant_id: i64,
     key_id: i64,
     tokens: i64,
     now_ms: i64,
 ) -> Result<Option<RateInfo>, GovError> {
-    let ls = limits(conn, tenant_id, key_id).await?;
+    let ls = limits(conn, tenant_id, key_id)?;
     if ls.is_empty() {
         return Ok(None);
     }
@@ -97,14 +88,12 @@ pub async fn admit(
     for l in &ls {
         let owner = if l.key_id == 0 { "tenant" } else { "key" };
         if let Some(max) = l.max_concurrent {
-            let open: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM requests WHERE state = 'reserved' AND tenant_id = ?1
-                 AND (?2 = 0 OR key_id = ?2)",
-            )
-            .bind(tenant_id)
-            .bind(l.key_id)
-            .fetch_one(&mut *conn)
-            .await?;
+            let open: i64 = conn
+                .prepare_cached(
+                    "SELECT COUNT(*) FROM requests WHERE state = 'reserved' AND tenant_id = ?1
+                     AND (?2 = 0 OR key_id = ?2)",
+                )?
+                .query_row(params![tenant_id, l.key_id], |r| r.get(0))?;
             // `open` counts this request too.
             if open > max {
                 return Err(GovError::RateLimited {
@@ -113,16 +102,15 @@ pub async fn admit(
                 });
             }
         }
-        let counts = sqlx::query("SELECT minute, requests, tokens FROM rate_windows WHERE limit_id = ?1 AND minute IN (?2, ?3)")
-            .bind(l.id)
-            .bind(minute - 1)
-            .bind(minute)
-            .fetch_all(&mut *conn)
-            .await?;
         let (mut prev, mut curr) = ((0i64, 0i64), (0i64, 0i64));
-        for r in counts {
-            let m: i64 = r.try_get("minute")?;
-            let c = (r.try_get("requests")?, r.try_get("tokens")?);
+        let mut stmt = conn.prepare_cached(
+            "SELECT minute, requests, tokens FROM rate_windows WHERE limit_id = ?1 AND minute IN (?2, ?3)",
+        )?;
+        let rows = stmt.query_map(params![l.id, minute - 1, minute], |r| {
+            Ok((r.get::<_, i64>(0)?, (r.get(1)?, r.get(2)?)))
+        })?;
+        for row in rows {
+            let (m, c) = row?;
             if m == minute {
                 curr = c;
             } else {
@@ -169,22 +157,18 @@ pub async fn admit(
                 ) = (Some(limit), remaining, reset);
             }
         }
-        sqlx::query(
+        conn.prepare_cached(
             "INSERT INTO rate_windows (limit_id, minute, requests, tokens) VALUES (?1, ?2, 1, ?3)
              ON CONFLICT (limit_id, minute) DO UPDATE SET requests = requests + 1, tokens = tokens + excluded.tokens",
-        )
-        .bind(l.id)
-        .bind(minute)
-        .bind(tokens)
-        .execute(&mut *conn)
-        .await?;
+        )?
+        .execute(params![l.id, minute, tokens])?;
     }
     Ok(Some(info))
 }
 
 /// Gives back the part of a request's worst case it did not use, in the minute it was counted.
-pub async fn refund(
-    conn: &mut SqliteConnection,
+pub fn refund(
+    conn: &Connection,
     tenant_id: i64,
     key_id: i64,
     minute: i64,
@@ -193,16 +177,11 @@ pub async fn refund(
     if unused <= 0 {
         return Ok(());
     }
-    sqlx::query(
+    conn.prepare_cached(
         "UPDATE rate_windows SET tokens = MAX(0, tokens - ?4)
          WHERE minute = ?3 AND limit_id IN (SELECT id FROM limits WHERE tenant_id = ?1 AND key_id IN (0, ?2))",
-    )
-    .bind(tenant_id)
-    .bind(key_id)
-    .bind(minute)
-    .bind(unused)
-    .execute(&mut *conn)
-    .await?;
+    )?
+    .execute(params![tenant_id, key_id, minute, unused])?;
     Ok(())
 }
 

@@ -11,8 +11,8 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{ConnectOptions, Row};
-use tokio::sync::{mpsc, oneshot};
+use sqlx::Row;
+use tokio::sync::oneshot;
 
 use crate::audit::{verify_chain, AuditRecord, ChainRow, Retention, VerifyReport};
 use crate::checkpoint::Checkpoint;
@@ -173,7 +173,7 @@ struct Inner {
     pool: SqlitePool,
     /// Compiled safety filters by policy text (bounded: cleared when full).
     filters: std::sync::Mutex<std::collections::HashMap<String, Arc<serrano_safety::Filter>>>,
-    writer: mpsc::Sender<Op>,
+    writer: flume::Sender<Op>,
     config: GovConfig,
 }
 
@@ -247,9 +247,12 @@ impl Governance {
             .await?;
         migrator().run(&pool).await?;
         restrict_permissions(&config.db_path);
-        let conn = opts.connect().await?;
-        let (tx, rx) = mpsc::channel(WRITER_QUEUE);
-        tokio::spawn(writer::run(conn, rx));
+        let conn = writer_connection(&config)?;
+        let (tx, rx) = flume::bounded(WRITER_QUEUE);
+        std::thread::Builder::new()
+            .name("serrano-gov-writer".into())
+            .spawn(move || writer::run(conn, rx))
+            .map_err(|e| GovError::Unavailable(format!("cannot start the writer: {e}")))?;
         Ok(Governance {
             inner: Arc::new(Inner {
                 pool,
@@ -1028,8 +1031,18 @@ impl Governance {
     }
 
     async fn send(&self, op: Op) -> Result<(), GovError> {
-        self.inner.writer.send(op).await.map_err(|_| gone())
+        self.inner.writer.send_async(op).await.map_err(|_| gone())
     }
+}
+
+/// The writer's own connection, with the same settings as the pool's.
+fn writer_connection(config: &GovConfig) -> Result<rusqlite::Connection, GovError> {
+    let conn = rusqlite::Connection::open(&config.db_path)?;
+    conn.busy_timeout(config.busy_timeout)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(conn)
 }
 
 fn gone() -> GovError {
