@@ -3,8 +3,8 @@
 //! inside the writer's transaction (see `writer.rs`), so check-and-reserve is atomic. They are
 //! synchronous: the writer owns its connection on its own thread.
 
-use serde::{Deserialize, Serialize};
 use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
 
 use crate::error::GovError;
 use crate::rate::{self, RateInfo};
@@ -123,7 +123,9 @@ fn budgets(conn: &Connection, tenant_id: i64, key_id: i64) -> Result<Vec<Budget>
 /// Per-token input and output prices of a model on a backend, in nano-dollars (0 if unset).
 pub fn price(conn: &Connection, model: &str, backend: &str) -> Result<(i64, i64), GovError> {
     Ok(conn
-        .prepare_cached("SELECT input_nusd, output_nusd FROM prices WHERE model = ?1 AND backend = ?2")?
+        .prepare_cached(
+            "SELECT input_nusd, output_nusd FROM prices WHERE model = ?1 AND backend = ?2",
+        )?
         .query_row(params![model, backend], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?
         .unwrap_or((0, 0)))
@@ -141,15 +143,23 @@ pub fn reserve(conn: &Connection, op: &ReserveOp, now: i64) -> Result<Option<Rat
             "INSERT INTO requests (request_id, tenant_id, key_id, state, created_ms, expires_ms)
              VALUES (?1, ?2, ?3, 'reserved', ?4, ?5) ON CONFLICT DO NOTHING",
         )?
-        .execute(params![op.request_id, op.tenant_id, op.key_id, now, op.expires_ms])?;
+        .execute(params![
+            op.request_id,
+            op.tenant_id,
+            op.key_id,
+            now,
+            op.expires_ms
+        ])?;
     if fresh == 0 {
         return Err(GovError::Duplicate(op.request_id.clone()));
     }
     let worst_tokens = op.prompt_tokens.saturating_add(op.max_completion_tokens) as i64;
     let rate = rate::admit(conn, op.tenant_id, op.key_id, worst_tokens, now)?;
     if rate.is_some() {
-        conn.prepare_cached("UPDATE requests SET rate_minute = ?2, rate_tokens = ?3 WHERE request_id = ?1")?
-            .execute(params![op.request_id, now.div_euclid(60_000), worst_tokens])?;
+        conn.prepare_cached(
+            "UPDATE requests SET rate_minute = ?2, rate_tokens = ?3 WHERE request_id = ?1",
+        )?
+        .execute(params![op.request_id, now.div_euclid(60_000), worst_tokens])?;
     }
     let budgets = budgets(conn, op.tenant_id, op.key_id)?;
     if budgets.is_empty() {
@@ -205,10 +215,16 @@ fn over_budget_message(b: &Budget, amount: i64) -> String {
 /// cost in nano-dollars. A request that never reserved (refused early) is charged nothing.
 pub fn settle(conn: &Connection, s: &Settlement, now: i64) -> Result<i64, GovError> {
     let row: Option<(String, Option<i64>, i64)> = conn
-        .prepare_cached("SELECT state, rate_minute, rate_tokens FROM requests WHERE request_id = ?1")?
-        .query_row(params![s.request_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .prepare_cached(
+            "SELECT state, rate_minute, rate_tokens FROM requests WHERE request_id = ?1",
+        )?
+        .query_row(params![s.request_id], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
         .optional()?;
-    let Some((state, rate_minute, rate_tokens)) = row else { return Ok(0) };
+    let Some((state, rate_minute, rate_tokens)) = row else {
+        return Ok(0);
+    };
     if state == "settled" {
         return Ok(0);
     }
@@ -220,7 +236,13 @@ pub fn settle(conn: &Connection, s: &Settlement, now: i64) -> Result<i64, GovErr
         BudgetUnit::Usd => actual_cost,
     };
     if let Some(minute) = rate_minute {
-        rate::refund(conn, s.tenant_id, s.key_id, minute, rate_tokens - actual_tokens)?;
+        rate::refund(
+            conn,
+            s.tenant_id,
+            s.key_id,
+            minute,
+            rate_tokens - actual_tokens,
+        )?;
     }
     if state == "reserved" {
         let held: Vec<(i64, String, i64, String)> = conn
@@ -228,7 +250,9 @@ pub fn settle(conn: &Connection, s: &Settlement, now: i64) -> Result<i64, GovErr
                 "SELECT r.budget_id, r.period_key, r.amount, b.unit FROM reservations r
                  JOIN budgets b ON b.id = r.budget_id WHERE r.request_id = ?1",
             )?
-            .query_map(params![s.request_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+            .query_map(params![s.request_id], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })?
             .collect::<Result<_, _>>()?;
         for (budget_id, window, amount, unit) in held {
             let unit = BudgetUnit::parse(&unit).unwrap_or(BudgetUnit::Tokens);
@@ -279,7 +303,9 @@ pub fn settle(conn: &Connection, s: &Settlement, now: i64) -> Result<i64, GovErr
 /// Returns how many requests expired.
 pub fn expire(conn: &Connection, now: i64) -> Result<u64, GovError> {
     let stale: i64 = conn
-        .prepare_cached("SELECT COUNT(*) FROM requests WHERE state = 'reserved' AND expires_ms < ?1")?
+        .prepare_cached(
+            "SELECT COUNT(*) FROM requests WHERE state = 'reserved' AND expires_ms < ?1",
+        )?
         .query_row(params![now], |r| r.get(0))?;
     if stale == 0 {
         return Ok(0);

@@ -2,8 +2,8 @@
 //! minutes, the previous minute weighted by how much of it still overlaps the last 60 s) and
 //! concurrent requests (open reservations). Runs inside the writer's transaction, like budgets.
 
-use serde::Serialize;
 use rusqlite::{params, Connection};
+use serde::Serialize;
 
 use crate::error::GovError;
 

@@ -24,6 +24,9 @@ use crate::time::now_ms;
 use crate::writer::{self, FinishOp, Finished, Op};
 use ed25519_dalek::{SigningKey, VerifyingKey};
 
+type AuthCache = std::collections::HashMap<Vec<u8>, (std::time::Instant, Principal, Option<i64>)>;
+/// Keys kept in the authentication cache at once.
+const MAX_CACHED_KEYS: usize = 10_000;
 /// Distinct compiled policies kept at once.
 const MAX_CACHED_FILTERS: usize = 256;
 /// Ledger and audit writes that may wait for the writer; past it, callers wait (backpressure).
@@ -44,6 +47,10 @@ pub struct GovConfig {
     pub reservation_ttl: Duration,
     /// Recorded in every audit record.
     pub region: Option<String>,
+    /// How long a checked key is trusted without asking the store again. Revocations and policy
+    /// changes made through this process apply at once; made by another process (the CLI, a
+    /// replica), within this time.
+    pub auth_cache_ttl: Duration,
 }
 
 impl GovConfig {
@@ -53,6 +60,7 @@ impl GovConfig {
             busy_timeout: Duration::from_secs(5),
             reservation_ttl: Duration::from_secs(660),
             region: None,
+            auth_cache_ttl: Duration::from_secs(1),
         }
     }
 }
@@ -171,6 +179,8 @@ pub struct Governance {
 
 struct Inner {
     pool: SqlitePool,
+    /// Recently checked keys by hash: (when checked, principal, key expiry).
+    auth_cache: std::sync::Mutex<AuthCache>,
     /// Compiled safety filters by policy text (bounded: cleared when full).
     filters: std::sync::Mutex<std::collections::HashMap<String, Arc<serrano_safety::Filter>>>,
     writer: flume::Sender<Op>,
@@ -257,6 +267,7 @@ impl Governance {
             inner: Arc::new(Inner {
                 pool,
                 filters: Default::default(),
+                auth_cache: Default::default(),
                 writer: tx,
                 config,
             }),
@@ -363,6 +374,39 @@ impl Governance {
         let invalid = || GovError::Unauthorized("Incorrect API key provided.".into());
         let prefix = keys::shown(key).ok_or_else(invalid)?;
         let hash = keys::hash(key);
+        if let Some(p) = self.cached(&hash) {
+            return Ok(p);
+        }
+        self.authenticate_in_store(prefix, &hash).await
+    }
+
+    fn cached(&self, hash: &[u8]) -> Option<Principal> {
+        let cache = self
+            .inner
+            .auth_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let (at, p, expires) = cache.get(hash)?;
+        let fresh =
+            at.elapsed() < self.inner.config.auth_cache_ttl && expires.is_none_or(|e| e > now_ms());
+        fresh.then(|| p.clone())
+    }
+
+    /// Forgets every checked key, after a change that may affect them.
+    fn forget_keys(&self) {
+        self.inner
+            .auth_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    async fn authenticate_in_store(
+        &self,
+        prefix: &str,
+        hash: &[u8],
+    ) -> Result<Principal, GovError> {
+        let invalid = || GovError::Unauthorized("Incorrect API key provided.".into());
         let rows = sqlx::query(
             "SELECT k.id, k.hash, k.prefix, k.role, k.models, k.expires_ms, k.revoked_ms,
                     t.id AS tenant_id, t.name AS tenant, t.retention, t.policy
@@ -373,7 +417,7 @@ impl Governance {
         .await?;
         for r in rows {
             let stored: Vec<u8> = r.try_get("hash")?;
-            if !keys::hashes_equal(&stored, &hash) {
+            if !keys::hashes_equal(&stored, hash) {
                 continue;
             }
             if r.try_get::<Option<i64>, _>("revoked_ms")?.is_some() {
@@ -381,12 +425,11 @@ impl Governance {
                     "This API key has been revoked.".into(),
                 ));
             }
-            if r.try_get::<Option<i64>, _>("expires_ms")?
-                .is_some_and(|e| e <= now_ms())
-            {
+            let expires: Option<i64> = r.try_get("expires_ms")?;
+            if expires.is_some_and(|e| e <= now_ms()) {
                 return Err(GovError::Unauthorized("This API key has expired.".into()));
             }
-            return Ok(Principal {
+            let p = Principal {
                 tenant_id: r.try_get("tenant_id")?,
                 tenant: r.try_get("tenant")?,
                 key_id: r.try_get("id")?,
@@ -395,7 +438,22 @@ impl Governance {
                 models: parse_models(r.try_get("models")?),
                 retention: Retention::parse(r.try_get("retention")?).unwrap_or_default(),
                 filter: self.filter(r.try_get("policy")?),
-            });
+            };
+            if !self.inner.config.auth_cache_ttl.is_zero() {
+                let mut cache = self
+                    .inner
+                    .auth_cache
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                if cache.len() >= MAX_CACHED_KEYS {
+                    cache.clear();
+                }
+                cache.insert(
+                    hash.to_vec(),
+                    (std::time::Instant::now(), p.clone(), expires),
+                );
+            }
+            return Ok(p);
         }
         Err(invalid())
     }
@@ -454,6 +512,7 @@ impl Governance {
         if n == 0 {
             return Err(GovError::NotFound(format!("tenant '{name}'")));
         }
+        self.forget_keys();
         Ok(())
     }
 
@@ -486,6 +545,7 @@ impl Governance {
         if n == 0 {
             return Err(GovError::NotFound(format!("tenant '{name}'")));
         }
+        self.forget_keys();
         Ok(())
     }
 
@@ -594,6 +654,7 @@ impl Governance {
         if n == 0 {
             return Err(GovError::NotFound(format!("active key {id}")));
         }
+        self.forget_keys();
         Ok(())
     }
 

@@ -51,7 +51,10 @@ pub struct Finished {
 }
 
 pub enum Op {
-    Reserve(ReserveOp, oneshot::Sender<Result<Option<RateInfo>, GovError>>),
+    Reserve(
+        ReserveOp,
+        oneshot::Sender<Result<Option<RateInfo>, GovError>>,
+    ),
     Finish(Box<FinishOp>, oneshot::Sender<Result<Finished, GovError>>),
 }
 
@@ -60,7 +63,10 @@ enum Done {
         oneshot::Sender<Result<Option<RateInfo>, GovError>>,
         Result<Option<RateInfo>, GovError>,
     ),
-    Finished(oneshot::Sender<Result<Finished, GovError>>, Result<Finished, GovError>),
+    Finished(
+        oneshot::Sender<Result<Finished, GovError>>,
+        Result<Finished, GovError>,
+    ),
 }
 
 impl Done {
@@ -151,7 +157,11 @@ fn apply(conn: &mut Connection, batch: Vec<Op>) -> Vec<Done> {
     done
 }
 
-fn apply_in_tx(conn: &mut Connection, batch: Vec<Op>, done: &mut Vec<Done>) -> Result<(), GovError> {
+fn apply_in_tx(
+    conn: &mut Connection,
+    batch: Vec<Op>,
+    done: &mut Vec<Done>,
+) -> Result<(), GovError> {
     let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => {
@@ -230,8 +240,10 @@ fn finish(
     let text = serde_json::to_string(&record)
         .map_err(|e| GovError::Unavailable(format!("cannot encode an audit record: {e}")))?;
     let hash = chain_hash(&head.1, seq, &text);
-    conn.prepare_cached("INSERT INTO audit_log (seq, record, prev_hash, hash) VALUES (?1, ?2, ?3, ?4)")?
-        .execute(params![seq as i64, text, head.1, hash])?;
+    conn.prepare_cached(
+        "INSERT INTO audit_log (seq, record, prev_hash, hash) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![seq as i64, text, head.1, hash])?;
     conn.prepare_cached(
         "INSERT INTO audit_head (id, seq, hash) VALUES (1, ?1, ?2)
          ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
@@ -248,7 +260,13 @@ fn finish(
                 "INSERT INTO audit_content (seq, tenant_id, retention, prompt, completion)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
             )?
-            .execute(params![seq as i64, c.tenant_id, c.retention.as_str(), prompt, completion])?;
+            .execute(params![
+                seq as i64,
+                c.tenant_id,
+                c.retention.as_str(),
+                prompt,
+                completion
+            ])?;
         }
     }
     Ok((

@@ -387,6 +387,7 @@ fn run_server(engine: Option<EngineHandle>, names: Vec<String>, a: ServerArgs) -
             busy_timeout: std::time::Duration::from_secs_f64(a.db_busy_timeout.max(0.0)),
             reservation_ttl,
             region: a.region,
+            auth_cache_ttl: std::time::Duration::from_secs(1),
         })
         .await
         .with_context(|| format!("cannot open the governance database {}", db.display()))?;
