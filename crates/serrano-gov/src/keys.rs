@@ -78,12 +78,18 @@ pub fn hash(key: &str) -> Vec<u8> {
     Sha256::digest(key.as_bytes()).to_vec()
 }
 
-/// The lookup prefix of a key; `None` if the key's length is out of bounds.
-pub fn shown(key: &str) -> Option<&str> {
+/// The lookup prefix of a key, shown in listings and audit records; `None` if the key's length
+/// is out of bounds. A generated key shows its first characters (its random part starts after
+/// `sk-srn-`); any other key (an operator's master key) shows a digest, never its own text.
+pub fn shown(key: &str) -> Option<String> {
     if !(MIN_KEY_CHARS..=MAX_KEY_CHARS).contains(&key.len()) || !key.is_ascii() {
         return None;
     }
-    Some(&key[..SHOWN_CHARS])
+    if key.starts_with(KEY_PREFIX) && key.len() >= KEY_PREFIX.len() + 64 {
+        return Some(key[..SHOWN_CHARS].to_string());
+    }
+    let digest: String = hash(key)[..4].iter().map(|b| format!("{b:02x}")).collect();
+    Some(format!("ext-{digest}"))
 }
 
 pub fn hashes_equal(a: &[u8], b: &[u8]) -> bool {
@@ -100,6 +106,8 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(a.len(), KEY_PREFIX.len() + 64);
         assert!(shown(&a).is_some_and(|p| p.starts_with(KEY_PREFIX)));
+        let master = "my-own-master-key-that-is-long-enough";
+        assert!(shown(master).is_some_and(|p| p.starts_with("ext-") && !master.contains(&p[4..])));
         assert!(hashes_equal(&hash(&a), &hash(&a)));
         assert!(!hashes_equal(&hash(&a), &hash(&b)));
         assert_eq!(shown("short"), None);

@@ -132,7 +132,15 @@ pub fn price(conn: &Connection, model: &str, backend: &str) -> Result<(i64, i64)
 }
 
 fn cost(prices: (i64, i64), prompt: u64, completion: u64) -> i64 {
-    (prompt as i64).saturating_mul(prices.0) + (completion as i64).saturating_mul(prices.1)
+    i64_of(prompt)
+        .saturating_mul(prices.0)
+        .saturating_add(i64_of(completion).saturating_mul(prices.1))
+}
+
+/// Token counts come from clients and upstreams: a value past i64 must saturate, never wrap
+/// negative (a negative reservation would pass every budget check).
+fn i64_of(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 /// Reserves the worst case against every rate limit and budget of the tenant and key, or none
@@ -153,7 +161,7 @@ pub fn reserve(conn: &Connection, op: &ReserveOp, now: i64) -> Result<Option<Rat
     if fresh == 0 {
         return Err(GovError::Duplicate(op.request_id.clone()));
     }
-    let worst_tokens = op.prompt_tokens.saturating_add(op.max_completion_tokens) as i64;
+    let worst_tokens = i64_of(op.prompt_tokens.saturating_add(op.max_completion_tokens));
     let rate = rate::admit(conn, op.tenant_id, op.key_id, worst_tokens, now)?;
     if rate.is_some() {
         conn.prepare_cached(
@@ -230,7 +238,7 @@ pub fn settle(conn: &Connection, s: &Settlement, now: i64) -> Result<i64, GovErr
     }
     let prices = price(conn, &s.model, &s.backend)?;
     let actual_cost = cost(prices, s.prompt_tokens, s.completion_tokens);
-    let actual_tokens = s.prompt_tokens.saturating_add(s.completion_tokens) as i64;
+    let actual_tokens = i64_of(s.prompt_tokens.saturating_add(s.completion_tokens));
     let actual = |unit: BudgetUnit| match unit {
         BudgetUnit::Tokens => actual_tokens,
         BudgetUnit::Usd => actual_cost,
@@ -292,8 +300,8 @@ pub fn settle(conn: &Connection, s: &Settlement, now: i64) -> Result<i64, GovErr
         s.key_prefix,
         s.model,
         s.backend,
-        s.prompt_tokens as i64,
-        s.completion_tokens as i64,
+        i64_of(s.prompt_tokens),
+        i64_of(s.completion_tokens),
         actual_cost
     ])?;
     Ok(actual_cost)

@@ -181,6 +181,8 @@ struct Inner {
     pool: SqlitePool,
     /// Recently checked keys by hash: (when checked, principal, key expiry).
     auth_cache: std::sync::Mutex<AuthCache>,
+    /// Bumped by every change that may invalidate cached keys.
+    auth_generation: std::sync::atomic::AtomicU64,
     /// Compiled safety filters by policy text (bounded: cleared when full).
     filters: std::sync::Mutex<std::collections::HashMap<String, Arc<serrano_safety::Filter>>>,
     writer: flume::Sender<Op>,
@@ -258,6 +260,12 @@ impl Governance {
         migrator().run(&pool).await?;
         restrict_permissions(&config.db_path);
         let conn = writer_connection(&config)?;
+        // The WAL holds the same data as the database until a checkpoint.
+        for suffix in ["-wal", "-shm"] {
+            let mut p = config.db_path.clone().into_os_string();
+            p.push(suffix);
+            restrict_permissions(Path::new(&p));
+        }
         let (tx, rx) = flume::bounded(WRITER_QUEUE);
         std::thread::Builder::new()
             .name("serrano-gov-writer".into())
@@ -268,6 +276,7 @@ impl Governance {
                 pool,
                 filters: Default::default(),
                 auth_cache: Default::default(),
+                auth_generation: Default::default(),
                 writer: tx,
                 config,
             }),
@@ -377,7 +386,7 @@ impl Governance {
         if let Some(p) = self.cached(&hash) {
             return Ok(p);
         }
-        self.authenticate_in_store(prefix, &hash).await
+        self.authenticate_in_store(&prefix, &hash).await
     }
 
     fn cached(&self, hash: &[u8]) -> Option<Principal> {
@@ -392,13 +401,18 @@ impl Governance {
         fresh.then(|| p.clone())
     }
 
-    /// Forgets every checked key, after a change that may affect them.
+    /// Forgets every checked key, after a change that may affect them. The generation bump
+    /// keeps a lookup that started before the change from caching what it read.
     fn forget_keys(&self) {
-        self.inner
+        let mut cache = self
+            .inner
             .auth_cache
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+            .unwrap_or_else(|p| p.into_inner());
+        self.inner
+            .auth_generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        cache.clear();
     }
 
     async fn authenticate_in_store(
@@ -407,6 +421,10 @@ impl Governance {
         hash: &[u8],
     ) -> Result<Principal, GovError> {
         let invalid = || GovError::Unauthorized("Incorrect API key provided.".into());
+        let generation = self
+            .inner
+            .auth_generation
+            .load(std::sync::atomic::Ordering::SeqCst);
         let rows = sqlx::query(
             "SELECT k.id, k.hash, k.prefix, k.role, k.models, k.expires_ms, k.revoked_ms,
                     t.id AS tenant_id, t.name AS tenant, t.retention, t.policy
@@ -445,13 +463,19 @@ impl Governance {
                     .auth_cache
                     .lock()
                     .unwrap_or_else(|p| p.into_inner());
-                if cache.len() >= MAX_CACHED_KEYS {
-                    cache.clear();
+                let current = self
+                    .inner
+                    .auth_generation
+                    .load(std::sync::atomic::Ordering::SeqCst);
+                if current == generation {
+                    if cache.len() >= MAX_CACHED_KEYS {
+                        cache.clear();
+                    }
+                    cache.insert(
+                        hash.to_vec(),
+                        (std::time::Instant::now(), p.clone(), expires),
+                    );
                 }
-                cache.insert(
-                    hash.to_vec(),
-                    (std::time::Instant::now(), p.clone(), expires),
-                );
             }
             return Ok(p);
         }
@@ -517,7 +541,7 @@ impl Governance {
     }
 
     /// The compiled filter of a policy, built once per distinct policy text.
-    fn filter(&self, policy: Option<String>) -> Option<Arc<serrano_safety::Filter>> {
+    pub fn filter(&self, policy: Option<String>) -> Option<Arc<serrano_safety::Filter>> {
         let json = policy?;
         let mut cache = self.inner.filters.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = cache.get(&json) {
@@ -594,9 +618,8 @@ impl Governance {
         expires_ms: Option<i64>,
     ) -> Result<i64, GovError> {
         let t = self.tenant(tenant).await?;
-        let prefix = keys::shown(secret)
-            .ok_or_else(|| GovError::Invalid("key too short".into()))?
-            .to_string();
+        let prefix =
+            keys::shown(secret).ok_or_else(|| GovError::Invalid("key too short".into()))?;
         let models = models.map(|m| serde_json::to_string(&m).unwrap_or_default());
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO api_keys (tenant_id, name, prefix, hash, role, models, created_ms, expires_ms)

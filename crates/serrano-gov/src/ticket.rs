@@ -145,11 +145,19 @@ impl Ticket {
                 expires_ms: now_ms().saturating_add(ttl.as_millis() as i64),
             }
         };
-        let rate = self.0.gov.reserve(op).await?;
-        let mut s = self.state();
-        s.reserved = true;
-        s.rate = rate;
-        Ok(())
+        // Run in a task of its own holding the ticket: if the request is cancelled while the
+        // writer commits, the task still marks the reservation, so the ticket's destructor
+        // (which runs once the task lets go) settles it instead of leaking it until expiry.
+        let t = self.clone();
+        let task = tokio::spawn(async move {
+            let rate = t.0.gov.reserve(op).await?;
+            let mut s = t.state();
+            s.reserved = true;
+            s.rate = rate;
+            Ok(())
+        });
+        task.await
+            .map_err(|e| GovError::Unavailable(format!("the reservation task failed: {e}")))?
     }
 
     /// The rate-limit state after this request's reservation, for `x-ratelimit-*` headers.
@@ -212,7 +220,12 @@ impl Ticket {
                 cost_nusd: 0,
             });
         };
-        self.0.gov.finish(op).await
+        // A task of its own, so a cancelled caller cannot drop the record while it waits for
+        // room in the writer's queue.
+        let gov = self.0.gov.clone();
+        tokio::spawn(async move { gov.finish(op).await })
+            .await
+            .map_err(|e| GovError::Unavailable(format!("the audit task failed: {e}")))?
     }
 
     fn take(&self, status: u16, error: Option<String>) -> Option<FinishOp> {
@@ -225,8 +238,11 @@ impl Ticket {
     }
 }
 
+/// Most choices a request may have; indexes past it (from a misbehaving upstream) are ignored.
+const MAX_CHOICES: usize = 16;
+
 fn push_text(s: &mut State, index: usize, text: &str) {
-    if s.prompt_text.is_some() && !text.is_empty() {
+    if s.prompt_text.is_some() && !text.is_empty() && index < MAX_CHOICES {
         if s.completions.len() <= index {
             s.completions.resize(index + 1, String::new());
         }

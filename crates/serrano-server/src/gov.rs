@@ -157,7 +157,8 @@ async fn authorize(
             }
         }
     };
-    if path.starts_with("/admin/") && p.role != Role::Admin {
+    // Metrics name every tenant: operators only.
+    if (path.starts_with("/admin/") || path == "/metrics") && p.role != Role::Admin {
         return Err(GovError::Forbidden("This route needs an admin key.".into()).into());
     }
     if let Some(t) = headers.get(TENANT_HEADER) {
@@ -174,6 +175,8 @@ async fn authorize(
         p.tenant_id = tenant.id;
         p.tenant = tenant.name;
         p.retention = tenant.retention;
+        // The tenant's own filters apply, not the admin key's tenant's.
+        p.filter = st.gov.filter(tenant.policy);
     }
     ticket.set_principal(p);
     Ok(())

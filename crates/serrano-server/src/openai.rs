@@ -383,7 +383,12 @@ impl Relay {
     /// Sends one chunk; `false` means the client is gone (the caller returns, and dropping the
     /// receivers and the ticket aborts the sequences and audits a 499).
     async fn send(&self, data: String) -> bool {
-        self.tx.send(data).await.is_ok()
+        // A client that stops reading must not hold the request (and its reservation) past
+        // its deadline.
+        matches!(
+            tokio::time::timeout_at(self.deadline, self.tx.send(data)).await,
+            Ok(Ok(()))
+        )
     }
 
     /// The next event, or `None` at the end or past the deadline (then an error event is sent).
@@ -553,8 +558,7 @@ pub async fn completions(
         Target::Local(m) => m,
         Target::Upstream(up, _) => {
             let timeout = st.config.request_timeout;
-            let guard = OutputGuard::new(&p, raw["n"].as_u64().unwrap_or(1).clamp(1, 16) as usize);
-            return upstream::forward(up, ticket, guard, "/completions", raw, timeout).await;
+            return upstream::forward(up, ticket, &p, "/completions", raw, timeout).await;
         }
     };
     let req: api::CompletionRequest = typed(raw)?;
@@ -606,7 +610,7 @@ pub async fn completions(
     }
     let mut guard = output_guard(&p, n, &gen)?;
     reserve(&ticket, &gen, n).await?;
-    let rxs = submit_n(&st, gen, n)?;
+    let rxs = submit_n(&st, gen, n).inspect_err(|_| ticket.set_usage(0, 0))?;
     let ctx = CompletionCtx {
         id: request_id("cmpl"),
         created: unix_now(),
@@ -851,8 +855,7 @@ pub async fn chat_completions(
         Target::Local(m) => m,
         Target::Upstream(up, _) => {
             let timeout = st.config.request_timeout;
-            let guard = OutputGuard::new(&p, raw["n"].as_u64().unwrap_or(1).clamp(1, 16) as usize);
-            return upstream::forward(up, ticket, guard, "/chat/completions", raw, timeout).await;
+            return upstream::forward(up, ticket, &p, "/chat/completions", raw, timeout).await;
         }
     };
     let req: api::ChatCompletionRequest = typed(raw)?;
@@ -900,7 +903,7 @@ pub async fn chat_completions(
     }
     let mut guard = output_guard(&p, n, &gen)?;
     reserve(&ticket, &gen, n).await?;
-    let rxs = submit_n(&st, gen, n)?;
+    let rxs = submit_n(&st, gen, n).inspect_err(|_| ticket.set_usage(0, 0))?;
     let ctx = ChatCtx {
         id: request_id("chatcmpl"),
         created: unix_now(),

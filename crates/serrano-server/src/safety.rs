@@ -116,10 +116,25 @@ impl OutputGuard {
         self.scanners.iter().any(Option::is_some)
     }
 
-    /// Text of choice `i` that may be shown now.
+    /// Text of choice `i` that may be shown now. A choice the request did not ask for (an
+    /// upstream's stray index) shows nothing while filtering is on.
     pub fn push(&mut self, i: usize, text: &str) -> String {
+        let active = self.active();
         match self.scanners.get_mut(i) {
             Some(Some(s)) => s.push(text),
+            None if active => String::new(),
+            _ => text.to_string(),
+        }
+    }
+
+    /// A whole piece of text outside the choices' streams (tool-call arguments), redacted in
+    /// one go with the policy's PII kinds.
+    pub fn redact_once(&self, text: &str) -> String {
+        match &self.filter {
+            Some(f) if self.active() => {
+                let kinds = f.policy().effective_pii_kinds();
+                serrano_safety::redact(text, &serrano_safety::scan_pii(text, &kinds))
+            }
             _ => text.to_string(),
         }
     }
@@ -133,7 +148,11 @@ impl OutputGuard {
     }
 
     pub fn blocked(&self, i: usize) -> bool {
-        matches!(self.scanners.get(i), Some(Some(s)) if s.blocked())
+        match self.scanners.get(i) {
+            Some(Some(s)) => s.blocked(),
+            None => self.active(),
+            Some(None) => false,
+        }
     }
 
     /// The finish reason to report for choice `i`.

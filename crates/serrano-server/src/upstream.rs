@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 
 use crate::error::ApiError;
 use crate::safety::{self, OutputGuard};
+use serrano_gov::Principal;
 
 /// Most choices a forwarded request may ask for, as for the local engine.
 const MAX_CHOICES: u64 = 16;
@@ -134,42 +135,91 @@ fn prompt_bound(body: &Value) -> u64 {
     }
 }
 
+/// Largest `max_tokens` forwarded when the upstream did not report the model's context.
+const MAX_FORWARDED_MAX_TOKENS: u64 = 1 << 20;
+/// Largest upstream response body read whole.
+const MAX_RESPONSE_BYTES: usize = 16 << 20;
+/// Fields that change how much an upstream generates and that the reservation does not cover.
+const UNBOUNDED_FIELDS: &[&str] = &["best_of", "n_predict", "max_new_tokens", "min_tokens"];
+
+/// The request's choice count: 1 to 16, a JSON integer (a `"4"` that an upstream would coerce
+/// is refused, since it would escape both the reservation and the output filter).
+fn choices(body: &Value) -> Result<u64, ApiError> {
+    match &body["n"] {
+        Value::Null => Ok(1),
+        v => v
+            .as_u64()
+            .filter(|n| (1..=MAX_CHOICES).contains(n))
+            .ok_or_else(|| {
+                ApiError::invalid_param(
+                    "n",
+                    format!("n must be an integer from 1 to {MAX_CHOICES}"),
+                )
+            }),
+    }
+}
+
 /// Forwards a chat or legacy completion (`path` is `/chat/completions` or `/completions`).
 pub async fn forward(
     up: Arc<Upstream>,
     ticket: Ticket,
-    mut guard: OutputGuard,
+    p: &Principal,
     path: &'static str,
     mut body: Value,
     timeout: Duration,
 ) -> Result<Response, ApiError> {
-    let n = body["n"].as_u64().unwrap_or(1);
-    if !(1..=MAX_CHOICES).contains(&n) {
-        return Err(ApiError::invalid_param(
-            "n",
-            format!("n must be from 1 to {MAX_CHOICES}"),
-        ));
-    }
-    let field = if body.get("max_completion_tokens").is_some() {
-        "max_completion_tokens"
-    } else {
-        "max_tokens"
-    };
-    let bound = prompt_bound(&body);
-    let max_tokens = match &body[field] {
-        Value::Null => {
-            let model = body["model"].as_str().unwrap_or_default();
-            let m = match up.context.get(model) {
-                Some(&ctx) => up.default_max_tokens.min(ctx - bound.min(ctx - 1)),
-                None => up.default_max_tokens,
-            };
-            body[field] = Value::from(m);
-            m
+    let n = choices(&body)?;
+    body["n"] = Value::from(n);
+    for f in UNBOUNDED_FIELDS {
+        if let Some(o) = body.as_object_mut() {
+            o.remove(*f);
         }
-        v => v.as_u64().filter(|m| *m >= 1).ok_or_else(|| {
-            ApiError::invalid_param(field, format!("{field} must be a positive integer"))
-        })?,
+    }
+    let mut guard = OutputGuard::new(p, n as usize);
+    let stream = body["stream"].as_bool().unwrap_or(false);
+    if guard.active() {
+        if body["logprobs"].as_bool() == Some(true)
+            || !body["logprobs"].is_boolean() && !body["logprobs"].is_null()
+        {
+            return Err(ApiError::invalid_param(
+                "logprobs",
+                "log-probs are not available while the tenant's policy filters completions",
+            ));
+        }
+        if stream && (!body["tools"].is_null() || !body["functions"].is_null()) {
+            return Err(ApiError::invalid_param(
+                "stream",
+                "streamed tool calls cannot be filtered; send tools with stream: false",
+            ));
+        }
+    }
+    let bound = prompt_bound(&body);
+    let model = body["model"].as_str().unwrap_or_default().to_string();
+    let ceiling = up
+        .context
+        .get(&model)
+        .copied()
+        .unwrap_or(MAX_FORWARDED_MAX_TOKENS);
+    let requested = match (&body["max_completion_tokens"], &body["max_tokens"]) {
+        (Value::Null, Value::Null) => None,
+        (Value::Null, v) | (v, _) => Some(
+            v.as_u64()
+                .filter(|m| (1..=ceiling).contains(m))
+                .ok_or_else(|| {
+                    ApiError::invalid_param(
+                        "max_tokens",
+                        format!("max_tokens must be an integer from 1 to {ceiling}"),
+                    )
+                })?,
+        ),
     };
+    let max_tokens =
+        requested.unwrap_or_else(|| up.default_max_tokens.min(ceiling - bound.min(ceiling - 1)));
+    // Both spellings carry the reserved bound, whichever one the upstream reads.
+    body["max_tokens"] = Value::from(max_tokens);
+    if path == "/chat/completions" {
+        body["max_completion_tokens"] = Value::from(max_tokens);
+    }
     if ticket.keeps_content() {
         let prompt = if path == "/chat/completions" {
             &body["messages"]
@@ -178,8 +228,13 @@ pub async fn forward(
         };
         ticket.set_prompt_text(prompt.to_string());
     }
-    ticket.reserve(bound, n.saturating_mul(max_tokens)).await?;
-    let stream = body["stream"].as_bool().unwrap_or(false);
+    let worst = (bound, n.saturating_mul(max_tokens));
+    ticket.reserve(worst.0, worst.1).await?;
+    // Until the upstream answers, nothing was used.
+    let failed = |e: ApiError| {
+        ticket.set_usage(0, 0);
+        e
+    };
     if stream {
         let wants_usage = body["stream_options"]["include_usage"]
             .as_bool()
@@ -191,13 +246,22 @@ pub async fn forward(
             .timeout(timeout)
             .send()
             .await
-            .map_err(|e| upstream_error(&up, e))?;
+            .map_err(|e| failed(upstream_error(&up, e)))?;
         if !resp.status().is_success() {
-            return Err(relay_status(&up, resp).await);
+            return Err(failed(relay_status(&up, resp).await));
         }
         let (tx, rx) = mpsc::channel(64);
         ticket.detach();
-        tokio::spawn(relay_stream(up, ticket, guard, resp, tx, wants_usage));
+        let relay = StreamRelay {
+            up,
+            ticket,
+            guard,
+            tx,
+            wants_usage,
+            worst,
+            deadline: tokio::time::Instant::now() + timeout,
+        };
+        tokio::spawn(relay.run(resp));
         return Ok(crate::openai::sse_response(rx));
     }
     let resp = up
@@ -206,15 +270,36 @@ pub async fn forward(
         .timeout(timeout)
         .send()
         .await
-        .map_err(|e| upstream_error(&up, e))?;
+        .map_err(|e| failed(upstream_error(&up, e)))?;
     if !resp.status().is_success() {
-        return Err(relay_status(&up, resp).await);
+        return Err(failed(relay_status(&up, resp).await));
     }
-    let mut v: Value = resp.json().await.map_err(|e| upstream_error(&up, e))?;
+    let bytes = read_capped(resp, MAX_RESPONSE_BYTES)
+        .await
+        .map_err(|e| failed(upstream_error(&up, e)))?;
+    let mut v: Value =
+        serde_json::from_slice(&bytes).map_err(|e| failed(upstream_error(&up, e)))?;
     filter_choices(&mut guard, &ticket, &mut v);
     record_choices(&ticket, &v);
-    record_usage(&ticket, &v["usage"]);
+    if !record_usage(&ticket, &v["usage"]) {
+        // Without the upstream's count, charge the worst case reserved.
+        ticket.set_usage(worst.0, worst.1);
+    }
     Ok(axum::Json(v).into_response())
+}
+
+/// A response body, refused past `cap` bytes.
+async fn read_capped(resp: reqwest::Response, cap: usize) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| e.to_string())?;
+        if out.len() + chunk.len() > cap {
+            return Err(format!("the response is larger than {cap} bytes"));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
 }
 
 /// An upstream's refusal: client errors (4xx) pass through with the upstream's message;
@@ -247,6 +332,29 @@ fn filter_choices(guard: &mut OutputGuard, ticket: &Ticket, v: &mut Value) {
         .flatten()
         .enumerate()
     {
+        if guard.active() {
+            strip_unfiltered(c);
+            for call in c["message"]["tool_calls"]
+                .as_array_mut()
+                .into_iter()
+                .flatten()
+            {
+                let args = &mut call["function"]["arguments"];
+                if let Some(a) = args.as_str() {
+                    *args = Value::String(guard.redact_once(a));
+                }
+            }
+        }
+        if let Some(name) = c["message"]["function_call"]["name"]
+            .as_str()
+            .map(String::from)
+        {
+            ticket.add_tool_calls(&[name.as_str()]);
+            if !guard.tools_allowed(ticket, &[name.as_str()]) {
+                c["message"]["function_call"] = Value::Null;
+                c["finish_reason"] = Value::from(safety::CONTENT_FILTER);
+            }
+        }
         let names: Vec<String> = tool_call_names(&c["message"]);
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         ticket.add_tool_calls(&refs);
@@ -278,9 +386,31 @@ fn tool_call_names(message: &Value) -> Vec<String> {
         .collect()
 }
 
+/// Text-bearing fields the output filter does not scan: dropped when it is on, so nothing it
+/// would have redacted can leave through them (token log-probs, reasoning, non-string content).
+fn strip_unfiltered(c: &mut Value) {
+    if let Some(o) = c.as_object_mut() {
+        o.remove("logprobs");
+    }
+    for part in ["message", "delta"] {
+        if let Some(m) = c[part].as_object_mut() {
+            m.remove("reasoning_content");
+            m.remove("reasoning");
+            if m.get("content")
+                .is_some_and(|v| !v.is_string() && !v.is_null())
+            {
+                m.insert("content".into(), Value::Null);
+            }
+        }
+    }
+}
+
 /// Runs one streamed chunk through the output filter; `Err` names a tool that is not allowed.
 fn filter_chunk(guard: &mut OutputGuard, ticket: &Ticket, v: &mut Value) -> Result<(), String> {
     for c in v["choices"].as_array_mut().into_iter().flatten() {
+        if guard.active() {
+            strip_unfiltered(c);
+        }
         let i = c["index"].as_u64().unwrap_or(0) as usize;
         let names = tool_call_names(&c["delta"]);
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -333,108 +463,132 @@ fn record_choices(ticket: &Ticket, v: &Value) {
 
 /// The upstream's usage wins over the chunk tally; without it, the tally stands (one token per
 /// content chunk) and the prompt stays at its reserved bound.
-fn record_usage(ticket: &Ticket, usage: &Value) {
+fn record_usage(ticket: &Ticket, usage: &Value) -> bool {
     if let (Some(p), Some(c)) = (
         usage["prompt_tokens"].as_u64(),
         usage["completion_tokens"].as_u64(),
     ) {
         ticket.set_usage(p, c);
+        return true;
     }
+    false
 }
 
-async fn relay_stream(
+/// The sending side of a forwarded stream.
+struct StreamRelay {
     up: Arc<Upstream>,
     ticket: Ticket,
-    mut guard: OutputGuard,
-    resp: reqwest::Response,
+    guard: OutputGuard,
     tx: mpsc::Sender<String>,
     wants_usage: bool,
-) {
-    let mut bytes = resp.bytes_stream();
-    let mut buf: Vec<u8> = Vec::new();
-    let mut failure: Option<String> = None;
-    let mut violation: Option<String> = None;
-    let mut done = false;
-    'read: while let Some(chunk) = bytes.next().await {
-        let chunk = match chunk {
-            Ok(c) => c,
-            Err(e) => {
-                failure = Some(e.to_string());
+    /// (prompt bound, completion tokens) reserved: charged if the upstream reports no usage.
+    worst: (u64, u64),
+    deadline: tokio::time::Instant,
+}
+
+impl StreamRelay {
+    /// Sends one event; `false` if the client is gone or stopped reading past the deadline
+    /// (then dropping the ticket audits a 499 and settles).
+    async fn send(&self, data: String) -> bool {
+        matches!(
+            tokio::time::timeout_at(self.deadline, self.tx.send(data)).await,
+            Ok(Ok(()))
+        )
+    }
+
+    async fn run(mut self, resp: reqwest::Response) {
+        let mut bytes = resp.bytes_stream();
+        let mut buf: Vec<u8> = Vec::new();
+        let mut failure: Option<String> = None;
+        let mut violation: Option<String> = None;
+        let (mut done, mut saw_usage) = (false, false);
+        'read: while let Some(chunk) = bytes.next().await {
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => {
+                    failure = Some(e.to_string());
+                    break;
+                }
+            };
+            buf.extend_from_slice(&chunk);
+            while let Some(end) = find_event_end(&buf) {
+                let event: Vec<u8> = buf.drain(..end.1).collect();
+                let text = String::from_utf8_lossy(&event[..end.0]);
+                for data in text
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("data:"))
+                    .map(str::trim)
+                {
+                    if data == "[DONE]" {
+                        done = true;
+                        break 'read;
+                    }
+                    let Ok(mut v) = serde_json::from_str::<Value>(data) else {
+                        continue;
+                    };
+                    let is_usage_only = v["choices"].as_array().is_some_and(|c| c.is_empty());
+                    if let Err(e) = filter_chunk(&mut self.guard, &self.ticket, &mut v) {
+                        violation = Some(e);
+                        break 'read;
+                    }
+                    saw_usage |= record_stream_chunk(&self.ticket, &v);
+                    if is_usage_only && !self.wants_usage {
+                        continue;
+                    }
+                    if !self.send(v.to_string()).await {
+                        return;
+                    }
+                }
+            }
+            if buf.len() > MAX_EVENT_BYTES {
+                failure = Some("an event longer than 1 MiB".into());
                 break;
             }
-        };
-        buf.extend_from_slice(&chunk);
-        while let Some(end) = find_event_end(&buf) {
-            let event: Vec<u8> = buf.drain(..end.1).collect();
-            let text = String::from_utf8_lossy(&event[..end.0]);
-            for data in text
-                .lines()
-                .filter_map(|l| l.strip_prefix("data:"))
-                .map(str::trim)
-            {
-                if data == "[DONE]" {
-                    done = true;
-                    break 'read;
-                }
-                let Ok(mut v) = serde_json::from_str::<Value>(data) else {
-                    continue;
-                };
-                let is_usage_only = v["choices"].as_array().is_some_and(|c| c.is_empty());
-                if let Err(e) = filter_chunk(&mut guard, &ticket, &mut v) {
-                    violation = Some(e);
-                    break 'read;
-                }
-                record_stream_chunk(&ticket, &v);
-                if is_usage_only && !wants_usage {
-                    continue;
-                }
-                if tx.send(v.to_string()).await.is_err() {
-                    return; // client gone: dropping the ticket audits a 499
-                }
-            }
         }
-        if buf.len() > MAX_EVENT_BYTES {
-            failure = Some("an event longer than 1 MiB".into());
-            break;
+        self.guard.record(&self.ticket);
+        if !saw_usage && done {
+            self.ticket.set_usage(self.worst.0, self.worst.1);
         }
-    }
-    guard.record(&ticket);
-    let (status, error) = match (done, failure) {
-        _ if violation.is_some() => (400, violation.clone()),
-        (true, _) => (200, None),
-        (false, Some(e)) => (502, Some(format!("backend '{}': {e}", up.name))),
-        (false, None) => (
-            502,
-            Some(format!("backend '{}' ended the stream early", up.name)),
-        ),
-    };
-    if let Some(v) = &violation {
-        let e = ApiError {
-            code: Some("content_policy_violation".into()),
-            ..ApiError::invalid(v.clone())
+        let up = &self.up;
+        let (status, error) = match (done, failure) {
+            _ if violation.is_some() => (400, violation.clone()),
+            (true, _) => (200, None),
+            (false, Some(e)) => (502, Some(format!("backend '{}': {e}", up.name))),
+            (false, None) => (
+                502,
+                Some(format!("backend '{}' ended the stream early", up.name)),
+            ),
         };
-        let _ = tx.send(crate::openai::error_json(&e)).await;
-    } else if status != 200 {
-        tracing::warn!(backend = %up.name, "stream failed: {error:?}");
-        let _ = tx
-            .send(crate::openai::error_json(&upstream_error(
-                &up,
+        if let Some(v) = &violation {
+            let e = ApiError {
+                code: Some("content_policy_violation".into()),
+                ..ApiError::invalid(v.clone())
+            };
+            self.send(crate::openai::error_json(&e)).await;
+        } else if status != 200 {
+            tracing::warn!(backend = %up.name, "stream failed: {error:?}");
+            self.send(crate::openai::error_json(&upstream_error(
+                up,
                 "stream failed",
             )))
             .await;
-    }
-    match ticket.finish(status, error).await {
-        Ok(_) if status == 200 => {
-            let _ = tx.send("[DONE]".into()).await;
         }
-        Ok(_) => {}
-        Err(e) => {
-            let _ = tx.send(crate::openai::error_json(&ApiError::from(e))).await;
+        // The record is written before the last chunk, so a client that saw [DONE] is audited.
+        match self.ticket.finish(status, error).await {
+            Ok(_) if status == 200 => {
+                self.send("[DONE]".into()).await;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                self.send(crate::openai::error_json(&ApiError::from(e)))
+                    .await;
+            }
         }
     }
 }
 
-fn record_stream_chunk(ticket: &Ticket, v: &Value) {
+/// Counts a streamed chunk; `true` if it carried the upstream's usage.
+fn record_stream_chunk(ticket: &Ticket, v: &Value) -> bool {
     for c in v["choices"].as_array().into_iter().flatten() {
         let i = c["index"].as_u64().unwrap_or(0) as usize;
         let text = c["delta"]["content"]
@@ -448,7 +602,7 @@ fn record_stream_chunk(ticket: &Ticket, v: &Value) {
             ticket.set_finish_reason(r);
         }
     }
-    record_usage(ticket, &v["usage"]);
+    record_usage(ticket, &v["usage"])
 }
 
 /// (end of the event's text, end including its blank line) of the first complete SSE event.

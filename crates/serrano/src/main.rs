@@ -416,6 +416,9 @@ fn run_server(engine: Option<EngineHandle>, names: Vec<String>, a: ServerArgs) -
         } else {
             None
         };
+        if a.jwks.is_some() && a.jwt_audience.is_none() {
+            tracing::warn!("--jwks without --jwt-audience: tokens the identity provider issued for other applications are accepted too");
+        }
         let jwt = match a.jwks {
             Some(path) => Some(std::sync::Arc::new(serrano_gov::JwtVerifier::load(
                 serrano_gov::JwtConfig {

@@ -99,7 +99,20 @@ fn gateway_forwards_with_governance() {
     assert_eq!(st, 200, "{v}");
     assert!(v["usage"]["completion_tokens"].as_u64().unwrap() <= 4096);
 
-    // The upstream gone: 502, audited, nothing left reserved.
+    // Values that would escape the reservation are refused before anything is forwarded.
+    for bad in [
+        json!({"model": "tiny", "prompt": "hi", "max_tokens": u64::MAX}),
+        json!({"model": "tiny", "prompt": "hi", "max_tokens": 4, "n": "4"}),
+        json!({"model": "tiny", "prompt": "hi", "max_tokens": 4, "n": 17}),
+    ] {
+        let (st, v, _) = gw.post_as(&key, "/v1/completions", bad.to_string().as_bytes());
+        assert_eq!(st, 400, "{bad}: {v}");
+    }
+    let (_, ledger) = gw.get("/admin/v1/ledger");
+    assert_eq!(ledger["reserved_total"], 0);
+
+    // The upstream gone: 502, audited, nothing left reserved or charged.
+    let spent = gw.get("/admin/v1/ledger").1["spent_total"].clone();
     drop(node);
     let (st, v, _) = gw.post_as(&key, "/v1/chat/completions", body.to_string().as_bytes());
     assert_eq!(
@@ -109,6 +122,7 @@ fn gateway_forwards_with_governance() {
     );
     assert_eq!(last_inference_record(&gw)["status"], 502);
     assert_eq!(gw.get("/admin/v1/ledger").1["open_requests"], 0);
+    assert_eq!(gw.get("/admin/v1/ledger").1["spent_total"], spent);
     // Routes that need a local model say so.
     let (st, _) = gw.post("/tokenize", &json!({"prompt": "hi"}));
     assert_eq!(st, 404);

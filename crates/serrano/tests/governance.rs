@@ -111,6 +111,11 @@ fn keys_scopes_and_refusals() {
     // No secret ever reaches the log or the audit log.
     let audit_text = serde_json::to_string(&audit(&s)).unwrap();
     let log = s.log.lock().unwrap().join("\n");
+    // An operator-chosen key is shown as a digest, never by its own first characters.
+    assert!(audit(&s)
+        .iter()
+        .any(|r| r["key"].as_str().is_some_and(|k| k.starts_with("ext-"))));
+    assert!(!audit_text.contains(&ADMIN_KEY[..12]));
     for secret in [ADMIN_KEY, user.as_str(), k["key"].as_str().unwrap()] {
         assert!(!log.contains(secret), "a key is in the server log");
         assert!(!audit_text.contains(secret), "a key is in the audit log");

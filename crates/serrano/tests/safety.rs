@@ -91,6 +91,22 @@ fn prompts_and_tools_are_filtered_per_tenant() {
         assert!(!rec["filters"].as_array().unwrap().is_empty(), "{rec}");
     }
 
+    // An admin acting for the tenant (a gateway forwarding its caller) gets the tenant's filters.
+    let r = ureq::post(&s.url("/v1/completions"))
+        .set("Authorization", &format!("Bearer {}", common::ADMIN_KEY))
+        .set("x-serrano-tenant", "acme")
+        .send_json(json!({"prompt": "Mail bob@example.com", "max_tokens": 1, "echo": true}))
+        .unwrap()
+        .into_json::<Value>()
+        .unwrap();
+    assert!(
+        r["choices"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("[REDACTED:EMAIL]"),
+        "{r}"
+    );
+
     // Only allowed tools may be offered.
     let tools =
         |name: &str| json!([{"type": "function", "function": {"name": name, "parameters": {}}}]);
@@ -230,4 +246,9 @@ fn completions_are_filtered_in_streams_and_tool_calls_checked() {
     assert_eq!(choice["finish_reason"], "content_filter");
     let rec = last_for(&gw, "/v1/chat/completions");
     assert_eq!(rec["tool_calls"], json!(["rm_rf"]));
+
+    // Log-probs would reveal filtered text token by token: refused while completions are filtered.
+    let body = json!({"model": "scripted", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20, "logprobs": true});
+    let (st, v, _) = gw.post_as(&key, "/v1/chat/completions", body.to_string().as_bytes());
+    assert_eq!(st, 400, "{v}");
 }
