@@ -21,8 +21,6 @@ use serrano_gov::Principal;
 const MAX_CHOICES: u64 = 16;
 /// Longest single SSE event accepted from an upstream.
 const MAX_EVENT_BYTES: usize = 1 << 20;
-/// Prompt-token bound per message on top of its text: role markers and template tokens.
-const TOKENS_PER_MESSAGE: u64 = 8;
 
 /// One upstream server.
 pub struct Upstream {
@@ -113,26 +111,11 @@ fn upstream_error(up: &Upstream, detail: impl std::fmt::Display) -> ApiError {
 }
 
 /// A bound on the prompt's tokens without the upstream's tokenizer: a byte-level BPE token
-/// covers at least one byte, and each message adds a few template tokens.
+/// covers at least one byte, and every byte that can reach the prompt (messages, tool schemas,
+/// response formats, template text standing for JSON punctuation) is in the request body, so
+/// its length bounds the prompt with room to spare.
 fn prompt_bound(body: &Value) -> u64 {
-    fn text_bytes(v: &Value) -> u64 {
-        match v {
-            Value::String(s) => s.len() as u64,
-            Value::Array(a) => a.iter().map(text_bytes).sum(),
-            Value::Object(o) => o.values().map(text_bytes).sum(),
-            Value::Number(_) => 1,
-            _ => 0,
-        }
-    }
-    match (&body["messages"], &body["prompt"]) {
-        (Value::Array(m), _) => {
-            m.iter()
-                .map(|msg| text_bytes(msg) + TOKENS_PER_MESSAGE)
-                .sum::<u64>()
-                + TOKENS_PER_MESSAGE
-        }
-        (_, p) => text_bytes(p) + 1,
-    }
+    serde_json::to_string(body).map_or(u64::MAX, |s| s.len() as u64)
 }
 
 /// Largest `max_tokens` forwarded when the upstream did not report the model's context.
@@ -626,13 +609,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn prompt_bounds_cover_text_and_template() {
+    fn prompt_bounds_cover_everything_sent() {
         let chat = serde_json::json!({"messages": [{"role": "user", "content": "hello"}]});
-        assert_eq!(prompt_bound(&chat), 4 + 5 + 8 + 8);
-        let text = serde_json::json!({"prompt": "hello"});
-        assert_eq!(prompt_bound(&text), 6);
-        let ids = serde_json::json!({"prompt": [1, 2, 3]});
-        assert_eq!(prompt_bound(&ids), 4);
+        let with_tools = serde_json::json!({"messages": [{"role": "user", "content": "hello"}],
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"description": "x".repeat(1000)}}}]});
+        assert!(prompt_bound(&chat) >= 5 + 4);
+        assert!(prompt_bound(&with_tools) > 1000);
     }
 
     #[test]
