@@ -1114,6 +1114,15 @@ impl Governance {
         rx.await.map_err(|_| gone())?
     }
 
+    /// Returns once every write queued before the call is committed (or has failed): call at
+    /// shutdown so the records of requests cut short are not lost.
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.send(Op::Barrier(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
     async fn send(&self, op: Op) -> Result<(), GovError> {
         self.inner.writer.send_async(op).await.map_err(|_| gone())
     }

@@ -76,6 +76,12 @@ impl Ticket {
         s.principal = Some(p);
     }
 
+    /// The backend and route that served the request, once chosen.
+    pub fn route(&self) -> Option<(String, String)> {
+        let s = self.state();
+        Some((s.record.backend.clone()?, s.record.route.clone()?))
+    }
+
     pub fn principal(&self) -> Option<Principal> {
         self.state().principal.clone()
     }

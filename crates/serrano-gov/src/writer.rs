@@ -56,9 +56,12 @@ pub enum Op {
         oneshot::Sender<Result<Option<RateInfo>, GovError>>,
     ),
     Finish(Box<FinishOp>, oneshot::Sender<Result<Finished, GovError>>),
+    /// Answered once everything queued before it is committed (or failed).
+    Barrier(oneshot::Sender<()>),
 }
 
 enum Done {
+    Barrier(oneshot::Sender<()>),
     Reserved(
         oneshot::Sender<Result<Option<RateInfo>, GovError>>,
         Result<Option<RateInfo>, GovError>,
@@ -72,12 +75,14 @@ enum Done {
 impl Done {
     fn ok(&self) -> bool {
         match self {
+            Done::Barrier(_) => true,
             Done::Reserved(_, r) => r.is_ok(),
             Done::Finished(_, r) => r.is_ok(),
         }
     }
     fn failed(&mut self, e: &GovError) {
         match self {
+            Done::Barrier(_) => {}
             Done::Reserved(_, r) => *r = Err(e.clone()),
             Done::Finished(_, r) => *r = Err(e.clone()),
         }
@@ -85,6 +90,7 @@ impl Done {
     fn send(self) {
         // A requester that gave up no longer needs its answer.
         match self {
+            Done::Barrier(tx) => drop(tx.send(())),
             Done::Reserved(tx, r) => drop(tx.send(r)),
             Done::Finished(tx, r) => drop(tx.send(r)),
         }
@@ -182,6 +188,7 @@ fn apply_in_tx(
             }
         };
         let d = match op {
+            Op::Barrier(tx) => Done::Barrier(tx),
             Op::Reserve(r, reply) => Done::Reserved(reply, ledger::reserve(&sp, &r, now)),
             Op::Finish(f, reply) => {
                 let res = match &head {
@@ -208,6 +215,7 @@ fn apply_in_tx(
 
 fn fail(op: Op, e: &GovError) -> Done {
     match op {
+        Op::Barrier(tx) => Done::Barrier(tx),
         Op::Reserve(_, tx) => Done::Reserved(tx, Err(e.clone())),
         Op::Finish(_, tx) => Done::Finished(tx, Err(e.clone())),
     }

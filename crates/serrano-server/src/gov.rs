@@ -38,6 +38,8 @@ pub async fn gate(State(st): State<Arc<AppState>>, mut req: Request, next: Next)
         },
         Err(e) => e.into_response(),
     };
+    // Read before `finish`, which hands the record to the writer.
+    let route = ticket.route();
     let mut resp = if ticket.is_detached() {
         resp
     } else {
@@ -55,6 +57,13 @@ pub async fn gate(State(st): State<Arc<AppState>>, mut req: Request, next: Next)
     }
     if let Some(r) = ticket.rate_info() {
         rate_headers(resp.headers_mut(), &r);
+    }
+    if let Some((backend, route)) = route {
+        for (name, value) in [("x-serrano-backend", backend), ("x-serrano-route", route)] {
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                resp.headers_mut().insert(name, v);
+            }
+        }
     }
     resp
 }

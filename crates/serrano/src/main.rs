@@ -435,12 +435,16 @@ fn run_server(engine: Option<EngineHandle>, names: Vec<String>, a: ServerArgs) -
             local: engine,
             upstreams: upstream(a.upstream).await?.into_iter().collect(),
         };
-        let app = serrano_server::router(backends, gov, auth, config);
+        let app = serrano_server::router(backends, gov.clone(), auth, config);
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
         tracing::info!("serving {:?} on http://{}", names, listener.local_addr()?);
         serrano_server::serve_listener(listener, app, shutdown_signal()).await?;
+        // Requests cut short by the shutdown write their records from spawned tasks: let them
+        // queue, then wait until the writer has committed everything.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        gov.flush().await;
         Ok(())
     })
 }
