@@ -189,38 +189,46 @@ struct Inner {
     config: GovConfig,
 }
 
+/// The schema's versions, in order; a version, once released, never changes (sqlx checks its
+/// checksum).
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "governance",
+        include_str!("../migrations/0001_governance.sql"),
+    ),
+    (
+        2,
+        "rate limits",
+        include_str!("../migrations/0002_rate_limits.sql"),
+    ),
+    (
+        3,
+        "audit checkpoints",
+        include_str!("../migrations/0003_checkpoints.sql"),
+    ),
+    (
+        4,
+        "safety policies",
+        include_str!("../migrations/0004_policies.sql"),
+    ),
+];
+
 fn migrator() -> Migrator {
+    let migrations = MIGRATIONS
+        .iter()
+        .map(|&(version, name, sql)| {
+            Migration::new(
+                version,
+                Cow::Borrowed(name),
+                MigrationType::Simple,
+                Cow::Borrowed(sql),
+                false,
+            )
+        })
+        .collect();
     Migrator {
-        migrations: Cow::Owned(vec![
-            Migration::new(
-                1,
-                Cow::Borrowed("governance"),
-                MigrationType::Simple,
-                Cow::Borrowed(include_str!("../migrations/0001_governance.sql")),
-                false,
-            ),
-            Migration::new(
-                2,
-                Cow::Borrowed("rate limits"),
-                MigrationType::Simple,
-                Cow::Borrowed(include_str!("../migrations/0002_rate_limits.sql")),
-                false,
-            ),
-            Migration::new(
-                3,
-                Cow::Borrowed("audit checkpoints"),
-                MigrationType::Simple,
-                Cow::Borrowed(include_str!("../migrations/0003_checkpoints.sql")),
-                false,
-            ),
-            Migration::new(
-                4,
-                Cow::Borrowed("safety policies"),
-                MigrationType::Simple,
-                Cow::Borrowed(include_str!("../migrations/0004_policies.sql")),
-                false,
-            ),
-        ]),
+        migrations: Cow::Owned(migrations),
         ..Migrator::DEFAULT
     }
 }

@@ -79,6 +79,48 @@ fn scoped_target(
     Ok(target)
 }
 
+/// A completion request past the gate's checks: for the local engine, or already answered by
+/// an upstream.
+enum Admitted {
+    Local {
+        p: Principal,
+        tenant: String,
+        priority: i32,
+        model: String,
+        raw: serde_json::Value,
+    },
+    Forwarded(Response),
+}
+
+/// What both completion routes do first: the principal's tenancy and model scope, the tenant's
+/// prompt filters, and forwarding when the model is an upstream's.
+async fn admit(
+    st: &AppState,
+    ticket: &Ticket,
+    headers: &HeaderMap,
+    mut raw: serde_json::Value,
+    path: &'static str,
+) -> Result<Admitted, ApiError> {
+    let p = principal(ticket)?;
+    let (tenant, priority) = tenancy(headers, &p)?;
+    let target = scoped_target(st, ticket, &p, raw["model"].as_str())?;
+    safety::filter_request(&p, ticket, &mut raw)?;
+    match target {
+        Target::Local(model) => Ok(Admitted::Local {
+            p,
+            tenant,
+            priority,
+            model,
+            raw,
+        }),
+        Target::Upstream(up, _) => {
+            let timeout = st.config.request_timeout;
+            let resp = upstream::forward(up, ticket.clone(), &p, path, raw, timeout).await?;
+            Ok(Admitted::Forwarded(resp))
+        }
+    }
+}
+
 /// The typed request, once the raw body is known to be for the local engine.
 fn typed<T: serde::de::DeserializeOwned>(raw: serde_json::Value) -> Result<T, ApiError> {
     serde_json::from_value(raw).map_err(|e| ApiError::invalid(format!("Invalid JSON body: {e}")))
@@ -548,19 +590,19 @@ pub async fn completions(
     State(st): St,
     Extension(ticket): Extension<Ticket>,
     headers: HeaderMap,
-    JsonBody(mut raw): JsonBody<serde_json::Value>,
+    JsonBody(raw): JsonBody<serde_json::Value>,
 ) -> Result<Response, ApiError> {
-    let p = principal(&ticket)?;
-    let (tenant, priority) = tenancy(&headers, &p)?;
-    let target = scoped_target(&st, &ticket, &p, raw["model"].as_str())?;
-    safety::filter_request(&p, &ticket, &mut raw)?;
-    let model = match target {
-        Target::Local(m) => m,
-        Target::Upstream(up, _) => {
-            let timeout = st.config.request_timeout;
-            return upstream::forward(up, ticket, &p, "/completions", raw, timeout).await;
-        }
-    };
+    let (p, tenant, priority, model, raw) =
+        match admit(&st, &ticket, &headers, raw, "/completions").await? {
+            Admitted::Local {
+                p,
+                tenant,
+                priority,
+                model,
+                raw,
+            } => (p, tenant, priority, model, raw),
+            Admitted::Forwarded(resp) => return Ok(resp),
+        };
     let req: api::CompletionRequest = typed(raw)?;
     let info = st.local()?.info().clone();
     let n = params::choices(&req.sampling)?;
@@ -845,19 +887,19 @@ pub async fn chat_completions(
     State(st): St,
     Extension(ticket): Extension<Ticket>,
     headers: HeaderMap,
-    JsonBody(mut raw): JsonBody<serde_json::Value>,
+    JsonBody(raw): JsonBody<serde_json::Value>,
 ) -> Result<Response, ApiError> {
-    let p = principal(&ticket)?;
-    let (tenant, priority) = tenancy(&headers, &p)?;
-    let target = scoped_target(&st, &ticket, &p, raw["model"].as_str())?;
-    safety::filter_request(&p, &ticket, &mut raw)?;
-    let model = match target {
-        Target::Local(m) => m,
-        Target::Upstream(up, _) => {
-            let timeout = st.config.request_timeout;
-            return upstream::forward(up, ticket, &p, "/chat/completions", raw, timeout).await;
-        }
-    };
+    let (p, tenant, priority, model, raw) =
+        match admit(&st, &ticket, &headers, raw, "/chat/completions").await? {
+            Admitted::Local {
+                p,
+                tenant,
+                priority,
+                model,
+                raw,
+            } => (p, tenant, priority, model, raw),
+            Admitted::Forwarded(resp) => return Ok(resp),
+        };
     let req: api::ChatCompletionRequest = typed(raw)?;
     let info = st.local()?.info().clone();
     let n = params::choices(&req.sampling)?;

@@ -70,6 +70,26 @@ impl Upstream {
         }
     }
 
+    /// POSTs a request; a refusal or failure becomes the error to answer with.
+    async fn send(
+        &self,
+        path: &str,
+        body: &Value,
+        timeout: Duration,
+    ) -> Result<reqwest::Response, ApiError> {
+        let resp = self
+            .post(path)
+            .json(body)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| upstream_error(self, e))?;
+        if !resp.status().is_success() {
+            return Err(relay_status(self, resp).await);
+        }
+        Ok(resp)
+    }
+
     /// The upstream's model ids and, where reported (vLLM, serrano), context lengths.
     pub async fn discover_models(&self) -> Result<Vec<(String, Option<u64>)>, String> {
         let mut r = self.client.get(format!("{}/models", self.base));
@@ -223,16 +243,7 @@ pub async fn forward(
             .as_bool()
             .unwrap_or(false);
         body["stream_options"] = serde_json::json!({"include_usage": true});
-        let resp = up
-            .post(path)
-            .json(&body)
-            .timeout(timeout)
-            .send()
-            .await
-            .map_err(|e| failed(upstream_error(&up, e)))?;
-        if !resp.status().is_success() {
-            return Err(failed(relay_status(&up, resp).await));
-        }
+        let resp = up.send(path, &body, timeout).await.map_err(failed)?;
         let (tx, rx) = mpsc::channel(64);
         ticket.detach();
         let relay = StreamRelay {
@@ -247,16 +258,7 @@ pub async fn forward(
         tokio::spawn(relay.run(resp));
         return Ok(crate::openai::sse_response(rx));
     }
-    let resp = up
-        .post(path)
-        .json(&body)
-        .timeout(timeout)
-        .send()
-        .await
-        .map_err(|e| failed(upstream_error(&up, e)))?;
-    if !resp.status().is_success() {
-        return Err(failed(relay_status(&up, resp).await));
-    }
+    let resp = up.send(path, &body, timeout).await.map_err(failed)?;
     let bytes = read_capped(resp, MAX_RESPONSE_BYTES)
         .await
         .map_err(|e| failed(upstream_error(&up, e)))?;
