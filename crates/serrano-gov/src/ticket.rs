@@ -65,10 +65,6 @@ impl Ticket {
         self.0.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn request_id(&self) -> String {
-        self.state().record.request_id.clone()
-    }
-
     pub fn set_principal(&self, p: Principal) {
         let mut s = self.state();
         s.record.tenant = Some(p.tenant.clone());

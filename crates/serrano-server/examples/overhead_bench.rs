@@ -11,10 +11,16 @@ use serde_json::json;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let (url, key) = (args[1].clone(), args[2].clone());
-    let rate: f64 = args[3].parse().expect("RATE");
-    let secs: f64 = args[4].parse().expect("SECONDS");
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [url, key, rate, secs] = args.as_slice() else {
+        eprintln!("usage: overhead_bench URL KEY RATE SECONDS");
+        std::process::exit(2);
+    };
+    let (url, key) = (url.clone(), key.clone());
+    let (Ok(rate), Ok(secs)) = (rate.parse::<f64>(), secs.parse::<f64>()) else {
+        eprintln!("RATE and SECONDS must be numbers");
+        std::process::exit(2);
+    };
     let client = reqwest::Client::builder()
         .tcp_nodelay(true)
         .pool_max_idle_per_host(4096)

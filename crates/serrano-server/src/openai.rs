@@ -79,40 +79,43 @@ fn scoped_target(
     Ok(target)
 }
 
-/// A completion request past the gate's checks: for the local engine, or already answered by
+/// A completion request for the local engine, past the shared checks.
+struct Local<T> {
+    p: Principal,
+    tenant: String,
+    priority: i32,
+    model: String,
+    req: T,
+}
+
+/// A completion request past the shared checks: for the local engine, or already answered by
 /// an upstream.
-enum Admitted {
-    Local {
-        p: Principal,
-        tenant: String,
-        priority: i32,
-        model: String,
-        raw: serde_json::Value,
-    },
+enum Admitted<T> {
+    Local(Local<T>),
     Forwarded(Response),
 }
 
 /// What both completion routes do first: the principal's tenancy and model scope, the tenant's
-/// prompt filters, and forwarding when the model is an upstream's.
-async fn admit(
+/// prompt filters, then forwarding when the model is an upstream's, else the typed request.
+async fn admit<T: serde::de::DeserializeOwned>(
     st: &AppState,
     ticket: &Ticket,
     headers: &HeaderMap,
     mut raw: serde_json::Value,
     path: &'static str,
-) -> Result<Admitted, ApiError> {
+) -> Result<Admitted<T>, ApiError> {
     let p = principal(ticket)?;
     let (tenant, priority) = tenancy(headers, &p)?;
     let target = scoped_target(st, ticket, &p, raw["model"].as_str())?;
     safety::filter_request(&p, ticket, &mut raw)?;
     match target {
-        Target::Local(model) => Ok(Admitted::Local {
+        Target::Local(model) => Ok(Admitted::Local(Local {
             p,
             tenant,
             priority,
             model,
-            raw,
-        }),
+            req: typed(raw)?,
+        })),
         Target::Upstream(up, _) => {
             let timeout = st.config.request_timeout;
             let resp = upstream::forward(up, ticket.clone(), &p, path, raw, timeout).await?;
@@ -592,18 +595,16 @@ pub async fn completions(
     headers: HeaderMap,
     JsonBody(raw): JsonBody<serde_json::Value>,
 ) -> Result<Response, ApiError> {
-    let (p, tenant, priority, model, raw) =
-        match admit(&st, &ticket, &headers, raw, "/completions").await? {
-            Admitted::Local {
-                p,
-                tenant,
-                priority,
-                model,
-                raw,
-            } => (p, tenant, priority, model, raw),
-            Admitted::Forwarded(resp) => return Ok(resp),
-        };
-    let req: api::CompletionRequest = typed(raw)?;
+    let Local {
+        p,
+        tenant,
+        priority,
+        model,
+        req,
+    } = match admit::<api::CompletionRequest>(&st, &ticket, &headers, raw, "/completions").await? {
+        Admitted::Local(l) => l,
+        Admitted::Forwarded(resp) => return Ok(resp),
+    };
     let info = st.local()?.info().clone();
     let n = params::choices(&req.sampling)?;
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
@@ -889,18 +890,18 @@ pub async fn chat_completions(
     headers: HeaderMap,
     JsonBody(raw): JsonBody<serde_json::Value>,
 ) -> Result<Response, ApiError> {
-    let (p, tenant, priority, model, raw) =
-        match admit(&st, &ticket, &headers, raw, "/chat/completions").await? {
-            Admitted::Local {
-                p,
-                tenant,
-                priority,
-                model,
-                raw,
-            } => (p, tenant, priority, model, raw),
-            Admitted::Forwarded(resp) => return Ok(resp),
-        };
-    let req: api::ChatCompletionRequest = typed(raw)?;
+    let Local {
+        p,
+        tenant,
+        priority,
+        model,
+        req,
+    } = match admit::<api::ChatCompletionRequest>(&st, &ticket, &headers, raw, "/chat/completions")
+        .await?
+    {
+        Admitted::Local(l) => l,
+        Admitted::Forwarded(resp) => return Ok(resp),
+    };
     let info = st.local()?.info().clone();
     let n = params::choices(&req.sampling)?;
     let prompt = chat_prompt(&info, &req.messages, true).await?;
