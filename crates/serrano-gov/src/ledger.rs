@@ -76,6 +76,8 @@ pub struct ReserveOp {
     pub key_id: i64,
     pub model: String,
     pub backend: String,
+    /// Other backends the request may fall back to: the worst case is priced at the dearest.
+    pub fallbacks: Vec<String>,
     pub prompt_tokens: u64,
     pub max_completion_tokens: u64,
     pub expires_ms: i64,
@@ -173,8 +175,11 @@ pub fn reserve(conn: &Connection, op: &ReserveOp, now: i64) -> Result<Option<Rat
     if budgets.is_empty() {
         return Ok(rate);
     }
-    let prices = price(conn, &op.model, &op.backend)?;
-    let worst_cost = cost(prices, op.prompt_tokens, op.max_completion_tokens);
+    let mut worst_cost = 0;
+    for backend in std::iter::once(&op.backend).chain(&op.fallbacks) {
+        let prices = price(conn, &op.model, backend)?;
+        worst_cost = worst_cost.max(cost(prices, op.prompt_tokens, op.max_completion_tokens));
+    }
     for b in budgets {
         let amount = match b.unit {
             BudgetUnit::Tokens => worst_tokens,

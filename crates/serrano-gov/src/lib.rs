@@ -21,6 +21,7 @@ mod rate;
 mod store;
 mod ticket;
 mod time;
+mod versions;
 mod writer;
 
 pub use audit::{
@@ -40,6 +41,7 @@ pub use store::{
 pub use ticket::Ticket;
 pub use ticket::{CLIENT_CLOSED, LOCAL_BACKEND};
 pub use time::{day_key, month_key, now_ms};
+pub use versions::{ConfigEvent, ConfigVersion};
 
 /// Nano-dollars per dollar: money is kept in integer nano-dollars so sums are exact.
 pub const NUSD_PER_USD: f64 = 1e9;

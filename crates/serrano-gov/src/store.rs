@@ -212,6 +212,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "safety policies",
         include_str!("../migrations/0004_policies.sql"),
     ),
+    (
+        5,
+        "config versions",
+        include_str!("../migrations/0005_config_versions.sql"),
+    ),
 ];
 
 fn migrator() -> Migrator {
@@ -295,7 +300,7 @@ impl Governance {
         &self.inner.config
     }
 
-    fn pool(&self) -> &SqlitePool {
+    pub(crate) fn pool(&self) -> &SqlitePool {
         &self.inner.pool
     }
 

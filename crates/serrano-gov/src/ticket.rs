@@ -37,6 +37,7 @@ struct State {
     first_token: Option<Instant>,
     prompt_text: Option<String>,
     completions: Vec<String>,
+    fallbacks: Vec<String>,
     detached: bool,
     done: bool,
 }
@@ -110,11 +111,29 @@ impl Ticket {
             .extend(names.iter().map(|n| n.to_string()));
     }
 
-    /// The request goes to a named upstream rather than the local engine.
-    pub fn set_backend(&self, name: &str) {
+    /// The routing decision: the backend that serves the request (after any fallback), its
+    /// region, why it was chosen, and the config version that decided.
+    pub fn set_route(&self, backend: &str, region: &str, reason: &str, config_version: u64) {
         let mut s = self.state();
-        s.record.backend = Some(name.to_string());
-        s.record.route = Some(name.to_string());
+        s.record.backend = Some(backend.to_string());
+        s.record.region = Some(region.to_string());
+        s.record.route = Some(reason.to_string());
+        s.record.config_version = Some(config_version);
+    }
+
+    /// The config version that routed (or failed to route) the request.
+    pub fn set_config_version(&self, version: u64) {
+        self.state().record.config_version = Some(version);
+    }
+
+    /// Backends the request may fall back to; its worst case is priced at the dearest of them.
+    pub fn set_fallbacks(&self, backends: Vec<String>) {
+        self.state().fallbacks = backends;
+    }
+
+    /// Time since the request arrived.
+    pub fn elapsed(&self) -> Duration {
+        self.0.started.elapsed()
     }
 
     pub fn set_prompt_text(&self, text: String) {
@@ -142,6 +161,7 @@ impl Ticket {
                 key_id: p.key_id,
                 model: s.record.model.clone().unwrap_or_default(),
                 backend: s.record.backend.clone().unwrap_or_default(),
+                fallbacks: s.fallbacks.clone(),
                 prompt_tokens,
                 max_completion_tokens,
                 expires_ms: now_ms().saturating_add(ttl.as_millis() as i64),

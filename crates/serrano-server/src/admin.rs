@@ -284,3 +284,93 @@ pub async fn erase(
     let n = st.gov.erase_content(&e.tenant).await?;
     Ok(Json(json!({"tenant": e.tenant, "erased_records": n})))
 }
+
+/// Every backend of the active config: health, breaker, load, latency estimates.
+pub async fn backends(State(st): St) -> Json<Value> {
+    let dep = st.routing.router.active();
+    Json(json!({
+        "object": "list",
+        "config_version": dep.version,
+        "data": dep.views(std::time::Instant::now()),
+    }))
+}
+
+/// The active config: its version, hash and text.
+pub async fn config(State(st): St) -> Json<Value> {
+    let dep = st.routing.router.active();
+    Json(json!({
+        "version": dep.version,
+        "hash": dep.config.hash,
+        "source": dep.config.source,
+    }))
+}
+
+/// Who applied a config: the admin key's shown prefix.
+fn author(ticket: &serrano_gov::Ticket) -> String {
+    ticket
+        .principal()
+        .map_or_else(|| "unknown".into(), |p| p.key_prefix)
+}
+
+/// Applies a config (the body is its TOML text). An invalid one is refused with the line and
+/// field at fault, and the active config keeps serving.
+pub async fn apply_config(
+    State(st): St,
+    axum::Extension(ticket): axum::Extension<serrano_gov::Ticket>,
+    body: String,
+) -> Result<Json<Value>, ApiError> {
+    let version = st.routing.apply(&body, &author(&ticket), "apply").await?;
+    Ok(Json(json!({"version": version})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rollback {
+    version: u64,
+}
+
+/// Applies a stored version again.
+pub async fn rollback_config(
+    State(st): St,
+    axum::Extension(ticket): axum::Extension<serrano_gov::Ticket>,
+    JsonBody(r): JsonBody<Rollback>,
+) -> Result<Json<Value>, ApiError> {
+    let version = st.routing.rollback(r.version, &author(&ticket)).await?;
+    Ok(Json(json!({"version": version})))
+}
+
+/// Every stored version (without texts) and every switch, oldest first.
+pub async fn config_history(State(st): St) -> Result<Json<Value>, ApiError> {
+    Ok(Json(json!({
+        "active": st.routing.router.active().version,
+        "versions": st.gov.config_versions().await?,
+        "events": st.gov.config_events().await?,
+    })))
+}
+
+pub async fn config_version(
+    State(st): St,
+    Path(version): Path<u64>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(json!(st.gov.config_version(version).await?)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiffQuery {
+    from: u64,
+    to: u64,
+}
+
+/// A unified diff between two stored versions' texts.
+pub async fn config_diff(State(st): St, Query(q): Query<DiffQuery>) -> Result<Response, ApiError> {
+    let a = st.gov.config_version(q.from).await?;
+    let b = st.gov.config_version(q.to).await?;
+    let diff = serrano_router::config::diff(
+        a.source.as_deref().unwrap_or_default(),
+        b.source.as_deref().unwrap_or_default(),
+        &format!("version {}", q.from),
+        &format!("version {}", q.to),
+    );
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], diff).into_response())
+}

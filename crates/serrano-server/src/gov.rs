@@ -47,7 +47,12 @@ pub async fn gate(State(st): State<Arc<AppState>>, mut req: Request, next: Next)
         let note = resp.extensions().get::<ErrorNote>().map(|n| n.0.clone());
         let error = note.or_else(|| (status.as_u16() >= 400).then(|| status.to_string()));
         match ticket.finish(status.as_u16(), error).await {
-            Ok(_) => resp,
+            Ok(f) => {
+                if let Some((backend, _)) = &route {
+                    st.routing.metrics.spent(backend, f.cost_nusd);
+                }
+                resp
+            }
             // No audit, no response: the client gets 503, never an unrecorded answer.
             Err(e) => ApiError::from(e).into_response(),
         }

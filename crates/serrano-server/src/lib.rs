@@ -10,6 +10,7 @@ mod extract;
 pub mod gov;
 mod openai;
 mod params;
+pub mod routing;
 pub mod safety;
 pub mod upstream;
 
@@ -58,22 +59,16 @@ pub struct AuthConfig {
     pub jwt: Option<Arc<serrano_gov::JwtVerifier>>,
 }
 
-/// Where requests can go: the in-process engine, upstream servers, or both.
-#[derive(Default)]
+/// Where requests can go: the in-process engine and the routing over every backend (the local
+/// one included, when the config declares it).
 pub struct Backends {
     pub local: Option<EngineHandle>,
-    pub upstreams: Vec<Arc<upstream::Upstream>>,
-}
-
-/// Where one request goes.
-pub enum Target {
-    Local(String),
-    Upstream(Arc<upstream::Upstream>, String),
+    pub routing: Arc<routing::Routing>,
 }
 
 pub struct AppState {
     pub engine: Option<EngineHandle>,
-    pub upstreams: Vec<Arc<upstream::Upstream>>,
+    pub routing: Arc<routing::Routing>,
     pub gov: Governance,
     pub auth: AuthConfig,
     pub config: ServerConfig,
@@ -91,29 +86,30 @@ impl AppState {
         }
     }
 
-    /// Resolves `model` to the local engine or the first upstream serving it; a missing one
-    /// means the local default model, else the first upstream's first.
-    pub fn target(&self, requested: Option<&str>) -> Result<Target, ApiError> {
-        let wanted = requested.filter(|m| !m.is_empty());
-        if self.engine.is_some()
-            && wanted.is_none_or(|m| self.config.model_names.iter().any(|n| n == m))
-        {
-            return Ok(Target::Local(self.model_name(wanted)?));
-        }
-        for up in &self.upstreams {
-            match wanted {
-                None => {
-                    if let Some(m) = up.models.first() {
-                        return Ok(Target::Upstream(up.clone(), m.clone()));
-                    }
-                }
-                Some(m) if up.models.iter().any(|x| x == m) => {
-                    return Ok(Target::Upstream(up.clone(), m.to_string()))
-                }
-                _ => {}
-            }
-        }
-        Err(ApiError::model_not_found(wanted.unwrap_or("")))
+    /// The routing decision for `model` (a missing one means the config's first model) and
+    /// the principal's tenant.
+    pub fn plan(
+        &self,
+        requested: Option<&str>,
+        tenant: &str,
+    ) -> Result<(String, serrano_router::Plan<routing::Handle>), ApiError> {
+        let model = match requested.filter(|m| !m.is_empty()) {
+            Some(m) => m.to_string(),
+            None => self
+                .routing
+                .router
+                .models()
+                .into_iter()
+                .next()
+                .map(|(m, _)| m)
+                .ok_or_else(|| ApiError::model_not_found(""))?,
+        };
+        let plan = self
+            .routing
+            .router
+            .plan(&model, tenant, std::time::Instant::now())
+            .map_err(routing::route_error)?;
+        Ok((model, plan))
     }
 
     /// The local engine, or 404 on a gateway without one.
@@ -158,6 +154,12 @@ pub const ROUTES: &[(&str, &[&str])] = &[
     ("/admin/v1/audit/verify", &["GET"]),
     ("/admin/v1/audit/checkpoints", &["GET"]),
     ("/admin/v1/audit/erase", &["POST"]),
+    ("/admin/v1/backends", &["GET"]),
+    ("/admin/v1/config", &["GET", "POST"]),
+    ("/admin/v1/config/history", &["GET"]),
+    ("/admin/v1/config/versions/{version}", &["GET"]),
+    ("/admin/v1/config/diff", &["GET"]),
+    ("/admin/v1/config/rollback", &["POST"]),
 ];
 
 fn route(path: &str) -> axum::routing::MethodRouter<Arc<AppState>> {
@@ -182,6 +184,12 @@ fn route(path: &str) -> axum::routing::MethodRouter<Arc<AppState>> {
         "/admin/v1/audit/verify" => get(admin::verify),
         "/admin/v1/audit/checkpoints" => get(admin::checkpoints),
         "/admin/v1/audit/erase" => post(admin::erase),
+        "/admin/v1/backends" => get(admin::backends),
+        "/admin/v1/config" => get(admin::config).post(admin::apply_config),
+        "/admin/v1/config/history" => get(admin::config_history),
+        "/admin/v1/config/versions/{version}" => get(admin::config_version),
+        "/admin/v1/config/diff" => get(admin::config_diff),
+        "/admin/v1/config/rollback" => post(admin::rollback_config),
         // Unreachable while ROUTES and this match agree; a test keeps them so.
         _ => axum::routing::any(not_found),
     }
@@ -201,7 +209,7 @@ pub fn router(
     let limit = config.max_body_bytes;
     let state = Arc::new(AppState {
         engine: backends.local,
-        upstreams: backends.upstreams,
+        routing: backends.routing,
         gov,
         auth,
         config,
@@ -233,9 +241,12 @@ async fn metrics(
             axum::http::header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        st.engine
-            .as_ref()
-            .map_or_else(|| "# EOF\n".to_string(), |e| e.metrics().encode()),
+        {
+            let engine = st.engine.as_ref().map_or_else(String::new, |e| {
+                e.metrics().encode().trim_end_matches("# EOF\n").to_string()
+            });
+            format!("{engine}{}# EOF\n", st.routing.encode_metrics())
+        },
     )
 }
 

@@ -21,9 +21,10 @@ use crate::error::ApiError;
 use crate::extract::JsonBody;
 use crate::gov::principal;
 use crate::params;
+use crate::routing::Handle;
 use crate::safety::{self, OutputGuard};
 use crate::upstream;
-use crate::{unix_now, AppState, Target};
+use crate::{unix_now, AppState};
 use serrano_gov::{GovError, Principal, Role, Ticket};
 
 type St = State<Arc<AppState>>;
@@ -56,27 +57,33 @@ fn tenancy(headers: &HeaderMap, p: &Principal) -> Result<(String, i32), ApiError
     Ok((p.tenant.clone(), priority))
 }
 
-/// Resolves the model to a backend, checks the key may use it, and records both on the ticket.
-fn scoped_target(
+/// Routes the request, checks the key may use the model, and records the decision on the ticket.
+fn scoped_plan(
     st: &AppState,
     ticket: &Ticket,
     p: &Principal,
     requested: Option<&str>,
-) -> Result<Target, ApiError> {
-    let target = st.target(requested)?;
-    let model = match &target {
-        Target::Local(m) | Target::Upstream(_, m) => m,
-    };
-    if !p.may_use_model(model) {
+) -> Result<serrano_router::Plan<Handle>, ApiError> {
+    if let Some(m) = requested.filter(|m| !m.is_empty()) {
+        // The scope is checked before routing, so a key learns nothing of backends it may not use.
+        if !p.may_use_model(m) {
+            return Err(
+                GovError::Forbidden(format!("This API key may not use the model '{m}'")).into(),
+            );
+        }
+    }
+    ticket.set_config_version(st.routing.router.active().version);
+    let (model, plan) = st.plan(requested, &p.tenant)?;
+    if !p.may_use_model(&model) {
         return Err(
             GovError::Forbidden(format!("This API key may not use the model '{model}'")).into(),
         );
     }
-    ticket.set_model(model);
-    if let Target::Upstream(up, _) = &target {
-        ticket.set_backend(&up.name);
-    }
-    Ok(target)
+    ticket.set_model(&model);
+    let first = &plan.candidates[0];
+    let region = &plan.config.backends[first.index].region;
+    ticket.set_route(&first.name, region, &plan.reason, plan.version);
+    Ok(plan)
 }
 
 /// A completion request for the local engine, past the shared checks.
@@ -106,19 +113,26 @@ async fn admit<T: serde::de::DeserializeOwned>(
 ) -> Result<Admitted<T>, ApiError> {
     let p = principal(ticket)?;
     let (tenant, priority) = tenancy(headers, &p)?;
-    let target = scoped_target(st, ticket, &p, raw["model"].as_str())?;
+    let plan = scoped_plan(st, ticket, &p, raw["model"].as_str())?;
     safety::filter_request(&p, ticket, &mut raw)?;
-    match target {
-        Target::Local(model) => Ok(Admitted::Local(Local {
-            p,
-            tenant,
-            priority,
-            model,
-            req: typed(raw)?,
-        })),
-        Target::Upstream(up, _) => {
+    match &plan.candidates[0].handle {
+        Handle::Local => {
+            let model = plan.candidates[0].model.clone();
+            Ok(Admitted::Local(Local {
+                p,
+                tenant,
+                priority,
+                model,
+                req: typed(raw)?,
+            }))
+        }
+        Handle::Remote(_) => {
             let timeout = st.config.request_timeout;
-            let resp = upstream::forward(up, ticket.clone(), &p, path, raw, timeout).await?;
+            let route = upstream::Route {
+                plan,
+                routing: st.routing.clone(),
+            };
+            let resp = upstream::forward(route, ticket.clone(), &p, path, raw, timeout).await?;
             Ok(Admitted::Forwarded(resp))
         }
     }
@@ -146,21 +160,27 @@ pub async fn models(
     Extension(ticket): Extension<Ticket>,
 ) -> Result<Json<api::ModelList>, ApiError> {
     let p = principal(&ticket)?;
-    let local = st.engine.as_ref().map(|e| {
-        let max = e.info().context_length as u32;
-        st.config
-            .model_names
-            .iter()
-            .map(move |n| (n.clone(), "serrano".to_string(), max))
-    });
-    let remote = st
-        .upstreams
-        .iter()
-        .flat_map(|u| u.models.iter().map(|m| (m.clone(), u.name.clone(), 0)));
-    let data = local
+    let config = st.routing.router.active().config.clone();
+    let local_context = st
+        .engine
+        .as_ref()
+        .map_or(0, |e| e.info().context_length as u32);
+    let data = st
+        .routing
+        .router
+        .models()
         .into_iter()
-        .flatten()
-        .chain(remote)
+        .map(|(id, backends)| {
+            let local = backends.iter().any(|b| {
+                config
+                    .backend(b)
+                    .is_some_and(|b| b.kind == serrano_router::Kind::Local)
+            });
+            match local {
+                true => (id, "serrano".to_string(), local_context),
+                false => (id, backends.join(","), 0),
+            }
+        })
         .filter(|(n, _, _)| p.may_use_model(n))
         .map(|(id, owned_by, max_model_len)| api::ModelCard {
             id,

@@ -3,8 +3,9 @@
 //! reserved, forwarded unchanged but for a guaranteed `max_tokens`, and settled from the
 //! upstream's reported usage. Streams pass through chunk by chunk.
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -27,36 +28,53 @@ pub struct Upstream {
     pub name: String,
     /// Base URL including `/v1`.
     pub base: String,
-    pub models: Vec<String>,
-    /// Context lengths the upstream reported (`max_model_len`), by model.
-    pub context: std::collections::HashMap<String, u64>,
+    /// Context lengths the upstream reported (`max_model_len`), by its model id.
+    learned_context: std::sync::RwLock<HashMap<String, u64>>,
+    /// The config's context length, for upstreams that report none.
+    context_length: Option<u64>,
     /// Put into requests without `max_tokens` (at most the rest of the model's context, when
     /// known), so the reservation bounds what is generated.
     pub default_max_tokens: u64,
+    /// Whole-request limit; `None`: the server's.
+    timeout: Option<Duration>,
     key: Option<String>,
     client: reqwest::Client,
 }
 
+/// Why an attempt failed, and whether another backend may be tried.
+enum SendError {
+    /// Connect error, timeout, 5xx, 429: the request may go elsewhere.
+    Retryable(ApiError),
+    /// The backend refused the request itself (4xx): another would too.
+    Final(ApiError),
+}
+
 impl Upstream {
-    pub fn new(
-        name: String,
-        base: &str,
-        key: Option<String>,
-        models: Vec<String>,
-        default_max_tokens: u64,
-        connect_timeout: Duration,
-    ) -> Result<Upstream, reqwest::Error> {
+    /// A client for a config's `openai` backend; its key is read from the environment here.
+    pub fn from_backend(
+        b: &serrano_router::config::Backend,
+        request_timeout: Duration,
+    ) -> Result<Upstream, String> {
+        let base = b.url.clone().ok_or("no url")?;
+        let key = match &b.api_key_env {
+            Some(var) => Some(std::env::var(var).map_err(|_| format!("${var} is not set"))?),
+            None => None,
+        };
         let client = reqwest::Client::builder()
             .tcp_nodelay(true)
-            .connect_timeout(connect_timeout)
+            .connect_timeout(Duration::from_millis(b.connect_timeout_ms))
             .pool_idle_timeout(Duration::from_secs(60))
-            .build()?;
+            .build()
+            .map_err(|e| e.to_string())?;
         Ok(Upstream {
-            name,
+            name: b.name.clone(),
             base: base.trim_end_matches('/').to_string(),
-            models,
-            context: Default::default(),
-            default_max_tokens,
+            learned_context: Default::default(),
+            context_length: b.context_length,
+            default_max_tokens: b.default_max_tokens,
+            timeout: b
+                .timeout_ms
+                .map(|t| Duration::from_millis(t).min(request_timeout)),
             key,
             client,
         })
@@ -70,22 +88,52 @@ impl Upstream {
         }
     }
 
+    /// The context length of one of its models, when known.
+    pub fn context_for(&self, model: &str) -> Option<u64> {
+        let learned = self
+            .learned_context
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(model)
+            .copied();
+        learned.or(self.context_length)
+    }
+
+    /// Remembers the context lengths a model listing reported.
+    pub fn learn_contexts(&self, models: &[(String, Option<u64>)]) {
+        let mut map = self
+            .learned_context
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        for (m, c) in models {
+            if let Some(c) = c {
+                map.insert(m.clone(), *c);
+            }
+        }
+    }
+
     /// POSTs a request; a refusal or failure becomes the error to answer with.
     async fn send(
         &self,
         path: &str,
         body: &Value,
         timeout: Duration,
-    ) -> Result<reqwest::Response, ApiError> {
+    ) -> Result<reqwest::Response, SendError> {
         let resp = self
             .post(path)
             .json(body)
-            .timeout(timeout)
+            .timeout(self.timeout.unwrap_or(timeout))
             .send()
             .await
-            .map_err(|e| upstream_error(self, e))?;
-        if !resp.status().is_success() {
-            return Err(relay_status(self, resp).await);
+            .map_err(|e| SendError::Retryable(upstream_error(self, e)))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let e = relay_status(self, resp).await;
+            return Err(if status.is_server_error() || status.as_u16() == 429 {
+                SendError::Retryable(e)
+            } else {
+                SendError::Final(e)
+            });
         }
         Ok(resp)
     }
@@ -162,15 +210,51 @@ fn choices(body: &Value) -> Result<u64, ApiError> {
     }
 }
 
-/// Forwards a chat or legacy completion (`path` is `/chat/completions` or `/completions`).
+/// The remote candidates of a routing plan, in the order to try them.
+pub struct Route {
+    pub plan: serrano_router::Plan<crate::routing::Handle>,
+    pub routing: Arc<crate::routing::Routing>,
+}
+
+impl Route {
+    fn remotes(
+        &self,
+    ) -> Vec<(
+        Arc<Upstream>,
+        &serrano_router::Candidate<crate::routing::Handle>,
+    )> {
+        self.plan
+            .candidates
+            .iter()
+            .filter_map(|c| match &c.handle {
+                crate::routing::Handle::Remote(up) => Some((up.clone(), c)),
+                crate::routing::Handle::Local => None,
+            })
+            .collect()
+    }
+
+    fn region(&self, c: &serrano_router::Candidate<crate::routing::Handle>) -> &str {
+        &self.plan.config.backends[c.index].region
+    }
+}
+
+/// Forwards a chat or legacy completion (`path` is `/chat/completions` or `/completions`) to
+/// the plan's first remote candidate, falling back to the next ones on connect errors,
+/// timeouts and 5xx before anything reached the client.
 pub async fn forward(
-    up: Arc<Upstream>,
+    route: Route,
     ticket: Ticket,
     p: &Principal,
     path: &'static str,
     mut body: Value,
     timeout: Duration,
 ) -> Result<Response, ApiError> {
+    let remotes = route.remotes();
+    let Some((first, _)) = remotes.first() else {
+        return Err(ApiError::internal(
+            "a plan without remote backends was forwarded",
+        ));
+    };
     let n = choices(&body)?;
     body["n"] = Value::from(n);
     for f in UNBOUNDED_FIELDS {
@@ -197,11 +281,11 @@ pub async fn forward(
         }
     }
     let bound = prompt_bound(&body);
-    let model = body["model"].as_str().unwrap_or_default().to_string();
-    let ceiling = up
-        .context
-        .get(&model)
-        .copied()
+    // The smallest context any candidate is known to have bounds what may be asked of all.
+    let ceiling = remotes
+        .iter()
+        .filter_map(|(up, c)| up.context_for(&c.model))
+        .min()
         .unwrap_or(MAX_FORWARDED_MAX_TOKENS);
     let requested = match (&body["max_completion_tokens"], &body["max_tokens"]) {
         (Value::Null, Value::Null) => None,
@@ -216,8 +300,11 @@ pub async fn forward(
                 })?,
         ),
     };
-    let max_tokens =
-        requested.unwrap_or_else(|| up.default_max_tokens.min(ceiling - bound.min(ceiling - 1)));
+    let max_tokens = requested.unwrap_or_else(|| {
+        first
+            .default_max_tokens
+            .min(ceiling - bound.min(ceiling - 1))
+    });
     // Both spellings carry the reserved bound, whichever one the upstream reads.
     body["max_tokens"] = Value::from(max_tokens);
     if path == "/chat/completions" {
@@ -231,46 +318,129 @@ pub async fn forward(
         };
         ticket.set_prompt_text(prompt.to_string());
     }
+    ticket.set_fallbacks(
+        remotes
+            .iter()
+            .skip(1)
+            .map(|(_, c)| c.name.clone())
+            .collect(),
+    );
     let worst = (bound, n.saturating_mul(max_tokens));
     ticket.reserve(worst.0, worst.1).await?;
-    // Until the upstream answers, nothing was used.
+    // Until an upstream answers, nothing was used.
     let failed = |e: ApiError| {
         ticket.set_usage(0, 0);
         e
     };
+    let wants_usage = body["stream_options"]["include_usage"]
+        .as_bool()
+        .unwrap_or(false);
     if stream {
-        let wants_usage = body["stream_options"]["include_usage"]
-            .as_bool()
-            .unwrap_or(false);
         body["stream_options"] = serde_json::json!({"include_usage": true});
-        let resp = up.send(path, &body, timeout).await.map_err(failed)?;
-        let (tx, rx) = mpsc::channel(64);
-        ticket.detach();
-        let relay = StreamRelay {
-            up,
-            ticket,
-            guard,
-            tx,
-            wants_usage,
-            worst,
-            deadline: tokio::time::Instant::now() + timeout,
+    }
+    let metrics = &route.routing.metrics;
+    let backoff = Duration::from_millis(route.plan.config.routing.backoff_ms);
+    let mut waited = Duration::ZERO;
+    let mut last_error = None;
+    let mut tried: Vec<String> = Vec::new();
+    for (i, (up, cand)) in remotes.iter().enumerate() {
+        if i > 0 {
+            // Exponential backoff with jitter, so retries of many requests do not align.
+            let d =
+                backoff.mul_f64(f64::from(1u32 << (i - 1).min(10)) * rand::random_range(0.5..1.5));
+            tokio::time::sleep(d).await;
+            waited += d;
+        }
+        let Some(attempt) = cand.state.begin(Instant::now()) else {
+            tried.push(format!("{} unavailable", cand.name));
+            continue;
         };
-        tokio::spawn(relay.run(resp));
-        return Ok(crate::openai::sse_response(rx));
+        let mut reason = route.plan.reason.clone();
+        if !tried.is_empty() {
+            reason = format!(
+                "{reason}; fell back to {} after {}",
+                cand.name,
+                tried.join(", ")
+            );
+        }
+        ticket.set_route(&cand.name, route.region(cand), &reason, route.plan.version);
+        body["model"] = Value::from(cand.model.clone());
+        let sent = Instant::now();
+        let resp = match up.send(path, &body, timeout).await {
+            Ok(r) => r,
+            Err(SendError::Retryable(e)) => {
+                metrics.finish(attempt, serrano_router::Outcome::Failed, None);
+                waited += sent.elapsed();
+                tried.push(format!("{} failed", cand.name));
+                last_error = Some(e);
+                continue;
+            }
+            Err(SendError::Final(e)) => {
+                metrics.finish(attempt, serrano_router::Outcome::Refused, None);
+                return Err(failed(e));
+            }
+        };
+        if stream {
+            let (tx, rx) = mpsc::channel(64);
+            ticket.detach();
+            metrics.gateway_overhead(ticket.elapsed().saturating_sub(waited + sent.elapsed()));
+            let relay = StreamRelay {
+                up: up.clone(),
+                ticket,
+                guard,
+                tx,
+                wants_usage,
+                worst,
+                deadline: tokio::time::Instant::now() + timeout,
+                attempt: Some(attempt),
+                routing: route.routing.clone(),
+                sent,
+            };
+            tokio::spawn(relay.run(resp));
+            return Ok(crate::openai::sse_response(rx));
+        }
+        // A body that breaks off is a failure like any other: nothing reached the client yet.
+        let parsed = match read_capped(resp, MAX_RESPONSE_BYTES).await {
+            Ok(bytes) => serde_json::from_slice::<Value>(&bytes).map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        let latency = sent.elapsed();
+        waited += latency;
+        let mut v = match parsed {
+            Ok(v) => v,
+            Err(e) => {
+                metrics.finish(attempt, serrano_router::Outcome::Failed, None);
+                tried.push(format!("{} failed", cand.name));
+                last_error = Some(upstream_error(up, e));
+                continue;
+            }
+        };
+        let ttft_ms = latency.as_secs_f64() * 1e3;
+        metrics.finish(
+            attempt,
+            serrano_router::Outcome::Ok {
+                ttft_ms,
+                itl_ms: None,
+            },
+            Some(latency),
+        );
+        filter_choices(&mut guard, &ticket, &mut v);
+        record_choices(&ticket, &v);
+        if !record_usage(&ticket, &v["usage"]) {
+            // Without the upstream's count, charge the worst case reserved.
+            ticket.set_usage(worst.0, worst.1);
+        }
+        metrics.gateway_overhead(ticket.elapsed().saturating_sub(waited));
+        return Ok(axum::Json(v).into_response());
     }
-    let resp = up.send(path, &body, timeout).await.map_err(failed)?;
-    let bytes = read_capped(resp, MAX_RESPONSE_BYTES)
-        .await
-        .map_err(|e| failed(upstream_error(&up, e)))?;
-    let mut v: Value =
-        serde_json::from_slice(&bytes).map_err(|e| failed(upstream_error(&up, e)))?;
-    filter_choices(&mut guard, &ticket, &mut v);
-    record_choices(&ticket, &v);
-    if !record_usage(&ticket, &v["usage"]) {
-        // Without the upstream's count, charge the worst case reserved.
-        ticket.set_usage(worst.0, worst.1);
-    }
-    Ok(axum::Json(v).into_response())
+    Err(failed(last_error.unwrap_or_else(|| ApiError {
+        code: Some("no_backend_available".into()),
+        ..ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            format!("no backend could take the request: {}", tried.join(", ")),
+        )
+    })))
 }
 
 /// A response body, refused past `cap` bytes.
@@ -469,6 +639,10 @@ struct StreamRelay {
     /// (prompt bound, completion tokens) reserved: charged if the upstream reports no usage.
     worst: (u64, u64),
     deadline: tokio::time::Instant,
+    /// The backend's slot, ended with the stream's outcome and timings.
+    attempt: Option<serrano_router::Attempt>,
+    routing: Arc<crate::routing::Routing>,
+    sent: Instant,
 }
 
 impl StreamRelay {
@@ -487,6 +661,8 @@ impl StreamRelay {
         let mut failure: Option<String> = None;
         let mut violation: Option<String> = None;
         let (mut done, mut saw_usage) = (false, false);
+        // Token timings for the backend's latency estimates: first content, last, count.
+        let (mut first, mut last, mut chunks) = (None::<Instant>, None::<Instant>, 0u32);
         'read: while let Some(chunk) = bytes.next().await {
             let chunk = match chunk {
                 Ok(c) => c,
@@ -517,6 +693,12 @@ impl StreamRelay {
                         break 'read;
                     }
                     saw_usage |= record_stream_chunk(&self.ticket, &v);
+                    if !is_usage_only {
+                        let now = Instant::now();
+                        first.get_or_insert(now);
+                        last = Some(now);
+                        chunks += 1;
+                    }
                     if is_usage_only && !self.wants_usage {
                         continue;
                     }
@@ -533,6 +715,23 @@ impl StreamRelay {
         self.guard.record(&self.ticket);
         if !saw_usage && done {
             self.ticket.set_usage(self.worst.0, self.worst.1);
+        }
+        if let Some(attempt) = self.attempt.take() {
+            let outcome = match (done, first, last) {
+                (true, Some(f), Some(l)) => serrano_router::Outcome::Ok {
+                    ttft_ms: f.duration_since(self.sent).as_secs_f64() * 1e3,
+                    itl_ms: (chunks > 1)
+                        .then(|| l.duration_since(f).as_secs_f64() * 1e3 / f64::from(chunks - 1)),
+                },
+                (true, _, _) => serrano_router::Outcome::Ok {
+                    ttft_ms: self.sent.elapsed().as_secs_f64() * 1e3,
+                    itl_ms: None,
+                },
+                _ if violation.is_some() => serrano_router::Outcome::Refused,
+                _ => serrano_router::Outcome::Failed,
+            };
+            let latency = first.map(|f| f.duration_since(self.sent));
+            self.routing.metrics.finish(attempt, outcome, latency);
         }
         let up = &self.up;
         let (status, error) = match (done, failure) {
@@ -560,7 +759,8 @@ impl StreamRelay {
         }
         // The record is written before the last chunk, so a client that saw [DONE] is audited.
         match self.ticket.finish(status, error).await {
-            Ok(_) if status == 200 => {
+            Ok(f) if status == 200 => {
+                self.routing.metrics.spent(&self.up.name, f.cost_nusd);
                 self.send("[DONE]".into()).await;
             }
             Ok(_) => {}

@@ -35,11 +35,21 @@ async fn fixture() -> Fixture {
         })
         .await
         .unwrap();
+    let config = serrano_router::config::render(&[serrano_router::config::Backend::local("here")]);
+    let routing = serrano_server::routing::Routing::start(
+        gov.clone(),
+        &config,
+        "test",
+        vec!["default".into()],
+        std::time::Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
     Fixture {
         app: router(
             serrano_server::Backends {
                 local: Some(engine),
-                upstreams: vec![],
+                routing,
             },
             gov,
             Default::default(),
@@ -58,7 +68,10 @@ async fn call(
     key: Option<&str>,
 ) -> (StatusCode, String) {
     // A key id that does not exist: revoking a real one would lock the test out.
-    let path = path.replace("{id}", "999").replace("{name}", "nobody");
+    let path = path
+        .replace("{id}", "999")
+        .replace("{name}", "nobody")
+        .replace("{version}", "999");
     let mut req = Request::builder().method(method).uri(&path);
     if let Some(k) = key {
         req = req.header("authorization", format!("Bearer {k}"));

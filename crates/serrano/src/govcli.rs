@@ -227,7 +227,7 @@ fn parse_period(s: &str) -> Result<BudgetPeriod, String> {
 }
 
 /// Runs `f` against the database on a small runtime of its own.
-fn with_gov<T>(db: &DbArgs, f: impl AsyncFnOnce(Governance) -> Result<T>) -> Result<T> {
+pub fn with_gov<T>(db: &DbArgs, f: impl AsyncFnOnce(Governance) -> Result<T>) -> Result<T> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -240,7 +240,7 @@ fn with_gov<T>(db: &DbArgs, f: impl AsyncFnOnce(Governance) -> Result<T>) -> Res
     })
 }
 
-fn print_json(v: &impl serde::Serialize) -> Result<()> {
+pub fn print_json(v: &impl serde::Serialize) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+mod configcli;
 mod govcli;
 
 use anyhow::{bail, Context, Result};
@@ -30,7 +31,8 @@ struct Cli {
 enum Command {
     /// Serve the OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models, ...).
     Serve(Box<ServeArgs>),
-    /// Serve the same governed API without a local model, forwarding to --upstream.
+    /// Serve the same governed API without a local model: a front door over the backends of
+    /// --config (or the one --upstream).
     Gateway(Box<GatewayArgs>),
     /// Manage the model cache ($SERRANO_HOME/models or ~/.cache/serrano/models).
     #[command(subcommand)]
@@ -53,6 +55,9 @@ enum Command {
         #[command(subcommand)]
         command: govcli::AuditCommand,
     },
+    /// Routing config: check a file; list, show and diff versions; apply or roll back at runtime.
+    #[command(subcommand)]
+    Config(configcli::ConfigCommand),
 }
 
 #[derive(Subcommand)]
@@ -139,6 +144,11 @@ struct ServerArgs {
     host: String,
     #[arg(long, short = 'p', default_value_t = 8080, env = "SERRANO_PORT")]
     port: u16,
+    /// The routing config (TOML: backends, routes, tenants' regions, tiers, SLOs and filters,
+    /// prices; see README). Reloaded on SIGHUP or POST /admin/v1/config; every applied config is
+    /// a stored version. Without it, the local model and --upstream are the backends.
+    #[arg(long, env = "SERRANO_CONFIG")]
+    config: Option<PathBuf>,
     #[command(flatten)]
     upstream: UpstreamArgs,
     /// Largest request body accepted; larger ones get 413.
@@ -236,8 +246,8 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Serve(a) => serve(*a),
         Command::Gateway(a) => {
-            if a.server.upstream.upstream.is_none() {
-                bail!("a gateway needs --upstream URL");
+            if a.server.upstream.upstream.is_none() && a.server.config.is_none() {
+                bail!("a gateway needs --config FILE (or one --upstream URL)");
             }
             run_server(None, vec![], a.server)
         }
@@ -254,6 +264,7 @@ fn main() -> Result<()> {
         Command::Admin { db, command } => govcli::admin(&db, command),
         Command::Usage(a) => govcli::usage(a),
         Command::Audit { db, command } => govcli::audit(&db, command),
+        Command::Config(c) => configcli::run(c),
     }
 }
 
@@ -317,44 +328,51 @@ fn serve(a: ServeArgs) -> Result<()> {
     run_server(Some(engine), names, a.server)
 }
 
-/// The upstream named on the command line, with its models (asked from it if not given).
-async fn upstream(
-    u: UpstreamArgs,
-) -> Result<Option<std::sync::Arc<serrano_server::upstream::Upstream>>> {
-    let Some(url) = u.upstream else {
-        return Ok(None);
-    };
-    let key = match &u.upstream_key_env {
-        Some(var) => Some(
-            std::env::var(var).with_context(|| format!("--upstream-key-env: ${var} is not set"))?,
-        ),
-        None => None,
-    };
-    let mut up = serrano_server::upstream::Upstream::new(
-        u.upstream_name,
-        &url,
-        key,
-        u.upstream_models,
-        u.upstream_default_max_tokens,
-        std::time::Duration::from_secs(10),
-    )?;
-    match up.discover_models().await {
-        Ok(found) => {
-            if up.models.is_empty() {
-                up.models = found.iter().map(|(m, _)| m.clone()).collect();
-            }
-            up.context = found
-                .into_iter()
-                .filter_map(|(m, c)| Some((m, c?)))
-                .collect();
-            tracing::info!(backend = %up.name, models = ?up.models, "upstream models");
-        }
-        Err(e) if up.models.is_empty() => {
-            bail!("cannot list the models of {url}: {e} (or give --upstream-model)")
-        }
-        Err(e) => tracing::warn!("cannot list the models of {url}: {e}"),
+/// The routing config: the --config file, or one the flags describe (the local model, and
+/// --upstream with its models, asked from it if not given).
+async fn routing_config(a: &ServerArgs, local: bool) -> Result<(String, &'static str)> {
+    if let Some(path) = &a.config {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the config {}", path.display()))?;
+        return Ok((text, "startup"));
     }
-    Ok(Some(std::sync::Arc::new(up)))
+    let region = a.region.clone().unwrap_or_else(|| "default".into());
+    let mut backends = Vec::new();
+    if local {
+        backends.push(serrano_router::config::Backend::local(&region));
+    }
+    let u = &a.upstream;
+    if let Some(url) = &u.upstream {
+        let mut b = serrano_router::config::Backend::openai(
+            &u.upstream_name,
+            url,
+            &region,
+            u.upstream_models.clone(),
+        );
+        b.api_key_env = u.upstream_key_env.clone();
+        b.default_max_tokens = u.upstream_default_max_tokens;
+        if b.models.is_empty() {
+            let up = serrano_server::upstream::Upstream::from_backend(
+                &b,
+                std::time::Duration::from_secs(10),
+            )
+            .map_err(|e| anyhow::anyhow!("--upstream: {e}"))?;
+            b.models = up
+                .discover_models()
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot list the models of {url}: {e} (or give --upstream-model)"
+                    )
+                })?
+                .into_iter()
+                .map(|(m, _)| m)
+                .collect();
+            tracing::info!(backend = %b.name, models = ?b.models, "upstream models");
+        }
+        backends.push(b);
+    }
+    Ok((serrano_router::config::render(&backends), "startup"))
 }
 
 fn run_server(engine: Option<EngineHandle>, names: Vec<String>, a: ServerArgs) -> Result<()> {
@@ -381,6 +399,7 @@ fn run_server(engine: Option<EngineHandle>, names: Vec<String>, a: ServerArgs) -
         ),
     };
     rt.block_on(async move {
+        let (text, author) = routing_config(&a, engine.is_some()).await?;
         let db = a.db.path();
         let gov = serrano_gov::Governance::open(serrano_gov::GovConfig {
             db_path: db.clone(),
@@ -431,9 +450,25 @@ fn run_server(engine: Option<EngineHandle>, names: Vec<String>, a: ServerArgs) -
             None => None,
         };
         let auth = serrano_server::AuthConfig { anonymous, jwt };
+        let local_models = if engine.is_some() { names.clone() } else { vec![] };
+        let routing = serrano_server::routing::Routing::start(
+            gov.clone(),
+            &text,
+            author,
+            local_models,
+            request_timeout,
+        )
+        .await
+        .map_err(|e| match &a.config {
+            Some(p) => anyhow::anyhow!("{}: {e}", p.display()),
+            None => anyhow::anyhow!("{e}"),
+        })?;
+        if let Some(path) = a.config.clone() {
+            reload_on_sighup(routing.clone(), path);
+        }
         let backends = serrano_server::Backends {
             local: engine,
-            upstreams: upstream(a.upstream).await?.into_iter().collect(),
+            routing,
         };
         let app = serrano_server::router(backends, gov.clone(), auth, config);
         let listener = tokio::net::TcpListener::bind(addr)
@@ -447,6 +482,33 @@ fn run_server(engine: Option<EngineHandle>, names: Vec<String>, a: ServerArgs) -
         gov.flush().await;
         Ok(())
     })
+}
+
+/// Re-reads the config file on SIGHUP; an invalid file is logged and changes nothing.
+fn reload_on_sighup(routing: std::sync::Arc<serrano_server::routing::Routing>, path: PathBuf) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::error!("cannot listen for SIGHUP; reload with POST /admin/v1/config");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            let result = match std::fs::read_to_string(&path) {
+                Ok(text) => routing
+                    .apply(&text, "sighup", "reload")
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = result {
+                tracing::error!(
+                    "SIGHUP: {} not applied, the active config stays: {e}",
+                    path.display()
+                );
+            }
+        }
+    });
 }
 
 /// Shows the generated admin key once: on the terminal if there is one, else in a file only its

@@ -77,11 +77,36 @@ impl Server {
         Server::launch(full, db, db_dir)
     }
 
-    /// Runs the binary with ARGS, a free port and the database, and waits until it listens.
-    fn launch(args: Vec<std::ffi::OsString>, db: PathBuf, db_dir: tempfile::TempDir) -> Server {
+    /// Starts `serrano gateway --config FILE ARGS`; the file is `config_path()`, to rewrite it
+    /// before a SIGHUP.
+    pub fn gateway_with_config(config: &str, args: &[&str]) -> Server {
+        let db_dir = tempfile::tempdir().unwrap();
+        let db = db_dir.path().join("serrano.db");
+        let path = db_dir.path().join("routing.toml");
+        std::fs::write(&path, config).unwrap();
+        let mut full: Vec<std::ffi::OsString> =
+            vec!["gateway".into(), "--config".into(), path.into()];
+        full.extend(args.iter().map(Into::into));
+        Server::launch(full, db, db_dir)
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self._db_dir.path().join("routing.toml")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Runs the binary with ARGS, the database and a free port (unless ARGS name one), and
+    /// waits until it listens.
+    fn launch(mut args: Vec<std::ffi::OsString>, db: PathBuf, db_dir: tempfile::TempDir) -> Server {
+        if !args.iter().any(|a| a == "--port") {
+            args.extend(["--port".into(), "0".into()]);
+        }
         let mut child = Command::new(env!("CARGO_BIN_EXE_serrano"))
             .args(&args)
-            .args(["--port", "0", "--db"])
+            .args(["--db"])
             .arg(&db)
             .env("RUST_LOG", "info")
             .env("SERRANO_ADMIN_KEY", ADMIN_KEY)
@@ -301,4 +326,84 @@ pub fn wait_until(deadline: Duration, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
     false
+}
+
+/// A port free now (for a server that must come back on the same one).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A scripted OpenAI-compatible upstream for tests about the gateway itself: answers every chat
+/// completion after `base + per_in_flight x (requests in flight)` milliseconds, so its latency
+/// grows with the load routed to it. One thread per connection; `Connection: close`.
+pub struct Stub {
+    pub url: String,
+    pub hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Stub {
+    pub fn start(name: &'static str, base_ms: u64, per_in_flight_ms: u64) -> Stub {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/v1", listener.local_addr().unwrap());
+        let hits = Arc::new(AtomicUsize::new(0));
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let h = hits.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let (h, in_flight) = (h.clone(), in_flight.clone());
+                std::thread::spawn(move || {
+                    use std::io::Write;
+                    let _ = conn.set_nodelay(true);
+                    let mut reader = BufReader::new(conn.try_clone().unwrap());
+                    let mut request_line = String::new();
+                    if reader.read_line(&mut request_line).is_err() {
+                        return;
+                    }
+                    let mut length = 0;
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                            break;
+                        }
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    let _ = reader.read_exact(&mut body);
+                    let answer = if request_line.starts_with("GET /v1/models") {
+                        serde_json::json!({"object": "list", "data": [{"id": "m", "object": "model", "owned_by": name}]})
+                    } else {
+                        h.fetch_add(1, Ordering::SeqCst);
+                        let n = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                        std::thread::sleep(Duration::from_millis(base_ms + per_in_flight_ms * n as u64));
+                        in_flight.fetch_sub(1, Ordering::SeqCst);
+                        serde_json::json!({
+                            "id": "chatcmpl-stub", "object": "chat.completion", "created": 0, "model": "m",
+                            "choices": [{"index": 0, "message": {"role": "assistant", "content": name}, "finish_reason": "stop"}],
+                            "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}
+                        })
+                    }
+                    .to_string();
+                    let _ = write!(
+                        conn,
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
+                        answer.len()
+                    );
+                });
+            }
+        });
+        Stub { url, hits }
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
