@@ -169,6 +169,9 @@ impl ModelInfo {
 
 struct Submission {
     req: GenerateRequest,
+    /// When the request was submitted: TTFT and queue time count from here, so time spent in
+    /// the submission channel while a step runs is not hidden (vLLM counts from arrival too).
+    submitted: Instant,
     events: mpsc::Sender<Event>,
     /// Held for the request's whole life (it moves into the engine's entry).
     _slot: TenantSlot,
@@ -248,6 +251,7 @@ impl EngineHandle {
         self.tx
             .try_send(Submission {
                 req,
+                submitted: Instant::now(),
                 events: tx,
                 _slot: slot,
             })
@@ -480,7 +484,7 @@ impl Worker {
             utf8: Utf8Stream::default(),
             generated: 0,
             prompt_lp: req.prompt_logprobs.map(|_| vec![None]),
-            arrival: Instant::now(),
+            arrival: s.submitted,
             first_scheduled: None,
             last_token: None,
             failed: false,

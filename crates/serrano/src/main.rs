@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+mod benchcli;
 mod configcli;
 mod govcli;
 
@@ -55,6 +56,8 @@ enum Command {
         #[command(subcommand)]
         command: govcli::AuditCommand,
     },
+    /// Load-test an OpenAI-compatible endpoint: TTFT, inter-token latency, goodput, cost.
+    Bench(Box<benchcli::BenchArgs>),
     /// Routing config: check a file; list, show and diff versions; apply or roll back at runtime.
     #[command(subcommand)]
     Config(configcli::ConfigCommand),
@@ -265,6 +268,7 @@ fn main() -> Result<()> {
         Command::Usage(a) => govcli::usage(a),
         Command::Audit { db, command } => govcli::audit(&db, command),
         Command::Config(c) => configcli::run(c),
+        Command::Bench(a) => benchcli::run(*a),
     }
 }
 

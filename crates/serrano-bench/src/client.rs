@@ -1,0 +1,355 @@
+//! Talking to the endpoint under test: model discovery, prompts of exact token counts (through
+//! the server's own tokenizer), and one request with its timeline.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+use crate::metrics::RequestRecord;
+use crate::workload::{Endpoint, Workload};
+use crate::BenchError;
+
+/// Longest one request may take before it counts as failed.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
+/// Longest SSE event accepted.
+const MAX_EVENT_BYTES: usize = 1 << 20;
+
+/// Text the synthetic prompts are cut from: plain prose, so that any tokenizer splits it into
+/// ordinary tokens, long enough that prompts rarely share a prefix.
+const CORPUS: &str = include_str!("corpus.txt");
+
+/// An OpenAI-compatible endpoint.
+#[derive(Clone)]
+pub struct Target {
+    /// Base URL including `/v1`.
+    pub base: String,
+    pub key: Option<String>,
+    client: reqwest::Client,
+}
+
+impl Target {
+    pub fn new(base: &str, key: Option<String>) -> Result<Target, BenchError> {
+        let client = reqwest::Client::builder()
+            .tcp_nodelay(true)
+            .pool_max_idle_per_host(usize::MAX)
+            .timeout(REQUEST_TIMEOUT)
+            .build()
+            .map_err(|e| BenchError::Setup(e.to_string()))?;
+        Ok(Target {
+            base: base.trim_end_matches('/').to_string(),
+            key,
+            client,
+        })
+    }
+
+    /// The server root (tokenize routes live beside `/v1`, not under it).
+    fn root(&self) -> &str {
+        self.base.strip_suffix("/v1").unwrap_or(&self.base)
+    }
+
+    fn request(
+        &self,
+        method: reqwest::Method,
+        url: String,
+        key: Option<&str>,
+    ) -> reqwest::RequestBuilder {
+        let r = self.client.request(method, url);
+        match key.or(self.key.as_deref()) {
+            Some(k) => r.bearer_auth(k),
+            None => r,
+        }
+    }
+
+    async fn post_json(&self, url: String, body: &Value) -> Result<Value, String> {
+        let resp = self
+            .request(reqwest::Method::POST, url, None)
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let v: Value = resp.json().await.map_err(|e| e.to_string())?;
+        if !status.is_success() {
+            return Err(format!("HTTP {status}: {v}"));
+        }
+        Ok(v)
+    }
+
+    /// The first model the server lists.
+    pub async fn first_model(&self) -> Result<String, BenchError> {
+        let v: Value = self
+            .request(reqwest::Method::GET, format!("{}/models", self.base), None)
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(|e| BenchError::Setup(format!("GET {}/models: {e}", self.base)))?
+            .json()
+            .await
+            .map_err(|e| BenchError::Setup(e.to_string()))?;
+        v["data"][0]["id"]
+            .as_str()
+            .map(String::from)
+            .ok_or_else(|| BenchError::Setup(format!("{}/models lists no model", self.base)))
+    }
+
+    /// The corpus in the server's tokens: vLLM's and serrano's `/tokenize` shape, else
+    /// llama.cpp's. `None` when the server has no tokenizer route.
+    pub async fn tokenize_corpus(&self, model: &str) -> Option<Vec<u32>> {
+        let url = format!("{}/tokenize", self.root());
+        let shapes = [
+            json!({"model": model, "prompt": CORPUS, "add_special_tokens": false}),
+            json!({"content": CORPUS, "add_special": false}),
+        ];
+        for body in shapes {
+            if let Ok(v) = self.post_json(url.clone(), &body).await {
+                let tokens: Option<Vec<u32>> = v["tokens"].as_array().map(|a| {
+                    a.iter()
+                        .filter_map(|t| t.as_u64().map(|t| t as u32))
+                        .collect()
+                });
+                if let Some(t) = tokens.filter(|t| t.len() > 16) {
+                    return Some(t);
+                }
+            }
+        }
+        None
+    }
+
+    /// Token ids back to text (vLLM/serrano shape, else llama.cpp's).
+    pub async fn detokenize(&self, model: &str, tokens: &[u32]) -> Result<String, String> {
+        let url = format!("{}/detokenize", self.root());
+        let v = match self
+            .post_json(url.clone(), &json!({"model": model, "tokens": tokens}))
+            .await
+        {
+            Ok(v) => v,
+            Err(_) => self.post_json(url, &json!({"tokens": tokens})).await?,
+        };
+        v["prompt"]
+            .as_str()
+            .or(v["content"].as_str())
+            .map(String::from)
+            .ok_or_else(|| format!("no text in {v}"))
+    }
+}
+
+/// What one request sends.
+#[derive(Debug, Clone)]
+pub enum Prompt {
+    Tokens(Vec<u32>),
+    Text(String),
+}
+
+/// Prompts of exact token counts, cut from the tokenized corpus at varying offsets (so that
+/// requests do not share a prefix by accident), after an optional shared prefix.
+pub struct PromptMaker {
+    tokens: Vec<u32>,
+    /// True when the server tokenized the corpus (counts are exact), false for the fallback
+    /// (whitespace words, about one token each).
+    pub exact: bool,
+}
+
+impl PromptMaker {
+    pub async fn new(target: &Target, model: &str) -> PromptMaker {
+        match target.tokenize_corpus(model).await {
+            Some(tokens) => PromptMaker {
+                tokens,
+                exact: true,
+            },
+            None => PromptMaker {
+                tokens: (0..CORPUS.split_whitespace().count() as u32).collect(),
+                exact: false,
+            },
+        }
+    }
+
+    /// `n` token ids: the first `shared` from the corpus start, the rest from `offset`.
+    pub fn ids(&self, n: u64, shared: u64, offset: usize) -> Vec<u32> {
+        let len = self.tokens.len();
+        let shared = shared.min(n) as usize;
+        let head = (0..shared).map(|i| self.tokens[i % len]);
+        let tail = (0..n as usize - shared).map(|i| self.tokens[(offset + i) % len]);
+        head.chain(tail).collect()
+    }
+
+    /// Text for the fallback: the same positions as words of the corpus.
+    pub fn words(&self, ids: &[u32]) -> String {
+        let words: Vec<&str> = CORPUS.split_whitespace().collect();
+        ids.iter()
+            .map(|&i| words[i as usize % words.len()])
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    pub fn corpus_len(&self) -> usize {
+        self.tokens.len()
+    }
+}
+
+/// One request to send.
+pub struct Call<'a> {
+    pub model: &'a str,
+    /// The tenant's key, else the target's.
+    pub key: Option<&'a str>,
+    pub prompt: &'a Prompt,
+    pub max_tokens: u64,
+}
+
+/// Sends one request and records its timeline; times are seconds since `t0`.
+pub async fn send(
+    target: &Target,
+    w: &Workload,
+    call: Call<'_>,
+    intended: f64,
+    t0: Instant,
+) -> RequestRecord {
+    let Call {
+        model,
+        key,
+        prompt,
+        max_tokens,
+    } = call;
+    let since = |t: Instant| t.duration_since(t0).as_secs_f64();
+    let mut body = match (w.endpoint, prompt) {
+        (Endpoint::Completions, Prompt::Tokens(ids)) => json!({"model": model, "prompt": ids}),
+        (Endpoint::Completions, Prompt::Text(t)) => json!({"model": model, "prompt": t}),
+        (Endpoint::Chat, Prompt::Text(t)) => {
+            json!({"model": model, "messages": [{"role": "user", "content": t}]})
+        }
+        (Endpoint::Chat, Prompt::Tokens(_)) => unreachable!("chat prompts are text"),
+    };
+    body["max_tokens"] = json!(max_tokens);
+    body["temperature"] = json!(0);
+    body["stream"] = json!(w.stream);
+    if w.stream {
+        body["stream_options"] = json!({"include_usage": true});
+    }
+    if w.ignore_eos {
+        body["ignore_eos"] = json!(true);
+    }
+    let planned_prompt = match prompt {
+        Prompt::Tokens(ids) => ids.len() as u64,
+        Prompt::Text(_) => 0,
+    };
+    let path = match w.endpoint {
+        Endpoint::Chat => "/chat/completions",
+        Endpoint::Completions => "/completions",
+    };
+    let sent = Instant::now();
+    let mut rec = RequestRecord {
+        intended,
+        sent: since(sent),
+        prompt_tokens: planned_prompt,
+        ..Default::default()
+    };
+    let resp = target
+        .request(reqwest::Method::POST, format!("{}{path}", target.base), key)
+        .json(&body)
+        .send()
+        .await;
+    let resp = match resp {
+        Ok(r) => r,
+        Err(e) => {
+            rec.end = since(Instant::now());
+            rec.error = Some(e.to_string());
+            return rec;
+        }
+    };
+    let status = resp.status();
+    if !status.is_success() {
+        let text = resp.text().await.unwrap_or_default();
+        rec.end = since(Instant::now());
+        rec.error = Some(format!(
+            "HTTP {}: {}",
+            status.as_u16(),
+            text.chars().take(300).collect::<String>()
+        ));
+        return rec;
+    }
+    if !w.stream {
+        let v: Result<Value, _> = resp.json().await;
+        rec.end = since(Instant::now());
+        match v {
+            Ok(v) => {
+                rec.chunks.push(rec.end);
+                usage(&mut rec, &v["usage"]);
+            }
+            Err(e) => rec.error = Some(e.to_string()),
+        }
+        return rec;
+    }
+    let mut bytes = resp.bytes_stream();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut done = false;
+    let mut saw_usage = false;
+    let mut content_chunks = 0u64;
+    'read: while let Some(chunk) = bytes.next().await {
+        let now = since(Instant::now());
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                rec.error = Some(e.to_string());
+                break;
+            }
+        };
+        buf.extend_from_slice(&chunk);
+        while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
+            let event: Vec<u8> = buf.drain(..end + 2).collect();
+            let text = String::from_utf8_lossy(&event);
+            for data in text
+                .lines()
+                .filter_map(|l| l.strip_prefix("data:"))
+                .map(str::trim)
+            {
+                if data == "[DONE]" {
+                    done = true;
+                    break 'read;
+                }
+                let Ok(v) = serde_json::from_str::<Value>(data) else {
+                    continue;
+                };
+                if v["error"].is_object() {
+                    rec.error = Some(format!("stream error: {}", v["error"]));
+                    break 'read;
+                }
+                let has_text = v["choices"].as_array().into_iter().flatten().any(|c| {
+                    c["delta"]["content"]
+                        .as_str()
+                        .or(c["text"].as_str())
+                        .is_some_and(|t| !t.is_empty())
+                });
+                if has_text {
+                    rec.chunks.push(now);
+                    content_chunks += 1;
+                }
+                saw_usage |= usage(&mut rec, &v["usage"]);
+            }
+        }
+        if buf.len() > MAX_EVENT_BYTES {
+            rec.error = Some("an SSE event longer than 1 MiB".into());
+            break;
+        }
+    }
+    rec.end = since(Instant::now());
+    if !done && rec.error.is_none() {
+        rec.error = Some("the stream ended without [DONE]".into());
+    }
+    if !saw_usage {
+        // Without usage, one content chunk is one token (true for serrano, vLLM, llama.cpp).
+        rec.output_tokens = content_chunks;
+    }
+    rec
+}
+
+/// Takes the server's token counts; `true` if it reported them.
+fn usage(rec: &mut RequestRecord, u: &Value) -> bool {
+    match (u["prompt_tokens"].as_u64(), u["completion_tokens"].as_u64()) {
+        (Some(p), Some(c)) => {
+            rec.prompt_tokens = p;
+            rec.output_tokens = c;
+            true
+        }
+        _ => false,
+    }
+}

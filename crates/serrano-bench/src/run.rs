@@ -1,0 +1,308 @@
+//! Running a workload against one endpoint: warm-up, then the measured requests in a closed or
+//! open loop, bounded in count and time.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::client::{self, Prompt, PromptMaker, Target};
+use crate::energy::EnergyMeter;
+use crate::metrics::{summarize, RequestRecord, Slo, Summary};
+use crate::workload::{Arrival, Endpoint, Workload};
+use crate::BenchError;
+
+/// Most requests in flight in an open loop; past it the dispatcher waits, and the wait shows
+/// as client lag (the offered rate was not achieved) rather than as memory growth.
+pub const MAX_IN_FLIGHT: usize = 10_000;
+
+/// One prepared request.
+#[derive(Clone)]
+struct Job {
+    prompt: Prompt,
+    max_tokens: u64,
+    tenant: Option<usize>,
+}
+
+/// A tenant's name and key, resolved from the environment.
+#[derive(Clone)]
+struct TenantKey {
+    name: String,
+    key: Option<String>,
+    weight: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunResult {
+    pub url: String,
+    pub model: String,
+    pub workload: String,
+    /// The offered rate (requests/s; `inf` for a closed loop) and concurrency, as vLLM reports.
+    pub request_rate: f64,
+    pub max_concurrency: Option<u32>,
+    pub burstiness: Option<f64>,
+    /// Whether prompt lengths are exact (the server tokenized the prompts).
+    pub exact_prompt_lengths: bool,
+    pub summary: Summary,
+    pub energy: Option<crate::energy::Energy>,
+    #[serde(skip)]
+    pub records: Vec<RequestRecord>,
+}
+
+/// Options beyond the workload.
+#[derive(Clone, Default)]
+pub struct RunOptions {
+    pub slo: Option<Slo>,
+    pub progress: bool,
+}
+
+pub async fn run(
+    target: &Target,
+    w: &Workload,
+    opts: &RunOptions,
+) -> Result<RunResult, BenchError> {
+    w.check().map_err(BenchError::Workload)?;
+    let model = match &w.model {
+        Some(m) => m.clone(),
+        None => target.first_model().await?,
+    };
+    let maker = PromptMaker::new(target, &model).await;
+    let tenants: Vec<TenantKey> = w
+        .tenants
+        .iter()
+        .map(|t| {
+            let key = match &t.key_env {
+                Some(var) => Some(std::env::var(var).map_err(|_| {
+                    BenchError::Workload(format!("tenant {}: ${var} is not set", t.name))
+                })?),
+                None => None,
+            };
+            Ok(TenantKey {
+                name: t.name.clone(),
+                key,
+                weight: t.weight,
+            })
+        })
+        .collect::<Result<_, BenchError>>()?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(w.seed);
+    let total = w.warmup_requests + w.requests;
+    let mut jobs = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        jobs.push(make_job(target, w, &model, &maker, &tenants, &mut rng).await?);
+    }
+    let (warmup, measured) = jobs.split_at(w.warmup_requests as usize);
+    let ctx = Arc::new(Ctx {
+        target: target.clone(),
+        w: w.clone(),
+        model: model.clone(),
+        tenants,
+    });
+    if !warmup.is_empty() {
+        let c = match w.arrival {
+            Arrival::Closed { concurrency } => concurrency,
+            _ => 4,
+        };
+        closed(&ctx, warmup.to_vec(), c, None, None).await;
+    }
+    let bar = progress_bar(opts.progress, measured.len() as u64);
+    let meter = EnergyMeter::start();
+    let duration = w.duration_s.map(Duration::from_secs_f64);
+    let mut records = match w.arrival {
+        Arrival::Closed { concurrency } => {
+            closed(&ctx, measured.to_vec(), concurrency, duration, bar.clone()).await
+        }
+        _ => {
+            let schedule = w
+                .arrival
+                .schedule(measured.len() as u64, duration, &mut rng);
+            open(&ctx, measured.to_vec(), schedule, duration, bar.clone()).await
+        }
+    };
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    records.sort_by(|a, b| a.intended.total_cmp(&b.intended));
+    let summary = summarize(&records, opts.slo.as_ref());
+    let energy = meter.stop(summary.total_output_tokens);
+    Ok(RunResult {
+        url: target.base.clone(),
+        model,
+        workload: w.name.clone(),
+        request_rate: w.arrival.rate(),
+        max_concurrency: match w.arrival {
+            Arrival::Closed { concurrency } => Some(concurrency),
+            _ => None,
+        },
+        burstiness: match w.arrival {
+            Arrival::Gamma { cv, .. } => Some(1.0 / (cv * cv)),
+            Arrival::Poisson { .. } => Some(1.0),
+            _ => None,
+        },
+        exact_prompt_lengths: maker.exact,
+        summary,
+        energy,
+        records,
+    })
+}
+
+fn progress_bar(on: bool, n: u64) -> Option<indicatif::ProgressBar> {
+    on.then(|| {
+        let b = indicatif::ProgressBar::new(n);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {elapsed_precise} [{bar:30}] {pos}/{len} requests {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        b
+    })
+}
+
+async fn make_job(
+    target: &Target,
+    w: &Workload,
+    model: &str,
+    maker: &PromptMaker,
+    tenants: &[TenantKey],
+    rng: &mut impl Rng,
+) -> Result<Job, BenchError> {
+    let n = w.prompt_tokens.sample(rng);
+    let ids = maker.ids(
+        n,
+        w.shared_prefix_tokens,
+        rng.random_range(0..maker.corpus_len().max(1)),
+    );
+    let prompt = match (w.endpoint, maker.exact) {
+        (Endpoint::Completions, true) => Prompt::Tokens(ids),
+        (Endpoint::Chat, true) => Prompt::Text(
+            target
+                .detokenize(model, &ids)
+                .await
+                .map_err(|e| BenchError::Setup(format!("detokenize: {e}")))?,
+        ),
+        (_, false) => Prompt::Text(maker.words(&ids)),
+    };
+    let tenant = (!tenants.is_empty()).then(|| {
+        let total: f64 = tenants.iter().map(|t| t.weight).sum();
+        let mut x = rng.random_range(0.0..total);
+        tenants
+            .iter()
+            .position(|t| {
+                x -= t.weight;
+                x < 0.0
+            })
+            .unwrap_or(tenants.len() - 1)
+    });
+    Ok(Job {
+        prompt,
+        max_tokens: w.output_tokens.sample(rng),
+        tenant,
+    })
+}
+
+struct Ctx {
+    target: Target,
+    w: Workload,
+    model: String,
+    tenants: Vec<TenantKey>,
+}
+
+impl Ctx {
+    async fn send(&self, job: &Job, intended: f64, t0: Instant) -> RequestRecord {
+        let tenant = job.tenant.map(|i| &self.tenants[i]);
+        let call = client::Call {
+            model: &self.model,
+            key: tenant.and_then(|t| t.key.as_deref()),
+            prompt: &job.prompt,
+            max_tokens: job.max_tokens,
+        };
+        let mut rec = client::send(&self.target, &self.w, call, intended, t0).await;
+        rec.tenant = tenant.map(|t| t.name.clone());
+        rec
+    }
+}
+
+/// `concurrency` clients, each sending its next request as soon as its last one ends; the
+/// intended time is the actual send time.
+async fn closed(
+    ctx: &Arc<Ctx>,
+    jobs: Vec<Job>,
+    concurrency: u32,
+    duration: Option<Duration>,
+    bar: Option<indicatif::ProgressBar>,
+) -> Vec<RequestRecord> {
+    let t0 = Instant::now();
+    let jobs = Arc::new(jobs);
+    let next = Arc::new(AtomicU64::new(0));
+    let out = Arc::new(Mutex::new(Vec::with_capacity(jobs.len())));
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (ctx, jobs, next, out, bar) = (
+                ctx.clone(),
+                jobs.clone(),
+                next.clone(),
+                out.clone(),
+                bar.clone(),
+            );
+            tokio::spawn(async move {
+                loop {
+                    if duration.is_some_and(|d| t0.elapsed() >= d) {
+                        return;
+                    }
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    let Some(job) = jobs.get(i) else { return };
+                    let now = t0.elapsed().as_secs_f64();
+                    let rec = ctx.send(job, now, t0).await;
+                    if let Some(b) = &bar {
+                        b.inc(1);
+                    }
+                    out.lock().unwrap_or_else(|p| p.into_inner()).push(rec);
+                }
+            })
+        })
+        .collect();
+    futures::future::join_all(workers).await;
+    let mut out = out.lock().unwrap_or_else(|p| p.into_inner());
+    std::mem::take(&mut *out)
+}
+
+/// Requests at their scheduled times, whether or not earlier ones finished.
+async fn open(
+    ctx: &Arc<Ctx>,
+    jobs: Vec<Job>,
+    schedule: Vec<Duration>,
+    duration: Option<Duration>,
+    bar: Option<indicatif::ProgressBar>,
+) -> Vec<RequestRecord> {
+    let t0 = Instant::now();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+    let mut tasks = Vec::with_capacity(jobs.len());
+    for (job, at) in jobs.into_iter().zip(schedule) {
+        if duration.is_some_and(|d| at >= d) {
+            break;
+        }
+        tokio::time::sleep_until((t0 + at).into()).await;
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        let (ctx, bar) = (ctx.clone(), bar.clone());
+        tasks.push(tokio::spawn(async move {
+            let rec = ctx.send(&job, at.as_secs_f64(), t0).await;
+            drop(permit);
+            if let Some(b) = &bar {
+                b.inc(1);
+            }
+            rec
+        }));
+    }
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        if let Ok(r) = t.await {
+            out.push(r);
+        }
+    }
+    out
+}

@@ -1,0 +1,266 @@
+//! `serrano bench` against real servers: its numbers agree with the server's own accounting, and
+//! an open loop past capacity shows queueing in TTFT instead of hiding it.
+
+mod common;
+
+use std::process::Command;
+
+use common::{real_model, Server, ADMIN_KEY};
+use serde_json::Value;
+
+/// Runs `serrano bench ARGS --json FILE` and returns the JSON.
+fn bench(args: &[&str]) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("result.json");
+    let run = Command::new(env!("CARGO_BIN_EXE_serrano"))
+        .arg("bench")
+        .args(args)
+        .args(["--quiet", "--json"])
+        .arg(&out)
+        .env("SERRANO_API_KEY", ADMIN_KEY)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let table = String::from_utf8_lossy(&run.stdout);
+    assert!(table.contains("TTFT ms p99 [95% CI]"), "{table}");
+    serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap()
+}
+
+/// Sum over every label set of a Prometheus sample.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn its_ttft_and_token_counts_agree_with_the_servers_own() {
+    let s = Server::start(&real_model(), &[]);
+    let v = bench(&[
+        "--url",
+        &format!("{}/v1", s.base),
+        "--endpoint",
+        "completions",
+        "--concurrency",
+        "2",
+        "--requests",
+        "6",
+        "--prompt-tokens",
+        "256",
+        "--output-tokens",
+        "24",
+    ]);
+    assert_eq!(v["completed"], 6, "{v}");
+    assert_eq!(v["failed"], 0);
+    assert_eq!(v["exact_prompt_lengths"], true);
+    // Prompts of exactly the asked length (the server's tokenizer cut them); fixed outputs.
+    assert!(
+        v["input_lens"].as_array().unwrap().iter().all(|l| l == 256),
+        "{v}"
+    );
+    assert!(
+        v["output_lens"].as_array().unwrap().iter().all(|l| l == 24),
+        "{v}"
+    );
+
+    let text = common::authed_get(&s.url("/metrics"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert_eq!(metric(&text, "serrano:generation_tokens_total"), 6.0 * 24.0);
+    assert_eq!(metric(&text, "serrano:prompt_tokens_total"), 6.0 * 256.0);
+    let server_ttft = metric(&text, "serrano:time_to_first_token_seconds_sum")
+        / metric(&text, "serrano:time_to_first_token_seconds_count");
+    let bench_ttft = v["mean_ttft_ms"].as_f64().unwrap() / 1e3;
+    let off = (bench_ttft - server_ttft).abs() / server_ttft;
+    eprintln!(
+        "mean TTFT: bench {bench_ttft:.4} s, server {server_ttft:.4} s ({:.2}% apart)",
+        off * 100.0
+    );
+    assert!(
+        off < 0.05,
+        "bench TTFT {bench_ttft:.4} s vs server {server_ttft:.4} s: {:.1}% apart",
+        off * 100.0
+    );
+
+    // The server's billed usage agrees too.
+    let (_, usage) = s.get("/admin/v1/usage?group_by=model");
+    let row = &usage["data"][0];
+    assert_eq!(row["completion_tokens"], 6 * 24, "{usage}");
+    assert_eq!(row["prompt_tokens"], 6 * 256, "{usage}");
+}
+
+#[test]
+fn an_open_loop_past_capacity_shows_the_queue_in_ttft() {
+    // One sequence at a time: every request waits for all earlier ones.
+    let s = Server::slow(&["--max-num-seqs", "1"]);
+    let v = bench(&[
+        "--url",
+        &format!("{}/v1", s.base),
+        "--endpoint",
+        "completions",
+        "--rate",
+        "40",
+        "--arrival",
+        "constant",
+        "--requests",
+        "24",
+        "--prompt-tokens",
+        "16",
+        "--output-tokens",
+        "96",
+    ]);
+    assert_eq!(v["completed"], 24, "{v}");
+    let ttfts: Vec<f64> = v["ttfts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_f64().unwrap())
+        .collect();
+    let first: f64 = ttfts[..6].iter().sum::<f64>() / 6.0;
+    let last: f64 = ttfts[18..].iter().sum::<f64>() / 6.0;
+    assert!(
+        last > 3.0 * first,
+        "TTFT must grow with time in queue: first {first:.3} s, last {last:.3} s"
+    );
+    // The client kept its schedule: the lag is not where the wait went.
+    assert!(
+        v["p99_client_lag_ms"].as_f64().unwrap() < 50.0,
+        "{}",
+        v["p99_client_lag_ms"]
+    );
+    // Offered 40/s, served less.
+    let served = v["request_throughput"].as_f64().unwrap();
+    assert!(served < 30.0, "served {served} req/s");
+}
+
+#[test]
+fn bad_options_are_refused_with_a_message() {
+    for args in [
+        vec!["--slo", "ttft=5ms"],
+        vec!["--rate", "-1"],
+        vec!["--requests", "0"],
+        vec!["--concurrency", "2", "--rate", "3"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_serrano"))
+            .arg("bench")
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        assert!(!out.stderr.is_empty());
+    }
+}
+
+/// Debian's Chromium, installed on first use where the tests run as root (as in CI).
+fn chromium() -> std::path::PathBuf {
+    let path = std::path::PathBuf::from("/usr/bin/chromium");
+    if !path.exists()
+        && Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout.starts_with(b"0"))
+    {
+        let _ = Command::new("sh")
+            .args(["-c", "apt-get install -y -qq chromium || (apt-get update -qq && apt-get install -y -qq chromium)"])
+            .status();
+    }
+    assert!(
+        path.exists(),
+        "the HTML report test needs Chromium: apt-get install chromium (.ci/run does)"
+    );
+    path
+}
+
+#[test]
+fn a_sweep_finds_the_slo_edge_and_the_html_report_renders_in_a_browser() {
+    let s = Server::slow(&["--max-num-seqs", "1"]);
+    let dir = tempfile::tempdir().unwrap();
+    let html = dir.path().join("report.html");
+    let v = bench(&[
+        "--url",
+        &format!("{}/v1", s.base),
+        "--endpoint",
+        "completions",
+        "--rate",
+        "2",
+        "--arrival",
+        "constant",
+        "--requests",
+        "8",
+        "--prompt-tokens",
+        "16",
+        "--output-tokens",
+        "64",
+        "--slo",
+        "ttft_p90=400ms",
+        "--sweep",
+        "--sweep-steps",
+        "2",
+        "--html",
+        html.to_str().unwrap(),
+    ]);
+    let sweep = &v["sweep"];
+    let points = sweep["points"].as_array().unwrap();
+    let met = |p: &Value| p["result"]["slo_met"] == true;
+    assert!(points.iter().any(met) && !points.iter().all(met), "{sweep}");
+    let best = sweep["best"].as_f64().unwrap();
+    // Every point at or below the best met the SLO's edge found by bisection; the one above failed.
+    assert!(
+        points
+            .iter()
+            .any(|p| p["load"].as_f64().unwrap() > best && !met(p)),
+        "{sweep}"
+    );
+
+    let profile = tempfile::tempdir().unwrap();
+    let png = dir.path().join("report.png");
+    let flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1280,2400",
+    ];
+    let url = format!("file://{}", html.display());
+    let shot = Command::new(chromium())
+        .args(flags)
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!("--screenshot={}", png.display()))
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert!(
+        shot.status.success(),
+        "{}",
+        String::from_utf8_lossy(&shot.stderr)
+    );
+    let bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&bytes[1..4], b"PNG");
+    // A blank page compresses to a few KB; charts and tables do not.
+    assert!(bytes.len() > 30_000, "screenshot of {} bytes", bytes.len());
+    let dom = Command::new(chromium())
+        .args(flags)
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg("--dump-dom")
+        .arg(&url)
+        .output()
+        .unwrap();
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    assert_eq!(
+        dom.matches("<svg").count(),
+        6,
+        "three CDFs and three load curves"
+    );
+    assert!(dom.contains("highest rate meeting the SLO"), "{dom}");
+}
