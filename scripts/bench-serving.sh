@@ -1,42 +1,64 @@
 #!/usr/bin/env bash
-# Aggregate serving throughput and latency: serrano beside llama.cpp's llama-server, same machine,
-# same model, same fixed workload (128-token prompts, 128 generated tokens, closed loop at
-# 1/4/16/32 concurrent streams), servers run one after the other in the same invocation.
+# Serving throughput, latency, goodput and cost: serrano beside llama.cpp's llama-server on the
+# same machine and model, both measured by `serrano bench` with the same workload, interleaved per
+# concurrency (serrano, then llama-server, while the other idles).
 #
-#   scripts/bench-serving.sh [LLAMA_SLOTS=32] [REQUESTS_PER_STREAM=2]
+#   scripts/bench-serving.sh [LLAMA_SLOTS=32] [SLO=ttft_p99=10s,tpot_p99=250ms] [USD_PER_HOUR=0.10]
+#
+# Workload: closed loop at 1, 4, 16 and 32 concurrent streams; 128-token prompts cut to exact
+# length with each server's tokenizer (no shared prefix), 128 generated tokens (ignore_eos),
+# streamed, completions API; one round of warm-up requests first. Then prompts of 1,040 tokens
+# with and without a shared 1,024-token prefix (prefix caching). JSON and HTML reports go to
+# target/bench-serving/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-slots=${1:-32}; per=${2:-2}
+slots=${1:-32}; slo=${2:-ttft_p99=10s,tpot_p99=250ms}; price=${3:-0.10}
 cargo build --release -q -p serrano
 serrano=target/release/serrano
 model=$($serrano models pull 2>/dev/null)
-ids=$(mktemp); trap 'rm -f $ids; kill $(jobs -p) 2>/dev/null || true' EXIT
+out=target/bench-serving; mkdir -p "$out"
+trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
 wait_up() { for _ in $(seq 1 600); do curl -sf "$1/health" >/dev/null 2>&1 && return 0; sleep 0.2; done; return 1; }
 
 # Governance stays on (audit, ledger) for a fair cost; the client sends no key, so anonymous.
-$serrano serve --port 18181 --max-num-seqs 32 --allow-anonymous --db "$(mktemp -d)/serrano.db" 2>/dev/null & pid=$!
-wait_up http://127.0.0.1:18181
-curl -s http://127.0.0.1:18181/v1/completions -H 'Content-Type: application/json' -d '{"prompt":"Once upon a time","max_tokens":1}' >/dev/null
-python3 - "$ids" <<'PY'
-import json, sys, urllib.request
-text = "The history of lighthouses begins with fires lit on hilltops to guide ships at night. " * 80
-req = urllib.request.Request("http://127.0.0.1:18181/tokenize", data=json.dumps({"prompt": text, "add_special_tokens": False}).encode(), headers={"Content-Type": "application/json"})
-json.dump(json.load(urllib.request.urlopen(req))["tokens"][:1100], open(sys.argv[1], "w"))
-PY
-echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores"
-python3 scripts/serving_bench.py --base-url http://127.0.0.1:18181 --prompt-ids "$ids" --label serrano --requests-per-stream "$per"
-python3 scripts/serving_bench.py --base-url http://127.0.0.1:18181 --prompt-ids "$ids" --label serrano --prefix-test 1024
-echo "serrano peak RSS: $(grep VmHWM /proc/$pid/status)"
-kill $pid; wait $pid 2>/dev/null || true
-
-../shared/peers/llama-server.sh "$model" 18182 -np "$slots" -c $((slots * 256)) >/dev/null 2>&1 & 
-wait_up http://127.0.0.1:18182
+$serrano serve --port 18181 --max-num-seqs 32 --allow-anonymous --db "$(mktemp -d)/serrano.db" 2>/dev/null &
+spid=$!
+# Slots of 1,152 tokens: room for the prefix test's 1,056-token sequences.
+../shared/peers/llama-server.sh "$model" 18182 -np "$slots" -c $((slots * 1152)) >/dev/null 2>&1 &
+wait_up http://127.0.0.1:18181; wait_up http://127.0.0.1:18182
 lpid=$(pgrep -f "llama-server.*18182" | head -1)
-python3 scripts/serving_bench.py --base-url http://127.0.0.1:18182 --prompt-ids "$ids" --label "llama-server -np $slots" --requests-per-stream "$per"
+echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; SLO $slo; \$$price per hour"
+
+bench() { $serrano bench --url http://127.0.0.1:18181/v1 --vs http://127.0.0.1:18182/v1 \
+  --endpoint completions --slo "$slo" --price-per-hour "$price" -q "$@"; }
+for c in 1 4 16 32; do
+  n=$(( c < 4 ? 8 : 2 * c ))
+  bench --concurrency "$c" --requests "$n" --warmup "$c" --prompt-tokens 128 --output-tokens 128 \
+    --json "$out/c$c.json" --html "$out/c$c.html" >"$out/c$c.txt"
+done
+for shared in 0 1024; do
+  bench --concurrency 1 --requests 6 --warmup 1 --prompt-tokens 1040 --shared-prefix "$shared" \
+    --output-tokens 16 --json "$out/prefix$shared.json" >"$out/prefix$shared.txt"
+done
+echo "serrano peak RSS: $(grep VmHWM /proc/$spid/status)"
 echo "llama-server peak RSS: $(grep VmHWM /proc/$lpid/status)"
-kill $lpid; wait 2>/dev/null || true
-# The prefix test needs a slot that holds 1,040 tokens: one slot, 4,096 context (llama-server
-# reuses a slot's cached prompt prefix by default).
-../shared/peers/llama-server.sh "$model" 18183 -np 1 -c 4096 >/dev/null 2>&1 &
-wait_up http://127.0.0.1:18183
-python3 scripts/serving_bench.py --base-url http://127.0.0.1:18183 --prompt-ids "$ids" --label "llama-server -np 1" --prefix-test 1024
+
+python3 - "$out" <<'PY'
+import json, sys
+out = sys.argv[1]
+def pair(name): return json.load(open(f"{out}/{name}.json"))
+print("| streams | server | output tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | ITL p99 ms | goodput req/s | $/1M output tokens | SLO met |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+for c in (1, 4, 16, 32):
+    for label, r in zip(("serrano", "llama-server"), pair(f"c{c}")):
+        cost = r["cost"]["usd_per_1m_output_tokens"] if r["cost"] else float("nan")
+        print(f"| {c} | {label} | {r['output_throughput']:.1f} | {r['p50_ttft_ms']:.0f} / {r['p99_ttft_ms']:.0f} | "
+              f"{r['p50_tpot_ms']:.1f} / {r['p99_tpot_ms']:.1f} | {r['p99_itl_ms']:.0f} | {r['request_goodput']:.2f} | "
+              f"{cost:.3f} | {'yes' if r['slo_met'] else 'no'} |")
+print()
+print("| prefix test (1,040-token prompts, 16 generated) | server | TTFT p50 ms, unique | TTFT p50 ms, shared 1,024 | gain |")
+print("| --- | --- | --- | --- | --- |")
+u, s = pair("prefix0"), pair("prefix1024")
+for label, a, b in zip(("serrano", "llama-server"), u, s):
+    print(f"| | {label} | {a['p50_ttft_ms']:.0f} | {b['p50_ttft_ms']:.0f} | {a['p50_ttft_ms'] / b['p50_ttft_ms']:.0f}x |")
+PY

@@ -33,6 +33,9 @@ impl Target {
         let client = reqwest::Client::builder()
             .tcp_nodelay(true)
             .pool_max_idle_per_host(usize::MAX)
+            // Below the keep-alive timeouts of common servers (llama.cpp's HTTP library closes
+            // idle connections after 5 s): reusing one the server has closed fails the request.
+            .pool_idle_timeout(Duration::from_secs(2))
             .timeout(REQUEST_TIMEOUT)
             .build()
             .map_err(|e| BenchError::Setup(e.to_string()))?;
@@ -93,13 +96,32 @@ impl Target {
             .ok_or_else(|| BenchError::Setup(format!("{}/models lists no model", self.base)))
     }
 
-    /// The corpus in the server's tokens: vLLM's and serrano's `/tokenize` shape, else
-    /// llama.cpp's. `None` when the server has no tokenizer route.
+    /// The corpus in the server's tokens, whole or, where the server refuses that much text at
+    /// once (a small context), in pieces of a few words. `None` when it has no tokenizer route.
     pub async fn tokenize_corpus(&self, model: &str) -> Option<Vec<u32>> {
+        if let Some(t) = self.tokenize(model, CORPUS).await {
+            return Some(t);
+        }
+        let words: Vec<&str> = CORPUS.split_whitespace().collect();
+        let mut out = Vec::new();
+        for (i, chunk) in words.chunks(16).enumerate() {
+            // Later pieces start with the space that separates them from the last one.
+            let text = if i == 0 {
+                chunk.join(" ")
+            } else {
+                format!(" {}", chunk.join(" "))
+            };
+            out.extend(self.tokenize(model, &text).await?);
+        }
+        (out.len() > 16).then_some(out)
+    }
+
+    /// vLLM's and serrano's `/tokenize` shape, else llama.cpp's.
+    async fn tokenize(&self, model: &str, text: &str) -> Option<Vec<u32>> {
         let url = format!("{}/tokenize", self.root());
         let shapes = [
-            json!({"model": model, "prompt": CORPUS, "add_special_tokens": false}),
-            json!({"content": CORPUS, "add_special": false}),
+            json!({"model": model, "prompt": text, "add_special_tokens": false}),
+            json!({"content": text, "add_special": false}),
         ];
         for body in shapes {
             if let Ok(v) = self.post_json(url.clone(), &body).await {
@@ -108,7 +130,7 @@ impl Target {
                         .filter_map(|t| t.as_u64().map(|t| t as u32))
                         .collect()
                 });
-                if let Some(t) = tokens.filter(|t| t.len() > 16) {
+                if let Some(t) = tokens.filter(|t| !t.is_empty()) {
                     return Some(t);
                 }
             }

@@ -56,6 +56,8 @@ pub struct RunResult {
 pub struct RunOptions {
     pub slo: Option<Slo>,
     pub progress: bool,
+    /// Replay these arrivals and lengths instead of the workload's (open loop).
+    pub trace: Option<Vec<crate::workload::TraceEntry>>,
 }
 
 pub async fn run(
@@ -87,10 +89,38 @@ pub async fn run(
         })
         .collect::<Result<_, BenchError>>()?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(w.seed);
-    let total = w.warmup_requests + w.requests;
-    let mut jobs = Vec::with_capacity(total as usize);
-    for _ in 0..total {
-        jobs.push(make_job(target, w, &model, &maker, &tenants, &mut rng).await?);
+    let mut jobs = Vec::new();
+    match &opts.trace {
+        // A trace fixes every request's lengths and tenant; warm-up requests are drawn.
+        Some(trace) => {
+            for _ in 0..w.warmup_requests {
+                let (p, o) = (
+                    w.prompt_tokens.sample(&mut rng),
+                    w.output_tokens.sample(&mut rng),
+                );
+                jobs.push(make_job(target, w, &model, &maker, (p, o, None), &mut rng).await?);
+            }
+            for e in trace {
+                let tenant = match &e.tenant {
+                    Some(name) => Some(tenants.iter().position(|t| &t.name == name).ok_or_else(|| {
+                        BenchError::Workload(format!("the trace names tenant '{name}', which the workload does not declare"))
+                    })?),
+                    None => None,
+                };
+                let lengths = (e.prompt_tokens, e.output_tokens, tenant);
+                jobs.push(make_job(target, w, &model, &maker, lengths, &mut rng).await?);
+            }
+        }
+        None => {
+            for _ in 0..w.warmup_requests + w.requests {
+                let (p, o) = (
+                    w.prompt_tokens.sample(&mut rng),
+                    w.output_tokens.sample(&mut rng),
+                );
+                let tenant = pick_tenant(&tenants, &mut rng);
+                jobs.push(make_job(target, w, &model, &maker, (p, o, tenant), &mut rng).await?);
+            }
+        }
     }
     let (warmup, measured) = jobs.split_at(w.warmup_requests as usize);
     let ctx = Arc::new(Ctx {
@@ -110,6 +140,15 @@ pub async fn run(
     let meter = EnergyMeter::start();
     let duration = w.duration_s.map(Duration::from_secs_f64);
     let mut records = match w.arrival {
+        _ if opts.trace.is_some() => {
+            let schedule = opts
+                .trace
+                .iter()
+                .flatten()
+                .map(|e| Duration::from_secs_f64(e.time))
+                .collect();
+            open(&ctx, measured.to_vec(), schedule, duration, bar.clone()).await
+        }
         Arrival::Closed { concurrency } => {
             closed(&ctx, measured.to_vec(), concurrency, duration, bar.clone()).await
         }
@@ -130,7 +169,10 @@ pub async fn run(
         url: target.base.clone(),
         model,
         workload: w.name.clone(),
-        request_rate: w.arrival.rate(),
+        request_rate: match &opts.trace {
+            Some(t) => t.len() as f64 / t.last().map_or(0.0, |e| e.time).max(1e-9),
+            None => w.arrival.rate(),
+        },
         max_concurrency: match w.arrival {
             Arrival::Closed { concurrency } => Some(concurrency),
             _ => None,
@@ -161,15 +203,30 @@ fn progress_bar(on: bool, n: u64) -> Option<indicatif::ProgressBar> {
     })
 }
 
+/// A tenant drawn by weight, when the workload has tenants.
+fn pick_tenant(tenants: &[TenantKey], rng: &mut impl Rng) -> Option<usize> {
+    (!tenants.is_empty()).then(|| {
+        let total: f64 = tenants.iter().map(|t| t.weight).sum();
+        let mut x = rng.random_range(0.0..total);
+        tenants
+            .iter()
+            .position(|t| {
+                x -= t.weight;
+                x < 0.0
+            })
+            .unwrap_or(tenants.len() - 1)
+    })
+}
+
+/// A request with this (prompt tokens, output tokens, tenant).
 async fn make_job(
     target: &Target,
     w: &Workload,
     model: &str,
     maker: &PromptMaker,
-    tenants: &[TenantKey],
+    (n, max_tokens, tenant): (u64, u64, Option<usize>),
     rng: &mut impl Rng,
 ) -> Result<Job, BenchError> {
-    let n = w.prompt_tokens.sample(rng);
     let ids = maker.ids(
         n,
         w.shared_prefix_tokens,
@@ -185,20 +242,9 @@ async fn make_job(
         ),
         (_, false) => Prompt::Text(maker.words(&ids)),
     };
-    let tenant = (!tenants.is_empty()).then(|| {
-        let total: f64 = tenants.iter().map(|t| t.weight).sum();
-        let mut x = rng.random_range(0.0..total);
-        tenants
-            .iter()
-            .position(|t| {
-                x -= t.weight;
-                x < 0.0
-            })
-            .unwrap_or(tenants.len() - 1)
-    });
     Ok(Job {
         prompt,
-        max_tokens: w.output_tokens.sample(rng),
+        max_tokens,
         tenant,
     })
 }

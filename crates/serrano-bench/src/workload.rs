@@ -271,6 +271,49 @@ impl Workload {
     }
 }
 
+/// One line of a trace to replay (JSONL): when the request arrives (seconds from the start),
+/// whose it is, and its lengths.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TraceEntry {
+    pub time: f64,
+    pub tenant: Option<String>,
+    pub prompt_tokens: u64,
+    pub output_tokens: u64,
+}
+
+/// Parses a JSONL trace (blank lines skipped); entries are replayed in time order.
+pub fn parse_trace(text: &str) -> Result<Vec<TraceEntry>, String> {
+    let mut out = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let e: TraceEntry =
+            serde_json::from_str(line).map_err(|e| format!("line {}: {e}", i + 1))?;
+        let ok = e.time.is_finite()
+            && e.time >= 0.0
+            && (1..=MAX_TOKENS).contains(&e.prompt_tokens)
+            && (1..=MAX_TOKENS).contains(&e.output_tokens);
+        if !ok {
+            return Err(format!(
+                "line {}: time >= 0 and lengths 1 to {MAX_TOKENS}",
+                i + 1
+            ));
+        }
+        out.push(e);
+        if out.len() as u64 > MAX_REQUESTS {
+            return Err(format!("more than {MAX_REQUESTS} requests"));
+        }
+    }
+    if out.is_empty() {
+        return Err("an empty trace".into());
+    }
+    out.sort_by(|a, b| a.time.total_cmp(&b.time));
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -333,6 +376,18 @@ arrival = { kind = "gamma", rate = 4.0, cv = 2.0 }
             cv: 3.0,
         });
         assert!((m - 0.1).abs() < 0.01 && (cv - 3.0).abs() < 0.3, "{m} {cv}");
+    }
+
+    #[test]
+    fn traces_parse_sorted_and_bounded() {
+        let t = parse_trace(
+            "{\"time\": 1.5, \"tenant\": \"a\", \"prompt_tokens\": 10, \"output_tokens\": 5}\n\n{\"time\": 0.5, \"prompt_tokens\": 3, \"output_tokens\": 2}\n",
+        )
+        .unwrap();
+        assert_eq!(t.iter().map(|e| e.time).collect::<Vec<_>>(), [0.5, 1.5]);
+        assert!(parse_trace("{\"time\": -1, \"prompt_tokens\": 3, \"output_tokens\": 2}").is_err());
+        let e = parse_trace("{\"time\": 1}\n").unwrap_err();
+        assert!(e.starts_with("line 1"), "{e}");
     }
 
     #[test]

@@ -32,6 +32,10 @@ pub struct BenchArgs {
     /// A workload file (TOML, or JSON by extension); replaces the workload options below.
     #[arg(long, conflicts_with_all = ["concurrency", "rate", "prompt_tokens", "output_tokens"])]
     workload: Option<PathBuf>,
+    /// Replay a trace: JSON lines of {"time": seconds, "tenant": name, "prompt_tokens": N,
+    /// "output_tokens": M} (tenants as declared in --workload); arrivals follow the trace.
+    #[arg(long, conflicts_with_all = ["concurrency", "rate", "sweep"])]
+    trace: Option<PathBuf>,
     /// chat or completions.
     #[arg(long, default_value = "chat", value_parser = parse_endpoint)]
     endpoint: Endpoint,
@@ -184,7 +188,19 @@ pub fn run(a: BenchArgs) -> Result<()> {
         };
         targets.push(Target::new(vs, key)?);
     }
+    let trace = match &a.trace {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            Some(
+                serrano_bench::workload::parse_trace(&text)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+            )
+        }
+        None => None,
+    };
     let opts = RunOptions {
+        trace,
         slo: a.slo.clone(),
         progress: !a.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };

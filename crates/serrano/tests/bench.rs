@@ -264,3 +264,33 @@ fn a_sweep_finds_the_slo_edge_and_the_html_report_renders_in_a_browser() {
     );
     assert!(dom.contains("highest rate meeting the SLO"), "{dom}");
 }
+
+#[test]
+fn a_trace_is_replayed_with_its_lengths() {
+    let s = Server::tiny(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("trace.jsonl");
+    std::fs::write(
+        &trace,
+        "{\"time\": 0.0, \"prompt_tokens\": 20, \"output_tokens\": 3}\n\
+         {\"time\": 0.3, \"prompt_tokens\": 40, \"output_tokens\": 5}\n\
+         {\"time\": 0.1, \"prompt_tokens\": 30, \"output_tokens\": 4}\n",
+    )
+    .unwrap();
+    let v = bench(&[
+        "--url",
+        &format!("{}/v1", s.base),
+        "--endpoint",
+        "completions",
+        "--trace",
+        trace.to_str().unwrap(),
+    ]);
+    assert_eq!(v["completed"], 3, "{v}");
+    assert_eq!(v["exact_prompt_lengths"], true, "{v}");
+    assert_eq!(v["input_lens"], serde_json::json!([20, 30, 40]));
+    assert_eq!(v["output_lens"], serde_json::json!([3, 4, 5]));
+    assert!(
+        (v["request_rate"].as_f64().unwrap() - 10.0).abs() < 1e-9,
+        "3 requests over 0.3 s"
+    );
+}
