@@ -265,16 +265,27 @@ pub async fn send(
         prompt_tokens: planned_prompt,
         ..Default::default()
     };
-    let resp = target
-        .request(reqwest::Method::POST, format!("{}{path}", target.base), key)
-        .json(&body)
-        .send()
-        .await;
+    let post = || {
+        target
+            .request(reqwest::Method::POST, format!("{}{path}", target.base), key)
+            .json(&body)
+            .send()
+    };
+    let mut resp = post().await;
+    // A kept-alive connection the server closed just as this request went out (llama.cpp's
+    // HTTP library closes them after a few requests): the server never saw the request, so
+    // it is sent once more, as browsers do. The time lost stays in TTFT.
+    if let Err(e) = &resp {
+        if is_stale_connection(e) {
+            rec.retried = true;
+            resp = post().await;
+        }
+    }
     let resp = match resp {
         Ok(r) => r,
         Err(e) => {
             rec.end = since(Instant::now());
-            rec.error = Some(e.to_string());
+            rec.error = Some(chain(&e));
             return rec;
         }
     };
@@ -311,7 +322,7 @@ pub async fn send(
         let chunk = match chunk {
             Ok(c) => c,
             Err(e) => {
-                rec.error = Some(e.to_string());
+                rec.error = Some(chain(&e));
                 break;
             }
         };
@@ -362,6 +373,25 @@ pub async fn send(
         rec.output_tokens = content_chunks;
     }
     rec
+}
+
+fn is_stale_connection(e: &reqwest::Error) -> bool {
+    let text = chain(e);
+    e.is_request()
+        && (text.contains("connection closed before message completed")
+            || text.contains("Connection reset by peer")
+            || text.contains("Broken pipe"))
+}
+
+/// An error with its causes ("error sending request: connection closed before message completed").
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    out
 }
 
 /// Takes the server's token counts; `true` if it reported them.

@@ -29,6 +29,8 @@ pub struct RequestRecord {
     pub prompt_tokens: u64,
     pub output_tokens: u64,
     pub error: Option<String>,
+    /// Sent a second time after the server closed a kept-alive connection under it.
+    pub retried: bool,
 }
 
 impl RequestRecord {
@@ -229,6 +231,8 @@ pub struct Summary {
     pub itl: Stats,
     pub e2el: Stats,
     pub client_lag: Stats,
+    /// Requests resent once on a fresh connection (the server had closed a kept-alive one).
+    pub retried: usize,
 }
 
 pub fn summarize(records: &[RequestRecord], slo: Option<&Slo>) -> Summary {
@@ -267,6 +271,7 @@ pub fn summarize(records: &[RequestRecord], slo: Option<&Slo>) -> Summary {
         itl: Stats::of(&itls),
         e2el: Stats::of(&e2els),
         client_lag: Stats::of(&lags),
+        retried: records.iter().filter(|r| r.retried).count(),
         ..Default::default()
     };
     if let Some(slo) = slo {

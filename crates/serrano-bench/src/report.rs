@@ -101,6 +101,7 @@ pub fn to_json(r: &RunResult, price: Option<&Price>) -> Value {
     put(&mut o, "completed", json!(s.completed));
     put(&mut o, "failed", json!(s.failed));
     put(&mut o, "error_rate", json!(s.error_rate));
+    put(&mut o, "retried", json!(s.retried));
     put(&mut o, "total_input_tokens", json!(s.total_input_tokens));
     put(&mut o, "total_output_tokens", json!(s.total_output_tokens));
     put(&mut o, "request_throughput", json!(s.request_throughput));
@@ -190,8 +191,9 @@ pub fn table(runs: &[(&str, &RunResult)], price: Option<&Price>) -> String {
         Some(c) => format!("closed loop, {c} concurrent"),
         None => format!("open loop, {:.2} req/s", r.request_rate),
     });
-    row("completed / failed", &|r| {
-        format!("{} / {}", r.summary.completed, r.summary.failed)
+    row("completed / failed / resent", &|r| {
+        let s = &r.summary;
+        format!("{} / {} / {}", s.completed, s.failed, s.retried)
     });
     row("duration (s)", &|r| format!("{:.2}", r.summary.duration));
     row("input / output tokens", &|r| {
