@@ -21,7 +21,7 @@ use serrano_engine::{
     about = "A governed LLM inference stack: an OpenAI-compatible server over a GGUF inference engine."
 )]
 #[command(
-    after_help = "Start here:\n  serrano serve                          # fetch the default model on first use, serve on 127.0.0.1:8080\n                                         # (the first start prints an admin key, shown once)\n  serrano admin tenant create acme       # a tenant, then a key for it:\n  serrano admin key create --tenant acme\n  serrano generate -p 'Hi'               # one generation from the terminal, with timings"
+    after_help = "Start here:\n  serrano serve                          # fetch the default model on first use, serve on 127.0.0.1:8080\n                                         # (the first start prints an admin key, shown once)\n  serrano admin tenant create acme       # a tenant, then a key for it:\n  serrano admin key create --tenant acme\n  serrano generate -p 'Hi'               # one generation from the terminal, with timings\n  serrano bench --concurrency 4          # load-test the running server (key in $SERRANO_API_KEY)\n  serrano config check routing.toml      # validate a routing config (serve/gateway --config)"
 )]
 struct Cli {
     #[command(subcommand)]
