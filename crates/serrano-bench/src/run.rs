@@ -58,6 +58,10 @@ pub struct RunOptions {
     pub progress: bool,
     /// Replay these arrivals and lengths instead of the workload's (open loop).
     pub trace: Option<Vec<crate::workload::TraceEntry>>,
+    /// Write the measured requests' prompts here before sending them, as JSON lines of
+    /// `{"text", "output_length"}` (aiperf's single_turn format), so that another tool can
+    /// replay exactly this workload.
+    pub save_prompts: Option<std::path::PathBuf>,
 }
 
 pub async fn run(
@@ -123,6 +127,9 @@ pub async fn run(
         }
     }
     let (warmup, measured) = jobs.split_at(w.warmup_requests as usize);
+    if let Some(path) = &opts.save_prompts {
+        save_prompts(target, &model, measured, path).await?;
+    }
     let ctx = Arc::new(Ctx {
         target: target.clone(),
         w: w.clone(),
@@ -247,6 +254,30 @@ async fn make_job(
         max_tokens,
         tenant,
     })
+}
+
+/// The prompts as text (token prompts detokenized by the server), one JSON object per line.
+async fn save_prompts(
+    target: &Target,
+    model: &str,
+    jobs: &[Job],
+    path: &std::path::Path,
+) -> Result<(), BenchError> {
+    let mut out = String::new();
+    for job in jobs {
+        let text = match &job.prompt {
+            Prompt::Text(t) => t.clone(),
+            Prompt::Tokens(ids) => target
+                .detokenize(model, ids)
+                .await
+                .map_err(|e| BenchError::Setup(format!("detokenize: {e}")))?,
+        };
+        let line = serde_json::json!({"text": text, "output_length": job.max_tokens});
+        out.push_str(&line.to_string());
+        out.push('\n');
+    }
+    std::fs::write(path, out)
+        .map_err(|e| BenchError::Setup(format!("cannot write {}: {e}", path.display())))
 }
 
 struct Ctx {

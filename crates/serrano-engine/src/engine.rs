@@ -37,6 +37,8 @@ pub struct EngineConfig {
     pub max_context: Option<usize>,
     /// Name under which metrics are labelled (`model_name`).
     pub model_name: String,
+    /// Reuse the KV blocks of earlier prompts' shared prefixes (automatic prefix caching).
+    pub prefix_caching: bool,
 }
 
 impl Default for EngineConfig {
@@ -48,6 +50,7 @@ impl Default for EngineConfig {
             kv_cache_bytes: 1 << 30,
             max_context: None,
             model_name: "default".into(),
+            prefix_caching: true,
         }
     }
 }
@@ -375,6 +378,7 @@ pub fn start_from_gguf(file: &GgufFile, config: EngineConfig) -> Result<EngineHa
         rx,
         sched: Scheduler::new(sched_cfg, alloc),
         max_waiting: config.max_waiting.max(1),
+        prefix_caching: config.prefix_caching,
         metrics: metrics.clone(),
         next_id: 0,
         in_step: Vec::new(),
@@ -420,6 +424,7 @@ struct Worker {
     rx: mpsc::Receiver<Submission>,
     sched: Scheduler<Payload>,
     max_waiting: usize,
+    prefix_caching: bool,
     metrics: Arc<EngineMetrics>,
     next_id: SeqId,
     /// Sequences of the step in progress (to fail just those if it panics).
@@ -499,7 +504,7 @@ impl Worker {
             payload.req.prompt.clone(),
         );
         // Prompt log-probs need logits at every prompt position: no prefix reuse for those.
-        let cacheable = payload.prompt_lp.is_none();
+        let cacheable = self.prefix_caching && payload.prompt_lp.is_none();
         self.sched
             .add(id, tenant, priority, prompt, max_len, cacheable, payload);
     }

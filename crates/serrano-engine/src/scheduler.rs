@@ -304,7 +304,7 @@ impl<P> Scheduler<P> {
 
     /// Registers blocks that the last step filled, so later sequences can reuse them.
     pub fn after_step(&mut self) {
-        for e in &mut self.running {
+        for e in self.running.iter_mut().filter(|e| e.cacheable) {
             let full = e.computed / BLOCK_TOKENS;
             if full > e.registered {
                 let mut h = 0;

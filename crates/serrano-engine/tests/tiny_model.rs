@@ -356,3 +356,33 @@ fn preemption_recomputes_to_the_same_output() {
         .unwrap();
     assert!(preemptions > 0.0, "the pool was meant to force preemptions");
 }
+
+/// With prefix caching off, a repeated prompt is computed again (no hits), with the same output;
+/// with it on, the second one reuses the first one's full blocks.
+#[test]
+fn prefix_caching_can_be_turned_off() {
+    let run = |prefix_caching: bool| {
+        let h = start_from_gguf(
+            &tiny(),
+            EngineConfig {
+                prefix_caching,
+                ..EngineConfig::default()
+            },
+        )
+        .unwrap();
+        let req = || {
+            let mut r = GenerateRequest::new((0..70).map(|i| (i * 7 % 250) as u32).collect(), 8);
+            r.ignore_eos = true;
+            r
+        };
+        let a = collect(&mut h.submit(req()).unwrap());
+        let b = collect(&mut h.submit(req()).unwrap());
+        assert_eq!(a.0, b.0);
+        (a.0, h.metrics().prefix_cache_hits.get())
+    };
+    let (on, hits_on) = run(true);
+    let (off, hits_off) = run(false);
+    assert_eq!(on, off);
+    assert_eq!(hits_on, 64, "the second prompt reuses its 4 full blocks");
+    assert_eq!(hits_off, 0);
+}

@@ -104,6 +104,10 @@ pub struct BenchArgs {
     /// against load).
     #[arg(long)]
     html: Option<PathBuf>,
+    /// Write the measured prompts as JSON lines of {"text", "output_length"} (aiperf's
+    /// single_turn dataset format), to replay the same workload with another tool.
+    #[arg(long)]
+    save_prompts: Option<PathBuf>,
     /// No progress bar.
     #[arg(long, short = 'q')]
     quiet: bool,
@@ -201,6 +205,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     };
     let opts = RunOptions {
         trace,
+        save_prompts: a.save_prompts.clone(),
         slo: a.slo.clone(),
         progress: !a.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };

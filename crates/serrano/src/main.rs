@@ -101,6 +101,10 @@ struct ModelArgs {
     /// Requests that may wait for the engine; beyond this the server answers 429.
     #[arg(long, default_value_t = 256)]
     max_waiting: usize,
+    /// Turn automatic prefix caching off: every prompt is computed in full (benchmarks that
+    /// replay the same prompts with several tools need this to compare like with like).
+    #[arg(long)]
+    no_prefix_caching: bool,
 }
 
 #[derive(Args)]
@@ -299,6 +303,7 @@ fn start_engine(m: &ModelArgs, name: Option<String>) -> Result<(PathBuf, EngineH
         kv_cache_bytes: m.kv_cache_memory,
         max_context: m.ctx_size,
         model_name: name.unwrap_or_else(|| model_stem(&path)),
+        prefix_caching: !m.no_prefix_caching,
     };
     let engine = serrano_engine::start(&path, cfg)
         .with_context(|| format!("cannot load {}", path.display()))?;

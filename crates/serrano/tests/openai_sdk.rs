@@ -8,44 +8,9 @@ use std::process::Command;
 
 use common::{real_model, Server};
 
-fn venv_python() -> PathBuf {
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/pyenv");
-    let py = venv.join("bin/python");
-    let has_openai = || {
-        Command::new(&py)
-            .args(["-c", "import openai"])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !has_openai() {
-        let ok = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .is_ok_and(|s| s.success())
-            && Command::new(&py)
-                .args([
-                    "-m",
-                    "pip",
-                    "install",
-                    "-q",
-                    "--disable-pip-version-check",
-                    "openai>=1.40",
-                ])
-                .status()
-                .is_ok_and(|s| s.success());
-        assert!(
-            ok && has_openai(),
-            "could not install the openai SDK into {}",
-            venv.display()
-        );
-    }
-    py
-}
-
 #[test]
 fn openai_python_sdk_chat_stream_and_legacy_completion() {
-    let py = venv_python();
+    let py = common::python_venv("pyenv", &["openai>=1.40"], "import openai");
     let s = Server::start(&real_model(), &[]);
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/openai_sdk.py");
     let out = Command::new(&py)

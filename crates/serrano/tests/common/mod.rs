@@ -56,11 +56,11 @@ impl Server {
         db: PathBuf,
         db_dir: tempfile::TempDir,
     ) -> Server {
-        let mut full: Vec<std::ffi::OsString> = ["serve", "--threads", "2", "--model"]
-            .iter()
-            .map(Into::into)
-            .collect();
-        full.push(model.into());
+        let mut full: Vec<std::ffi::OsString> =
+            vec!["serve".into(), "--model".into(), model.into()];
+        if !args.contains(&"--threads") {
+            full.extend(["--threads".into(), "2".into()]);
+        }
         full.extend(args.iter().map(Into::into));
         let mut s = Server::launch(full, db, db_dir);
         s.model = model.to_path_buf();
@@ -315,6 +315,42 @@ pub fn real_model() -> PathBuf {
 /// `shared/` beside the checkout.
 pub fn shared_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared")
+}
+
+/// A Python virtualenv under target/ with `packages` installed on first use (CI's .ci/run
+/// installs them first); `probe` is an import statement that succeeds once they are there.
+/// Returns the venv's python.
+#[allow(dead_code)] // Not every test binary uses it.
+pub fn python_venv(name: &str, packages: &[&str], probe: &str) -> PathBuf {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../target")
+        .join(name);
+    let py = venv.join("bin/python");
+    let ready = || {
+        Command::new(&py)
+            .args(["-c", probe])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !ready() {
+        let ok = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .is_ok_and(|s| s.success())
+            && Command::new(&py)
+                .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
+                .args(packages)
+                .status()
+                .is_ok_and(|s| s.success());
+        assert!(
+            ok && ready(),
+            "could not install {packages:?} into {}",
+            venv.display()
+        );
+    }
+    py
 }
 
 pub fn wait_until(deadline: Duration, mut f: impl FnMut() -> bool) -> bool {
