@@ -216,28 +216,46 @@ pub struct Call<'a> {
     pub key: Option<&'a str>,
     pub prompt: &'a Prompt,
     pub max_tokens: u64,
+    /// Earlier turns of the conversation: (user message, the server's reply).
+    pub history: &'a [(String, String)],
+    /// Collect the reply's text (for the conversation's next turn).
+    pub keep_reply: bool,
 }
 
-/// Sends one request and records its timeline; times are seconds since `t0`.
+/// Sends one request and records its timeline; times are seconds since `t0`. Returns the
+/// reply's text too when `call.keep_reply` (else an empty string).
 pub async fn send(
     target: &Target,
     w: &Workload,
     call: Call<'_>,
     intended: f64,
     t0: Instant,
-) -> RequestRecord {
+) -> (RequestRecord, String) {
     let Call {
         model,
         key,
         prompt,
         max_tokens,
+        history,
+        keep_reply,
     } = call;
+    let mut reply = String::new();
     let since = |t: Instant| t.duration_since(t0).as_secs_f64();
     let mut body = match (w.endpoint, prompt) {
         (Endpoint::Completions, Prompt::Tokens(ids)) => json!({"model": model, "prompt": ids}),
         (Endpoint::Completions, Prompt::Text(t)) => json!({"model": model, "prompt": t}),
         (Endpoint::Chat, Prompt::Text(t)) => {
-            json!({"model": model, "messages": [{"role": "user", "content": t}]})
+            let mut messages: Vec<Value> = history
+                .iter()
+                .flat_map(|(user, assistant)| {
+                    [
+                        json!({"role": "user", "content": user}),
+                        json!({"role": "assistant", "content": assistant}),
+                    ]
+                })
+                .collect();
+            messages.push(json!({"role": "user", "content": t}));
+            json!({"model": model, "messages": messages})
         }
         (Endpoint::Chat, Prompt::Tokens(_)) => unreachable!("chat prompts are text"),
     };
@@ -286,7 +304,7 @@ pub async fn send(
         Err(e) => {
             rec.end = since(Instant::now());
             rec.error = Some(chain(&e));
-            return rec;
+            return (rec, reply);
         }
     };
     let status = resp.status();
@@ -298,7 +316,7 @@ pub async fn send(
             status.as_u16(),
             text.chars().take(300).collect::<String>()
         ));
-        return rec;
+        return (rec, reply);
     }
     if !w.stream {
         let v: Result<Value, _> = resp.json().await;
@@ -307,10 +325,18 @@ pub async fn send(
             Ok(v) => {
                 rec.chunks.push(rec.end);
                 usage(&mut rec, &v["usage"]);
+                if keep_reply {
+                    let c = &v["choices"][0];
+                    reply = c["message"]["content"]
+                        .as_str()
+                        .or(c["text"].as_str())
+                        .unwrap_or_default()
+                        .to_string();
+                }
             }
             Err(e) => rec.error = Some(e.to_string()),
         }
-        return rec;
+        return (rec, reply);
     }
     let mut bytes = resp.bytes_stream();
     let mut buf: Vec<u8> = Vec::new();
@@ -346,12 +372,23 @@ pub async fn send(
                     rec.error = Some(format!("stream error: {}", v["error"]));
                     break 'read;
                 }
-                let has_text = v["choices"].as_array().into_iter().flatten().any(|c| {
-                    c["delta"]["content"]
-                        .as_str()
-                        .or(c["text"].as_str())
-                        .is_some_and(|t| !t.is_empty())
-                });
+                let mut has_text = false;
+                for t in v["choices"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|c| {
+                        c["delta"]["content"]
+                            .as_str()
+                            .or(c["text"].as_str())
+                            .filter(|t| !t.is_empty())
+                    })
+                {
+                    has_text = true;
+                    if keep_reply {
+                        reply.push_str(t);
+                    }
+                }
                 if has_text {
                     rec.chunks.push(now);
                     content_chunks += 1;
@@ -372,7 +409,7 @@ pub async fn send(
         // Without usage, one content chunk is one token (true for serrano, vLLM, llama.cpp).
         rec.output_tokens = content_chunks;
     }
-    rec
+    (rec, reply)
 }
 
 fn is_stale_connection(e: &reqwest::Error) -> bool {

@@ -31,6 +31,27 @@ pub struct RequestRecord {
     pub error: Option<String>,
     /// Sent a second time after the server closed a kept-alive connection under it.
     pub retried: bool,
+    /// Which turn of its conversation (0 for the first, and for single-turn workloads).
+    pub turn: u32,
+}
+
+/// Mean TTFT (ms) of the successful requests of each turn, first turn first; empty when every
+/// request is a first turn (single-turn workloads).
+pub fn mean_ttft_ms_by_turn(records: &[RequestRecord]) -> Vec<f64> {
+    let turns = records.iter().map(|r| r.turn).max().unwrap_or(0);
+    if turns == 0 {
+        return vec![];
+    }
+    (0..=turns)
+        .map(|t| {
+            let v: Vec<f64> = records
+                .iter()
+                .filter(|r| r.turn == t)
+                .filter_map(RequestRecord::ttft)
+                .collect();
+            v.iter().sum::<f64>() / v.len() as f64 * 1e3
+        })
+        .collect()
 }
 
 impl RequestRecord {
@@ -317,6 +338,23 @@ mod tests {
             output_tokens: tokens,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn ttft_by_turn() {
+        let at = |turn: u32, at: f64, first: f64| RequestRecord {
+            turn,
+            ..streamed(at, 0.0, &[first, first + 0.1], 2)
+        };
+        assert!(mean_ttft_ms_by_turn(&[at(0, 0.0, 0.5)]).is_empty());
+        let by_turn = mean_ttft_ms_by_turn(&[
+            at(0, 0.0, 0.5),
+            at(1, 1.0, 1.1),
+            at(0, 0.0, 0.7),
+            at(1, 2.0, 2.3),
+        ]);
+        assert_eq!(by_turn.len(), 2);
+        assert!((by_turn[0] - 600.0).abs() < 1e-9 && (by_turn[1] - 200.0).abs() < 1e-9);
     }
 
     #[test]

@@ -124,6 +124,10 @@ pub fn to_json(r: &RunResult, price: Option<&Price>) -> Value {
     stats_fields(&mut o, "itl", &s.itl);
     stats_fields(&mut o, "e2el", &s.e2el);
     stats_fields(&mut o, "client_lag", &s.client_lag);
+    let by_turn = crate::metrics::mean_ttft_ms_by_turn(&r.records);
+    if !by_turn.is_empty() {
+        put(&mut o, "mean_ttft_ms_by_turn", json!(by_turn));
+    }
     put(&mut o, "cost", json!(price.and_then(|p| p.cost(s))));
     put(&mut o, "energy", json!(r.energy));
     let ok = r.records.iter().filter(|x| x.ok());
@@ -226,6 +230,18 @@ pub fn table(runs: &[(&str, &RunResult)], price: Option<&Price>) -> String {
                 pct(&get(&r.summary), p)
             });
         }
+    }
+    if runs
+        .iter()
+        .any(|(_, r)| r.records.iter().any(|x| x.turn > 0))
+    {
+        row("TTFT ms mean by turn", &|r| {
+            crate::metrics::mean_ttft_ms_by_turn(&r.records)
+                .into_iter()
+                .map(ms)
+                .collect::<Vec<_>>()
+                .join(" / ")
+        });
     }
     row("client lag p99 ms", &|r| {
         ms(r.summary.client_lag.p(99.0).unwrap_or(f64::NAN))

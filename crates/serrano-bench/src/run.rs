@@ -18,12 +18,19 @@ use crate::BenchError;
 /// as client lag (the offered rate was not achieved) rather than as memory growth.
 pub const MAX_IN_FLIGHT: usize = 10_000;
 
-/// One prepared request.
+/// One prepared conversation: its turns go one after another, each after the last one's reply
+/// (a single turn unless the workload has `turns`).
 #[derive(Clone)]
 struct Job {
+    turns: Vec<Turn>,
+    tenant: Option<usize>,
+}
+
+/// One request: the new user message (or prompt) and its output length.
+#[derive(Clone)]
+struct Turn {
     prompt: Prompt,
     max_tokens: u64,
-    tenant: Option<usize>,
 }
 
 /// A tenant's name and key, resolved from the environment.
@@ -94,15 +101,25 @@ pub async fn run(
         .collect::<Result<_, BenchError>>()?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(w.seed);
     let mut jobs = Vec::new();
-    match &opts.trace {
+    let shared = w.shared_prefix_tokens;
+    let warmup_jobs = match &opts.trace {
         // A trace fixes every request's lengths and tenant; warm-up requests are drawn.
         Some(trace) => {
+            if w.turns > 1 {
+                return Err(BenchError::Workload(
+                    "a trace replays single requests: turns must be 1".into(),
+                ));
+            }
             for _ in 0..w.warmup_requests {
                 let (p, o) = (
                     w.prompt_tokens.sample(&mut rng),
                     w.output_tokens.sample(&mut rng),
                 );
-                jobs.push(make_job(target, w, &model, &maker, (p, o, None), &mut rng).await?);
+                let turn = make_turn(target, w, &model, &maker, (p, o, shared), &mut rng).await?;
+                jobs.push(Job {
+                    turns: vec![turn],
+                    tenant: None,
+                });
             }
             for e in trace {
                 let tenant = match &e.tenant {
@@ -111,23 +128,53 @@ pub async fn run(
                     })?),
                     None => None,
                 };
-                let lengths = (e.prompt_tokens, e.output_tokens, tenant);
-                jobs.push(make_job(target, w, &model, &maker, lengths, &mut rng).await?);
+                let lengths = (e.prompt_tokens, e.output_tokens, shared);
+                let turn = make_turn(target, w, &model, &maker, lengths, &mut rng).await?;
+                jobs.push(Job {
+                    turns: vec![turn],
+                    tenant,
+                });
             }
+            w.warmup_requests as usize
         }
         None => {
-            for _ in 0..w.warmup_requests + w.requests {
-                let (p, o) = (
-                    w.prompt_tokens.sample(&mut rng),
-                    w.output_tokens.sample(&mut rng),
-                );
-                let tenant = pick_tenant(&tenants, &mut rng);
-                jobs.push(make_job(target, w, &model, &maker, (p, o, tenant), &mut rng).await?);
+            // Warm-up conversations first, then the measured ones; each a tenant's, its first
+            // turn carrying the shared prefix.
+            for total in [w.warmup_requests, w.requests] {
+                let mut left = total;
+                while left > 0 {
+                    let n = left.min(u64::from(w.turns));
+                    let mut job = Job {
+                        turns: Vec::with_capacity(n as usize),
+                        tenant: None,
+                    };
+                    for k in 0..n {
+                        let (p, o) = (
+                            w.prompt_tokens.sample(&mut rng),
+                            w.output_tokens.sample(&mut rng),
+                        );
+                        if k == 0 {
+                            job.tenant = pick_tenant(&tenants, &mut rng);
+                        }
+                        let shared = if k == 0 { shared } else { 0 };
+                        let lengths = (p, o, shared);
+                        job.turns
+                            .push(make_turn(target, w, &model, &maker, lengths, &mut rng).await?);
+                    }
+                    jobs.push(job);
+                    left -= n;
+                }
             }
+            w.warmup_requests.div_ceil(u64::from(w.turns)) as usize
         }
-    }
-    let (warmup, measured) = jobs.split_at(w.warmup_requests as usize);
+    };
+    let (warmup, measured) = jobs.split_at(warmup_jobs);
     if let Some(path) = &opts.save_prompts {
+        if w.turns > 1 {
+            return Err(BenchError::Workload(
+                "--save-prompts writes single requests; this workload has turns > 1".into(),
+            ));
+        }
         save_prompts(target, &model, measured, path).await?;
     }
     let ctx = Arc::new(Ctx {
@@ -143,7 +190,8 @@ pub async fn run(
         };
         closed(&ctx, warmup.to_vec(), c, None, None).await;
     }
-    let bar = progress_bar(opts.progress, measured.len() as u64);
+    let n_measured = measured.iter().map(|j| j.turns.len() as u64).sum();
+    let bar = progress_bar(opts.progress, n_measured);
     let meter = EnergyMeter::start();
     let duration = w.duration_s.map(Duration::from_secs_f64);
     let mut records = match w.arrival {
@@ -225,20 +273,16 @@ fn pick_tenant(tenants: &[TenantKey], rng: &mut impl Rng) -> Option<usize> {
     })
 }
 
-/// A request with this (prompt tokens, output tokens, tenant).
-async fn make_job(
+/// A request with this (prompt tokens, output tokens, shared prefix tokens).
+async fn make_turn(
     target: &Target,
     w: &Workload,
     model: &str,
     maker: &PromptMaker,
-    (n, max_tokens, tenant): (u64, u64, Option<usize>),
+    (n, max_tokens, shared): (u64, u64, u64),
     rng: &mut impl Rng,
-) -> Result<Job, BenchError> {
-    let ids = maker.ids(
-        n,
-        w.shared_prefix_tokens,
-        rng.random_range(0..maker.corpus_len().max(1)),
-    );
+) -> Result<Turn, BenchError> {
+    let ids = maker.ids(n, shared, rng.random_range(0..maker.corpus_len().max(1)));
     let prompt = match (w.endpoint, maker.exact) {
         (Endpoint::Completions, true) => Prompt::Tokens(ids),
         (Endpoint::Chat, true) => Prompt::Text(
@@ -249,11 +293,7 @@ async fn make_job(
         ),
         (_, false) => Prompt::Text(maker.words(&ids)),
     };
-    Ok(Job {
-        prompt,
-        max_tokens,
-        tenant,
-    })
+    Ok(Turn { prompt, max_tokens })
 }
 
 /// The prompts as text (token prompts detokenized by the server), one JSON object per line.
@@ -264,15 +304,15 @@ async fn save_prompts(
     path: &std::path::Path,
 ) -> Result<(), BenchError> {
     let mut out = String::new();
-    for job in jobs {
-        let text = match &job.prompt {
+    for turn in jobs.iter().flat_map(|j| &j.turns) {
+        let text = match &turn.prompt {
             Prompt::Text(t) => t.clone(),
             Prompt::Tokens(ids) => target
                 .detokenize(model, ids)
                 .await
                 .map_err(|e| BenchError::Setup(format!("detokenize: {e}")))?,
         };
-        let line = serde_json::json!({"text": text, "output_length": job.max_tokens});
+        let line = serde_json::json!({"text": text, "output_length": turn.max_tokens});
         out.push_str(&line.to_string());
         out.push('\n');
     }
@@ -288,17 +328,56 @@ struct Ctx {
 }
 
 impl Ctx {
-    async fn send(&self, job: &Job, intended: f64, t0: Instant) -> RequestRecord {
+    /// Sends a conversation's turns in order, each after the last one's reply (and the think
+    /// time); a later turn's intended time is when it could go. A conversation ends at its first
+    /// failed turn, or when the run's time is up.
+    async fn send(
+        &self,
+        job: &Job,
+        intended: f64,
+        t0: Instant,
+        duration: Option<Duration>,
+        bar: Option<&indicatif::ProgressBar>,
+    ) -> Vec<RequestRecord> {
         let tenant = job.tenant.map(|i| &self.tenants[i]);
-        let call = client::Call {
-            model: &self.model,
-            key: tenant.and_then(|t| t.key.as_deref()),
-            prompt: &job.prompt,
-            max_tokens: job.max_tokens,
-        };
-        let mut rec = client::send(&self.target, &self.w, call, intended, t0).await;
-        rec.tenant = tenant.map(|t| t.name.clone());
-        rec
+        let mut history: Vec<(String, String)> = Vec::new();
+        let mut out = Vec::with_capacity(job.turns.len());
+        let mut intended = intended;
+        for (k, turn) in job.turns.iter().enumerate() {
+            if k > 0 {
+                if self.w.think_time_s > 0.0 {
+                    tokio::time::sleep(Duration::from_secs_f64(self.w.think_time_s)).await;
+                }
+                if duration.is_some_and(|d| t0.elapsed() >= d) {
+                    break;
+                }
+                intended = t0.elapsed().as_secs_f64();
+            }
+            let more = k + 1 < job.turns.len();
+            let call = client::Call {
+                model: &self.model,
+                key: tenant.and_then(|t| t.key.as_deref()),
+                prompt: &turn.prompt,
+                max_tokens: turn.max_tokens,
+                history: &history,
+                keep_reply: more,
+            };
+            let (mut rec, reply) = client::send(&self.target, &self.w, call, intended, t0).await;
+            rec.tenant = tenant.map(|t| t.name.clone());
+            rec.turn = k as u32;
+            let ok = rec.ok();
+            out.push(rec);
+            if let Some(b) = bar {
+                b.inc(1);
+            }
+            if !ok {
+                break;
+            }
+            if let (true, Prompt::Text(user)) = (more, &turn.prompt) {
+                history.push((user.clone(), reply));
+            }
+        }
+        out
     }
 }
 
@@ -332,11 +411,8 @@ async fn closed(
                     let i = next.fetch_add(1, Ordering::Relaxed) as usize;
                     let Some(job) = jobs.get(i) else { return };
                     let now = t0.elapsed().as_secs_f64();
-                    let rec = ctx.send(job, now, t0).await;
-                    if let Some(b) = &bar {
-                        b.inc(1);
-                    }
-                    out.lock().unwrap_or_else(|p| p.into_inner()).push(rec);
+                    let recs = ctx.send(job, now, t0, duration, bar.as_ref()).await;
+                    out.lock().unwrap_or_else(|p| p.into_inner()).extend(recs);
                 }
             })
         })
@@ -367,18 +443,17 @@ async fn open(
         };
         let (ctx, bar) = (ctx.clone(), bar.clone());
         tasks.push(tokio::spawn(async move {
-            let rec = ctx.send(&job, at.as_secs_f64(), t0).await;
+            let recs = ctx
+                .send(&job, at.as_secs_f64(), t0, duration, bar.as_ref())
+                .await;
             drop(permit);
-            if let Some(b) = &bar {
-                b.inc(1);
-            }
-            rec
+            recs
         }));
     }
     let mut out = Vec::with_capacity(tasks.len());
     for t in tasks {
         if let Ok(r) = t.await {
-            out.push(r);
+            out.extend(r);
         }
     }
     out

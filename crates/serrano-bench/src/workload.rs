@@ -230,8 +230,22 @@ pub struct Workload {
     pub seed: u64,
     #[serde(default)]
     pub tenants: Vec<Tenant>,
+    /// Requests per conversation (chat only). Each turn sends the earlier turns' messages with
+    /// the server's actual replies, then a new user message of `prompt_tokens`, so later turns
+    /// share a growing prefix (what prefix caching is for). `requests` still counts requests.
+    #[serde(default = "one_turn")]
+    pub turns: u32,
+    /// Seconds between a reply and the conversation's next turn (a user reading and typing).
+    #[serde(default)]
+    pub think_time_s: f64,
 }
 
+/// Most turns in one conversation.
+pub const MAX_TURNS: u32 = 100;
+
+fn one_turn() -> u32 {
+    1
+}
 fn default_name() -> String {
     "workload".into()
 }
@@ -266,6 +280,15 @@ impl Workload {
             .any(|t| !(t.weight.is_finite() && t.weight > 0.0))
         {
             return Err("tenants: weights above 0".into());
+        }
+        if !(1..=MAX_TURNS).contains(&self.turns) {
+            return Err(format!("turns: 1 to {MAX_TURNS}"));
+        }
+        if self.turns > 1 && self.endpoint != Endpoint::Chat {
+            return Err("turns: conversations need endpoint = \"chat\"".into());
+        }
+        if !(self.think_time_s.is_finite() && (0.0..=3600.0).contains(&self.think_time_s)) {
+            return Err("think_time_s: 0 to 3600 seconds".into());
         }
         Ok(())
     }
@@ -339,6 +362,31 @@ arrival = { kind = "gamma", rate = 4.0, cv = 2.0 }
         assert_eq!(w.endpoint, Endpoint::Completions);
         assert!(w.stream && w.ignore_eos);
         assert!(Workload::parse("requests = 1", false).is_err());
+    }
+
+    #[test]
+    fn conversations_are_chat_and_bounded() {
+        let base = r#"
+requests = 12
+prompt_tokens = { dist = "fixed", value = 64 }
+output_tokens = { dist = "fixed", value = 16 }
+arrival = { kind = "closed", concurrency = 2 }
+"#;
+        let w = Workload::parse(&format!("{base}turns = 3\nthink_time_s = 0.5\n"), false).unwrap();
+        assert_eq!((w.turns, w.think_time_s), (3, 0.5));
+        assert_eq!(Workload::parse(base, false).unwrap().turns, 1);
+        for bad in [
+            "turns = 0\n",
+            "turns = 101\n",
+            "turns = 2\nendpoint = \"completions\"\n",
+            "think_time_s = -1\n",
+        ] {
+            let e = Workload::parse(&format!("{base}{bad}"), false).unwrap_err();
+            assert!(
+                e.contains("turns") || e.contains("think_time_s"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

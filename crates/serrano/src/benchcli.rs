@@ -104,6 +104,13 @@ pub struct BenchArgs {
     /// against load).
     #[arg(long)]
     html: Option<PathBuf>,
+    /// Requests per conversation (chat): each turn resends the earlier turns with the server's
+    /// replies, then a new message of --prompt-tokens, so later turns share a growing prefix.
+    #[arg(long, default_value_t = 1)]
+    turns: u32,
+    /// Seconds between a reply and the conversation's next turn.
+    #[arg(long, default_value_t = 0.0)]
+    think_time: f64,
     /// Write the measured prompts as JSON lines of {"text", "output_length"} (aiperf's
     /// single_turn dataset format), to replay the same workload with another tool.
     #[arg(long)]
@@ -159,6 +166,8 @@ fn workload(a: &BenchArgs) -> Result<Workload> {
         warmup_requests: a.warmup,
         seed: a.seed,
         tenants: vec![],
+        turns: a.turns,
+        think_time_s: a.think_time,
     };
     w.check().map_err(|e| anyhow::anyhow!(e))?;
     Ok(w)

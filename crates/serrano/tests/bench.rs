@@ -140,6 +140,54 @@ fn an_open_loop_past_capacity_shows_the_queue_in_ttft() {
     assert!(served < 30.0, "served {served} req/s");
 }
 
+/// Conversations: each turn carries the earlier turns with the server's replies, so prompts grow
+/// and the server's prefix cache serves the shared part.
+#[test]
+fn conversations_resend_their_history_and_hit_the_prefix_cache() {
+    let s = Server::start(&real_model(), &[]);
+    let v = bench(&[
+        "--url",
+        &format!("{}/v1", s.base),
+        "--endpoint",
+        "chat",
+        "--concurrency",
+        "2",
+        "--requests",
+        "6",
+        "--turns",
+        "3",
+        "--prompt-tokens",
+        "64",
+        "--output-tokens",
+        "16",
+    ]);
+    assert_eq!(v["completed"], 6, "{v}");
+    assert_eq!(
+        v["mean_ttft_ms_by_turn"].as_array().unwrap().len(),
+        3,
+        "{v}"
+    );
+    let lens: Vec<u64> = v["input_lens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_u64().unwrap())
+        .collect();
+    let (min, max) = (lens.iter().min().unwrap(), lens.iter().max().unwrap());
+    // A third turn holds two more user messages and two replies than a first one.
+    assert!(*max >= min + 2 * (64 + 16), "{lens:?}");
+
+    let text = common::authed_get(&s.url("/metrics"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    // Each of the 4 later turns finds at least its conversation's first prompt (64 tokens and
+    // the template) cached: 4 full blocks of 16.
+    let hits = metric(&text, "serrano:prefix_cache_hits_total");
+    assert!(hits >= 4.0 * 64.0, "prefix cache hits {hits}");
+}
+
 #[test]
 fn bad_options_are_refused_with_a_message() {
     for args in [
@@ -147,6 +195,7 @@ fn bad_options_are_refused_with_a_message() {
         vec!["--rate", "-1"],
         vec!["--requests", "0"],
         vec!["--concurrency", "2", "--rate", "3"],
+        vec!["--turns", "3", "--endpoint", "completions"],
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_serrano"))
             .arg("bench")
