@@ -594,7 +594,11 @@ impl Worker {
             storage: &mut self.storage,
             tables: tables.iter().map(Vec::as_slice).collect(),
         };
-        let result = self.model.forward(&mut kv, &steps);
+        // On a kernel-pool thread, not this one: every parallel op then forks from a worker
+        // whose peers are still spinning from the last op, instead of waking the pool from
+        // outside and sleeping until it is done (two thread wake-ups per op, ~240 ops a token).
+        let model = &self.model;
+        let result = rayon::scope(|_| model.forward(&mut kv, &steps));
         let logits = match result {
             Ok(l) => l,
             Err(e) => {
