@@ -195,10 +195,17 @@ mod avx2 {
     #[inline(always)]
     unsafe fn dot_q4_1<const N: usize>(row: &[u8], xs: [&[BlockQ8]; N]) -> [f32; N] {
         let mut acc = [[_mm256_setzero_ps(); 2]; N];
-        let mut mins = [0f32; N];
+        // The minimum terms in two chains too (even and odd blocks), so neither the FMA nor
+        // this add's latency serializes a single-token (decode) row.
+        let mut mins = [[0f32; 2]; N];
         for (i, b) in row.chunks_exact(20).enumerate() {
             let w = nibbles(b.as_ptr().add(4));
-            let (d, m) = (half(b, 0), half(b, 2));
+            // Both f16 scales (d, m) in one conversion.
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([
+                b[0], b[1], b[2], b[3],
+            ])));
+            let d = _mm_cvtss_f32(dm);
+            let m = _mm_cvtss_f32(_mm_movehdup_ps(dm));
             for t in 0..N {
                 let xb = &xs[t][i];
                 let xq = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
@@ -207,10 +214,10 @@ mod avx2 {
                     mul_sum_u8_i8(w, xq),
                     acc[t][i & 1],
                 );
-                mins[t] += m * xb.s;
+                mins[t][i & 1] += m * xb.s;
             }
         }
-        finish(acc, mins)
+        finish(acc, mins.map(|[a, b]| a + b))
     }
 
     /// Formats with signed weights: `weights` decodes a block to 32 signed bytes.

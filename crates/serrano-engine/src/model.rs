@@ -8,6 +8,9 @@ use crate::gguf::{GgufFile, TensorInfo};
 use crate::ops::{self, matmul, rmsnorm, QMatrix, Rope, RopeStyle};
 use crate::quant::dequantize_row;
 
+/// Element-wise work below this size runs on the calling thread (a fork-join costs more).
+const PAR_MIN_ELEMS: usize = 1 << 14;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
     pub architecture: String,
@@ -307,9 +310,12 @@ impl Model {
         let group = nh / nkv;
         for (li, layer) in self.layers.iter().enumerate() {
             rmsnorm(&x, &layer.attn_norm, c.rms_eps, &mut h);
-            matmul(&layer.wq, &h, n, &mut q);
-            matmul(&layer.wk, &h, n, &mut k);
-            matmul(&layer.wv, &h, n, &mut v);
+            ops::matmul_many(
+                &[&layer.wq, &layer.wk, &layer.wv],
+                &h,
+                n,
+                &mut [&mut q, &mut k, &mut v],
+            );
             add_bias(&mut q, layer.bq.as_deref());
             add_bias(&mut k, layer.bk.as_deref());
             add_bias(&mut v, layer.bv.as_deref());
@@ -351,11 +357,17 @@ impl Model {
             matmul(&layer.wo, &att, n, &mut o);
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             rmsnorm(&x, &layer.ffn_norm, c.rms_eps, &mut h);
-            matmul(&layer.w_gate, &h, n, &mut g);
-            matmul(&layer.w_up, &h, n, &mut up);
-            g.par_iter_mut()
-                .zip(&up)
-                .for_each(|(a, b)| *a = ops::silu(*a) * b);
+            ops::matmul_many(&[&layer.w_gate, &layer.w_up], &h, n, &mut [&mut g, &mut up]);
+            // A fork-join costs more than a decode step's few thousand multiplies.
+            if g.len() >= PAR_MIN_ELEMS {
+                g.par_iter_mut()
+                    .zip(&up)
+                    .for_each(|(a, b)| *a = ops::silu(*a) * b);
+            } else {
+                g.iter_mut()
+                    .zip(&up)
+                    .for_each(|(a, b)| *a = ops::silu(*a) * b);
+            }
             matmul(&layer.w_down, &g, n, &mut o);
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
         }

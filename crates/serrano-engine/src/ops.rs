@@ -97,51 +97,79 @@ pub fn matmul(w: &QMatrix, x: &[f32], n: usize, y: &mut [f32]) {
 /// The integer path: activations quantized once per call, then every (row, token) pair through
 /// [`kernels::dot`] while the row is in L1.
 fn matmul_q8(w: &QMatrix, x: &[f32], n: usize, y: &mut [f32]) {
-    let nb = w.cols / crate::quant::QK;
+    matmul_q8_many(&[w], x, n, &mut [y]);
+}
+
+/// [`matmul`] of several matrices over the same input (Q, K and V; gate and up): where they
+/// all have integer kernels, the activations are quantized once and every matrix's row bands go
+/// through one parallel loop, one fork-join instead of one per matrix. Each output is exactly
+/// what [`matmul`] computes for it.
+pub fn matmul_many(ws: &[&QMatrix], x: &[f32], n: usize, ys: &mut [&mut [f32]]) {
+    assert_eq!(ws.len(), ys.len());
+    let fused = ws
+        .iter()
+        .all(|w| kernels::supported(w.dtype) && w.cols == ws[0].cols);
+    if !fused {
+        for (w, y) in ws.iter().zip(ys.iter_mut()) {
+            matmul(w, x, n, y);
+        }
+        return;
+    }
+    matmul_q8_many(ws, x, n, ys);
+}
+
+/// Most matrices one fused call takes (Q, K, V).
+const MAX_FUSED: usize = 3;
+
+fn matmul_q8_many(ws: &[&QMatrix], x: &[f32], n: usize, ys: &mut [&mut [f32]]) {
+    assert!(!ws.is_empty() && ws.len() <= MAX_FUSED);
+    let cols = ws[0].cols;
+    assert_eq!(x.len(), n * cols);
+    let nb = cols / crate::quant::QK;
     let mut xq = Vec::with_capacity(n * nb);
     let mut blocks = Vec::with_capacity(nb);
     for t in 0..n {
-        kernels::quantize_acts(&x[t * w.cols..(t + 1) * w.cols], &mut blocks);
+        kernels::quantize_acts(&x[t * cols..(t + 1) * cols], &mut blocks);
         xq.extend_from_slice(&blocks);
     }
-    if n == 1 {
-        y.par_chunks_mut(ROWS_PER_TASK)
-            .enumerate()
-            .for_each(|(c, ys)| {
-                for (i, o) in ys.iter_mut().enumerate() {
-                    *o = kernels::dot(w.dtype, w.row(c * ROWS_PER_TASK + i), &xq);
-                }
-            });
-        return;
-    }
     let act = |t: usize| &xq[t * nb..(t + 1) * nb];
-    let out = Scatter::new(y, w.rows);
-    (0..w.rows.div_ceil(ROWS_PER_TASK))
-        .into_par_iter()
-        .for_each(|c| {
-            for r in c * ROWS_PER_TASK..((c + 1) * ROWS_PER_TASK).min(w.rows) {
-                let row = w.row(r);
-                // Four tokens per pass share each decoded weight block.
-                let mut t = 0;
-                while t + 4 <= n {
-                    let v = kernels::dot_n::<4>(
-                        w.dtype,
-                        row,
-                        [act(t), act(t + 1), act(t + 2), act(t + 3)],
-                    );
-                    for (k, v) in v.into_iter().enumerate() {
-                        // SAFETY: this task alone owns row `r` (bands are disjoint).
-                        unsafe { out.set(t + k, r, v) };
-                    }
-                    t += 4;
+    // Band i belongs to the first matrix whose cumulative band count passes i.
+    let mut ends = [0usize; MAX_FUSED];
+    let mut outs: [Option<Scatter>; MAX_FUSED] = [None, None, None];
+    let mut total = 0;
+    for (m, (w, y)) in ws.iter().zip(ys.iter_mut()).enumerate() {
+        assert_eq!(w.cols, cols);
+        assert_eq!(y.len(), n * w.rows);
+        total += w.rows.div_ceil(ROWS_PER_TASK);
+        ends[m] = total;
+        outs[m] = Some(Scatter::new(y, w.rows));
+    }
+    (0..total).into_par_iter().for_each(|i| {
+        let m = ends.iter().position(|&e| i < e).unwrap_or(0);
+        let c = i - if m == 0 { 0 } else { ends[m - 1] };
+        let (w, Some(out)) = (ws[m], &outs[m]) else {
+            return;
+        };
+        for r in c * ROWS_PER_TASK..((c + 1) * ROWS_PER_TASK).min(w.rows) {
+            let row = w.row(r);
+            // Four tokens per pass share each decoded weight block.
+            let mut t = 0;
+            while t + 4 <= n {
+                let v =
+                    kernels::dot_n::<4>(w.dtype, row, [act(t), act(t + 1), act(t + 2), act(t + 3)]);
+                for (k, v) in v.into_iter().enumerate() {
+                    // SAFETY: this task alone owns row `r` of matrix `m` (bands are disjoint).
+                    unsafe { out.set(t + k, r, v) };
                 }
-                while t < n {
-                    // SAFETY: as above.
-                    unsafe { out.set(t, r, kernels::dot(w.dtype, row, act(t))) };
-                    t += 1;
-                }
+                t += 4;
             }
-        });
+            while t < n {
+                // SAFETY: as above.
+                unsafe { out.set(t, r, kernels::dot(w.dtype, row, act(t))) };
+                t += 1;
+            }
+        }
+    });
 }
 
 /// The output of a multi-token matmul, `y[t * rows + r]`, written from parallel tasks that each
@@ -405,6 +433,43 @@ mod tests {
                     batched[t * rows..(t + 1) * rows],
                     "{dtype:?} token {t}"
                 );
+            }
+        }
+    }
+
+    /// Fused matmuls over one input give each matrix exactly its own matmul, for integer-kernel
+    /// formats (one parallel loop) and for mixes that fall back to one call each.
+    #[test]
+    fn fused_matmuls_equal_separate_ones_bit_for_bit() {
+        let cols = 96;
+        let matrix = |dtype: DType, rows: usize, seed: u64| {
+            let data: Vec<u8> = (0..rows)
+                .flat_map(|r| quantize_row(dtype, &rand_vec(cols, seed + r as u64)))
+                .collect();
+            QMatrix::new(dtype, rows, cols, Arc::new(Bytes::Owned(data)), 0)
+        };
+        for dtypes in [
+            [DType::Q4_1, DType::Q4_1, DType::Q4_1],
+            [DType::Q8_0, DType::Q4_0, DType::Q4_1],
+            [DType::Q4_1, DType::F16, DType::Q8_0],
+        ] {
+            // Row counts that are not multiples of a task's band, and differ per matrix.
+            let ws: Vec<QMatrix> = dtypes
+                .iter()
+                .zip([37, 5, 16])
+                .enumerate()
+                .map(|(i, (&d, rows))| matrix(d, rows, 100 * i as u64))
+                .collect();
+            for n in [1, 6] {
+                let x = rand_vec(cols * n, n as u64);
+                let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; n * w.rows]).collect();
+                let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
+                matmul_many(&[&ws[0], &ws[1], &ws[2]], &x, n, &mut outs);
+                for (w, y) in ws.iter().zip(&ys) {
+                    let mut alone = vec![0f32; n * w.rows];
+                    matmul(w, &x, n, &mut alone);
+                    assert_eq!(&alone, y, "{dtypes:?} n={n}");
+                }
             }
         }
     }
