@@ -130,6 +130,7 @@ pub fn to_json(r: &RunResult, price: Option<&Price>) -> Value {
     }
     put(&mut o, "cost", json!(price.and_then(|p| p.cost(s))));
     put(&mut o, "energy", json!(r.energy));
+    put(&mut o, "gpu_energy", json!(r.gpu_energy));
     let ok = r.records.iter().filter(|x| x.ok());
     put(
         &mut o,
@@ -280,6 +281,14 @@ pub fn table(runs: &[(&str, &RunResult)], price: Option<&Price>) -> String {
             .and_then(|e| e.joules_per_output_token)
             .map_or("not measurable here".into(), |j| format!("{j:.3}"))
     });
+    if runs.iter().any(|(_, r)| r.gpu_energy.is_some()) {
+        row("GPU energy J/output token", &|r| {
+            r.gpu_energy
+                .as_ref()
+                .and_then(|e| e.joules_per_output_token)
+                .map_or("-".into(), |j| format!("{j:.3}"))
+        });
+    }
     let label_w = rows.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
     let col_w: Vec<usize> = (0..runs.len())
         .map(|i| {

@@ -54,6 +54,7 @@ pub struct RunResult {
     pub exact_prompt_lengths: bool,
     pub summary: Summary,
     pub energy: Option<crate::energy::Energy>,
+    pub gpu_energy: Option<crate::energy::Energy>,
     #[serde(skip)]
     pub records: Vec<RequestRecord>,
 }
@@ -220,6 +221,7 @@ pub async fn run(
     records.sort_by(|a, b| a.intended.total_cmp(&b.intended));
     let summary = summarize(&records, opts.slo.as_ref());
     let energy = meter.stop(summary.total_output_tokens);
+    let gpu_energy = meter.stop_gpu(summary.total_output_tokens);
     Ok(RunResult {
         url: target.base.clone(),
         model,
@@ -240,6 +242,7 @@ pub async fn run(
         exact_prompt_lengths: maker.exact,
         summary,
         energy,
+        gpu_energy,
         records,
     })
 }

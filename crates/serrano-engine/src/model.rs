@@ -154,6 +154,12 @@ pub trait KvCache: Sync {
     fn write(&mut self, seq: usize, layer: usize, pos: usize, k: &[f32], v: &[f32]);
     /// Copies KV head `head`'s key (or value) of `seq` at `layer`, `pos` into `out` (head_dim).
     fn read(&self, seq: usize, layer: usize, pos: usize, value: bool, head: usize, out: &mut [f32]);
+    /// Positions per block.
+    fn block_tokens(&self) -> usize;
+    /// The keys (or values) of `seq` at `layer` for the positions of its `i`-th block, as f16
+    /// bits: `block_tokens()` rows of `n_kv_heads * head_dim`, row `j` being position
+    /// `i * block_tokens() + j` (rows past the sequence's length hold stale data).
+    fn block(&self, seq: usize, layer: usize, value: bool, i: usize) -> &[u16];
 }
 
 fn tensor<'a>(f: &'a GgufFile, name: &str) -> Result<&'a TensorInfo> {
@@ -424,50 +430,189 @@ struct Attend<'a> {
     scale: f32,
 }
 
-/// Dispatches to a build of the same code for AVX2 where the CPU has it (identical arithmetic).
+/// Dispatches to the F16C/AVX2 build where the CPU has it; both do the same arithmetic (the
+/// same products and sums in the same order, no fused multiply-add), so they agree bit for bit.
 fn attend(task: &Attend<'_>, q: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: AVX2 was detected just above.
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
+            // SAFETY: AVX2 and F16C were detected just above.
             unsafe { attend_avx2(task, q, out) };
             return;
         }
     }
-    attend_portable(task, q, out);
+    attend_with(task, q, out, f16_kernels::dot, f16_kernels::axpy);
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,f16c")]
 unsafe fn attend_avx2(task: &Attend<'_>, q: &[f32], out: &mut [f32]) {
-    attend_portable(task, q, out);
+    attend_with(
+        task,
+        q,
+        out,
+        |a, b| unsafe { f16_kernels::dot_avx2(a, b) },
+        |o, w, b| unsafe { f16_kernels::axpy_avx2(o, w, b) },
+    );
 }
 
+/// Attention of one KV head's query group over the cached positions, read a block at a time
+/// straight from the f16 cache (no per-position call or conversion buffer).
 #[inline(always)]
-fn attend_portable(task: &Attend<'_>, q: &[f32], out: &mut [f32]) {
+fn attend_with(
+    task: &Attend<'_>,
+    q: &[f32],
+    out: &mut [f32],
+    dot: impl Fn(&[f32], &[u16]) -> f32,
+    axpy: impl Fn(&mut [f32], f32, &[u16]),
+) {
     let (hd, n_pos) = (task.head_dim, task.n_pos);
     let group = q.len() / hd;
-    let mut buf = vec![0f32; hd];
+    let bt = task.kv.block_tokens();
+    let rows = |value: bool, b: usize| {
+        let data = task.kv.block(task.seq, task.layer, value, b);
+        let width = data.len() / bt;
+        let at = task.kv_head * hd;
+        let n = bt.min(n_pos - b * bt);
+        (0..n).map(move |j| &data[j * width + at..j * width + at + hd])
+    };
+    let n_blocks = n_pos.div_ceil(bt);
     let mut scores = vec![0f32; group * n_pos];
-    for p in 0..n_pos {
-        task.kv
-            .read(task.seq, task.layer, p, false, task.kv_head, &mut buf);
-        for (g, qh) in q.chunks_exact(hd).enumerate() {
-            scores[g * n_pos + p] = ops::dot(qh, &buf) * task.scale;
+    for b in 0..n_blocks {
+        for (j, k) in rows(false, b).enumerate() {
+            let p = b * bt + j;
+            for (g, qh) in q.chunks_exact(hd).enumerate() {
+                scores[g * n_pos + p] = dot(qh, k) * task.scale;
+            }
         }
     }
     for s in scores.chunks_exact_mut(n_pos) {
         ops::softmax(s);
     }
     out.fill(0.0);
-    for p in 0..n_pos {
-        task.kv
-            .read(task.seq, task.layer, p, true, task.kv_head, &mut buf);
-        for (g, o) in out.chunks_exact_mut(hd).enumerate() {
-            let w = scores[g * n_pos + p];
-            for (a, b) in o.iter_mut().zip(&buf) {
-                *a += w * b;
+    for b in 0..n_blocks {
+        for (j, v) in rows(true, b).enumerate() {
+            let p = b * bt + j;
+            for (g, o) in out.chunks_exact_mut(hd).enumerate() {
+                axpy(o, scores[g * n_pos + p], v);
             }
+        }
+    }
+}
+
+/// Dot products and scaled adds of f32 vectors with f16 ones, in [`ops::dot`]'s order: eight
+/// lanes of products summed per lane, the lanes added in order, then the tail.
+mod f16_kernels {
+    use half::f16;
+
+    #[inline(always)]
+    fn f32_of(b: u16) -> f32 {
+        f16::from_bits(b).to_f32()
+    }
+
+    pub fn dot(a: &[f32], b: &[u16]) -> f32 {
+        debug_assert_eq!(a.len(), b.len());
+        let mut acc = [0f32; 8];
+        let n8 = a.len() / 8 * 8;
+        for (x, y) in a[..n8].chunks_exact(8).zip(b[..n8].chunks_exact(8)) {
+            for i in 0..8 {
+                acc[i] += x[i] * f32_of(y[i]);
+            }
+        }
+        let mut s: f32 = acc.iter().sum();
+        for (x, y) in a[n8..].iter().zip(&b[n8..]) {
+            s += x * f32_of(*y);
+        }
+        s
+    }
+
+    pub fn axpy(o: &mut [f32], w: f32, b: &[u16]) {
+        for (a, y) in o.iter_mut().zip(b) {
+            *a += w * f32_of(*y);
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn dot_avx2(a: &[f32], b: &[u16]) -> f32 {
+        use std::arch::x86_64::*;
+        debug_assert_eq!(a.len(), b.len());
+        let n8 = a.len() / 8 * 8;
+        let mut acc = _mm256_setzero_ps();
+        let mut i = 0;
+        while i < n8 {
+            let x = _mm256_loadu_ps(a.as_ptr().add(i));
+            let y = _mm256_cvtph_ps(_mm_loadu_si128(b.as_ptr().add(i) as *const __m128i));
+            acc = _mm256_add_ps(acc, _mm256_mul_ps(x, y));
+            i += 8;
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+        let mut s: f32 = lanes.iter().sum();
+        for (x, y) in a[n8..].iter().zip(&b[n8..]) {
+            s += x * f32_of(*y);
+        }
+        s
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn axpy_avx2(o: &mut [f32], w: f32, b: &[u16]) {
+        use std::arch::x86_64::*;
+        let n = o.len().min(b.len());
+        let n8 = n / 8 * 8;
+        let wv = _mm256_set1_ps(w);
+        let mut i = 0;
+        while i < n8 {
+            let y = _mm256_cvtph_ps(_mm_loadu_si128(b.as_ptr().add(i) as *const __m128i));
+            let p = o.as_mut_ptr().add(i);
+            _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), _mm256_mul_ps(wv, y)));
+            i += 8;
+        }
+        for (a, y) in o[n8..n].iter_mut().zip(&b[n8..n]) {
+            *a += w * f32_of(*y);
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn the_avx2_build_agrees_bit_for_bit() {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("f16c")
+            {
+                for n in [1, 7, 8, 64, 67] {
+                    let a = crate::testing::random_vec(n, n as u64);
+                    let b: Vec<u16> = crate::testing::random_vec(n, 99)
+                        .iter()
+                        .map(|&x| f16::from_f32(x).to_bits())
+                        .collect();
+                    let want = dot(&a, &b);
+                    // SAFETY: the features were detected above.
+                    assert_eq!(unsafe { dot_avx2(&a, &b) }, want, "dot n={n}");
+                    let (mut o1, mut o2) = (a.clone(), a.clone());
+                    axpy(&mut o1, 0.37, &b);
+                    // SAFETY: as above.
+                    unsafe { axpy_avx2(&mut o2, 0.37, &b) };
+                    assert_eq!(o1, o2, "axpy n={n}");
+                }
+            }
+        }
+
+        #[test]
+        fn the_dot_is_ops_dot_of_the_converted_vector() {
+            let a = crate::testing::random_vec(67, 1);
+            let b: Vec<u16> = crate::testing::random_vec(67, 2)
+                .iter()
+                .map(|&x| f16::from_f32(x).to_bits())
+                .collect();
+            let bf: Vec<f32> = b.iter().map(|&x| f32_of(x)).collect();
+            assert_eq!(dot(&a, &b), crate::ops::dot(&a, &bf));
         }
     }
 }

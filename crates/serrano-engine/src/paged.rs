@@ -345,6 +345,17 @@ impl KvCache for PagedStep<'_> {
         let src: &[f16] = self.storage.data[at..at + n].reinterpret_cast();
         src.convert_to_f32_slice(out);
     }
+
+    fn block_tokens(&self) -> usize {
+        BLOCK_TOKENS
+    }
+
+    fn block(&self, seq: usize, layer: usize, value: bool, i: usize) -> &[u16] {
+        let at = self
+            .storage
+            .offset(self.tables[seq][i], layer, usize::from(value), 0);
+        &self.storage.data[at..at + BLOCK_TOKENS * self.storage.width]
+    }
 }
 
 #[cfg(test)]
@@ -467,6 +478,14 @@ mod tests {
         assert_eq!(out, [2.0, 2.5, 3.0, 3.5]);
         step.read(0, 1, 17, true, 0, &mut out);
         assert_eq!(out, [0.0, -1.0, -2.0, -3.0]);
+        // Position 17 is row 1 of the sequence's second block (block id 0).
+        let rows = step.block(0, 1, true, 1);
+        assert_eq!(rows.len(), BLOCK_TOKENS * 8);
+        let row: Vec<f32> = rows[8..16]
+            .iter()
+            .map(|&b| f16::from_bits(b).to_f32())
+            .collect();
+        assert_eq!(row, v);
     }
 
     #[test]
