@@ -26,7 +26,8 @@ pub struct BenchArgs {
     /// Environment variable holding the second endpoint's key (default: the first's).
     #[arg(long)]
     vs_api_key_env: Option<String>,
-    /// Runs per endpoint, alternating A B A B (with --vs); results merge per endpoint.
+    /// Runs per endpoint, alternating A B A B (with --vs); results merge per endpoint. Each
+    /// round draws new prompts (seed + round), so no server answers a repeat from its cache.
     #[arg(long, default_value_t = 1)]
     rounds: u32,
     /// A workload file (TOML, or JSON by extension); replaces the workload options below.
@@ -255,6 +256,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
             return anyhow::Ok(());
         }
         for round in 0..a.rounds.max(1) {
+            // New prompts each round (the same for every endpoint within it): a repeated prompt
+            // would be served from a server's prefix cache in later rounds.
+            let w = Workload {
+                seed: w.seed.wrapping_add(u64::from(round)),
+                ..w.clone()
+            };
             for (i, t) in targets.iter().enumerate() {
                 if !a.quiet {
                     eprintln!("round {} of {}: {}", round + 1, a.rounds.max(1), t.base);

@@ -188,6 +188,36 @@ fn conversations_resend_their_history_and_hit_the_prefix_cache() {
     assert!(hits >= 4.0 * 64.0, "prefix cache hits {hits}");
 }
 
+/// Rounds draw new prompts: a repeat would be served from the prefix cache in later rounds (as
+/// llama-server's slot cache did, making its prefill look 3x faster).
+#[test]
+fn each_round_sends_new_prompts() {
+    let s = Server::start(&real_model(), &[]);
+    let v = bench(&[
+        "--url",
+        &format!("{}/v1", s.base),
+        // Completions: chat prompts would share the template's system prompt (a real hit).
+        "--endpoint",
+        "completions",
+        "--rounds",
+        "3",
+        "--requests",
+        "2",
+        "--prompt-tokens",
+        "64",
+        "--output-tokens",
+        "2",
+    ]);
+    assert_eq!(v["completed"], 6, "{v}");
+    let text = common::authed_get(&s.url("/metrics"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(metric(&text, "serrano:prefix_cache_queries_total") >= 6.0 * 48.0);
+    assert_eq!(metric(&text, "serrano:prefix_cache_hits_total"), 0.0);
+}
+
 #[test]
 fn bad_options_are_refused_with_a_message() {
     for args in [
