@@ -152,8 +152,6 @@ pub struct SeqStep<'a> {
 pub trait KvCache: Sync {
     /// Stores `k` and `v` (each `n_kv_heads * head_dim`) of `seq` for `layer` at `pos`.
     fn write(&mut self, seq: usize, layer: usize, pos: usize, k: &[f32], v: &[f32]);
-    /// Copies KV head `head`'s key (or value) of `seq` at `layer`, `pos` into `out` (head_dim).
-    fn read(&self, seq: usize, layer: usize, pos: usize, value: bool, head: usize, out: &mut [f32]);
     /// Positions per block.
     fn block_tokens(&self) -> usize;
     /// The keys (or values) of `seq` at `layer` for the positions of its `i`-th block, as f16

@@ -327,25 +327,6 @@ impl KvCache for PagedStep<'_> {
         }
     }
 
-    fn read(
-        &self,
-        seq: usize,
-        layer: usize,
-        pos: usize,
-        value: bool,
-        head: usize,
-        out: &mut [f32],
-    ) {
-        let block = self.tables[seq][pos / BLOCK_TOKENS];
-        let n = out.len();
-        let at = self
-            .storage
-            .offset(block, layer, usize::from(value), pos % BLOCK_TOKENS)
-            + head * n;
-        let src: &[f16] = self.storage.data[at..at + n].reinterpret_cast();
-        src.convert_to_f32_slice(out);
-    }
-
     fn block_tokens(&self) -> usize {
         BLOCK_TOKENS
     }
@@ -473,19 +454,17 @@ mod tests {
         let k: Vec<f32> = (0..8).map(|i| i as f32 * 0.5).collect();
         let v: Vec<f32> = (0..8).map(|i| -(i as f32)).collect();
         step.write(0, 1, 17, &k, &v);
-        let mut out = [0f32; 4];
-        step.read(0, 1, 17, false, 1, &mut out);
-        assert_eq!(out, [2.0, 2.5, 3.0, 3.5]);
-        step.read(0, 1, 17, true, 0, &mut out);
-        assert_eq!(out, [0.0, -1.0, -2.0, -3.0]);
         // Position 17 is row 1 of the sequence's second block (block id 0).
-        let rows = step.block(0, 1, true, 1);
-        assert_eq!(rows.len(), BLOCK_TOKENS * 8);
-        let row: Vec<f32> = rows[8..16]
-            .iter()
-            .map(|&b| f16::from_bits(b).to_f32())
-            .collect();
-        assert_eq!(row, v);
+        let row = |value: bool| -> Vec<f32> {
+            let rows = step.block(0, 1, value, 1);
+            assert_eq!(rows.len(), BLOCK_TOKENS * 8);
+            rows[8..16]
+                .iter()
+                .map(|&b| f16::from_bits(b).to_f32())
+                .collect()
+        };
+        assert_eq!(row(false), k);
+        assert_eq!(row(true), v);
     }
 
     #[test]

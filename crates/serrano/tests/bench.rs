@@ -30,6 +30,15 @@ fn bench(args: &[&str]) -> Value {
     serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap()
 }
 
+/// The server's Prometheus text.
+fn metrics_text(s: &Server) -> String {
+    common::authed_get(&s.url("/metrics"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap()
+}
+
 /// Sum over every label set of a Prometheus sample.
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()
@@ -68,11 +77,7 @@ fn its_ttft_and_token_counts_agree_with_the_servers_own() {
         "{v}"
     );
 
-    let text = common::authed_get(&s.url("/metrics"))
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
+    let text = metrics_text(&s);
     assert_eq!(metric(&text, "serrano:generation_tokens_total"), 6.0 * 24.0);
     assert_eq!(metric(&text, "serrano:prompt_tokens_total"), 6.0 * 256.0);
     let server_ttft = metric(&text, "serrano:time_to_first_token_seconds_sum")
@@ -113,8 +118,9 @@ fn an_open_loop_past_capacity_shows_the_queue_in_ttft() {
         "24",
         "--prompt-tokens",
         "16",
+        // Long enough that one sequence at a time serves well under 40/s (~70 ms each here).
         "--output-tokens",
-        "96",
+        "192",
     ]);
     assert_eq!(v["completed"], 24, "{v}");
     let ttfts: Vec<f64> = v["ttfts"]
@@ -177,11 +183,7 @@ fn conversations_resend_their_history_and_hit_the_prefix_cache() {
     // A third turn holds two more user messages and two replies than a first one.
     assert!(*max >= min + 2 * (64 + 16), "{lens:?}");
 
-    let text = common::authed_get(&s.url("/metrics"))
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
+    let text = metrics_text(&s);
     // Each of the 4 later turns finds at least its conversation's first prompt (64 tokens and
     // the template) cached: 4 full blocks of 16.
     let hits = metric(&text, "serrano:prefix_cache_hits_total");
@@ -209,11 +211,7 @@ fn each_round_sends_new_prompts() {
         "2",
     ]);
     assert_eq!(v["completed"], 6, "{v}");
-    let text = common::authed_get(&s.url("/metrics"))
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
+    let text = metrics_text(&s);
     assert!(metric(&text, "serrano:prefix_cache_queries_total") >= 6.0 * 48.0);
     assert_eq!(metric(&text, "serrano:prefix_cache_hits_total"), 0.0);
 }
@@ -259,6 +257,9 @@ fn chromium() -> std::path::PathBuf {
 
 #[test]
 fn a_sweep_finds_the_slo_edge_and_the_html_report_renders_in_a_browser() {
+    // One sequence at a time, so past the service rate requests queue. 32 requests of 128
+    // tokens make that queue far longer than the SLO (8 short ones stopped doing so once the
+    // engine got faster: the whole burst fit in 400 ms).
     let s = Server::slow(&["--max-num-seqs", "1"]);
     let dir = tempfile::tempdir().unwrap();
     let html = dir.path().join("report.html");
@@ -268,15 +269,15 @@ fn a_sweep_finds_the_slo_edge_and_the_html_report_renders_in_a_browser() {
         "--endpoint",
         "completions",
         "--rate",
-        "2",
+        "8",
         "--arrival",
         "constant",
         "--requests",
-        "8",
+        "32",
         "--prompt-tokens",
         "16",
         "--output-tokens",
-        "64",
+        "128",
         "--slo",
         "ttft_p90=400ms",
         "--sweep",
