@@ -63,23 +63,43 @@ pub fn dot(dtype: DType, row: &[u8], x: &[BlockQ8]) -> f32 {
 pub fn dot_n<const N: usize>(dtype: DType, row: &[u8], xs: [&[BlockQ8]; N]) -> [f32; N] {
     #[cfg(target_arch = "x86_64")]
     {
-        if has_avx2() {
+        match simd() {
+            // SAFETY: AVX2, FMA, F16C, AVX512-VNNI and AVX512-VL were detected at run time.
+            Simd::Vnni => return unsafe { avx2::dot_n_vnni(dtype, row, xs) },
             // SAFETY: AVX2, FMA and F16C were detected at run time.
-            return unsafe { avx2::dot_n(dtype, row, xs) };
+            Simd::Avx2 => return unsafe { avx2::dot_n(dtype, row, xs) },
+            Simd::None => {}
         }
     }
     xs.map(|x| portable::dot(dtype, row, x))
 }
 
+/// The widest kernel build this CPU runs. All of them compute the same integer block sums, so
+/// the choice changes speed, never a result.
+#[cfg(target_arch = "x86_64")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Simd {
+    None,
+    Avx2,
+    /// AVX2 plus `vpdpbusd` (AVX512-VNNI on 256-bit registers): one instruction for what
+    /// `vpmaddubsw` + `vpmaddwd` do in two.
+    Vnni,
+}
+
 #[cfg(target_arch = "x86_64")]
 #[inline]
-fn has_avx2() -> bool {
+fn simd() -> Simd {
+    use std::arch::is_x86_feature_detected as has;
     use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| {
-        std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && std::arch::is_x86_feature_detected!("f16c")
+    static SIMD: OnceLock<Simd> = OnceLock::new();
+    *SIMD.get_or_init(|| {
+        if !(has!("avx2") && has!("fma") && has!("f16c")) {
+            Simd::None
+        } else if has!("avx512vnni") && has!("avx512vl") {
+            Simd::Vnni
+        } else {
+            Simd::Avx2
+        }
     })
 }
 
@@ -137,23 +157,33 @@ mod avx2 {
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_n<const N: usize>(dtype: DType, row: &[u8], xs: [&[BlockQ8]; N]) -> [f32; N] {
-        match dtype {
-            DType::Q4_1 => dot_q4_1(row, xs),
-            DType::Q4_0 => dot_signed::<N, 18>(row, xs, |b| {
-                _mm256_sub_epi8(nibbles(b.as_ptr().add(2)), _mm256_set1_epi8(8))
-            }),
-            DType::Q8_0 => dot_signed::<N, 34>(row, xs, |b| {
-                _mm256_loadu_si256(b.as_ptr().add(2) as *const __m256i)
-            }),
-            other => unreachable!("no integer kernel for {other:?}"),
-        }
+        dispatch::<N, false>(dtype, row, xs)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    pub unsafe fn dot_n_vnni<const N: usize>(
+        dtype: DType,
+        row: &[u8],
+        xs: [&[BlockQ8]; N],
+    ) -> [f32; N] {
+        dispatch::<N, true>(dtype, row, xs)
     }
 
     #[inline(always)]
-    unsafe fn half(b: &[u8], at: usize) -> f32 {
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-            u16::from_le_bytes([b[at], b[at + 1]]) as i32,
-        )))
+    unsafe fn dispatch<const N: usize, const VNNI: bool>(
+        dtype: DType,
+        row: &[u8],
+        xs: [&[BlockQ8]; N],
+    ) -> [f32; N] {
+        // The kernels index activation blocks unchecked: every token must cover the row.
+        let blocks = row.len() / dtype.block_bytes();
+        assert!(xs.iter().all(|x| x.len() >= blocks));
+        match dtype {
+            DType::Q4_1 => dot_q4_1::<N, VNNI>(row, xs),
+            DType::Q4_0 => dot_signed::<N, 18, VNNI>(row, xs),
+            DType::Q8_0 => dot_signed::<N, 34, VNNI>(row, xs),
+            other => unreachable!("no integer kernel for {other:?}"),
+        }
     }
 
     /// The 32 nibbles of a 4-bit block as unsigned bytes, in element order (low nibbles are
@@ -167,11 +197,17 @@ mod avx2 {
         _mm256_set_m128i(hi, lo)
     }
 
-    /// Eight i32 partial sums of unsigned `a` times signed `b`, as floats.
+    /// Eight i32 partial sums of unsigned `a` times signed `b`, as floats. The two ways give
+    /// the same integers: no pair of products here reaches `vpmaddubsw`'s i16 saturation
+    /// (4-bit weights times |x| <= 127, or |w| <= 128 times |x| <= 127).
     #[inline(always)]
-    unsafe fn mul_sum_u8_i8(a: __m256i, b: __m256i) -> __m256 {
-        let p16 = _mm256_maddubs_epi16(a, b);
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
+    unsafe fn mul_sum_u8_i8<const VNNI: bool>(a: __m256i, b: __m256i) -> __m256 {
+        if VNNI {
+            _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b))
+        } else {
+            let p16 = _mm256_maddubs_epi16(a, b);
+            _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
+        }
     }
 
     #[inline(always)]
@@ -182,64 +218,97 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
-    /// Two accumulators per token (even and odd blocks) break the FMA latency chain.
-    #[inline(always)]
-    unsafe fn finish<const N: usize>(acc: [[__m256; 2]; N], extra: [f32; N]) -> [f32; N] {
-        let mut out = [0f32; N];
-        for t in 0..N {
-            out[t] = hsum(_mm256_add_ps(acc[t][0], acc[t][1])) + extra[t];
-        }
-        out
+    /// Runs `$step` (`|i, acc, mins| ...`, given block `i` and that chain's per-token
+    /// accumulators) over `$blocks` blocks with two accumulators per token: even blocks into the
+    /// first, odd into the second, which breaks the FMA latency chain. The pair is unrolled by
+    /// hand so the accumulators live in registers (indexing one array by `i & 1` kept them on
+    /// the stack, a store-to-load round trip on every block's chain). A macro, not a function
+    /// taking a closure: a closure would not inherit the caller's target features, and every
+    /// intrinsic in it would become a call.
+    macro_rules! two_chains {
+        ($n:expr, $blocks:expr, |$i:ident, $acc:ident, $mins:ident| $step:block) => {{
+            let mut chains = [([_mm256_setzero_ps(); $n], [0f32; $n]); 2];
+            let blocks = $blocks;
+            let mut base = 0;
+            while base + 2 <= blocks {
+                {
+                    let $i = base;
+                    let ($acc, $mins) = (&mut chains[0].0, &mut chains[0].1);
+                    $step
+                }
+                {
+                    let $i = base + 1;
+                    let ($acc, $mins) = (&mut chains[1].0, &mut chains[1].1);
+                    $step
+                }
+                base += 2;
+            }
+            if base < blocks {
+                let $i = base;
+                let ($acc, $mins) = (&mut chains[0].0, &mut chains[0].1);
+                $step
+            }
+            let [(acc0, min0), (acc1, min1)] = chains;
+            let mut out = [0f32; $n];
+            for t in 0..$n {
+                out[t] = hsum(_mm256_add_ps(acc0[t], acc1[t])) + (min0[t] + min1[t]);
+            }
+            out
+        }};
     }
 
     #[inline(always)]
-    unsafe fn dot_q4_1<const N: usize>(row: &[u8], xs: [&[BlockQ8]; N]) -> [f32; N] {
-        let mut acc = [[_mm256_setzero_ps(); 2]; N];
-        // The minimum terms in two chains too (even and odd blocks), so neither the FMA nor
-        // this add's latency serializes a single-token (decode) row.
-        let mut mins = [[0f32; 2]; N];
-        for (i, b) in row.chunks_exact(20).enumerate() {
-            let w = nibbles(b.as_ptr().add(4));
+    unsafe fn dot_q4_1<const N: usize, const VNNI: bool>(
+        row: &[u8],
+        xs: [&[BlockQ8]; N],
+    ) -> [f32; N] {
+        // The minimum terms go in two chains too, so neither the FMA nor this add's latency
+        // serializes a single-token (decode) row.
+        two_chains!(N, row.len() / 20, |i, acc, mins| {
+            let b = row.as_ptr().add(i * 20);
+            let w = nibbles(b.add(4));
             // Both f16 scales (d, m) in one conversion.
-            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([
-                b[0], b[1], b[2], b[3],
-            ])));
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((b as *const i32).read_unaligned()));
             let d = _mm_cvtss_f32(dm);
             let m = _mm_cvtss_f32(_mm_movehdup_ps(dm));
             for t in 0..N {
-                let xb = &xs[t][i];
+                let xb = xs[t].get_unchecked(i);
                 let xq = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
-                acc[t][i & 1] = _mm256_fmadd_ps(
+                acc[t] = _mm256_fmadd_ps(
                     _mm256_set1_ps(d * xb.d),
-                    mul_sum_u8_i8(w, xq),
-                    acc[t][i & 1],
+                    mul_sum_u8_i8::<VNNI>(w, xq),
+                    acc[t],
                 );
-                mins[t][i & 1] += m * xb.s;
+                mins[t] += m * xb.s;
             }
-        }
-        finish(acc, mins.map(|[a, b]| a + b))
+        })
     }
 
-    /// Formats with signed weights: `weights` decodes a block to 32 signed bytes.
+    /// Formats with signed weights, told apart by block size: Q4_0 (18 bytes: nibbles minus 8)
+    /// and Q8_0 (34 bytes: signed bytes).
     #[inline(always)]
-    unsafe fn dot_signed<const N: usize, const B: usize>(
+    unsafe fn dot_signed<const N: usize, const B: usize, const VNNI: bool>(
         row: &[u8],
         xs: [&[BlockQ8]; N],
-        weights: impl Fn(&[u8]) -> __m256i,
     ) -> [f32; N] {
-        let mut acc = [[_mm256_setzero_ps(); 2]; N];
-        for (i, b) in row.chunks_exact(B).enumerate() {
-            let w = weights(b);
+        two_chains!(N, row.len() / B, |i, acc, _mins| {
+            let b = row.as_ptr().add(i * B);
+            let w = if B == 18 {
+                _mm256_sub_epi8(nibbles(b.add(2)), _mm256_set1_epi8(8))
+            } else {
+                _mm256_loadu_si256(b.add(2) as *const __m256i)
+            };
             let aw = _mm256_sign_epi8(w, w);
-            let d = half(b, 0);
+            let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+                (b as *const u16).read_unaligned() as i32,
+            )));
             for t in 0..N {
-                let xb = &xs[t][i];
+                let xb = xs[t].get_unchecked(i);
                 let xq = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
-                let p = mul_sum_u8_i8(aw, _mm256_sign_epi8(xq, w));
-                acc[t][i & 1] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), p, acc[t][i & 1]);
+                let p = mul_sum_u8_i8::<VNNI>(aw, _mm256_sign_epi8(xq, w));
+                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), p, acc[t]);
             }
-        }
-        finish(acc, [0f32; N])
+        })
     }
 }
 

@@ -441,7 +441,14 @@ fn attend(task: &Attend<'_>, q: &[f32], out: &mut [f32]) {
             return;
         }
     }
-    attend_with(task, q, out, f16_kernels::dot, f16_kernels::axpy);
+    attend_with(
+        task,
+        q,
+        out,
+        attn_kernels::dots,
+        attn_kernels::softmax,
+        attn_kernels::axpys,
+    );
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -451,8 +458,9 @@ unsafe fn attend_avx2(task: &Attend<'_>, q: &[f32], out: &mut [f32]) {
         task,
         q,
         out,
-        |a, b| unsafe { f16_kernels::dot_avx2(a, b) },
-        |o, w, b| unsafe { f16_kernels::axpy_avx2(o, w, b) },
+        |q, rows, out| unsafe { attn_kernels::dots_avx2(q, rows, out) },
+        |x| unsafe { attn_kernels::softmax_avx2(x) },
+        |o, w, rows| unsafe { attn_kernels::axpys_avx2(o, w, rows) },
     );
 }
 
@@ -463,51 +471,80 @@ fn attend_with(
     task: &Attend<'_>,
     q: &[f32],
     out: &mut [f32],
-    dot: impl Fn(&[f32], &[u16]) -> f32,
-    axpy: impl Fn(&mut [f32], f32, &[u16]),
+    dots: impl Fn(&[f32], attn_kernels::Rows<'_>, &mut [f32]),
+    softmax: impl Fn(&mut [f32]),
+    axpys: impl Fn(&mut [f32], &[f32], attn_kernels::Rows<'_>),
 ) {
     let (hd, n_pos) = (task.head_dim, task.n_pos);
     let group = q.len() / hd;
     let bt = task.kv.block_tokens();
     let rows = |value: bool, b: usize| {
         let data = task.kv.block(task.seq, task.layer, value, b);
-        let width = data.len() / bt;
-        let at = task.kv_head * hd;
-        let n = bt.min(n_pos - b * bt);
-        (0..n).map(move |j| &data[j * width + at..j * width + at + hd])
+        attn_kernels::Rows {
+            data,
+            width: data.len() / bt,
+            at: task.kv_head * hd,
+            len: hd,
+            n: bt.min(n_pos - b * bt),
+        }
     };
     let n_blocks = n_pos.div_ceil(bt);
     let mut scores = vec![0f32; group * n_pos];
     for b in 0..n_blocks {
-        for (j, k) in rows(false, b).enumerate() {
-            let p = b * bt + j;
-            for (g, qh) in q.chunks_exact(hd).enumerate() {
-                scores[g * n_pos + p] = dot(qh, k) * task.scale;
-            }
+        let keys = rows(false, b);
+        for (qh, s) in q.chunks_exact(hd).zip(scores.chunks_exact_mut(n_pos)) {
+            let s = &mut s[b * bt..b * bt + keys.n];
+            dots(qh, keys, s);
+            s.iter_mut().for_each(|v| *v *= task.scale);
         }
     }
     for s in scores.chunks_exact_mut(n_pos) {
-        ops::softmax(s);
+        softmax(s);
     }
     out.fill(0.0);
     for b in 0..n_blocks {
-        for (j, v) in rows(true, b).enumerate() {
-            let p = b * bt + j;
-            for (g, o) in out.chunks_exact_mut(hd).enumerate() {
-                axpy(o, scores[g * n_pos + p], v);
-            }
+        let values = rows(true, b);
+        for (o, s) in out.chunks_exact_mut(hd).zip(scores.chunks_exact(n_pos)) {
+            axpys(o, &s[b * bt..b * bt + values.n], values);
         }
     }
 }
 
-/// Dot products and scaled adds of f32 vectors with f16 ones, in [`ops::dot`]'s order: eight
-/// lanes of products summed per lane, the lanes added in order, then the tail.
-mod f16_kernels {
+/// Attention's kernels: dot products and scaled sums of f32 vectors with rows of the f16
+/// cache, and the softmax between them. Each dot sums eight lanes of products, then the lanes
+/// pairwise (`((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7))`, the order `vhaddps` gives four rows at
+/// once), then the tail; sums of rows go row by row; the softmax sums its exponentials the
+/// same way. The portable code is the reference and the AVX2 build agrees with it bit for bit
+/// (no FMA, the same exponential polynomial).
+mod attn_kernels {
     use half::f16;
+
+    /// Rows `0..n` of one head in a cache block: row `j` is `data[j * width + at..][..len]`.
+    #[derive(Debug, Clone, Copy)]
+    pub struct Rows<'a> {
+        pub data: &'a [u16],
+        pub width: usize,
+        pub at: usize,
+        pub len: usize,
+        pub n: usize,
+    }
+
+    impl<'a> Rows<'a> {
+        #[inline(always)]
+        pub fn row(&self, j: usize) -> &'a [u16] {
+            let start = j * self.width + self.at;
+            &self.data[start..start + self.len]
+        }
+    }
 
     #[inline(always)]
     fn f32_of(b: u16) -> f32 {
         f16::from_bits(b).to_f32()
+    }
+
+    #[inline(always)]
+    fn sum_lanes(l: [f32; 8]) -> f32 {
+        ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]))
     }
 
     pub fn dot(a: &[f32], b: &[u16]) -> f32 {
@@ -519,58 +556,237 @@ mod f16_kernels {
                 acc[i] += x[i] * f32_of(y[i]);
             }
         }
-        let mut s: f32 = acc.iter().sum();
+        let mut s = sum_lanes(acc);
         for (x, y) in a[n8..].iter().zip(&b[n8..]) {
             s += x * f32_of(*y);
         }
         s
     }
 
-    pub fn axpy(o: &mut [f32], w: f32, b: &[u16]) {
-        for (a, y) in o.iter_mut().zip(b) {
-            *a += w * f32_of(*y);
+    /// `out[j] = dot(q, rows.row(j))`.
+    pub fn dots(q: &[f32], rows: Rows<'_>, out: &mut [f32]) {
+        for (j, o) in out[..rows.n].iter_mut().enumerate() {
+            *o = dot(q, rows.row(j));
         }
     }
 
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,f16c")]
-    pub unsafe fn dot_avx2(a: &[f32], b: &[u16]) -> f32 {
-        use std::arch::x86_64::*;
-        debug_assert_eq!(a.len(), b.len());
-        let n8 = a.len() / 8 * 8;
-        let mut acc = _mm256_setzero_ps();
-        let mut i = 0;
-        while i < n8 {
-            let x = _mm256_loadu_ps(a.as_ptr().add(i));
-            let y = _mm256_cvtph_ps(_mm_loadu_si128(b.as_ptr().add(i) as *const __m128i));
-            acc = _mm256_add_ps(acc, _mm256_mul_ps(x, y));
-            i += 8;
+    /// `o += w[j] * rows.row(j)` for each row in order.
+    pub fn axpys(o: &mut [f32], w: &[f32], rows: Rows<'_>) {
+        for (j, &wj) in w[..rows.n].iter().enumerate() {
+            for (a, y) in o.iter_mut().zip(rows.row(j)) {
+                *a += wj * f32_of(*y);
+            }
         }
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-        let mut s: f32 = lanes.iter().sum();
-        for (x, y) in a[n8..].iter().zip(&b[n8..]) {
-            s += x * f32_of(*y);
+    }
+
+    // Cephes' single-precision exponential: e^x = 2^n * e^r with n = round(x / ln 2) and
+    // |r| <= ln 2 / 2, e^r by a degree-7 polynomial; within 2 ulp of the true value. Written by
+    // hand, as llama.cpp's softmax does, because libm's expf is a call per element that cannot
+    // vectorize, and it was a fifth of attention's time.
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const POLY: [f32; 6] = [
+        1.987_569_1e-4,
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        0.5,
+    ];
+    /// Below this e^x is under f32's smallest normal; softmax treats it as zero.
+    const EXP_MIN: f32 = -87.0;
+
+    /// e^x for x <= 0, the softmax's inputs once the maximum is subtracted.
+    #[inline(always)]
+    fn exp_nonpositive(x: f32) -> f32 {
+        if x < EXP_MIN {
+            return 0.0;
         }
-        s
+        let n = (x * LOG2E + 0.5).floor();
+        let r = (x - n * LN2_HI) - n * LN2_LO;
+        let mut p = POLY[0];
+        for c in &POLY[1..] {
+            p = p * r + c;
+        }
+        let y = (p * (r * r) + r) + 1.0;
+        y * f32::from_bits(((n as i32 + 127) << 23) as u32)
+    }
+
+    /// In-place softmax.
+    pub fn softmax(x: &mut [f32]) {
+        let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let n8 = x.len() / 8 * 8;
+        let mut acc = [0f32; 8];
+        for c in x[..n8].chunks_exact_mut(8) {
+            for (a, v) in acc.iter_mut().zip(c) {
+                *v = exp_nonpositive(*v - max);
+                *a += *v;
+            }
+        }
+        let mut sum = sum_lanes(acc);
+        for v in &mut x[n8..] {
+            *v = exp_nonpositive(*v - max);
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        x.iter_mut().for_each(|v| *v *= inv);
     }
 
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,f16c")]
-    pub unsafe fn axpy_avx2(o: &mut [f32], w: f32, b: &[u16]) {
+    pub use avx2::{axpys_avx2, dots_avx2, softmax_avx2};
+
+    #[cfg(target_arch = "x86_64")]
+    mod avx2 {
         use std::arch::x86_64::*;
-        let n = o.len().min(b.len());
-        let n8 = n / 8 * 8;
-        let wv = _mm256_set1_ps(w);
-        let mut i = 0;
-        while i < n8 {
-            let y = _mm256_cvtph_ps(_mm_loadu_si128(b.as_ptr().add(i) as *const __m128i));
-            let p = o.as_mut_ptr().add(i);
-            _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), _mm256_mul_ps(wv, y)));
-            i += 8;
+
+        use super::*;
+
+        #[inline(always)]
+        unsafe fn load_f16(p: &[u16], i: usize) -> __m256 {
+            _mm256_cvtph_ps(_mm_loadu_si128(p.as_ptr().add(i) as *const __m128i))
         }
-        for (a, y) in o[n8..n].iter_mut().zip(&b[n8..n]) {
-            *a += w * f32_of(*y);
+
+        /// Four rows' lane sums at once, each in [`super::sum_lanes`]' order.
+        #[inline(always)]
+        unsafe fn sum_lanes4(a: [__m256; 4]) -> [f32; 4] {
+            let h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+            let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+            let mut out = [0f32; 4];
+            _mm_storeu_ps(out.as_mut_ptr(), s);
+            out
+        }
+
+        /// [`super::dots`], four rows per pass: four independent sums hide the add latency and
+        /// share each load of `q`.
+        #[target_feature(enable = "avx2,f16c")]
+        pub unsafe fn dots_avx2(q: &[f32], rows: Rows<'_>, out: &mut [f32]) {
+            let (hd, n8) = (q.len(), q.len() / 8 * 8);
+            assert_eq!(hd, rows.len);
+            let out = &mut out[..rows.n];
+            let mut j = 0;
+            while j + 4 <= rows.n {
+                let r = [
+                    rows.row(j),
+                    rows.row(j + 1),
+                    rows.row(j + 2),
+                    rows.row(j + 3),
+                ];
+                let mut acc = [_mm256_setzero_ps(); 4];
+                let mut i = 0;
+                while i < n8 {
+                    let x = _mm256_loadu_ps(q.as_ptr().add(i));
+                    for k in 0..4 {
+                        acc[k] = _mm256_add_ps(acc[k], _mm256_mul_ps(x, load_f16(r[k], i)));
+                    }
+                    i += 8;
+                }
+                let s = sum_lanes4(acc);
+                for k in 0..4 {
+                    let mut v = s[k];
+                    for i in n8..hd {
+                        v += q[i] * f32_of(r[k][i]);
+                    }
+                    out[j + k] = v;
+                }
+                j += 4;
+            }
+            for (jj, o) in out.iter_mut().enumerate().skip(j) {
+                *o = dot(q, rows.row(jj));
+            }
+        }
+
+        /// [`super::softmax`], eight lanes at a time.
+        #[target_feature(enable = "avx2,f16c")]
+        pub unsafe fn softmax_avx2(x: &mut [f32]) {
+            let n8 = x.len() / 8 * 8;
+            let p = x.as_mut_ptr();
+            let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
+            for i in (0..n8).step_by(8) {
+                m = _mm256_max_ps(m, _mm256_loadu_ps(p.add(i)));
+            }
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+            let max = lanes
+                .iter()
+                .chain(&x[n8..])
+                .copied()
+                .fold(f32::NEG_INFINITY, f32::max);
+            let (maxv, mut acc) = (_mm256_set1_ps(max), _mm256_setzero_ps());
+            for i in (0..n8).step_by(8) {
+                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), maxv));
+                _mm256_storeu_ps(p.add(i), e);
+                acc = _mm256_add_ps(acc, e);
+            }
+            _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+            let mut sum = sum_lanes(lanes);
+            for v in &mut x[n8..] {
+                *v = exp_nonpositive(*v - max);
+                sum += *v;
+            }
+            let inv = 1.0 / sum;
+            let invv = _mm256_set1_ps(inv);
+            for i in (0..n8).step_by(8) {
+                _mm256_storeu_ps(p.add(i), _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), invv));
+            }
+            x[n8..].iter_mut().for_each(|v| *v *= inv);
+        }
+
+        /// [`exp_nonpositive`] of eight lanes, operation for operation.
+        #[inline(always)]
+        unsafe fn exp8(x: __m256) -> __m256 {
+            let tiny = _mm256_cmp_ps(x, _mm256_set1_ps(EXP_MIN), _CMP_LT_OQ);
+            let n = _mm256_floor_ps(_mm256_add_ps(
+                _mm256_mul_ps(x, _mm256_set1_ps(LOG2E)),
+                _mm256_set1_ps(0.5),
+            ));
+            let r = _mm256_sub_ps(
+                _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(LN2_HI))),
+                _mm256_mul_ps(n, _mm256_set1_ps(LN2_LO)),
+            );
+            let mut p = _mm256_set1_ps(POLY[0]);
+            for c in &POLY[1..] {
+                p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(*c));
+            }
+            let y = _mm256_add_ps(
+                _mm256_add_ps(_mm256_mul_ps(p, _mm256_mul_ps(r, r)), r),
+                _mm256_set1_ps(1.0),
+            );
+            let e = _mm256_slli_epi32(
+                _mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)),
+                23,
+            );
+            let y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+            _mm256_andnot_ps(tiny, y)
+        }
+
+        /// [`super::axpys`] with the output held in registers across the block's rows, for the
+        /// usual head sizes; others go row by row through memory.
+        #[target_feature(enable = "avx2,f16c")]
+        pub unsafe fn axpys_avx2(o: &mut [f32], w: &[f32], rows: Rows<'_>) {
+            assert_eq!(o.len(), rows.len);
+            match o.len() {
+                64 => axpys_fixed::<8>(o, w, rows),
+                128 => axpys_fixed::<16>(o, w, rows),
+                _ => super::axpys(o, w, rows),
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn axpys_fixed<const C: usize>(o: &mut [f32], w: &[f32], rows: Rows<'_>) {
+            let mut acc = [_mm256_setzero_ps(); C];
+            for (c, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_loadu_ps(o.as_ptr().add(8 * c));
+            }
+            for (j, &wj) in w[..rows.n].iter().enumerate() {
+                let (wv, r) = (_mm256_set1_ps(wj), rows.row(j));
+                for (c, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_add_ps(*a, _mm256_mul_ps(wv, load_f16(r, 8 * c)));
+                }
+            }
+            for (c, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(o.as_mut_ptr().add(8 * c), *a);
+            }
         }
     }
 
@@ -578,39 +794,116 @@ mod f16_kernels {
     mod tests {
         use super::*;
 
+        fn f16_vec(n: usize, seed: u64) -> Vec<u16> {
+            crate::testing::random_vec(n, seed)
+                .iter()
+                .map(|&x| f16::from_f32(x).to_bits())
+                .collect()
+        }
+
+        /// A block of `n` rows, `width` apart, the head at column `at`.
+        fn block(n: usize, width: usize, seed: u64) -> Vec<u16> {
+            f16_vec(n * width, seed)
+        }
+
         #[test]
         fn the_avx2_build_agrees_bit_for_bit() {
             #[cfg(target_arch = "x86_64")]
             if std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("f16c")
             {
-                for n in [1, 7, 8, 64, 67] {
-                    let a = crate::testing::random_vec(n, n as u64);
-                    let b: Vec<u16> = crate::testing::random_vec(n, 99)
-                        .iter()
-                        .map(|&x| f16::from_f32(x).to_bits())
-                        .collect();
-                    let want = dot(&a, &b);
-                    // SAFETY: the features were detected above.
-                    assert_eq!(unsafe { dot_avx2(&a, &b) }, want, "dot n={n}");
-                    let (mut o1, mut o2) = (a.clone(), a.clone());
-                    axpy(&mut o1, 0.37, &b);
-                    // SAFETY: as above.
-                    unsafe { axpy_avx2(&mut o2, 0.37, &b) };
-                    assert_eq!(o1, o2, "axpy n={n}");
+                for hd in [1, 7, 8, 64, 67, 128] {
+                    for n in [1, 3, 4, 5, 16] {
+                        let width = 3 * hd + 5;
+                        let data = block(n, width, (hd * n) as u64);
+                        let rows = Rows {
+                            data: &data,
+                            width,
+                            at: hd + 2,
+                            len: hd,
+                            n,
+                        };
+                        let q = crate::testing::random_vec(hd, hd as u64);
+                        let (mut want, mut got) = (vec![0f32; n], vec![0f32; n]);
+                        dots(&q, rows, &mut want);
+                        // SAFETY: the features were detected above.
+                        unsafe { dots_avx2(&q, rows, &mut got) };
+                        assert_eq!(got, want, "dots hd={hd} n={n}");
+                        let w = crate::testing::random_vec(n, 7);
+                        let (mut o1, mut o2) = (q.clone(), q.clone());
+                        axpys(&mut o1, &w, rows);
+                        // SAFETY: as above.
+                        unsafe { axpys_avx2(&mut o2, &w, rows) };
+                        assert_eq!(o1, o2, "axpys hd={hd} n={n}");
+                    }
                 }
             }
         }
 
         #[test]
-        fn the_dot_is_ops_dot_of_the_converted_vector() {
-            let a = crate::testing::random_vec(67, 1);
-            let b: Vec<u16> = crate::testing::random_vec(67, 2)
-                .iter()
-                .map(|&x| f16::from_f32(x).to_bits())
-                .collect();
-            let bf: Vec<f32> = b.iter().map(|&x| f32_of(x)).collect();
-            assert_eq!(dot(&a, &b), crate::ops::dot(&a, &bf));
+        fn softmax_matches_libm_and_its_avx2_build_bit_for_bit() {
+            for n in [1, 3, 8, 17, 300] {
+                let x: Vec<f32> = crate::testing::random_vec(n, n as u64)
+                    .iter()
+                    .map(|v| v * 40.0)
+                    .collect();
+                let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f64 = x.iter().map(|&v| ((v - max) as f64).exp()).sum();
+                let mut p = x.clone();
+                softmax(&mut p);
+                for (got, v) in p.iter().zip(&x) {
+                    let want = ((v - max) as f64).exp() / sum;
+                    assert!(
+                        (*got as f64 - want).abs() < 1e-6 * (1e-3 + want),
+                        "n={n}: {got} vs {want}"
+                    );
+                }
+                #[cfg(target_arch = "x86_64")]
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("f16c")
+                {
+                    let mut q = x.clone();
+                    // SAFETY: the features were detected just above.
+                    unsafe { softmax_avx2(&mut q) };
+                    assert_eq!(q, p, "n={n}");
+                }
+            }
+            // Far below the maximum is exactly zero, not a denormal or NaN.
+            let mut p = vec![0.0, -200.0, -87.5, -86.0];
+            softmax(&mut p);
+            assert_eq!((p[1], p[2]), (0.0, 0.0));
+            assert!(p[3] > 0.0 && p[0] == 1.0);
+        }
+
+        #[test]
+        fn the_exponential_is_within_two_ulp_of_f64() {
+            let mut x = -87.0f32;
+            while x <= 0.0 {
+                let (got, want) = (exp_nonpositive(x), (x as f64).exp());
+                assert!(
+                    ((got as f64 - want) / want).abs() < 2.5e-7,
+                    "e^{x}: {got} vs {want}"
+                );
+                x += 0.013;
+            }
+        }
+
+        #[test]
+        fn the_dot_matches_an_f64_reference() {
+            for n in [1, 8, 67] {
+                let a = crate::testing::random_vec(n, 1);
+                let b = f16_vec(n, 2);
+                let want: f64 = a
+                    .iter()
+                    .zip(&b)
+                    .map(|(&x, &y)| x as f64 * f32_of(y) as f64)
+                    .sum();
+                let got = dot(&a, &b) as f64;
+                assert!(
+                    (got - want).abs() < 1e-5 * (1.0 + want.abs()),
+                    "n={n}: {got} vs {want}"
+                );
+            }
         }
     }
 }

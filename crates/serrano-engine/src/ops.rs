@@ -150,23 +150,26 @@ fn matmul_q8_many(ws: &[&QMatrix], x: &[f32], n: usize, ys: &mut [&mut [f32]]) {
         let (w, Some(out)) = (ws[m], &outs[m]) else {
             return;
         };
-        for r in c * ROWS_PER_TASK..((c + 1) * ROWS_PER_TASK).min(w.rows) {
-            let row = w.row(r);
-            // Four tokens per pass share each decoded weight block.
-            let mut t = 0;
-            while t + 4 <= n {
-                let v =
-                    kernels::dot_n::<4>(w.dtype, row, [act(t), act(t + 1), act(t + 2), act(t + 3)]);
+        let rows = c * ROWS_PER_TASK..((c + 1) * ROWS_PER_TASK).min(w.rows);
+        // Tokens outside, rows inside: the band's weights (a few KiB) and four tokens'
+        // activations stay in L1 while every pair is computed; rows outside would stream all
+        // `n` tokens' activations from L2 once per row.
+        let mut t = 0;
+        while t + 4 <= n {
+            let xs = [act(t), act(t + 1), act(t + 2), act(t + 3)];
+            for r in rows.clone() {
+                let v = kernels::dot_n::<4>(w.dtype, w.row(r), xs);
                 for (k, v) in v.into_iter().enumerate() {
                     // SAFETY: this task alone owns row `r` of matrix `m` (bands are disjoint).
                     unsafe { out.set(t + k, r, v) };
                 }
-                t += 4;
             }
-            while t < n {
+            t += 4;
+        }
+        for t in t..n {
+            for r in rows.clone() {
                 // SAFETY: as above.
-                unsafe { out.set(t, r, kernels::dot(w.dtype, row, act(t))) };
-                t += 1;
+                unsafe { out.set(t, r, kernels::dot(w.dtype, w.row(r), act(t))) };
             }
         }
     });
@@ -338,20 +341,6 @@ impl Rope {
     }
 }
 
-/// In-place softmax.
-pub fn softmax(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    for v in x.iter_mut() {
-        *v *= inv;
-    }
-}
-
 #[inline]
 pub fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
@@ -496,10 +485,7 @@ mod tests {
     }
 
     #[test]
-    fn softmax_and_rmsnorm() {
-        let mut p = vec![1.0, 2.0, 3.0];
-        softmax(&mut p);
-        assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-6 && p[2] > p[1]);
+    fn rmsnorm_scales_by_the_root_mean_square() {
         let mut out = vec![0.0; 4];
         rmsnorm(&[2.0, 2.0, 2.0, 2.0], &[1.0, 0.5, 1.0, 1.0], 0.0, &mut out);
         assert_eq!(out, vec![1.0, 0.5, 1.0, 1.0]);
