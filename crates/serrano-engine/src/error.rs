@@ -38,6 +38,8 @@ pub enum EngineError {
     ChatTemplate(String),
     #[error("invalid model: {0}")]
     Invalid(String),
+    #[error("cannot allocate memory for repacked weights: {0}")]
+    Alloc(std::io::Error),
 }
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;

@@ -31,23 +31,26 @@ pub fn supported(dtype: DType) -> bool {
 pub fn quantize_acts(x: &[f32], out: &mut Vec<BlockQ8>) {
     out.clear();
     for b in x.chunks_exact(QK) {
-        let amax = b.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-        let mut blk = BlockQ8 {
-            d,
-            ..Default::default()
-        };
-        let mut sum = 0i32;
-        for (q, v) in blk.qs.iter_mut().zip(b) {
-            // Round half away from zero without a libm call, so the loop vectorizes.
-            let x = v * id;
-            *q = (x + 0.5f32.copysign(x)) as i8;
-            sum += *q as i32;
-        }
-        blk.s = d * sum as f32;
+        let mut blk = BlockQ8::default();
+        (blk.d, blk.s) = quantize_block(b, &mut blk.qs);
         out.push(blk);
     }
+}
+
+/// Quantizes one block of 32 activations into `qs`; returns the scale `d` and `d * Σ qs`.
+#[inline]
+pub fn quantize_block(x: &[f32], qs: &mut [i8]) -> (f32, f32) {
+    let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut sum = 0i32;
+    for (q, v) in qs.iter_mut().zip(x) {
+        // Round half away from zero without a libm call, so the loop vectorizes.
+        let x = v * id;
+        *q = (x + 0.5f32.copysign(x)) as i8;
+        sum += *q as i32;
+    }
+    (d, d * sum as f32)
 }
 
 /// Dot product of one weight row (`dtype` blocks) with quantized activations.
@@ -65,7 +68,7 @@ pub fn dot_n<const N: usize>(dtype: DType, row: &[u8], xs: [&[BlockQ8]; N]) -> [
     {
         match simd() {
             // SAFETY: AVX2, FMA, F16C, AVX512-VNNI and AVX512-VL were detected at run time.
-            Simd::Vnni => return unsafe { avx2::dot_n_vnni(dtype, row, xs) },
+            Simd::Vnni | Simd::Avx512 => return unsafe { avx2::dot_n_vnni(dtype, row, xs) },
             // SAFETY: AVX2, FMA and F16C were detected at run time.
             Simd::Avx2 => return unsafe { avx2::dot_n(dtype, row, xs) },
             Simd::None => {}
@@ -77,13 +80,48 @@ pub fn dot_n<const N: usize>(dtype: DType, row: &[u8], xs: [&[BlockQ8]; N]) -> [
 /// The widest kernel build this CPU runs. All of them compute the same integer block sums, so
 /// the choice changes speed, never a result.
 #[cfg(target_arch = "x86_64")]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Simd {
     None,
     Avx2,
     /// AVX2 plus `vpdpbusd` (AVX512-VNNI on 256-bit registers): one instruction for what
     /// `vpmaddubsw` + `vpmaddwd` do in two.
     Vnni,
+    /// Full AVX-512 (F, BW, VL, VNNI): 4-bit weights are repacked for [`crate::packed`].
+    Avx512,
+}
+
+/// Whether 4-bit weights should be repacked for the AVX-512 kernel.
+pub fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        simd() == Simd::Avx512
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The environment variable that caps the kernels used (`portable`, `avx2`, `vnni`,
+/// `avx512`), to compare them on one machine; unset, the best the CPU has.
+pub const SIMD_ENV: &str = "SERRANO_SIMD";
+
+/// The kernel family in use, for logs and benchmark records.
+pub fn simd_name() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        match simd() {
+            Simd::None => "portable",
+            Simd::Avx2 => "avx2",
+            Simd::Vnni => "avx2+vnni",
+            Simd::Avx512 => "avx512",
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        "portable"
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -93,13 +131,22 @@ fn simd() -> Simd {
     use std::sync::OnceLock;
     static SIMD: OnceLock<Simd> = OnceLock::new();
     *SIMD.get_or_init(|| {
-        if !(has!("avx2") && has!("fma") && has!("f16c")) {
+        let cap = match std::env::var(SIMD_ENV).as_deref() {
+            Ok("portable") => Simd::None,
+            Ok("avx2") => Simd::Avx2,
+            Ok("vnni") => Simd::Vnni,
+            _ => Simd::Avx512,
+        };
+        let best = if !(has!("avx2") && has!("fma") && has!("f16c")) {
             Simd::None
-        } else if has!("avx512vnni") && has!("avx512vl") {
+        } else if !(has!("avx512vnni") && has!("avx512vl")) {
+            Simd::Avx2
+        } else if !(has!("avx512f") && has!("avx512bw")) {
             Simd::Vnni
         } else {
-            Simd::Avx2
-        }
+            Simd::Avx512
+        };
+        best.min(cap)
     })
 }
 
@@ -376,6 +423,36 @@ mod tests {
                     dot(dt, &w, &acts[t]).to_bits(),
                     "{dt:?} token {t}"
                 );
+            }
+        }
+    }
+
+    /// The VNNI build computes the same integer sums as the AVX2 one, so the floats match bit
+    /// for bit (runs where the CPU has both).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vnni_and_avx2_builds_agree_bit_for_bit() {
+        if simd() < Simd::Vnni {
+            return;
+        }
+        for dt in [DType::Q4_0, DType::Q4_1, DType::Q8_0] {
+            for blocks in [1, 2, 7, 48] {
+                let n = blocks * 32;
+                let mut w = quantize_row(dt, &rand_vec(n, 40 + blocks as u64));
+                if dt == DType::Q8_0 {
+                    w[2] = 0x80;
+                }
+                let acts: Vec<Vec<BlockQ8>> = (0..4)
+                    .map(|t| {
+                        let mut q = Vec::new();
+                        quantize_acts(&rand_vec(n, 60 + t), &mut q);
+                        q
+                    })
+                    .collect();
+                let xs = [&acts[0][..], &acts[1], &acts[2], &acts[3]];
+                // SAFETY: `simd()` found AVX2, FMA, F16C, AVX512-VNNI and AVX512-VL.
+                let (a, b) = unsafe { (avx2::dot_n(dt, &w, xs), avx2::dot_n_vnni(dt, &w, xs)) };
+                assert_eq!(a.map(f32::to_bits), b.map(f32::to_bits), "{dt:?} x{blocks}");
             }
         }
     }

@@ -14,6 +14,7 @@ pub mod kernels;
 pub mod metrics;
 pub mod model;
 pub mod ops;
+pub mod packed;
 pub mod paged;
 pub mod quant;
 pub mod roofline;

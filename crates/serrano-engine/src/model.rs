@@ -204,11 +204,11 @@ impl Model {
     pub fn load(f: &GgufFile) -> Result<Model> {
         let c = ModelConfig::from_gguf(f)?;
         let (d, q_width, kv_width) = (c.d_model, c.n_heads * c.head_dim, c.kv_width());
-        let token_embd = matrix(f, "token_embd.weight", c.vocab_size, d)?;
-        let output = if f.tensors.contains_key("output.weight") {
-            matrix(f, "output.weight", c.vocab_size, d)?
+        let mut token_embd = matrix(f, "token_embd.weight", c.vocab_size, d)?;
+        let mut output = if f.tensors.contains_key("output.weight") {
+            Some(matrix(f, "output.weight", c.vocab_size, d)?)
         } else {
-            token_embd.clone()
+            None
         };
         let mut layers = Vec::with_capacity(c.n_layers);
         for i in 0..c.n_layers {
@@ -228,6 +228,21 @@ impl Model {
                 w_down: matrix(f, &n("ffn_down.weight"), d, c.d_ff)?,
             });
         }
+        let mut all: Vec<&mut QMatrix> = vec![&mut token_embd];
+        all.extend(output.as_mut());
+        for l in &mut layers {
+            all.extend([
+                &mut l.wq,
+                &mut l.wk,
+                &mut l.wv,
+                &mut l.wo,
+                &mut l.w_gate,
+                &mut l.w_up,
+                &mut l.w_down,
+            ]);
+        }
+        ops::pack_all(&mut all).map_err(EngineError::Alloc)?;
+        let output = output.unwrap_or_else(|| token_embd.clone());
         let freq_factors = optional_vector(f, "rope_freqs.weight", c.rope_dims / 2)?;
         let rope = Rope::new(
             c.rope_style,

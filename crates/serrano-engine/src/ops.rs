@@ -8,9 +8,11 @@ use rayon::prelude::*;
 
 use crate::gguf::Bytes;
 use crate::kernels;
-use crate::quant::{dequantize_row, DType};
+use crate::packed;
+use crate::quant::{dequantize_row, DType, QK};
 
-/// A row-major weight matrix in its file format, borrowed from the memory-mapped GGUF.
+/// A row-major weight matrix: in its file format, borrowed from the memory-mapped GGUF, or
+/// repacked at load for the kernel that runs here ([`crate::packed`]).
 #[derive(Clone)]
 pub struct QMatrix {
     pub dtype: DType,
@@ -19,6 +21,7 @@ pub struct QMatrix {
     bytes: Arc<Bytes>,
     offset: usize,
     row_bytes: usize,
+    packed: bool,
 }
 
 impl std::fmt::Debug for QMatrix {
@@ -41,7 +44,22 @@ impl QMatrix {
             bytes,
             offset,
             row_bytes,
+            packed: false,
         }
+    }
+
+    /// Whether this matrix should be repacked for [`crate::packed`]'s kernel: that kernel
+    /// runs here and takes its format.
+    fn wants_packing(&self) -> bool {
+        !self.packed
+            && kernels::has_avx512()
+            && packed::packable(self.dtype)
+            && self.cols.is_multiple_of(QK)
+    }
+
+    /// Whether the rows are in [`crate::packed`]'s layout.
+    pub fn is_packed(&self) -> bool {
+        self.packed
     }
 
     pub fn row(&self, r: usize) -> &[u8] {
@@ -50,7 +68,11 @@ impl QMatrix {
     }
 
     pub fn dequantize_row_into(&self, r: usize, out: &mut [f32]) {
-        dequantize_row(self.dtype, self.row(r), out);
+        if self.packed {
+            packed::dequantize_row(self.row(r), out);
+        } else {
+            dequantize_row(self.dtype, self.row(r), out);
+        }
     }
 
     pub fn bytes_total(&self) -> usize {
@@ -73,8 +95,8 @@ const DOT_CHUNK: usize = 32;
 pub fn matmul(w: &QMatrix, x: &[f32], n: usize, y: &mut [f32]) {
     assert_eq!(x.len(), n * w.cols);
     assert_eq!(y.len(), n * w.rows);
-    if kernels::supported(w.dtype) {
-        return matmul_q8(w, x, n, y);
+    if w.packed || kernels::supported(w.dtype) {
+        return matmul_q8_many(&[w], x, n, &mut [y]);
     }
     if n == 1 {
         y.par_chunks_mut(ROWS_PER_TASK)
@@ -94,38 +116,104 @@ pub fn matmul(w: &QMatrix, x: &[f32], n: usize, y: &mut [f32]) {
     }
 }
 
-/// The integer path: activations quantized once per call, then every (row, token) pair through
-/// [`kernels::dot`] while the row is in L1.
-fn matmul_q8(w: &QMatrix, x: &[f32], n: usize, y: &mut [f32]) {
-    matmul_q8_many(&[w], x, n, &mut [y]);
+/// Repacks every matrix that [`crate::packed`]'s kernel wants into one arena, asked to be
+/// backed by 2 MiB pages: decode streams all weights per token, and with 4 KiB pages a TLB
+/// miss every 64 cache lines cost it several percent. Matrices that stay in file format are
+/// left alone. The arena is the size of the repacked weights (as large as in the file).
+pub fn pack_all(ms: &mut [&mut QMatrix]) -> std::io::Result<()> {
+    const ALIGN: usize = 64;
+    let mut offsets = Vec::with_capacity(ms.len());
+    let mut total = 0;
+    for m in ms.iter() {
+        offsets.push(total);
+        if m.wants_packing() {
+            total += (m.rows * packed::row_bytes(m.cols)).next_multiple_of(ALIGN);
+        }
+    }
+    if total == 0 {
+        return Ok(());
+    }
+    let mut arena = memmap2::MmapMut::map_anon(total)?;
+    #[cfg(target_os = "linux")]
+    // Only a hint: without transparent huge pages the arena works the same, a little slower.
+    let _ = arena.advise(memmap2::Advice::HugePage);
+    let mut rest: &mut [u8] = &mut arena;
+    let mut regions = Vec::with_capacity(ms.len());
+    for m in ms.iter() {
+        if m.wants_packing() {
+            let len = (m.rows * packed::row_bytes(m.cols)).next_multiple_of(ALIGN);
+            let (region, tail) = rest.split_at_mut(len);
+            regions.push(Some(region));
+            rest = tail;
+        } else {
+            regions.push(None);
+        }
+    }
+    ms.par_iter()
+        .zip(regions.into_par_iter())
+        .for_each(|(m, region)| {
+            if let Some(region) = region {
+                let rb = packed::row_bytes(m.cols);
+                region[..m.rows * rb]
+                    .par_chunks_mut(rb)
+                    .enumerate()
+                    .for_each(|(r, out)| packed::pack_row(m.dtype, m.row(r), m.cols, out));
+            }
+        });
+    let arena = Arc::new(Bytes::Mmap(arena.make_read_only()?));
+    for (m, at) in ms.iter_mut().zip(offsets) {
+        if m.wants_packing() {
+            m.row_bytes = packed::row_bytes(m.cols);
+            m.bytes = arena.clone();
+            m.offset = at;
+            m.packed = true;
+        }
+    }
+    Ok(())
 }
 
 /// [`matmul`] of several matrices over the same input (Q, K and V; gate and up): where they
-/// all have integer kernels, the activations are quantized once and every matrix's row bands go
-/// through one parallel loop, one fork-join instead of one per matrix. Each output is exactly
-/// what [`matmul`] computes for it.
+/// all have integer kernels of one layout, the activations are quantized once and every
+/// matrix's row bands go through one parallel loop, one fork-join instead of one per matrix.
+/// Each output is exactly what [`matmul`] computes for it.
 pub fn matmul_many(ws: &[&QMatrix], x: &[f32], n: usize, ys: &mut [&mut [f32]]) {
     assert_eq!(ws.len(), ys.len());
-    let fused = ws
-        .iter()
-        .all(|w| kernels::supported(w.dtype) && w.cols == ws[0].cols);
-    if !fused {
-        for (w, y) in ws.iter().zip(ys.iter_mut()) {
-            matmul(w, x, n, y);
-        }
-        return;
+    let same = |f: fn(&QMatrix) -> bool| ws.iter().all(|w| f(w) && w.cols == ws[0].cols);
+    if same(|w| w.packed) || same(|w| !w.packed && kernels::supported(w.dtype)) {
+        return matmul_q8_many(ws, x, n, ys);
     }
-    matmul_q8_many(ws, x, n, ys);
+    for (w, y) in ws.iter().zip(ys.iter_mut()) {
+        matmul(w, x, n, y);
+    }
 }
 
 /// Most matrices one fused call takes (Q, K, V).
 const MAX_FUSED: usize = 3;
 
+/// The integer paths: activations quantized once per call (in the layout the matrices' kernel
+/// reads), then every (row, token) pair through that kernel.
 fn matmul_q8_many(ws: &[&QMatrix], x: &[f32], n: usize, ys: &mut [&mut [f32]]) {
-    assert!(!ws.is_empty() && ws.len() <= MAX_FUSED);
     let cols = ws[0].cols;
     assert_eq!(x.len(), n * cols);
-    let nb = cols / crate::quant::QK;
+    if ws[0].packed {
+        let mut acts = packed::Acts::default();
+        acts.quantize(x, n, cols);
+        let a = &acts;
+        return run_bands::<2>(
+            ws,
+            n,
+            ys,
+            |w, r, t| packed::dot_tile::<1, 1>([w.row(r)], [a.token(t)])[0][0],
+            |w, r, t| {
+                packed::dot_tile::<2, 1>([w.row(r), w.row(r + 1)], [a.token(t)]).map(|v| v[0])
+            },
+            |w, r, t| {
+                let xs = [a.token(t), a.token(t + 1), a.token(t + 2), a.token(t + 3)];
+                packed::dot_tile::<2, 4>([w.row(r), w.row(r + 1)], xs)
+            },
+        );
+    }
+    let nb = cols / QK;
     let mut xq = Vec::with_capacity(n * nb);
     let mut blocks = Vec::with_capacity(nb);
     for t in 0..n {
@@ -133,12 +221,39 @@ fn matmul_q8_many(ws: &[&QMatrix], x: &[f32], n: usize, ys: &mut [&mut [f32]]) {
         xq.extend_from_slice(&blocks);
     }
     let act = |t: usize| &xq[t * nb..(t + 1) * nb];
+    let dot1 = |w: &QMatrix, r: usize, t: usize| kernels::dot(w.dtype, w.row(r), act(t));
+    run_bands::<1>(
+        ws,
+        n,
+        ys,
+        dot1,
+        |w, r, t| [dot1(w, r, t)],
+        |w, r, t| {
+            let xs = [act(t), act(t + 1), act(t + 2), act(t + 3)];
+            [kernels::dot_n::<4>(w.dtype, w.row(r), xs)]
+        },
+    );
+}
+
+/// The parallel loop of [`matmul_q8_many`]: bands of rows of every matrix, each band running
+/// all tokens through kernel calls that each cover a tile of `R` rows from `r` and one token
+/// (`tile1(w, r, t)`) or four (`tile4`: tokens `t..t + 4`); `one(w, r, t)` takes the rows
+/// left over when a band is not a multiple of `R`.
+fn run_bands<const R: usize>(
+    ws: &[&QMatrix],
+    n: usize,
+    ys: &mut [&mut [f32]],
+    one: impl Fn(&QMatrix, usize, usize) -> f32 + Sync,
+    tile1: impl Fn(&QMatrix, usize, usize) -> [f32; R] + Sync,
+    tile4: impl Fn(&QMatrix, usize, usize) -> [[f32; 4]; R] + Sync,
+) {
+    assert!(!ws.is_empty() && ws.len() <= MAX_FUSED);
     // Band i belongs to the first matrix whose cumulative band count passes i.
     let mut ends = [0usize; MAX_FUSED];
     let mut outs: [Option<Scatter>; MAX_FUSED] = [None, None, None];
     let mut total = 0;
     for (m, (w, y)) in ws.iter().zip(ys.iter_mut()).enumerate() {
-        assert_eq!(w.cols, cols);
+        assert_eq!(w.cols, ws[0].cols);
         assert_eq!(y.len(), n * w.rows);
         total += w.rows.div_ceil(ROWS_PER_TASK);
         ends[m] = total;
@@ -150,26 +265,34 @@ fn matmul_q8_many(ws: &[&QMatrix], x: &[f32], n: usize, ys: &mut [&mut [f32]]) {
         let (w, Some(out)) = (ws[m], &outs[m]) else {
             return;
         };
-        let rows = c * ROWS_PER_TASK..((c + 1) * ROWS_PER_TASK).min(w.rows);
+        let (r0, r1) = (c * ROWS_PER_TASK, ((c + 1) * ROWS_PER_TASK).min(w.rows));
+        let tiled = r0 + (r1 - r0) / R * R;
         // Tokens outside, rows inside: the band's weights (a few KiB) and four tokens'
         // activations stay in L1 while every pair is computed; rows outside would stream all
         // `n` tokens' activations from L2 once per row.
+        // SAFETY (every `set` below): this task alone owns rows r0..r1 of matrix `m` (bands
+        // are disjoint).
         let mut t = 0;
         while t + 4 <= n {
-            let xs = [act(t), act(t + 1), act(t + 2), act(t + 3)];
-            for r in rows.clone() {
-                let v = kernels::dot_n::<4>(w.dtype, w.row(r), xs);
-                for (k, v) in v.into_iter().enumerate() {
-                    // SAFETY: this task alone owns row `r` of matrix `m` (bands are disjoint).
-                    unsafe { out.set(t + k, r, v) };
+            for r in (r0..tiled).step_by(R) {
+                for (i, vs) in tile4(w, r, t).into_iter().enumerate() {
+                    for (k, v) in vs.into_iter().enumerate() {
+                        unsafe { out.set(t + k, r + i, v) };
+                    }
                 }
             }
             t += 4;
         }
         for t in t..n {
-            for r in rows.clone() {
-                // SAFETY: as above.
-                unsafe { out.set(t, r, kernels::dot(w.dtype, w.row(r), act(t))) };
+            for r in (r0..tiled).step_by(R) {
+                for (i, v) in tile1(w, r, t).into_iter().enumerate() {
+                    unsafe { out.set(t, r + i, v) };
+                }
+            }
+        }
+        for r in tiled..r1 {
+            for t in 0..n {
+                unsafe { out.set(t, r, one(w, r, t)) };
             }
         }
     });
@@ -417,6 +540,50 @@ mod tests {
             for t in 0..n {
                 let mut single = vec![0f32; rows];
                 matmul(&w, &x[t * cols..(t + 1) * cols], 1, &mut single);
+                assert_eq!(
+                    single,
+                    batched[t * rows..(t + 1) * rows],
+                    "{dtype:?} token {t}"
+                );
+            }
+        }
+    }
+
+    /// Repacked matrices (where this CPU runs the AVX-512 kernel; elsewhere `pack_all` leaves
+    /// them as they are and this checks the file-format path again): the same products as the
+    /// file format up to float rounding, the embedding rows unchanged, and a token's result
+    /// the same alone or in any batch, with odd row counts (a leftover row per band) and
+    /// token counts (a tail after the tiles of four).
+    #[test]
+    fn packed_matrices_agree_with_the_file_format_and_batch_bit_for_bit() {
+        for dtype in [DType::Q4_0, DType::Q4_1] {
+            let (rows, cols, n) = (37, 96, 7);
+            let data: Vec<u8> = (0..rows)
+                .flat_map(|r| quantize_row(dtype, &rand_vec(cols, r as u64 + 70)))
+                .collect();
+            let file = QMatrix::new(dtype, rows, cols, Arc::new(Bytes::Owned(data)), 0);
+            let mut packed = file.clone();
+            pack_all(&mut [&mut packed]).unwrap();
+            assert_eq!(packed.is_packed(), crate::kernels::has_avx512());
+            let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
+            for r in [0, rows - 1] {
+                file.dequantize_row_into(r, &mut a);
+                packed.dequantize_row_into(r, &mut b);
+                assert_eq!(a, b, "{dtype:?} row {r}");
+            }
+            let x = rand_vec(cols * n, 4);
+            let (mut want, mut batched) = (vec![0f32; rows * n], vec![0f32; rows * n]);
+            matmul(&file, &x, n, &mut want);
+            matmul(&packed, &x, n, &mut batched);
+            for (g, w) in batched.iter().zip(&want) {
+                assert!(
+                    (g - w).abs() < 1e-4 * (1.0 + w.abs()),
+                    "{dtype:?}: {g} vs {w}"
+                );
+            }
+            for t in 0..n {
+                let mut single = vec![0f32; rows];
+                matmul(&packed, &x[t * cols..(t + 1) * cols], 1, &mut single);
                 assert_eq!(
                     single,
                     batched[t * rows..(t + 1) * rows],
