@@ -38,7 +38,11 @@ pub fn run(a: RooflineArgs) -> Result<()> {
 
     let bw = read_bandwidth(a.probe_bytes, 5);
     let (flops, isa) = fma_throughput(Duration::from_millis(500));
-    println!("kernel pool: {threads} threads");
+    println!(
+        "kernel pool: {threads} threads; matmul kernels: {} (cap with {})",
+        serrano_engine::kernels::simd_name(),
+        serrano_engine::kernels::SIMD_ENV
+    );
     println!(
         "memory read bandwidth: {:.1} GB/s (best of 5 reads of {} MiB)",
         bw / 1e9,
