@@ -99,6 +99,26 @@ pub enum Bytes {
     Owned(Vec<u8>),
 }
 
+impl Bytes {
+    /// Drops `len` bytes at `offset` from this process's resident memory where they are a file
+    /// mapping; read again, they come back from the file unchanged. For weights copied
+    /// elsewhere (repacked), so that resident memory does not count them twice.
+    pub fn release(&self, offset: usize, len: usize) {
+        match self {
+            #[cfg(unix)]
+            Bytes::Mmap(m) => {
+                // SAFETY: the map is a read-only mapping of the model file that nothing
+                // writes, so MADV_DONTNEED only drops page-table entries: a later read (of a
+                // page shared with a neighbouring tensor, say) faults the same bytes back in.
+                let _ = unsafe {
+                    m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len)
+                };
+            }
+            _ => {}
+        }
+    }
+}
+
 impl std::ops::Deref for Bytes {
     type Target = [u8];
     fn deref(&self) -> &[u8] {

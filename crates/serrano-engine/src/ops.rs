@@ -119,7 +119,8 @@ pub fn matmul(w: &QMatrix, x: &[f32], n: usize, y: &mut [f32]) {
 /// Repacks every matrix that [`crate::packed`]'s kernel wants into one arena, asked to be
 /// backed by 2 MiB pages: decode streams all weights per token, and with 4 KiB pages a TLB
 /// miss every 64 cache lines cost it several percent. Matrices that stay in file format are
-/// left alone. The arena is the size of the repacked weights (as large as in the file).
+/// left alone. The arena is the size of the repacked weights (as large as in the file); the
+/// file's copies are dropped from resident memory, so the process holds the weights once.
 pub fn pack_all(ms: &mut [&mut QMatrix]) -> std::io::Result<()> {
     const ALIGN: usize = 64;
     let mut offsets = Vec::with_capacity(ms.len());
@@ -158,6 +159,8 @@ pub fn pack_all(ms: &mut [&mut QMatrix]) -> std::io::Result<()> {
                     .par_chunks_mut(rb)
                     .enumerate()
                     .for_each(|(r, out)| packed::pack_row(m.dtype, m.row(r), m.cols, out));
+                // At once, not after all are packed, so the peak holds one copy plus one matrix.
+                m.bytes.release(m.offset, m.bytes_total());
             }
         });
     let arena = Arc::new(Bytes::Mmap(arena.make_read_only()?));
