@@ -504,7 +504,42 @@ fn attend_with(
         }
     };
     let n_blocks = n_pos.div_ceil(bt);
-    let mut scores = vec![0f32; group * n_pos];
+    ops::with_scratch(&SCORES, |scores| {
+        scores.clear();
+        scores.resize(group * n_pos, 0.0);
+        attend_scores(
+            task,
+            q,
+            out,
+            scores,
+            &rows,
+            n_blocks,
+            (dots, softmax, axpys),
+        );
+    });
+}
+
+thread_local! {
+    /// Attention scores, reused across tasks so a decode step allocates none.
+    static SCORES: std::cell::RefCell<Vec<f32>> = Default::default();
+}
+
+#[inline(always)]
+fn attend_scores<'k>(
+    task: &Attend<'_>,
+    q: &[f32],
+    out: &mut [f32],
+    scores: &mut [f32],
+    rows: &impl Fn(bool, usize) -> attn_kernels::Rows<'k>,
+    n_blocks: usize,
+    (dots, softmax, axpys): (
+        impl Fn(&[f32], attn_kernels::Rows<'_>, &mut [f32]),
+        impl Fn(&mut [f32]),
+        impl Fn(&mut [f32], &[f32], attn_kernels::Rows<'_>),
+    ),
+) {
+    let (hd, n_pos) = (task.head_dim, task.n_pos);
+    let bt = task.kv.block_tokens();
     for b in 0..n_blocks {
         let keys = rows(false, b);
         for (qh, s) in q.chunks_exact(hd).zip(scores.chunks_exact_mut(n_pos)) {

@@ -199,30 +199,55 @@ fn matmul_q8_many(ws: &[&QMatrix], x: &[f32], n: usize, ys: &mut [&mut [f32]]) {
     let cols = ws[0].cols;
     assert_eq!(x.len(), n * cols);
     if ws[0].packed {
-        let mut acts = packed::Acts::default();
-        acts.quantize(x, n, cols);
-        let a = &acts;
-        return run_bands::<2>(
-            ws,
-            n,
-            ys,
-            |w, r, t| packed::dot_tile::<1, 1>([w.row(r)], [a.token(t)])[0][0],
-            |w, r, t| {
-                packed::dot_tile::<2, 1>([w.row(r), w.row(r + 1)], [a.token(t)]).map(|v| v[0])
-            },
-            |w, r, t| {
-                let xs = [a.token(t), a.token(t + 1), a.token(t + 2), a.token(t + 3)];
-                packed::dot_tile::<2, 4>([w.row(r), w.row(r + 1)], xs)
-            },
-        );
+        return with_scratch(&PACKED_ACTS, |acts| {
+            acts.quantize(x, n, cols);
+            packed_bands(ws, n, ys, acts)
+        });
     }
-    let nb = cols / QK;
-    let mut xq = Vec::with_capacity(n * nb);
-    let mut blocks = Vec::with_capacity(nb);
-    for t in 0..n {
-        kernels::quantize_acts(&x[t * cols..(t + 1) * cols], &mut blocks);
-        xq.extend_from_slice(&blocks);
-    }
+    with_scratch(&Q8_ACTS, |xq| {
+        xq.clear();
+        xq.resize(x.len() / QK, kernels::BlockQ8::default());
+        for (xb, blk) in x.chunks_exact(QK).zip(xq.iter_mut()) {
+            (blk.d, blk.s) = kernels::quantize_block(xb, &mut blk.qs);
+        }
+        q8_bands(ws, n, ys, xq, cols / QK)
+    })
+}
+
+thread_local! {
+    /// Quantized activations, reused across calls so a decode step allocates none: each op
+    /// used to allocate its own (a dozen allocations per layer per step).
+    static PACKED_ACTS: std::cell::RefCell<packed::Acts> = Default::default();
+    static Q8_ACTS: std::cell::RefCell<Vec<kernels::BlockQ8>> = Default::default();
+}
+
+/// Runs `f` on this thread's scratch buffer, or on a fresh one if the buffer is in use (a
+/// worker that waits in a parallel loop may run another op's task meanwhile).
+pub(crate) fn with_scratch<T: Default + 'static, R>(
+    key: &'static std::thread::LocalKey<std::cell::RefCell<T>>,
+    f: impl FnOnce(&mut T) -> R,
+) -> R {
+    key.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => f(&mut buf),
+        Err(_) => f(&mut T::default()),
+    })
+}
+
+fn packed_bands(ws: &[&QMatrix], n: usize, ys: &mut [&mut [f32]], a: &packed::Acts) {
+    run_bands::<2>(
+        ws,
+        n,
+        ys,
+        |w, r, t| packed::dot_tile::<1, 1>([w.row(r)], [a.token(t)])[0][0],
+        |w, r, t| packed::dot_tile::<2, 1>([w.row(r), w.row(r + 1)], [a.token(t)]).map(|v| v[0]),
+        |w, r, t| {
+            let xs = [a.token(t), a.token(t + 1), a.token(t + 2), a.token(t + 3)];
+            packed::dot_tile::<2, 4>([w.row(r), w.row(r + 1)], xs)
+        },
+    );
+}
+
+fn q8_bands(ws: &[&QMatrix], n: usize, ys: &mut [&mut [f32]], xq: &[kernels::BlockQ8], nb: usize) {
     let act = |t: usize| &xq[t * nb..(t + 1) * nb];
     let dot1 = |w: &QMatrix, r: usize, t: usize| kernels::dot(w.dtype, w.row(r), act(t));
     run_bands::<1>(
