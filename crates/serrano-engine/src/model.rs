@@ -283,13 +283,47 @@ impl Model {
     /// for (`rows * vocab` values). Weights are read once for the whole batch; attention runs per
     /// sequence over its own cache.
     pub fn forward(&self, kv: &mut dyn KvCache, seqs: &[SeqStep<'_>]) -> Result<Vec<Vec<f32>>> {
+        ops::with_scratch(&BUFFERS, |b| {
+            let out = self.forward_in(kv, seqs, b);
+            // A step with logits for every prompt token (echo) can need tens of MiB: keep
+            // what decode steps reuse, not that, on every thread that ever ran a step.
+            if b.bytes() > RETAIN_BUFFER_BYTES {
+                *b = Buffers::default();
+            }
+            out
+        })
+    }
+
+    fn forward_in(
+        &self,
+        kv: &mut dyn KvCache,
+        seqs: &[SeqStep<'_>],
+        buffers: &mut Buffers,
+    ) -> Result<Vec<Vec<f32>>> {
+        let Buffers {
+            seq_of,
+            pos_of,
+            ids,
+            x,
+            h,
+            q,
+            k,
+            v,
+            att,
+            o,
+            g,
+            up,
+            rows,
+            sel,
+            logits,
+        } = buffers;
+        seq_of.clear();
+        pos_of.clear();
+        ids.clear();
         let c = &self.config;
         let (d, hd, nh, nkv) = (c.d_model, c.head_dim, c.n_heads, c.n_kv_heads);
         let (qw, kvw) = (nh * hd, c.kv_width());
         // Flatten: token t belongs to sequence seq_of[t] at position pos_of[t].
-        let mut seq_of = Vec::new();
-        let mut pos_of = Vec::new();
-        let mut ids = Vec::new();
         for (s, step) in seqs.iter().enumerate() {
             let start = step.start;
             if start + step.tokens.len() > c.context_length {
@@ -312,32 +346,32 @@ impl Model {
             }
         }
         let n = ids.len();
-        let mut x = vec![0f32; n * d];
+        let x = sized(x, n * d);
         for (t, &id) in ids.iter().enumerate() {
             self.token_embd
                 .dequantize_row_into(id as usize, &mut x[t * d..(t + 1) * d]);
         }
-        let mut h = vec![0f32; n * d];
-        let mut q = vec![0f32; n * qw];
-        let mut k = vec![0f32; n * kvw];
-        let mut v = vec![0f32; n * kvw];
-        let mut att = vec![0f32; n * qw];
-        let mut o = vec![0f32; n * d];
-        let mut g = vec![0f32; n * c.d_ff];
-        let mut up = vec![0f32; n * c.d_ff];
+        let h = sized(h, n * d);
+        let q = sized(q, n * qw);
+        let k = sized(k, n * kvw);
+        let v = sized(v, n * kvw);
+        let att = sized(att, n * qw);
+        let o = sized(o, n * d);
+        let g = sized(g, n * c.d_ff);
+        let up = sized(up, n * c.d_ff);
         let scale = 1.0 / (hd as f32).sqrt();
         let group = nh / nkv;
         for (li, layer) in self.layers.iter().enumerate() {
-            rmsnorm(&x, &layer.attn_norm, c.rms_eps, &mut h);
+            rmsnorm(x, &layer.attn_norm, c.rms_eps, h);
             ops::matmul_many(
                 &[&layer.wq, &layer.wk, &layer.wv],
-                &h,
+                h,
                 n,
-                &mut [&mut q, &mut k, &mut v],
+                &mut [&mut *q, &mut *k, &mut *v],
             );
-            add_bias(&mut q, layer.bq.as_deref());
-            add_bias(&mut k, layer.bk.as_deref());
-            add_bias(&mut v, layer.bv.as_deref());
+            add_bias(q, layer.bq.as_deref());
+            add_bias(k, layer.bk.as_deref());
+            add_bias(v, layer.bv.as_deref());
             for t in 0..n {
                 for head in q[t * qw..(t + 1) * qw].chunks_exact_mut(hd) {
                     self.rope.apply(head, pos_of[t]);
@@ -373,25 +407,30 @@ impl Model {
                     };
                     attend(&task, qg, out);
                 });
-            matmul(&layer.wo, &att, n, &mut o);
-            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
-            rmsnorm(&x, &layer.ffn_norm, c.rms_eps, &mut h);
-            ops::matmul_many(&[&layer.w_gate, &layer.w_up], &h, n, &mut [&mut g, &mut up]);
+            matmul(&layer.wo, att, n, o);
+            x.iter_mut().zip(&*o).for_each(|(a, b)| *a += b);
+            rmsnorm(x, &layer.ffn_norm, c.rms_eps, h);
+            ops::matmul_many(
+                &[&layer.w_gate, &layer.w_up],
+                h,
+                n,
+                &mut [&mut *g, &mut *up],
+            );
             // A fork-join costs more than a decode step's few thousand multiplies.
             if g.len() >= PAR_MIN_ELEMS {
                 g.par_iter_mut()
-                    .zip(&up)
+                    .zip(&*up)
                     .for_each(|(a, b)| *a = ops::silu(*a) * b);
             } else {
                 g.iter_mut()
-                    .zip(&up)
+                    .zip(&*up)
                     .for_each(|(a, b)| *a = ops::silu(*a) * b);
             }
-            matmul(&layer.w_down, &g, n, &mut o);
-            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+            matmul(&layer.w_down, g, n, o);
+            x.iter_mut().zip(&*o).for_each(|(a, b)| *a += b);
         }
         // Only the rows someone asked for go through the (large) output head.
-        let mut rows: Vec<usize> = Vec::new();
+        rows.clear();
         let mut t0 = 0;
         for s in seqs.iter() {
             let len = s.tokens.len();
@@ -403,7 +442,7 @@ impl Model {
             }
             t0 += len;
         }
-        let mut sel = vec![0f32; rows.len() * d];
+        let sel = sized(sel, rows.len() * d);
         for (i, &r) in rows.iter().enumerate() {
             rmsnorm(
                 &x[r * d..(r + 1) * d],
@@ -412,9 +451,9 @@ impl Model {
                 &mut sel[i * d..(i + 1) * d],
             );
         }
-        let mut logits = vec![0f32; rows.len() * c.vocab_size];
+        let logits = sized(logits, rows.len() * c.vocab_size);
         if !rows.is_empty() {
-            matmul(&self.output, &sel, rows.len(), &mut logits);
+            matmul(&self.output, sel, rows.len(), logits);
         }
         let mut out = Vec::with_capacity(seqs.len());
         let mut at = 0;
@@ -429,6 +468,62 @@ impl Model {
         }
         Ok(out)
     }
+}
+
+/// The forward pass's working memory, kept per thread between steps so a decode step does
+/// not allocate it again (the logits it returns are the caller's).
+#[derive(Default)]
+struct Buffers {
+    seq_of: Vec<usize>,
+    pos_of: Vec<usize>,
+    ids: Vec<u32>,
+    x: Vec<f32>,
+    h: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    o: Vec<f32>,
+    g: Vec<f32>,
+    up: Vec<f32>,
+    rows: Vec<usize>,
+    sel: Vec<f32>,
+    logits: Vec<f32>,
+}
+
+impl Buffers {
+    fn bytes(&self) -> usize {
+        let f = [
+            &self.x,
+            &self.h,
+            &self.q,
+            &self.k,
+            &self.v,
+            &self.att,
+            &self.o,
+            &self.g,
+            &self.up,
+            &self.sel,
+            &self.logits,
+        ];
+        f.iter().map(|v| v.capacity() * 4).sum::<usize>()
+            + (self.seq_of.capacity() + self.pos_of.capacity() + self.rows.capacity()) * 8
+            + self.ids.capacity() * 4
+    }
+}
+
+/// Most working memory a thread keeps between forward passes.
+const RETAIN_BUFFER_BYTES: usize = 64 << 20;
+
+thread_local! {
+    static BUFFERS: std::cell::RefCell<Buffers> = Default::default();
+}
+
+/// `v` as `n` zeros, keeping its allocation.
+fn sized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    v.clear();
+    v.resize(n, 0.0);
+    v
 }
 
 /// One (token, KV head) attention task: the query heads of the group attend to positions

@@ -66,13 +66,13 @@ fn per_decode_token(layers: u32) -> usize {
     (ALLOCATIONS.load(Ordering::Relaxed) - before) / steps
 }
 
-/// The matmuls and attention reuse per-thread buffers, so a decode step's allocations are a
-/// fixed handful (the step's activation buffers and its logits) whatever the depth: a model
-/// with three times the layers allocates exactly as often.
+/// The forward pass, its matmuls and attention keep their working memory in per-thread
+/// buffers, so a decode step allocates only what it hands back, whatever the depth: the logits
+/// (the outer list and one vector per sequence), plus this test's own list of block tables.
 #[test]
 fn decode_allocations_do_not_grow_with_layers() {
     let (two, six) = (per_decode_token(2), per_decode_token(6));
     println!("allocations per decode token: {two} (2 layers), {six} (6 layers)");
     assert_eq!(two, six, "an op allocates per layer");
-    assert!(two <= 32, "{two} allocations per decode token");
+    assert!(two <= 3, "{two} allocations per decode token");
 }
