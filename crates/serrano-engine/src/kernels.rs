@@ -104,7 +104,7 @@ pub fn has_avx512() -> bool {
 }
 
 /// The environment variable that caps the kernels used (`portable`, `avx2`, `vnni`,
-/// `avx512`), to compare them on one machine; unset, the best the CPU has.
+/// `avx512`), to compare them on one machine; unset or unrecognised, the best the CPU has.
 pub const SIMD_ENV: &str = "SERRANO_SIMD";
 
 /// The kernel family in use, for logs and benchmark records.

@@ -123,11 +123,15 @@ pub fn matmul(w: &QMatrix, x: &[f32], n: usize, y: &mut [f32]) {
 /// file's copies are dropped from resident memory, so the process holds the weights once.
 pub fn pack_all(ms: &mut [&mut QMatrix]) -> std::io::Result<()> {
     const ALIGN: usize = 64;
+    let pack: Vec<bool> = ms
+        .iter()
+        .map(|m| m.wants_packing() && (0..m.rows).all(|r| packed::fits(m.dtype, m.row(r))))
+        .collect();
     let mut offsets = Vec::with_capacity(ms.len());
     let mut total = 0;
-    for m in ms.iter() {
+    for (m, &p) in ms.iter().zip(&pack) {
         offsets.push(total);
-        if m.wants_packing() {
+        if p {
             total += (m.rows * packed::row_bytes(m.cols)).next_multiple_of(ALIGN);
         }
     }
@@ -140,8 +144,8 @@ pub fn pack_all(ms: &mut [&mut QMatrix]) -> std::io::Result<()> {
     let _ = arena.advise(memmap2::Advice::HugePage);
     let mut rest: &mut [u8] = &mut arena;
     let mut regions = Vec::with_capacity(ms.len());
-    for m in ms.iter() {
-        if m.wants_packing() {
+    for (m, &p) in ms.iter().zip(&pack) {
+        if p {
             let len = (m.rows * packed::row_bytes(m.cols)).next_multiple_of(ALIGN);
             let (region, tail) = rest.split_at_mut(len);
             regions.push(Some(region));
@@ -164,8 +168,8 @@ pub fn pack_all(ms: &mut [&mut QMatrix]) -> std::io::Result<()> {
             }
         });
     let arena = Arc::new(Bytes::Mmap(arena.make_read_only()?));
-    for (m, at) in ms.iter_mut().zip(offsets) {
-        if m.wants_packing() {
+    for ((m, at), p) in ms.iter_mut().zip(offsets).zip(pack) {
+        if p {
             m.row_bytes = packed::row_bytes(m.cols);
             m.bytes = arena.clone();
             m.offset = at;

@@ -8,12 +8,11 @@
 //! [ d: B x f16 | m: B x f16 | nibbles: B/2 pairs x 32 bytes ]      (B blocks, rounded up to even)
 //! ```
 //!
-//! (scales first: the kernel reads them before the weights they scale, so a row is read front
-//! to back, which the hardware prefetcher follows; scales last cost decode a fifth).
-//!
 //! where byte `j` of pair `p` holds element `j` of block `2p` in its low nibble and element `j`
 //! of block `2p+1` in its high one, so one 32-byte load and two masks give 64 weights in
-//! element order for one 512-bit `vpdpbusd`. A weight is `d * q + m` (Q4_0 becomes `m = -8 d`,
+//! element order for one 512-bit `vpdpbusd`. Scales come first because the kernel reads them
+//! before the weights they scale: the row is then read front to back, as the hardware
+//! prefetcher expects (scales last cost decode a fifth). A weight is `d * q + m` (Q4_0 becomes `m = -8 d`,
 //! exact in f16), so both formats share one kernel: `Σ_b d_b dx_b Σ q x + Σ_b m_b sx_b`, where
 //! the scale products and the minimum terms are computed sixteen blocks per instruction.
 //! The row takes exactly as many bytes as in the file (20 per block) when B is even.
@@ -32,6 +31,17 @@ use crate::quant::{DType, QK};
 /// Whether weights of `dtype` can be repacked.
 pub fn packable(dtype: DType) -> bool {
     matches!(dtype, DType::Q4_0 | DType::Q4_1)
+}
+
+/// Whether this GGUF row of `dtype` packs exactly: Q4_0's `-8 d` must be an f16 (`|d| <=
+/// 8188`; no real model comes near, but a file is input).
+pub fn fits(dtype: DType, src: &[u8]) -> bool {
+    match dtype {
+        DType::Q4_0 => src
+            .chunks_exact(dtype.block_bytes())
+            .all(|b| f16::from_le_bytes([b[0], b[1]]).to_f32().abs() <= 8188.0),
+        _ => packable(dtype),
+    }
 }
 
 /// Blocks in a packed row of `cols` weights: rounded up to whole pairs.
@@ -57,8 +67,7 @@ pub fn pack_row(dtype: DType, src: &[u8], cols: usize, out: &mut [u8]) {
         let d = f16::from_le_bytes([blk[0], blk[1]]);
         let (m, qs) = match dtype {
             DType::Q4_1 => (f16::from_le_bytes([blk[2], blk[3]]), &blk[4..20]),
-            // -8 d is exact in f16 (a power-of-two scaling) unless it overflows, which no
-            // real block's scale comes near (|d| < 8188).
+            // -8 d is exact in f16 (a power-of-two scaling); `fits` checked it cannot overflow.
             _ => (f16::from_f32(-8.0 * d.to_f32()), &blk[2..18]),
         };
         ds[2 * b..2 * b + 2].copy_from_slice(&d.to_le_bytes());
@@ -326,6 +335,14 @@ mod tests {
         let mut out = vec![0u8; row_bytes(cols)];
         pack_row(dt, &src, cols, &mut out);
         (src, out)
+    }
+
+    #[test]
+    fn q4_0_scales_too_large_for_f16_stay_in_file_format() {
+        let mut src = quantize_row(DType::Q4_0, &random_vec(64, 1));
+        assert!(fits(DType::Q4_0, &src));
+        src[18..20].copy_from_slice(&f16::from_f32(9000.0).to_le_bytes());
+        assert!(!fits(DType::Q4_0, &src));
     }
 
     #[test]
