@@ -602,57 +602,30 @@ fn attend_with(
     ops::with_scratch(&SCORES, |scores| {
         scores.clear();
         scores.resize(group * n_pos, 0.0);
-        attend_scores(
-            task,
-            q,
-            out,
-            scores,
-            &rows,
-            n_blocks,
-            (dots, softmax, axpys),
-        );
+        for b in 0..n_blocks {
+            let keys = rows(false, b);
+            for (qh, s) in q.chunks_exact(hd).zip(scores.chunks_exact_mut(n_pos)) {
+                let s = &mut s[b * bt..b * bt + keys.n];
+                dots(qh, keys, s);
+                s.iter_mut().for_each(|v| *v *= task.scale);
+            }
+        }
+        for s in scores.chunks_exact_mut(n_pos) {
+            softmax(s);
+        }
+        out.fill(0.0);
+        for b in 0..n_blocks {
+            let values = rows(true, b);
+            for (o, s) in out.chunks_exact_mut(hd).zip(scores.chunks_exact(n_pos)) {
+                axpys(o, &s[b * bt..b * bt + values.n], values);
+            }
+        }
     });
 }
 
 thread_local! {
     /// Attention scores, reused across tasks so a decode step allocates none.
     static SCORES: std::cell::RefCell<Vec<f32>> = Default::default();
-}
-
-#[inline(always)]
-fn attend_scores<'k>(
-    task: &Attend<'_>,
-    q: &[f32],
-    out: &mut [f32],
-    scores: &mut [f32],
-    rows: &impl Fn(bool, usize) -> attn_kernels::Rows<'k>,
-    n_blocks: usize,
-    (dots, softmax, axpys): (
-        impl Fn(&[f32], attn_kernels::Rows<'_>, &mut [f32]),
-        impl Fn(&mut [f32]),
-        impl Fn(&mut [f32], &[f32], attn_kernels::Rows<'_>),
-    ),
-) {
-    let (hd, n_pos) = (task.head_dim, task.n_pos);
-    let bt = task.kv.block_tokens();
-    for b in 0..n_blocks {
-        let keys = rows(false, b);
-        for (qh, s) in q.chunks_exact(hd).zip(scores.chunks_exact_mut(n_pos)) {
-            let s = &mut s[b * bt..b * bt + keys.n];
-            dots(qh, keys, s);
-            s.iter_mut().for_each(|v| *v *= task.scale);
-        }
-    }
-    for s in scores.chunks_exact_mut(n_pos) {
-        softmax(s);
-    }
-    out.fill(0.0);
-    for b in 0..n_blocks {
-        let values = rows(true, b);
-        for (o, s) in out.chunks_exact_mut(hd).zip(scores.chunks_exact(n_pos)) {
-            axpys(o, &s[b * bt..b * bt + values.n], values);
-        }
-    }
 }
 
 /// Attention's kernels: dot products and scaled sums of f32 vectors with rows of the f16

@@ -1,6 +1,6 @@
 //! The numeric building blocks of the forward pass: matmul over quantized weights (integer SIMD
-//! kernels from `kernels` for the 32-element formats, dequantize-and-dot for the rest), RMSNorm,
-//! RoPE, softmax. The f32 code is written so that LLVM vectorizes its inner loops.
+//! kernels from `kernels` and `packed` for the 32-element formats, dequantize-and-dot for the
+//! rest), RMSNorm, RoPE. The f32 code is written so that LLVM vectorizes its inner loops.
 
 use std::sync::Arc;
 
@@ -127,12 +127,13 @@ pub fn pack_all(ms: &mut [&mut QMatrix]) -> std::io::Result<()> {
         .iter()
         .map(|m| m.wants_packing() && (0..m.rows).all(|r| packed::fits(m.dtype, m.row(r))))
         .collect();
+    let size = |m: &QMatrix| (m.rows * packed::row_bytes(m.cols)).next_multiple_of(ALIGN);
     let mut offsets = Vec::with_capacity(ms.len());
     let mut total = 0;
     for (m, &p) in ms.iter().zip(&pack) {
         offsets.push(total);
         if p {
-            total += (m.rows * packed::row_bytes(m.cols)).next_multiple_of(ALIGN);
+            total += size(m);
         }
     }
     if total == 0 {
@@ -146,8 +147,7 @@ pub fn pack_all(ms: &mut [&mut QMatrix]) -> std::io::Result<()> {
     let mut regions = Vec::with_capacity(ms.len());
     for (m, &p) in ms.iter().zip(&pack) {
         if p {
-            let len = (m.rows * packed::row_bytes(m.cols)).next_multiple_of(ALIGN);
-            let (region, tail) = rest.split_at_mut(len);
+            let (region, tail) = rest.split_at_mut(size(m));
             regions.push(Some(region));
             rest = tail;
         } else {
@@ -209,11 +209,8 @@ fn matmul_q8_many(ws: &[&QMatrix], x: &[f32], n: usize, ys: &mut [&mut [f32]]) {
         });
     }
     with_scratch(&Q8_ACTS, |xq| {
-        xq.clear();
-        xq.resize(x.len() / QK, kernels::BlockQ8::default());
-        for (xb, blk) in x.chunks_exact(QK).zip(xq.iter_mut()) {
-            (blk.d, blk.s) = kernels::quantize_block(xb, &mut blk.qs);
-        }
+        // Rows are whole blocks, so token t's blocks are `t * cols / 32..`.
+        kernels::quantize_acts(x, xq);
         q8_bands(ws, n, ys, xq, cols / QK)
     })
 }
@@ -508,6 +505,29 @@ mod tests {
 
     use crate::testing::random_vec as rand_vec;
 
+    /// A `rows` x `cols` matrix of `dtype` with random weights (row `r` from seed `seed + r`).
+    fn random_matrix(dtype: DType, rows: usize, cols: usize, seed: u64) -> QMatrix {
+        let data: Vec<u8> = (0..rows)
+            .flat_map(|r| quantize_row(dtype, &rand_vec(cols, seed + r as u64)))
+            .collect();
+        QMatrix::new(dtype, rows, cols, Arc::new(Bytes::Owned(data)), 0)
+    }
+
+    /// Each token of `x` alone through `w` gives exactly its rows of `batched`.
+    fn assert_tokens_match_alone(w: &QMatrix, x: &[f32], n: usize, batched: &[f32]) {
+        let (rows, cols) = (w.rows, w.cols);
+        for t in 0..n {
+            let mut single = vec![0f32; rows];
+            matmul(w, &x[t * cols..(t + 1) * cols], 1, &mut single);
+            assert_eq!(
+                single,
+                batched[t * rows..(t + 1) * rows],
+                "{:?} token {t}",
+                w.dtype
+            );
+        }
+    }
+
     fn reference(w: &QMatrix, x: &[f32], n: usize) -> Vec<f32> {
         let mut out = vec![0f32; n * w.rows];
         let mut row = vec![0f32; w.cols];
@@ -535,10 +555,7 @@ mod tests {
             DType::Q4_1,
         ] {
             for (rows, cols, n) in [(1, 32, 1), (17, 64, 1), (33, 96, 3), (5, 320, 7)] {
-                let data: Vec<u8> = (0..rows)
-                    .flat_map(|r| quantize_row(dtype, &rand_vec(cols, r as u64)))
-                    .collect();
-                let w = QMatrix::new(dtype, rows, cols, Arc::new(Bytes::Owned(data)), 0);
+                let w = random_matrix(dtype, rows, cols, 0);
                 let x = rand_vec(cols * n, 99);
                 let mut y = vec![0f32; rows * n];
                 matmul(&w, &x, n, &mut y);
@@ -562,22 +579,11 @@ mod tests {
     fn batched_and_single_token_matmul_agree_bit_for_bit() {
         for dtype in [DType::Q4_1, DType::Q8_0, DType::F16] {
             let (rows, cols, n) = (19, 96, 5);
-            let data: Vec<u8> = (0..rows)
-                .flat_map(|r| quantize_row(dtype, &rand_vec(cols, r as u64 + 7)))
-                .collect();
-            let w = QMatrix::new(dtype, rows, cols, Arc::new(Bytes::Owned(data)), 0);
+            let w = random_matrix(dtype, rows, cols, 7);
             let x = rand_vec(cols * n, 3);
             let mut batched = vec![0f32; rows * n];
             matmul(&w, &x, n, &mut batched);
-            for t in 0..n {
-                let mut single = vec![0f32; rows];
-                matmul(&w, &x[t * cols..(t + 1) * cols], 1, &mut single);
-                assert_eq!(
-                    single,
-                    batched[t * rows..(t + 1) * rows],
-                    "{dtype:?} token {t}"
-                );
-            }
+            assert_tokens_match_alone(&w, &x, n, &batched);
         }
     }
 
@@ -590,10 +596,7 @@ mod tests {
     fn packed_matrices_agree_with_the_file_format_and_batch_bit_for_bit() {
         for dtype in [DType::Q4_0, DType::Q4_1] {
             let (rows, cols, n) = (37, 96, 7);
-            let data: Vec<u8> = (0..rows)
-                .flat_map(|r| quantize_row(dtype, &rand_vec(cols, r as u64 + 70)))
-                .collect();
-            let file = QMatrix::new(dtype, rows, cols, Arc::new(Bytes::Owned(data)), 0);
+            let file = random_matrix(dtype, rows, cols, 70);
             let mut packed = file.clone();
             pack_all(&mut [&mut packed]).unwrap();
             assert_eq!(packed.is_packed(), crate::kernels::has_avx512());
@@ -613,15 +616,7 @@ mod tests {
                     "{dtype:?}: {g} vs {w}"
                 );
             }
-            for t in 0..n {
-                let mut single = vec![0f32; rows];
-                matmul(&packed, &x[t * cols..(t + 1) * cols], 1, &mut single);
-                assert_eq!(
-                    single,
-                    batched[t * rows..(t + 1) * rows],
-                    "{dtype:?} token {t}"
-                );
-            }
+            assert_tokens_match_alone(&packed, &x, n, &batched);
         }
     }
 
@@ -630,12 +625,7 @@ mod tests {
     #[test]
     fn fused_matmuls_equal_separate_ones_bit_for_bit() {
         let cols = 96;
-        let matrix = |dtype: DType, rows: usize, seed: u64| {
-            let data: Vec<u8> = (0..rows)
-                .flat_map(|r| quantize_row(dtype, &rand_vec(cols, seed + r as u64)))
-                .collect();
-            QMatrix::new(dtype, rows, cols, Arc::new(Bytes::Owned(data)), 0)
-        };
+        let matrix = |dtype: DType, rows: usize, seed: u64| random_matrix(dtype, rows, cols, seed);
         for dtypes in [
             [DType::Q4_1, DType::Q4_1, DType::Q4_1],
             [DType::Q8_0, DType::Q4_0, DType::Q4_1],
