@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::GovError;
 use crate::rate::{self, RateInfo};
+use crate::storage::{ReserveOp, Settlement};
 use crate::time::{day_key, month_key};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,35 +67,6 @@ impl BudgetPeriod {
             BudgetPeriod::Total => "total".into(),
         }
     }
-}
-
-/// A request's worst case, to reserve before it runs.
-#[derive(Debug, Clone)]
-pub struct ReserveOp {
-    pub request_id: String,
-    pub tenant_id: i64,
-    pub key_id: i64,
-    pub model: String,
-    pub backend: String,
-    /// Other backends the request may fall back to: the worst case is priced at the dearest.
-    pub fallbacks: Vec<String>,
-    pub prompt_tokens: u64,
-    pub max_completion_tokens: u64,
-    pub expires_ms: i64,
-}
-
-/// What a request actually used.
-#[derive(Debug, Clone)]
-pub struct Settlement {
-    pub request_id: String,
-    pub tenant_id: i64,
-    pub key_id: i64,
-    pub tenant: String,
-    pub key_prefix: String,
-    pub model: String,
-    pub backend: String,
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
 }
 
 struct Budget {

@@ -1,7 +1,8 @@
 //! serrano's governance layer: who is asking (tenants, API keys, scopes), what they may spend
 //! (budgets kept as a ledger of reservations and settlements), and what happened (a hash-chained,
-//! durable audit log). Storage is SQLite through `sqlx`; PostgreSQL is meant to implement the same
-//! operations for multi-replica gateways.
+//! durable audit log). State lives behind the [`Store`] trait: SQLite ([`SqliteStore`], through
+//! `sqlx` and one `rusqlite` writer thread) by default; PostgreSQL, for replicas on several
+//! machines, implements the same trait next.
 //!
 //! Invariants:
 //! - A key is stored only as its sha256; the secret is returned once, at creation.
@@ -18,6 +19,8 @@ mod jwt;
 mod keys;
 mod ledger;
 mod rate;
+mod sqlite;
+mod storage;
 mod store;
 mod ticket;
 mod time;
@@ -34,6 +37,11 @@ pub use jwt::{JwtConfig, JwtIdentity, JwtVerifier};
 pub use keys::{Principal, Role};
 pub use ledger::{BudgetPeriod, BudgetUnit};
 pub use rate::RateInfo;
+pub use sqlite::SqliteStore;
+pub use storage::{
+    AuditHead, Content, FinishOp, Finished, KeyRow, ReserveOp, Settlement, Store, StoredKey,
+    UsageKey,
+};
 pub use store::{
     default_db_path, usage_csv, BudgetInfo, GovConfig, Governance, KeyInfo, LedgerState, LimitInfo,
     Limits, NewKey, TenantInfo, UsageRow, ADMIN_TENANT, ANONYMOUS_TENANT,

@@ -1,27 +1,21 @@
-//! The governance store: SQLite (WAL, `synchronous=FULL`) opened once per process, a read pool
-//! for lookups and reports, and the single writer task for ledger and audit writes.
+//! The governance facade: validation, the key cache, compiled filters and bootstrap, over a
+//! [`Store`] that keeps the state (SQLite by default, see `sqlite.rs`).
 
-use std::borrow::Cow;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
-use sqlx::migrate::{Migration, MigrationType, Migrator};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
-use sqlx::Row;
-use tokio::sync::oneshot;
 
-use crate::audit::{verify_chain, AuditRecord, ChainRow, Retention, VerifyReport};
+use crate::audit::{verify_chain, AuditRecord, Retention, VerifyReport};
 use crate::checkpoint::Checkpoint;
 use crate::error::GovError;
 use crate::keys::{self, Principal, Role};
-use crate::ledger::{BudgetPeriod, BudgetUnit, ReserveOp};
+use crate::ledger::{BudgetPeriod, BudgetUnit};
 use crate::rate::RateInfo;
+use crate::sqlite::SqliteStore;
+use crate::storage::{FinishOp, Finished, KeyRow, ReserveOp, Store, UsageKey};
 use crate::time::now_ms;
-use crate::writer::{self, FinishOp, Finished, Op};
 use ed25519_dalek::{SigningKey, VerifyingKey};
 
 type AuthCache = std::collections::HashMap<Vec<u8>, (std::time::Instant, Principal, Option<i64>)>;
@@ -29,8 +23,6 @@ type AuthCache = std::collections::HashMap<Vec<u8>, (std::time::Instant, Princip
 const MAX_CACHED_KEYS: usize = 10_000;
 /// Distinct compiled policies kept at once.
 const MAX_CACHED_FILTERS: usize = 256;
-/// Ledger and audit writes that may wait for the writer; past it, callers wait (backpressure).
-const WRITER_QUEUE: usize = 4096;
 /// The tenant that owns the bootstrap admin key.
 pub const ADMIN_TENANT: &str = "admin";
 /// The tenant of requests without a key, when the server allows anonymous access.
@@ -178,64 +170,14 @@ pub struct Governance {
 }
 
 struct Inner {
-    pool: SqlitePool,
+    store: Arc<dyn Store>,
     /// Recently checked keys by hash: (when checked, principal, key expiry).
     auth_cache: std::sync::Mutex<AuthCache>,
     /// Bumped by every change that may invalidate cached keys.
     auth_generation: std::sync::atomic::AtomicU64,
     /// Compiled safety filters by policy text (bounded: cleared when full).
     filters: std::sync::Mutex<std::collections::HashMap<String, Arc<serrano_safety::Filter>>>,
-    writer: flume::Sender<Op>,
     config: GovConfig,
-}
-
-/// The schema's versions, in order; a version, once released, never changes (sqlx checks its
-/// checksum).
-const MIGRATIONS: &[(i64, &str, &str)] = &[
-    (
-        1,
-        "governance",
-        include_str!("../migrations/0001_governance.sql"),
-    ),
-    (
-        2,
-        "rate limits",
-        include_str!("../migrations/0002_rate_limits.sql"),
-    ),
-    (
-        3,
-        "audit checkpoints",
-        include_str!("../migrations/0003_checkpoints.sql"),
-    ),
-    (
-        4,
-        "safety policies",
-        include_str!("../migrations/0004_policies.sql"),
-    ),
-    (
-        5,
-        "config versions",
-        include_str!("../migrations/0005_config_versions.sql"),
-    ),
-];
-
-fn migrator() -> Migrator {
-    let migrations = MIGRATIONS
-        .iter()
-        .map(|&(version, name, sql)| {
-            Migration::new(
-                version,
-                Cow::Borrowed(name),
-                MigrationType::Simple,
-                Cow::Borrowed(sql),
-                false,
-            )
-        })
-        .collect();
-    Migrator {
-        migrations: Cow::Owned(migrations),
-        ..Migrator::DEFAULT
-    }
 }
 
 fn valid_name(s: &str) -> bool {
@@ -246,62 +188,33 @@ fn valid_name(s: &str) -> bool {
 }
 
 impl Governance {
-    /// Opens (creating if needed) the database, applies migrations and starts the writer.
-    /// Must be called inside a tokio runtime.
+    /// Opens (creating if needed) the SQLite database at `config.db_path`, applies migrations
+    /// and starts the writer. Must be called inside a tokio runtime.
     pub async fn open(config: GovConfig) -> Result<Governance, GovError> {
-        if let Some(dir) = config
-            .db_path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-        {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                GovError::Unavailable(format!("cannot create {}: {e}", dir.display()))
-            })?;
-        }
-        let opts = SqliteConnectOptions::new()
-            .filename(&config.db_path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(config.busy_timeout)
-            .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .acquire_timeout(config.busy_timeout.max(Duration::from_secs(1)))
-            .connect_with(opts.clone())
-            .await?;
-        migrator().run(&pool).await?;
-        restrict_permissions(&config.db_path);
-        let conn = writer_connection(&config)?;
-        // The WAL holds the same data as the database until a checkpoint.
-        for suffix in ["-wal", "-shm"] {
-            let mut p = config.db_path.clone().into_os_string();
-            p.push(suffix);
-            restrict_permissions(Path::new(&p));
-        }
-        let (tx, rx) = flume::bounded(WRITER_QUEUE);
-        std::thread::Builder::new()
-            .name("serrano-gov-writer".into())
-            .spawn(move || writer::run(conn, rx))
-            .map_err(|e| GovError::Unavailable(format!("cannot start the writer: {e}")))?;
-        Ok(Governance {
+        let store = SqliteStore::open(&config).await?;
+        Ok(Governance::with_store(Arc::new(store), config))
+    }
+
+    /// Governance over any [`Store`] (`config.db_path` and `busy_timeout` are SQLite's and go
+    /// unused by other stores).
+    pub fn with_store(store: Arc<dyn Store>, config: GovConfig) -> Governance {
+        Governance {
             inner: Arc::new(Inner {
-                pool,
+                store,
                 filters: Default::default(),
                 auth_cache: Default::default(),
                 auth_generation: Default::default(),
-                writer: tx,
                 config,
             }),
-        })
+        }
     }
 
     pub fn config(&self) -> &GovConfig {
         &self.inner.config
     }
 
-    pub(crate) fn pool(&self) -> &SqlitePool {
-        &self.inner.pool
+    pub fn store(&self) -> &dyn Store {
+        &*self.inner.store
     }
 
     /// Makes sure an admin key exists. With `master`, that key (an operator-chosen secret of at
@@ -317,22 +230,13 @@ impl Governance {
                     keys::MAX_KEY_CHARS
                 )));
             }
-            let known: Option<i64> = sqlx::query_scalar("SELECT id FROM api_keys WHERE hash = ?1")
-                .bind(keys::hash(key))
-                .fetch_optional(self.pool())
-                .await?;
-            if known.is_none() {
+            if !self.store().key_hash_exists(&keys::hash(key)).await? {
                 self.insert_key(ADMIN_TENANT, "bootstrap", key, Role::Admin, None, None)
                     .await?;
             }
             return Ok(None);
         }
-        let admins: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM api_keys WHERE role = 'admin' AND revoked_ms IS NULL",
-        )
-        .fetch_one(self.pool())
-        .await?;
-        if admins > 0 {
+        if self.store().active_admin_keys().await? > 0 {
             return Ok(None);
         }
         let key = keys::generate();
@@ -381,13 +285,9 @@ impl Governance {
     }
 
     async fn ensure_tenant(&self, name: &str) -> Result<(), GovError> {
-        sqlx::query(
-            "INSERT INTO tenants (name, created_ms) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
-        )
-        .bind(name)
-        .bind(now_ms())
-        .execute(self.pool())
-        .await?;
+        self.store()
+            .insert_tenant(name, Retention::default(), now_ms())
+            .await?;
         Ok(())
     }
 
@@ -433,77 +333,63 @@ impl Governance {
         prefix: &str,
         hash: &[u8],
     ) -> Result<Principal, GovError> {
-        let invalid = || GovError::Unauthorized("Incorrect API key provided.".into());
         let generation = self
             .inner
             .auth_generation
             .load(std::sync::atomic::Ordering::SeqCst);
-        let rows = sqlx::query(
-            "SELECT k.id, k.hash, k.prefix, k.role, k.models, k.expires_ms, k.revoked_ms,
-                    t.id AS tenant_id, t.name AS tenant, t.retention, t.policy
-             FROM api_keys k JOIN tenants t ON t.id = k.tenant_id WHERE k.prefix = ?1",
-        )
-        .bind(prefix)
-        .fetch_all(self.pool())
-        .await?;
-        for r in rows {
-            let stored: Vec<u8> = r.try_get("hash")?;
-            if !keys::hashes_equal(&stored, hash) {
-                continue;
-            }
-            if r.try_get::<Option<i64>, _>("revoked_ms")?.is_some() {
-                return Err(GovError::Unauthorized(
-                    "This API key has been revoked.".into(),
-                ));
-            }
-            let expires: Option<i64> = r.try_get("expires_ms")?;
-            if expires.is_some_and(|e| e <= now_ms()) {
-                return Err(GovError::Unauthorized("This API key has expired.".into()));
-            }
-            let p = Principal {
-                tenant_id: r.try_get("tenant_id")?,
-                tenant: r.try_get("tenant")?,
-                key_id: r.try_get("id")?,
-                key_prefix: r.try_get("prefix")?,
-                role: Role::parse(r.try_get("role")?).unwrap_or(Role::Inference),
-                models: parse_models(r.try_get("models")?),
-                retention: Retention::parse(r.try_get("retention")?).unwrap_or_default(),
-                filter: self.filter(r.try_get("policy")?),
-            };
-            if !self.inner.config.auth_cache_ttl.is_zero() {
-                let mut cache = self
-                    .inner
-                    .auth_cache
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                let current = self
-                    .inner
-                    .auth_generation
-                    .load(std::sync::atomic::Ordering::SeqCst);
-                if current == generation {
-                    if cache.len() >= MAX_CACHED_KEYS {
-                        cache.clear();
-                    }
-                    cache.insert(
-                        hash.to_vec(),
-                        (std::time::Instant::now(), p.clone(), expires),
-                    );
-                }
-            }
-            return Ok(p);
+        let candidates = self.store().keys_with_prefix(prefix).await?;
+        let Some(k) = candidates
+            .into_iter()
+            .find(|k| keys::hashes_equal(&k.hash, hash))
+        else {
+            return Err(GovError::Unauthorized("Incorrect API key provided.".into()));
+        };
+        if k.revoked_ms.is_some() {
+            return Err(GovError::Unauthorized(
+                "This API key has been revoked.".into(),
+            ));
         }
-        Err(invalid())
+        if k.expires_ms.is_some_and(|e| e <= now_ms()) {
+            return Err(GovError::Unauthorized("This API key has expired.".into()));
+        }
+        let p = Principal {
+            tenant_id: k.tenant.id,
+            tenant: k.tenant.name,
+            key_id: k.id,
+            key_prefix: k.prefix,
+            role: k.role,
+            models: k.models,
+            retention: k.tenant.retention,
+            filter: self.filter(k.tenant.policy),
+        };
+        if !self.inner.config.auth_cache_ttl.is_zero() {
+            let mut cache = self
+                .inner
+                .auth_cache
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let current = self
+                .inner
+                .auth_generation
+                .load(std::sync::atomic::Ordering::SeqCst);
+            if current == generation {
+                if cache.len() >= MAX_CACHED_KEYS {
+                    cache.clear();
+                }
+                cache.insert(
+                    hash.to_vec(),
+                    (std::time::Instant::now(), p.clone(), k.expires_ms),
+                );
+            }
+        }
+        Ok(p)
     }
 
     pub async fn tenant(&self, name: &str) -> Result<TenantInfo, GovError> {
-        let r = sqlx::query(
-            "SELECT id, name, retention, created_ms, policy FROM tenants WHERE name = ?1",
-        )
-        .bind(name)
-        .fetch_optional(self.pool())
-        .await?
-        .ok_or_else(|| GovError::NotFound(format!("tenant '{name}'")))?;
-        tenant_row(&r)
+        self.store()
+            .tenant(name)
+            .await?
+            .ok_or_else(|| GovError::NotFound(format!("tenant '{name}'")))
     }
 
     pub async fn create_tenant(
@@ -516,15 +402,11 @@ impl Governance {
                 "a tenant name must be 1 to {MAX_TENANT_CHARS} characters of [A-Za-z0-9._-]"
             )));
         }
-        let done = sqlx::query(
-            "INSERT INTO tenants (name, retention, created_ms) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
-        )
-        .bind(name)
-        .bind(retention.as_str())
-        .bind(now_ms())
-        .execute(self.pool())
-        .await?;
-        if done.rows_affected() == 0 {
+        if !self
+            .store()
+            .insert_tenant(name, retention, now_ms())
+            .await?
+        {
             return Err(GovError::Invalid(format!("tenant '{name}' already exists")));
         }
         self.tenant(name).await
@@ -540,13 +422,7 @@ impl Governance {
             }
             None => None,
         };
-        let n = sqlx::query("UPDATE tenants SET policy = ?2 WHERE name = ?1")
-            .bind(name)
-            .bind(normalized)
-            .execute(self.pool())
-            .await?
-            .rows_affected();
-        if n == 0 {
+        if !self.store().set_policy(name, normalized.as_deref()).await? {
             return Err(GovError::NotFound(format!("tenant '{name}'")));
         }
         self.forget_keys();
@@ -573,13 +449,7 @@ impl Governance {
     }
 
     pub async fn set_retention(&self, name: &str, retention: Retention) -> Result<(), GovError> {
-        let n = sqlx::query("UPDATE tenants SET retention = ?2 WHERE name = ?1")
-            .bind(name)
-            .bind(retention.as_str())
-            .execute(self.pool())
-            .await?
-            .rows_affected();
-        if n == 0 {
+        if !self.store().set_retention(name, retention).await? {
             return Err(GovError::NotFound(format!("tenant '{name}'")));
         }
         self.forget_keys();
@@ -587,11 +457,7 @@ impl Governance {
     }
 
     pub async fn tenants(&self) -> Result<Vec<TenantInfo>, GovError> {
-        let rows =
-            sqlx::query("SELECT id, name, retention, created_ms, policy FROM tenants ORDER BY id")
-                .fetch_all(self.pool())
-                .await?;
-        rows.iter().map(tenant_row).collect()
+        self.store().tenants().await
     }
 
     /// Creates a key; the secret is in the returned string and nowhere else.
@@ -613,7 +479,7 @@ impl Governance {
             )
             .await?;
         let info = self
-            .keys(None)
+            .keys(Some(&k.tenant))
             .await?
             .into_iter()
             .find(|i| i.id == id)
@@ -633,61 +499,27 @@ impl Governance {
         let t = self.tenant(tenant).await?;
         let prefix =
             keys::shown(secret).ok_or_else(|| GovError::Invalid("key too short".into()))?;
-        let models = models.map(|m| serde_json::to_string(&m).unwrap_or_default());
-        let id: i64 = sqlx::query_scalar(
-            "INSERT INTO api_keys (tenant_id, name, prefix, hash, role, models, created_ms, expires_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) RETURNING id",
-        )
-        .bind(t.id)
-        .bind(name)
-        .bind(prefix)
-        .bind(keys::hash(secret))
-        .bind(role.as_str())
-        .bind(models)
-        .bind(now_ms())
-        .bind(expires_ms)
-        .fetch_one(self.pool())
-        .await?;
-        Ok(id)
+        self.store()
+            .insert_key(&KeyRow {
+                tenant_id: t.id,
+                name: name.to_string(),
+                prefix,
+                hash: keys::hash(secret),
+                role,
+                models,
+                created_ms: now_ms(),
+                expires_ms,
+            })
+            .await
     }
 
     pub async fn keys(&self, tenant: Option<&str>) -> Result<Vec<KeyInfo>, GovError> {
-        let rows = sqlx::query(
-            "SELECT k.id, t.name AS tenant, k.name, k.prefix, k.role, k.models, k.created_ms,
-                    k.expires_ms, k.revoked_ms
-             FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
-             WHERE ?1 IS NULL OR t.name = ?1 ORDER BY k.id",
-        )
-        .bind(tenant)
-        .fetch_all(self.pool())
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(KeyInfo {
-                    id: r.try_get("id")?,
-                    tenant: r.try_get("tenant")?,
-                    name: r.try_get("name")?,
-                    prefix: r.try_get("prefix")?,
-                    role: Role::parse(r.try_get("role")?).unwrap_or(Role::Inference),
-                    models: parse_models(r.try_get("models")?),
-                    created_ms: r.try_get("created_ms")?,
-                    expires_ms: r.try_get("expires_ms")?,
-                    revoked_ms: r.try_get("revoked_ms")?,
-                })
-            })
-            .collect()
+        self.store().keys(tenant).await
     }
 
     /// Revokes a key at once; its next request is 401.
     pub async fn revoke_key(&self, id: i64) -> Result<(), GovError> {
-        let n =
-            sqlx::query("UPDATE api_keys SET revoked_ms = ?2 WHERE id = ?1 AND revoked_ms IS NULL")
-                .bind(id)
-                .bind(now_ms())
-                .execute(self.pool())
-                .await?
-                .rows_affected();
-        if n == 0 {
+        if !self.store().revoke_key(id, now_ms()).await? {
             return Err(GovError::NotFound(format!("active key {id}")));
         }
         self.forget_keys();
@@ -710,20 +542,10 @@ impl Governance {
             ));
         }
         let t = self.tenant(tenant).await?;
-        self.check_key_owner(&t, tenant, key_id).await?;
-        let id: i64 = sqlx::query_scalar(
-            "INSERT INTO budgets (tenant_id, key_id, unit, period, limit_amount) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (tenant_id, key_id, unit, period) DO UPDATE SET limit_amount = excluded.limit_amount
-             RETURNING id",
-        )
-        .bind(t.id)
-        .bind(key_id.unwrap_or(0))
-        .bind(unit.as_str())
-        .bind(period.as_str())
-        .bind(limit)
-        .fetch_one(self.pool())
-        .await?;
-        Ok(id)
+        self.check_key_owner(&t, key_id).await?;
+        self.store()
+            .set_budget(t.id, key_id.unwrap_or(0), unit, period, limit)
+            .await
     }
 
     /// Sets (or replaces) the rate limits of a tenant, or of one of its keys; `None` means no
@@ -742,61 +564,21 @@ impl Governance {
             return Err(GovError::Invalid("limits cannot be negative".into()));
         }
         let t = self.tenant(tenant).await?;
-        self.check_key_owner(&t, tenant, key_id).await?;
-        Ok(sqlx::query_scalar(
-            "INSERT INTO limits (tenant_id, key_id, rpm, tpm, max_concurrent) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (tenant_id, key_id) DO UPDATE SET rpm = excluded.rpm, tpm = excluded.tpm,
-                 max_concurrent = excluded.max_concurrent
-             RETURNING id",
-        )
-        .bind(t.id)
-        .bind(key_id.unwrap_or(0))
-        .bind(l.rpm)
-        .bind(l.tpm)
-        .bind(l.max_concurrent)
-        .fetch_one(self.pool())
-        .await?)
+        self.check_key_owner(&t, key_id).await?;
+        self.store().set_limits(t.id, key_id.unwrap_or(0), l).await
     }
 
     pub async fn limits(&self, tenant: Option<&str>) -> Result<Vec<LimitInfo>, GovError> {
-        let rows = sqlx::query(
-            "SELECT l.id, t.name AS tenant, l.key_id, l.rpm, l.tpm, l.max_concurrent
-             FROM limits l JOIN tenants t ON t.id = l.tenant_id
-             WHERE ?1 IS NULL OR t.name = ?1 ORDER BY l.id",
-        )
-        .bind(tenant)
-        .fetch_all(self.pool())
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(LimitInfo {
-                    id: r.try_get("id")?,
-                    tenant: r.try_get("tenant")?,
-                    key_id: r.try_get("key_id")?,
-                    limits: Limits {
-                        rpm: r.try_get("rpm")?,
-                        tpm: r.try_get("tpm")?,
-                        max_concurrent: r.try_get("max_concurrent")?,
-                    },
-                })
-            })
-            .collect()
+        self.store().limits(tenant).await
     }
 
-    async fn check_key_owner(
-        &self,
-        t: &TenantInfo,
-        tenant: &str,
-        key_id: Option<i64>,
-    ) -> Result<(), GovError> {
+    async fn check_key_owner(&self, t: &TenantInfo, key_id: Option<i64>) -> Result<(), GovError> {
         if let Some(k) = key_id {
-            let owner: Option<i64> =
-                sqlx::query_scalar("SELECT tenant_id FROM api_keys WHERE id = ?1")
-                    .bind(k)
-                    .fetch_optional(self.pool())
-                    .await?;
-            if owner != Some(t.id) {
-                return Err(GovError::NotFound(format!("key {k} of tenant '{tenant}'")));
+            if self.store().key_tenant(k).await? != Some(t.id) {
+                return Err(GovError::NotFound(format!(
+                    "key {k} of tenant '{}'",
+                    t.name
+                )));
             }
         }
         Ok(())
@@ -804,42 +586,7 @@ impl Governance {
 
     /// Budgets with their current window's spend and reservations.
     pub async fn budgets(&self, tenant: Option<&str>) -> Result<Vec<BudgetInfo>, GovError> {
-        let rows = sqlx::query(
-            "SELECT b.id, t.name AS tenant, b.key_id, b.unit, b.period, b.limit_amount
-             FROM budgets b JOIN tenants t ON t.id = b.tenant_id
-             WHERE ?1 IS NULL OR t.name = ?1 ORDER BY b.id",
-        )
-        .bind(tenant)
-        .fetch_all(self.pool())
-        .await?;
-        let now = now_ms();
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            let id: i64 = r.try_get("id")?;
-            let period = BudgetPeriod::parse(r.try_get("period")?).unwrap_or(BudgetPeriod::Total);
-            let usage = sqlx::query(
-                "SELECT spent, reserved FROM budget_usage WHERE budget_id = ?1 AND period_key = ?2",
-            )
-            .bind(id)
-            .bind(period.key(now))
-            .fetch_optional(self.pool())
-            .await?;
-            let (spent, reserved) = match usage {
-                Some(u) => (u.try_get(0)?, u.try_get(1)?),
-                None => (0, 0),
-            };
-            out.push(BudgetInfo {
-                id,
-                tenant: r.try_get("tenant")?,
-                key_id: r.try_get("key_id")?,
-                unit: BudgetUnit::parse(r.try_get("unit")?).unwrap_or(BudgetUnit::Tokens),
-                period,
-                limit: r.try_get("limit_amount")?,
-                spent,
-                reserved,
-            });
-        }
-        Ok(out)
+        self.store().budgets(tenant, now_ms()).await
     }
 
     /// Sets a model's price on a backend, in dollars per million input and output tokens.
@@ -856,92 +603,33 @@ impl Governance {
                 "prices must be between 0 and 1,000,000 dollars per million tokens".into(),
             ));
         }
-        sqlx::query(
-            "INSERT INTO prices (model, backend, input_nusd, output_nusd) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (model, backend) DO UPDATE SET input_nusd = excluded.input_nusd, output_nusd = excluded.output_nusd",
-        )
-        .bind(model)
-        .bind(backend)
-        .bind(crate::nusd_per_token(input_usd_per_m))
-        .bind(crate::nusd_per_token(output_usd_per_m))
-        .execute(self.pool())
-        .await?;
-        Ok(())
+        self.store()
+            .set_price(
+                model,
+                backend,
+                crate::nusd_per_token(input_usd_per_m),
+                crate::nusd_per_token(output_usd_per_m),
+            )
+            .await
     }
 
     /// Tokens and cost grouped by any of `tenant`, `key`, `model`, `day`.
     pub async fn usage(&self, group_by: &[&str]) -> Result<Vec<UsageRow>, GovError> {
-        let mut cols = vec![];
-        for g in group_by {
-            let col = match *g {
-                "tenant" => "tenant",
-                "key" => "key_prefix",
-                "model" => "model",
-                "day" => "day",
-                other => {
-                    return Err(GovError::Invalid(format!(
-                        "cannot group usage by '{other}' (use tenant, key, model, day)"
-                    )))
-                }
-            };
-            if !cols.contains(&col) {
-                cols.push(col);
-            }
-        }
-        let select = |c: &str| {
-            if cols.contains(&c) {
-                c.to_string()
-            } else {
-                format!("NULL AS {c}")
-            }
-        };
-        let group = if cols.is_empty() {
-            String::new()
-        } else {
-            format!("GROUP BY {0} ORDER BY {0}", cols.join(", "))
-        };
-        // Column names come from the fixed list above, never from the caller.
-        let sql = format!(
-            "SELECT {}, {}, {}, {}, COUNT(*) AS requests, COALESCE(SUM(prompt_tokens), 0) AS p,
-                    COALESCE(SUM(completion_tokens), 0) AS c, COALESCE(SUM(cost_nusd), 0) AS cost
-             FROM usage {group}",
-            select("tenant"),
-            select("key_prefix"),
-            select("model"),
-            select("day"),
-        );
-        let rows = sqlx::query(&sql).fetch_all(self.pool()).await?;
-        rows.iter()
-            .map(|r| {
-                Ok(UsageRow {
-                    tenant: r.try_get("tenant")?,
-                    key: r.try_get("key_prefix")?,
-                    model: r.try_get("model")?,
-                    day: r.try_get("day")?,
-                    requests: r.try_get("requests")?,
-                    prompt_tokens: r.try_get("p")?,
-                    completion_tokens: r.try_get("c")?,
-                    cost_usd: r.try_get::<i64, _>("cost")? as f64 / crate::NUSD_PER_USD,
+        let keys = group_by
+            .iter()
+            .map(|g| {
+                UsageKey::parse(g).ok_or_else(|| {
+                    GovError::Invalid(format!(
+                        "cannot group usage by '{g}' (use tenant, key, model, day)"
+                    ))
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>, _>>()?;
+        self.store().usage(&keys).await
     }
 
     pub async fn ledger_state(&self) -> Result<LedgerState, GovError> {
-        let open: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM requests WHERE state = 'reserved'")
-                .fetch_one(self.pool())
-                .await?;
-        let r = sqlx::query(
-            "SELECT COALESCE(SUM(reserved), 0), COALESCE(SUM(spent), 0) FROM budget_usage",
-        )
-        .fetch_one(self.pool())
-        .await?;
-        Ok(LedgerState {
-            open_requests: open,
-            reserved_total: r.try_get(0)?,
-            spent_total: r.try_get(1)?,
-        })
+        self.store().ledger_state().await
     }
 
     /// Walks the whole chain and compares its end with the recorded head and every stored
@@ -957,25 +645,7 @@ impl Governance {
         trusted: Option<&VerifyingKey>,
         extra: &[Checkpoint],
     ) -> Result<VerifyReport, GovError> {
-        let rows = sqlx::query("SELECT seq, record, prev_hash, hash FROM audit_log ORDER BY seq")
-            .fetch_all(self.pool())
-            .await?;
-        let rows = rows
-            .iter()
-            .map(|r| {
-                Ok(ChainRow {
-                    seq: r.try_get(0)?,
-                    record: r.try_get(1)?,
-                    prev_hash: r.try_get(2)?,
-                    hash: r.try_get(3)?,
-                })
-            })
-            .collect::<Result<Vec<_>, sqlx::Error>>()?;
-        let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
-            .fetch_optional(self.pool())
-            .await?
-            .map(|r| Ok::<_, sqlx::Error>((r.try_get::<i64, _>(0)?, r.try_get::<String, _>(1)?)))
-            .transpose()?;
+        let (rows, head) = self.store().audit_chain().await?;
         let head_hash = head.as_ref().map(|h| h.1.clone()).unwrap_or_default();
         let hashes: Vec<String> = rows.iter().map(|r| r.hash.clone()).collect();
         let n = rows.len() as u64;
@@ -1027,44 +697,15 @@ impl Governance {
     /// Signs the chain's current head, unless it is empty or already signed. Returns the
     /// checkpoint made, if any.
     pub async fn checkpoint(&self, key: &SigningKey) -> Result<Option<Checkpoint>, GovError> {
-        let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
-            .fetch_optional(self.pool())
-            .await?;
-        let Some(head) = head else { return Ok(None) };
-        let (seq, hash): (i64, String) = (head.try_get(0)?, head.try_get(1)?);
+        let Some((seq, hash)) = self.store().audit_head().await? else {
+            return Ok(None);
+        };
         let cp = Checkpoint::sign(key, seq, &hash, now_ms());
-        let n = sqlx::query(
-            "INSERT INTO audit_checkpoints (seq, hash, time_ms, public_key, signature)
-             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
-        )
-        .bind(cp.seq)
-        .bind(&cp.hash)
-        .bind(cp.time_ms)
-        .bind(&cp.public_key)
-        .bind(&cp.signature)
-        .execute(self.pool())
-        .await?
-        .rows_affected();
-        Ok((n == 1).then_some(cp))
+        Ok(self.store().insert_checkpoint(&cp).await?.then_some(cp))
     }
 
     pub async fn checkpoints(&self) -> Result<Vec<Checkpoint>, GovError> {
-        let rows = sqlx::query(
-            "SELECT seq, hash, time_ms, public_key, signature FROM audit_checkpoints ORDER BY seq",
-        )
-        .fetch_all(self.pool())
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(Checkpoint {
-                    seq: r.try_get(0)?,
-                    hash: r.try_get(1)?,
-                    time_ms: r.try_get(2)?,
-                    public_key: r.try_get(3)?,
-                    signature: r.try_get(4)?,
-                })
-            })
-            .collect()
+        self.store().checkpoints().await
     }
 
     /// Audit records after `after_seq`, oldest first, at most `limit`.
@@ -1073,13 +714,10 @@ impl Governance {
         after_seq: i64,
         limit: i64,
     ) -> Result<Vec<AuditRecord>, GovError> {
-        let rows: Vec<String> =
-            sqlx::query_scalar("SELECT record FROM audit_log WHERE seq > ?1 ORDER BY seq LIMIT ?2")
-                .bind(after_seq)
-                .bind(limit)
-                .fetch_all(self.pool())
-                .await?;
-        rows.iter()
+        self.store()
+            .audit_records(after_seq, limit)
+            .await?
+            .iter()
             .map(|t| {
                 serde_json::from_str(t).map_err(|e| {
                     GovError::Unavailable(format!("an audit record does not parse: {e}"))
@@ -1092,13 +730,7 @@ impl Governance {
     /// never contained them, still verifies. Returns how many records lost their content.
     pub async fn erase_content(&self, tenant: &str) -> Result<u64, GovError> {
         let t = self.tenant(tenant).await?;
-        Ok(
-            sqlx::query("DELETE FROM audit_content WHERE tenant_id = ?1")
-                .bind(t.id)
-                .execute(self.pool())
-                .await?
-                .rows_affected(),
-        )
+        self.store().erase_content(t.id).await
     }
 
     /// Stored content of one record: (retention, prompt, completion).
@@ -1106,80 +738,22 @@ impl Governance {
         &self,
         seq: i64,
     ) -> Result<Option<(String, Option<String>, Option<String>)>, GovError> {
-        let r =
-            sqlx::query("SELECT retention, prompt, completion FROM audit_content WHERE seq = ?1")
-                .bind(seq)
-                .fetch_optional(self.pool())
-                .await?;
-        r.map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
-            .transpose()
+        self.store().audit_content(seq).await
     }
 
     pub(crate) async fn reserve(&self, op: ReserveOp) -> Result<Option<RateInfo>, GovError> {
-        let (tx, rx) = oneshot::channel();
-        self.send(Op::Reserve(op, tx)).await?;
-        rx.await.map_err(|_| gone())?
+        self.store().reserve(op).await
     }
 
     pub(crate) async fn finish(&self, op: FinishOp) -> Result<Finished, GovError> {
-        let (tx, rx) = oneshot::channel();
-        self.send(Op::Finish(Box::new(op), tx)).await?;
-        rx.await.map_err(|_| gone())?
+        self.store().finish(op).await
     }
 
     /// Returns once every write queued before the call is committed (or has failed): call at
     /// shutdown so the records of requests cut short are not lost.
     pub async fn flush(&self) {
-        let (tx, rx) = oneshot::channel();
-        if self.send(Op::Barrier(tx)).await.is_ok() {
-            let _ = rx.await;
-        }
+        self.store().flush().await
     }
-
-    async fn send(&self, op: Op) -> Result<(), GovError> {
-        self.inner.writer.send_async(op).await.map_err(|_| gone())
-    }
-}
-
-/// The writer's own connection, with the same settings as the pool's.
-fn writer_connection(config: &GovConfig) -> Result<rusqlite::Connection, GovError> {
-    let conn = rusqlite::Connection::open(&config.db_path)?;
-    conn.busy_timeout(config.busy_timeout)?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.pragma_update(None, "foreign_keys", "ON")?;
-    Ok(conn)
-}
-
-fn gone() -> GovError {
-    GovError::Unavailable("the store writer has stopped".into())
-}
-
-fn tenant_row(r: &sqlx::sqlite::SqliteRow) -> Result<TenantInfo, GovError> {
-    Ok(TenantInfo {
-        id: r.try_get("id")?,
-        name: r.try_get("name")?,
-        retention: Retention::parse(r.try_get("retention")?).unwrap_or_default(),
-        created_ms: r.try_get("created_ms")?,
-        policy: r.try_get("policy")?,
-    })
-}
-
-fn parse_models(s: Option<String>) -> Option<Vec<String>> {
-    s.and_then(|s| serde_json::from_str(&s).ok())
-}
-
-/// The database holds key hashes and audit content: readable by its owner only.
-fn restrict_permissions(path: &Path) {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
-            tracing::warn!("cannot restrict {}: {e}", path.display());
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = path;
 }
 
 /// Usage rows as CSV with a header; text fields are quoted as RFC 4180 asks.

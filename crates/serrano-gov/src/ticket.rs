@@ -8,11 +8,10 @@ use std::time::{Duration, Instant};
 use crate::audit::{AuditRecord, Retention};
 use crate::error::GovError;
 use crate::keys::Principal;
-use crate::ledger::{ReserveOp, Settlement};
 use crate::rate::RateInfo;
+use crate::storage::{Content, FinishOp, Finished, ReserveOp, Settlement};
 use crate::store::Governance;
 use crate::time::now_ms;
-use crate::writer::{Content, FinishOp, Finished};
 
 /// Status recorded when the client went away before the response completed (nginx's 499).
 pub const CLIENT_CLOSED: u16 = 499;

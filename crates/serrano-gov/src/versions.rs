@@ -2,7 +2,6 @@
 //! the next number; each switch a process makes (apply, reload, rollback) is an event.
 
 use serde::Serialize;
-use sqlx::Row;
 
 use crate::error::GovError;
 use crate::store::Governance;
@@ -27,20 +26,6 @@ pub struct ConfigEvent {
     pub action: String,
 }
 
-fn version_of(r: &sqlx::sqlite::SqliteRow, with_source: bool) -> Result<ConfigVersion, GovError> {
-    Ok(ConfigVersion {
-        version: r.try_get::<i64, _>("version")? as u64,
-        hash: r.try_get("hash")?,
-        created_ms: r.try_get("created_ms")?,
-        author: r.try_get("author")?,
-        source: if with_source {
-            Some(r.try_get("source")?)
-        } else {
-            None
-        },
-    })
-}
-
 impl Governance {
     /// Stores a config text (once per distinct text) and records that `author` switched to it;
     /// returns its version.
@@ -51,72 +36,24 @@ impl Governance {
         author: &str,
         action: &str,
     ) -> Result<u64, GovError> {
-        let mut tx = self.pool().begin().await?;
-        let now = now_ms();
-        sqlx::query(
-            "INSERT INTO config_versions (hash, created_ms, author, source) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (hash) DO NOTHING",
-        )
-        .bind(hash)
-        .bind(now)
-        .bind(author)
-        .bind(source)
-        .execute(&mut *tx)
-        .await?;
-        let version: i64 = sqlx::query("SELECT version FROM config_versions WHERE hash = ?1")
-            .bind(hash)
-            .fetch_one(&mut *tx)
-            .await?
-            .try_get(0)?;
-        sqlx::query(
-            "INSERT INTO config_events (version, time_ms, author, action) VALUES (?1, ?2, ?3, ?4)",
-        )
-        .bind(version)
-        .bind(now)
-        .bind(author)
-        .bind(action)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(version as u64)
+        self.store()
+            .record_config(hash, source, author, action, now_ms())
+            .await
     }
 
     pub async fn config_versions(&self) -> Result<Vec<ConfigVersion>, GovError> {
-        sqlx::query(
-            "SELECT version, hash, created_ms, author FROM config_versions ORDER BY version",
-        )
-        .fetch_all(self.pool())
-        .await?
-        .iter()
-        .map(|r| version_of(r, false))
-        .collect()
+        self.store().config_versions().await
     }
 
     pub async fn config_events(&self) -> Result<Vec<ConfigEvent>, GovError> {
-        sqlx::query("SELECT version, time_ms, author, action FROM config_events ORDER BY id")
-            .fetch_all(self.pool())
-            .await?
-            .iter()
-            .map(|r| {
-                Ok(ConfigEvent {
-                    version: r.try_get::<i64, _>(0)? as u64,
-                    time_ms: r.try_get(1)?,
-                    author: r.try_get(2)?,
-                    action: r.try_get(3)?,
-                })
-            })
-            .collect()
+        self.store().config_events().await
     }
 
     pub async fn config_version(&self, version: u64) -> Result<ConfigVersion, GovError> {
-        let r = sqlx::query(
-            "SELECT version, hash, created_ms, author, source FROM config_versions WHERE version = ?1",
-        )
-        .bind(i64::try_from(version).unwrap_or(i64::MAX))
-        .fetch_optional(self.pool())
-        .await?
-        .ok_or_else(|| GovError::NotFound(format!("config version {version}")))?;
-        version_of(&r, true)
+        self.store()
+            .config_version(version)
+            .await?
+            .ok_or_else(|| GovError::NotFound(format!("config version {version}")))
     }
 }
 

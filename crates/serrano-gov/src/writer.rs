@@ -16,39 +16,17 @@ use std::time::{Duration, Instant};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::oneshot;
 
-use crate::audit::{chain_hash, sha256_hex, AuditRecord, Retention, GENESIS};
+use crate::audit::{chain_hash, sha256_hex, Retention, GENESIS};
 use crate::error::GovError;
-use crate::ledger::{self, ReserveOp, Settlement};
+use crate::ledger;
 use crate::rate::RateInfo;
+use crate::storage::{FinishOp, Finished, ReserveOp};
 use crate::time::now_ms;
 
 /// Most ops committed together.
 const MAX_BATCH: usize = 256;
 /// How often expired reservations are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
-
-/// Prompt and completion text, kept per the tenant's retention.
-#[derive(Debug, Clone)]
-pub struct Content {
-    pub tenant_id: i64,
-    pub retention: Retention,
-    pub prompt: String,
-    pub completion: String,
-}
-
-#[derive(Debug)]
-pub struct FinishOp {
-    pub settlement: Option<Settlement>,
-    pub record: AuditRecord,
-    pub content: Option<Content>,
-}
-
-/// What a finished request was charged and where its record sits.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Finished {
-    pub seq: u64,
-    pub cost_nusd: i64,
-}
 
 pub enum Op {
     Reserve(

@@ -1,0 +1,440 @@
+//! The storage trait: everything governance keeps, as operations rather than SQL.
+//!
+//! [`Governance`](crate::Governance) holds the policy (validation, key caching, compiled
+//! filters, bootstrap) and calls a [`Store`] for state. SQLite ([`SqliteStore`](crate::SqliteStore))
+//! is the default and the only implementation today; a PostgreSQL store, for gateway replicas
+//! on several machines, implements the same trait. [`conformance`] is the test every
+//! implementation must pass.
+//!
+//! What every implementation must guarantee (the ledger's and the audit log's invariants live
+//! here, not in the caller):
+//! - [`Store::reserve`] checks every budget and rate limit of the request and reserves its worst
+//!   case atomically: two concurrent reservations can never both pass a limit only one fits.
+//!   A request id is reserved at most once ([`GovError::Duplicate`] after).
+//! - [`Store::finish`] settles (never charging more than was reserved), appends the audit record
+//!   to the hash chain and stores content per retention, all in one transaction, and returns
+//!   only once that transaction is durable. The chain is one sequence across every process
+//!   sharing the store.
+//! - Reservations whose `expires_ms` has passed are released (by the store, on its own).
+//! - Errors that mean "the store cannot answer" are [`GovError::Unavailable`], so requests fail
+//!   closed with 503.
+
+use async_trait::async_trait;
+
+use crate::audit::{AuditRecord, ChainRow, Retention};
+use crate::checkpoint::Checkpoint;
+use crate::error::GovError;
+use crate::keys::Role;
+use crate::ledger::{BudgetPeriod, BudgetUnit};
+use crate::rate::RateInfo;
+use crate::store::{BudgetInfo, KeyInfo, LedgerState, LimitInfo, Limits, TenantInfo, UsageRow};
+use crate::versions::{ConfigEvent, ConfigVersion};
+
+/// A request's worst case, to reserve before it runs.
+#[derive(Debug, Clone)]
+pub struct ReserveOp {
+    pub request_id: String,
+    pub tenant_id: i64,
+    pub key_id: i64,
+    pub model: String,
+    pub backend: String,
+    /// Other backends the request may fall back to: the worst case is priced at the dearest.
+    pub fallbacks: Vec<String>,
+    pub prompt_tokens: u64,
+    pub max_completion_tokens: u64,
+    pub expires_ms: i64,
+}
+
+/// What a request actually used.
+#[derive(Debug, Clone)]
+pub struct Settlement {
+    pub request_id: String,
+    pub tenant_id: i64,
+    pub key_id: i64,
+    pub tenant: String,
+    pub key_prefix: String,
+    pub model: String,
+    pub backend: String,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+/// Prompt and completion text, kept per the tenant's retention.
+#[derive(Debug, Clone)]
+pub struct Content {
+    pub tenant_id: i64,
+    pub retention: Retention,
+    pub prompt: String,
+    pub completion: String,
+}
+
+/// The end of a request: its settlement (if it reserved), its audit record (the store fills in
+/// `seq`, `time_ms` and `cost_nusd`) and its content.
+#[derive(Debug)]
+pub struct FinishOp {
+    pub settlement: Option<Settlement>,
+    pub record: AuditRecord,
+    pub content: Option<Content>,
+}
+
+/// What a finished request was charged and where its record sits.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Finished {
+    pub seq: u64,
+    pub cost_nusd: i64,
+}
+
+/// A stored key as authentication needs it: the caller compares hashes in constant time and
+/// checks revocation and expiry.
+#[derive(Debug, Clone)]
+pub struct StoredKey {
+    pub id: i64,
+    pub hash: Vec<u8>,
+    pub prefix: String,
+    pub role: Role,
+    pub models: Option<Vec<String>>,
+    pub expires_ms: Option<i64>,
+    pub revoked_ms: Option<i64>,
+    pub tenant: TenantInfo,
+}
+
+/// A key to insert; the secret itself never reaches the store.
+#[derive(Debug, Clone)]
+pub struct KeyRow {
+    pub tenant_id: i64,
+    pub name: String,
+    pub prefix: String,
+    pub hash: Vec<u8>,
+    pub role: Role,
+    pub models: Option<Vec<String>>,
+    pub created_ms: i64,
+    pub expires_ms: Option<i64>,
+}
+
+/// A column usage can be grouped by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageKey {
+    Tenant,
+    Key,
+    Model,
+    Day,
+}
+
+impl UsageKey {
+    pub fn parse(s: &str) -> Option<UsageKey> {
+        match s {
+            "tenant" => Some(UsageKey::Tenant),
+            "key" => Some(UsageKey::Key),
+            "model" => Some(UsageKey::Model),
+            "day" => Some(UsageKey::Day),
+            _ => None,
+        }
+    }
+}
+
+/// The chain's last record: (seq, hash).
+pub type AuditHead = (i64, String);
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// `sqlite`, `postgres`: for logs and errors.
+    fn kind(&self) -> &'static str;
+
+    // Tenants.
+    /// Inserts a tenant; `false` if the name is taken (nothing changes then).
+    async fn insert_tenant(
+        &self,
+        name: &str,
+        retention: Retention,
+        now_ms: i64,
+    ) -> Result<bool, GovError>;
+    async fn tenant(&self, name: &str) -> Result<Option<TenantInfo>, GovError>;
+    /// All tenants, by id.
+    async fn tenants(&self) -> Result<Vec<TenantInfo>, GovError>;
+    /// `false` if there is no such tenant. `policy` is validated JSON.
+    async fn set_policy(&self, tenant: &str, policy: Option<&str>) -> Result<bool, GovError>;
+    /// `false` if there is no such tenant.
+    async fn set_retention(&self, tenant: &str, retention: Retention) -> Result<bool, GovError>;
+
+    // Keys.
+    /// Every key whose shown prefix is `prefix`, with its tenant.
+    async fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<StoredKey>, GovError>;
+    async fn key_hash_exists(&self, hash: &[u8]) -> Result<bool, GovError>;
+    /// Admin keys not revoked (expired ones count: an operator may still renew them).
+    async fn active_admin_keys(&self) -> Result<i64, GovError>;
+    /// Returns the new key's id.
+    async fn insert_key(&self, key: &KeyRow) -> Result<i64, GovError>;
+    /// Keys of one tenant, or of all, by id.
+    async fn keys(&self, tenant: Option<&str>) -> Result<Vec<KeyInfo>, GovError>;
+    /// `false` if there is no such key, or it was already revoked.
+    async fn revoke_key(&self, id: i64, now_ms: i64) -> Result<bool, GovError>;
+    /// The tenant id owning a key, if the key exists.
+    async fn key_tenant(&self, id: i64) -> Result<Option<i64>, GovError>;
+
+    // Budgets, limits, prices. `key_id` 0 means the tenant as a whole.
+    /// Inserts or replaces; returns the budget's id.
+    async fn set_budget(
+        &self,
+        tenant_id: i64,
+        key_id: i64,
+        unit: BudgetUnit,
+        period: BudgetPeriod,
+        limit: i64,
+    ) -> Result<i64, GovError>;
+    /// Budgets with the spend and reservations of the window `now_ms` falls in, by id.
+    async fn budgets(&self, tenant: Option<&str>, now_ms: i64)
+        -> Result<Vec<BudgetInfo>, GovError>;
+    /// Inserts or replaces; returns the limits' id.
+    async fn set_limits(
+        &self,
+        tenant_id: i64,
+        key_id: i64,
+        limits: Limits,
+    ) -> Result<i64, GovError>;
+    async fn limits(&self, tenant: Option<&str>) -> Result<Vec<LimitInfo>, GovError>;
+    /// Inserts or replaces, in nano-dollars per token.
+    async fn set_price(
+        &self,
+        model: &str,
+        backend: &str,
+        input_nusd: i64,
+        output_nusd: i64,
+    ) -> Result<(), GovError>;
+
+    // The ledger: the request path.
+    /// See the module's invariants. `Some` carries the rate-limit state for the headers.
+    async fn reserve(&self, op: ReserveOp) -> Result<Option<RateInfo>, GovError>;
+    /// See the module's invariants.
+    async fn finish(&self, op: FinishOp) -> Result<Finished, GovError>;
+    /// Returns once every write started before the call is durable (or has failed).
+    async fn flush(&self);
+    /// Settled usage grouped by the given columns (none: one total row), ordered by them.
+    async fn usage(&self, group_by: &[UsageKey]) -> Result<Vec<UsageRow>, GovError>;
+    async fn ledger_state(&self) -> Result<LedgerState, GovError>;
+
+    // The audit log.
+    /// The whole chain in order, and the recorded head.
+    async fn audit_chain(&self) -> Result<(Vec<ChainRow>, Option<AuditHead>), GovError>;
+    async fn audit_head(&self) -> Result<Option<AuditHead>, GovError>;
+    /// `false` if a checkpoint at that record exists already.
+    async fn insert_checkpoint(&self, cp: &Checkpoint) -> Result<bool, GovError>;
+    /// By seq.
+    async fn checkpoints(&self) -> Result<Vec<Checkpoint>, GovError>;
+    /// Record texts (JSON) after `after_seq`, oldest first, at most `limit`.
+    async fn audit_records(&self, after_seq: i64, limit: i64) -> Result<Vec<String>, GovError>;
+    /// Deletes a tenant's stored content; returns how many records lost it.
+    async fn erase_content(&self, tenant_id: i64) -> Result<u64, GovError>;
+    /// (retention, prompt, completion) of one record.
+    async fn audit_content(
+        &self,
+        seq: i64,
+    ) -> Result<Option<(String, Option<String>, Option<String>)>, GovError>;
+
+    // Routing config versions.
+    /// Stores a text once per distinct hash, records the switch; returns the text's version.
+    async fn record_config(
+        &self,
+        hash: &str,
+        source: &str,
+        author: &str,
+        action: &str,
+        now_ms: i64,
+    ) -> Result<u64, GovError>;
+    /// Without their texts, by version.
+    async fn config_versions(&self) -> Result<Vec<ConfigVersion>, GovError>;
+    async fn config_events(&self) -> Result<Vec<ConfigEvent>, GovError>;
+    /// With its text.
+    async fn config_version(&self, version: u64) -> Result<Option<ConfigVersion>, GovError>;
+}
+
+/// The behaviour every [`Store`] must show, as one test over a fresh, empty store: run it from
+/// each implementation's tests.
+#[cfg(test)]
+pub(crate) mod conformance {
+    use super::*;
+    use crate::audit::{verify_chain, GENESIS};
+
+    fn reserve_op(id: &str, tenant_id: i64, prompt: u64, max: u64) -> ReserveOp {
+        ReserveOp {
+            request_id: id.into(),
+            tenant_id,
+            key_id: 0,
+            model: "m".into(),
+            backend: "local".into(),
+            fallbacks: vec![],
+            prompt_tokens: prompt,
+            max_completion_tokens: max,
+            expires_ms: crate::now_ms() + 60_000,
+        }
+    }
+
+    fn finish_op(id: &str, tenant: &TenantInfo, used: Option<(u64, u64)>) -> FinishOp {
+        FinishOp {
+            settlement: used.map(|(p, c)| Settlement {
+                request_id: id.into(),
+                tenant_id: tenant.id,
+                key_id: 0,
+                tenant: tenant.name.clone(),
+                key_prefix: "k".into(),
+                model: "m".into(),
+                backend: "local".into(),
+                prompt_tokens: p,
+                completion_tokens: c,
+            }),
+            record: AuditRecord {
+                request_id: id.into(),
+                tenant: Some(tenant.name.clone()),
+                status: 200,
+                ..Default::default()
+            },
+            content: Some(Content {
+                tenant_id: tenant.id,
+                retention: tenant.retention,
+                prompt: "p".into(),
+                completion: "c".into(),
+            }),
+        }
+    }
+
+    pub async fn check(s: &dyn Store) {
+        let now = crate::now_ms();
+        // Tenants.
+        assert!(s.insert_tenant("t", Retention::Full, now).await.unwrap());
+        assert!(!s.insert_tenant("t", Retention::None, now).await.unwrap());
+        let t = s.tenant("t").await.unwrap().unwrap();
+        assert_eq!((t.name.as_str(), t.retention), ("t", Retention::Full));
+        assert!(s.tenant("nobody").await.unwrap().is_none());
+        assert!(s.set_policy("t", Some("{}")).await.unwrap());
+        assert!(!s.set_policy("nobody", None).await.unwrap());
+        assert!(!s.set_retention("nobody", Retention::Hash).await.unwrap());
+        assert_eq!(s.tenants().await.unwrap().len(), 1);
+
+        // Keys.
+        let row = KeyRow {
+            tenant_id: t.id,
+            name: "ci".into(),
+            prefix: "sk-srn-ab".into(),
+            hash: vec![7; 32],
+            role: Role::Admin,
+            models: Some(vec!["m".into()]),
+            created_ms: now,
+            expires_ms: None,
+        };
+        let id = s.insert_key(&row).await.unwrap();
+        assert!(s.key_hash_exists(&[7; 32]).await.unwrap());
+        assert!(!s.key_hash_exists(&[8; 32]).await.unwrap());
+        assert_eq!(s.active_admin_keys().await.unwrap(), 1);
+        let found = s.keys_with_prefix("sk-srn-ab").await.unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].hash, vec![7; 32]);
+        assert_eq!(found[0].tenant.policy.as_deref(), Some("{}"));
+        assert_eq!(found[0].models, Some(vec!["m".to_string()]));
+        assert_eq!(s.key_tenant(id).await.unwrap(), Some(t.id));
+        assert!(s.revoke_key(id, now).await.unwrap());
+        assert!(!s.revoke_key(id, now).await.unwrap());
+        assert_eq!(s.active_admin_keys().await.unwrap(), 0);
+        assert_eq!(s.keys(Some("t")).await.unwrap()[0].revoked_ms, Some(now));
+        assert!(s.keys(Some("nobody")).await.unwrap().is_empty());
+
+        // A budget of 100 tokens: a reservation of 60 fits, a second does not, a replay is
+        // refused; settling 30 leaves room for 70.
+        let b = s
+            .set_budget(t.id, 0, BudgetUnit::Tokens, BudgetPeriod::Total, 100)
+            .await
+            .unwrap();
+        let b2 = s
+            .set_budget(t.id, 0, BudgetUnit::Tokens, BudgetPeriod::Total, 100)
+            .await
+            .unwrap();
+        assert_eq!(b, b2, "setting a budget again replaces it");
+        s.reserve(reserve_op("r1", t.id, 10, 50)).await.unwrap();
+        let over = s.reserve(reserve_op("r2", t.id, 10, 50)).await;
+        assert!(matches!(over, Err(GovError::OverBudget(_))), "{over:?}");
+        let again = s.reserve(reserve_op("r1", t.id, 1, 1)).await;
+        assert!(matches!(again, Err(GovError::Duplicate(_))), "{again:?}");
+        let state = s.ledger_state().await.unwrap();
+        assert_eq!((state.open_requests, state.reserved_total), (1, 60));
+        let fin = s.finish(finish_op("r1", &t, Some((10, 20)))).await.unwrap();
+        assert_eq!(fin.seq, 1);
+        let budgets = s.budgets(Some("t"), now).await.unwrap();
+        assert_eq!((budgets[0].spent, budgets[0].reserved), (30, 0));
+        s.reserve(reserve_op("r3", t.id, 20, 50)).await.unwrap();
+        s.finish(finish_op("r3", &t, Some((20, 0)))).await.unwrap();
+        // A refusal is audited without a settlement.
+        s.finish(finish_op("r4", &t, None)).await.unwrap();
+        s.flush().await;
+        let state = s.ledger_state().await.unwrap();
+        assert_eq!(
+            (state.open_requests, state.reserved_total, state.spent_total),
+            (0, 0, 50)
+        );
+
+        // Usage, grouped and not.
+        let total = s.usage(&[]).await.unwrap();
+        assert_eq!(total.len(), 1);
+        assert_eq!((total[0].requests, total[0].prompt_tokens), (2, 30));
+        let by = s.usage(&[UsageKey::Tenant, UsageKey::Model]).await.unwrap();
+        assert_eq!(by[0].tenant.as_deref(), Some("t"));
+        assert_eq!(by[0].key, None);
+
+        // Limits and prices.
+        let l = Limits {
+            rpm: Some(5),
+            tpm: None,
+            max_concurrent: Some(2),
+        };
+        s.set_limits(t.id, 0, l).await.unwrap();
+        assert_eq!(s.limits(None).await.unwrap()[0].limits, l);
+        s.set_price("m", "local", 3, 4).await.unwrap();
+        s.set_price("m", "local", 5, 6).await.unwrap();
+
+        // The audit chain: three records, linked, with the head at the last.
+        let (rows, head) = s.audit_chain().await.unwrap();
+        assert_eq!(rows.len(), 3);
+        assert_eq!(rows[0].prev_hash, GENESIS);
+        assert_eq!(head, s.audit_head().await.unwrap());
+        assert_eq!(verify_chain(rows.clone(), head.clone()).unwrap(), 3);
+        let texts = s.audit_records(1, 10).await.unwrap();
+        assert_eq!(texts.len(), 2);
+        assert!(texts[0].contains("\"r3\""));
+        let (seq, hash) = head.unwrap();
+        let key = crate::generate_signing_key().0;
+        let cp = Checkpoint::sign(&key, seq, &hash, now);
+        assert!(s.insert_checkpoint(&cp).await.unwrap());
+        assert!(!s.insert_checkpoint(&cp).await.unwrap());
+        assert_eq!(s.checkpoints().await.unwrap(), vec![cp]);
+        let content = s.audit_content(1).await.unwrap().unwrap();
+        assert_eq!(content, ("full".into(), Some("p".into()), Some("c".into())));
+        assert_eq!(s.erase_content(t.id).await.unwrap(), 3);
+        assert!(s.audit_content(1).await.unwrap().is_none());
+        assert_eq!(
+            verify_chain(
+                s.audit_chain().await.unwrap().0,
+                s.audit_head().await.unwrap()
+            )
+            .unwrap(),
+            3
+        );
+
+        // Config versions.
+        assert_eq!(
+            s.record_config("h1", "a", "x", "apply", now).await.unwrap(),
+            1
+        );
+        assert_eq!(
+            s.record_config("h2", "b", "x", "apply", now).await.unwrap(),
+            2
+        );
+        assert_eq!(
+            s.record_config("h1", "a", "y", "rollback", now)
+                .await
+                .unwrap(),
+            1
+        );
+        assert_eq!(s.config_versions().await.unwrap().len(), 2);
+        assert_eq!(s.config_events().await.unwrap().len(), 3);
+        let v = s.config_version(2).await.unwrap().unwrap();
+        assert_eq!(v.source.as_deref(), Some("b"));
+        assert!(s.config_version(3).await.unwrap().is_none());
+    }
+}
