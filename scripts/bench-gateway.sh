@@ -5,6 +5,7 @@
 # rate in one run. Usage: scripts/bench-gateway.sh [SECONDS_PER_RUN] [RATES...]
 # Needs: a release build (cargo build --release -p serrano -p serrano-server --examples --bins)
 # and LiteLLM in $LITELLM_VENV (default /tmp/litellm-venv: python3 -m venv ...; pip install 'litellm[proxy]').
+# SKIP_LITELLM=1 measures direct and serrano only (for quick iterations; not for the record).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-5}; shift || true
@@ -30,6 +31,8 @@ admin budgets '{"tenant":"bench","unit":"tokens","period":"day","limit":1e12}' >
 admin limits '{"tenant":"bench","rpm":10000000,"tpm":1000000000,"max_concurrent":100000}' >/dev/null
 admin prices '{"model":"stub","backend":"upstream","input_per_million":0.15,"output_per_million":0.6}' >/dev/null
 
+skip_litellm=${SKIP_LITELLM:-0}
+if [ "$skip_litellm" != 1 ]; then
 cat > "$tmp/litellm.yaml" <<YAML
 model_list:
   - model_name: stub
@@ -39,13 +42,19 @@ litellm_settings: {drop_params: true, telemetry: false}
 YAML
 "$venv/bin/litellm" --config "$tmp/litellm.yaml" --port 18192 --num_workers 1 >"$tmp/litellm.log" 2>&1 & pids+=($!)
 wait_up http://127.0.0.1:18192/health/liveliness
+fi
 
 run() { $bin/examples/overhead_bench "$1" "$2" "$3" "$secs"; }
+# utime + stime of a process, in clock ticks.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
 for rate in $rates; do
   echo "direct   $(run http://127.0.0.1:18190/v1/chat/completions none "$rate")"
-  echo "serrano  $(run http://127.0.0.1:18191/v1/chat/completions "$key" "$rate")"
-  echo "litellm  $(run http://127.0.0.1:18192/v1/chat/completions sk-litellm-bench "$rate")"
+  before=$(cpu_ticks "${pids[1]}")
+  out=$(run http://127.0.0.1:18191/v1/chat/completions "$key" "$rate")
+  used=$(( $(cpu_ticks "${pids[1]}") - before ))
+  echo "serrano  $out gateway CPU: $(( used * 10000 / $(getconf CLK_TCK) / (rate * secs / 100) )) us/request"
+  [ "$skip_litellm" = 1 ] || echo "litellm  $(run http://127.0.0.1:18192/v1/chat/completions sk-litellm-bench "$rate")"
 done
 echo "serrano gateway peak RSS: $(grep VmHWM /proc/${pids[1]}/status)"
 echo "audit records: $(curl -sf -H "Authorization: Bearer $SERRANO_ADMIN_KEY" http://127.0.0.1:18191/admin/v1/audit/verify)"

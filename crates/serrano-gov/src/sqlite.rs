@@ -1,10 +1,11 @@
-//! The SQLite [`Store`]: one database file (WAL, `synchronous=FULL`, mode 0600) per process
-//! group; a sqlx pool for reads and admin writes, and one writer thread (`writer.rs`) for the
-//! ledger and the audit log. Several processes on one machine may share the file: SQLite's
+//! The SQLite [`Store`]: one database file (WAL, mode 0600) per process group; a sqlx pool
+//! (`synchronous=FULL`) for reads and admin writes, and one writer thread (`writer.rs`) for the
+//! ledger and the audit log, which fsyncs the WAL itself before an audit record is reported
+//! written. Several processes on one machine may share the file: SQLite's
 //! locks make their reservations atomic and their audit chain one sequence.
 
 use std::borrow::Cow;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -30,6 +31,8 @@ use crate::store::{BudgetInfo, GovConfig, KeyInfo, LedgerState, LimitInfo, Limit
 use crate::versions::{ConfigEvent, ConfigVersion};
 use crate::writer::{self, Op};
 
+/// Prepared statements the writer keeps (more than it uses).
+const STATEMENT_CACHE: usize = 64;
 /// Ledger and audit writes that may wait for the writer; past it, callers wait (backpressure).
 const WRITER_QUEUE: usize = 4096;
 
@@ -115,16 +118,21 @@ impl SqliteStore {
         migrator().run(&pool).await?;
         restrict_permissions(&config.db_path);
         let conn = writer_connection(config)?;
-        // The WAL holds the same data as the database until a checkpoint.
-        for suffix in ["-wal", "-shm"] {
+        let checkpointer = connection(config)?;
+        let beside = |suffix: &str| {
             let mut p = config.db_path.clone().into_os_string();
             p.push(suffix);
-            restrict_permissions(Path::new(&p));
+            PathBuf::from(p)
+        };
+        // The WAL holds the same data as the database until a checkpoint.
+        for suffix in ["-wal", "-shm"] {
+            restrict_permissions(&beside(suffix));
         }
+        let wal = beside("-wal");
         let (tx, rx) = flume::bounded(WRITER_QUEUE);
         std::thread::Builder::new()
             .name("serrano-gov-writer".into())
-            .spawn(move || writer::run(conn, rx))
+            .spawn(move || writer::run(conn, checkpointer, wal, rx))
             .map_err(|e| GovError::Unavailable(format!("cannot start the writer: {e}")))?;
         Ok(SqliteStore { pool, writer: tx })
     }
@@ -693,13 +701,25 @@ impl Store for SqliteStore {
     }
 }
 
-/// The writer's own connection, with the same settings as the pool's.
-fn writer_connection(config: &GovConfig) -> Result<rusqlite::Connection, GovError> {
+/// A connection with the pool's settings.
+fn connection(config: &GovConfig) -> Result<rusqlite::Connection, GovError> {
     let conn = rusqlite::Connection::open(&config.db_path)?;
     conn.busy_timeout(config.busy_timeout)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(conn)
+}
+
+/// The writer's connection: it commits without fsync and leaves checkpoints to another thread;
+/// the writer makes each audit record durable itself (see `writer.rs`).
+fn writer_connection(config: &GovConfig) -> Result<rusqlite::Connection, GovError> {
+    let conn = connection(config)?;
+    // The ledger and audit use ~30 distinct statements; rusqlite's default cache holds 16, and
+    // a thrashing cache re-parses every statement (a sixth of the writer's CPU in a profile).
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     Ok(conn)
 }
 

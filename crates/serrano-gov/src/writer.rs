@@ -2,18 +2,29 @@
 //! SQLite connection and group-commits.
 //!
 //! Requests arriving together share one `BEGIN IMMEDIATE ... COMMIT`; each op runs under its own
-//! savepoint, so one refused reservation does not undo its neighbours. A reply is sent only after
-//! the commit. Batches holding an audit record commit with `synchronous=FULL` (durable before
-//! the response completes); reservation-only batches with `NORMAL`: a reservation lost to a power
-//! failure belongs to a request that died with it, and the next FULL commit syncs the WAL anyway.
+//! savepoint, so one refused reservation does not undo its neighbours.
 //!
-//! Why a thread and `rusqlite` rather than a sqlx connection: sqlx-sqlite hands every statement
+//! Durability is pipelined. The writer commits with `synchronous=NORMAL` (no fsync inside the
+//! write lock) and hands the batch's replies to a syncer thread, which fsyncs the WAL file once
+//! for every batch committed meanwhile and only then answers: an audit record is on disk before
+//! its response completes, exactly as with `synchronous=FULL`, but the next batch (a
+//! reservation, say) commits while the previous one's fsync is in flight instead of waiting
+//! behind it. Reservations are answered at commit: one lost to a power failure belongs to a
+//! request that died with it. This is safe because in WAL mode a committed transaction is either
+//! still in the WAL (which the syncer's fsync covers) or was copied into the database by a
+//! checkpoint, which syncs the WAL before copying and the database after.
+//!
+//! Checkpoints run on a third thread (`PRAGMA wal_checkpoint(PASSIVE)`, which never takes the
+//! write lock), so copying WAL pages into the database never stalls a commit.
+//!
+//! Why threads and `rusqlite` rather than a sqlx connection: sqlx-sqlite hands every statement
 //! to a worker thread and back; at ~15 statements per request that hop was most of the gateway's
 //! CPU time in a profile (futex waits and context switches), while SQLite itself was ~2%.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
 
 use crate::audit::{chain_hash, sha256_hex, Retention, GENESIS};
@@ -27,6 +38,8 @@ use crate::time::now_ms;
 const MAX_BATCH: usize = 256;
 /// How often expired reservations are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// Least time between two checkpoints.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
 pub enum Op {
     Reserve(
@@ -34,7 +47,7 @@ pub enum Op {
         oneshot::Sender<Result<Option<RateInfo>, GovError>>,
     ),
     Finish(Box<FinishOp>, oneshot::Sender<Result<Finished, GovError>>),
-    /// Answered once everything queued before it is committed (or failed).
+    /// Answered once everything queued before it is durable (or failed).
     Barrier(oneshot::Sender<()>),
 }
 
@@ -65,6 +78,11 @@ impl Done {
             Done::Finished(_, r) => *r = Err(e.clone()),
         }
     }
+    /// Whether the answer must wait for the fsync: audit records, and barriers (which promise
+    /// that everything before them is durable).
+    fn needs_sync(&self) -> bool {
+        matches!(self, Done::Barrier(_) | Done::Finished(_, Ok(_)))
+    }
     fn send(self) {
         // A requester that gave up no longer needs its answer.
         match self {
@@ -75,10 +93,27 @@ impl Done {
     }
 }
 
-/// Runs until every sender is gone.
-pub fn run(mut conn: Connection, rx: flume::Receiver<Op>) {
+/// Runs until every sender is gone. `conn` must be in WAL mode with `synchronous=NORMAL` and
+/// automatic checkpoints off; `checkpointer` is a second connection to the same database.
+pub fn run(mut conn: Connection, checkpointer: Connection, wal: PathBuf, rx: flume::Receiver<Op>) {
+    let (sync_tx, sync_rx) = flume::unbounded::<Vec<Done>>();
+    let (tick_tx, tick_rx) = flume::bounded::<()>(1);
+    let syncer = std::thread::Builder::new()
+        .name("serrano-gov-sync".into())
+        .spawn(move || sync_loop(wal, sync_rx));
+    let checkpoints = std::thread::Builder::new()
+        .name("serrano-gov-ckpt".into())
+        .spawn(move || checkpoint_loop(checkpointer, tick_rx));
+    if let Err(e) = syncer.as_ref().and(checkpoints.as_ref()) {
+        // Without a syncer nothing can be made durable: refuse every write.
+        tracing::error!("cannot start the governance store's threads: {e}");
+        let e = GovError::Unavailable("the store's sync thread did not start".into());
+        for op in rx.iter() {
+            fail(op, &e).send();
+        }
+        return;
+    }
     let mut next_sweep = Instant::now();
-    let mut full = true;
     loop {
         let first = match rx.recv_timeout(SWEEP_EVERY) {
             Ok(op) => Some(op),
@@ -86,7 +121,7 @@ pub fn run(mut conn: Connection, rx: flume::Receiver<Op>) {
             Err(flume::RecvTimeoutError::Disconnected) => break,
         };
         if Instant::now() >= next_sweep {
-            if let Err(e) = sweep(&mut conn) {
+            if let Err(e) = sweep(&conn) {
                 tracing::warn!("cannot expire stale reservations: {e}");
             }
             next_sweep = Instant::now() + SWEEP_EVERY;
@@ -99,31 +134,83 @@ pub fn run(mut conn: Connection, rx: flume::Receiver<Op>) {
                 Err(_) => break,
             }
         }
-        let durable = batch.iter().any(|op| matches!(op, Op::Finish(..)));
-        if durable != full {
-            let mode = if durable { "FULL" } else { "NORMAL" };
-            match conn.pragma_update(None, "synchronous", mode) {
-                Ok(()) => full = durable,
-                Err(e) => tracing::error!("cannot set synchronous={mode}: {e}"),
+        let (later, now): (Vec<Done>, Vec<Done>) = apply(&mut conn, batch)
+            .into_iter()
+            .partition(Done::needs_sync);
+        for d in now {
+            d.send();
+        }
+        if !later.is_empty() && sync_tx.send(later).is_err() {
+            tracing::error!("the governance store's sync thread stopped");
+        }
+        let _ = tick_tx.try_send(());
+    }
+    // Dropping the senders ends both helper threads once they have drained.
+}
+
+/// Answers batches once the WAL is on disk: one fsync for everything committed before it.
+fn sync_loop(wal: PathBuf, rx: flume::Receiver<Vec<Done>>) {
+    while let Ok(first) = rx.recv() {
+        let mut pending = first;
+        while let Ok(more) = rx.try_recv() {
+            pending.extend(more);
+        }
+        // Opened per sync, not kept: SQLite may delete and recreate the WAL file (after the
+        // last connection of another process closes), and an fsync of a stale inode proves
+        // nothing.
+        let synced = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&wal)
+            .and_then(|f| f.sync_data());
+        if let Err(e) = synced {
+            tracing::error!("cannot sync {}: {e}", wal.display());
+            let e = GovError::Unavailable(format!("cannot make the audit write durable: {e}"));
+            for d in &mut pending {
+                d.failed(&e);
             }
         }
-        // Never report an audit record durable unless the FULL setting took.
-        let batch = if durable && !full {
-            let e = GovError::Unavailable("cannot make the audit write durable".into());
-            batch.into_iter().map(|op| fail(op, &e)).collect()
-        } else {
-            apply(&mut conn, batch)
-        };
-        for d in batch {
+        for d in pending {
             d.send();
         }
     }
 }
 
-fn sweep(conn: &mut Connection) -> Result<(), GovError> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let n = ledger::expire(&tx, now_ms())?;
-    tx.commit()?;
+/// Copies committed WAL pages into the database, at most every [`CHECKPOINT_EVERY`], after
+/// commits; PASSIVE, so it never waits for or blocks the writer.
+fn checkpoint_loop(conn: Connection, ticks: flume::Receiver<()>) {
+    while ticks.recv().is_ok() {
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!("WAL checkpoint failed: {e}");
+        }
+        std::thread::sleep(CHECKPOINT_EVERY);
+    }
+}
+
+/// Runs a cached statement without results (transaction control included), so that no
+/// statement is parsed again per batch.
+fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([])?;
+    Ok(())
+}
+
+/// Runs `f` in its own write transaction.
+fn in_transaction<T>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> Result<T, GovError>,
+) -> Result<T, GovError> {
+    exec(conn, "BEGIN IMMEDIATE")?;
+    match f(conn).and_then(|t| Ok(exec(conn, "COMMIT").map(|()| t)?)) {
+        Ok(t) => Ok(t),
+        Err(e) => {
+            // The error is what the caller needs; a failed rollback leaves nothing to undo.
+            let _ = exec(conn, "ROLLBACK");
+            Err(e)
+        }
+    }
+}
+
+fn sweep(conn: &Connection) -> Result<(), GovError> {
+    let n = in_transaction(conn, |c| ledger::expire(c, now_ms()))?;
     if n > 0 {
         tracing::warn!("released the reservations of {n} expired requests");
     }
@@ -132,45 +219,36 @@ fn sweep(conn: &mut Connection) -> Result<(), GovError> {
 
 fn apply(conn: &mut Connection, batch: Vec<Op>) -> Vec<Done> {
     let mut done = Vec::with_capacity(batch.len());
-    if let Err(e) = apply_in_tx(conn, batch, &mut done) {
+    let mut ops = batch.into_iter();
+    if let Err(e) = in_transaction(conn, |c| apply_each(c, &mut ops, &mut done)) {
         tracing::error!("governance store write failed: {e}");
         for d in &mut done {
             d.failed(&e);
         }
+        // Every op gets an answer, even those the transaction never reached.
+        done.extend(ops.map(|op| fail(op, &e)));
     }
     done
 }
 
-fn apply_in_tx(
-    conn: &mut Connection,
-    batch: Vec<Op>,
+fn apply_each(
+    conn: &Connection,
+    ops: &mut impl Iterator<Item = Op>,
     done: &mut Vec<Done>,
 ) -> Result<(), GovError> {
-    let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
-        Ok(tx) => tx,
-        Err(e) => {
-            // Every op gets an answer, even when the transaction cannot start.
-            let e = GovError::from(e);
-            done.extend(batch.into_iter().map(|op| fail(op, &e)));
-            return Err(e);
-        }
-    };
-    let mut head = head(&tx);
+    let mut head = head(conn);
     let now = now_ms();
-    for op in batch {
-        let sp = match tx.savepoint() {
-            Ok(sp) => sp,
-            Err(e) => {
-                done.push(fail(op, &e.into()));
-                continue;
-            }
-        };
+    for op in ops {
+        if let Err(e) = exec(conn, "SAVEPOINT op") {
+            done.push(fail(op, &e.into()));
+            continue;
+        }
         let d = match op {
             Op::Barrier(tx) => Done::Barrier(tx),
-            Op::Reserve(r, reply) => Done::Reserved(reply, ledger::reserve(&sp, &r, now)),
+            Op::Reserve(r, reply) => Done::Reserved(reply, ledger::reserve(conn, &r, now)),
             Op::Finish(f, reply) => {
                 let res = match &head {
-                    Ok(h) => finish(&sp, &f, h, now),
+                    Ok(h) => finish(conn, &f, h, now),
                     Err(e) => Err(e.clone()),
                 };
                 let res = res.map(|(fin, hash)| {
@@ -182,12 +260,14 @@ fn apply_in_tx(
                 Done::Finished(reply, res)
             }
         };
-        // A failed op's savepoint rolls back when dropped.
-        let end = if d.ok() { sp.commit() } else { Ok(()) };
+        let end = if d.ok() {
+            exec(conn, "RELEASE op")
+        } else {
+            exec(conn, "ROLLBACK TO op").and_then(|()| exec(conn, "RELEASE op"))
+        };
         done.push(d);
         end?;
     }
-    tx.commit()?;
     Ok(())
 }
 
