@@ -9,8 +9,9 @@
 //! - Budget checks and reservations happen in one write transaction, so concurrent requests can
 //!   never reserve past a limit; settlement replaces a reservation by the actual usage (never more
 //!   than reserved) in the same transaction as the request's audit record.
-//! - Every write goes through one writer task that group-commits (`synchronous=FULL`), so the
-//!   audit record of a response is on disk before the response completes.
+//! - Every ledger and audit write goes through one writer that group-commits; an audit record is
+//!   answered only once the WAL holding it is fsynced, so it is on disk before the response
+//!   completes.
 
 mod audit;
 mod checkpoint;
