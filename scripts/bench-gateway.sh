@@ -56,5 +56,26 @@ for rate in $rates; do
   echo "serrano  $out gateway CPU: $(( used * 10000 / $(getconf CLK_TCK) / (rate * secs / 100) )) us/request"
   [ "$skip_litellm" = 1 ] || echo "litellm  $(run http://127.0.0.1:18192/v1/chat/completions sk-litellm-bench "$rate")"
 done
+# Where serrano's time went, over the whole run: the store's reserve and finish waits.
+curl -sf -H "Authorization: Bearer $SERRANO_ADMIN_KEY" http://127.0.0.1:18191/metrics | python3 -c '
+import re, sys
+ops = {}
+for line in sys.stdin:
+    m = re.match(r"serrano_gov_store_seconds_(bucket|sum|count)\{(.*?)\} (\S+)", line)
+    if not m:
+        continue
+    labels = dict(re.findall(r"(\w+)=\"([^\"]*)\"", m.group(2)))
+    o = ops.setdefault(labels["op"], {"buckets": {}})
+    if m.group(1) == "bucket":
+        o["buckets"][labels["le"]] = float(m.group(3))
+    else:
+        o[m.group(1)] = float(m.group(3))
+for op, o in sorted(ops.items()):
+    n = o.get("count", 0) or 1
+    mean = 1e3 * o.get("sum", 0) / n
+    s = [100 * o["buckets"].get(le, 0) / n for le in ("0.00025", "0.0005", "0.001", "0.0025")]
+    print(f"store {op}: {int(n)} calls, mean {mean:.3f} ms, <= 0.25 ms {s[0]:.0f}%, "
+          f"<= 0.5 ms {s[1]:.0f}%, <= 1 ms {s[2]:.1f}%, <= 2.5 ms {s[3]:.1f}%")
+'
 echo "serrano gateway peak RSS: $(grep VmHWM /proc/${pids[1]}/status)"
 echo "audit records: $(curl -sf -H "Authorization: Bearer $SERRANO_ADMIN_KEY" http://127.0.0.1:18191/admin/v1/audit/verify)"

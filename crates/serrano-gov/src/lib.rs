@@ -19,6 +19,7 @@ mod error;
 mod jwt;
 mod keys;
 mod ledger;
+mod metrics;
 mod rate;
 mod sqlite;
 mod storage;

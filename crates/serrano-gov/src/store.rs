@@ -12,6 +12,7 @@ use crate::checkpoint::Checkpoint;
 use crate::error::GovError;
 use crate::keys::{self, Principal, Role};
 use crate::ledger::{BudgetPeriod, BudgetUnit};
+use crate::metrics::StoreMetrics;
 use crate::rate::RateInfo;
 use crate::sqlite::SqliteStore;
 use crate::storage::{FinishOp, Finished, KeyRow, ReserveOp, Store, UsageKey};
@@ -177,6 +178,7 @@ struct Inner {
     auth_generation: std::sync::atomic::AtomicU64,
     /// Compiled safety filters by policy text (bounded: cleared when full).
     filters: std::sync::Mutex<std::collections::HashMap<String, Arc<serrano_safety::Filter>>>,
+    metrics: StoreMetrics,
     config: GovConfig,
 }
 
@@ -204,6 +206,7 @@ impl Governance {
                 filters: Default::default(),
                 auth_cache: Default::default(),
                 auth_generation: Default::default(),
+                metrics: StoreMetrics::new(),
                 config,
             }),
         }
@@ -742,11 +745,27 @@ impl Governance {
     }
 
     pub(crate) async fn reserve(&self, op: ReserveOp) -> Result<Option<RateInfo>, GovError> {
-        self.store().reserve(op).await
+        let started = std::time::Instant::now();
+        let r = self.store().reserve(op).await;
+        self.observe("reserve", started);
+        r
     }
 
     pub(crate) async fn finish(&self, op: FinishOp) -> Result<Finished, GovError> {
-        self.store().finish(op).await
+        let started = std::time::Instant::now();
+        let r = self.store().finish(op).await;
+        self.observe("finish", started);
+        r
+    }
+
+    fn observe(&self, op: &'static str, started: std::time::Instant) {
+        let kind = self.store().kind();
+        self.inner.metrics.observe(op, kind, started.elapsed());
+    }
+
+    /// Prometheus text of the store's latency (`serrano:gov_store_seconds`), without `# EOF`.
+    pub fn encode_metrics(&self) -> String {
+        self.inner.metrics.encode()
     }
 
     /// Returns once every write queued before the call is committed (or has failed): call at

@@ -245,7 +245,11 @@ async fn metrics(
             let engine = st.engine.as_ref().map_or_else(String::new, |e| {
                 e.metrics().encode().trim_end_matches("# EOF\n").to_string()
             });
-            format!("{engine}{}# EOF\n", st.routing.encode_metrics())
+            format!(
+                "{engine}{}{}# EOF\n",
+                st.routing.encode_metrics(),
+                st.gov.encode_metrics()
+            )
         },
     )
 }

@@ -332,6 +332,20 @@ fn an_unwritable_store_refuses_requests() {
     };
     let (st, _) = s.post("/v1/completions", &json!({"prompt": "hi", "max_tokens": 2}));
     assert_eq!(st, 200);
+    let metrics = common::authed_get(&s.url("/metrics"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    for op in ["reserve", "finish"] {
+        let count = format!("serrano_gov_store_seconds_count{{op=\"{op}\",store=\"sqlite\"}} ");
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with(&count) && !l.ends_with(" 0")),
+            "no {op} latency in {metrics}"
+        );
+    }
     let before = generated(&s);
     let spent_before = ledger(&s)["spent_total"].clone();
     // Another process holds the write lock for 3 s.

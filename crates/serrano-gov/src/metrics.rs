@@ -1,0 +1,55 @@
+//! Latency of the store on the request path, for `/metrics`: how long a request waited for its
+//! reservation and for its settlement and durable audit record. These are most of what
+//! governance adds to a request (BENCHMARKS.md, governance overhead).
+
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(String, String)>;
+
+pub(crate) struct StoreMetrics {
+    registry: Registry,
+    seconds: Family<Labels, Histogram, fn() -> Histogram>,
+}
+
+fn histogram() -> Histogram {
+    Histogram::new([
+        0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0,
+    ])
+}
+
+impl StoreMetrics {
+    pub(crate) fn new() -> StoreMetrics {
+        let mut registry = Registry::with_prefix("serrano");
+        let seconds = Family::new_with_constructor(histogram as fn() -> Histogram);
+        registry.register(
+            "gov_store_seconds",
+            "Time a request waited for the governance store: op=reserve (budgets and rate \
+             limits checked, worst case reserved) or op=finish (settled, audit record durable)",
+            seconds.clone(),
+        );
+        StoreMetrics { registry, seconds }
+    }
+
+    pub(crate) fn observe(&self, op: &'static str, store: &'static str, took: Duration) {
+        self.seconds
+            .get_or_create(&vec![
+                ("op".to_string(), op.to_string()),
+                ("store".to_string(), store.to_string()),
+            ])
+            .observe(took.as_secs_f64());
+    }
+
+    /// Prometheus text, without the `# EOF` line.
+    pub(crate) fn encode(&self) -> String {
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            return String::new();
+        }
+        out.trim_end_matches("# EOF\n").to_string()
+    }
+}
