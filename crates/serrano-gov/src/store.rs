@@ -216,7 +216,7 @@ impl Governance {
         &self.inner.config
     }
 
-    pub fn store(&self) -> &dyn Store {
+    pub(crate) fn store(&self) -> &dyn Store {
         &*self.inner.store
     }
 

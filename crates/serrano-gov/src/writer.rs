@@ -97,7 +97,7 @@ impl Done {
 
 /// Runs until every sender is gone. `conn` must be in WAL mode with `synchronous=NORMAL`;
 /// `checkpointer` is a second connection to the same database.
-pub fn run(mut conn: Connection, checkpointer: Connection, wal: PathBuf, rx: flume::Receiver<Op>) {
+pub fn run(conn: Connection, checkpointer: Connection, wal: PathBuf, rx: flume::Receiver<Op>) {
     let (sync_tx, sync_rx) = flume::unbounded::<Vec<Done>>();
     let (tick_tx, tick_rx) = flume::bounded::<()>(1);
     let syncer = std::thread::Builder::new()
@@ -136,9 +136,8 @@ pub fn run(mut conn: Connection, checkpointer: Connection, wal: PathBuf, rx: flu
                 Err(_) => break,
             }
         }
-        let (later, now): (Vec<Done>, Vec<Done>) = apply(&mut conn, batch)
-            .into_iter()
-            .partition(Done::needs_sync);
+        let (later, now): (Vec<Done>, Vec<Done>) =
+            apply(&conn, batch).into_iter().partition(Done::needs_sync);
         for d in now {
             d.send();
         }
@@ -157,9 +156,9 @@ fn sync_loop(wal: PathBuf, rx: flume::Receiver<Vec<Done>>) {
         while let Ok(more) = rx.try_recv() {
             pending.extend(more);
         }
-        // Opened per sync, not kept: SQLite may delete and recreate the WAL file (after the
-        // last connection of another process closes), and an fsync of a stale inode proves
-        // nothing.
+        // Opened per sync, not kept: SQLite deletes the WAL when the last connection to the
+        // database closes and creates it again on the next open, and an fsync through a kept
+        // descriptor would then sync a file nobody writes.
         let synced = std::fs::OpenOptions::new()
             .write(true)
             .open(&wal)
@@ -221,7 +220,7 @@ fn sweep(conn: &Connection) -> Result<(), GovError> {
     Ok(())
 }
 
-fn apply(conn: &mut Connection, batch: Vec<Op>) -> Vec<Done> {
+fn apply(conn: &Connection, batch: Vec<Op>) -> Vec<Done> {
     let mut done = Vec::with_capacity(batch.len());
     let mut ops = batch.into_iter();
     if let Err(e) = in_transaction(conn, |c| apply_each(c, &mut ops, &mut done)) {
