@@ -1,4 +1,5 @@
-//! Integer dot-product kernels for the 32-element weight formats (Q4_0, Q4_1, Q8_0).
+//! Integer dot-product kernels for the 32-element weight formats (Q4_0, Q4_1, Q8_0) and the
+//! 256-element k-quants (Q4_K, Q6_K).
 //!
 //! Activations are quantized once per matmul to 8 bits in blocks of 32 ([`BlockQ8`]), as
 //! llama.cpp does; a weight block times an activation block is then an exact integer dot product
@@ -11,7 +12,7 @@
 
 use half::f16;
 
-use crate::quant::{DType, QK};
+use crate::quant::{DType, QK, QK_K};
 
 /// One block of 32 activations quantized to 8 bits: `x[j] ≈ d * qs[j]`; `s = d * Σ qs`.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -24,7 +25,28 @@ pub struct BlockQ8 {
 
 /// Whether `dtype` has an integer kernel here.
 pub fn supported(dtype: DType) -> bool {
-    matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q8_0)
+    matches!(
+        dtype,
+        DType::Q4_0 | DType::Q4_1 | DType::Q8_0 | DType::Q4_K | DType::Q6_K
+    )
+}
+
+/// Activation blocks (of 32) one row of `dtype` consumes.
+fn act_blocks(dtype: DType, row: &[u8]) -> usize {
+    row.len() / dtype.block_bytes() * (dtype.block_elems() / QK)
+}
+
+/// Sub-block `j`'s 6-bit scale and min in a Q4_K block's packed 12 bytes (as ggml packs them).
+#[inline(always)]
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
 }
 
 /// Quantizes `x` (a multiple of 32 long) into `out`, replacing its contents.
@@ -160,6 +182,11 @@ pub mod portable {
 
     pub fn dot(dtype: DType, row: &[u8], x: &[BlockQ8]) -> f32 {
         let bb = dtype.block_bytes();
+        match dtype {
+            DType::Q4_K => return dot_q4_k(row, x),
+            DType::Q6_K => return dot_q6_k(row, x),
+            _ => {}
+        }
         let mut s = 0f32;
         for (b, xb) in row.chunks_exact(bb).zip(x) {
             s += match dtype {
@@ -194,6 +221,53 @@ pub mod portable {
         }
         s
     }
+
+    /// Q4_K: per super-block of 256, `d`, `dmin`, eight 6-bit (scale, min) pairs, then 32-byte
+    /// chunks whose low nibbles are one sub-block of 32 and high nibbles the next. Element
+    /// `w = d*sc*q - dmin*m`, so a sub-block's dot is `d*sc*xd*Σq·xq - dmin*m*xs`.
+    fn dot_q4_k(row: &[u8], x: &[BlockQ8]) -> f32 {
+        let mut s = 0f32;
+        for (b, xs) in row.chunks_exact(144).zip(x.chunks_exact(QK_K / QK)) {
+            let (d, dmin) = (f16_le(b[0], b[1]), f16_le(b[2], b[3]));
+            let (scales, qs) = (&b[4..16], &b[16..144]);
+            for j in 0..8 {
+                let (sc, m) = scale_min_k4(j, scales);
+                let chunk = &qs[32 * (j / 2)..32 * (j / 2) + 32];
+                let shift = 4 * (j % 2);
+                let xb = &xs[j];
+                let isum: i32 = (0..32)
+                    .map(|l| ((chunk[l] >> shift) & 0x0F) as i32 * xb.qs[l] as i32)
+                    .sum();
+                s += d * sc as f32 * xb.d * isum as f32 - dmin * m as f32 * xb.s;
+            }
+        }
+        s
+    }
+
+    /// Q6_K: per super-block of 256, low nibbles (128 bytes), high 2-bit pairs (64), sixteen
+    /// signed 8-bit scales (one per 16 elements), then `d`. Element `w = d*sc*(q - 32)`.
+    fn dot_q6_k(row: &[u8], x: &[BlockQ8]) -> f32 {
+        let mut s = 0f32;
+        for (b, xs) in row.chunks_exact(210).zip(x.chunks_exact(QK_K / QK)) {
+            let d = f16_le(b[208], b[209]);
+            for (k, xb) in xs.iter().enumerate() {
+                let (half, k4) = (k / 4, k % 4);
+                let ql = &b[64 * half + 32 * (k4 % 2)..];
+                let qh = &b[128 + 32 * half..];
+                let mut isum = [0i32; 2];
+                for l in 0..32 {
+                    let lo = if k4 < 2 { ql[l] & 0x0F } else { ql[l] >> 4 };
+                    let q = (lo | (((qh[l] >> (2 * k4)) & 3) << 4)) as i32 - 32;
+                    isum[l / 16] += q * xb.qs[l] as i32;
+                }
+                let sc = &b[192 + 8 * half + 2 * k4..];
+                s += d
+                    * xb.d
+                    * (sc[0] as i8 as f32 * isum[0] as f32 + sc[1] as i8 as f32 * isum[1] as f32);
+            }
+        }
+        s
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -223,12 +297,14 @@ mod avx2 {
         xs: [&[BlockQ8]; N],
     ) -> [f32; N] {
         // The kernels index activation blocks unchecked: every token must cover the row.
-        let blocks = row.len() / dtype.block_bytes();
+        let blocks = act_blocks(dtype, row);
         assert!(xs.iter().all(|x| x.len() >= blocks));
         match dtype {
             DType::Q4_1 => dot_q4_1::<N, VNNI>(row, xs),
             DType::Q4_0 => dot_signed::<N, 18, VNNI>(row, xs),
             DType::Q8_0 => dot_signed::<N, 34, VNNI>(row, xs),
+            DType::Q4_K => dot_q4_k::<N, VNNI>(row, xs),
+            DType::Q6_K => dot_q6_k::<N, VNNI>(row, xs),
             other => unreachable!("no integer kernel for {other:?}"),
         }
     }
@@ -357,14 +433,143 @@ mod avx2 {
             }
         })
     }
+
+    /// See `portable::dot_q4_k` for the layout. Each 32-byte chunk holds two sub-blocks (low
+    /// and high nibbles), which feed the two accumulator chains.
+    #[inline(always)]
+    unsafe fn dot_q4_k<const N: usize, const VNNI: bool>(
+        row: &[u8],
+        xs: [&[BlockQ8]; N],
+    ) -> [f32; N] {
+        let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); N], [_mm256_setzero_ps(); N]);
+        let mut mins = [0f32; N];
+        let m4 = _mm256_set1_epi8(0x0F);
+        for (sb, b) in row.chunks_exact(144).enumerate() {
+            let (d, dmin) = (f16_le(b[0], b[1]), f16_le(b[2], b[3]));
+            let mut scale = [0f32; 8];
+            let mut min = [0f32; 8];
+            for j in 0..8 {
+                let (sc, m) = scale_min_k4(j, &b[4..16]);
+                (scale[j], min[j]) = (d * sc as f32, dmin * m as f32);
+            }
+            for c in 0..4 {
+                let q = _mm256_loadu_si256(b.as_ptr().add(16 + 32 * c) as *const __m256i);
+                let lo = _mm256_and_si256(q, m4);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+                for t in 0..N {
+                    let x0 = xs[t].get_unchecked(8 * sb + 2 * c);
+                    let x1 = xs[t].get_unchecked(8 * sb + 2 * c + 1);
+                    let p0 = mul_sum_u8_i8::<VNNI>(lo, _mm256_loadu_si256(x0.qs.as_ptr().cast()));
+                    let p1 = mul_sum_u8_i8::<VNNI>(hi, _mm256_loadu_si256(x1.qs.as_ptr().cast()));
+                    acc0[t] = _mm256_fmadd_ps(_mm256_set1_ps(scale[2 * c] * x0.d), p0, acc0[t]);
+                    acc1[t] = _mm256_fmadd_ps(_mm256_set1_ps(scale[2 * c + 1] * x1.d), p1, acc1[t]);
+                    mins[t] += min[2 * c] * x0.s + min[2 * c + 1] * x1.s;
+                }
+            }
+        }
+        let mut out = [0f32; N];
+        for t in 0..N {
+            out[t] = hsum(_mm256_add_ps(acc0[t], acc1[t])) - mins[t];
+        }
+        out
+    }
+
+    /// See `portable::dot_q6_k` for the layout. Weights are `q - 32` (signed), multiplied with
+    /// the sign trick; one block of 32 spans two 16-element scales, which `mul_sum_u8_i8`'s
+    /// lanes keep apart (lanes 0-3 hold elements 0-15, lanes 4-7 elements 16-31).
+    #[inline(always)]
+    unsafe fn dot_q6_k<const N: usize, const VNNI: bool>(
+        row: &[u8],
+        xs: [&[BlockQ8]; N],
+    ) -> [f32; N] {
+        let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); N], [_mm256_setzero_ps(); N]);
+        let (m4, m2) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(3));
+        for (sb, b) in row.chunks_exact(210).enumerate() {
+            let d = f16_le(b[208], b[209]);
+            for half in 0..2 {
+                let ql = b.as_ptr().add(64 * half);
+                let qa = _mm256_loadu_si256(ql as *const __m256i);
+                let qb = _mm256_loadu_si256(ql.add(32) as *const __m256i);
+                let qh = _mm256_loadu_si256(b.as_ptr().add(128 + 32 * half) as *const __m256i);
+                // Bits 4-5 of each block's weights: the k-th 2-bit pair of `qh`.
+                let h0 = _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4);
+                let h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m2), 4);
+                let h2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4);
+                let h3 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4);
+                let q = [
+                    _mm256_or_si256(_mm256_and_si256(qa, m4), h0),
+                    _mm256_or_si256(_mm256_and_si256(qb, m4), h1),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qa, 4), m4), h2),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qb, 4), m4), h3),
+                ];
+                let sc = &b[192 + 8 * half..200 + 8 * half];
+                let first = 8 * sb + 4 * half;
+                q6_block::<N, VNNI>(&mut acc0, q[0], [sc[0], sc[1]], d, xs, first);
+                q6_block::<N, VNNI>(&mut acc1, q[1], [sc[2], sc[3]], d, xs, first + 1);
+                q6_block::<N, VNNI>(&mut acc0, q[2], [sc[4], sc[5]], d, xs, first + 2);
+                q6_block::<N, VNNI>(&mut acc1, q[3], [sc[6], sc[7]], d, xs, first + 3);
+            }
+        }
+        let mut out = [0f32; N];
+        for t in 0..N {
+            out[t] = hsum(_mm256_add_ps(acc0[t], acc1[t]));
+        }
+        out
+    }
+
+    /// One block of 32 six-bit weights `q` (unsigned, 0..64) times activation block `at` of
+    /// each token, scaled per 16 elements, into `acc`.
+    #[inline(always)]
+    unsafe fn q6_block<const N: usize, const VNNI: bool>(
+        acc: &mut [__m256; N],
+        q: __m256i,
+        sc: [u8; 2],
+        d: f32,
+        xs: [&[BlockQ8]; N],
+        at: usize,
+    ) {
+        let w = _mm256_sub_epi8(q, _mm256_set1_epi8(32));
+        let aw = _mm256_sign_epi8(w, w);
+        let (s0, s1) = (sc[0] as i8 as f32 * d, sc[1] as i8 as f32 * d);
+        for t in 0..N {
+            let xb = xs[t].get_unchecked(at);
+            let xq = _mm256_loadu_si256(xb.qs.as_ptr().cast());
+            let p = mul_sum_u8_i8::<VNNI>(aw, _mm256_sign_epi8(xq, w));
+            let scale = _mm256_set_m128(_mm_set1_ps(s1 * xb.d), _mm_set1_ps(s0 * xb.d));
+            acc[t] = _mm256_fmadd_ps(scale, p, acc[t]);
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::{dequantize_row, quantize_row};
+    use crate::quant::dequantize_row;
 
     use crate::testing::random_vec as rand_vec;
+
+    const FORMATS: [DType; 5] = [
+        DType::Q4_0,
+        DType::Q4_1,
+        DType::Q8_0,
+        DType::Q4_K,
+        DType::Q6_K,
+    ];
+
+    /// A row of `blocks` blocks of `dt`; Q8_0 gets a -128, the sign trick's edge.
+    fn random_row(dt: DType, blocks: usize, seed: u64) -> Vec<u8> {
+        let mut w = crate::testing::random_quant_row(dt, blocks * dt.block_elems(), seed);
+        if dt == DType::Q8_0 {
+            w[2] = 0x80;
+        }
+        w
+    }
+
+    fn random_acts(n: usize, seed: u64) -> Vec<BlockQ8> {
+        let mut q = Vec::new();
+        quantize_acts(&rand_vec(n, seed), &mut q);
+        q
+    }
 
     #[test]
     fn activation_quantization_round_trips_within_a_step() {
@@ -383,14 +588,13 @@ mod tests {
     /// up to float rounding, for every format and odd block counts.
     #[test]
     fn portable_kernels_match_dequantized_reference() {
-        for dt in [DType::Q4_0, DType::Q4_1, DType::Q8_0] {
-            for blocks in [1, 3, 18, 48] {
-                let n = blocks * 32;
-                let w = quantize_row(dt, &rand_vec(n, blocks as u64));
+        for dt in FORMATS {
+            for blocks in [1, 3, 18] {
+                let n = blocks * dt.block_elems();
+                let w = random_row(dt, blocks, blocks as u64);
                 let mut wf = vec![0f32; n];
                 dequantize_row(dt, &w, &mut wf);
-                let mut xq = Vec::new();
-                quantize_acts(&rand_vec(n, 77), &mut xq);
+                let xq = random_acts(n, 77);
                 let reference: f64 = wf
                     .iter()
                     .enumerate()
@@ -407,14 +611,11 @@ mod tests {
 
     #[test]
     fn four_tokens_at_once_equal_one_at_a_time_bit_for_bit() {
-        for dt in [DType::Q4_0, DType::Q4_1, DType::Q8_0] {
-            let w = quantize_row(dt, &rand_vec(18 * 32, 11));
+        for dt in FORMATS {
+            let blocks = 18 * 32 / dt.block_elems();
+            let w = random_row(dt, blocks, 11);
             let acts: Vec<Vec<BlockQ8>> = (0..4)
-                .map(|t| {
-                    let mut q = Vec::new();
-                    quantize_acts(&rand_vec(18 * 32, 20 + t), &mut q);
-                    q
-                })
+                .map(|t| random_acts(blocks * dt.block_elems(), 20 + t))
                 .collect();
             let four = dot_n::<4>(dt, &w, [&acts[0], &acts[1], &acts[2], &acts[3]]);
             for t in 0..4 {
@@ -435,20 +636,11 @@ mod tests {
         if simd() < Simd::Vnni {
             return;
         }
-        for dt in [DType::Q4_0, DType::Q4_1, DType::Q8_0] {
-            for blocks in [1, 2, 7, 48] {
-                let n = blocks * 32;
-                let mut w = quantize_row(dt, &rand_vec(n, 40 + blocks as u64));
-                if dt == DType::Q8_0 {
-                    w[2] = 0x80;
-                }
-                let acts: Vec<Vec<BlockQ8>> = (0..4)
-                    .map(|t| {
-                        let mut q = Vec::new();
-                        quantize_acts(&rand_vec(n, 60 + t), &mut q);
-                        q
-                    })
-                    .collect();
+        for dt in FORMATS {
+            for blocks in [1, 2, 7] {
+                let n = blocks * dt.block_elems();
+                let w = random_row(dt, blocks, 40 + blocks as u64);
+                let acts: Vec<Vec<BlockQ8>> = (0..4).map(|t| random_acts(n, 60 + t)).collect();
                 let xs = [&acts[0][..], &acts[1], &acts[2], &acts[3]];
                 // SAFETY: `simd()` found AVX2, FMA, F16C, AVX512-VNNI and AVX512-VL.
                 let (a, b) = unsafe { (avx2::dot_n(dt, &w, xs), avx2::dot_n_vnni(dt, &w, xs)) };
@@ -459,16 +651,11 @@ mod tests {
 
     #[test]
     fn dispatched_kernels_match_portable() {
-        for dt in [DType::Q4_0, DType::Q4_1, DType::Q8_0] {
-            for blocks in [1, 2, 7, 18, 48] {
-                let n = blocks * 32;
-                let mut w = quantize_row(dt, &rand_vec(n, 5 + blocks as u64));
-                if dt == DType::Q8_0 {
-                    // The extreme value -128 must not overflow the sign trick.
-                    w[2] = 0x80;
-                }
-                let mut xq = Vec::new();
-                quantize_acts(&rand_vec(n, 9), &mut xq);
+        for dt in FORMATS {
+            for blocks in [1, 2, 7, 18] {
+                let n = blocks * dt.block_elems();
+                let w = random_row(dt, blocks, 5 + blocks as u64);
+                let xq = random_acts(n, 9);
                 let (a, b) = (dot(dt, &w, &xq), portable::dot(dt, &w, &xq));
                 assert!(
                     (a - b).abs() < 1e-4 * (1.0 + b.abs()),

@@ -501,14 +501,13 @@ pub fn silu(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::quantize_row;
 
     use crate::testing::random_vec as rand_vec;
 
     /// A `rows` x `cols` matrix of `dtype` with random weights (row `r` from seed `seed + r`).
     fn random_matrix(dtype: DType, rows: usize, cols: usize, seed: u64) -> QMatrix {
         let data: Vec<u8> = (0..rows)
-            .flat_map(|r| quantize_row(dtype, &rand_vec(cols, seed + r as u64)))
+            .flat_map(|r| crate::testing::random_quant_row(dtype, cols, seed + r as u64))
             .collect();
         QMatrix::new(dtype, rows, cols, Arc::new(Bytes::Owned(data)), 0)
     }
@@ -571,6 +570,28 @@ mod tests {
                         "{dtype:?} {rows}x{cols}x{n}: {a} vs {b}"
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn k_quant_matmul_matches_scalar_reference() {
+        for dtype in [DType::Q4_K, DType::Q6_K] {
+            for (rows, cols, n) in [(1, 256, 1), (17, 512, 1), (5, 768, 7)] {
+                let w = random_matrix(dtype, rows, cols, 3);
+                let x = rand_vec(cols * n, 98);
+                let mut y = vec![0f32; rows * n];
+                matmul(&w, &x, n, &mut y);
+                let tol = 1e-2 * (cols as f32).sqrt();
+                for (a, b) in y.iter().zip(reference(&w, &x, n)) {
+                    assert!(
+                        (a - b).abs() < tol * (1.0 + b.abs()),
+                        "{dtype:?} {rows}x{cols}x{n}: {a} vs {b}"
+                    );
+                }
+                let mut batched = vec![0f32; rows * n];
+                matmul(&w, &x, n, &mut batched);
+                assert_tokens_match_alone(&w, &x, n, &batched);
             }
         }
     }

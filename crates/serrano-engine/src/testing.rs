@@ -56,6 +56,28 @@ pub fn random_vec(n: usize, seed: u64) -> Vec<f32> {
     (0..n).map(|_| rng.next()).collect()
 }
 
+/// A row of `n` weights of `dtype`: quantized from random values where a reference quantizer
+/// exists; for k-quants (which have none here), random bytes with small scales, every byte
+/// pattern being a valid block.
+pub fn random_quant_row(dtype: DType, n: usize, seed: u64) -> Vec<u8> {
+    let scales: &[usize] = match dtype {
+        DType::Q4_K => &[0, 2],
+        DType::Q6_K => &[208],
+        _ => return quantize_row(dtype, &random_vec(n, seed)),
+    };
+    let mut w: Vec<u8> = random_vec(dtype.row_bytes(n), seed)
+        .iter()
+        .map(|v| (v.abs() * 255.0) as u8)
+        .collect();
+    for b in w.chunks_exact_mut(dtype.block_bytes()) {
+        for &at in scales {
+            let d = half::f16::from_f32(0.001 + 0.01 * (b[100 + at / 2] as f32 / 255.0));
+            b[at..at + 2].copy_from_slice(&d.to_le_bytes());
+        }
+    }
+    w
+}
+
 impl TinyModel {
     pub fn gguf_bytes(&self) -> Vec<u8> {
         let mut tokens: Vec<String> = Vec::new();
