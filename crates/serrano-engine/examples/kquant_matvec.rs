@@ -38,6 +38,7 @@ fn main() {
         DType::Q4_1,
         DType::Q8_0,
         DType::Q4_K,
+        DType::Q5_K,
         DType::Q6_K,
     ] {
         let data: Vec<u8> = (0..rows)

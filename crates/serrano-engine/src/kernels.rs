@@ -1,5 +1,5 @@
 //! Integer dot-product kernels for the 32-element weight formats (Q4_0, Q4_1, Q8_0) and the
-//! 256-element k-quants (Q4_K, Q6_K).
+//! 256-element k-quants (Q4_K, Q5_K, Q6_K).
 //!
 //! Activations are quantized once per matmul to 8 bits in blocks of 32 ([`BlockQ8`]), as
 //! llama.cpp does; a weight block times an activation block is then an exact integer dot product
@@ -27,7 +27,7 @@ pub struct BlockQ8 {
 pub fn supported(dtype: DType) -> bool {
     matches!(
         dtype,
-        DType::Q4_0 | DType::Q4_1 | DType::Q8_0 | DType::Q4_K | DType::Q6_K
+        DType::Q4_0 | DType::Q4_1 | DType::Q8_0 | DType::Q4_K | DType::Q5_K | DType::Q6_K
     )
 }
 
@@ -36,7 +36,8 @@ fn act_blocks(dtype: DType, row: &[u8]) -> usize {
     row.len() / dtype.block_bytes() * (dtype.block_elems() / QK)
 }
 
-/// Sub-block `j`'s 6-bit scale and min in a Q4_K block's packed 12 bytes (as ggml packs them).
+/// Sub-block `j`'s 6-bit scale and min in a Q4_K/Q5_K block's packed 12 bytes (as ggml packs
+/// them).
 #[inline(always)]
 fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
@@ -183,7 +184,8 @@ pub mod portable {
     pub fn dot(dtype: DType, row: &[u8], x: &[BlockQ8]) -> f32 {
         let bb = dtype.block_bytes();
         match dtype {
-            DType::Q4_K => return dot_q4_k(row, x),
+            DType::Q4_K => return dot_q45_k::<144>(row, x),
+            DType::Q5_K => return dot_q45_k::<176>(row, x),
             DType::Q6_K => return dot_q6_k(row, x),
             _ => {}
         }
@@ -222,21 +224,26 @@ pub mod portable {
         s
     }
 
-    /// Q4_K: per super-block of 256, `d`, `dmin`, eight 6-bit (scale, min) pairs, then 32-byte
-    /// chunks whose low nibbles are one sub-block of 32 and high nibbles the next. Element
-    /// `w = d*sc*q - dmin*m`, so a sub-block's dot is `d*sc*xd*Σq·xq - dmin*m*xs`.
-    fn dot_q4_k(row: &[u8], x: &[BlockQ8]) -> f32 {
+    /// Q4_K (`B` = 144) and Q5_K (176): per super-block of 256, `d`, `dmin`, eight 6-bit
+    /// (scale, min) pairs, for Q5_K 32 bytes of fifth bits (bit `j` of byte `l` belongs to
+    /// sub-block `j`), then 32-byte chunks whose low nibbles are one sub-block of 32 and high
+    /// nibbles the next. Element `w = d*sc*q - dmin*m`, so a sub-block's dot is
+    /// `d*sc*xd*Σq·xq - dmin*m*xs`.
+    fn dot_q45_k<const B: usize>(row: &[u8], x: &[BlockQ8]) -> f32 {
         let mut s = 0f32;
-        for (b, xs) in row.chunks_exact(144).zip(x.chunks_exact(QK_K / QK)) {
+        for (b, xs) in row.chunks_exact(B).zip(x.chunks_exact(QK_K / QK)) {
             let (d, dmin) = (f16_le(b[0], b[1]), f16_le(b[2], b[3]));
-            let (scales, qs) = (&b[4..16], &b[16..144]);
+            let (scales, qh, qs) = (&b[4..16], &b[16..B - 128], &b[B - 128..B]);
             for j in 0..8 {
                 let (sc, m) = scale_min_k4(j, scales);
                 let chunk = &qs[32 * (j / 2)..32 * (j / 2) + 32];
                 let shift = 4 * (j % 2);
                 let xb = &xs[j];
                 let isum: i32 = (0..32)
-                    .map(|l| ((chunk[l] >> shift) & 0x0F) as i32 * xb.qs[l] as i32)
+                    .map(|l| {
+                        let fifth = qh.get(l).map_or(0, |h| ((h >> j) & 1) << 4);
+                        (((chunk[l] >> shift) & 0x0F) | fifth) as i32 * xb.qs[l] as i32
+                    })
                     .sum();
                 s += d * sc as f32 * xb.d * isum as f32 - dmin * m as f32 * xb.s;
             }
@@ -303,7 +310,8 @@ mod avx2 {
             DType::Q4_1 => dot_q4_1::<N, VNNI>(row, xs),
             DType::Q4_0 => dot_signed::<N, 18, VNNI>(row, xs),
             DType::Q8_0 => dot_signed::<N, 34, VNNI>(row, xs),
-            DType::Q4_K => dot_q4_k::<N, VNNI>(row, xs),
+            DType::Q4_K => dot_q45_k::<N, 144, VNNI>(row, xs),
+            DType::Q5_K => dot_q45_k::<N, 176, VNNI>(row, xs),
             DType::Q6_K => dot_q6_k::<N, VNNI>(row, xs),
             other => unreachable!("no integer kernel for {other:?}"),
         }
@@ -434,17 +442,17 @@ mod avx2 {
         })
     }
 
-    /// See `portable::dot_q4_k` for the layout. Each 32-byte chunk holds two sub-blocks (low
+    /// See `portable::dot_q45_k` for the layouts. Each 32-byte chunk holds two sub-blocks (low
     /// and high nibbles), which feed the two accumulator chains.
     #[inline(always)]
-    unsafe fn dot_q4_k<const N: usize, const VNNI: bool>(
+    unsafe fn dot_q45_k<const N: usize, const B: usize, const VNNI: bool>(
         row: &[u8],
         xs: [&[BlockQ8]; N],
     ) -> [f32; N] {
         let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); N], [_mm256_setzero_ps(); N]);
         let mut mins = [0f32; N];
-        let m4 = _mm256_set1_epi8(0x0F);
-        for (sb, b) in row.chunks_exact(144).enumerate() {
+        let (m4, one) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(1));
+        for (sb, b) in row.chunks_exact(B).enumerate() {
             let (d, dmin) = (f16_le(b[0], b[1]), f16_le(b[2], b[3]));
             let mut scale = [0f32; 8];
             let mut min = [0f32; 8];
@@ -452,10 +460,23 @@ mod avx2 {
                 let (sc, m) = scale_min_k4(j, &b[4..16]);
                 (scale[j], min[j]) = (d * sc as f32, dmin * m as f32);
             }
+            // Q5_K's fifth bits, shifted down two sub-blocks per chunk.
+            let mut qh = if B == 176 {
+                _mm256_loadu_si256(b.as_ptr().add(16) as *const __m256i)
+            } else {
+                _mm256_setzero_si256()
+            };
             for c in 0..4 {
-                let q = _mm256_loadu_si256(b.as_ptr().add(16 + 32 * c) as *const __m256i);
-                let lo = _mm256_and_si256(q, m4);
-                let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+                let q = _mm256_loadu_si256(b.as_ptr().add(B - 128 + 32 * c) as *const __m256i);
+                let mut lo = _mm256_and_si256(q, m4);
+                let mut hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+                if B == 176 {
+                    let h0 = _mm256_and_si256(qh, one);
+                    let h1 = _mm256_and_si256(_mm256_srli_epi16(qh, 1), one);
+                    lo = _mm256_or_si256(lo, _mm256_slli_epi16(h0, 4));
+                    hi = _mm256_or_si256(hi, _mm256_slli_epi16(h1, 4));
+                    qh = _mm256_srli_epi16(qh, 2);
+                }
                 for t in 0..N {
                     let x0 = xs[t].get_unchecked(8 * sb + 2 * c);
                     let x1 = xs[t].get_unchecked(8 * sb + 2 * c + 1);
@@ -548,11 +569,12 @@ mod tests {
 
     use crate::testing::random_vec as rand_vec;
 
-    const FORMATS: [DType; 5] = [
+    const FORMATS: [DType; 6] = [
         DType::Q4_0,
         DType::Q4_1,
         DType::Q8_0,
         DType::Q4_K,
+        DType::Q5_K,
         DType::Q6_K,
     ];
 

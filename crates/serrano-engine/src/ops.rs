@@ -576,7 +576,7 @@ mod tests {
 
     #[test]
     fn k_quant_matmul_matches_scalar_reference() {
-        for dtype in [DType::Q4_K, DType::Q6_K] {
+        for dtype in [DType::Q4_K, DType::Q5_K, DType::Q6_K] {
             for (rows, cols, n) in [(1, 256, 1), (17, 512, 1), (5, 768, 7)] {
                 let w = random_matrix(dtype, rows, cols, 3);
                 let x = rand_vec(cols * n, 98);

@@ -61,7 +61,7 @@ pub fn random_vec(n: usize, seed: u64) -> Vec<f32> {
 /// pattern being a valid block.
 pub fn random_quant_row(dtype: DType, n: usize, seed: u64) -> Vec<u8> {
     let scales: &[usize] = match dtype {
-        DType::Q4_K => &[0, 2],
+        DType::Q4_K | DType::Q5_K => &[0, 2],
         DType::Q6_K => &[208],
         _ => return quantize_row(dtype, &random_vec(n, seed)),
     };
