@@ -645,12 +645,16 @@ mod tests {
     /// formats (one parallel loop) and for mixes that fall back to one call each.
     #[test]
     fn fused_matmuls_equal_separate_ones_bit_for_bit() {
-        let cols = 96;
+        // One k-quant block wide, so the k-quants mix with the 32-element formats.
+        let cols = 256;
         let matrix = |dtype: DType, rows: usize, seed: u64| random_matrix(dtype, rows, cols, seed);
         for dtypes in [
             [DType::Q4_1, DType::Q4_1, DType::Q4_1],
             [DType::Q8_0, DType::Q4_0, DType::Q4_1],
             [DType::Q4_1, DType::F16, DType::Q8_0],
+            // Q, K, V of a Q4_K_M file.
+            [DType::Q4_K, DType::Q4_K, DType::Q6_K],
+            [DType::Q5_K, DType::Q4_1, DType::Q8_0],
         ] {
             // Row counts that are not multiples of a task's band, and differ per matrix.
             let ws: Vec<QMatrix> = dtypes
