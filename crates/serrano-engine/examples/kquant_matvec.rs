@@ -40,6 +40,7 @@ fn main() {
         DType::Q4_K,
         DType::Q5_K,
         DType::Q6_K,
+        DType::F16,
     ] {
         let data: Vec<u8> = (0..rows)
             .flat_map(|r| random_quant_row(dtype, cols, r as u64))

@@ -153,11 +153,7 @@ pub fn dequantize_row(dtype: DType, src: &[u8], out: &mut [f32]) {
                 *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
             }
         }
-        DType::F16 => {
-            for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
-                *o = f16::from_le_bytes([c[0], c[1]]).to_f32();
-            }
-        }
+        DType::F16 => f16_row(src, out),
         DType::BF16 => {
             for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
                 *o = bf16::from_le_bytes([c[0], c[1]]).to_f32();
@@ -189,6 +185,41 @@ pub fn dequantize_row(dtype: DType, src: &[u8], out: &mut [f32]) {
             }
         }
     }
+}
+
+/// F16 to f32, exactly. Element by element, `half` converts in software (or checks for F16C on
+/// every call): about 4 GB/s of weights, an eighth of this machine's memory bandwidth; F16C
+/// converts eight at a time.
+fn f16_row(src: &[u8], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("f16c") && std::arch::is_x86_feature_detected!("avx")
+        {
+            // SAFETY: F16C and AVX were detected just above.
+            unsafe { f16_row_f16c(src, out) };
+            return;
+        }
+    }
+    f16_row_portable(src, out);
+}
+
+fn f16_row_portable(src: &[u8], out: &mut [f32]) {
+    for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
+        *o = f16::from_le_bytes([c[0], c[1]]).to_f32();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+unsafe fn f16_row_f16c(src: &[u8], out: &mut [f32]) {
+    use std::arch::x86_64::{__m128i, _mm256_cvtph_ps, _mm256_storeu_ps, _mm_loadu_si128};
+    let n = out.len().min(src.len() / 2);
+    let whole = n / 8 * 8;
+    for i in (0..whole).step_by(8) {
+        let h = _mm_loadu_si128(src.as_ptr().add(2 * i) as *const __m128i);
+        _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+    }
+    f16_row_portable(&src[2 * whole..], &mut out[whole..]);
 }
 
 /// Runs `f` over 32-element blocks as fixed-size arrays, so the compiler drops bounds checks and
@@ -460,6 +491,22 @@ mod tests {
             assert_eq!(y[j], j as f32 - 8.0);
             assert_eq!(y[j + 16], (15 - j) as f32 - 8.0);
         }
+    }
+
+    /// The F16C conversion equals `half`'s, for every one of the 65,536 values (NaN payloads
+    /// included) and for a tail shorter than eight.
+    #[test]
+    fn f16_rows_convert_exactly() {
+        let src: Vec<u8> = (0..=u16::MAX)
+            .flat_map(|v| v.to_le_bytes())
+            .chain([0, 0x3c])
+            .collect();
+        let n = src.len() / 2;
+        let (mut fast, mut reference) = (vec![0f32; n], vec![0f32; n]);
+        f16_row(&src, &mut fast);
+        f16_row_portable(&src, &mut reference);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&fast), bits(&reference));
     }
 
     #[test]
