@@ -12,7 +12,7 @@
 
 use half::f16;
 
-use crate::quant::{DType, QK, QK_K};
+use crate::quant::{scale_min_k4, DType, QK, QK_K};
 
 /// One block of 32 activations quantized to 8 bits: `x[j] ≈ d * qs[j]`; `s = d * Σ qs`.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -34,20 +34,6 @@ pub fn supported(dtype: DType) -> bool {
 /// Activation blocks (of 32) one row of `dtype` consumes.
 fn act_blocks(dtype: DType, row: &[u8]) -> usize {
     row.len() / dtype.block_bytes() * (dtype.block_elems() / QK)
-}
-
-/// Sub-block `j`'s 6-bit scale and min in a Q4_K/Q5_K block's packed 12 bytes (as ggml packs
-/// them).
-#[inline(always)]
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
-    if j < 4 {
-        (q[j] & 63, q[j + 4] & 63)
-    } else {
-        (
-            (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4),
-            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
-        )
-    }
 }
 
 /// Quantizes `x` (a multiple of 32 long) into `out`, replacing its contents.

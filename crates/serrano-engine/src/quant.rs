@@ -354,8 +354,8 @@ pub fn dequantize_block(dtype: DType, b: &[u8], out: &mut [f32]) {
 }
 
 /// The 6-bit scale and min of sub-block `j` in a Q4_K/Q5_K block's packed `scales`.
-#[inline]
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+#[inline(always)]
+pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
