@@ -41,6 +41,7 @@ fn main() {
         DType::Q5_K,
         DType::Q6_K,
         DType::F16,
+        DType::BF16,
     ] {
         let data: Vec<u8> = (0..rows)
             .flat_map(|r| random_quant_row(dtype, cols, r as u64))

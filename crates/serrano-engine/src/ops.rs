@@ -365,9 +365,15 @@ fn band(w: &QMatrix, x: &[f32], n: usize, row0: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::is_x86_feature_detected as has;
-        if w.dtype == DType::F16 && has!("avx2") && has!("fma") && has!("f16c") {
+        let half_precision = matches!(w.dtype, DType::F16 | DType::BF16);
+        if half_precision && has!("avx2") && has!("fma") && has!("f16c") {
             // SAFETY: the features this build needs were detected just above.
-            unsafe { band_f16_avx2(w, x, n, row0, out) };
+            unsafe {
+                match w.dtype {
+                    DType::F16 => band_half_avx2::<false>(w, x, n, row0, out),
+                    _ => band_half_avx2::<true>(w, x, n, row0, out),
+                }
+            };
             return;
         }
         if std::arch::is_x86_feature_detected!("avx2")
@@ -387,16 +393,37 @@ unsafe fn band_avx2(w: &QMatrix, x: &[f32], n: usize, row0: usize, out: &mut [f3
     band_portable(w, x, n, row0, out);
 }
 
-/// F16 rows converted eight weights at a time inside the dot product: no f32 copy of the row
-/// (which, with the activations, outgrew L1 and ran at a third of the memory bandwidth). Each
-/// (row, token) pair is summed the same way whatever `n` is.
+/// F16 (or, with `BF16`, bfloat16) rows converted eight weights at a time inside the dot
+/// product: no f32 copy of the row (which, with the activations, outgrew L1 and ran at a third
+/// of the memory bandwidth). Each (row, token) pair is summed the same way whatever `n` is.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn band_f16_avx2(w: &QMatrix, x: &[f32], n: usize, row0: usize, out: &mut [f32]) {
+unsafe fn band_half_avx2<const BF16: bool>(
+    w: &QMatrix,
+    x: &[f32],
+    n: usize,
+    row0: usize,
+    out: &mut [f32],
+) {
     use std::arch::x86_64::*;
     let cols = w.cols;
     let whole = cols / 32 * 32;
-    let weight = |p: *const u8| _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+    // bfloat16 is the top half of an f32: widen and shift.
+    let weight = |p: *const u8| {
+        let h = _mm_loadu_si128(p as *const __m128i);
+        if BF16 {
+            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+        } else {
+            _mm256_cvtph_ps(h)
+        }
+    };
+    let scalar = |b: [u8; 2]| {
+        if BF16 {
+            half::bf16::from_le_bytes(b).to_f32()
+        } else {
+            half::f16::from_le_bytes(b).to_f32()
+        }
+    };
     for (i, yr) in out.chunks_mut(n).enumerate() {
         let row = w.row(row0 + i);
         let r = row.as_ptr();
@@ -428,7 +455,7 @@ unsafe fn band_f16_avx2(w: &QMatrix, x: &[f32], n: usize, row0: usize, out: &mut
             let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
             let mut s = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
             for j in whole..cols {
-                s += half::f16::from_le_bytes([row[2 * j], row[2 * j + 1]]).to_f32() * xt[j];
+                s += scalar([row[2 * j], row[2 * j + 1]]) * xt[j];
             }
             *o = s;
         }
@@ -628,18 +655,22 @@ mod tests {
         }
     }
 
-    /// F16 rows of any width (the fused kernel's tail included), alone and batched.
+    /// F16 and BF16 rows of any width (the fused kernel's tail included), alone and batched.
     #[test]
-    fn f16_matmul_matches_scalar_reference_at_any_width() {
-        for (rows, cols, n) in [(3, 8, 1), (9, 40, 3), (5, 100, 5), (2, 288, 2)] {
-            let w = random_matrix(DType::F16, rows, cols, 5);
+    fn half_precision_matmul_matches_scalar_reference_at_any_width() {
+        let shapes = [(3, 8, 1), (9, 40, 3), (5, 100, 5), (2, 288, 2)];
+        for (dtype, (rows, cols, n)) in [DType::F16, DType::BF16]
+            .into_iter()
+            .flat_map(|d| shapes.map(|s| (d, s)))
+        {
+            let w = random_matrix(dtype, rows, cols, 5);
             let x = rand_vec(cols * n, 6);
             let mut y = vec![0f32; rows * n];
             matmul(&w, &x, n, &mut y);
             for (a, b) in y.iter().zip(reference(&w, &x, n)) {
                 assert!(
                     (a - b).abs() < 1e-4 * (1.0 + b.abs()),
-                    "{rows}x{cols}x{n}: {a} vs {b}"
+                    "{dtype:?} {rows}x{cols}x{n}: {a} vs {b}"
                 );
             }
             assert_tokens_match_alone(&w, &x, n, &y);
