@@ -31,11 +31,6 @@ pub fn supported(dtype: DType) -> bool {
     )
 }
 
-/// Activation blocks (of 32) one row of `dtype` consumes.
-fn act_blocks(dtype: DType, row: &[u8]) -> usize {
-    row.len() / dtype.block_bytes() * (dtype.block_elems() / QK)
-}
-
 /// Quantizes `x` (a multiple of 32 long) into `out`, replacing its contents.
 pub fn quantize_acts(x: &[f32], out: &mut Vec<BlockQ8>) {
     out.clear();
@@ -289,8 +284,9 @@ mod avx2 {
         row: &[u8],
         xs: [&[BlockQ8]; N],
     ) -> [f32; N] {
-        // The kernels index activation blocks unchecked: every token must cover the row.
-        let blocks = act_blocks(dtype, row);
+        // The kernels index activation blocks unchecked: every token must cover the row's
+        // blocks of 32 (eight per k-quant block).
+        let blocks = row.len() / dtype.block_bytes() * (dtype.block_elems() / QK);
         assert!(xs.iter().all(|x| x.len() >= blocks));
         match dtype {
             DType::Q4_1 => dot_q4_1::<N, VNNI>(row, xs),

@@ -12,7 +12,7 @@ use crate::checkpoint::Checkpoint;
 use crate::error::GovError;
 use crate::keys::{self, Principal, Role};
 use crate::ledger::{BudgetPeriod, BudgetUnit};
-use crate::metrics::StoreMetrics;
+use crate::metrics::{StoreMetrics, StoreOp};
 use crate::rate::RateInfo;
 use crate::sqlite::SqliteStore;
 use crate::storage::{FinishOp, Finished, KeyRow, ReserveOp, Store, UsageKey};
@@ -200,13 +200,14 @@ impl Governance {
     /// Governance over any [`Store`] (`config.db_path` and `busy_timeout` are SQLite's and go
     /// unused by other stores).
     pub fn with_store(store: Arc<dyn Store>, config: GovConfig) -> Governance {
+        let metrics = StoreMetrics::new(store.kind());
         Governance {
             inner: Arc::new(Inner {
                 store,
                 filters: Default::default(),
                 auth_cache: Default::default(),
                 auth_generation: Default::default(),
-                metrics: StoreMetrics::new(),
+                metrics,
                 config,
             }),
         }
@@ -747,20 +748,19 @@ impl Governance {
     pub(crate) async fn reserve(&self, op: ReserveOp) -> Result<Option<RateInfo>, GovError> {
         let started = std::time::Instant::now();
         let r = self.store().reserve(op).await;
-        self.observe("reserve", started);
+        self.inner
+            .metrics
+            .observe(StoreOp::Reserve, started.elapsed());
         r
     }
 
     pub(crate) async fn finish(&self, op: FinishOp) -> Result<Finished, GovError> {
         let started = std::time::Instant::now();
         let r = self.store().finish(op).await;
-        self.observe("finish", started);
+        self.inner
+            .metrics
+            .observe(StoreOp::Finish, started.elapsed());
         r
-    }
-
-    fn observe(&self, op: &'static str, started: std::time::Instant) {
-        let kind = self.store().kind();
-        self.inner.metrics.observe(op, kind, started.elapsed());
     }
 
     /// Prometheus text of the store's latency (`serrano:gov_store_seconds`), without `# EOF`.
