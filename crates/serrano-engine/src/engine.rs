@@ -178,6 +178,16 @@ struct Submission {
     events: mpsc::Sender<Event>,
     /// Held for the request's whole life (it moves into the engine's entry).
     _slot: TenantSlot,
+    /// Further choices of the same prompt (`n > 1`): they start once this one has computed
+    /// the prompt, sharing its KV blocks.
+    siblings: Vec<Sibling>,
+}
+
+/// A choice waiting for its leader's prompt.
+struct Sibling {
+    req: GenerateRequest,
+    events: mpsc::Sender<Event>,
+    slot: TenantSlot,
 }
 
 /// Requests in flight per tenant, queued or running. One tenant may hold at most
@@ -247,22 +257,74 @@ impl EngineHandle {
 
     /// Queues a request; fails at once (never blocks) when the queue is full.
     pub fn submit(&self, req: GenerateRequest) -> Result<mpsc::Receiver<Event>, SubmitError> {
-        self.validate(&req)?;
-        let slot = self.in_flight.claim(&req.tenant, self.per_tenant_limit)?;
-        // Every event of this request fits: one per token, the prompt log-probs, the end.
-        let (tx, rx) = mpsc::channel(req.max_tokens + 3);
-        self.tx
-            .try_send(Submission {
-                req,
-                submitted: Instant::now(),
-                events: tx,
-                _slot: slot,
-            })
-            .map_err(|e| match e {
+        let mut rxs = self.submit_n(vec![req])?;
+        Ok(rxs.remove(0))
+    }
+
+    /// Queues the choices of one prompt (`n` of an OpenAI request, each with its own sampling
+    /// and limits): the prompt is computed once, by the first, and the others start from its
+    /// KV blocks (all but the last partial block, which each recomputes). All or none are
+    /// queued. Requests with prompt log-probs compute the prompt each (every position's
+    /// logits are wanted).
+    pub fn submit_n(
+        &self,
+        reqs: Vec<GenerateRequest>,
+    ) -> Result<Vec<mpsc::Receiver<Event>>, SubmitError> {
+        let Some(first) = reqs.first() else {
+            return Ok(Vec::new());
+        };
+        if reqs
+            .iter()
+            .any(|r| r.prompt != first.prompt || r.tenant != first.tenant)
+        {
+            return Err(SubmitError::Invalid(
+                "the choices of one request share its prompt and tenant".into(),
+            ));
+        }
+        let share = reqs.iter().all(|r| r.prompt_logprobs.is_none());
+        let mut subs = Vec::with_capacity(reqs.len());
+        let mut rxs = Vec::with_capacity(reqs.len());
+        for req in reqs {
+            self.validate(&req)?;
+            let slot = self.in_flight.claim(&req.tenant, self.per_tenant_limit)?;
+            // Every event of this request fits: one per token, the prompt log-probs, the end.
+            let (tx, rx) = mpsc::channel(req.max_tokens + 3);
+            rxs.push(rx);
+            subs.push((req, tx, slot));
+        }
+        let submitted = Instant::now();
+        let send = |s: Submission| {
+            self.tx.try_send(s).map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull(self.max_waiting),
                 mpsc::error::TrySendError::Closed(_) => SubmitError::Stopped,
+            })
+        };
+        let mut subs = subs.into_iter();
+        if share {
+            let (req, events, _slot) = subs.next().expect("one request at least");
+            let siblings = subs
+                .map(|(req, events, slot)| Sibling { req, events, slot })
+                .collect();
+            send(Submission {
+                req,
+                submitted,
+                events,
+                _slot,
+                siblings,
             })?;
-        Ok(rx)
+        } else {
+            // Dropping the receivers of those already queued cancels them if one is refused.
+            for (req, events, _slot) in subs {
+                send(Submission {
+                    req,
+                    submitted,
+                    events,
+                    _slot,
+                    siblings: Vec::new(),
+                })?;
+            }
+        }
+        Ok(rxs)
     }
 
     fn validate(&self, req: &GenerateRequest) -> Result<(), SubmitError> {
@@ -415,6 +477,44 @@ struct Payload {
     first_scheduled: Option<Instant>,
     last_token: Option<Instant>,
     failed: bool,
+    /// Choices that start from this sequence's prompt once it is computed.
+    siblings: Vec<Sibling>,
+}
+
+impl Payload {
+    fn new(
+        req: GenerateRequest,
+        arrival: Instant,
+        events: mpsc::Sender<Event>,
+        slot: TenantSlot,
+        labels: Vec<(String, String)>,
+    ) -> Payload {
+        Payload {
+            sampler: Sampler::new(req.sampling.clone(), &req.prompt),
+            stop: StopMatcher::new(req.stop.clone()),
+            utf8: Utf8Stream::default(),
+            generated: 0,
+            prompt_lp: req.prompt_logprobs.map(|_| vec![None]),
+            arrival,
+            first_scheduled: None,
+            last_token: None,
+            failed: false,
+            events,
+            _slot: slot,
+            labels,
+            req,
+            siblings: Vec::new(),
+        }
+    }
+
+    /// Fails this sequence and the choices waiting for it.
+    fn fail(&mut self, msg: &str) {
+        let _ = self.events.try_send(Event::Error(msg.to_string()));
+        for s in self.siblings.drain(..) {
+            let _ = s.events.try_send(Event::Error(msg.to_string()));
+        }
+        self.failed = true;
+    }
 }
 
 struct Worker {
@@ -467,11 +567,8 @@ impl Worker {
                 tracing::error!("engine step panicked: {msg}");
                 // Only the sequences in that step fail; queued ones never reached the bug.
                 let in_step = std::mem::take(&mut self.in_step);
-                for e in self.sched.drain_where(|e| in_step.contains(&e.id)) {
-                    let _ = e
-                        .payload
-                        .events
-                        .try_send(Event::Error(format!("internal engine error: {msg}")));
+                for mut e in self.sched.drain_where(|e| in_step.contains(&e.id)) {
+                    e.payload.fail(&format!("internal engine error: {msg}"));
                 }
             }
             self.update_gauges();
@@ -483,21 +580,9 @@ impl Worker {
         self.next_id += 1;
         let req = s.req;
         let max_len = req.prompt.len() + req.max_tokens;
-        let payload = Payload {
-            sampler: Sampler::new(req.sampling.clone(), &req.prompt),
-            stop: StopMatcher::new(req.stop.clone()),
-            utf8: Utf8Stream::default(),
-            generated: 0,
-            prompt_lp: req.prompt_logprobs.map(|_| vec![None]),
-            arrival: s.submitted,
-            first_scheduled: None,
-            last_token: None,
-            failed: false,
-            events: s.events,
-            _slot: s._slot,
-            labels: tenant_label(&mut self.labelled_tenants, &req.tenant),
-            req,
-        };
+        let labels = tenant_label(&mut self.labelled_tenants, &req.tenant);
+        let mut payload = Payload::new(req, s.submitted, s.events, s._slot, labels);
+        payload.siblings = s.siblings;
         let (tenant, priority, prompt) = (
             Arc::from(payload.req.tenant.as_str()),
             payload.req.priority,
@@ -513,9 +598,16 @@ impl Worker {
         let m = &self.metrics;
         m.num_requests_running.set(self.sched.num_running() as i64);
         m.num_requests_waiting.set(self.sched.num_waiting() as i64);
+        let unfilled = self.sched.unfilled_slots();
         let a = self.sched.allocator().lock();
         m.kv_cache_usage_perc
             .set(a.used() as f64 / a.total().max(1) as f64);
+        let slots = a.used() * BLOCK_TOKENS;
+        m.kv_cache_waste_perc.set(if slots == 0 {
+            0.0
+        } else {
+            unfilled as f64 / slots as f64
+        });
     }
 
     fn step(&mut self) {
@@ -604,8 +696,7 @@ impl Worker {
             Err(e) => {
                 for p in &plan {
                     if let Some(en) = self.sched.get_mut(p.id) {
-                        let _ = en.payload.events.try_send(Event::Error(e.to_string()));
-                        en.payload.failed = true;
+                        en.payload.fail(&e.to_string());
                     }
                 }
                 return;
@@ -647,9 +738,34 @@ impl Worker {
         }
     }
 
+    /// Starts the choices waiting for sequence `id`, whose prompt is now computed: each
+    /// shares its full blocks and computes only the rest of the prompt (under 16 tokens).
+    fn start_siblings(&mut self, id: SeqId) {
+        let Some(e) = self.sched.get_mut(id) else {
+            return;
+        };
+        let siblings = std::mem::take(&mut e.payload.siblings);
+        let arrival = e.payload.arrival;
+        let labels = e.payload.labels.clone();
+        for s in siblings {
+            let new_id = self.next_id;
+            self.next_id += 1;
+            let payload = Payload::new(s.req, arrival, s.events, s.slot, labels.clone());
+            let max_len = payload.req.prompt.len() + payload.req.max_tokens;
+            self.sched.fork(id, new_id, max_len, payload);
+        }
+    }
+
     /// Samples the next token of a sequence and decides whether it is finished.
     fn sample(&mut self, id: SeqId, logits: &mut [f32]) {
         let info = self.info.clone();
+        if self
+            .sched
+            .get_mut(id)
+            .is_some_and(|e| !e.payload.siblings.is_empty())
+        {
+            self.start_siblings(id);
+        }
         let Some(e) = self.sched.get_mut(id) else {
             return;
         };

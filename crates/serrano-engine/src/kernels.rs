@@ -44,6 +44,13 @@ pub fn quantize_acts(x: &[f32], out: &mut Vec<BlockQ8>) {
 /// Quantizes one block of 32 activations into `qs`; returns the scale `d` and `d * Σ qs`.
 #[inline]
 pub fn quantize_block(x: &[f32], qs: &mut [i8]) -> (f32, f32) {
+    let (d, sum) = quantize_block_sum(x, qs);
+    (d, d * sum as f32)
+}
+
+/// [`quantize_block`], returning the scale `d` and the integer `Σ qs`.
+#[inline]
+pub fn quantize_block_sum(x: &[f32], qs: &mut [i8]) -> (f32, i32) {
     let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
     let d = amax / 127.0;
     let id = if d > 0.0 { 1.0 / d } else { 0.0 };
@@ -54,7 +61,7 @@ pub fn quantize_block(x: &[f32], qs: &mut [i8]) -> (f32, f32) {
         *q = (x + 0.5f32.copysign(x)) as i8;
         sum += *q as i32;
     }
-    (d, d * sum as f32)
+    (d, sum)
 }
 
 /// Dot product of one weight row (`dtype` blocks) with quantized activations.

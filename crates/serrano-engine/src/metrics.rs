@@ -16,6 +16,7 @@ pub struct EngineMetrics {
     pub num_requests_running: Gauge,
     pub num_requests_waiting: Gauge,
     pub kv_cache_usage_perc: Gauge<f64, AtomicU64>,
+    pub kv_cache_waste_perc: Gauge<f64, AtomicU64>,
     pub prefix_cache_queries: Counter,
     pub prefix_cache_hits: Counter,
     pub num_preemptions: Counter,
@@ -48,6 +49,7 @@ impl EngineMetrics {
             num_requests_running: Gauge::default(),
             num_requests_waiting: Gauge::default(),
             kv_cache_usage_perc: Gauge::default(),
+            kv_cache_waste_perc: Gauge::default(),
             prefix_cache_queries: Counter::default(),
             prefix_cache_hits: Counter::default(),
             num_preemptions: Counter::default(),
@@ -77,6 +79,11 @@ impl EngineMetrics {
             "serrano:kv_cache_usage_perc",
             "Fraction of KV blocks in use (0 to 1)",
             m.kv_cache_usage_perc.clone(),
+        );
+        r.register(
+            "serrano:kv_cache_waste_perc",
+            "Fraction of the in-use KV blocks' slots that hold no token (0 to 1): the paging overhead",
+            m.kv_cache_waste_perc.clone(),
         );
         r.register(
             "serrano:prefix_cache_queries",

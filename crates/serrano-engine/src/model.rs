@@ -154,9 +154,11 @@ pub trait KvCache: Sync {
     fn write(&mut self, seq: usize, layer: usize, pos: usize, k: &[f32], v: &[f32]);
     /// Positions per block.
     fn block_tokens(&self) -> usize;
-    /// The keys (or values) of `seq` at `layer` for the positions of its `i`-th block, as f16
-    /// bits: `block_tokens()` rows of `n_kv_heads * head_dim`, row `j` being position
-    /// `i * block_tokens() + j` (rows past the sequence's length hold stale data).
+    /// The values (or keys) of `seq` at `layer` for the positions of its `i`-th block, as f16
+    /// bits. Values: `block_tokens()` rows of `n_kv_heads * head_dim`, row `j` being position
+    /// `i * block_tokens() + j`. Keys transposed: a row of `block_tokens()` positions per
+    /// dimension (element `c * block_tokens() + j`), so a query meets a block's positions
+    /// lane by lane. Positions past the sequence's length hold stale data.
     fn block(&self, seq: usize, layer: usize, value: bool, i: usize) -> &[u16];
 }
 
@@ -316,6 +318,7 @@ impl Model {
             rows,
             sel,
             logits,
+            angles,
         } = buffers;
         seq_of.clear();
         pos_of.clear();
@@ -361,6 +364,12 @@ impl Model {
         let up = sized(up, n * c.d_ff);
         let scale = 1.0 / (hd as f32).sqrt();
         let group = nh / nkv;
+        let half = self.rope.dims / 2;
+        angles.clear();
+        angles.resize(n * half, (0.0, 0.0));
+        for (t, a) in angles.chunks_exact_mut(half.max(1)).enumerate() {
+            self.rope.angles(pos_of[t], a);
+        }
         for (li, layer) in self.layers.iter().enumerate() {
             rmsnorm(x, &layer.attn_norm, c.rms_eps, h);
             ops::matmul_many(
@@ -373,11 +382,12 @@ impl Model {
             add_bias(k, layer.bk.as_deref());
             add_bias(v, layer.bv.as_deref());
             for t in 0..n {
+                let angles = &angles[t * half..(t + 1) * half];
                 for head in q[t * qw..(t + 1) * qw].chunks_exact_mut(hd) {
-                    self.rope.apply(head, pos_of[t]);
+                    self.rope.rotate(head, angles);
                 }
                 for head in k[t * kvw..(t + 1) * kvw].chunks_exact_mut(hd) {
-                    self.rope.apply(head, pos_of[t]);
+                    self.rope.rotate(head, angles);
                 }
                 kv.write(
                     seq_of[t],
@@ -418,13 +428,11 @@ impl Model {
             );
             // A fork-join costs more than a decode step's few thousand multiplies.
             if g.len() >= PAR_MIN_ELEMS {
-                g.par_iter_mut()
-                    .zip(&*up)
-                    .for_each(|(a, b)| *a = ops::silu(*a) * b);
+                g.par_chunks_mut(c.d_ff)
+                    .zip(up.par_chunks(c.d_ff))
+                    .for_each(|(a, b)| vector::silu_mul(a, b));
             } else {
-                g.iter_mut()
-                    .zip(&*up)
-                    .for_each(|(a, b)| *a = ops::silu(*a) * b);
+                vector::silu_mul(g, up);
             }
             matmul(&layer.w_down, g, n, o);
             x.iter_mut().zip(&*o).for_each(|(a, b)| *a += b);
@@ -489,6 +497,8 @@ struct Buffers {
     rows: Vec<usize>,
     sel: Vec<f32>,
     logits: Vec<f32>,
+    /// Rotary `(sin, cos)` per token and rotated pair.
+    angles: Vec<(f32, f32)>,
 }
 
 impl Buffers {
@@ -509,6 +519,7 @@ impl Buffers {
         f.iter().map(|v| v.capacity() * 4).sum::<usize>()
             + (self.seq_of.capacity() + self.pos_of.capacity() + self.rows.capacity()) * 8
             + self.ids.capacity() * 4
+            + self.angles.capacity() * 8
     }
 }
 
@@ -538,163 +549,272 @@ struct Attend<'a> {
     scale: f32,
 }
 
-/// Dispatches to the F16C/AVX2 build where the CPU has it; both do the same arithmetic (the
-/// same products and sums in the same order, no fused multiply-add), so they agree bit for bit.
+/// Dispatches to a build for the widest vector unit the CPU has (AVX-512, or AVX2 with FMA).
+/// Every build does the same operations in the same order (fused multiply-adds lane by lane,
+/// the same softmax), so they agree bit for bit with the portable reference.
 fn attend(task: &Attend<'_>, q: &[f32], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("f16c")
+    use vector::{Avx2, Avx512, Portable};
+    ops::with_scratch(&SCORES, |s| {
+        #[cfg(target_arch = "x86_64")]
         {
-            // SAFETY: AVX2 and F16C were detected just above.
-            unsafe { attend_avx2(task, q, out) };
-            return;
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f") && has!("avx2") && has!("fma") && has!("f16c") {
+                // SAFETY: the build's features were detected just above.
+                unsafe { attend_with::<Avx512>(task, q, out, s) };
+                return;
+            }
+            if has!("avx2") && has!("fma") && has!("f16c") {
+                // SAFETY: as above.
+                unsafe { attend_with::<Avx2>(task, q, out, s) };
+                return;
+            }
         }
-    }
-    attend_with(
-        task,
-        q,
-        out,
-        attn_kernels::dots,
-        attn_kernels::softmax,
-        attn_kernels::axpys,
-    );
+        // SAFETY: the portable build needs no feature.
+        unsafe { attend_with::<Portable>(task, q, out, s) }
+    })
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,f16c")]
-unsafe fn attend_avx2(task: &Attend<'_>, q: &[f32], out: &mut [f32]) {
-    attend_with(
-        task,
-        q,
-        out,
-        |q, rows, out| unsafe { attn_kernels::dots_avx2(q, rows, out) },
-        |x| unsafe { attn_kernels::softmax_avx2(x) },
-        |o, w, rows| unsafe { attn_kernels::axpys_avx2(o, w, rows) },
-    );
-}
-
-/// Attention of one KV head's query group over the cached positions, read a block at a time
-/// straight from the f16 cache (no per-position call or conversion buffer).
-#[inline(always)]
-fn attend_with(
+/// Attention of one KV head's query group over the cached positions, a block at a time: the
+/// block's keys (stored transposed, a row of 16 positions per dimension) and values are
+/// converted from f16 once for the whole group, every query head of the group is scored
+/// against the block's 16 positions at once, then the values are summed with each head's
+/// output held in registers.
+///
+/// # Safety
+/// The CPU must have `K`'s features.
+unsafe fn attend_with<K: vector::Isa>(
     task: &Attend<'_>,
     q: &[f32],
     out: &mut [f32],
-    dots: impl Fn(&[f32], attn_kernels::Rows<'_>, &mut [f32]),
-    softmax: impl Fn(&mut [f32]),
-    axpys: impl Fn(&mut [f32], &[f32], attn_kernels::Rows<'_>),
+    scratch: &mut AttnScratch,
 ) {
+    use vector::BT;
     let (hd, n_pos) = (task.head_dim, task.n_pos);
     let group = q.len() / hd;
-    let bt = task.kv.block_tokens();
-    let rows = |value: bool, b: usize| {
-        let data = task.kv.block(task.seq, task.layer, value, b);
-        attn_kernels::Rows {
-            data,
-            width: data.len() / bt,
-            at: task.kv_head * hd,
-            len: hd,
-            n: bt.min(n_pos - b * bt),
-        }
-    };
-    let n_blocks = n_pos.div_ceil(bt);
-    ops::with_scratch(&SCORES, |scores| {
-        scores.clear();
-        scores.resize(group * n_pos, 0.0);
-        for b in 0..n_blocks {
-            let keys = rows(false, b);
-            for (qh, s) in q.chunks_exact(hd).zip(scores.chunks_exact_mut(n_pos)) {
-                let s = &mut s[b * bt..b * bt + keys.n];
-                dots(qh, keys, s);
-                s.iter_mut().for_each(|v| *v *= task.scale);
-            }
-        }
-        for s in scores.chunks_exact_mut(n_pos) {
-            softmax(s);
-        }
-        out.fill(0.0);
-        for b in 0..n_blocks {
-            let values = rows(true, b);
-            for (o, s) in out.chunks_exact_mut(hd).zip(scores.chunks_exact(n_pos)) {
-                axpys(o, &s[b * bt..b * bt + values.n], values);
-            }
-        }
-    });
+    debug_assert_eq!(task.kv.block_tokens(), BT);
+    let n_blocks = n_pos.div_ceil(BT);
+    // Each head's scores over whole blocks: the lanes past `n_pos` are computed from stale
+    // slots and never read.
+    let stride = n_blocks * BT;
+    let scores = &mut scratch.scores;
+    scores.clear();
+    scores.resize(group * stride, 0.0);
+    for b in 0..n_blocks {
+        let keys = task.kv.block(task.seq, task.layer, false, b);
+        let kt = &keys[task.kv_head * hd * BT..(task.kv_head + 1) * hd * BT];
+        K::scores(q, hd, kt, task.scale, &mut scores[b * BT..], stride);
+    }
+    for h in 0..group {
+        K::softmax(&mut scores[h * stride..h * stride + n_pos]);
+    }
+    out.fill(0.0);
+    for b in 0..n_blocks {
+        let n = BT.min(n_pos - b * BT);
+        let values = task.kv.block(task.seq, task.layer, true, b);
+        let width = values.len() / BT;
+        let v = &values[task.kv_head * hd..];
+        K::values(&scores[b * BT..], stride, n, v, width, hd, out);
+    }
+}
+
+/// Attention's working memory, reused across tasks so a decode step allocates none.
+#[derive(Default)]
+struct AttnScratch {
+    scores: Vec<f32>,
 }
 
 thread_local! {
-    /// Attention scores, reused across tasks so a decode step allocates none.
-    static SCORES: std::cell::RefCell<Vec<f32>> = Default::default();
+    static SCORES: std::cell::RefCell<AttnScratch> = Default::default();
 }
 
-/// Attention's kernels: dot products and scaled sums of f32 vectors with rows of the f16
-/// cache, and the softmax between them. Each dot sums eight lanes of products, then the lanes
-/// pairwise (`((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7))`, the order `vhaddps` gives four rows at
-/// once), then the tail; sums of rows go row by row; the softmax sums its exponentials the
-/// same way. The portable code is the reference and the AVX2 build agrees with it bit for bit
-/// (no FMA, the same exponential polynomial).
-mod attn_kernels {
+/// The forward pass's f32 vector kernels: attention and the SiLU gate.
+///
+/// Attention: keys arrive transposed (`k[d * 16 + j]` is dimension `d` of position
+/// `j`), so a query scores all 16 positions of a block with one broadcast-and-FMA per
+/// dimension and no sum across lanes; each score is two chains (even and odd dimensions)
+/// added, then scaled. Values are summed position by position, in order, one fused
+/// multiply-add per output element each. The softmax sums its exponentials in eight lanes,
+/// then pairwise. The portable code is the reference; the AVX2 and AVX-512 builds (written
+/// with intrinsics: LLVM left the portable loops scalar) do each lane's operations in the
+/// same order, so all three agree bit for bit.
+mod vector {
     use half::f16;
 
-    /// Rows `0..n` of one head in a cache block: row `j` is `data[j * width + at..][..len]`.
-    #[derive(Debug, Clone, Copy)]
-    pub struct Rows<'a> {
-        pub data: &'a [u16],
-        pub width: usize,
-        pub at: usize,
-        pub len: usize,
-        pub n: usize,
+    /// Positions per KV block (the paged cache's [`crate::paged::BLOCK_TOKENS`]).
+    pub const BT: usize = crate::paged::BLOCK_TOKENS;
+
+    /// One build of the kernels.
+    pub trait Isa {
+        /// `out[h * stride + j] = scale * q_h · k_j` for the block's 16 positions, for every
+        /// head `h` of `q` (`hd` values each); `k` is the head's transposed f16 keys.
+        ///
+        /// # Safety
+        /// The CPU must have the build's features.
+        unsafe fn scores(
+            q: &[f32],
+            hd: usize,
+            k: &[u16],
+            scale: f32,
+            out: &mut [f32],
+            stride: usize,
+        );
+        /// `out_h += Σ_j p[h * stride + j] * v_j` over the block's first `n` positions in
+        /// order, for every head `h` of `out` (`hd` values each); value row `j` is the f16
+        /// `v[j * width..][..hd]`.
+        ///
+        /// # Safety
+        /// As for [`Isa::scores`].
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn values(
+            p: &[f32],
+            stride: usize,
+            n: usize,
+            v: &[u16],
+            width: usize,
+            hd: usize,
+            out: &mut [f32],
+        );
+        /// In-place softmax.
+        ///
+        /// # Safety
+        /// As for [`Isa::scores`].
+        unsafe fn softmax(x: &mut [f32]);
     }
 
-    impl<'a> Rows<'a> {
-        #[inline(always)]
-        pub fn row(&self, j: usize) -> &'a [u16] {
-            let start = j * self.width + self.at;
-            &self.data[start..start + self.len]
-        }
-    }
+    pub struct Portable;
+    pub struct Avx2;
+    pub struct Avx512;
 
     #[inline(always)]
     fn f32_of(b: u16) -> f32 {
         f16::from_bits(b).to_f32()
     }
 
+    impl Isa for Portable {
+        unsafe fn scores(
+            q: &[f32],
+            hd: usize,
+            k: &[u16],
+            scale: f32,
+            out: &mut [f32],
+            stride: usize,
+        ) {
+            for (h, qh) in q.chunks_exact(hd).enumerate() {
+                let (mut even, mut odd) = ([0f32; BT], [0f32; BT]);
+                for d in 0..hd {
+                    let chain = if d % 2 == 0 { &mut even } else { &mut odd };
+                    for j in 0..BT {
+                        chain[j] = qh[d].mul_add(f32_of(k[d * BT + j]), chain[j]);
+                    }
+                }
+                for j in 0..BT {
+                    out[h * stride + j] = (even[j] + odd[j]) * scale;
+                }
+            }
+        }
+
+        unsafe fn values(
+            p: &[f32],
+            stride: usize,
+            n: usize,
+            v: &[u16],
+            width: usize,
+            hd: usize,
+            out: &mut [f32],
+        ) {
+            for (h, o) in out.chunks_exact_mut(hd).enumerate() {
+                for j in 0..n {
+                    let w = p[h * stride + j];
+                    for (a, &x) in o.iter_mut().zip(&v[j * width..j * width + hd]) {
+                        *a = w.mul_add(f32_of(x), *a);
+                    }
+                }
+            }
+        }
+
+        unsafe fn softmax(x: &mut [f32]) {
+            softmax(x)
+        }
+    }
+
+    /// The vector builds (off x86, the portable one under their names, so `attend` is one
+    /// piece of code).
+    macro_rules! build {
+        ($name:ident, $scores:path, $values:path, $softmax:path) => {
+            impl Isa for $name {
+                unsafe fn scores(
+                    q: &[f32],
+                    hd: usize,
+                    k: &[u16],
+                    scale: f32,
+                    out: &mut [f32],
+                    stride: usize,
+                ) {
+                    $scores(q, hd, k, scale, out, stride)
+                }
+                unsafe fn values(
+                    p: &[f32],
+                    stride: usize,
+                    n: usize,
+                    v: &[u16],
+                    width: usize,
+                    hd: usize,
+                    out: &mut [f32],
+                ) {
+                    $values(p, stride, n, v, width, hd, out)
+                }
+                unsafe fn softmax(x: &mut [f32]) {
+                    $softmax(x)
+                }
+            }
+        };
+    }
+    #[cfg(target_arch = "x86_64")]
+    build!(Avx2, x86::scores_avx2, x86::values_avx2, x86::softmax_avx2);
+    #[cfg(target_arch = "x86_64")]
+    build!(
+        Avx512,
+        x86::scores_avx512,
+        x86::values_avx512,
+        x86::softmax_avx2
+    );
+    #[cfg(not(target_arch = "x86_64"))]
+    build!(Avx2, Portable::scores, Portable::values, Portable::softmax);
+    #[cfg(not(target_arch = "x86_64"))]
+    build!(
+        Avx512,
+        Portable::scores,
+        Portable::values,
+        Portable::softmax
+    );
+
+    /// `g = silu(g) * up` elementwise, in the AVX2 build where the CPU has it (the same
+    /// operations, so the same bits: libm's `expf`, a call per element, was a tenth of
+    /// prefill).
+    pub fn silu_mul(g: &mut [f32], up: &[f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 was detected just above.
+            unsafe { x86::silu_mul_avx2(g, up) };
+            return;
+        }
+        for (a, &b) in g.iter_mut().zip(up) {
+            *a = silu(*a) * b;
+        }
+    }
+
+    /// `x / (1 + e^-x)`, through the softmax's exponential of a non-positive argument: for
+    /// negative `x` as `x e^x / (1 + e^x)`, which neither overflows nor loses precision.
+    #[inline(always)]
+    fn silu(x: f32) -> f32 {
+        let e = exp_nonpositive(-x.abs());
+        let num = if x >= 0.0 { x } else { x * e };
+        num / (1.0 + e)
+    }
+
     #[inline(always)]
     fn sum_lanes(l: [f32; 8]) -> f32 {
         ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]))
-    }
-
-    pub fn dot(a: &[f32], b: &[u16]) -> f32 {
-        debug_assert_eq!(a.len(), b.len());
-        let mut acc = [0f32; 8];
-        let n8 = a.len() / 8 * 8;
-        for (x, y) in a[..n8].chunks_exact(8).zip(b[..n8].chunks_exact(8)) {
-            for i in 0..8 {
-                acc[i] += x[i] * f32_of(y[i]);
-            }
-        }
-        let mut s = sum_lanes(acc);
-        for (x, y) in a[n8..].iter().zip(&b[n8..]) {
-            s += x * f32_of(*y);
-        }
-        s
-    }
-
-    /// `out[j] = dot(q, rows.row(j))`.
-    pub fn dots(q: &[f32], rows: Rows<'_>, out: &mut [f32]) {
-        for (j, o) in out[..rows.n].iter_mut().enumerate() {
-            *o = dot(q, rows.row(j));
-        }
-    }
-
-    /// `o += w[j] * rows.row(j)` for each row in order.
-    pub fn axpys(o: &mut [f32], w: &[f32], rows: Rows<'_>) {
-        for (j, &wj) in w[..rows.n].iter().enumerate() {
-            for (a, y) in o.iter_mut().zip(rows.row(j)) {
-                *a += wj * f32_of(*y);
-            }
-        }
     }
 
     // Cephes' single-precision exponential: e^x = 2^n * e^r with n = round(x / ln 2) and
@@ -752,65 +872,354 @@ mod attn_kernels {
     }
 
     #[cfg(target_arch = "x86_64")]
-    pub use avx2::{axpys_avx2, dots_avx2, softmax_avx2};
-
-    #[cfg(target_arch = "x86_64")]
-    mod avx2 {
+    // Register tiles are indexed by head and vector number together; iterators over one of
+    // them would hide the tile's shape.
+    #[allow(clippy::needless_range_loop)]
+    mod x86 {
         use std::arch::x86_64::*;
 
         use super::*;
 
+        /// Most query heads scored together against one block of keys.
+        const MAX_HEADS: usize = 4;
+
+        /// Sixteen f16 values as f32.
         #[inline(always)]
-        unsafe fn load_f16(p: &[u16], i: usize) -> __m256 {
-            _mm256_cvtph_ps(_mm_loadu_si128(p.as_ptr().add(i) as *const __m128i))
+        unsafe fn h16(p: *const u16) -> __m512 {
+            _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
         }
 
-        /// Four rows' lane sums at once, each in [`super::sum_lanes`]' order.
+        /// Eight f16 values as f32.
         #[inline(always)]
-        unsafe fn sum_lanes4(a: [__m256; 4]) -> [f32; 4] {
-            let h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-            let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-            let mut out = [0f32; 4];
-            _mm_storeu_ps(out.as_mut_ptr(), s);
-            out
+        unsafe fn h8(p: *const u16) -> __m256 {
+            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
         }
 
-        /// [`super::dots`], four rows per pass: four independent sums hide the add latency and
-        /// share each load of `q`.
-        #[target_feature(enable = "avx2,f16c")]
-        pub unsafe fn dots_avx2(q: &[f32], rows: Rows<'_>, out: &mut [f32]) {
-            let (hd, n8) = (q.len(), q.len() / 8 * 8);
-            assert_eq!(hd, rows.len);
-            let out = &mut out[..rows.n];
-            let mut j = 0;
-            while j + 4 <= rows.n {
-                let r = [
-                    rows.row(j),
-                    rows.row(j + 1),
-                    rows.row(j + 2),
-                    rows.row(j + 3),
-                ];
-                let mut acc = [_mm256_setzero_ps(); 4];
-                let mut i = 0;
-                while i < n8 {
-                    let x = _mm256_loadu_ps(q.as_ptr().add(i));
-                    for k in 0..4 {
-                        acc[k] = _mm256_add_ps(acc[k], _mm256_mul_ps(x, load_f16(r[k], i)));
-                    }
-                    i += 8;
+        #[target_feature(enable = "avx512f,fma,f16c")]
+        pub unsafe fn scores_avx512(
+            q: &[f32],
+            hd: usize,
+            k: &[u16],
+            scale: f32,
+            out: &mut [f32],
+            stride: usize,
+        ) {
+            let heads = q.len() / hd;
+            assert!(k.len() >= hd * BT && out.len() >= (heads.max(1) - 1) * stride + BT);
+            let mut h = 0;
+            while h < heads {
+                let (qp, op) = (q.as_ptr().add(h * hd), out.as_mut_ptr().add(h * stride));
+                match (heads - h).min(MAX_HEADS) {
+                    4 => scores512::<4>(qp, hd, k.as_ptr(), scale, op, stride),
+                    3 => scores512::<3>(qp, hd, k.as_ptr(), scale, op, stride),
+                    2 => scores512::<2>(qp, hd, k.as_ptr(), scale, op, stride),
+                    _ => scores512::<1>(qp, hd, k.as_ptr(), scale, op, stride),
                 }
-                let s = sum_lanes4(acc);
-                for k in 0..4 {
-                    let mut v = s[k];
-                    for i in n8..hd {
-                        v += q[i] * f32_of(r[k][i]);
-                    }
-                    out[j + k] = v;
-                }
-                j += 4;
+                h += MAX_HEADS;
             }
-            for (jj, o) in out.iter_mut().enumerate().skip(j) {
-                *o = dot(q, rows.row(jj));
+        }
+
+        /// `H` heads against one block: each dimension's 16 keys converted once for all of
+        /// them, `2 H` chains side by side.
+        #[inline(always)]
+        unsafe fn scores512<const H: usize>(
+            q: *const f32,
+            hd: usize,
+            k: *const u16,
+            scale: f32,
+            out: *mut f32,
+            stride: usize,
+        ) {
+            let mut even = [_mm512_setzero_ps(); H];
+            let mut odd = [_mm512_setzero_ps(); H];
+            let mut d = 0;
+            while d + 2 <= hd {
+                let (k0, k1) = (h16(k.add(d * BT)), h16(k.add((d + 1) * BT)));
+                for i in 0..H {
+                    even[i] = _mm512_fmadd_ps(_mm512_set1_ps(*q.add(i * hd + d)), k0, even[i]);
+                    odd[i] = _mm512_fmadd_ps(_mm512_set1_ps(*q.add(i * hd + d + 1)), k1, odd[i]);
+                }
+                d += 2;
+            }
+            if d < hd {
+                let k0 = h16(k.add(d * BT));
+                for i in 0..H {
+                    even[i] = _mm512_fmadd_ps(_mm512_set1_ps(*q.add(i * hd + d)), k0, even[i]);
+                }
+            }
+            let sc = _mm512_set1_ps(scale);
+            for i in 0..H {
+                let s = _mm512_mul_ps(_mm512_add_ps(even[i], odd[i]), sc);
+                _mm512_storeu_ps(out.add(i * stride), s);
+            }
+        }
+
+        #[target_feature(enable = "avx512f,fma,f16c")]
+        pub unsafe fn values_avx512(
+            p: &[f32],
+            stride: usize,
+            n: usize,
+            v: &[u16],
+            width: usize,
+            hd: usize,
+            out: &mut [f32],
+        ) {
+            let heads = out.len() / hd;
+            assert!(n <= BT && (n == 0 || v.len() >= (n - 1) * width + hd));
+            assert!(p.len() >= (heads.max(1) - 1) * stride + n);
+            let (pp, vp, op) = (p.as_ptr(), v.as_ptr(), out.as_mut_ptr());
+            let mut h = 0;
+            // The usual head sizes keep every head's output in registers across the block
+            // (`H` heads of `C` vectors); others go a vector at a time.
+            match hd {
+                64 => {
+                    while h + 3 <= heads {
+                        values512::<3, 4>(
+                            pp.add(h * stride),
+                            stride,
+                            n,
+                            vp,
+                            width,
+                            hd,
+                            op.add(h * hd),
+                        );
+                        h += 3;
+                    }
+                    while h < heads {
+                        values512::<1, 4>(
+                            pp.add(h * stride),
+                            stride,
+                            n,
+                            vp,
+                            width,
+                            hd,
+                            op.add(h * hd),
+                        );
+                        h += 1;
+                    }
+                }
+                128 => {
+                    while h + 2 <= heads {
+                        values512::<2, 8>(
+                            pp.add(h * stride),
+                            stride,
+                            n,
+                            vp,
+                            width,
+                            hd,
+                            op.add(h * hd),
+                        );
+                        h += 2;
+                    }
+                    while h < heads {
+                        values512::<1, 8>(
+                            pp.add(h * stride),
+                            stride,
+                            n,
+                            vp,
+                            width,
+                            hd,
+                            op.add(h * hd),
+                        );
+                        h += 1;
+                    }
+                }
+                _ => {
+                    for h in 0..heads {
+                        let o = op.add(h * hd);
+                        let mut c = 0;
+                        while c + 16 <= hd {
+                            let mut a = _mm512_loadu_ps(o.add(c));
+                            for j in 0..n {
+                                let w = _mm512_set1_ps(*pp.add(h * stride + j));
+                                a = _mm512_fmadd_ps(w, h16(vp.add(j * width + c)), a);
+                            }
+                            _mm512_storeu_ps(o.add(c), a);
+                            c += 16;
+                        }
+                        for c in c..hd {
+                            for j in 0..n {
+                                let x = f32_of(*vp.add(j * width + c));
+                                *o.add(c) = (*pp.add(h * stride + j)).mul_add(x, *o.add(c));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn values512<const H: usize, const C: usize>(
+            p: *const f32,
+            stride: usize,
+            n: usize,
+            v: *const u16,
+            width: usize,
+            hd: usize,
+            out: *mut f32,
+        ) {
+            let mut acc = [[_mm512_setzero_ps(); C]; H];
+            for i in 0..H {
+                for c in 0..C {
+                    acc[i][c] = _mm512_loadu_ps(out.add(i * hd + 16 * c));
+                }
+            }
+            for j in 0..n {
+                let row = v.add(j * width);
+                for c in 0..C {
+                    let x = h16(row.add(16 * c));
+                    for i in 0..H {
+                        let w = _mm512_set1_ps(*p.add(i * stride + j));
+                        acc[i][c] = _mm512_fmadd_ps(w, x, acc[i][c]);
+                    }
+                }
+            }
+            for i in 0..H {
+                for c in 0..C {
+                    _mm512_storeu_ps(out.add(i * hd + 16 * c), acc[i][c]);
+                }
+            }
+        }
+
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn scores_avx2(
+            q: &[f32],
+            hd: usize,
+            k: &[u16],
+            scale: f32,
+            out: &mut [f32],
+            stride: usize,
+        ) {
+            let heads = q.len() / hd;
+            assert!(k.len() >= hd * BT && out.len() >= (heads.max(1) - 1) * stride + BT);
+            let mut h = 0;
+            while h < heads {
+                let (qp, op) = (q.as_ptr().add(h * hd), out.as_mut_ptr().add(h * stride));
+                // Three heads' 12 accumulators and the 4 key vectors fill AVX2's 16 registers.
+                match (heads - h).min(3) {
+                    3 => scores256::<3>(qp, hd, k.as_ptr(), scale, op, stride),
+                    2 => scores256::<2>(qp, hd, k.as_ptr(), scale, op, stride),
+                    _ => scores256::<1>(qp, hd, k.as_ptr(), scale, op, stride),
+                }
+                h += 3;
+            }
+        }
+
+        /// [`scores512`] in two halves of eight lanes.
+        #[inline(always)]
+        unsafe fn scores256<const H: usize>(
+            q: *const f32,
+            hd: usize,
+            k: *const u16,
+            scale: f32,
+            out: *mut f32,
+            stride: usize,
+        ) {
+            let z = _mm256_setzero_ps();
+            let (mut even, mut odd) = ([[z; 2]; H], [[z; 2]; H]);
+            let mut d = 0;
+            while d + 2 <= hd {
+                let k0 = [h8(k.add(d * BT)), h8(k.add(d * BT + 8))];
+                let k1 = [h8(k.add((d + 1) * BT)), h8(k.add((d + 1) * BT + 8))];
+                for i in 0..H {
+                    let q0 = _mm256_set1_ps(*q.add(i * hd + d));
+                    let q1 = _mm256_set1_ps(*q.add(i * hd + d + 1));
+                    for half in 0..2 {
+                        even[i][half] = _mm256_fmadd_ps(q0, k0[half], even[i][half]);
+                        odd[i][half] = _mm256_fmadd_ps(q1, k1[half], odd[i][half]);
+                    }
+                }
+                d += 2;
+            }
+            if d < hd {
+                let k0 = [h8(k.add(d * BT)), h8(k.add(d * BT + 8))];
+                for i in 0..H {
+                    let q0 = _mm256_set1_ps(*q.add(i * hd + d));
+                    for half in 0..2 {
+                        even[i][half] = _mm256_fmadd_ps(q0, k0[half], even[i][half]);
+                    }
+                }
+            }
+            let sc = _mm256_set1_ps(scale);
+            for i in 0..H {
+                for half in 0..2 {
+                    let s = _mm256_mul_ps(_mm256_add_ps(even[i][half], odd[i][half]), sc);
+                    _mm256_storeu_ps(out.add(i * stride + 8 * half), s);
+                }
+            }
+        }
+
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn values_avx2(
+            p: &[f32],
+            stride: usize,
+            n: usize,
+            v: &[u16],
+            width: usize,
+            hd: usize,
+            out: &mut [f32],
+        ) {
+            let heads = out.len() / hd;
+            assert!(n <= BT && (n == 0 || v.len() >= (n - 1) * width + hd));
+            assert!(p.len() >= (heads.max(1) - 1) * stride + n);
+            let (pp, vp, op) = (p.as_ptr(), v.as_ptr(), out.as_mut_ptr());
+            for h in 0..heads {
+                let o = op.add(h * hd);
+                let mut c = 0;
+                // Eight vectors (64 dimensions) of one head in registers at a time.
+                while c + 64 <= hd {
+                    let mut acc = [_mm256_setzero_ps(); 8];
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_loadu_ps(o.add(c + 8 * i));
+                    }
+                    for j in 0..n {
+                        let w = _mm256_set1_ps(*pp.add(h * stride + j));
+                        let row = vp.add(j * width + c);
+                        for (i, a) in acc.iter_mut().enumerate() {
+                            *a = _mm256_fmadd_ps(w, h8(row.add(8 * i)), *a);
+                        }
+                    }
+                    for (i, a) in acc.iter().enumerate() {
+                        _mm256_storeu_ps(o.add(c + 8 * i), *a);
+                    }
+                    c += 64;
+                }
+                while c + 8 <= hd {
+                    let mut a = _mm256_loadu_ps(o.add(c));
+                    for j in 0..n {
+                        let w = _mm256_set1_ps(*pp.add(h * stride + j));
+                        a = _mm256_fmadd_ps(w, h8(vp.add(j * width + c)), a);
+                    }
+                    _mm256_storeu_ps(o.add(c), a);
+                    c += 8;
+                }
+                for c in c..hd {
+                    for j in 0..n {
+                        let x = f32_of(*vp.add(j * width + c));
+                        *o.add(c) = (*pp.add(h * stride + j)).mul_add(x, *o.add(c));
+                    }
+                }
+            }
+        }
+
+        /// [`super::silu_mul`], eight lanes at a time.
+        #[target_feature(enable = "avx2")]
+        pub unsafe fn silu_mul_avx2(g: &mut [f32], up: &[f32]) {
+            let n = g.len().min(up.len());
+            let n8 = n / 8 * 8;
+            let (gp, upp) = (g.as_mut_ptr(), up.as_ptr());
+            let sign = _mm256_set1_ps(-0.0);
+            let (zero, one) = (_mm256_setzero_ps(), _mm256_set1_ps(1.0));
+            for i in (0..n8).step_by(8) {
+                let x = _mm256_loadu_ps(gp.add(i));
+                let e = exp8(_mm256_or_ps(x, sign));
+                let positive = _mm256_cmp_ps(x, zero, _CMP_GE_OQ);
+                let num = _mm256_blendv_ps(_mm256_mul_ps(x, e), x, positive);
+                let s = _mm256_div_ps(num, _mm256_add_ps(one, e));
+                _mm256_storeu_ps(gp.add(i), _mm256_mul_ps(s, _mm256_loadu_ps(upp.add(i))));
+            }
+            for i in n8..n {
+                g[i] = silu(g[i]) * up[i];
             }
         }
 
@@ -877,41 +1286,14 @@ mod attn_kernels {
             let y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
             _mm256_andnot_ps(tiny, y)
         }
-
-        /// [`super::axpys`] with the output held in registers across the block's rows, for the
-        /// usual head sizes; others go row by row through memory.
-        #[target_feature(enable = "avx2,f16c")]
-        pub unsafe fn axpys_avx2(o: &mut [f32], w: &[f32], rows: Rows<'_>) {
-            assert_eq!(o.len(), rows.len);
-            match o.len() {
-                64 => axpys_fixed::<8>(o, w, rows),
-                128 => axpys_fixed::<16>(o, w, rows),
-                _ => super::axpys(o, w, rows),
-            }
-        }
-
-        #[inline(always)]
-        unsafe fn axpys_fixed<const C: usize>(o: &mut [f32], w: &[f32], rows: Rows<'_>) {
-            let mut acc = [_mm256_setzero_ps(); C];
-            for (c, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_loadu_ps(o.as_ptr().add(8 * c));
-            }
-            for (j, &wj) in w[..rows.n].iter().enumerate() {
-                let (wv, r) = (_mm256_set1_ps(wj), rows.row(j));
-                for (c, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_add_ps(*a, _mm256_mul_ps(wv, load_f16(r, 8 * c)));
-                }
-            }
-            for (c, a) in acc.iter().enumerate() {
-                _mm256_storeu_ps(o.as_mut_ptr().add(8 * c), *a);
-            }
-        }
     }
 
     #[cfg(test)]
     mod tests {
         use super::*;
 
+        /// A reference in f64: scores of every head against 16 transposed keys, and the value
+        /// sums of some probabilities.
         fn f16_vec(n: usize, seed: u64) -> Vec<u16> {
             crate::testing::random_vec(n, seed)
                 .iter()
@@ -919,42 +1301,129 @@ mod attn_kernels {
                 .collect()
         }
 
-        /// A block of `n` rows, `width` apart, the head at column `at`.
-        fn block(n: usize, width: usize, seed: u64) -> Vec<u16> {
-            f16_vec(n * width, seed)
-        }
-
-        #[test]
-        fn the_avx2_build_agrees_bit_for_bit() {
-            #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("f16c")
-            {
-                for hd in [1, 7, 8, 64, 67, 128] {
-                    for n in [1, 3, 4, 5, 16] {
-                        let width = 3 * hd + 5;
-                        let data = block(n, width, (hd * n) as u64);
-                        let rows = Rows {
-                            data: &data,
-                            width,
-                            at: hd + 2,
-                            len: hd,
-                            n,
-                        };
-                        let q = crate::testing::random_vec(hd, hd as u64);
-                        let (mut want, mut got) = (vec![0f32; n], vec![0f32; n]);
-                        dots(&q, rows, &mut want);
-                        // SAFETY: the features were detected above.
-                        unsafe { dots_avx2(&q, rows, &mut got) };
-                        assert_eq!(got, want, "dots hd={hd} n={n}");
-                        let w = crate::testing::random_vec(n, 7);
-                        let (mut o1, mut o2) = (q.clone(), q.clone());
-                        axpys(&mut o1, &w, rows);
-                        // SAFETY: as above.
-                        unsafe { axpys_avx2(&mut o2, &w, rows) };
-                        assert_eq!(o1, o2, "axpys hd={hd} n={n}");
+        /// Scores of every head against 16 transposed keys, and value sums of rows `width`
+        /// apart, in f64.
+        fn reference(
+            q: &[f32],
+            hd: usize,
+            k: &[u16],
+            p: &[f32],
+            (v, width): (&[u16], usize),
+            n: usize,
+        ) -> (Vec<f64>, Vec<f64>) {
+            let heads = q.len() / hd;
+            let mut s = vec![0f64; heads * BT];
+            let mut o = vec![0f64; heads * hd];
+            for h in 0..heads {
+                for j in 0..BT {
+                    s[h * BT + j] = (0..hd)
+                        .map(|d| q[h * hd + d] as f64 * f32_of(k[d * BT + j]) as f64)
+                        .sum();
+                }
+                for j in 0..n {
+                    for d in 0..hd {
+                        o[h * hd + d] += p[h * BT + j] as f64 * f32_of(v[j * width + d]) as f64;
                     }
                 }
+            }
+            (s, o)
+        }
+
+        /// The kernels against an f64 reference, for head counts that take every chunk of
+        /// heads and head sizes the vector builds special-case or not; and every vector build
+        /// gives the portable build's bits.
+        #[test]
+        fn kernels_match_a_reference_and_every_build_agrees_bit_for_bit() {
+            for (heads, hd, n) in [
+                (1, 64, 16),
+                (3, 64, 5),
+                (4, 128, 16),
+                (3, 128, 7),
+                (7, 6, 1),
+                (5, 67, 9),
+                (2, 80, 16),
+            ] {
+                let seed = (heads * hd + n) as u64;
+                let q = crate::testing::random_vec(heads * hd, seed);
+                let k = f16_vec(hd * BT, seed + 1);
+                // Value rows `width` apart, the head at column 3.
+                let width = hd + 5;
+                let v = f16_vec(n.max(1) * width, seed + 2);
+                let vh = &v[3..];
+                let p = crate::testing::random_vec(heads * BT, seed + 3);
+                let o0 = crate::testing::random_vec(heads * hd, seed + 4);
+                // SAFETY (each build): its features are detected before it runs.
+                let run = |build: &dyn Fn(&mut [f32], &mut [f32])| {
+                    let (mut s, mut o) = (vec![0f32; heads * BT], o0.clone());
+                    build(&mut s, &mut o);
+                    (s, o)
+                };
+                let (s, o) = run(&|s, o| unsafe {
+                    Portable::scores(&q, hd, &k, 0.5, s, BT);
+                    Portable::values(&p, BT, n, vh, width, hd, o);
+                });
+                let (ws, wo) = reference(&q, hd, &k, &p, (vh, width), n);
+                for (got, want) in s.iter().zip(&ws) {
+                    assert!(
+                        (*got as f64 - 0.5 * want).abs() < 1e-5 * (1.0 + want.abs()),
+                        "scores {heads}x{hd}: {got} vs {want}"
+                    );
+                }
+                for ((got, want), start) in o.iter().zip(&wo).zip(&o0) {
+                    let want = want + *start as f64;
+                    assert!(
+                        (*got as f64 - want).abs() < 1e-5 * (1.0 + want.abs()),
+                        "values {heads}x{hd}: {got} vs {want}"
+                    );
+                }
+                #[cfg(target_arch = "x86_64")]
+                {
+                    use std::arch::is_x86_feature_detected as has;
+                    if has!("avx2") && has!("fma") && has!("f16c") {
+                        let got = run(&|s, o| unsafe {
+                            Avx2::scores(&q, hd, &k, 0.5, s, BT);
+                            Avx2::values(&p, BT, n, vh, width, hd, o);
+                        });
+                        assert_eq!(got, (s.clone(), o.clone()), "avx2 {heads}x{hd}x{n}");
+                    }
+                    if has!("avx512f") && has!("fma") {
+                        let got = run(&|s, o| unsafe {
+                            Avx512::scores(&q, hd, &k, 0.5, s, BT);
+                            Avx512::values(&p, BT, n, vh, width, hd, o);
+                        });
+                        assert_eq!(got, (s.clone(), o.clone()), "avx512 {heads}x{hd}x{n}");
+                    }
+                }
+            }
+        }
+
+        /// SiLU against f64 over a wide range (both signs, tiny and huge), and its AVX2
+        /// build bit for bit, tail included.
+        #[test]
+        fn silu_matches_f64_and_its_avx2_build_bit_for_bit() {
+            let x: Vec<f32> = (0..2003)
+                .map(|i| (i as f32 - 1001.0) * 0.11)
+                .chain([-200.0, 1e-30, -0.0, 95.0])
+                .collect();
+            let up: Vec<f32> = crate::testing::random_vec(x.len(), 3);
+            let mut scalar = x.clone();
+            for (a, &b) in scalar.iter_mut().zip(&up) {
+                *a = silu(*a) * b;
+            }
+            for ((got, &v), &b) in scalar.iter().zip(&x).zip(&up) {
+                let want = v as f64 / (1.0 + (-v as f64).exp()) * b as f64;
+                assert!(
+                    (*got as f64 - want).abs() <= 1e-6 * (1e-30 + want.abs()),
+                    "silu({v}) * {b}: {got} vs {want}"
+                );
+            }
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                let mut simd = x.clone();
+                // SAFETY: AVX2 was detected just above.
+                unsafe { x86::silu_mul_avx2(&mut simd, &up) };
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&simd), bits(&scalar));
             }
         }
 
@@ -982,7 +1451,7 @@ mod attn_kernels {
                 {
                     let mut q = x.clone();
                     // SAFETY: the features were detected just above.
-                    unsafe { softmax_avx2(&mut q) };
+                    unsafe { x86::softmax_avx2(&mut q) };
                     assert_eq!(q, p, "n={n}");
                 }
             }
@@ -1003,24 +1472,6 @@ mod attn_kernels {
                     "e^{x}: {got} vs {want}"
                 );
                 x += 0.013;
-            }
-        }
-
-        #[test]
-        fn the_dot_matches_an_f64_reference() {
-            for n in [1, 8, 67] {
-                let a = crate::testing::random_vec(n, 1);
-                let b = f16_vec(n, 2);
-                let want: f64 = a
-                    .iter()
-                    .zip(&b)
-                    .map(|(&x, &y)| x as f64 * f32_of(y) as f64)
-                    .sum();
-                let got = dot(&a, &b) as f64;
-                assert!(
-                    (got - want).abs() < 1e-5 * (1.0 + want.abs()),
-                    "n={n}: {got} vs {want}"
-                );
             }
         }
     }

@@ -12,7 +12,7 @@ use crate::packed;
 use crate::quant::{dequantize_row, DType, QK};
 
 /// A row-major weight matrix: in its file format, borrowed from the memory-mapped GGUF, or
-/// repacked at load for the kernel that runs here ([`crate::packed`]).
+/// repacked at load in groups of 16 rows for the kernel that runs here ([`crate::packed`]).
 #[derive(Clone)]
 pub struct QMatrix {
     pub dtype: DType,
@@ -62,21 +62,36 @@ impl QMatrix {
         self.packed
     }
 
+    /// Row `r` in the file's format (not for packed matrices, whose rows are interleaved).
     pub fn row(&self, r: usize) -> &[u8] {
+        assert!(!self.packed, "a packed matrix has groups, not rows");
         let at = self.offset + r * self.row_bytes;
         &self.bytes[at..at + self.row_bytes]
     }
 
+    /// Group `g` (rows `16 g..16 g + 16`) of a packed matrix.
+    pub fn group(&self, g: usize) -> &[u8] {
+        debug_assert!(self.packed);
+        let gb = packed::group_bytes(self.dtype, self.cols);
+        let at = self.offset + g * gb;
+        &self.bytes[at..at + gb]
+    }
+
     pub fn dequantize_row_into(&self, r: usize, out: &mut [f32]) {
         if self.packed {
-            packed::dequantize_row(self.row(r), out);
+            let g = self.group(r / packed::GROUP);
+            packed::dequantize_row(self.dtype, g, r % packed::GROUP, out);
         } else {
             dequantize_row(self.dtype, self.row(r), out);
         }
     }
 
     pub fn bytes_total(&self) -> usize {
-        self.rows * self.row_bytes
+        if self.packed {
+            packed::groups(self.rows) * packed::group_bytes(self.dtype, self.cols)
+        } else {
+            self.rows * self.row_bytes
+        }
     }
 }
 
@@ -123,11 +138,10 @@ pub fn matmul(w: &QMatrix, x: &[f32], n: usize, y: &mut [f32]) {
 /// file's copies are dropped from resident memory, so the process holds the weights once.
 pub fn pack_all(ms: &mut [&mut QMatrix]) -> std::io::Result<()> {
     const ALIGN: usize = 64;
-    let pack: Vec<bool> = ms
-        .iter()
-        .map(|m| m.wants_packing() && (0..m.rows).all(|r| packed::fits(m.dtype, m.row(r))))
-        .collect();
-    let size = |m: &QMatrix| (m.rows * packed::row_bytes(m.cols)).next_multiple_of(ALIGN);
+    let pack: Vec<bool> = ms.iter().map(|m| m.wants_packing()).collect();
+    let size = |m: &QMatrix| {
+        (packed::groups(m.rows) * packed::group_bytes(m.dtype, m.cols)).next_multiple_of(ALIGN)
+    };
     let mut offsets = Vec::with_capacity(ms.len());
     let mut total = 0;
     for (m, &p) in ms.iter().zip(&pack) {
@@ -158,11 +172,15 @@ pub fn pack_all(ms: &mut [&mut QMatrix]) -> std::io::Result<()> {
         .zip(regions.into_par_iter())
         .for_each(|(m, region)| {
             if let Some(region) = region {
-                let rb = packed::row_bytes(m.cols);
-                region[..m.rows * rb]
-                    .par_chunks_mut(rb)
+                let gb = packed::group_bytes(m.dtype, m.cols);
+                region[..packed::groups(m.rows) * gb]
+                    .par_chunks_mut(gb)
                     .enumerate()
-                    .for_each(|(r, out)| packed::pack_row(m.dtype, m.row(r), m.cols, out));
+                    .for_each(|(g, out)| {
+                        let end = ((g + 1) * packed::GROUP).min(m.rows);
+                        let rows: Vec<&[u8]> = (g * packed::GROUP..end).map(|r| m.row(r)).collect();
+                        packed::pack_group(m.dtype, &rows, m.cols, out);
+                    });
                 // At once, not after all are packed, so the peak holds one copy plus one matrix.
                 m.bytes.release(m.offset, m.bytes_total());
             }
@@ -170,7 +188,6 @@ pub fn pack_all(ms: &mut [&mut QMatrix]) -> std::io::Result<()> {
     let arena = Arc::new(Bytes::Mmap(arena.make_read_only()?));
     for ((m, at), p) in ms.iter_mut().zip(offsets).zip(pack) {
         if p {
-            m.row_bytes = packed::row_bytes(m.cols);
             m.bytes = arena.clone();
             m.offset = at;
             m.packed = true;
@@ -205,7 +222,7 @@ fn matmul_q8_many(ws: &[&QMatrix], x: &[f32], n: usize, ys: &mut [&mut [f32]]) {
     if ws[0].packed {
         return with_scratch(&PACKED_ACTS, |acts| {
             acts.quantize(x, n, cols);
-            packed_bands(ws, n, ys, acts)
+            packed_groups(ws, n, ys, acts)
         });
     }
     with_scratch(&Q8_ACTS, |xq| {
@@ -234,18 +251,83 @@ pub(crate) fn with_scratch<T: Default + 'static, R>(
     })
 }
 
-fn packed_bands(ws: &[&QMatrix], n: usize, ys: &mut [&mut [f32]], a: &packed::Acts) {
-    run_bands::<2>(
-        ws,
-        n,
-        ys,
-        |w, r, t| packed::dot_tile::<1, 1>([w.row(r)], [a.token(t)])[0][0],
-        |w, r, t| packed::dot_tile::<2, 1>([w.row(r), w.row(r + 1)], [a.token(t)]).map(|v| v[0]),
-        |w, r, t| {
-            let xs = [a.token(t), a.token(t + 1), a.token(t + 2), a.token(t + 3)];
-            packed::dot_tile::<2, 4>([w.row(r), w.row(r + 1)], xs)
-        },
-    );
+/// Groups of 16 rows handed to one task of a packed matmul: a decode-sized call does too
+/// little per group to pay for a task, a batched one plenty.
+fn groups_per_task(n: usize) -> usize {
+    if n < 4 {
+        4
+    } else {
+        1
+    }
+}
+
+/// The packed matmul's parallel loop: tasks of whole groups of every matrix, each running all
+/// tokens, eight at a time (then four, two, one), through [`packed::dot_tile`]; one token
+/// takes two groups per call, for independent chains to overlap.
+fn packed_groups(ws: &[&QMatrix], n: usize, ys: &mut [&mut [f32]], a: &packed::Acts) {
+    assert!(!ws.is_empty() && ws.len() <= MAX_FUSED);
+    let per = groups_per_task(n);
+    let mut ends = [0usize; MAX_FUSED];
+    let mut outs: [Option<Scatter>; MAX_FUSED] = [None, None, None];
+    let mut total = 0;
+    for (m, (w, y)) in ws.iter().zip(ys.iter_mut()).enumerate() {
+        assert!(w.packed && w.cols == ws[0].cols);
+        assert_eq!(y.len(), n * w.rows);
+        total += packed::groups(w.rows).div_ceil(per);
+        ends[m] = total;
+        outs[m] = Some(Scatter::new(y, w.rows));
+    }
+    (0..total).into_par_iter().for_each(|i| {
+        let m = ends.iter().position(|&e| i < e).unwrap_or(0);
+        let c = i - if m == 0 { 0 } else { ends[m - 1] };
+        let (w, Some(out)) = (ws[m], &outs[m]) else {
+            return;
+        };
+        let (g0, g1) = (c * per, ((c + 1) * per).min(packed::groups(w.rows)));
+        // One tile: groups `g..g + G` times tokens `t..t + N`, stored in place.
+        fn tile<const G: usize, const N: usize>(
+            w: &QMatrix,
+            a: &packed::Acts,
+            out: &Scatter,
+            g: usize,
+            t: usize,
+        ) {
+            let lanes =
+                std::array::from_fn(|i| (w.rows - (g + i) * packed::GROUP).min(packed::GROUP));
+            let dst = std::array::from_fn(|i| {
+                std::array::from_fn(|k| out.span((t + k, (g + i) * packed::GROUP), lanes[i]))
+            });
+            let groups = std::array::from_fn(|i| w.group(g + i));
+            let xs = std::array::from_fn(|k| a.token(t + k));
+            // SAFETY: `span` checked each destination against the output; this task alone
+            // owns the rows of its groups (tasks' groups are disjoint), and one call's
+            // destinations are distinct (token, group) rows.
+            unsafe { packed::dot_tile_into::<G, N>(w.dtype, groups, xs, dst, lanes) };
+        }
+        let mut t = 0;
+        while t + 8 <= n {
+            (g0..g1).for_each(|g| tile::<1, 8>(w, a, out, g, t));
+            t += 8;
+        }
+        if t + 4 <= n {
+            (g0..g1).for_each(|g| tile::<1, 4>(w, a, out, g, t));
+            t += 4;
+        }
+        if t + 2 <= n {
+            (g0..g1).for_each(|g| tile::<1, 2>(w, a, out, g, t));
+            t += 2;
+        }
+        if t < n {
+            let mut g = g0;
+            while g + 2 <= g1 {
+                tile::<2, 1>(w, a, out, g, t);
+                g += 2;
+            }
+            if g < g1 {
+                tile::<1, 1>(w, a, out, g, t);
+            }
+        }
+    });
 }
 
 fn q8_bands(ws: &[&QMatrix], n: usize, ys: &mut [&mut [f32]], xq: &[kernels::BlockQ8], nb: usize) {
@@ -355,6 +437,15 @@ impl Scatter {
         let i = t * self.rows + r;
         assert!(i < self.len);
         *self.ptr.add(i) = v;
+    }
+
+    /// Where elements (`t`, `r0..r0 + k`) go, checked to lie in row `t` of the output.
+    /// Writing through it is the caller's to make exclusive.
+    #[inline]
+    fn span(&self, (t, r0): (usize, usize), k: usize) -> *mut f32 {
+        let i = t * self.rows + r0;
+        assert!(r0 + k <= self.rows && i + k <= self.len);
+        self.ptr.wrapping_add(i)
     }
 }
 
@@ -559,10 +650,25 @@ impl Rope {
 
     /// Rotates one head vector in place for position `pos`.
     pub fn apply(&self, x: &mut [f32], pos: usize) {
+        let mut angles = vec![(0f32, 0f32); self.dims / 2];
+        self.angles(pos, &mut angles);
+        self.rotate(x, &angles);
+    }
+
+    /// The `(sin, cos)` of each rotated pair's angle at position `pos` (`dims / 2` of them):
+    /// every head of every layer at that position rotates by these, so a step computes them
+    /// once per token (per head and layer, the sines were most of the rotation's cost).
+    pub fn angles(&self, pos: usize, out: &mut [(f32, f32)]) {
         let p = pos as f32 * self.pos_scale;
+        for (o, &f) in out.iter_mut().zip(&self.inv_freq) {
+            *o = (p * f).sin_cos();
+        }
+    }
+
+    /// Rotates one head vector in place by [`Rope::angles`]' output for its position.
+    pub fn rotate(&self, x: &mut [f32], angles: &[(f32, f32)]) {
         let half = self.dims / 2;
-        for (i, &f) in self.inv_freq.iter().enumerate() {
-            let (sin, cos) = (p * f).sin_cos();
+        for (i, &(sin, cos)) in angles.iter().enumerate().take(half) {
             let (a, b) = match self.style {
                 RopeStyle::Adjacent => (2 * i, 2 * i + 1),
                 RopeStyle::Neox => (i, i + half),
@@ -572,11 +678,6 @@ impl Rope {
             x[b] = x0 * sin + x1 * cos;
         }
     }
-}
-
-#[inline]
-pub fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
 }
 
 #[cfg(test)]
@@ -714,33 +815,59 @@ mod tests {
     /// Repacked matrices (where this CPU runs the AVX-512 kernel; elsewhere `pack_all` leaves
     /// them as they are and this checks the file-format path again): the same products as the
     /// file format up to float rounding, the embedding rows unchanged, and a token's result
-    /// the same alone or in any batch, with odd row counts (a leftover row per band) and
-    /// token counts (a tail after the tiles of four).
+    /// the same alone or in any batch, with row counts that leave a partial group and a
+    /// partial task, and token counts that use every tile (8, 4, 2 and 1 tokens).
     #[test]
     fn packed_matrices_agree_with_the_file_format_and_batch_bit_for_bit() {
-        for dtype in [DType::Q4_0, DType::Q4_1] {
-            let (rows, cols, n) = (37, 96, 7);
-            let file = random_matrix(dtype, rows, cols, 70);
-            let mut packed = file.clone();
-            pack_all(&mut [&mut packed]).unwrap();
-            assert_eq!(packed.is_packed(), crate::kernels::has_avx512());
-            let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
-            for r in [0, rows - 1] {
-                file.dequantize_row_into(r, &mut a);
-                packed.dequantize_row_into(r, &mut b);
-                assert_eq!(a, b, "{dtype:?} row {r}");
+        for dtype in [DType::Q4_0, DType::Q4_1, DType::Q8_0] {
+            for (rows, cols, n) in [(37, 96, 7), (83, 64, 19), (16, 32, 1)] {
+                let file = random_matrix(dtype, rows, cols, 70);
+                let mut packed = file.clone();
+                pack_all(&mut [&mut packed]).unwrap();
+                assert_eq!(packed.is_packed(), crate::kernels::has_avx512());
+                let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
+                for r in 0..rows {
+                    file.dequantize_row_into(r, &mut a);
+                    packed.dequantize_row_into(r, &mut b);
+                    assert_eq!(a, b, "{dtype:?} row {r}");
+                }
+                let x = rand_vec(cols * n, 4);
+                let (mut want, mut batched) = (vec![0f32; rows * n], vec![0f32; rows * n]);
+                matmul(&file, &x, n, &mut want);
+                matmul(&packed, &x, n, &mut batched);
+                for (g, w) in batched.iter().zip(&want) {
+                    assert!(
+                        (g - w).abs() < 1e-4 * (1.0 + w.abs()),
+                        "{dtype:?} {rows}x{cols}x{n}: {g} vs {w}"
+                    );
+                }
+                assert_tokens_match_alone(&packed, &x, n, &batched);
             }
-            let x = rand_vec(cols * n, 4);
-            let (mut want, mut batched) = (vec![0f32; rows * n], vec![0f32; rows * n]);
-            matmul(&file, &x, n, &mut want);
-            matmul(&packed, &x, n, &mut batched);
-            for (g, w) in batched.iter().zip(&want) {
-                assert!(
-                    (g - w).abs() < 1e-4 * (1.0 + w.abs()),
-                    "{dtype:?}: {g} vs {w}"
-                );
+        }
+    }
+
+    /// Packed matrices of different formats over one input (a Q4_0 file's Q and K beside a
+    /// Q8_0 V) in one fused call give each exactly its own matmul.
+    #[test]
+    fn fused_packed_matmuls_of_mixed_formats_equal_separate_ones() {
+        let cols = 128;
+        let mut ws: Vec<QMatrix> = [(DType::Q4_0, 40), (DType::Q4_1, 16), (DType::Q8_0, 9)]
+            .iter()
+            .enumerate()
+            .map(|(i, &(d, rows))| random_matrix(d, rows, cols, 300 + i as u64))
+            .collect();
+        let mut refs: Vec<&mut QMatrix> = ws.iter_mut().collect();
+        pack_all(&mut refs).unwrap();
+        for n in [1, 5, 12] {
+            let x = rand_vec(cols * n, 40 + n as u64);
+            let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; n * w.rows]).collect();
+            let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
+            matmul_many(&[&ws[0], &ws[1], &ws[2]], &x, n, &mut outs);
+            for (w, y) in ws.iter().zip(&ys) {
+                let mut alone = vec![0f32; n * w.rows];
+                matmul(w, &x, n, &mut alone);
+                assert_eq!(&alone, y, "{:?} n={n}", w.dtype);
             }
-            assert_tokens_match_alone(&packed, &x, n, &batched);
         }
     }
 

@@ -1,108 +1,162 @@
-//! 4-bit weights repacked at load for an AVX-512 kernel (Q4_0 and Q4_1).
+//! Weights repacked at load for an AVX-512 kernel: Q4_0, Q4_1 and Q8_0 in groups of 16 rows,
+//! one row per 32-bit lane of a 512-bit register.
 //!
-//! The GGUF layout interleaves each 32-weight block's f16 scales with its nibbles, so a kernel
-//! must convert two scalars and broadcast a product for every block and every token: more
-//! instructions than the integer dot itself. Repacked, a row is
+//! In the GGUF layout a row's blocks lie one after another, so a kernel that takes one row at
+//! a time must reduce every block's integer sum across a register, convert its scales and
+//! broadcast them: more instructions than the integer dot itself. Here a group of 16 rows is
+//! stored block by block, and within a block the 16 rows side by side:
 //!
 //! ```text
-//! [ d: B x f16 | m: B x f16 | nibbles: B/2 pairs x 32 bytes ]      (B blocks, rounded up to even)
+//! group = block 0 | block 1 | ...                        (cols / 32 blocks)
+//! block = d: 16 x f16 | m: 16 x f16 (Q4_1 only) | weights
+//! Q4_0, Q4_1 weights: 4 chunks of 64 bytes; byte 4i+e of chunk L holds row i's element 4L+e
+//!                     in its low nibble and element 16+4L+e in its high one
+//! Q8_0 weights:       8 chunks of 64 bytes; byte 4i+e of chunk j is row i's element 4j+e + 128
 //! ```
 //!
-//! where byte `j` of pair `p` holds element `j` of block `2p` in its low nibble and element `j`
-//! of block `2p+1` in its high one, so one 32-byte load and two masks give 64 weights in
-//! element order for one 512-bit `vpdpbusd`. Scales come first because the kernel reads them
-//! before the weights they scale: the row is then read front to back, as the hardware
-//! prefetcher expects (scales last cost decode a fifth). A weight is `d * q + m` (Q4_0 becomes `m = -8 d`,
-//! exact in f16), so both formats share one kernel: `Σ_b d_b dx_b Σ q x + Σ_b m_b sx_b`, where
-//! the scale products and the minimum terms are computed sixteen blocks per instruction.
-//! The row takes exactly as many bytes as in the file (20 per block) when B is even.
+//! so one 64-byte load and two masks give lane `i` four consecutive weights of row `i` for a
+//! `vpdpbusd` against four activations broadcast to every lane: eight of them sum a block for
+//! 16 rows at once, with no reduction across lanes, and the block's scale is one multiply by
+//! the 16 rows' scales. The 4-bit byte is the GGUF byte unchanged (a GGUF Q4 block keeps
+//! element `j` and `j + 16` in one byte too). `vpdpbusd` multiplies unsigned weights by signed
+//! activations, so Q4_0's `q - 8` and Q8_0's signed `q` are stored unsigned (`q` and `q + 128`)
+//! and the integer sum starts at `-8 Σx` or `-128 Σx` instead of 0: the same integers as the
+//! file-layout kernels, exactly. A group takes as many bytes as its 16 rows do in the file.
 //!
-//! Activations go in a matching layout ([`Acts`]): all blocks' 8-bit values contiguous (so two
-//! blocks are one 64-byte load), then the scales and sums as plain f32 arrays.
+//! Per lane, block after block: `acc = fma(I, d·dx, acc)`, then for Q4_1 `acc = fma(m, sx,
+//! acc)`, where `I` is the block's exact integer sum. That order is the same for every tile
+//! shape, so a (row, token) result never depends on which rows and tokens share its call, and
+//! the portable reference (always built; `f32::mul_add` is the same fused operation) agrees
+//! with the AVX-512 build bit for bit.
+//!
+//! Activations go in a matching layout ([`Acts`]): every token's 8-bit values contiguous, then
+//! scales, scaled sums and integer sums as plain arrays.
 //!
 //! Written by hand for the same reason as [`crate::kernels`]: no crate has these layouts.
-//! A portable reference (always built, tested against the GGUF-layout kernels) defines the
-//! numbers; the AVX-512 build sums in a different order and agrees within float rounding.
 
 use half::f16;
 
 use crate::quant::{DType, QK};
 
+/// Rows per group: one per 32-bit lane of a 512-bit register.
+pub const GROUP: usize = 16;
+
 /// Whether weights of `dtype` can be repacked.
 pub fn packable(dtype: DType) -> bool {
-    matches!(dtype, DType::Q4_0 | DType::Q4_1)
+    matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q8_0)
 }
 
-/// Whether this GGUF row of `dtype` packs exactly: Q4_0's `-8 d` must be an f16 (`|d| <=
-/// 8188`; no real model comes near, but a file is input).
-pub fn fits(dtype: DType, src: &[u8]) -> bool {
+/// Bytes of one block (32 columns) of one group.
+pub fn block_bytes(dtype: DType) -> usize {
     match dtype {
-        DType::Q4_0 => src
-            .chunks_exact(dtype.block_bytes())
-            .all(|b| f16::from_le_bytes([b[0], b[1]]).to_f32().abs() <= 8188.0),
-        _ => packable(dtype),
+        DType::Q4_0 => 32 + 256,
+        DType::Q4_1 => 64 + 256,
+        DType::Q8_0 => 32 + 512,
+        other => panic!("{other:?} is not packable"),
     }
 }
 
-/// Blocks in a packed row of `cols` weights: rounded up to whole pairs.
-pub fn blocks(cols: usize) -> usize {
-    cols.div_ceil(QK).next_multiple_of(2)
+/// Bytes of one group of `cols` columns.
+pub fn group_bytes(dtype: DType, cols: usize) -> usize {
+    cols / QK * block_bytes(dtype)
 }
 
-/// Bytes of one packed row.
-pub fn row_bytes(cols: usize) -> usize {
-    blocks(cols) * 20
+/// Groups of a matrix of `rows` rows (the last one padded with zero rows).
+pub fn groups(rows: usize) -> usize {
+    rows.div_ceil(GROUP)
 }
 
-/// Repacks one GGUF row of `dtype` (Q4_0 or Q4_1) into `out` (`row_bytes(cols)` long).
-pub fn pack_row(dtype: DType, src: &[u8], cols: usize, out: &mut [u8]) {
-    let nb = cols / QK;
-    let pb = blocks(cols);
-    assert!(packable(dtype) && cols.is_multiple_of(QK) && out.len() == pb * 20);
-    let bb = dtype.block_bytes();
+/// Offset of the weights within a block.
+fn weights_at(dtype: DType) -> usize {
+    if dtype == DType::Q4_1 {
+        64
+    } else {
+        32
+    }
+}
+
+/// Repacks up to [`GROUP`] GGUF rows of `dtype` into one group (`out`, `group_bytes` long).
+/// Lanes without a row stay zero: their scales are 0, so their results are 0 (and unread).
+pub fn pack_group(dtype: DType, rows: &[&[u8]], cols: usize, out: &mut [u8]) {
+    assert!(packable(dtype) && cols.is_multiple_of(QK) && rows.len() <= GROUP);
+    assert_eq!(out.len(), group_bytes(dtype, cols));
+    let (fb, pb, wa) = (dtype.block_bytes(), block_bytes(dtype), weights_at(dtype));
     out.fill(0);
-    let (ds, rest) = out.split_at_mut(pb * 2);
-    let (ms, nib) = rest.split_at_mut(pb * 2);
-    for (b, blk) in src.chunks_exact(bb).take(nb).enumerate() {
-        let d = f16::from_le_bytes([blk[0], blk[1]]);
-        let (m, qs) = match dtype {
-            DType::Q4_1 => (f16::from_le_bytes([blk[2], blk[3]]), &blk[4..20]),
-            // -8 d is exact in f16 (a power-of-two scaling); `fits` checked it cannot overflow.
-            _ => (f16::from_f32(-8.0 * d.to_f32()), &blk[2..18]),
-        };
-        ds[2 * b..2 * b + 2].copy_from_slice(&d.to_le_bytes());
-        ms[2 * b..2 * b + 2].copy_from_slice(&m.to_le_bytes());
-        let (pair, shift) = (b / 2, 4 * (b % 2));
-        for j in 0..QK {
-            // GGUF: element j < 16 is the low nibble of byte j, element j >= 16 the high one
-            // of byte j - 16.
-            let q = if j < 16 {
-                qs[j] & 0x0F
-            } else {
-                qs[j - 16] >> 4
+    for (i, row) in rows.iter().enumerate() {
+        for (b, src) in row.chunks_exact(fb).take(cols / QK).enumerate() {
+            let blk = &mut out[b * pb..(b + 1) * pb];
+            blk[2 * i..2 * i + 2].copy_from_slice(&src[0..2]);
+            let qs = match dtype {
+                DType::Q4_1 => {
+                    blk[32 + 2 * i..32 + 2 * i + 2].copy_from_slice(&src[2..4]);
+                    &src[4..20]
+                }
+                DType::Q4_0 => &src[2..18],
+                _ => &src[2..34],
             };
-            nib[pair * 32 + j] |= q << shift;
+            let w = &mut blk[wa..];
+            if dtype == DType::Q8_0 {
+                for (k, &q) in qs.iter().enumerate() {
+                    // Signed to offset binary: q + 128.
+                    w[(k / 4) * 64 + 4 * i + k % 4] = q ^ 0x80;
+                }
+            } else {
+                for (k, &q) in qs.iter().enumerate() {
+                    w[(k / 4) * 64 + 4 * i + k % 4] = q;
+                }
+            }
         }
     }
 }
 
-/// Dequantizes a packed row (the embedding lookup reads the tied output matrix this way).
-pub fn dequantize_row(row: &[u8], out: &mut [f32]) {
-    let pb = row.len() / 20;
-    let (ds, rest) = row.split_at(pb * 2);
-    let (ms, nib) = rest.split_at(pb * 2);
-    for (b, o) in out.chunks_exact_mut(QK).enumerate() {
-        let d = f16::from_le_bytes([ds[2 * b], ds[2 * b + 1]]).to_f32();
-        let m = f16::from_le_bytes([ms[2 * b], ms[2 * b + 1]]).to_f32();
-        let (pair, shift) = (b / 2, 4 * (b % 2));
-        for (j, v) in o.iter_mut().enumerate() {
-            *v = d * ((nib[pair * 32 + j] >> shift) & 0x0F) as f32 + m;
+/// The unsigned weight of lane `lane`, element `k` (0..32), of one packed block.
+#[inline(always)]
+fn weight(dtype: DType, blk: &[u8], lane: usize, k: usize) -> u8 {
+    let w = &blk[weights_at(dtype)..];
+    if dtype == DType::Q8_0 {
+        w[(k / 4) * 64 + 4 * lane + k % 4]
+    } else {
+        let kk = k % 16;
+        let byte = w[(kk / 4) * 64 + 4 * lane + kk % 4];
+        if k < 16 {
+            byte & 0x0F
+        } else {
+            byte >> 4
         }
     }
 }
 
-/// One token's input and the slices its quantized blocks go to.
-type TokenOut<'a> = ((&'a [f32], &'a mut [i8]), (&'a mut [f32], &'a mut [f32]));
+/// What a packed format's unsigned weights are offset by (`w = d * (q - offset) [+ m]`).
+fn offset(dtype: DType) -> i32 {
+    match dtype {
+        DType::Q4_0 => 8,
+        DType::Q8_0 => 128,
+        _ => 0,
+    }
+}
+
+#[inline(always)]
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f32()
+}
+
+/// Dequantizes row `lane` of a packed group (the embedding lookup reads the tied output
+/// matrix this way).
+pub fn dequantize_row(dtype: DType, group: &[u8], lane: usize, out: &mut [f32]) {
+    let pb = block_bytes(dtype);
+    for (blk, o) in group.chunks_exact(pb).zip(out.chunks_exact_mut(QK)) {
+        let d = f16_at(blk, lane);
+        let m = if dtype == DType::Q4_1 {
+            f16_at(&blk[32..], lane)
+        } else {
+            0.0
+        };
+        for (k, v) in o.iter_mut().enumerate() {
+            let q = weight(dtype, blk, lane, k) as i32 - offset(dtype);
+            *v = d * q as f32 + m;
+        }
+    }
+}
 
 /// Token counts from which activations are quantized on the pool rather than the caller.
 const PARALLEL_QUANTIZE_TOKENS: usize = 16;
@@ -110,11 +164,13 @@ const PARALLEL_QUANTIZE_TOKENS: usize = 16;
 /// Quantized activations of `n` tokens in the packed kernel's layout.
 #[derive(Debug, Default)]
 pub struct Acts {
-    /// Blocks per token (even; the padding block, if any, is all zeros).
     blocks: usize,
     qs: Vec<i8>,
     d: Vec<f32>,
+    /// `d * Σq` per block (Q4_1's minimum term).
     s: Vec<f32>,
+    /// `Σq` per block (where Q4_0's and Q8_0's integer sums start).
+    sq: Vec<i32>,
 }
 
 /// One token's activations.
@@ -123,28 +179,39 @@ pub struct Token<'a> {
     qs: &'a [i8],
     d: &'a [f32],
     s: &'a [f32],
+    sq: &'a [i32],
 }
+
+/// One token's input and the slices its quantized blocks go to.
+type TokenOut<'a> = (
+    (&'a [f32], &'a mut [i8]),
+    ((&'a mut [f32], &'a mut [f32]), &'a mut [i32]),
+);
 
 impl Acts {
     /// Quantizes `n` tokens of `cols` values each (a multiple of 32) from `x`, reusing buffers.
     pub fn quantize(&mut self, x: &[f32], n: usize, cols: usize) {
         assert!(cols.is_multiple_of(QK) && x.len() == n * cols);
-        let pb = blocks(cols);
-        self.blocks = pb;
+        let nb = cols / QK;
+        self.blocks = nb;
+        for v in [&mut self.d, &mut self.s] {
+            v.clear();
+            v.resize(n * nb, 0.0);
+        }
         self.qs.clear();
-        self.qs.resize(n * pb * QK, 0);
-        self.d.clear();
-        self.d.resize(n * pb, 0.0);
-        self.s.clear();
-        self.s.resize(n * pb, 0.0);
-        let quantize = |((xt, qs), (d, s)): TokenOut<'_>| {
-            for (((xb, qb), d), s) in xt
+        self.qs.resize(n * nb * QK, 0);
+        self.sq.clear();
+        self.sq.resize(n * nb, 0);
+        let quantize = |((xt, qs), ((d, s), sq)): TokenOut<'_>| {
+            for ((((xb, qb), d), s), sq) in xt
                 .chunks_exact(QK)
                 .zip(qs.chunks_exact_mut(QK))
                 .zip(d)
                 .zip(s)
+                .zip(sq)
             {
-                (*d, *s) = crate::kernels::quantize_block(xb, qb);
+                let (scale, sum) = crate::kernels::quantize_block_sum(xb, qb);
+                (*d, *s, *sq) = (scale, scale * sum as f32, sum);
             }
         };
         // A prefill chunk or a large batch is a few hundred thousand values: worth both cores
@@ -152,174 +219,213 @@ impl Acts {
         if n >= PARALLEL_QUANTIZE_TOKENS {
             use rayon::prelude::*;
             x.par_chunks_exact(cols)
-                .zip(self.qs.par_chunks_exact_mut(pb * QK))
+                .zip(self.qs.par_chunks_exact_mut(nb * QK))
                 .zip(
                     self.d
-                        .par_chunks_exact_mut(pb)
-                        .zip(self.s.par_chunks_exact_mut(pb)),
+                        .par_chunks_exact_mut(nb)
+                        .zip(self.s.par_chunks_exact_mut(nb))
+                        .zip(self.sq.par_chunks_exact_mut(nb)),
                 )
                 .for_each(quantize);
         } else {
             x.chunks_exact(cols)
-                .zip(self.qs.chunks_exact_mut(pb * QK))
-                .zip(self.d.chunks_exact_mut(pb).zip(self.s.chunks_exact_mut(pb)))
+                .zip(self.qs.chunks_exact_mut(nb * QK))
+                .zip(
+                    self.d
+                        .chunks_exact_mut(nb)
+                        .zip(self.s.chunks_exact_mut(nb))
+                        .zip(self.sq.chunks_exact_mut(nb)),
+                )
                 .for_each(quantize);
         }
     }
 
     pub fn token(&self, t: usize) -> Token<'_> {
-        let pb = self.blocks;
+        let nb = self.blocks;
         Token {
-            qs: &self.qs[t * pb * QK..(t + 1) * pb * QK],
-            d: &self.d[t * pb..(t + 1) * pb],
-            s: &self.s[t * pb..(t + 1) * pb],
+            qs: &self.qs[t * nb * QK..(t + 1) * nb * QK],
+            d: &self.d[t * nb..(t + 1) * nb],
+            s: &self.s[t * nb..(t + 1) * nb],
+            sq: &self.sq[t * nb..(t + 1) * nb],
         }
     }
 }
 
-/// Dot products of `R` packed rows with `N` tokens: `out[r][t]`. Each (row, token) result is
-/// computed by the same instructions whatever `R` and `N` are, so batching never changes it.
-#[inline]
-pub fn dot_tile<const R: usize, const N: usize>(
-    rows: [&[u8]; R],
+/// Dot products of `G` packed groups (16 rows each) with `N` tokens: `out[g][t][lane]`. Each
+/// (row, token) result is computed by the same instructions whatever `G` and `N` are, so
+/// batching never changes it.
+pub fn dot_tile<const G: usize, const N: usize>(
+    dtype: DType,
+    groups: [&[u8]; G],
     xs: [Token<'_>; N],
-) -> [[f32; N]; R] {
-    let pb = rows[0].len() / 20;
-    assert!(rows.iter().all(|r| r.len() == pb * 20));
+) -> [[[f32; GROUP]; N]; G] {
+    let mut out = [[[0f32; GROUP]; N]; G];
+    let dst = std::array::from_fn(|g| {
+        let row: *mut [f32; GROUP] = out[g].as_mut_ptr();
+        std::array::from_fn(|t| row.wrapping_add(t) as *mut f32)
+    });
+    // SAFETY: each pointer is one distinct row of 16 floats of `out`.
+    unsafe { dot_tile_into(dtype, groups, xs, dst, [GROUP; G]) };
+    out
+}
+
+/// [`dot_tile`], writing each (group, token)'s first `lanes[g]` results straight to
+/// `dst[g][t]` (a matmul's output row), with no copy through the stack.
+///
+/// # Safety
+/// Each `dst[g][t]` must be valid for `lanes[g]` (at most 16) writes of `f32` that no other
+/// pointer here or elsewhere overlaps during the call.
+#[inline]
+pub unsafe fn dot_tile_into<const G: usize, const N: usize>(
+    dtype: DType,
+    groups: [&[u8]; G],
+    xs: [Token<'_>; N],
+    dst: [[*mut f32; N]; G],
+    lanes: [usize; G],
+) {
+    let nb = xs[0].d.len();
+    assert!(lanes.iter().all(|&k| k <= GROUP));
+    assert!(groups.iter().all(|g| g.len() == nb * block_bytes(dtype)));
     assert!(xs
         .iter()
-        .all(|x| x.d.len() == pb && x.s.len() == pb && x.qs.len() == pb * QK));
+        .all(|x| x.d.len() == nb && x.s.len() == nb && x.sq.len() == nb && x.qs.len() == nb * QK));
     #[cfg(target_arch = "x86_64")]
     {
         if crate::kernels::has_avx512() {
-            // SAFETY: the AVX-512 features this build uses were detected at run time, and the
-            // lengths were checked above.
-            return unsafe { avx512::dot_tile(rows, xs) };
+            // SAFETY: the AVX-512 features this build uses were detected at run time, the
+            // lengths were checked above, and the caller vouches for `dst`.
+            unsafe {
+                match dtype {
+                    DType::Q4_0 => avx512::tile::<G, N, Q4_0>(groups, xs, dst, lanes),
+                    DType::Q4_1 => avx512::tile::<G, N, Q4_1>(groups, xs, dst, lanes),
+                    _ => avx512::tile::<G, N, Q8_0>(groups, xs, dst, lanes),
+                }
+            }
+            return;
         }
     }
-    rows.map(|r| xs.map(|x| portable_dot(r, x)))
+    for g in 0..G {
+        for (t, x) in xs.iter().enumerate() {
+            for lane in 0..lanes[g] {
+                // SAFETY: the caller vouches for `dst`.
+                unsafe { *dst[g][t].add(lane) = portable_dot(dtype, groups[g], lane, *x) };
+            }
+        }
+    }
 }
 
-/// The reference: block by block, `d dx Σ q x + m sx`.
-pub fn portable_dot(row: &[u8], x: Token<'_>) -> f32 {
-    let pb = row.len() / 20;
-    let (ds, rest) = row.split_at(pb * 2);
-    let (ms, nib) = rest.split_at(pb * 2);
-    let mut sum = 0f32;
-    for b in 0..pb {
-        let d = f16::from_le_bytes([ds[2 * b], ds[2 * b + 1]]).to_f32();
-        let m = f16::from_le_bytes([ms[2 * b], ms[2 * b + 1]]).to_f32();
-        let (pair, shift) = (b / 2, 4 * (b % 2));
-        let mut isum = 0i32;
-        for j in 0..QK {
-            let q = (nib[pair * 32 + j] >> shift) & 0x0F;
-            isum += q as i32 * x.qs[b * QK + j] as i32;
+/// Kernel variants, as const parameters.
+const Q4_0: u8 = 0;
+const Q4_1: u8 = 1;
+const Q8_0: u8 = 2;
+
+/// The reference: lane `lane` of a group, block by block, `acc = fma(I, d dx, acc)` (then
+/// `acc = fma(m, sx, acc)` for Q4_1), with `I` the exact integer sum of `w - offset` times `x`.
+pub fn portable_dot(dtype: DType, group: &[u8], lane: usize, x: Token<'_>) -> f32 {
+    let pb = block_bytes(dtype);
+    let mut acc = 0f32;
+    for (b, blk) in group.chunks_exact(pb).enumerate() {
+        let mut isum = -offset(dtype) * x.sq[b];
+        for k in 0..QK {
+            isum += weight(dtype, blk, lane, k) as i32 * x.qs[b * QK + k] as i32;
         }
-        sum += d * x.d[b] * isum as f32 + m * x.s[b];
+        acc = (isum as f32).mul_add(f16_at(blk, lane) * x.d[b], acc);
+        if dtype == DType::Q4_1 {
+            acc = f16_at(&blk[32..], lane).mul_add(x.s[b], acc);
+        }
     }
-    sum
+    acc
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::Token;
+    use super::{Token, Q4_0, Q4_1, Q8_0};
 
-    /// Sixteen blocks' scales per chunk: one 512-bit vector of f32.
-    const CHUNK: usize = 16;
-
-    /// One accumulator per (row, token), holding both the scaled integer sums and the minimum
-    /// terms (all of it is summed in the end), so a 2 x 4 tile keeps its 8 accumulators and 8
-    /// scale vectors in registers.
+    /// The [`super::dot_tile`] of kind `K`. Per block, each group's scales are converted and
+    /// its weights unpacked once into eight registers, then every token runs eight
+    /// `vpdpbusd` (two chains of four, added: integer sums, so exact) against its activations
+    /// broadcast four bytes at a time.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    pub unsafe fn dot_tile<const R: usize, const N: usize>(
-        rows: [&[u8]; R],
+    pub unsafe fn tile<const G: usize, const N: usize, const K: u8>(
+        groups: [&[u8]; G],
         xs: [Token<'_>; N],
-    ) -> [[f32; N]; R] {
-        let pb = rows[0].len() / 20;
-        // Decode reads each weight once, so it waits on memory: start fetching the next tile
-        // (the rows that follow these in the matrix) while this one computes. A prefetch never
-        // faults; the address is only computed, with wrapping arithmetic, never dereferenced.
-        let next = rows[R - 1].as_ptr_range().end;
-        for line in (0..R * pb * 20).step_by(64) {
-            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(line) as *const i8);
-        }
-        let ds = rows.map(|r| r.as_ptr() as *const i16);
-        let nib = rows.map(|r| r.as_ptr().add(pb * 4));
-        let m4 = _mm256_set1_epi8(0x0F);
-        // Lanes 0..8 take scale 0, lanes 8..16 scale 1: the pair's two blocks.
-        let idx0 = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-        let mut acc = [[_mm512_setzero_ps(); N]; R];
-        let mut c = 0;
-        while c < pb {
-            let k = (pb - c).min(CHUNK);
-            let mask: __mmask16 = ((1u32 << k) - 1) as u16;
-            let mut sc = [[_mm512_setzero_ps(); N]; R];
-            for t in 0..N {
-                let dx = _mm512_maskz_loadu_ps(mask, xs[t].d.as_ptr().add(c));
-                let sx = _mm512_maskz_loadu_ps(mask, xs[t].s.as_ptr().add(c));
-                for r in 0..R {
-                    let dw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, ds[r].add(c)));
-                    let mw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, ds[r].add(pb + c)));
-                    sc[r][t] = _mm512_mul_ps(dw, dx);
-                    acc[r][t] = _mm512_fmadd_ps(mw, sx, acc[r][t]);
+        dst: [[*mut f32; N]; G],
+        lanes: [usize; G],
+    ) {
+        let nb = xs[0].d.len();
+        let (bb, wa) = match K {
+            Q4_0 => (288, 32),
+            Q4_1 => (320, 64),
+            _ => (544, 32),
+        };
+        let m4 = _mm512_set1_epi8(0x0F);
+        let mut acc = [[_mm512_setzero_ps(); N]; G];
+        for b in 0..nb {
+            for g in 0..G {
+                let p = groups[g].as_ptr().add(b * bb);
+                // Decode reads each weight once and waits on memory: ask for the next block
+                // while this one computes (a prefetch never faults; past the end it is only
+                // an address, computed with wrapping arithmetic and never dereferenced).
+                // Batched calls reuse the block from cache and are bound by arithmetic instead.
+                if N <= 2 {
+                    for line in (0..bb).step_by(64) {
+                        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(bb + line) as *const i8);
+                    }
                 }
-            }
-            for pp in 0..k / 2 {
-                let p = c / 2 + pp;
-                let idx = _mm512_add_epi32(idx0, _mm512_set1_epi32(2 * pp as i32));
+                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i));
+                let mw = if K == Q4_1 {
+                    _mm512_cvtph_ps(_mm256_loadu_si256(p.add(32) as *const __m256i))
+                } else {
+                    _mm512_setzero_ps()
+                };
+                let wp = p.add(wa);
                 // Loops, not closures, here and below: a closure would not inherit this
                 // function's target features, and its intrinsics would become calls.
-                let mut w = [_mm512_setzero_si512(); R];
-                for r in 0..R {
-                    let q = _mm256_loadu_si256(nib[r].add(p * 32) as *const __m256i);
-                    let lo = _mm256_and_si256(q, m4);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-                    w[r] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+                let mut w = [_mm512_setzero_si512(); 8];
+                if K == Q8_0 {
+                    for (j, wj) in w.iter_mut().enumerate() {
+                        *wj = _mm512_loadu_si512(wp.add(64 * j) as *const _);
+                    }
+                } else {
+                    for l in 0..4 {
+                        let v = _mm512_loadu_si512(wp.add(64 * l) as *const _);
+                        w[l] = _mm512_and_si512(v, m4);
+                        w[l + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4);
+                    }
                 }
                 for t in 0..N {
-                    let x = _mm512_loadu_si512(xs[t].qs.as_ptr().add(p * 64) as *const _);
-                    for r in 0..R {
-                        let isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[r], x);
-                        let s = _mm512_permutexvar_ps(idx, sc[r][t]);
-                        acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, acc[r][t]);
+                    let x = xs[t].qs.as_ptr().add(b * 32) as *const i32;
+                    let start = match K {
+                        Q4_0 => -8 * *xs[t].sq.get_unchecked(b),
+                        Q8_0 => -128 * *xs[t].sq.get_unchecked(b),
+                        _ => 0,
+                    };
+                    let mut i0 = _mm512_set1_epi32(start);
+                    let mut i1 = _mm512_setzero_si512();
+                    for j in 0..4 {
+                        let x0 = _mm512_set1_epi32(x.add(2 * j).read_unaligned());
+                        let x1 = _mm512_set1_epi32(x.add(2 * j + 1).read_unaligned());
+                        i0 = _mm512_dpbusd_epi32(i0, w[2 * j], x0);
+                        i1 = _mm512_dpbusd_epi32(i1, w[2 * j + 1], x1);
+                    }
+                    let isum = _mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1));
+                    let sc = _mm512_mul_ps(dw, _mm512_set1_ps(*xs[t].d.get_unchecked(b)));
+                    acc[g][t] = _mm512_fmadd_ps(isum, sc, acc[g][t]);
+                    if K == Q4_1 {
+                        let sx = _mm512_set1_ps(*xs[t].s.get_unchecked(b));
+                        acc[g][t] = _mm512_fmadd_ps(mw, sx, acc[g][t]);
                     }
                 }
             }
-            c += CHUNK;
         }
-        let mut out = [[0f32; N]; R];
-        for r in 0..R {
-            let mut t = 0;
-            while t + 4 <= N {
-                let v = sum4([acc[r][t], acc[r][t + 1], acc[r][t + 2], acc[r][t + 3]]);
-                out[r][t..t + 4].copy_from_slice(&v);
-                t += 4;
-            }
-            for t in t..N {
-                out[r][t] = sum4([acc[r][t]; 4])[0];
+        for g in 0..G {
+            let mask: __mmask16 = ((1u32 << lanes[g]) - 1) as u16;
+            for t in 0..N {
+                _mm512_mask_storeu_ps(dst[g][t], mask, acc[g][t]);
             }
         }
-        out
-    }
-
-    #[inline(always)]
-    unsafe fn half(v: __m512) -> __m256 {
-        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
-        _mm256_add_ps(_mm512_castps512_ps256(v), hi)
-    }
-
-    /// Four vectors' totals, each summed in one fixed order (halves, then pairs of lanes) so a
-    /// token's total is the same whether it is reduced alone or with three others.
-    #[inline(always)]
-    unsafe fn sum4(a: [__m512; 4]) -> [f32; 4] {
-        let [a, b, c, d] = [half(a[0]), half(a[1]), half(a[2]), half(a[3])];
-        let h = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
-        let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-        let mut out = [0f32; 4];
-        _mm_storeu_ps(out.as_mut_ptr(), s);
-        out
     }
 }
 
@@ -330,85 +436,104 @@ mod tests {
     use crate::quant::{dequantize_row as gguf_dequantize, quantize_row};
     use crate::testing::random_vec;
 
-    fn packed(dt: DType, cols: usize, seed: u64) -> (Vec<u8>, Vec<u8>) {
-        let src = quantize_row(dt, &random_vec(cols, seed));
-        let mut out = vec![0u8; row_bytes(cols)];
-        pack_row(dt, &src, cols, &mut out);
-        (src, out)
-    }
+    const TYPES: [DType; 3] = [DType::Q4_0, DType::Q4_1, DType::Q8_0];
 
-    #[test]
-    fn q4_0_scales_too_large_for_f16_stay_in_file_format() {
-        let mut src = quantize_row(DType::Q4_0, &random_vec(64, 1));
-        assert!(fits(DType::Q4_0, &src));
-        src[18..20].copy_from_slice(&f16::from_f32(9000.0).to_le_bytes());
-        assert!(!fits(DType::Q4_0, &src));
+    /// `rows` random GGUF rows and their packed groups.
+    fn packed(dt: DType, rows: usize, cols: usize, seed: u64) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+        let src: Vec<Vec<u8>> = (0..rows)
+            .map(|r| quantize_row(dt, &random_vec(cols, seed * 1000 + r as u64)))
+            .collect();
+        let groups = src
+            .chunks(GROUP)
+            .map(|rs| {
+                let refs: Vec<&[u8]> = rs.iter().map(Vec::as_slice).collect();
+                let mut out = vec![0u8; group_bytes(dt, cols)];
+                pack_group(dt, &refs, cols, &mut out);
+                out
+            })
+            .collect();
+        (src, groups)
     }
 
     #[test]
     fn packing_keeps_every_weight() {
-        for dt in [DType::Q4_0, DType::Q4_1] {
-            for cols in [32, 64, 96, 576] {
-                let (src, row) = packed(dt, cols, cols as u64);
-                let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
-                gguf_dequantize(dt, &src, &mut a);
-                dequantize_row(&row, &mut b);
-                assert_eq!(a, b, "{dt:?} cols={cols}");
+        for dt in TYPES {
+            for (rows, cols) in [(1, 32), (16, 64), (17, 96), (33, 576)] {
+                let (src, groups) = packed(dt, rows, cols, cols as u64);
+                for (r, row) in src.iter().enumerate() {
+                    let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
+                    gguf_dequantize(dt, row, &mut a);
+                    dequantize_row(dt, &groups[r / GROUP], r % GROUP, &mut b);
+                    assert_eq!(a, b, "{dt:?} {rows}x{cols} row {r}");
+                }
             }
         }
     }
 
     /// The packed reference equals the GGUF-layout kernel's reference up to float rounding:
-    /// same integers, same scales, summed in another order.
+    /// the same integers and scales, combined with fused multiply-adds.
     #[test]
     fn the_reference_matches_the_gguf_layout_kernel() {
-        for dt in [DType::Q4_0, DType::Q4_1] {
+        for dt in TYPES {
             for cols in [32, 96, 576, 1536] {
-                let (src, row) = packed(dt, cols, 3 + cols as u64);
+                let (src, groups) = packed(dt, GROUP, cols, 3 + cols as u64);
                 let x = random_vec(cols, 5);
                 let mut acts = Acts::default();
                 acts.quantize(&x, 1, cols);
                 let mut xq: Vec<BlockQ8> = Vec::new();
                 kernels::quantize_acts(&x, &mut xq);
-                let (got, want) = (
-                    portable_dot(&row, acts.token(0)),
-                    kernels::portable::dot(dt, &src, &xq),
-                );
-                assert!(
-                    (got - want).abs() < 1e-4 * (1.0 + want.abs()),
-                    "{dt:?} cols={cols}: {got} vs {want}"
-                );
+                for (lane, row) in src.iter().enumerate() {
+                    let got = portable_dot(dt, &groups[0], lane, acts.token(0));
+                    let want = kernels::portable::dot(dt, row, &xq);
+                    assert!(
+                        (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                        "{dt:?} cols={cols} lane {lane}: {got} vs {want}"
+                    );
+                }
             }
         }
     }
 
+    /// Every tile shape the matmul uses gives each (row, token) exactly the reference's bits.
     #[test]
-    fn the_dispatched_kernel_matches_the_reference_and_batches_bit_for_bit() {
-        for dt in [DType::Q4_0, DType::Q4_1] {
-            // Odd block counts (a padding block), one chunk, several chunks and a tail.
-            for cols in [32, 96, 512, 576, 1536, 32 * 35] {
-                let (_, row) = packed(dt, cols, 7 + cols as u64);
-                let x = random_vec(4 * cols, 11);
+    fn the_dispatched_kernel_equals_the_reference_bit_for_bit_in_every_tile() {
+        for dt in TYPES {
+            for cols in [32, 96, 576, 1536] {
+                let (_, groups) = packed(dt, 2 * GROUP, cols, 7 + cols as u64);
+                let n = 8;
+                let x = random_vec(n * cols, 11);
                 let mut acts = Acts::default();
-                acts.quantize(&x, 4, cols);
-                let (_, row2) = packed(dt, cols, 8 + cols as u64);
-                let xs = [acts.token(0), acts.token(1), acts.token(2), acts.token(3)];
-                let tile = dot_tile::<2, 4>([&row, &row2], xs);
-                for (t, v) in tile[0].iter().enumerate() {
-                    let one = dot_tile::<1, 1>([&row], [xs[t]])[0][0];
-                    assert_eq!(v.to_bits(), one.to_bits(), "{dt:?} cols={cols} token {t}");
-                    let two = dot_tile::<1, 1>([&row2], [xs[t]])[0][0];
-                    assert_eq!(
-                        tile[1][t].to_bits(),
-                        two.to_bits(),
-                        "{dt:?} cols={cols} row 2"
-                    );
-                    let want = portable_dot(&row, xs[t]);
-                    assert!(
-                        (v - want).abs() < 1e-4 * (1.0 + want.abs()),
-                        "{dt:?} cols={cols}: {v} vs {want}"
-                    );
-                }
+                acts.quantize(&x, n, cols);
+                let tok: [Token<'_>; 8] = std::array::from_fn(|t| acts.token(t));
+                let want = |g: usize, t: usize, lane: usize| {
+                    portable_dot(dt, &groups[g], lane, tok[t]).to_bits()
+                };
+                let (g0, g1) = (groups[0].as_slice(), groups[1].as_slice());
+                let check = |label: &str, got: &[[f32; GROUP]], g: usize, t0: usize| {
+                    for (i, lanes) in got.iter().enumerate() {
+                        for (lane, v) in lanes.iter().enumerate() {
+                            assert_eq!(
+                                v.to_bits(),
+                                want(g, t0 + i, lane),
+                                "{dt:?} cols={cols} {label} group {g} token {} lane {lane}",
+                                t0 + i
+                            );
+                        }
+                    }
+                };
+                check("1x8", &dot_tile::<1, 8>(dt, [g1], tok)[0], 1, 0);
+                let four = [tok[4], tok[5], tok[6], tok[7]];
+                check("1x4", &dot_tile::<1, 4>(dt, [g0], four)[0], 0, 4);
+                check(
+                    "1x2",
+                    &dot_tile::<1, 2>(dt, [g1], [tok[2], tok[3]])[0],
+                    1,
+                    2,
+                );
+                let two = dot_tile::<2, 1>(dt, [g0, g1], [tok[5]]);
+                check("2x1", &two[0], 0, 5);
+                check("2x1", &two[1], 1, 5);
+                check("1x1", &dot_tile::<1, 1>(dt, [g0], [tok[7]])[0], 0, 7);
             }
         }
     }

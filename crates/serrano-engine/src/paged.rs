@@ -226,6 +226,19 @@ impl BlockTable {
         true
     }
 
+    /// A new table holding this table's first `n` blocks (retained for it).
+    pub fn share(&self, n: usize) -> BlockTable {
+        let blocks = self.blocks[..n.min(self.blocks.len())].to_vec();
+        let mut a = self.alloc.lock();
+        for &id in &blocks {
+            a.retain(id);
+        }
+        BlockTable {
+            blocks,
+            alloc: self.alloc.clone(),
+        }
+    }
+
     /// Appends cached blocks matching `hashes` in order; returns how many matched.
     pub fn adopt_cached(&mut self, hashes: &[u64]) -> usize {
         let mut a = self.alloc.lock();
@@ -318,12 +331,20 @@ pub struct PagedStep<'a> {
 impl KvCache for PagedStep<'_> {
     fn write(&mut self, seq: usize, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
         let block = self.tables[seq][pos / BLOCK_TOKENS];
-        let w = self.storage.width;
-        for (kv, src) in [(0, k), (1, v)] {
-            let at = self.storage.offset(block, layer, kv, pos % BLOCK_TOKENS);
-            // Slice conversions use F16C where the CPU has it.
-            let dst: &mut [f16] = self.storage.data[at..at + w].reinterpret_cast_mut();
-            dst.convert_from_f32_slice(&src[..w]);
+        let (w, slot) = (self.storage.width, pos % BLOCK_TOKENS);
+        // Values as a row; slice conversions use F16C where the CPU has it.
+        let at = self.storage.offset(block, layer, 1, slot);
+        let dst: &mut [f16] = self.storage.data[at..at + w].reinterpret_cast_mut();
+        dst.convert_from_f32_slice(&v[..w]);
+        // Keys transposed: dimension c of this position at c * BLOCK_TOKENS + slot.
+        let base = self.storage.offset(block, layer, 0, 0) + slot;
+        let mut buf = [f16::ZERO; 64];
+        for (c0, chunk) in k[..w].chunks(buf.len()).enumerate() {
+            let b = &mut buf[..chunk.len()];
+            b.convert_from_f32_slice(chunk);
+            for (i, x) in b.iter().enumerate() {
+                self.storage.data[base + (c0 * 64 + i) * BLOCK_TOKENS] = x.to_bits();
+            }
         }
     }
 
@@ -454,17 +475,18 @@ mod tests {
         let k: Vec<f32> = (0..8).map(|i| i as f32 * 0.5).collect();
         let v: Vec<f32> = (0..8).map(|i| -(i as f32)).collect();
         step.write(0, 1, 17, &k, &v);
-        // Position 17 is row 1 of the sequence's second block (block id 0).
-        let row = |value: bool| -> Vec<f32> {
-            let rows = step.block(0, 1, value, 1);
-            assert_eq!(rows.len(), BLOCK_TOKENS * 8);
-            rows[8..16]
-                .iter()
-                .map(|&b| f16::from_bits(b).to_f32())
-                .collect()
-        };
-        assert_eq!(row(false), k);
-        assert_eq!(row(true), v);
+        // Position 17 is slot 1 of the sequence's second block (block id 0): row 1 of its
+        // values, column 1 of its transposed keys.
+        let f32_of = |b: &u16| f16::from_bits(*b).to_f32();
+        let values = step.block(0, 1, true, 1);
+        assert_eq!(values.len(), BLOCK_TOKENS * 8);
+        assert_eq!(values[8..16].iter().map(f32_of).collect::<Vec<_>>(), v);
+        let keys = step.block(0, 1, false, 1);
+        assert_eq!(keys.len(), BLOCK_TOKENS * 8);
+        let col: Vec<f32> = (0..8)
+            .map(|c| f32_of(&keys[c * BLOCK_TOKENS + 1]))
+            .collect();
+        assert_eq!(col, k);
     }
 
     #[test]

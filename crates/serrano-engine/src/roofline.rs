@@ -1,7 +1,8 @@
-//! A probe of this machine's limits with every thread of the kernel pool: sustained memory read
-//! bandwidth and f32 FMA throughput, and the ceilings they put on a model's decode (bandwidth:
-//! every token reads all weights) and prefill (arithmetic). Written by hand because it must use
-//! the engine's own thread pool; no crate measures that.
+//! A probe of this machine's limits with every thread of the kernel pool: sustained read
+//! bandwidth (from memory, and over a buffer the size of what one decode step reads, which a
+//! large cache may hold), f32 FMA and 8-bit dot-product throughput, and the ceilings they put
+//! on a model's decode (bandwidth: every token reads all weights) and prefill (arithmetic).
+//! Written by hand because it must use the engine's own thread pool; no crate measures that.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -57,6 +58,55 @@ pub fn fma_throughput(run: Duration) -> (f64, &'static str) {
     black_box(sums);
     let flops = threads as f64 * iters as f64 * (CHAINS * LANES * 2) as f64;
     (flops / s.max(1e-9), name)
+}
+
+/// 8-bit multiply-accumulates per second (`vpdpbusd`, what the integer matmul kernels run)
+/// with every pool thread busy for about `run`, where the CPU has AVX512-VNNI.
+pub fn int8_throughput(run: Duration) -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512f") {
+        // SAFETY: the features it needs were just detected.
+        let kernel = |n| unsafe { dpbusd_avx512(n) };
+        let mut iters = 1u64 << 14;
+        loop {
+            let t = Instant::now();
+            black_box(kernel(iters));
+            if t.elapsed() >= run / 4 || iters >= 1 << 40 {
+                break;
+            }
+            iters *= 2;
+        }
+        let threads = rayon::current_num_threads();
+        let t = Instant::now();
+        let sums: Vec<i32> = rayon::broadcast(|_| kernel(iters));
+        let s = t.elapsed().as_secs_f64();
+        black_box(sums);
+        // Each instruction: 16 lanes x 4 byte products.
+        let macs = threads as f64 * iters as f64 * (CHAINS * 64) as f64;
+        return Some(macs / s.max(1e-9));
+    }
+    let _ = run;
+    None
+}
+
+/// `CHAINS` independent `vpdpbusd` accumulators, `iters` times.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vnni")]
+unsafe fn dpbusd_avx512(iters: u64) -> i32 {
+    use std::arch::x86_64::*;
+    let a = _mm512_set1_epi8(black_box(3));
+    let b = _mm512_set1_epi8(black_box(-1));
+    let mut acc = [_mm512_setzero_si512(); CHAINS];
+    for _ in 0..iters {
+        for v in acc.iter_mut() {
+            *v = _mm512_dpbusd_epi32(*v, a, b);
+        }
+    }
+    let mut sum = _mm512_setzero_si512();
+    for v in acc {
+        sum = _mm512_add_epi32(sum, v);
+    }
+    _mm512_reduce_add_epi32(sum)
 }
 
 type FmaKernel = fn(u64) -> f32;
@@ -131,6 +181,9 @@ mod tests {
         assert!(bw.is_finite() && bw > 0.0);
         let (flops, _) = fma_throughput(Duration::from_millis(20));
         assert!(flops.is_finite() && flops > 0.0);
+        if let Some(macs) = int8_throughput(Duration::from_millis(20)) {
+            assert!(macs.is_finite() && macs > 0.0);
+        }
     }
 
     #[test]

@@ -104,6 +104,16 @@ impl<P> Scheduler<P> {
         self.waiting.values().map(VecDeque::len).sum()
     }
 
+    /// Slots of in-use blocks that hold no token yet. Only full blocks are ever shared, so
+    /// every empty slot sits in one sequence's own last blocks and is counted once.
+    pub fn unfilled_slots(&self) -> usize {
+        self.running
+            .iter()
+            .chain(self.waiting.values().flatten())
+            .map(|e| (e.table.len() * BLOCK_TOKENS).saturating_sub(e.computed))
+            .sum()
+    }
+
     pub fn is_idle(&self) -> bool {
         self.running.is_empty() && self.num_waiting() == 0
     }
@@ -199,6 +209,9 @@ impl<P> Scheduler<P> {
             }
             let want = self.running[i].computed + 1;
             if !self.running[i].table.ensure(want) {
+                if self.reclaim_waiting() {
+                    continue;
+                }
                 let victim = self.running.len() - 1;
                 if victim == i && i == 0 {
                     // Alone and still short: cannot happen (admission checks the pool), but never spin.
@@ -237,6 +250,9 @@ impl<P> Scheduler<P> {
             }
             let n = Self::fit_chunk(&mut self.running[i], left.min(budget - reserve));
             if n == 0 {
+                if self.reclaim_waiting() {
+                    continue;
+                }
                 let victim = self.running.len() - 1;
                 if i == 0 && victim > 0 {
                     let id = self.running[victim].id;
@@ -319,6 +335,38 @@ impl<P> Scheduler<P> {
         }
     }
 
+    /// Starts sequence `id` from running sequence `from`'s tokens (call it when `from` has
+    /// computed them, before its next token is pushed): `id` shares `from`'s full blocks
+    /// below the last token and goes first in its tenant's queue to compute the rest, so the
+    /// choices of one prompt (`n > 1`) compute it once. Only full blocks are shared, and `id`
+    /// writes only past them. Without `from` (gone meanwhile), `payload` is dropped.
+    pub fn fork(&mut self, from: SeqId, id: SeqId, max_len: usize, payload: P) {
+        let Some(src) = self.running.iter().find(|e| e.id == from) else {
+            return;
+        };
+        let tokens = src.tokens.clone();
+        let shared = ((tokens.len().max(1) - 1) / BLOCK_TOKENS)
+            .min(src.computed / BLOCK_TOKENS)
+            .min(src.table.len());
+        let e = Entry {
+            id,
+            tenant: src.tenant.clone(),
+            priority: src.priority,
+            computed: shared * BLOCK_TOKENS,
+            max_len: max_len.max(tokens.len()),
+            tokens,
+            table: src.table.share(shared),
+            cacheable: src.cacheable,
+            registered: src.registered.min(shared),
+            arrival: src.arrival,
+            payload,
+        };
+        let queue = self.waiting.entry(e.tenant.clone()).or_default();
+        // After the choices forked from `from` already waiting, ahead of everything else.
+        let at = queue.iter().take_while(|w| w.arrival == e.arrival).count();
+        queue.insert(at, e);
+    }
+
     /// Appends a sampled token to a running sequence.
     pub fn push_token(&mut self, id: SeqId, token: u32) {
         if let Some(e) = self.get_mut(id) {
@@ -360,6 +408,22 @@ impl<P> Scheduler<P> {
         e.computed = hit * BLOCK_TOKENS;
         e.registered = hit;
         (full * BLOCK_TOKENS, hit * BLOCK_TOKENS)
+    }
+
+    /// Releases the blocks that waiting sequences hold (forked choices keep their leader's
+    /// prompt blocks while they wait): running sequences come first, and a waiting one that
+    /// held blocks finds them again in the prefix cache or recomputes. True if any were held.
+    fn reclaim_waiting(&mut self) -> bool {
+        let mut any = false;
+        for e in self.waiting.values_mut().flatten() {
+            if !e.table.is_empty() {
+                e.table.clear();
+                e.computed = 0;
+                e.registered = 0;
+                any = true;
+            }
+        }
+        any
     }
 
     fn preempt(&mut self, i: usize) {
@@ -409,9 +473,12 @@ mod tests {
     ) -> Result<(), TestCaseError> {
         let alloc = SharedAllocator::new(pool_blocks);
         let mut s: Scheduler<usize> = Scheduler::new(cfg, alloc.clone());
+        let total: usize = reqs.iter().map(|r| 1 + r.3).sum();
         let mut pending: VecDeque<_> = reqs.into_iter().enumerate().collect();
         let mut finished = 0;
-        let total = pending.len();
+        // Sequences that start `n` choices from their prompt once it is computed.
+        let mut to_fork: HashMap<u64, usize> = HashMap::new();
+        let mut next_id = 1_000_000;
         let mut steps = 0;
         while finished < total {
             steps += 1;
@@ -423,7 +490,10 @@ mod tests {
             );
             // Arrivals: up to two per step.
             for _ in 0..2 {
-                if let Some((id, (prompt, gen, tenant, _))) = pending.pop_front() {
+                if let Some((id, (prompt, gen, tenant, forks))) = pending.pop_front() {
+                    if forks > 0 {
+                        to_fork.insert(id as u64, forks);
+                    }
                     let toks: Vec<u32> = (0..prompt as u32).map(|t| t % 5).collect();
                     s.add(
                         id as u64,
@@ -452,7 +522,16 @@ mod tests {
                 );
             }
             s.after_step();
+            // Paging wastes less than a block per sequence: only its last block is partial.
+            let seqs = s.num_running() + s.num_waiting();
+            prop_assert!(s.unfilled_slots() <= (BLOCK_TOKENS - 1) * seqs);
             for p in plan.iter().filter(|p| p.samples) {
+                for _ in 0..to_fork.remove(&p.id).unwrap_or(0) {
+                    let e = s.get_mut(p.id).unwrap();
+                    let (max_len, gen) = (e.max_len, e.payload);
+                    s.fork(p.id, next_id, max_len, gen);
+                    next_id += 1;
+                }
                 let e = s.get_mut(p.id).unwrap();
                 let generated = e.tokens.len() + 1 - (e.max_len - e.payload);
                 if generated >= e.payload {
@@ -472,12 +551,13 @@ mod tests {
 
     proptest! {
         /// A step never exceeds the token budget or the sequence cap, and every admitted
-        /// sequence finishes (liveness), under random arrivals and lengths with a small pool.
+        /// sequence finishes (liveness), under random arrivals and lengths with a small pool,
+        /// some of them forking choices (`n > 1`) from their prompt.
         #[test]
         fn budget_cap_and_liveness(
             max_num_seqs in 1usize..6,
             max_batch_tokens in 1usize..64,
-            reqs in proptest::collection::vec((1usize..70, 1usize..40, 0u8..3, 0usize..1), 1..14),
+            reqs in proptest::collection::vec((1usize..70, 1usize..40, 0u8..3, 0usize..3), 1..14),
         ) {
             // Pool big enough for the largest single request (as submission guarantees), small
             // enough that concurrent ones must preempt.
@@ -605,6 +685,51 @@ mod tests {
             "two full blocks come from the cache"
         );
         assert_eq!((s.stats.prefix_queries, s.stats.prefix_hits), (64, 32));
+    }
+
+    #[test]
+    fn forked_choices_share_the_prompt_blocks_and_compute_only_the_tail() {
+        let alloc = SharedAllocator::new(64);
+        let mut s: Scheduler<()> = Scheduler::new(
+            SchedulerConfig {
+                max_num_seqs: 4,
+                max_batch_tokens: 512,
+            },
+            alloc.clone(),
+        );
+        // Uncacheable (prefix caching off): the fork shares blocks without the cache.
+        s.add(1, Arc::from("a"), 0, (0..40).collect(), 50, false, ());
+        assert_eq!(s.schedule()[0].len, 40);
+        s.after_step();
+        s.fork(1, 2, 50, ());
+        s.fork(1, 3, 50, ());
+        s.push_token(1, 7);
+        let used = alloc.lock().used();
+        let p = s.schedule();
+        let tails: Vec<_> = p
+            .iter()
+            .filter(|p| p.id != 1)
+            .map(|p| (p.id, p.start, p.len))
+            .collect();
+        assert_eq!(
+            tails,
+            vec![(2, 32, 8), (3, 32, 8)],
+            "in order, from the shared blocks"
+        );
+        assert!(p.iter().all(|p| p.id == 1 || p.samples));
+        // Each choice took one block of its own for the tail; the two full blocks are shared.
+        assert_eq!(alloc.lock().used(), used + 2);
+        let first = s.running[0].table.blocks()[..2].to_vec();
+        for e in &s.running[1..] {
+            assert_eq!(&e.table.blocks()[..2], first.as_slice());
+            assert_ne!(e.table.blocks()[2], s.running[0].table.blocks()[2]);
+        }
+        assert_eq!(alloc.lock().refcount(first[0]), 3);
+        for id in [1, 2, 3] {
+            s.remove(id);
+        }
+        alloc.lock().check_invariants();
+        assert_eq!(alloc.lock().used(), 0);
     }
 
     #[test]

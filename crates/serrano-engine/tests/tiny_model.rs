@@ -386,3 +386,57 @@ fn prefix_caching_can_be_turned_off() {
     assert_eq!(hits_on, 64, "the second prompt reuses its 4 full blocks");
     assert_eq!(hits_off, 0);
 }
+
+/// The `_sum` of one of the engine's histograms, from its Prometheus text.
+fn histogram_sum(h: &serrano_engine::EngineHandle, name: &str) -> f64 {
+    let text = h.metrics().encode();
+    text.lines()
+        .find(|l| l.starts_with(&format!("{name}_sum")))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name}_sum in:\n{text}"))
+}
+
+/// The choices of one prompt (`n > 1`) compute it once, even with prefix caching off: the
+/// first computes all 70 prompt tokens, the others share its 4 full blocks and compute only
+/// the last 6; each choice samples exactly what it would alone with its seed.
+#[test]
+fn choices_of_one_prompt_compute_it_once() {
+    let h = start_from_gguf(
+        &tiny(),
+        EngineConfig {
+            prefix_caching: false,
+            ..EngineConfig::default()
+        },
+    )
+    .unwrap();
+    let prompt: Vec<u32> = (0..70).map(|i| (i * 7 % 250) as u32).collect();
+    let req = |seed: u64| {
+        let mut r = GenerateRequest::new(prompt.clone(), 8);
+        r.ignore_eos = true;
+        r.sampling = SamplingParams {
+            temperature: 1.0,
+            seed: Some(seed),
+            ..Default::default()
+        };
+        r
+    };
+    let alone: Vec<Vec<u32>> = (0..4)
+        .map(|i| collect(&mut h.submit(req(40 + i)).unwrap()).0)
+        .collect();
+    assert!(alone.windows(2).any(|w| w[0] != w[1]), "seeds differ");
+    let name = "serrano:iteration_tokens_total";
+    let before = histogram_sum(&h, name);
+    let mut rxs = h.submit_n((0..4).map(|i| req(40 + i)).collect()).unwrap();
+    for (i, rx) in rxs.iter_mut().enumerate() {
+        assert_eq!(collect(rx).0, alone[i], "choice {i}");
+    }
+    let stepped = histogram_sum(&h, name) - before;
+    // The prompt once, three tails of 70 - 4 x 16 tokens, 7 decode steps per choice.
+    assert_eq!(stepped, (70 + 3 * 6 + 4 * 7) as f64);
+    // And nothing is left behind (the gauge is set after the step that sent the last event).
+    let t = std::time::Instant::now();
+    while h.metrics().kv_cache_usage_perc.get() != 0.0 {
+        assert!(t.elapsed().as_secs() < 5, "blocks still held");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}

@@ -344,21 +344,21 @@ async fn collect(
     Err(ApiError::internal("the engine dropped the request"))
 }
 
-/// Submits `n` copies of a request (choices); with a seed, choice `i` uses `seed + i` so choices
-/// differ yet repeat. If one submission is refused, the ones already queued are dropped (and so
-/// cancelled).
+/// Submits `n` copies of a request (choices, which the engine prefills once); with a seed,
+/// choice `i` uses `seed + i` so choices differ yet repeat. All are queued or none.
 fn submit_n(
     st: &AppState,
     gen: GenerateRequest,
     n: usize,
 ) -> Result<Vec<mpsc::Receiver<Event>>, ApiError> {
-    (0..n)
+    let choices = (0..n)
         .map(|i| {
             let mut g = gen.clone();
             g.sampling.seed = gen.sampling.seed.map(|s| s.wrapping_add(i as u64));
-            st.local()?.submit(g).map_err(ApiError::from)
+            g
         })
-        .collect()
+        .collect();
+    st.local()?.submit_n(choices).map_err(ApiError::from)
 }
 
 /// Collects every choice; past `limit` the receivers are dropped, which cancels the sequences.

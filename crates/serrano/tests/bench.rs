@@ -5,7 +5,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{real_model, Server, ADMIN_KEY};
+use common::{metric, real_model, Server, ADMIN_KEY};
 use serde_json::Value;
 
 /// Runs `serrano bench ARGS --json FILE` and returns the JSON.
@@ -28,23 +28,6 @@ fn bench(args: &[&str]) -> Value {
     let table = String::from_utf8_lossy(&run.stdout);
     assert!(table.contains("TTFT ms p99 [95% CI]"), "{table}");
     serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap()
-}
-
-/// The server's Prometheus text.
-fn metrics_text(s: &Server) -> String {
-    common::authed_get(&s.url("/metrics"))
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap()
-}
-
-/// Sum over every label set of a Prometheus sample.
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[test]
@@ -77,7 +60,7 @@ fn its_ttft_and_token_counts_agree_with_the_servers_own() {
         "{v}"
     );
 
-    let text = metrics_text(&s);
+    let text = s.metrics_text();
     assert_eq!(metric(&text, "serrano:generation_tokens_total"), 6.0 * 24.0);
     assert_eq!(metric(&text, "serrano:prompt_tokens_total"), 6.0 * 256.0);
     let server_ttft = metric(&text, "serrano:time_to_first_token_seconds_sum")
@@ -183,7 +166,7 @@ fn conversations_resend_their_history_and_hit_the_prefix_cache() {
     // A third turn holds two more user messages and two replies than a first one.
     assert!(*max >= min + 2 * (64 + 16), "{lens:?}");
 
-    let text = metrics_text(&s);
+    let text = s.metrics_text();
     // Each of the 4 later turns finds at least its conversation's first prompt (64 tokens and
     // the template) cached: 4 full blocks of 16.
     let hits = metric(&text, "serrano:prefix_cache_hits_total");
@@ -211,7 +194,7 @@ fn each_round_sends_new_prompts() {
         "2",
     ]);
     assert_eq!(v["completed"], 6, "{v}");
-    let text = metrics_text(&s);
+    let text = s.metrics_text();
     assert!(metric(&text, "serrano:prefix_cache_queries_total") >= 6.0 * 48.0);
     assert_eq!(metric(&text, "serrano:prefix_cache_hits_total"), 0.0);
 }

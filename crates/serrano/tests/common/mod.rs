@@ -34,6 +34,14 @@ pub fn authed_get(url: &str) -> ureq::Request {
     ureq::get(url).set("Authorization", &format!("Bearer {ADMIN_KEY}"))
 }
 
+/// Sum over every label set of a Prometheus sample named exactly `name`.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -218,6 +226,15 @@ impl Server {
         let mut s = Server::start_with_db(&c.model, args, c.db, c.db_dir);
         s._dir = c.model_dir;
         s
+    }
+
+    /// The server's Prometheus text (`/metrics`, with the admin key).
+    pub fn metrics_text(&self) -> String {
+        authed_get(&self.url("/metrics"))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap()
     }
 
     pub fn url(&self, path: &str) -> String {
