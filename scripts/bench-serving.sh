@@ -21,7 +21,10 @@ trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
 wait_up() { for _ in $(seq 1 600); do curl -sf "$1/health" >/dev/null 2>&1 && return 0; sleep 0.2; done; return 1; }
 
 # Governance stays on (audit, ledger) for a fair cost; the client sends no key, so anonymous.
-$serrano serve --port 18181 --max-num-seqs 32 --allow-anonymous --db "$(mktemp -d)/serrano.db" 2>/dev/null &
+# The admin key is only for reading /metrics (the KV cache's waste, sampled at 32 streams).
+admin=sk-srn-bench-serving-admin-key-0123456789
+SERRANO_ADMIN_KEY=$admin $serrano serve --port 18181 --max-num-seqs 32 --allow-anonymous \
+  --db "$(mktemp -d)/serrano.db" 2>/dev/null &
 spid=$!
 # Slots of 1,152 tokens: room for the prefix test's 1,056-token sequences.
 ../shared/peers/llama-server.sh "$model" 18182 -np "$slots" -c $((slots * 1152)) >/dev/null 2>&1 &
@@ -31,16 +34,29 @@ echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; SLO $slo
 
 bench() { $serrano bench --url http://127.0.0.1:18181/v1 --vs http://127.0.0.1:18182/v1 \
   --endpoint completions --slo "$slo" --price-per-hour "$price" -q "$@"; }
+# Samples serrano's KV gauges every 0.5 s until killed: "usage waste" per line.
+sample_kv() {
+  while sleep 0.5; do
+    curl -sf -H "Authorization: Bearer $admin" http://127.0.0.1:18181/metrics |
+      awk '/^serrano:kv_cache_usage_perc/ { u = $NF } /^serrano:kv_cache_waste_perc/ { w = $NF }
+           END { print u, w }'
+  done
+}
 for c in 1 4 16 32; do
   n=$(( c < 4 ? 8 : 2 * c ))
+  [[ $c == 32 ]] && { sample_kv >"$out/kv32.txt" & kvpid=$!; }
   bench --concurrency "$c" --requests "$n" --warmup "$c" --prompt-tokens 128 --output-tokens 128 \
     --json "$out/c$c.json" --html "$out/c$c.html" >"$out/c$c.txt"
 done
+kill $kvpid 2>/dev/null || true
 for shared in 0 1024; do
   bench --concurrency 1 --requests 6 --warmup 1 --prompt-tokens 1040 --shared-prefix "$shared" \
     --output-tokens 16 --json "$out/prefix$shared.json" >"$out/prefix$shared.txt"
 done
 echo "serrano peak RSS: $(grep VmHWM /proc/$spid/status)"
+# Waste = slots of in-use KV blocks that hold no token, over the samples where blocks were in use.
+awk '$1 > 0 { n++; s += $2; if ($2 > m) m = $2; if ($1 > u) u = $1 }
+     END { if (n) printf "serrano KV cache at 32 streams: %d samples, peak usage %.1f%%, waste mean %.2f%% max %.2f%%\n", n, 100 * u, 100 * s / n, 100 * m }' "$out/kv32.txt"
 echo "llama-server peak RSS: $(grep VmHWM /proc/$lpid/status)"
 
 python3 - "$out" <<'PY'
