@@ -45,6 +45,11 @@ wait_up http://127.0.0.1:18192/health/liveliness
 fi
 
 run() { $bin/examples/overhead_bench "$1" "$2" "$3" "$secs"; }
+# Warm each path first (connections, caches, the first statements), unmeasured: a cold start
+# alone put 100-400 ms into the first rate's p99.
+$bin/examples/overhead_bench http://127.0.0.1:18190/v1/chat/completions none 250 2 >/dev/null
+$bin/examples/overhead_bench http://127.0.0.1:18191/v1/chat/completions "$key" 250 2 >/dev/null
+[ "$skip_litellm" = 1 ] || $bin/examples/overhead_bench http://127.0.0.1:18192/v1/chat/completions sk-litellm-bench 50 2 >/dev/null
 # utime + stime of a process, in clock ticks.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"

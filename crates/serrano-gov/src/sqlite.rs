@@ -31,8 +31,14 @@ use crate::store::{BudgetInfo, GovConfig, KeyInfo, LedgerState, LimitInfo, Limit
 use crate::versions::{ConfigEvent, ConfigVersion};
 use crate::writer::{self, Op};
 
-/// WAL pages (4 KiB) past which the writer checkpoints itself: 16 MiB, about 250 requests.
-const WAL_BACKSTOP_PAGES: i64 = 4096;
+/// WAL bytes past which the writer checkpoints itself: 16 MiB, about 500 requests.
+const WAL_BACKSTOP_BYTES: i64 = 16 << 20;
+/// Page size of a new database. SQLite writes every page a transaction touches to the WAL,
+/// and an audited request touches ~16 (ledger rows, indexes, the audit record, the head):
+/// with 4 KiB pages that was ~106 KB written per request, with 1 KiB ~32 KB (measured with
+/// the gateway benchmark; latency and CPU unchanged at low rates, fewer stalls at 2,000
+/// req/s). A database keeps the page size it was created with.
+const PAGE_SIZE: u32 = 1024;
 /// Prepared statements the writer keeps (more than it uses).
 const STATEMENT_CACHE: usize = 64;
 /// Ledger and audit writes that may wait for the writer; past it, callers wait (backpressure).
@@ -108,6 +114,7 @@ impl SqliteStore {
         let opts = SqliteConnectOptions::new()
             .filename(&config.db_path)
             .create_if_missing(true)
+            .page_size(PAGE_SIZE)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(config.busy_timeout)
@@ -723,7 +730,8 @@ fn writer_connection(config: &GovConfig) -> Result<rusqlite::Connection, GovErro
     // a thrashing cache re-parses every statement (a sixth of the writer's CPU in a profile).
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     conn.pragma_update(None, "synchronous", "NORMAL")?;
-    conn.pragma_update(None, "wal_autocheckpoint", WAL_BACKSTOP_PAGES)?;
+    let page: i64 = conn.pragma_query_value(None, "page_size", |r| r.get(0))?;
+    conn.pragma_update(None, "wal_autocheckpoint", WAL_BACKSTOP_BYTES / page.max(512))?;
     Ok(conn)
 }
 
@@ -786,7 +794,8 @@ mod tests {
     }
 
     /// The writer commits without checkpointing inline; the WAL must still start over rather
-    /// than grow by every page ever written (~16 pages per audited request).
+    /// than grow by every page ever written (~16 pages per audited request), and new
+    /// databases get the small pages.
     #[tokio::test]
     async fn the_wal_stays_bounded_under_steady_writes() {
         let dir = tempfile::tempdir().unwrap();
@@ -794,7 +803,9 @@ mod tests {
         let store = SqliteStore::open(&GovConfig::new(path.clone()))
             .await
             .unwrap();
-        let requests = 3 * WAL_BACKSTOP_PAGES as usize / 8;
+        // ~22 KB of WAL each (6 KB of content and the pages around it): four times the
+        // backstop, twice the bound below, were the WAL never to start over.
+        let requests = 3072;
         for i in 0..requests {
             let record = crate::AuditRecord {
                 request_id: format!("r{i}"),
@@ -817,8 +828,13 @@ mod tests {
         let wal = std::fs::metadata(dir.path().join("g.db-wal"))
             .unwrap()
             .len();
-        let bound = 2 * WAL_BACKSTOP_PAGES as u64 * 4096;
+        let bound = 2 * WAL_BACKSTOP_BYTES as u64;
         assert!(wal < bound, "WAL of {wal} bytes after {requests} requests");
         assert_eq!(store.audit_chain().await.unwrap().0.len(), requests);
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let page: u32 = conn
+            .pragma_query_value(None, "page_size", |r| r.get(0))
+            .unwrap();
+        assert_eq!(page, PAGE_SIZE);
     }
 }
