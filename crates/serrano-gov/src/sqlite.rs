@@ -731,7 +731,11 @@ fn writer_connection(config: &GovConfig) -> Result<rusqlite::Connection, GovErro
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     let page: i64 = conn.pragma_query_value(None, "page_size", |r| r.get(0))?;
-    conn.pragma_update(None, "wal_autocheckpoint", WAL_BACKSTOP_BYTES / page.max(512))?;
+    conn.pragma_update(
+        None,
+        "wal_autocheckpoint",
+        WAL_BACKSTOP_BYTES / page.max(512),
+    )?;
     Ok(conn)
 }
 
