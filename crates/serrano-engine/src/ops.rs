@@ -648,7 +648,8 @@ impl Rope {
         }
     }
 
-    /// Rotates one head vector in place for position `pos`.
+    /// Rotates one head vector in place for position `pos` (allocating: the forward pass
+    /// computes [`Rope::angles`] once per token and [`Rope::rotate`]s every head by them).
     pub fn apply(&self, x: &mut [f32], pos: usize) {
         let mut angles = vec![(0f32, 0f32); self.dims / 2];
         self.angles(pos, &mut angles);
