@@ -968,62 +968,12 @@ mod vector {
             assert!(n <= BT && (n == 0 || v.len() >= (n - 1) * width + hd));
             assert!(p.len() >= (heads.max(1) - 1) * stride + n);
             let (pp, vp, op) = (p.as_ptr(), v.as_ptr(), out.as_mut_ptr());
-            let mut h = 0;
             // The usual head sizes keep every head's output in registers across the block
             // (`H` heads of `C` vectors); others go a vector at a time.
+            let args = (pp, stride, n, vp, width, hd, op);
             match hd {
-                64 => {
-                    while h + 3 <= heads {
-                        values512::<3, 4>(
-                            pp.add(h * stride),
-                            stride,
-                            n,
-                            vp,
-                            width,
-                            hd,
-                            op.add(h * hd),
-                        );
-                        h += 3;
-                    }
-                    while h < heads {
-                        values512::<1, 4>(
-                            pp.add(h * stride),
-                            stride,
-                            n,
-                            vp,
-                            width,
-                            hd,
-                            op.add(h * hd),
-                        );
-                        h += 1;
-                    }
-                }
-                128 => {
-                    while h + 2 <= heads {
-                        values512::<2, 8>(
-                            pp.add(h * stride),
-                            stride,
-                            n,
-                            vp,
-                            width,
-                            hd,
-                            op.add(h * hd),
-                        );
-                        h += 2;
-                    }
-                    while h < heads {
-                        values512::<1, 8>(
-                            pp.add(h * stride),
-                            stride,
-                            n,
-                            vp,
-                            width,
-                            hd,
-                            op.add(h * hd),
-                        );
-                        h += 1;
-                    }
-                }
+                64 => values_tiled::<3, 4>(args, heads),
+                128 => values_tiled::<2, 8>(args, heads),
                 _ => {
                     for h in 0..heads {
                         let o = op.add(h * hd);
@@ -1045,6 +995,25 @@ mod vector {
                         }
                     }
                 }
+            }
+        }
+
+        /// Where [`values512`] reads and writes: probabilities, their stride, positions, value
+        /// rows, their width, head size, outputs.
+        type ValueArgs = (*const f32, usize, usize, *const u16, usize, usize, *mut f32);
+
+        /// [`values512`] over `heads` heads, `H` at a time, then one at a time.
+        #[inline(always)]
+        unsafe fn values_tiled<const H: usize, const C: usize>(a: ValueArgs, heads: usize) {
+            let (p, stride, n, v, width, hd, out) = a;
+            let mut h = 0;
+            while h + H <= heads {
+                values512::<H, C>(p.add(h * stride), stride, n, v, width, hd, out.add(h * hd));
+                h += H;
+            }
+            while h < heads {
+                values512::<1, C>(p.add(h * stride), stride, n, v, width, hd, out.add(h * hd));
+                h += 1;
             }
         }
 

@@ -73,7 +73,13 @@ unsafe fn read_sum_avx512(c: &[u64]) -> u64 {
 /// about `run`, and the instruction set used.
 pub fn fma_throughput(run: Duration) -> (f64, &'static str) {
     let (kernel, name) = fma_kernel();
-    // Calibrate the iteration count on one thread, then run it on all at once.
+    let (iters, s) = on_every_thread(run, kernel);
+    (iters * (CHAINS * LANES * 2) as f64 / s.max(1e-9), name)
+}
+
+/// Runs `kernel(iters)` on every pool thread at once, `iters` calibrated on one thread to
+/// last about `run`; returns the iterations run in all and the seconds they took.
+fn on_every_thread<T: Send>(run: Duration, kernel: impl Fn(u64) -> T + Sync) -> (f64, f64) {
     let mut iters = 1u64 << 14;
     loop {
         let t = Instant::now();
@@ -85,11 +91,10 @@ pub fn fma_throughput(run: Duration) -> (f64, &'static str) {
     }
     let threads = rayon::current_num_threads();
     let t = Instant::now();
-    let sums: Vec<f32> = rayon::broadcast(|_| kernel(iters));
+    let out: Vec<T> = rayon::broadcast(|_| kernel(iters));
     let s = t.elapsed().as_secs_f64();
-    black_box(sums);
-    let flops = threads as f64 * iters as f64 * (CHAINS * LANES * 2) as f64;
-    (flops / s.max(1e-9), name)
+    black_box(out);
+    (threads as f64 * iters as f64, s)
 }
 
 /// 8-bit multiply-accumulates per second (`vpdpbusd`, what the integer matmul kernels run)
@@ -98,24 +103,9 @@ pub fn int8_throughput(run: Duration) -> Option<f64> {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512f") {
         // SAFETY: the features it needs were just detected.
-        let kernel = |n| unsafe { dpbusd_avx512(n) };
-        let mut iters = 1u64 << 14;
-        loop {
-            let t = Instant::now();
-            black_box(kernel(iters));
-            if t.elapsed() >= run / 4 || iters >= 1 << 40 {
-                break;
-            }
-            iters *= 2;
-        }
-        let threads = rayon::current_num_threads();
-        let t = Instant::now();
-        let sums: Vec<i32> = rayon::broadcast(|_| kernel(iters));
-        let s = t.elapsed().as_secs_f64();
-        black_box(sums);
+        let (iters, s) = on_every_thread(run, |n| unsafe { dpbusd_avx512(n) });
         // Each instruction: 16 lanes x 4 byte products.
-        let macs = threads as f64 * iters as f64 * (CHAINS * 64) as f64;
-        return Some(macs / s.max(1e-9));
+        return Some(iters * (CHAINS * 64) as f64 / s.max(1e-9));
     }
     let _ = run;
     None
