@@ -2,7 +2,8 @@
 # The governance layer's added latency: open-loop chat completions at increasing rates against a
 # fast stub upstream on loopback, called directly, through `serrano gateway` (auth, budgets,
 # rate limits and the durable audit log all on), and through LiteLLM's proxy, interleaved per
-# rate in one run. Usage: scripts/bench-gateway.sh [SECONDS_PER_RUN] [RATES...]
+# rate in one run; and through a bare proxy with no governance at all (`bare_proxy`: the floor any
+# Rust proxy pays here). Usage: scripts/bench-gateway.sh [SECONDS_PER_RUN] [RATES...]
 # Needs: a release build (cargo build --release -p serrano -p serrano-server --examples --bins)
 # and LiteLLM in $LITELLM_VENV (default /tmp/litellm-venv: python3 -m venv ...; pip install 'litellm[proxy]').
 # SKIP_LITELLM=1 measures direct and serrano only (for quick iterations; not for the record).
@@ -14,7 +15,7 @@ bin=target/release
 venv=${LITELLM_VENV:-/tmp/litellm-venv}
 tmp=$(mktemp -d)
 pids=()
-trap 'kill ${pids[*]} 2>/dev/null; rm -rf "$tmp"' EXIT
+trap 'kill ${pids[*]} 2>/dev/null; cp "$tmp/gateway.log" /tmp/last-gateway.log 2>/dev/null; rm -rf "$tmp"' EXIT
 wait_up() { for _ in $(seq 1 300); do curl -sf -o /dev/null "$1" && return 0; sleep 0.2; done; echo "no answer from $1" >&2; return 1; }
 
 $bin/examples/stub_upstream 18190 2>/dev/null & pids+=($!)
@@ -24,6 +25,8 @@ export SERRANO_ADMIN_KEY=sk-srn-bench-admin-key-0123456789abcdef
 $bin/serrano gateway --port 18191 --db "$tmp/serrano.db" --upstream http://127.0.0.1:18190/v1 \
   --upstream-model stub 2>"$tmp/gateway.log" & pids+=($!)
 wait_up http://127.0.0.1:18191/health
+$bin/examples/bare_proxy 18193 http://127.0.0.1:18190/v1/chat/completions & pids+=($!)
+wait_up http://127.0.0.1:18193/health
 admin() { curl -sf -H "Authorization: Bearer $SERRANO_ADMIN_KEY" -H 'Content-Type: application/json' "http://127.0.0.1:18191/admin/v1/$1" -d "$2"; }
 admin tenants '{"name":"bench"}' >/dev/null
 key=$(admin keys '{"tenant":"bench"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
@@ -49,12 +52,17 @@ run() { $bin/examples/overhead_bench "$1" "$2" "$3" "$secs"; }
 # alone put 100-400 ms into the first rate's p99.
 $bin/examples/overhead_bench http://127.0.0.1:18190/v1/chat/completions none 250 2 >/dev/null
 $bin/examples/overhead_bench http://127.0.0.1:18191/v1/chat/completions "$key" 250 2 >/dev/null
+$bin/examples/overhead_bench http://127.0.0.1:18193/v1/chat/completions none 250 2 >/dev/null
 [ "$skip_litellm" = 1 ] || $bin/examples/overhead_bench http://127.0.0.1:18192/v1/chat/completions sk-litellm-bench 50 2 >/dev/null
 # utime + stime of a process, in clock ticks.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
 for rate in $rates; do
   echo "direct   $(run http://127.0.0.1:18190/v1/chat/completions none "$rate")"
+  before=$(cpu_ticks "${pids[2]}")
+  out=$(run http://127.0.0.1:18193/v1/chat/completions none "$rate")
+  used=$(( $(cpu_ticks "${pids[2]}") - before ))
+  echo "bare     $out proxy CPU: $(( used * 10000 / $(getconf CLK_TCK) / (rate * secs / 100) )) us/request"
   before=$(cpu_ticks "${pids[1]}")
   out=$(run http://127.0.0.1:18191/v1/chat/completions "$key" "$rate")
   used=$(( $(cpu_ticks "${pids[1]}") - before ))

@@ -3,11 +3,13 @@
 //! inside the writer's transaction (see `writer.rs`), so check-and-reserve is atomic. They are
 //! synchronous: the writer owns its connection on its own thread.
 
+use std::collections::HashMap;
+
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
 use crate::error::GovError;
-use crate::rate::{self, RateInfo};
+use crate::rate::{self, Limit, RateInfo};
 use crate::storage::{ReserveOp, Settlement};
 use crate::time::{day_key, month_key};
 
@@ -69,6 +71,7 @@ impl BudgetPeriod {
     }
 }
 
+#[derive(Debug, Clone)]
 struct Budget {
     id: i64,
     key_id: i64,
@@ -80,7 +83,7 @@ struct Budget {
 fn budgets(conn: &Connection, tenant_id: i64, key_id: i64) -> Result<Vec<Budget>, GovError> {
     let mut stmt = conn.prepare_cached(
         "SELECT id, key_id, unit, period, limit_amount FROM budgets
-         WHERE tenant_id = ?1 AND key_id IN (0, ?2) ORDER BY id",
+         WHERE tenant_id = ?1 AND (key_id = 0 OR key_id = ?2) ORDER BY id",
     )?;
     let rows = stmt.query_map(params![tenant_id, key_id], |r| {
         Ok(Budget {
@@ -105,6 +108,17 @@ pub fn price(conn: &Connection, model: &str, backend: &str) -> Result<(i64, i64)
         .unwrap_or((0, 0)))
 }
 
+/// A budget window's (spent, reserved).
+fn window_usage(conn: &Connection, budget_id: i64, window: &str) -> Result<(i64, i64), GovError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT spent, reserved FROM budget_usage WHERE budget_id = ?1 AND period_key = ?2",
+        )?
+        .query_row(params![budget_id, window], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?
+        .unwrap_or((0, 0)))
+}
+
 fn cost(prices: (i64, i64), prompt: u64, completion: u64) -> i64 {
     i64_of(prompt)
         .saturating_mul(prices.0)
@@ -117,66 +131,455 @@ fn i64_of(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-/// Reserves the worst case against every rate limit and budget of the tenant and key, or none
-/// of them (the caller's savepoint undoes a partial reservation).
-pub fn reserve(conn: &Connection, op: &ReserveOp, now: i64) -> Result<Option<RateInfo>, GovError> {
-    let fresh = conn
-        .prepare_cached(
-            "INSERT INTO requests (request_id, tenant_id, key_id, state, created_ms, expires_ms)
-             VALUES (?1, ?2, ?3, 'reserved', ?4, ?5) ON CONFLICT DO NOTHING",
+/// Entries kept in each of the ledger's caches; a full cache starts over.
+const MAX_CACHED: usize = 10_000;
+/// Open requests remembered at once; past it, settlement reads the request back from the store.
+const MAX_OPEN: usize = 100_000;
+
+/// What a request holds against one budget window.
+#[derive(Debug, Clone)]
+struct Hold {
+    budget_id: i64,
+    window: String,
+    amount: i64,
+    unit: BudgetUnit,
+    /// The budget's limit when reserved.
+    limit: i64,
+}
+
+/// A request this writer reserved and has not settled.
+#[derive(Debug)]
+struct Open {
+    tenant_id: i64,
+    key_id: i64,
+    /// The limits it was counted against, in `minute`, with `tokens` (its worst case).
+    limits: Vec<i64>,
+    minute: i64,
+    tokens: i64,
+    holds: Vec<Hold>,
+}
+
+/// The ledger as the writer sees it: the rows a reservation and a settlement read (limits,
+/// budgets, prices, window counts, open-request counts, the audit chain's head), kept in memory
+/// between transactions, and the writer's own open requests.
+///
+/// Why: reading them back per request was most of the writer's statements, and the writer is
+/// the one serial step every request passes twice. The cache is exact, not a guess: it is kept
+/// only while no other connection has committed (`PRAGMA data_version`, read once per
+/// transaction while holding the write lock), every write the writer makes updates it, and a
+/// transaction that fails drops it. So another process (the CLI, a replica on the same file)
+/// that changes a budget or reserves against it is seen by the next transaction.
+#[derive(Default)]
+pub struct Ledger {
+    data_version: Option<i64>,
+    limits: HashMap<(i64, i64), Vec<Limit>>,
+    budgets: HashMap<(i64, i64), Vec<Budget>>,
+    prices: HashMap<(String, String), (i64, i64)>,
+    /// (limit, minute) -> (requests, tokens).
+    windows: HashMap<(i64, i64), (i64, i64)>,
+    /// (budget, window) -> (spent, reserved).
+    usage: HashMap<(i64, String), (i64, i64)>,
+    /// (tenant, key or 0 for the whole tenant) -> open requests.
+    open_counts: HashMap<(i64, i64), i64>,
+    open: HashMap<String, Open>,
+    /// The audit chain's last (seq, hash).
+    pub(crate) head: Option<(i64, String)>,
+}
+
+fn cached<K: std::hash::Hash + Eq, V: Clone>(
+    map: &mut HashMap<K, V>,
+    key: K,
+    load: impl FnOnce() -> Result<V, GovError>,
+) -> Result<V, GovError> {
+    if let Some(v) = map.get(&key) {
+        return Ok(v.clone());
+    }
+    let v = load()?;
+    if map.len() >= MAX_CACHED {
+        map.clear();
+    }
+    map.insert(key, v.clone());
+    Ok(v)
+}
+
+impl Ledger {
+    /// Call first in every write transaction: forgets everything if another connection has
+    /// committed since the last one.
+    pub fn begin(&mut self, conn: &Connection) -> Result<(), GovError> {
+        let version: i64 = conn
+            .prepare_cached("PRAGMA data_version")?
+            .query_row([], |r| r.get(0))?;
+        if self.data_version != Some(version) {
+            self.forget();
+            self.data_version = Some(version);
+        }
+        Ok(())
+    }
+
+    /// Drops every cached row: after a failed transaction, whose writes the cache may hold.
+    pub fn forget(&mut self) {
+        *self = Ledger::default();
+    }
+
+    /// Counts that the writer's own writes keep; dropped when it cannot tell how a write
+    /// changed them.
+    fn forget_counts(&mut self) {
+        self.windows.clear();
+        self.usage.clear();
+        self.open_counts.clear();
+        self.open.clear();
+    }
+
+    fn price(
+        &mut self,
+        conn: &Connection,
+        model: &str,
+        backend: &str,
+    ) -> Result<(i64, i64), GovError> {
+        cached(
+            &mut self.prices,
+            (model.to_string(), backend.to_string()),
+            || price(conn, model, backend),
+        )
+    }
+
+    /// Tenant-wide and key-specific open requests: the filters a limit of this request may use.
+    fn count_keys(tenant_id: i64, key_id: i64) -> impl Iterator<Item = (i64, i64)> {
+        let key = (key_id != 0).then_some((tenant_id, key_id));
+        std::iter::once((tenant_id, 0)).chain(key)
+    }
+
+    /// Reserves the worst case against every rate limit and budget of the tenant and key, or
+    /// refuses having written nothing. Errors other than [`GovError::Unavailable`] are refusals
+    /// of this request alone; `Unavailable` means the transaction must be abandoned.
+    pub fn reserve(
+        &mut self,
+        conn: &Connection,
+        op: &ReserveOp,
+        now: i64,
+    ) -> Result<Option<RateInfo>, GovError> {
+        let (t, k) = (op.tenant_id, op.key_id);
+        let worst_tokens = i64_of(op.prompt_tokens.saturating_add(op.max_completion_tokens));
+        let minute = now.div_euclid(60_000);
+        let limits = cached(&mut self.limits, (t, k), || rate::limits(conn, t, k))?;
+        // First, so that a replayed id is refused as a replay whatever else it would fail.
+        let fresh = conn
+            .prepare_cached(
+                "INSERT INTO requests (request_id, tenant_id, key_id, state, created_ms, expires_ms,
+                                       rate_minute, rate_tokens)
+                 VALUES (?1, ?2, ?3, 'reserved', ?4, ?5, ?6, ?7) ON CONFLICT DO NOTHING",
+            )?
+            .execute(params![
+                op.request_id,
+                t,
+                k,
+                now,
+                op.expires_ms,
+                (!limits.is_empty()).then_some(minute),
+                worst_tokens
+            ])?;
+        if fresh == 0 {
+            return Err(GovError::Duplicate(op.request_id.clone()));
+        }
+        match self.check(conn, op, &limits, worst_tokens, now) {
+            Ok((rate, holds)) => {
+                self.hold(conn, op, limits, worst_tokens, minute, holds)?;
+                Ok(rate)
+            }
+            Err(e @ GovError::Unavailable(_)) => Err(e),
+            Err(refused) => {
+                conn.prepare_cached("DELETE FROM requests WHERE request_id = ?1")?
+                    .execute(params![op.request_id])?;
+                Err(refused)
+            }
+        }
+    }
+
+    /// Every limit and budget the request must pass, read only.
+    fn check(
+        &mut self,
+        conn: &Connection,
+        op: &ReserveOp,
+        limits: &[Limit],
+        worst_tokens: i64,
+        now: i64,
+    ) -> Result<(Option<RateInfo>, Vec<Hold>), GovError> {
+        let (t, k) = (op.tenant_id, op.key_id);
+        let minute = now.div_euclid(60_000);
+        let mut rate = None;
+        for l in limits {
+            let open = match l.max_concurrent {
+                Some(_) => cached(&mut self.open_counts, (t, l.key_id), || {
+                    // The request's own row is already in: count the others.
+                    Ok(rate::open_requests(conn, t, l.key_id)? - 1)
+                })?,
+                None => 0,
+            };
+            let seen = rate::Seen {
+                prev: cached(&mut self.windows, (l.id, minute - 1), || {
+                    rate::window(conn, l.id, minute - 1)
+                })?,
+                curr: cached(&mut self.windows, (l.id, minute), || {
+                    rate::window(conn, l.id, minute)
+                })?,
+                open,
+                tokens: worst_tokens,
+                f: now.rem_euclid(60_000) as f64 / 60_000.0,
+            };
+            let info = rate.get_or_insert(RateInfo {
+                remaining_requests: i64::MAX,
+                remaining_tokens: i64::MAX,
+                ..Default::default()
+            });
+            rate::check(l, &seen, info)?;
+        }
+        let budgets = cached(&mut self.budgets, (t, k), || budgets(conn, t, k))?;
+        let mut worst_cost = 0;
+        if budgets.iter().any(|b| b.unit == BudgetUnit::Usd) {
+            for backend in std::iter::once(&op.backend).chain(&op.fallbacks) {
+                let prices = self.price(conn, &op.model, backend)?;
+                worst_cost =
+                    worst_cost.max(cost(prices, op.prompt_tokens, op.max_completion_tokens));
+            }
+        }
+        let mut holds = Vec::with_capacity(budgets.len());
+        for b in budgets {
+            let amount = match b.unit {
+                BudgetUnit::Tokens => worst_tokens,
+                BudgetUnit::Usd => worst_cost,
+            };
+            let window = b.period.key(now);
+            let (spent, reserved) = cached(&mut self.usage, (b.id, window.clone()), || {
+                window_usage(conn, b.id, &window)
+            })?;
+            if spent.saturating_add(reserved).saturating_add(amount) > b.limit {
+                return Err(GovError::OverBudget(over_budget_message(&b, amount)));
+            }
+            holds.push(Hold {
+                budget_id: b.id,
+                window,
+                amount,
+                unit: b.unit,
+                limit: b.limit,
+            });
+        }
+        Ok((rate, holds))
+    }
+
+    /// Writes what `check` admitted, and keeps the cache equal to it.
+    fn hold(
+        &mut self,
+        conn: &Connection,
+        op: &ReserveOp,
+        limits: Vec<Limit>,
+        worst_tokens: i64,
+        minute: i64,
+        holds: Vec<Hold>,
+    ) -> Result<(), GovError> {
+        for l in &limits {
+            rate::count(conn, l.id, minute, worst_tokens)?;
+            if let Some(w) = self.windows.get_mut(&(l.id, minute)) {
+                *w = (w.0 + 1, w.1.saturating_add(worst_tokens));
+            }
+        }
+        for h in &holds {
+            // The guard repeats the check against the rows themselves: a cache that disagreed
+            // with the store would fail the transaction here instead of overspending.
+            let ok = conn
+                .prepare_cached(
+                    "INSERT INTO budget_usage (budget_id, period_key, reserved) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (budget_id, period_key) DO UPDATE SET reserved = reserved + excluded.reserved
+                     WHERE spent + reserved + excluded.reserved <= ?4",
+                )?
+                .execute(params![h.budget_id, h.window, h.amount, h.limit])?;
+            if ok == 0 {
+                return Err(GovError::Unavailable(
+                    "the ledger's cache disagreed with the store".into(),
+                ));
+            }
+            if let Some(u) = self.usage.get_mut(&(h.budget_id, h.window.clone())) {
+                u.1 = u.1.saturating_add(h.amount);
+            }
+            conn.prepare_cached(
+                "INSERT INTO reservations (request_id, budget_id, period_key, amount) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![op.request_id, h.budget_id, h.window, h.amount])?;
+        }
+        for key in Self::count_keys(op.tenant_id, op.key_id) {
+            if let Some(n) = self.open_counts.get_mut(&key) {
+                *n += 1;
+            }
+        }
+        if self.open.len() < MAX_OPEN {
+            self.open.insert(
+                op.request_id.clone(),
+                Open {
+                    tenant_id: op.tenant_id,
+                    key_id: op.key_id,
+                    limits: limits.iter().map(|l| l.id).collect(),
+                    minute,
+                    tokens: worst_tokens,
+                    holds,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Replaces the request's reservations by its actual usage and records the usage; returns
+    /// the cost in nano-dollars. A request that never reserved (refused early) is charged
+    /// nothing.
+    pub fn settle(&mut self, conn: &Connection, s: &Settlement, now: i64) -> Result<i64, GovError> {
+        let prices = self.price(conn, &s.model, &s.backend)?;
+        let actual_cost = cost(prices, s.prompt_tokens, s.completion_tokens);
+        let actual_tokens = i64_of(s.prompt_tokens.saturating_add(s.completion_tokens));
+        let actual = |unit: BudgetUnit| match unit {
+            BudgetUnit::Tokens => actual_tokens,
+            BudgetUnit::Usd => actual_cost,
+        };
+        match self.open.remove(&s.request_id) {
+            Some(open) => {
+                let unused = open.tokens - actual_tokens;
+                if unused > 0 {
+                    for &l in &open.limits {
+                        rate::refund(conn, l, open.minute, unused)?;
+                        if let Some(w) = self.windows.get_mut(&(l, open.minute)) {
+                            w.1 = (w.1 - unused).max(0);
+                        }
+                    }
+                }
+                for h in &open.holds {
+                    // Never charge more than was reserved: the worst case bounds the usage.
+                    let charge = actual(h.unit).min(h.amount);
+                    release(conn, h.budget_id, &h.window, h.amount, charge)?;
+                    if let Some(u) = self.usage.get_mut(&(h.budget_id, h.window.clone())) {
+                        *u = (u.0.saturating_add(charge), u.1 - h.amount);
+                    }
+                }
+                if !open.holds.is_empty() {
+                    conn.prepare_cached("DELETE FROM reservations WHERE request_id = ?1")?
+                        .execute(params![s.request_id])?;
+                }
+                for key in Self::count_keys(open.tenant_id, open.key_id) {
+                    if let Some(n) = self.open_counts.get_mut(&key) {
+                        *n -= 1;
+                    }
+                }
+            }
+            None => {
+                let settled = settle_from_store(conn, s, now, actual_tokens, actual)?;
+                // The writes above changed counts the cache may hold.
+                self.forget_counts();
+                if !settled {
+                    return Ok(0);
+                }
+            }
+        }
+        conn.prepare_cached("UPDATE requests SET state = 'settled' WHERE request_id = ?1")?
+            .execute(params![s.request_id])?;
+        conn.prepare_cached(
+            "INSERT INTO usage (request_id, time_ms, day, tenant, key_prefix, model, backend,
+                                prompt_tokens, completion_tokens, cost_nusd)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         )?
         .execute(params![
-            op.request_id,
-            op.tenant_id,
-            op.key_id,
+            s.request_id,
             now,
-            op.expires_ms
+            day_key(now),
+            s.tenant,
+            s.key_prefix,
+            s.model,
+            s.backend,
+            i64_of(s.prompt_tokens),
+            i64_of(s.completion_tokens),
+            actual_cost
         ])?;
-    if fresh == 0 {
-        return Err(GovError::Duplicate(op.request_id.clone()));
+        Ok(actual_cost)
     }
-    let worst_tokens = i64_of(op.prompt_tokens.saturating_add(op.max_completion_tokens));
-    let rate = rate::admit(conn, op.tenant_id, op.key_id, worst_tokens, now)?;
-    if rate.is_some() {
-        conn.prepare_cached(
-            "UPDATE requests SET rate_minute = ?2, rate_tokens = ?3 WHERE request_id = ?1",
-        )?
-        .execute(params![op.request_id, now.div_euclid(60_000), worst_tokens])?;
-    }
-    let budgets = budgets(conn, op.tenant_id, op.key_id)?;
-    if budgets.is_empty() {
-        return Ok(rate);
-    }
-    let mut worst_cost = 0;
-    for backend in std::iter::once(&op.backend).chain(&op.fallbacks) {
-        let prices = price(conn, &op.model, backend)?;
-        worst_cost = worst_cost.max(cost(prices, op.prompt_tokens, op.max_completion_tokens));
-    }
-    for b in budgets {
-        let amount = match b.unit {
-            BudgetUnit::Tokens => worst_tokens,
-            BudgetUnit::Usd => worst_cost,
-        };
-        let window = b.period.key(now);
-        conn.prepare_cached(
-            "INSERT INTO budget_usage (budget_id, period_key) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
-        )?
-        .execute(params![b.id, window])?;
-        let ok = conn
-            .prepare_cached(
-                "UPDATE budget_usage SET reserved = reserved + ?3
-                 WHERE budget_id = ?1 AND period_key = ?2 AND spent + reserved + ?3 <= ?4",
-            )?
-            .execute(params![b.id, window, amount, b.limit])?;
-        if ok == 0 {
-            return Err(GovError::OverBudget(over_budget_message(&b, amount)));
+
+    /// Releases the reservations of requests past their expiry (their process died or hung).
+    /// Returns how many requests expired.
+    pub fn expire(&mut self, conn: &Connection, now: i64) -> Result<u64, GovError> {
+        let n = expire(conn, now)?;
+        if n > 0 {
+            self.forget_counts();
         }
-        conn.prepare_cached(
-            "INSERT INTO reservations (request_id, budget_id, period_key, amount) VALUES (?1, ?2, ?3, ?4)",
-        )?
-        .execute(params![op.request_id, b.id, window, amount])?;
+        Ok(n)
     }
-    Ok(rate)
+}
+
+fn release(
+    conn: &Connection,
+    budget_id: i64,
+    window: &str,
+    amount: i64,
+    charge: i64,
+) -> Result<(), GovError> {
+    conn.prepare_cached(
+        "UPDATE budget_usage SET reserved = reserved - ?3, spent = spent + ?4
+         WHERE budget_id = ?1 AND period_key = ?2",
+    )?
+    .execute(params![budget_id, window, amount, charge])?;
+    Ok(())
+}
+
+/// Settles a request the writer does not remember (reserved before its cache was dropped) from
+/// the rows themselves. False if there is nothing to settle (never reserved, or settled).
+fn settle_from_store(
+    conn: &Connection,
+    s: &Settlement,
+    now: i64,
+    actual_tokens: i64,
+    actual: impl Fn(BudgetUnit) -> i64,
+) -> Result<bool, GovError> {
+    let row: Option<(String, Option<i64>, i64)> = conn
+        .prepare_cached(
+            "SELECT state, rate_minute, rate_tokens FROM requests WHERE request_id = ?1",
+        )?
+        .query_row(params![s.request_id], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .optional()?;
+    let Some((state, rate_minute, rate_tokens)) = row else {
+        return Ok(false);
+    };
+    if state == "settled" {
+        return Ok(false);
+    }
+    if let Some(minute) = rate_minute {
+        let unused = rate_tokens - actual_tokens;
+        if unused > 0 {
+            rate::refund_current(conn, s.tenant_id, s.key_id, minute, unused)?;
+        }
+    }
+    if state == "reserved" {
+        let held: Vec<(i64, String, i64, String)> = conn
+            .prepare_cached(
+                "SELECT r.budget_id, r.period_key, r.amount, b.unit FROM reservations r
+                 JOIN budgets b ON b.id = r.budget_id WHERE r.request_id = ?1",
+            )?
+            .query_map(params![s.request_id], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        for (budget_id, window, amount, unit) in held {
+            let unit = BudgetUnit::parse(&unit).unwrap_or(BudgetUnit::Tokens);
+            release(conn, budget_id, &window, amount, actual(unit).min(amount))?;
+        }
+        conn.prepare_cached("DELETE FROM reservations WHERE request_id = ?1")?
+            .execute(params![s.request_id])?;
+    } else {
+        // The reservation expired (the request outlived its TTL): the usage happened, so
+        // charge it to the current windows.
+        for b in budgets(conn, s.tenant_id, s.key_id)? {
+            conn.prepare_cached(
+                "INSERT INTO budget_usage (budget_id, period_key, spent) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (budget_id, period_key) DO UPDATE SET spent = spent + excluded.spent",
+            )?
+            .execute(params![b.id, b.period.key(now), actual(b.unit)])?;
+        }
+    }
+    Ok(true)
 }
 
 fn over_budget_message(b: &Budget, amount: i64) -> String {
@@ -196,97 +599,9 @@ fn over_budget_message(b: &Budget, amount: i64) -> String {
     )
 }
 
-/// Replaces the request's reservations by its actual usage and records the usage; returns the
-/// cost in nano-dollars. A request that never reserved (refused early) is charged nothing.
-pub fn settle(conn: &Connection, s: &Settlement, now: i64) -> Result<i64, GovError> {
-    let row: Option<(String, Option<i64>, i64)> = conn
-        .prepare_cached(
-            "SELECT state, rate_minute, rate_tokens FROM requests WHERE request_id = ?1",
-        )?
-        .query_row(params![s.request_id], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })
-        .optional()?;
-    let Some((state, rate_minute, rate_tokens)) = row else {
-        return Ok(0);
-    };
-    if state == "settled" {
-        return Ok(0);
-    }
-    let prices = price(conn, &s.model, &s.backend)?;
-    let actual_cost = cost(prices, s.prompt_tokens, s.completion_tokens);
-    let actual_tokens = i64_of(s.prompt_tokens.saturating_add(s.completion_tokens));
-    let actual = |unit: BudgetUnit| match unit {
-        BudgetUnit::Tokens => actual_tokens,
-        BudgetUnit::Usd => actual_cost,
-    };
-    if let Some(minute) = rate_minute {
-        rate::refund(
-            conn,
-            s.tenant_id,
-            s.key_id,
-            minute,
-            rate_tokens - actual_tokens,
-        )?;
-    }
-    if state == "reserved" {
-        let held: Vec<(i64, String, i64, String)> = conn
-            .prepare_cached(
-                "SELECT r.budget_id, r.period_key, r.amount, b.unit FROM reservations r
-                 JOIN budgets b ON b.id = r.budget_id WHERE r.request_id = ?1",
-            )?
-            .query_map(params![s.request_id], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-            })?
-            .collect::<Result<_, _>>()?;
-        for (budget_id, window, amount, unit) in held {
-            let unit = BudgetUnit::parse(&unit).unwrap_or(BudgetUnit::Tokens);
-            // Never charge more than was reserved: the worst case bounds the actual usage.
-            let charge = actual(unit).min(amount);
-            conn.prepare_cached(
-                "UPDATE budget_usage SET reserved = reserved - ?3, spent = spent + ?4
-                 WHERE budget_id = ?1 AND period_key = ?2",
-            )?
-            .execute(params![budget_id, window, amount, charge])?;
-        }
-        conn.prepare_cached("DELETE FROM reservations WHERE request_id = ?1")?
-            .execute(params![s.request_id])?;
-    } else {
-        // The reservation expired (the request outlived its TTL): the usage happened, so
-        // charge it to the current windows.
-        for b in budgets(conn, s.tenant_id, s.key_id)? {
-            conn.prepare_cached(
-                "INSERT INTO budget_usage (budget_id, period_key, spent) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (budget_id, period_key) DO UPDATE SET spent = spent + excluded.spent",
-            )?
-            .execute(params![b.id, b.period.key(now), actual(b.unit)])?;
-        }
-    }
-    conn.prepare_cached("UPDATE requests SET state = 'settled' WHERE request_id = ?1")?
-        .execute(params![s.request_id])?;
-    conn.prepare_cached(
-        "INSERT INTO usage (request_id, time_ms, day, tenant, key_prefix, model, backend,
-                            prompt_tokens, completion_tokens, cost_nusd)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-    )?
-    .execute(params![
-        s.request_id,
-        now,
-        day_key(now),
-        s.tenant,
-        s.key_prefix,
-        s.model,
-        s.backend,
-        i64_of(s.prompt_tokens),
-        i64_of(s.completion_tokens),
-        actual_cost
-    ])?;
-    Ok(actual_cost)
-}
-
 /// Releases the reservations of requests past their expiry (their process died or hung).
 /// Returns how many requests expired.
-pub fn expire(conn: &Connection, now: i64) -> Result<u64, GovError> {
+fn expire(conn: &Connection, now: i64) -> Result<u64, GovError> {
     let stale: i64 = conn
         .prepare_cached(
             "SELECT COUNT(*) FROM requests WHERE state = 'reserved' AND expires_ms < ?1",

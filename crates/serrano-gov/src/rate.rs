@@ -2,7 +2,7 @@
 //! minutes, the previous minute weighted by how much of it still overlaps the last 60 s) and
 //! concurrent requests (open reservations). Runs inside the writer's transaction, like budgets.
 
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
 use crate::error::GovError;
@@ -19,18 +19,24 @@ pub struct RateInfo {
     pub reset_tokens_s: f64,
 }
 
-struct Limit {
-    id: i64,
-    key_id: i64,
-    rpm: Option<i64>,
-    tpm: Option<i64>,
-    max_concurrent: Option<i64>,
+#[derive(Debug, Clone)]
+pub(crate) struct Limit {
+    pub id: i64,
+    /// 0 for a tenant-wide limit.
+    pub key_id: i64,
+    pub rpm: Option<i64>,
+    pub tpm: Option<i64>,
+    pub max_concurrent: Option<i64>,
 }
 
-fn limits(conn: &Connection, tenant_id: i64, key_id: i64) -> Result<Vec<Limit>, GovError> {
+pub(crate) fn limits(
+    conn: &Connection,
+    tenant_id: i64,
+    key_id: i64,
+) -> Result<Vec<Limit>, GovError> {
     let mut stmt = conn.prepare_cached(
         "SELECT id, key_id, rpm, tpm, max_concurrent FROM limits
-         WHERE tenant_id = ?1 AND key_id IN (0, ?2) ORDER BY id",
+         WHERE tenant_id = ?1 AND (key_id = 0 OR key_id = ?2) ORDER BY id",
     )?;
     let rows = stmt.query_map(params![tenant_id, key_id], |r| {
         Ok(Limit {
@@ -42,6 +48,35 @@ fn limits(conn: &Connection, tenant_id: i64, key_id: i64) -> Result<Vec<Limit>, 
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// A limit's (requests, tokens) counted in one UTC minute.
+pub(crate) fn window(
+    conn: &Connection,
+    limit_id: i64,
+    minute: i64,
+) -> Result<(i64, i64), GovError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT requests, tokens FROM rate_windows WHERE limit_id = ?1 AND minute = ?2",
+        )?
+        .query_row(params![limit_id, minute], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?
+        .unwrap_or((0, 0)))
+}
+
+/// Open reservations of a tenant (`key_id` 0) or of one of its keys, every process counted.
+pub(crate) fn open_requests(
+    conn: &Connection,
+    tenant_id: i64,
+    key_id: i64,
+) -> Result<i64, GovError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT COUNT(*) FROM requests WHERE state = 'reserved' AND tenant_id = ?1
+             AND (?2 = 0 OR key_id = ?2)",
+        )?
+        .query_row(params![tenant_id, key_id], |r| r.get(0))?)
 }
 
 /// Seconds until `need` more fits under `limit`, given the previous and current minute's counts
@@ -65,118 +100,112 @@ pub fn wait_for(prev: i64, curr: i64, f: f64, need: i64, limit: i64) -> Option<f
     Some((1.0 - f) * 60.0 + f_next.max(0.0) * 60.0)
 }
 
-/// Counts one request of `tokens` (worst case) against every limit of the tenant and key, or
-/// refuses with the tightest limit's wait. The request's own row in `requests` already exists.
-pub fn admit(
-    conn: &Connection,
-    tenant_id: i64,
-    key_id: i64,
-    tokens: i64,
-    now_ms: i64,
-) -> Result<Option<RateInfo>, GovError> {
-    let ls = limits(conn, tenant_id, key_id)?;
-    if ls.is_empty() {
-        return Ok(None);
-    }
-    let minute = now_ms.div_euclid(60_000);
-    let f = now_ms.rem_euclid(60_000) as f64 / 60_000.0;
-    let mut info = RateInfo {
-        remaining_requests: i64::MAX,
-        remaining_tokens: i64::MAX,
-        ..Default::default()
-    };
-    for l in &ls {
-        let owner = if l.key_id == 0 { "tenant" } else { "key" };
-        if let Some(max) = l.max_concurrent {
-            let open: i64 = conn
-                .prepare_cached(
-                    "SELECT COUNT(*) FROM requests WHERE state = 'reserved' AND tenant_id = ?1
-                     AND (?2 = 0 OR key_id = ?2)",
-                )?
-                .query_row(params![tenant_id, l.key_id], |r| r.get(0))?;
-            // `open` counts this request too.
-            if open > max {
-                return Err(GovError::RateLimited {
-                    message: format!("Rate limit reached: the {owner}'s limit of {max} concurrent requests. Retry when one finishes."),
-                    retry_after_s: 1,
-                });
-            }
-        }
-        let (mut prev, mut curr) = ((0i64, 0i64), (0i64, 0i64));
-        let mut stmt = conn.prepare_cached(
-            "SELECT minute, requests, tokens FROM rate_windows WHERE limit_id = ?1 AND minute IN (?2, ?3)",
-        )?;
-        let rows = stmt.query_map(params![l.id, minute - 1, minute], |r| {
-            Ok((r.get::<_, i64>(0)?, (r.get(1)?, r.get(2)?)))
-        })?;
-        for row in rows {
-            let (m, c) = row?;
-            if m == minute {
-                curr = c;
-            } else {
-                prev = c;
-            }
-        }
-        let checks = [
-            (l.rpm, prev.0, curr.0, 1, "requests"),
-            (l.tpm, prev.1, curr.1, tokens, "tokens"),
-        ];
-        for (limit, p, c, need, what) in checks {
-            let Some(limit) = limit else { continue };
-            match wait_for(p, c, f, need, limit) {
-                Some(w) if w <= 0.0 => {}
-                Some(w) => {
-                    return Err(GovError::RateLimited {
-                        message: format!("Rate limit reached: the {owner}'s limit of {limit} {what} per minute. Retry in {w:.1} s."),
-                        retry_after_s: w.ceil().max(1.0) as u64,
-                    })
-                }
-                None => {
-                    return Err(GovError::RateLimited {
-                        message: format!("This request ({need} {what}, prompt plus max_tokens) exceeds the {owner}'s limit of {limit} {what} per minute; lower max_tokens."),
-                        retry_after_s: 60,
-                    })
-                }
-            }
-            let used = (p as f64 * (1.0 - f) + c as f64).ceil() as i64 + need;
-            let remaining = (limit - used).max(0);
-            // Full refill: this minute's and the previous minute's counts have both aged out.
-            let reset = (1.0 - f) * 60.0 + if c > 0 { 60.0 } else { 0.0 };
-            if what == "requests" && remaining < info.remaining_requests {
-                (
-                    info.limit_requests,
-                    info.remaining_requests,
-                    info.reset_requests_s,
-                ) = (Some(limit), remaining, reset);
-            }
-            if what == "tokens" && remaining < info.remaining_tokens {
-                (
-                    info.limit_tokens,
-                    info.remaining_tokens,
-                    info.reset_tokens_s,
-                ) = (Some(limit), remaining, reset);
-            }
-        }
-        conn.prepare_cached(
-            "INSERT INTO rate_windows (limit_id, minute, requests, tokens) VALUES (?1, ?2, 1, ?3)
-             ON CONFLICT (limit_id, minute) DO UPDATE SET requests = requests + 1, tokens = tokens + excluded.tokens",
-        )?
-        .execute(params![l.id, minute, tokens])?;
-    }
-    Ok(Some(info))
+/// What a limit sees of one request: the counts of the previous and current minute, the open
+/// requests it covers (this one not included), and the request's worst-case tokens.
+pub(crate) struct Seen {
+    pub prev: (i64, i64),
+    pub curr: (i64, i64),
+    pub open: i64,
+    pub tokens: i64,
+    /// The fraction of the current minute that has passed.
+    pub f: f64,
 }
 
-/// Gives back the part of a request's worst case it did not use, in the minute it was counted.
-pub fn refund(
+/// Checks one request against one limit, tightening `info` to what the client is told; the
+/// error is the refusal (nothing is counted: the caller writes only once every limit passed).
+pub(crate) fn check(l: &Limit, seen: &Seen, info: &mut RateInfo) -> Result<(), GovError> {
+    let owner = if l.key_id == 0 { "tenant" } else { "key" };
+    if let Some(max) = l.max_concurrent {
+        if seen.open + 1 > max {
+            return Err(GovError::RateLimited {
+                message: format!("Rate limit reached: the {owner}'s limit of {max} concurrent requests. Retry when one finishes."),
+                retry_after_s: 1,
+            });
+        }
+    }
+    let f = seen.f;
+    let checks = [
+        (l.rpm, seen.prev.0, seen.curr.0, 1, "requests"),
+        (l.tpm, seen.prev.1, seen.curr.1, seen.tokens, "tokens"),
+    ];
+    for (limit, p, c, need, what) in checks {
+        let Some(limit) = limit else { continue };
+        match wait_for(p, c, f, need, limit) {
+            Some(w) if w <= 0.0 => {}
+            Some(w) => {
+                return Err(GovError::RateLimited {
+                    message: format!("Rate limit reached: the {owner}'s limit of {limit} {what} per minute. Retry in {w:.1} s."),
+                    retry_after_s: w.ceil().max(1.0) as u64,
+                })
+            }
+            None => {
+                return Err(GovError::RateLimited {
+                    message: format!("This request ({need} {what}, prompt plus max_tokens) exceeds the {owner}'s limit of {limit} {what} per minute; lower max_tokens."),
+                    retry_after_s: 60,
+                })
+            }
+        }
+        let used = (p as f64 * (1.0 - f) + c as f64).ceil() as i64 + need;
+        let remaining = (limit - used).max(0);
+        // Full refill: this minute's and the previous minute's counts have both aged out.
+        let reset = (1.0 - f) * 60.0 + if c > 0 { 60.0 } else { 0.0 };
+        if what == "requests" && remaining < info.remaining_requests {
+            (
+                info.limit_requests,
+                info.remaining_requests,
+                info.reset_requests_s,
+            ) = (Some(limit), remaining, reset);
+        }
+        if what == "tokens" && remaining < info.remaining_tokens {
+            (
+                info.limit_tokens,
+                info.remaining_tokens,
+                info.reset_tokens_s,
+            ) = (Some(limit), remaining, reset);
+        }
+    }
+    Ok(())
+}
+
+/// Counts one admitted request of `tokens` (worst case) in a limit's current minute.
+pub(crate) fn count(
+    conn: &Connection,
+    limit_id: i64,
+    minute: i64,
+    tokens: i64,
+) -> Result<(), GovError> {
+    conn.prepare_cached(
+        "INSERT INTO rate_windows (limit_id, minute, requests, tokens) VALUES (?1, ?2, 1, ?3)
+         ON CONFLICT (limit_id, minute) DO UPDATE SET requests = requests + 1, tokens = tokens + excluded.tokens",
+    )?
+    .execute(params![limit_id, minute, tokens])?;
+    Ok(())
+}
+
+/// Gives back the part of a request's worst case it did not use, in the minute it was counted,
+/// to the limits it was counted against.
+pub(crate) fn refund(
+    conn: &Connection,
+    limit_id: i64,
+    minute: i64,
+    unused: i64,
+) -> Result<(), GovError> {
+    conn.prepare_cached(
+        "UPDATE rate_windows SET tokens = MAX(0, tokens - ?3) WHERE limit_id = ?1 AND minute = ?2",
+    )?
+    .execute(params![limit_id, minute, unused])?;
+    Ok(())
+}
+
+/// [`refund`] for a request whose limits are not known any more (reserved before the writer's
+/// cache was dropped): the tenant's and key's current limits.
+pub(crate) fn refund_current(
     conn: &Connection,
     tenant_id: i64,
     key_id: i64,
     minute: i64,
     unused: i64,
 ) -> Result<(), GovError> {
-    if unused <= 0 {
-        return Ok(());
-    }
     conn.prepare_cached(
         "UPDATE rate_windows SET tokens = MAX(0, tokens - ?4)
          WHERE minute = ?3 AND limit_id IN (SELECT id FROM limits WHERE tenant_id = ?1 AND key_id IN (0, ?2))",

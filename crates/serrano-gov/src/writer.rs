@@ -1,8 +1,10 @@
 //! The single writer: every ledger and audit write goes through one OS thread that owns a
 //! SQLite connection and group-commits.
 //!
-//! Requests arriving together share one `BEGIN IMMEDIATE ... COMMIT`; each op runs under its own
-//! savepoint, so one refused reservation does not undo its neighbours.
+//! Requests arriving together share one `BEGIN IMMEDIATE ... COMMIT`. A reservation checks
+//! every limit and budget before it writes, so a refused one writes nothing and its neighbours
+//! commit; what the checks read is cached between transactions (`ledger::Ledger` says when
+//! that is exact).
 //!
 //! Durability is pipelined. The writer commits with `synchronous=NORMAL` (no fsync inside the
 //! write lock) and hands the batch's replies to a syncer thread, which fsyncs the WAL file once
@@ -31,7 +33,7 @@ use tokio::sync::oneshot;
 
 use crate::audit::{chain_hash, sha256_hex, Retention, GENESIS};
 use crate::error::GovError;
-use crate::ledger;
+use crate::ledger::Ledger;
 use crate::rate::RateInfo;
 use crate::storage::{FinishOp, Finished, ReserveOp};
 use crate::time::now_ms;
@@ -66,13 +68,6 @@ enum Done {
 }
 
 impl Done {
-    fn ok(&self) -> bool {
-        match self {
-            Done::Barrier(_) => true,
-            Done::Reserved(_, r) => r.is_ok(),
-            Done::Finished(_, r) => r.is_ok(),
-        }
-    }
     fn failed(&mut self, e: &GovError) {
         match self {
             Done::Barrier(_) => {}
@@ -115,6 +110,7 @@ pub fn run(conn: Connection, checkpointer: Connection, wal: PathBuf, rx: flume::
         }
         return;
     }
+    let mut ledger = Ledger::default();
     let mut next_sweep = Instant::now();
     loop {
         let first = match rx.recv_timeout(SWEEP_EVERY) {
@@ -123,7 +119,7 @@ pub fn run(conn: Connection, checkpointer: Connection, wal: PathBuf, rx: flume::
             Err(flume::RecvTimeoutError::Disconnected) => break,
         };
         if Instant::now() >= next_sweep {
-            if let Err(e) = sweep(&conn) {
+            if let Err(e) = sweep(&conn, &mut ledger) {
                 tracing::warn!("cannot expire stale reservations: {e}");
             }
             next_sweep = Instant::now() + SWEEP_EVERY;
@@ -136,8 +132,9 @@ pub fn run(conn: Connection, checkpointer: Connection, wal: PathBuf, rx: flume::
                 Err(_) => break,
             }
         }
-        let (later, now): (Vec<Done>, Vec<Done>) =
-            apply(&conn, batch).into_iter().partition(Done::needs_sync);
+        let (later, now): (Vec<Done>, Vec<Done>) = apply(&conn, &mut ledger, batch)
+            .into_iter()
+            .partition(Done::needs_sync);
         for d in now {
             d.send();
         }
@@ -196,15 +193,22 @@ fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// Runs `f` in its own write transaction.
+/// Runs `f` in its own write transaction, with the ledger's cache checked first and dropped if
+/// the transaction fails (it may hold writes that were rolled back).
 fn in_transaction<T>(
     conn: &Connection,
-    f: impl FnOnce(&Connection) -> Result<T, GovError>,
+    ledger: &mut Ledger,
+    f: impl FnOnce(&Connection, &mut Ledger) -> Result<T, GovError>,
 ) -> Result<T, GovError> {
     exec(conn, "BEGIN IMMEDIATE")?;
-    match f(conn).and_then(|t| Ok(exec(conn, "COMMIT").map(|()| t)?)) {
+    let done = ledger
+        .begin(conn)
+        .and_then(|()| f(conn, ledger))
+        .and_then(|t| Ok(exec(conn, "COMMIT").map(|()| t)?));
+    match done {
         Ok(t) => Ok(t),
         Err(e) => {
+            ledger.forget();
             // The error is what the caller needs; a failed rollback leaves nothing to undo.
             let _ = exec(conn, "ROLLBACK");
             Err(e)
@@ -212,18 +216,18 @@ fn in_transaction<T>(
     }
 }
 
-fn sweep(conn: &Connection) -> Result<(), GovError> {
-    let n = in_transaction(conn, |c| ledger::expire(c, now_ms()))?;
+fn sweep(conn: &Connection, ledger: &mut Ledger) -> Result<(), GovError> {
+    let n = in_transaction(conn, ledger, |c, l| l.expire(c, now_ms()))?;
     if n > 0 {
         tracing::warn!("released the reservations of {n} expired requests");
     }
     Ok(())
 }
 
-fn apply(conn: &Connection, batch: Vec<Op>) -> Vec<Done> {
+fn apply(conn: &Connection, ledger: &mut Ledger, batch: Vec<Op>) -> Vec<Done> {
     let mut done = Vec::with_capacity(batch.len());
     let mut ops = batch.into_iter();
-    if let Err(e) = in_transaction(conn, |c| apply_each(c, &mut ops, &mut done)) {
+    if let Err(e) = in_transaction(conn, ledger, |c, l| apply_each(c, l, &mut ops, &mut done)) {
         tracing::error!("governance store write failed: {e}");
         for d in &mut done {
             d.failed(&e);
@@ -234,42 +238,36 @@ fn apply(conn: &Connection, batch: Vec<Op>) -> Vec<Done> {
     done
 }
 
+/// Applies each op of a batch. A refusal (over budget, rate limited, a replay) is that op's
+/// answer and wrote nothing; a store error abandons the whole transaction, since the op may
+/// have written part of its rows (there are no per-op savepoints: they cost two statements and
+/// a copy of every page per op).
 fn apply_each(
     conn: &Connection,
+    ledger: &mut Ledger,
     ops: &mut impl Iterator<Item = Op>,
     done: &mut Vec<Done>,
 ) -> Result<(), GovError> {
-    let mut head = head(conn);
     let now = now_ms();
     for op in ops {
-        if let Err(e) = exec(conn, "SAVEPOINT op") {
-            done.push(fail(op, &e.into()));
-            continue;
-        }
         let d = match op {
             Op::Barrier(tx) => Done::Barrier(tx),
-            Op::Reserve(r, reply) => Done::Reserved(reply, ledger::reserve(conn, &r, now)),
-            Op::Finish(f, reply) => {
-                let res = match &head {
-                    Ok(h) => finish(conn, &f, h, now),
-                    Err(e) => Err(e.clone()),
-                };
-                let res = res.map(|(fin, hash)| {
-                    if let Ok(h) = &mut head {
-                        *h = (fin.seq as i64, hash);
-                    }
-                    fin
-                });
-                Done::Finished(reply, res)
-            }
-        };
-        let end = if d.ok() {
-            exec(conn, "RELEASE op")
-        } else {
-            exec(conn, "ROLLBACK TO op").and_then(|()| exec(conn, "RELEASE op"))
+            Op::Reserve(r, reply) => match ledger.reserve(conn, &r, now) {
+                Err(e @ GovError::Unavailable(_)) => {
+                    done.push(Done::Reserved(reply, Err(e.clone())));
+                    return Err(e);
+                }
+                res => Done::Reserved(reply, res),
+            },
+            Op::Finish(f, reply) => match finish(conn, ledger, &f, now) {
+                Ok(fin) => Done::Finished(reply, Ok(fin)),
+                Err(e) => {
+                    done.push(Done::Finished(reply, Err(e.clone())));
+                    return Err(e);
+                }
+            },
         };
         done.push(d);
-        end?;
     }
     Ok(())
 }
@@ -290,16 +288,20 @@ fn head(conn: &Connection) -> Result<(i64, String), GovError> {
         .unwrap_or((0, GENESIS.to_string())))
 }
 
-/// Settles (if the request reserved) and appends the audit record, in the caller's savepoint.
+/// Settles (if the request reserved) and appends the audit record.
 fn finish(
     conn: &Connection,
+    ledger: &mut Ledger,
     f: &FinishOp,
-    head: &(i64, String),
     now: i64,
-) -> Result<(Finished, String), GovError> {
+) -> Result<Finished, GovError> {
     let cost = match &f.settlement {
-        Some(s) => ledger::settle(conn, s, now)?,
+        Some(s) => ledger.settle(conn, s, now)?,
         None => 0,
+    };
+    let head = match ledger.head.take() {
+        Some(h) => h,
+        None => head(conn)?,
     };
     let seq = head.0 as u64 + 1;
     let mut record = f.record.clone();
@@ -338,11 +340,9 @@ fn finish(
             ])?;
         }
     }
-    Ok((
-        Finished {
-            seq,
-            cost_nusd: cost,
-        },
-        hash,
-    ))
+    ledger.head = Some((seq as i64, hash));
+    Ok(Finished {
+        seq,
+        cost_nusd: cost,
+    })
 }

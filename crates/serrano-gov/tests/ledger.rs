@@ -361,3 +361,84 @@ async fn signed_checkpoints_catch_a_rebuilt_chain() {
     let r = gov.verify_audit_with(Some(&trusted), &[cp]).await.unwrap();
     assert!(!r.ok, "the exported checkpoint catches it: {r:?}");
 }
+
+/// Two replicas on one database file, each with its own writer and cache: neither may spend
+/// what the other reserved, and each sees the other's open requests and an admin's changes at
+/// once (the writer's cache is dropped whenever another connection has committed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_on_one_file_share_budgets_and_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open(&dir).await;
+    let b = Governance::open(GovConfig::new(dir.path().join("gov.db")))
+        .await
+        .unwrap();
+    let p = tenant_key(&a, "acme").await;
+    const BUDGET: i64 = 5_000;
+    a.set_budget("acme", None, BudgetUnit::Tokens, BudgetPeriod::Day, BUDGET)
+        .await
+        .unwrap();
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let gov = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let p = p.clone();
+            tokio::spawn(async move { request(&gov, &p, format!("r{i}"), 10, 90, i % 91).await })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(()) => ok += 1,
+            Err(GovError::OverBudget(_)) => {}
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    let state = b.ledger_state().await.unwrap();
+    assert_eq!((state.open_requests, state.reserved_total), (0, 0));
+    assert!(state.spent_total <= BUDGET, "{state:?}");
+    assert!(ok >= 50, "only {ok} requests were admitted");
+
+    // One request open on replica a fills the tenant's one concurrent slot for replica b.
+    a.set_limits(
+        "acme",
+        None,
+        serrano_gov::Limits {
+            max_concurrent: Some(1),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    a.set_budget(
+        "acme",
+        None,
+        BudgetUnit::Tokens,
+        BudgetPeriod::Day,
+        i64::MAX / 4,
+    )
+    .await
+    .unwrap();
+    let held = Ticket::new(&a, "held".into(), "POST", "/v1/completions");
+    held.set_principal(p.clone());
+    held.set_model("m");
+    held.reserve(1, 1).await.unwrap();
+    let refused = request(&b, &p, "on-b".into(), 1, 1, 1).await;
+    assert!(
+        matches!(refused, Err(GovError::RateLimited { .. })),
+        "{refused:?}"
+    );
+    held.finish(200, None).await.unwrap();
+    request(&b, &p, "on-b-again".into(), 1, 1, 1).await.unwrap();
+    request(&a, &p, "on-a".into(), 1, 1, 1).await.unwrap();
+
+    // A budget lowered by an admin applies to the very next reservation on both replicas.
+    a.set_budget("acme", None, BudgetUnit::Tokens, BudgetPeriod::Day, 0)
+        .await
+        .unwrap();
+    for (gov, id) in [(&a, "after-a"), (&b, "after-b")] {
+        let r = request(gov, &p, id.into(), 1, 1, 1).await;
+        assert!(matches!(r, Err(GovError::OverBudget(_))), "{r:?}");
+    }
+    assert_eq!(a.ledger_state().await.unwrap().reserved_total, 0);
+    let v = a.verify_audit().await.unwrap();
+    assert!(v.ok, "{v:?}");
+}
