@@ -281,7 +281,7 @@ impl Ledger {
         if fresh == 0 {
             return Err(GovError::Duplicate(op.request_id.clone()));
         }
-        match self.check(conn, op, &limits, worst_tokens, now) {
+        match self.check(conn, op, &limits, worst_tokens, minute, now) {
             Ok((rate, holds)) => {
                 self.hold(conn, op, limits, worst_tokens, minute, holds)?;
                 Ok(rate)
@@ -302,10 +302,10 @@ impl Ledger {
         op: &ReserveOp,
         limits: &[Limit],
         worst_tokens: i64,
+        minute: i64,
         now: i64,
     ) -> Result<(Option<RateInfo>, Vec<Hold>), GovError> {
         let (t, k) = (op.tenant_id, op.key_id);
-        let minute = now.div_euclid(60_000);
         let mut rate = None;
         for l in limits {
             let open = match l.max_concurrent {

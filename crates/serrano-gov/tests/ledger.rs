@@ -51,20 +51,15 @@ async fn request(
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_requests_never_overspend_a_token_budget() {
-    let dir = tempfile::tempdir().unwrap();
-    let gov = open(&dir).await;
-    let p = tenant_key(&gov, "acme").await;
-    const BUDGET: i64 = 5_000;
-    gov.set_budget("acme", None, BudgetUnit::Tokens, BudgetPeriod::Day, BUDGET)
-        .await
-        .unwrap();
+/// 200 concurrent requests spread over `govs` (replicas), each reserving 10 + 90 tokens and
+/// using between 10 and 100; returns how many were admitted. Refusals must name a day tokens
+/// budget.
+async fn burst(govs: &[Governance], p: &Principal) -> usize {
     let tasks: Vec<_> = (0..200)
         .map(|i| {
-            let (gov, p) = (gov.clone(), p.clone());
-            // Worst case 10 + 90 = 100 tokens each; each actually uses between 10 and 100.
-            tokio::spawn(async move { request(&gov, &p, format!("r{i}"), 10, 90, i % 91).await })
+            let (gov, p) = (govs[i % govs.len()].clone(), p.clone());
+            let used = (i % 91) as u64;
+            tokio::spawn(async move { request(&gov, &p, format!("r{i}"), 10, 90, used).await })
         })
         .collect();
     let mut ok = 0;
@@ -75,6 +70,19 @@ async fn concurrent_requests_never_overspend_a_token_budget() {
             Err(e) => panic!("unexpected {e}"),
         }
     }
+    ok
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_never_overspend_a_token_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let gov = open(&dir).await;
+    let p = tenant_key(&gov, "acme").await;
+    const BUDGET: i64 = 5_000;
+    gov.set_budget("acme", None, BudgetUnit::Tokens, BudgetPeriod::Day, BUDGET)
+        .await
+        .unwrap();
+    let ok = burst(std::slice::from_ref(&gov), &p).await;
     let state = gov.ledger_state().await.unwrap();
     assert_eq!(state.open_requests, 0);
     assert_eq!(state.reserved_total, 0);
@@ -377,21 +385,7 @@ async fn replicas_on_one_file_share_budgets_and_limits() {
     a.set_budget("acme", None, BudgetUnit::Tokens, BudgetPeriod::Day, BUDGET)
         .await
         .unwrap();
-    let tasks: Vec<_> = (0..200)
-        .map(|i| {
-            let gov = if i % 2 == 0 { a.clone() } else { b.clone() };
-            let p = p.clone();
-            tokio::spawn(async move { request(&gov, &p, format!("r{i}"), 10, 90, i % 91).await })
-        })
-        .collect();
-    let mut ok = 0;
-    for t in tasks {
-        match t.await.unwrap() {
-            Ok(()) => ok += 1,
-            Err(GovError::OverBudget(_)) => {}
-            Err(e) => panic!("unexpected {e}"),
-        }
-    }
+    let ok = burst(&[a.clone(), b.clone()], &p).await;
     let state = b.ledger_state().await.unwrap();
     assert_eq!((state.open_requests, state.reserved_total), (0, 0));
     assert!(state.spent_total <= BUDGET, "{state:?}");
