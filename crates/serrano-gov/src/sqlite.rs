@@ -5,7 +5,7 @@
 //! locks make their reservations atomic and their audit chain one sequence.
 
 use std::borrow::Cow;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -128,16 +128,11 @@ impl SqliteStore {
         restrict_permissions(&config.db_path);
         let conn = writer_connection(config)?;
         let checkpointer = connection(config)?;
-        let beside = |suffix: &str| {
-            let mut p = config.db_path.clone().into_os_string();
-            p.push(suffix);
-            PathBuf::from(p)
-        };
         // The WAL holds the same data as the database until a checkpoint.
         for suffix in ["-wal", "-shm"] {
-            restrict_permissions(&beside(suffix));
+            restrict_permissions(&writer::beside(&config.db_path, suffix));
         }
-        let wal = beside("-wal");
+        let wal = writer::beside(&config.db_path, "-wal");
         let (tx, rx) = flume::bounded(WRITER_QUEUE);
         std::thread::Builder::new()
             .name("serrano-gov-writer".into())

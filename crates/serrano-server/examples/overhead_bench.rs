@@ -3,7 +3,9 @@
 //! intended send time, so queueing in the client is not hidden.
 //!
 //! `overhead_bench URL KEY RATE SECONDS` prints one JSON line: rate, sent, ok, errors, p50/p90/p99
-//! in milliseconds, and the client's worst send lag.
+//! in milliseconds, and the client's worst send lag. With `OVERHEAD_TRACE=FILE` it also writes
+//! one line per request (intended send time from the start and latency, both in ms) to see
+//! whether the slow ones cluster in time (a stall) or spread out (contention).
 
 use std::time::{Duration, Instant};
 
@@ -51,17 +53,28 @@ async fn main() {
                 Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
                 Err(_) => false,
             };
-            let _ = tx.send((ok, intended.elapsed()));
+            let _ = tx.send((ok, intended.elapsed(), intended - start));
         });
     }
     drop(tx);
     let mut lat = vec![];
     let mut errors = 0;
-    while let Some((ok, d)) = rx.recv().await {
+    let mut trace = String::new();
+    while let Some((ok, d, at)) = rx.recv().await {
+        trace.push_str(&format!(
+            "{:.3} {:.3}\n",
+            at.as_secs_f64() * 1e3,
+            if ok { d.as_secs_f64() * 1e3 } else { f64::NAN }
+        ));
         if ok {
             lat.push(d.as_secs_f64() * 1e3);
         } else {
             errors += 1;
+        }
+    }
+    if let Ok(path) = std::env::var("OVERHEAD_TRACE") {
+        if let Err(e) = std::fs::write(&path, trace) {
+            eprintln!("cannot write {path}: {e}");
         }
     }
     lat.sort_by(f64::total_cmp);
