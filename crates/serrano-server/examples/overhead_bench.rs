@@ -5,7 +5,9 @@
 //! `overhead_bench URL KEY RATE SECONDS` prints one JSON line: rate, sent, ok, errors, p50/p90/p99
 //! in milliseconds, and the client's worst send lag. With `OVERHEAD_TRACE=FILE` it also writes
 //! one line per request (intended send time from the start and latency, both in ms) to see
-//! whether the slow ones cluster in time (a stall) or spread out (contention).
+//! whether the slow ones cluster in time (a stall) or spread out (contention). With
+//! `OVERHEAD_RANDOM_IDS=1` each request carries a random `x-request-id` (the gateway otherwise
+//! makes one that sorts by time), to measure what key order costs the store.
 
 use std::time::{Duration, Instant};
 
@@ -29,6 +31,7 @@ async fn main() {
         .build()
         .expect("client");
     let body = json!({"model": "stub", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 16});
+    let random_ids = std::env::var_os("OVERHEAD_RANDOM_IDS").is_some();
     let n = (rate * secs) as usize;
     let start = Instant::now() + Duration::from_millis(200);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -49,7 +52,14 @@ async fn main() {
             tx.clone(),
         );
         tokio::spawn(async move {
-            let ok = match client.post(&url).bearer_auth(&key).json(&body).send().await {
+            let mut request = client.post(&url).bearer_auth(&key).json(&body);
+            if random_ids {
+                request = request.header(
+                    "x-request-id",
+                    format!("req-{:032x}", rand::random::<u128>()),
+                );
+            }
+            let ok = match request.send().await {
                 Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
                 Err(_) => false,
             };

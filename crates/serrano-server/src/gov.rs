@@ -114,9 +114,21 @@ fn openai_duration(secs: f64) -> String {
     }
 }
 
+/// A fresh request id that sorts by time: milliseconds since the epoch, then 80 random bits.
+/// The store keys requests, reservations and usage by request id, and random ids put each
+/// request's rows on a random leaf page of every one of those B-trees; ids that grow with time
+/// append to the last leaf, which every request of a write batch then shares.
+fn fresh_request_id() -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let random = rand::random::<u128>() & ((1 << 80) - 1);
+    format!("req-{:012x}{random:020x}", ms & ((1 << 48) - 1))
+}
+
 /// The client's `x-request-id` if valid, else a fresh one (and the reason the client's is bad).
 fn request_id(headers: &HeaderMap) -> (String, Option<ApiError>) {
-    let fresh = || format!("req-{:032x}", rand::random::<u128>());
+    let fresh = fresh_request_id;
     match headers.get(REQUEST_ID_HEADER).map(|v| v.to_str()) {
         None => (fresh(), None),
         Some(Ok(s))
