@@ -72,6 +72,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "config versions",
         include_str!("../migrations/0005_config_versions.sql"),
     ),
+    (
+        6,
+        "open requests index",
+        include_str!("../migrations/0006_open_requests_index.sql"),
+    ),
 ];
 
 fn migrator() -> Migrator {
