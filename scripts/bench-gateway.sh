@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The governance layer's added latency: open-loop chat completions at increasing rates against a
 # fast stub upstream on loopback, called directly, through `serrano gateway` (auth, budgets,
-# rate limits and the durable audit log all on), and through LiteLLM's proxy, interleaved per
-# rate in one run; and through a bare proxy with no governance at all (`bare_proxy`: the floor any
-# Rust proxy pays here). Usage: scripts/bench-gateway.sh [SECONDS_PER_RUN] [RATES...]
+# rate limits and the durable audit log all on) and through a bare proxy with no governance at all
+# (`bare_proxy`: the floor any Rust proxy pays here), interleaved per rate; then, in the same run,
+# through LiteLLM's proxy. Usage: scripts/bench-gateway.sh [SECONDS_PER_RUN] [RATES...]
 # Needs: a release build (cargo build --release -p serrano -p serrano-server --examples --bins)
 # and LiteLLM in $LITELLM_VENV (default /tmp/litellm-venv: python3 -m venv ...; pip install 'litellm[proxy]').
 # SKIP_LITELLM=1 measures direct and serrano only (for quick iterations; not for the record).

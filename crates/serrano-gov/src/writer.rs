@@ -23,10 +23,9 @@
 //! WAL is past [`WAL_RESTART_BYTES`] and a round has copied all it saw, the checkpointer asks
 //! the writer to finish the job between two of its transactions, when nothing is queued: it
 //! copies only the frames of the last few milliseconds, and the database file it syncs is
-//! almost clean. (Left to its own
-//! automatic checkpoint at 16 MiB, the writer copied ~100 ms of frames and synced a database
-//! file holding every page copied since the last restart: a 30 ms stall every second at 1,000
-//! req/s, which every request then queued behind.)
+//! almost clean. (Left to its own automatic checkpoint at 16 MiB, the writer spent ~25 ms
+//! copying frames and ~6 ms syncing a database file dirty with every page copied since the last
+//! restart: a ~30 ms stall about every second at 1,000 req/s, which every request queued behind.)
 //!
 //! Why threads and `rusqlite` rather than a sqlx connection: sqlx-sqlite hands every statement
 //! to a worker thread and back; at ~15 statements per request that hop was most of the gateway's
