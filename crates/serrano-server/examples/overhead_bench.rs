@@ -69,20 +69,23 @@ async fn main() {
     drop(tx);
     let mut lat = vec![];
     let mut errors = 0;
+    let trace_path = std::env::var("OVERHEAD_TRACE").ok();
     let mut trace = String::new();
     while let Some((ok, d, at)) = rx.recv().await {
-        trace.push_str(&format!(
-            "{:.3} {:.3}\n",
-            at.as_secs_f64() * 1e3,
-            if ok { d.as_secs_f64() * 1e3 } else { f64::NAN }
-        ));
+        if trace_path.is_some() {
+            trace.push_str(&format!(
+                "{:.3} {:.3}\n",
+                at.as_secs_f64() * 1e3,
+                if ok { d.as_secs_f64() * 1e3 } else { f64::NAN }
+            ));
+        }
         if ok {
             lat.push(d.as_secs_f64() * 1e3);
         } else {
             errors += 1;
         }
     }
-    if let Ok(path) = std::env::var("OVERHEAD_TRACE") {
+    if let Some(path) = trace_path {
         if let Err(e) = std::fs::write(&path, trace) {
             eprintln!("cannot write {path}: {e}");
         }
