@@ -400,10 +400,11 @@ impl Ledger {
             if let Some(u) = self.usage.get_mut(&(h.budget_id, h.window.clone())) {
                 u.1 = u.1.saturating_add(h.amount);
             }
-            conn.prepare_cached(
-                "INSERT INTO reservations (request_id, budget_id, period_key, amount) VALUES (?1, ?2, ?3, ?4)",
-            )?
-            .execute(params![op.request_id, h.budget_id, h.window, h.amount])?;
+        }
+        if !holds.is_empty() {
+            // On the row `reserve` just inserted: its page is already dirty.
+            conn.prepare_cached("UPDATE requests SET holds = ?2 WHERE request_id = ?1")?
+                .execute(params![op.request_id, encode_holds(&holds)?])?;
         }
         for key in Self::count_keys(op.tenant_id, op.key_id) {
             if let Some(n) = self.open_counts.get_mut(&key) {
@@ -456,10 +457,6 @@ impl Ledger {
                         *u = (u.0.saturating_add(charge), u.1 - h.amount);
                     }
                 }
-                if !open.holds.is_empty() {
-                    conn.prepare_cached("DELETE FROM reservations WHERE request_id = ?1")?
-                        .execute(params![s.request_id])?;
-                }
                 for key in Self::count_keys(open.tenant_id, open.key_id) {
                     if let Some(n) = self.open_counts.get_mut(&key) {
                         *n -= 1;
@@ -475,8 +472,10 @@ impl Ledger {
                 }
             }
         }
-        conn.prepare_cached("UPDATE requests SET state = 'settled' WHERE request_id = ?1")?
-            .execute(params![s.request_id])?;
+        conn.prepare_cached(
+            "UPDATE requests SET state = 'settled', holds = NULL WHERE request_id = ?1",
+        )?
+        .execute(params![s.request_id])?;
         conn.prepare_cached(
             "INSERT INTO usage (request_id, time_ms, day, tenant, key_prefix, model, backend,
                                 prompt_tokens, completion_tokens, cost_nusd)
@@ -532,15 +531,15 @@ fn settle_from_store(
     actual_tokens: i64,
     actual: impl Fn(BudgetUnit) -> i64,
 ) -> Result<bool, GovError> {
-    let row: Option<(String, Option<i64>, i64)> = conn
+    let row: Option<(String, Option<i64>, i64, Option<String>)> = conn
         .prepare_cached(
-            "SELECT state, rate_minute, rate_tokens FROM requests WHERE request_id = ?1",
+            "SELECT state, rate_minute, rate_tokens, holds FROM requests WHERE request_id = ?1",
         )?
         .query_row(params![s.request_id], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
         })
         .optional()?;
-    let Some((state, rate_minute, rate_tokens)) = row else {
+    let Some((state, rate_minute, rate_tokens, holds)) = row else {
         return Ok(false);
     };
     if state == "settled" {
@@ -553,21 +552,17 @@ fn settle_from_store(
         }
     }
     if state == "reserved" {
-        let held: Vec<(i64, String, i64, String)> = conn
-            .prepare_cached(
-                "SELECT r.budget_id, r.period_key, r.amount, b.unit FROM reservations r
-                 JOIN budgets b ON b.id = r.budget_id WHERE r.request_id = ?1",
-            )?
-            .query_map(params![s.request_id], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-            })?
-            .collect::<Result<_, _>>()?;
-        for (budget_id, window, amount, unit) in held {
-            let unit = BudgetUnit::parse(&unit).unwrap_or(BudgetUnit::Tokens);
-            release(conn, budget_id, &window, amount, actual(unit).min(amount))?;
+        for (budget_id, window, amount) in decode_holds(holds.as_deref())? {
+            // A budget deleted since has no window left to release into.
+            let unit: Option<String> = conn
+                .prepare_cached("SELECT unit FROM budgets WHERE id = ?1")?
+                .query_row(params![budget_id], |r| r.get(0))
+                .optional()?;
+            if let Some(unit) = unit {
+                let unit = BudgetUnit::parse(&unit).unwrap_or(BudgetUnit::Tokens);
+                release(conn, budget_id, &window, amount, actual(unit).min(amount))?;
+            }
         }
-        conn.prepare_cached("DELETE FROM reservations WHERE request_id = ?1")?
-            .execute(params![s.request_id])?;
     } else {
         // The reservation expired (the request outlived its TTL): the usage happened, so
         // charge it to the current windows.
@@ -599,36 +594,58 @@ fn over_budget_message(b: &Budget, amount: i64) -> String {
     )
 }
 
+/// Most expired requests released in one sweep, so that a sweep after a crash under load (one
+/// row per request the dead process had open) is a bounded transaction; the rest go in the next.
+const MAX_EXPIRED_PER_SWEEP: i64 = 10_000;
+
 /// Releases the reservations of requests past their expiry (their process died or hung).
 /// Returns how many requests expired.
 fn expire(conn: &Connection, now: i64) -> Result<u64, GovError> {
-    let stale: i64 = conn
+    let stale: Vec<(String, Option<String>)> = conn
         .prepare_cached(
-            "SELECT COUNT(*) FROM requests WHERE state = 'reserved' AND expires_ms < ?1",
+            "SELECT request_id, holds FROM requests WHERE state = 'reserved' AND expires_ms < ?1
+             LIMIT ?2",
         )?
-        .query_row(params![now], |r| r.get(0))?;
-    if stale == 0 {
-        return Ok(0);
+        .query_map(params![now, MAX_EXPIRED_PER_SWEEP], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?
+        .collect::<Result<_, _>>()?;
+    for (request_id, holds) in &stale {
+        for (budget_id, window, amount) in decode_holds(holds.as_deref())? {
+            conn.prepare_cached(
+                "UPDATE budget_usage SET reserved = reserved - ?3
+                 WHERE budget_id = ?1 AND period_key = ?2",
+            )?
+            .execute(params![budget_id, window, amount])?;
+        }
+        conn.prepare_cached(
+            "UPDATE requests SET state = 'expired', holds = NULL WHERE request_id = ?1",
+        )?
+        .execute(params![request_id])?;
     }
-    conn.execute(
-        "UPDATE budget_usage SET reserved = reserved - (
-             SELECT COALESCE(SUM(r.amount), 0) FROM reservations r JOIN requests q USING (request_id)
-             WHERE q.state = 'reserved' AND q.expires_ms < ?1
-               AND r.budget_id = budget_usage.budget_id AND r.period_key = budget_usage.period_key)
-         WHERE EXISTS (
-             SELECT 1 FROM reservations r JOIN requests q USING (request_id)
-             WHERE q.state = 'reserved' AND q.expires_ms < ?1
-               AND r.budget_id = budget_usage.budget_id AND r.period_key = budget_usage.period_key)",
-        params![now],
-    )?;
-    conn.execute(
-        "DELETE FROM reservations WHERE request_id IN (
-             SELECT request_id FROM requests WHERE state = 'reserved' AND expires_ms < ?1)",
-        params![now],
-    )?;
-    let n = conn.execute(
-        "UPDATE requests SET state = 'expired' WHERE state = 'reserved' AND expires_ms < ?1",
-        params![now],
-    )?;
-    Ok(n as u64)
+    Ok(stale.len() as u64)
+}
+
+/// A hold as `requests.holds` keeps it: (budget id, window, amount).
+type StoredHold = (i64, String, i64);
+
+fn encode_holds(holds: &[Hold]) -> Result<String, GovError> {
+    let stored: Vec<(i64, &str, i64)> = holds
+        .iter()
+        .map(|h| (h.budget_id, h.window.as_str(), h.amount))
+        .collect();
+    serde_json::to_string(&stored)
+        .map_err(|e| GovError::Unavailable(format!("cannot encode a reservation: {e}")))
+}
+
+/// A request without budgets holds nothing (NULL). Text that does not parse fails the
+/// transaction: releasing nothing for it would leave the budget reserved forever, and guessing
+/// could release what was never reserved.
+fn decode_holds(text: Option<&str>) -> Result<Vec<StoredHold>, GovError> {
+    match text {
+        None => Ok(Vec::new()),
+        Some(t) => serde_json::from_str(t).map_err(|e| {
+            GovError::Unavailable(format!("a stored reservation does not parse: {e}"))
+        }),
+    }
 }

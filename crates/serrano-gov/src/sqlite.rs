@@ -77,6 +77,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "open requests index",
         include_str!("../migrations/0006_open_requests_index.sql"),
     ),
+    (
+        7,
+        "holds in requests",
+        include_str!("../migrations/0007_holds_in_requests.sql"),
+    ),
 ];
 
 fn migrator() -> Migrator {
@@ -787,6 +792,86 @@ fn restrict_permissions(path: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A store written before migration 0007 keeps its open reservations: they move into
+    /// their request rows, and still expire and release what they held.
+    #[tokio::test]
+    async fn migration_0007_moves_open_reservations_into_their_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.db");
+        {
+            let opts = SqliteConnectOptions::new()
+                .filename(&path)
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal);
+            let pool = SqlitePoolOptions::new().connect_with(opts).await.unwrap();
+            let mut before = migrator();
+            before.migrations = Cow::Owned(
+                before
+                    .migrations
+                    .iter()
+                    .filter(|m| m.version <= 6)
+                    .cloned()
+                    .collect(),
+            );
+            before.run(&pool).await.unwrap();
+            for sql in [
+                "INSERT INTO tenants (id, name, created_ms) VALUES (1, 't', 0)",
+                "INSERT INTO budgets (id, tenant_id, unit, period, limit_amount)
+                 VALUES (1, 1, 'tokens', 'total', 1000), (2, 1, 'tokens', 'day', 1000)",
+                "INSERT INTO budget_usage (budget_id, period_key, spent, reserved)
+                 VALUES (1, 'total', 5, 30), (2, '2026-12-03', 0, 30)",
+                "INSERT INTO requests (request_id, tenant_id, key_id, state, created_ms,
+                                       expires_ms, rate_tokens)
+                 VALUES ('open', 1, 0, 'reserved', 0, 1, 30), ('done', 1, 0, 'settled', 0, 1, 5)",
+                "INSERT INTO reservations (request_id, budget_id, period_key, amount)
+                 VALUES ('open', 1, 'total', 30), ('open', 2, '2026-12-03', 30)",
+                "INSERT INTO usage VALUES ('done', 0, '1970-01-01', 't', 'k', 'm', 'b', 2, 3, 0)",
+            ] {
+                sqlx::query(sql).execute(&pool).await.unwrap();
+            }
+            pool.close().await;
+        }
+        let store = SqliteStore::open(&GovConfig::new(path)).await.unwrap();
+        let holds: Option<String> =
+            sqlx::query_scalar("SELECT holds FROM requests WHERE request_id = 'open'")
+                .fetch_one(&store.pool)
+                .await
+                .unwrap();
+        let mut holds: Vec<(i64, String, i64)> = serde_json::from_str(&holds.unwrap()).unwrap();
+        holds.sort();
+        assert_eq!(
+            holds,
+            [
+                (1, "total".to_string(), 30),
+                (2, "2026-12-03".to_string(), 30)
+            ]
+        );
+        let kept: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM usage WHERE request_id = 'done' AND completion_tokens = 3",
+        )
+        .fetch_one(&store.pool)
+        .await
+        .unwrap();
+        assert_eq!(kept, 1);
+        // Long expired: the writer's first sweep releases it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let state = loop {
+            let state = store.ledger_state().await.unwrap();
+            if state.open_requests == 0 || std::time::Instant::now() > deadline {
+                break state;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(
+            state,
+            LedgerState {
+                open_requests: 0,
+                reserved_total: 0,
+                spent_total: 5
+            }
+        );
+    }
 
     #[tokio::test]
     async fn conforms_to_the_store_contract() {

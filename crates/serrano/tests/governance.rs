@@ -196,7 +196,16 @@ fn concurrent_requests_never_overspend_the_budget() {
 /// record and no open reservation.
 #[test]
 fn every_outcome_leaves_one_record_and_no_reservation() {
-    let s = Server::slow(&["--request-timeout", "0.3", "--max-num-seqs", "1"]);
+    // Heavier than `Server::slow`: on a quiet host that model generated the timeout case's 900
+    // tokens inside the 0.3 s and the case read 200. This one needs ~10x the work per token.
+    let shape = serrano_engine::testing::TinyModel {
+        d_model: 512,
+        d_ff: 2048,
+        n_layers: 10,
+        context_length: 2048,
+        ..Default::default()
+    };
+    let s = Server::random(shape, &["--request-timeout", "0.3", "--max-num-seqs", "1"]);
     s.tenant("acme");
     let key = s.key("acme", json!({}))["key"]
         .as_str()
