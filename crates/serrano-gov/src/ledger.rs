@@ -72,12 +72,12 @@ impl BudgetPeriod {
 }
 
 #[derive(Debug, Clone)]
-struct Budget {
-    id: i64,
-    key_id: i64,
-    unit: BudgetUnit,
-    period: BudgetPeriod,
-    limit: i64,
+pub(crate) struct Budget {
+    pub id: i64,
+    pub key_id: i64,
+    pub unit: BudgetUnit,
+    pub period: BudgetPeriod,
+    pub limit: i64,
 }
 
 fn budgets(conn: &Connection, tenant_id: i64, key_id: i64) -> Result<Vec<Budget>, GovError> {
@@ -119,7 +119,7 @@ fn window_usage(conn: &Connection, budget_id: i64, window: &str) -> Result<(i64,
         .unwrap_or((0, 0)))
 }
 
-fn cost(prices: (i64, i64), prompt: u64, completion: u64) -> i64 {
+pub(crate) fn cost(prices: (i64, i64), prompt: u64, completion: u64) -> i64 {
     i64_of(prompt)
         .saturating_mul(prices.0)
         .saturating_add(i64_of(completion).saturating_mul(prices.1))
@@ -127,7 +127,7 @@ fn cost(prices: (i64, i64), prompt: u64, completion: u64) -> i64 {
 
 /// Token counts come from clients and upstreams: a value past i64 must saturate, never wrap
 /// negative (a negative reservation would pass every budget check).
-fn i64_of(n: u64) -> i64 {
+pub(crate) fn i64_of(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
@@ -577,7 +577,7 @@ fn settle_from_store(
     Ok(true)
 }
 
-fn over_budget_message(b: &Budget, amount: i64) -> String {
+pub(crate) fn over_budget_message(b: &Budget, amount: i64) -> String {
     let owner = if b.key_id == 0 { "tenant" } else { "key" };
     let (limit, need) = match b.unit {
         BudgetUnit::Tokens => (format!("{} tokens", b.limit), format!("{amount} tokens")),
@@ -627,21 +627,25 @@ fn expire(conn: &Connection, now: i64) -> Result<u64, GovError> {
 }
 
 /// A hold as `requests.holds` keeps it: (budget id, window, amount).
-type StoredHold = (i64, String, i64);
+pub(crate) type StoredHold = (i64, String, i64);
 
 fn encode_holds(holds: &[Hold]) -> Result<String, GovError> {
-    let stored: Vec<(i64, &str, i64)> = holds
+    let stored: Vec<StoredHold> = holds
         .iter()
-        .map(|h| (h.budget_id, h.window.as_str(), h.amount))
+        .map(|h| (h.budget_id, h.window.clone(), h.amount))
         .collect();
-    serde_json::to_string(&stored)
+    encode_stored_holds(&stored)
+}
+
+pub(crate) fn encode_stored_holds(holds: &[StoredHold]) -> Result<String, GovError> {
+    serde_json::to_string(holds)
         .map_err(|e| GovError::Unavailable(format!("cannot encode a reservation: {e}")))
 }
 
 /// A request without budgets holds nothing (NULL). Text that does not parse fails the
 /// transaction: releasing nothing for it would leave the budget reserved forever, and guessing
 /// could release what was never reserved.
-fn decode_holds(text: Option<&str>) -> Result<Vec<StoredHold>, GovError> {
+pub(crate) fn decode_holds(text: Option<&str>) -> Result<Vec<StoredHold>, GovError> {
     match text {
         None => Ok(Vec::new()),
         Some(t) => serde_json::from_str(t).map_err(|e| {

@@ -1,17 +1,17 @@
 //! serrano's governance layer: who is asking (tenants, API keys, scopes), what they may spend
 //! (budgets kept as a ledger of reservations and settlements), and what happened (a hash-chained,
 //! durable audit log). State lives behind the [`Store`] trait: SQLite ([`SqliteStore`], through
-//! `sqlx` and one `rusqlite` writer thread) by default; PostgreSQL, for replicas on several
-//! machines, implements the same trait next.
+//! `sqlx` and one `rusqlite` writer thread) by default; PostgreSQL ([`PgStore`], through `sqlx`)
+//! for replicas on several machines sharing one database.
 //!
 //! Invariants:
 //! - A key is stored only as its sha256; the secret is returned once, at creation.
 //! - Budget checks and reservations happen in one write transaction, so concurrent requests can
 //!   never reserve past a limit; settlement replaces a reservation by the actual usage (never more
 //!   than reserved) in the same transaction as the request's audit record.
-//! - Every ledger and audit write goes through one writer that group-commits; an audit record is
-//!   answered only once the WAL holding it is fsynced, so it is on disk before the response
-//!   completes.
+//! - An audit record is answered only once it is durable (SQLite: its WAL fsynced by the one
+//!   writer, which group-commits; PostgreSQL: its transaction committed), so it is on disk
+//!   before the response completes.
 
 mod audit;
 mod checkpoint;
@@ -20,6 +20,9 @@ mod jwt;
 mod keys;
 mod ledger;
 mod metrics;
+mod pg;
+#[doc(hidden)]
+pub mod pgtest;
 mod rate;
 mod sqlite;
 mod storage;
@@ -38,6 +41,7 @@ pub use error::GovError;
 pub use jwt::{JwtConfig, JwtIdentity, JwtVerifier};
 pub use keys::{Principal, Role};
 pub use ledger::{BudgetPeriod, BudgetUnit};
+pub use pg::{display_db, is_postgres_url, PgStore};
 pub use rate::RateInfo;
 pub use sqlite::SqliteStore;
 pub use storage::{

@@ -471,40 +471,7 @@ impl Store for SqliteStore {
     }
 
     async fn usage(&self, group_by: &[UsageKey]) -> Result<Vec<UsageRow>, GovError> {
-        let mut cols = vec![];
-        for g in group_by {
-            let col = match g {
-                UsageKey::Tenant => "tenant",
-                UsageKey::Key => "key_prefix",
-                UsageKey::Model => "model",
-                UsageKey::Day => "day",
-            };
-            if !cols.contains(&col) {
-                cols.push(col);
-            }
-        }
-        let select = |c: &str| {
-            if cols.contains(&c) {
-                c.to_string()
-            } else {
-                format!("NULL AS {c}")
-            }
-        };
-        let group = if cols.is_empty() {
-            String::new()
-        } else {
-            format!("GROUP BY {0} ORDER BY {0}", cols.join(", "))
-        };
-        // Column names come from the fixed list above, never from the caller.
-        let sql = format!(
-            "SELECT {}, {}, {}, {}, COUNT(*) AS requests, COALESCE(SUM(prompt_tokens), 0) AS p,
-                    COALESCE(SUM(completion_tokens), 0) AS c, COALESCE(SUM(cost_nusd), 0) AS cost
-             FROM usage {group}",
-            select("tenant"),
-            select("key_prefix"),
-            select("model"),
-            select("day"),
-        );
+        let sql = crate::storage::usage_sql(group_by);
         let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
         rows.iter()
             .map(|r| {
@@ -527,11 +494,9 @@ impl Store for SqliteStore {
             sqlx::query_scalar("SELECT COUNT(*) FROM requests WHERE state = 'reserved'")
                 .fetch_one(&self.pool)
                 .await?;
-        let r = sqlx::query(
-            "SELECT COALESCE(SUM(reserved), 0), COALESCE(SUM(spent), 0) FROM budget_usage",
-        )
-        .fetch_one(&self.pool)
-        .await?;
+        let r = sqlx::query(crate::storage::LEDGER_TOTALS_SQL)
+            .fetch_one(&self.pool)
+            .await?;
         Ok(LedgerState {
             open_requests: open,
             reserved_total: r.try_get(0)?,

@@ -2,9 +2,8 @@
 //!
 //! [`Governance`](crate::Governance) holds the policy (validation, key caching, compiled
 //! filters, bootstrap) and calls a [`Store`] for state. SQLite ([`SqliteStore`](crate::SqliteStore))
-//! is the default and the only implementation today; a PostgreSQL store, for gateway replicas
-//! on several machines, implements the same trait. [`conformance`] is the test every
-//! implementation must pass.
+//! is the default; PostgreSQL ([`PgStore`](crate::PgStore)) is for gateway replicas on several
+//! machines. [`conformance`] is the test every implementation must pass.
 //!
 //! What every implementation must guarantee (the ledger's and the audit log's invariants live
 //! here, not in the caller):
@@ -134,6 +133,52 @@ impl UsageKey {
 
 /// The chain's last record: (seq, hash).
 pub type AuditHead = (i64, String);
+
+/// Settled usage grouped by `group_by`, in SQL that SQLite and PostgreSQL both run: columns
+/// `tenant`, `key_prefix`, `model`, `day` (NULL where not grouped by), `requests`, `p`, `c`,
+/// `cost`. Sums are cast back to BIGINT (PostgreSQL's SUM of BIGINT is NUMERIC).
+pub(crate) fn usage_sql(group_by: &[UsageKey]) -> String {
+    let mut cols = vec![];
+    for g in group_by {
+        let col = match g {
+            UsageKey::Tenant => "tenant",
+            UsageKey::Key => "key_prefix",
+            UsageKey::Model => "model",
+            UsageKey::Day => "day",
+        };
+        if !cols.contains(&col) {
+            cols.push(col);
+        }
+    }
+    let select = |c: &str| {
+        if cols.contains(&c) {
+            c.to_string()
+        } else {
+            format!("CAST(NULL AS TEXT) AS {c}")
+        }
+    };
+    let group = if cols.is_empty() {
+        String::new()
+    } else {
+        format!("GROUP BY {0} ORDER BY {0}", cols.join(", "))
+    };
+    // Column names come from the fixed list above, never from the caller.
+    format!(
+        "SELECT {}, {}, {}, {}, COUNT(*) AS requests,
+                CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT) AS p,
+                CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT) AS c,
+                CAST(COALESCE(SUM(cost_nusd), 0) AS BIGINT) AS cost
+         FROM usage {group}",
+        select("tenant"),
+        select("key_prefix"),
+        select("model"),
+        select("day"),
+    )
+}
+
+/// (reserved, spent) over every budget window, in SQL both stores run.
+pub(crate) const LEDGER_TOTALS_SQL: &str = "SELECT CAST(COALESCE(SUM(reserved), 0) AS BIGINT),
+        CAST(COALESCE(SUM(spent), 0) AS BIGINT) FROM budget_usage";
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {

@@ -1,5 +1,5 @@
 //! The governance facade: validation, the key cache, compiled filters and bootstrap, over a
-//! [`Store`] that keeps the state (SQLite by default, see `sqlite.rs`).
+//! [`Store`] that keeps the state (SQLite by default, see `sqlite.rs`; PostgreSQL in `pg.rs`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,6 +13,7 @@ use crate::error::GovError;
 use crate::keys::{self, Principal, Role};
 use crate::ledger::{BudgetPeriod, BudgetUnit};
 use crate::metrics::{StoreMetrics, StoreOp};
+use crate::pg::{is_postgres_url, PgStore};
 use crate::rate::RateInfo;
 use crate::sqlite::SqliteStore;
 use crate::storage::{FinishOp, Finished, KeyRow, ReserveOp, Store, UsageKey};
@@ -33,8 +34,10 @@ pub const MAX_TENANT_CHARS: usize = 64;
 
 #[derive(Debug, Clone)]
 pub struct GovConfig {
+    /// A SQLite file, or a PostgreSQL URL (`postgres://user:password@host/db`).
     pub db_path: PathBuf,
-    /// How long a write waits for another process's lock before failing closed.
+    /// How long a write waits for another process's lock before failing closed (PostgreSQL:
+    /// also the longest wait for a connection and the longest statement).
     pub busy_timeout: Duration,
     /// How long a reservation lives if its request never settles (the process died).
     pub reservation_ttl: Duration,
@@ -190,15 +193,19 @@ fn valid_name(s: &str) -> bool {
 }
 
 impl Governance {
-    /// Opens (creating if needed) the SQLite database at `config.db_path`, applies migrations
-    /// and starts the writer. Must be called inside a tokio runtime.
+    /// Opens the store `config.db_path` names: a PostgreSQL database if it is a `postgres://`
+    /// or `postgresql://` URL, else the SQLite file at that path (created if needed). Applies
+    /// migrations and starts the store's background work. Must be called inside a tokio runtime.
     pub async fn open(config: GovConfig) -> Result<Governance, GovError> {
-        let store = SqliteStore::open(&config).await?;
-        Ok(Governance::with_store(Arc::new(store), config))
+        let store: Arc<dyn Store> = match config.db_path.to_str().filter(|p| is_postgres_url(p)) {
+            Some(url) => Arc::new(PgStore::connect(url, &config).await?),
+            None => Arc::new(SqliteStore::open(&config).await?),
+        };
+        Ok(Governance::with_store(store, config))
     }
 
-    /// Governance over any [`Store`] (`config.db_path` and `busy_timeout` are SQLite's and go
-    /// unused by other stores).
+    /// Governance over any [`Store`] (`config.db_path` and `busy_timeout` were the store's to
+    /// use when opening it).
     pub fn with_store(store: Arc<dyn Store>, config: GovConfig) -> Governance {
         let metrics = StoreMetrics::new(store.kind());
         Governance {

@@ -1,5 +1,5 @@
 //! `serrano admin`, `serrano usage` and `serrano audit`: governance from the terminal, on the same
-//! database the server uses (SQLite allows both at once).
+//! database the server uses (SQLite and PostgreSQL both allow that).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -10,8 +10,9 @@ use serrano_gov::{BudgetPeriod, BudgetUnit, GovConfig, Governance, NewKey, Reten
 
 #[derive(Args, Clone)]
 pub struct DbArgs {
-    /// The governance database (tenants, keys, budgets, usage, audit). Default:
-    /// $SERRANO_HOME/serrano.db, else ~/.local/share/serrano/serrano.db.
+    /// The governance database (tenants, keys, budgets, usage, audit): a SQLite file, or a
+    /// PostgreSQL URL (postgres://user:password@host:5432/db) that gateway replicas share.
+    /// Default: $SERRANO_HOME/serrano.db, else ~/.local/share/serrano/serrano.db.
     #[arg(long, env = "SERRANO_DB", global = true)]
     pub db: Option<PathBuf>,
 }
@@ -19,6 +20,11 @@ pub struct DbArgs {
 impl DbArgs {
     pub fn path(&self) -> PathBuf {
         self.db.clone().unwrap_or_else(serrano_gov::default_db_path)
+    }
+
+    /// The database as logs and errors may show it (a URL without its password).
+    pub fn shown(&self) -> String {
+        serrano_gov::display_db(&self.path().to_string_lossy())
     }
 }
 
@@ -232,10 +238,9 @@ pub fn with_gov<T>(db: &DbArgs, f: impl AsyncFnOnce(Governance) -> Result<T>) ->
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let path = db.path();
-        let gov = Governance::open(GovConfig::new(path.clone()))
+        let gov = Governance::open(GovConfig::new(db.path()))
             .await
-            .with_context(|| format!("cannot open {}", path.display()))?;
+            .with_context(|| format!("cannot open {}", db.shown()))?;
         f(gov).await
     })
 }

@@ -423,11 +423,11 @@ fn run_server(engine: Option<EngineHandle>, names: Vec<String>, a: ServerArgs) -
             auth_cache_ttl: std::time::Duration::from_secs(1),
         })
         .await
-        .with_context(|| format!("cannot open the governance database {}", db.display()))?;
+        .with_context(|| format!("cannot open the governance database {}", a.db.shown()))?;
         if let Some(key) = gov.bootstrap(a.admin_key.as_deref()).await? {
             show_first_admin_key(&db, &key)?;
         }
-        tracing::info!(db = %db.display(), "governance on: every request needs an API key");
+        tracing::info!(db = %a.db.shown(), "governance on: every request needs an API key");
         if let Some(path) = &a.audit_signing_key {
             let key = serrano_gov::read_signing_key(path)?;
             let every = std::time::Duration::from_secs_f64(a.checkpoint_every.max(0.1));
@@ -533,7 +533,15 @@ fn show_first_admin_key(db: &Path, key: &str) -> Result<()> {
         println!("\nCreated the first admin key; it is shown only now, so store it:\n\n    {key}\n\nSend it as 'Authorization: Bearer <key>'. Create tenants and their keys with\n'serrano admin' or POST /admin/v1/tenants and /admin/v1/keys.\n");
         return Ok(());
     }
-    let path = db.with_file_name("first-admin-key");
+    // Beside a SQLite file; for a PostgreSQL URL, where that file would be by default.
+    let path = if serrano_gov::is_postgres_url(&db.to_string_lossy()) {
+        serrano_gov::default_db_path().with_file_name("first-admin-key")
+    } else {
+        db.with_file_name("first-admin-key")
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]

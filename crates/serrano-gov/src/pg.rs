@@ -1,0 +1,1211 @@
+//! The PostgreSQL [`Store`]: for gateway replicas on several machines sharing one database, so
+//! that budgets and rate limits are not multiplied by the number of replicas and the audit log
+//! stays one chain.
+//!
+//! Every ledger and audit operation is one transaction of its own, committed with
+//! `synchronous_commit` at the server's setting (on, by default: the commit is durable when it
+//! returns). How the invariants of `storage.rs` hold across processes:
+//! - A reservation takes a transaction-scoped advisory lock on its tenant first, so that the
+//!   reservations of one tenant (from every replica) check and write one after another:
+//!   concurrent-request counts and rate windows are read and then written, and two
+//!   reservations must not both read the count before either writes it. Budgets are guarded a
+//!   second time by the conditional upsert itself (`... WHERE spent + reserved <= limit -
+//!   amount`), which PostgreSQL re-checks against the newest row version after a wait.
+//! - Settlement and expiry take no tenant lock: they only lower what a reservation checks
+//!   (reserved, open requests, counted tokens), so a reservation that read before them was
+//!   stricter than it needed to be, never looser.
+//! - The audit chain's head is one row (`audit_head`), locked `FOR UPDATE` by each record's
+//!   transaction, last, so that records from every replica form one sequence and the lock is
+//!   held only for the inserts and the commit.
+//! - Rows are locked in one order everywhere (the request, then budget windows by id, then rate
+//!   windows by limit id, then the head), so transactions do not deadlock; one that does
+//!   anyway (or fails serialization) is retried.
+//! - Expired reservations are released by a background task on every replica; `FOR UPDATE
+//!   SKIP LOCKED` keeps two replicas from releasing the same one.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Postgres, Row, Transaction};
+
+use crate::audit::{chain_hash, sha256_hex, ChainRow, Retention};
+use crate::checkpoint::Checkpoint;
+use crate::error::GovError;
+use crate::keys::Role;
+use crate::ledger::{
+    cost, decode_holds, encode_stored_holds, i64_of, over_budget_message, Budget, BudgetPeriod,
+    BudgetUnit, StoredHold,
+};
+use crate::rate::{self, Limit, RateInfo};
+use crate::storage::{
+    AuditHead, FinishOp, Finished, KeyRow, ReserveOp, Settlement, Store, StoredKey, UsageKey,
+};
+use crate::store::{
+    BudgetInfo, GovConfig, KeyInfo, LedgerState, LimitInfo, Limits, TenantInfo, UsageRow,
+};
+use crate::time::{day_key, now_ms};
+use crate::versions::{ConfigEvent, ConfigVersion};
+
+/// Connections one process keeps; each in-flight reservation or settlement holds one.
+const MAX_CONNECTIONS: u32 = 16;
+/// How often expired reservations are swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// Most expired requests released in one sweep (a bounded transaction after a crash under load).
+const MAX_EXPIRED_PER_SWEEP: i64 = 10_000;
+/// Tries of a transaction that PostgreSQL aborted as a deadlock or a serialization failure.
+const MAX_TRIES: usize = 3;
+/// The advisory-lock namespace of tenant locks (the first key of the two-key form): "srrn".
+const TENANT_LOCK_CLASS: i32 = 0x7372_726e;
+
+const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "governance",
+    include_str!("../migrations-pg/0001_governance.sql"),
+)];
+
+fn migrator() -> Migrator {
+    let migrations = MIGRATIONS
+        .iter()
+        .map(|&(version, name, sql)| {
+            Migration::new(
+                version,
+                Cow::Borrowed(name),
+                MigrationType::Simple,
+                Cow::Borrowed(sql),
+                false,
+            )
+        })
+        .collect();
+    Migrator {
+        migrations: Cow::Owned(migrations),
+        ..Migrator::DEFAULT
+    }
+}
+
+/// Whether a database setting names PostgreSQL (`postgres://` or `postgresql://`).
+pub fn is_postgres_url(db: &str) -> bool {
+    db.starts_with("postgres://") || db.starts_with("postgresql://")
+}
+
+/// A database setting as it may be shown in logs and errors: a URL's password replaced by `***`.
+pub fn display_db(db: &str) -> String {
+    if !is_postgres_url(db) {
+        return db.to_string();
+    }
+    let Some((scheme, rest)) = db.split_once("://") else {
+        return db.to_string();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{path}"),
+            None => db.to_string(),
+        },
+        None => db.to_string(),
+    }
+}
+
+pub struct PgStore {
+    pool: PgPool,
+    sweeper: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        self.sweeper.abort();
+    }
+}
+
+/// A transaction's failure: the database's (maybe worth a retry) or a refusal of the request.
+enum TxError {
+    Db(sqlx::Error),
+    Gov(GovError),
+}
+
+impl From<sqlx::Error> for TxError {
+    fn from(e: sqlx::Error) -> Self {
+        TxError::Db(e)
+    }
+}
+
+impl From<GovError> for TxError {
+    fn from(e: GovError) -> Self {
+        TxError::Gov(e)
+    }
+}
+
+/// Deadlock detected, or serialization failure: the transaction was rolled back whole.
+fn retryable(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| c == "40P01" || c == "40001")
+}
+
+impl PgStore {
+    /// Connects to `url`, applies migrations (under sqlx's advisory lock, so replicas starting
+    /// together apply them once) and starts the expiry sweeper. Must be called inside a tokio
+    /// runtime. `config.busy_timeout` bounds every wait: for a connection, a lock, a statement.
+    pub async fn connect(url: &str, config: &GovConfig) -> Result<PgStore, GovError> {
+        let wait = config.busy_timeout.max(Duration::from_secs(1));
+        let ms = wait.as_millis().to_string();
+        let opts = PgConnectOptions::from_str(url)
+            .map_err(|e| GovError::Invalid(format!("not a PostgreSQL URL: {e}")))?
+            .application_name("serrano")
+            .options([
+                ("statement_timeout", ms.as_str()),
+                ("lock_timeout", ms.as_str()),
+                ("idle_in_transaction_session_timeout", ms.as_str()),
+            ]);
+        let pool = PgPoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(wait)
+            .connect_with(opts)
+            .await?;
+        migrator().run(&pool).await?;
+        let sweeper = tokio::spawn(sweep_loop(pool.clone()));
+        Ok(PgStore { pool, sweeper })
+    }
+
+    async fn reserve_once(&self, op: &ReserveOp) -> Result<Option<RateInfo>, TxError> {
+        let mut tx = self.pool.begin().await?;
+        let now = now_ms();
+        let (t, k) = (op.tenant_id, op.key_id);
+        let worst_tokens = i64_of(op.prompt_tokens.saturating_add(op.max_completion_tokens));
+        let minute = now.div_euclid(60_000);
+        sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
+            .bind(TENANT_LOCK_CLASS)
+            .bind(t.rem_euclid(i64::from(i32::MAX)) as i32)
+            .execute(&mut *tx)
+            .await?;
+        let limits = limits(&mut tx, t, k).await?;
+        // First, so that a replayed id is refused as a replay whatever else it would fail.
+        let fresh = sqlx::query(
+            "INSERT INTO requests (request_id, tenant_id, key_id, state, created_ms, expires_ms,
+                                   rate_minute, rate_tokens)
+             VALUES ($1, $2, $3, 'reserved', $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+        )
+        .bind(&op.request_id)
+        .bind(t)
+        .bind(k)
+        .bind(now)
+        .bind(op.expires_ms)
+        .bind((!limits.is_empty()).then_some(minute))
+        .bind(worst_tokens)
+        .execute(&mut *tx)
+        .await?;
+        if fresh.rows_affected() == 0 {
+            return Err(GovError::Duplicate(op.request_id.clone()).into());
+        }
+        // Refusals return early: dropping the transaction rolls back what it wrote.
+        let rate = check_limits(&mut tx, op, &limits, worst_tokens, minute, now).await?;
+        let holds = hold_budgets(&mut tx, op, worst_tokens, now).await?;
+        for l in &limits {
+            sqlx::query(
+                "INSERT INTO rate_windows (limit_id, minute, requests, tokens) VALUES ($1, $2, 1, $3)
+                 ON CONFLICT (limit_id, minute) DO UPDATE
+                 SET requests = rate_windows.requests + 1,
+                     tokens = rate_windows.tokens + excluded.tokens",
+            )
+            .bind(l.id)
+            .bind(minute)
+            .bind(worst_tokens)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !holds.is_empty() {
+            sqlx::query("UPDATE requests SET holds = $2 WHERE request_id = $1")
+                .bind(&op.request_id)
+                .bind(encode_stored_holds(&holds)?)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(rate)
+    }
+
+    async fn finish_once(&self, op: &FinishOp) -> Result<Finished, TxError> {
+        let mut tx = self.pool.begin().await?;
+        let now = now_ms();
+        let cost = match &op.settlement {
+            Some(s) => settle(&mut tx, s, now).await?,
+            None => 0,
+        };
+        let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(head) = head else {
+            return Err(
+                GovError::Unavailable("the audit chain's head row is missing".into()).into(),
+            );
+        };
+        let (prev_seq, prev_hash): (i64, String) = (head.try_get(0)?, head.try_get(1)?);
+        let seq = prev_seq + 1;
+        let mut record = op.record.clone();
+        record.seq = seq as u64;
+        record.time_ms = now;
+        record.cost_nusd = cost;
+        let text = serde_json::to_string(&record)
+            .map_err(|e| GovError::Unavailable(format!("cannot encode an audit record: {e}")))?;
+        let hash = chain_hash(&prev_hash, seq as u64, &text);
+        sqlx::query("INSERT INTO audit_log (seq, record, prev_hash, hash) VALUES ($1, $2, $3, $4)")
+            .bind(seq)
+            .bind(&text)
+            .bind(&prev_hash)
+            .bind(&hash)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
+            .bind(seq)
+            .bind(&hash)
+            .execute(&mut *tx)
+            .await?;
+        if let Some(c) = op
+            .content
+            .as_ref()
+            .filter(|c| c.retention != Retention::None)
+        {
+            let (prompt, completion) = match c.retention {
+                Retention::Hash => (sha256_hex(&c.prompt), sha256_hex(&c.completion)),
+                _ => (c.prompt.clone(), c.completion.clone()),
+            };
+            sqlx::query(
+                "INSERT INTO audit_content (seq, tenant_id, retention, prompt, completion)
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(seq)
+            .bind(c.tenant_id)
+            .bind(c.retention.as_str())
+            .bind(prompt)
+            .bind(completion)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(Finished {
+            seq: seq as u64,
+            cost_nusd: cost,
+        })
+    }
+}
+
+/// Runs a transaction until it commits, is refused, or fails for a reason a retry cannot fix.
+macro_rules! with_retries {
+    ($what:expr) => {{
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match $what.await {
+                Ok(v) => break Ok(v),
+                Err(TxError::Db(e)) if retryable(&e) && tries < MAX_TRIES => continue,
+                Err(TxError::Db(e)) => break Err(GovError::from(e)),
+                Err(TxError::Gov(e)) => break Err(e),
+            }
+        }
+    }};
+}
+
+type Tx = Transaction<'static, Postgres>;
+
+async fn limits(tx: &mut Tx, tenant_id: i64, key_id: i64) -> Result<Vec<Limit>, sqlx::Error> {
+    sqlx::query(
+        "SELECT id, key_id, rpm, tpm, max_concurrent FROM limits
+         WHERE tenant_id = $1 AND (key_id = 0 OR key_id = $2) ORDER BY id",
+    )
+    .bind(tenant_id)
+    .bind(key_id)
+    .fetch_all(&mut **tx)
+    .await?
+    .iter()
+    .map(|r| {
+        Ok(Limit {
+            id: r.try_get(0)?,
+            key_id: r.try_get(1)?,
+            rpm: r.try_get(2)?,
+            tpm: r.try_get(3)?,
+            max_concurrent: r.try_get(4)?,
+        })
+    })
+    .collect()
+}
+
+async fn budgets(tx: &mut Tx, tenant_id: i64, key_id: i64) -> Result<Vec<Budget>, sqlx::Error> {
+    sqlx::query(
+        "SELECT id, key_id, unit, period, limit_amount FROM budgets
+         WHERE tenant_id = $1 AND (key_id = 0 OR key_id = $2) ORDER BY id",
+    )
+    .bind(tenant_id)
+    .bind(key_id)
+    .fetch_all(&mut **tx)
+    .await?
+    .iter()
+    .map(|r| {
+        Ok(Budget {
+            id: r.try_get(0)?,
+            key_id: r.try_get(1)?,
+            unit: BudgetUnit::parse(r.try_get(2)?).unwrap_or(BudgetUnit::Tokens),
+            period: BudgetPeriod::parse(r.try_get(3)?).unwrap_or(BudgetPeriod::Total),
+            limit: r.try_get(4)?,
+        })
+    })
+    .collect()
+}
+
+/// Every rate limit of the request, read only (the tenant lock is held).
+async fn check_limits(
+    tx: &mut Tx,
+    op: &ReserveOp,
+    limits: &[Limit],
+    worst_tokens: i64,
+    minute: i64,
+    now: i64,
+) -> Result<Option<RateInfo>, TxError> {
+    let mut rate = None;
+    for l in limits {
+        let open = match l.max_concurrent {
+            Some(_) => {
+                let n: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM requests WHERE state = 'reserved' AND tenant_id = $1
+                     AND ($2 = 0 OR key_id = $2)",
+                )
+                .bind(op.tenant_id)
+                .bind(l.key_id)
+                .fetch_one(&mut **tx)
+                .await?;
+                // The request's own row is already in: count the others.
+                n - 1
+            }
+            None => 0,
+        };
+        let (mut prev, mut curr) = ((0, 0), (0, 0));
+        let windows = sqlx::query(
+            "SELECT minute, requests, tokens FROM rate_windows
+             WHERE limit_id = $1 AND minute IN ($2, $3)",
+        )
+        .bind(l.id)
+        .bind(minute - 1)
+        .bind(minute)
+        .fetch_all(&mut **tx)
+        .await?;
+        for w in windows {
+            let counts = (w.try_get(1)?, w.try_get(2)?);
+            if w.try_get::<i64, _>(0)? == minute {
+                curr = counts;
+            } else {
+                prev = counts;
+            }
+        }
+        let seen = rate::Seen {
+            prev,
+            curr,
+            open,
+            tokens: worst_tokens,
+            f: now.rem_euclid(60_000) as f64 / 60_000.0,
+        };
+        let info = rate.get_or_insert(RateInfo {
+            remaining_requests: i64::MAX,
+            remaining_tokens: i64::MAX,
+            ..Default::default()
+        });
+        rate::check(l, &seen, info)?;
+    }
+    Ok(rate)
+}
+
+/// Reserves the worst case in every budget window of the request, in budget id order; refuses
+/// at the first that has not room for it.
+async fn hold_budgets(
+    tx: &mut Tx,
+    op: &ReserveOp,
+    worst_tokens: i64,
+    now: i64,
+) -> Result<Vec<StoredHold>, TxError> {
+    let budgets = budgets(tx, op.tenant_id, op.key_id).await?;
+    let mut worst_cost = 0;
+    if budgets.iter().any(|b| b.unit == BudgetUnit::Usd) {
+        let backends: Vec<&str> = std::iter::once(&op.backend)
+            .chain(&op.fallbacks)
+            .map(String::as_str)
+            .collect();
+        // A backend without a price row costs nothing, as in SQLite's ledger.
+        let prices = sqlx::query(
+            "SELECT input_nusd, output_nusd FROM prices WHERE model = $1 AND backend = ANY($2)",
+        )
+        .bind(&op.model)
+        .bind(&backends)
+        .fetch_all(&mut **tx)
+        .await?;
+        for p in prices {
+            let prices = (p.try_get(0)?, p.try_get(1)?);
+            worst_cost = worst_cost.max(cost(prices, op.prompt_tokens, op.max_completion_tokens));
+        }
+    }
+    let mut holds = Vec::with_capacity(budgets.len());
+    for b in budgets {
+        let amount = match b.unit {
+            BudgetUnit::Tokens => worst_tokens,
+            BudgetUnit::Usd => worst_cost,
+        };
+        let window = b.period.key(now);
+        // Written as `<= limit - amount` so that nothing overflows: spent and reserved are at
+        // most the limit, and amount is checked against it first.
+        let fits = amount <= b.limit
+            && sqlx::query(
+                "INSERT INTO budget_usage (budget_id, period_key, reserved) VALUES ($1, $2, $3)
+                 ON CONFLICT (budget_id, period_key) DO UPDATE
+                 SET reserved = budget_usage.reserved + excluded.reserved
+                 WHERE budget_usage.spent + budget_usage.reserved <= $4 - excluded.reserved",
+            )
+            .bind(b.id)
+            .bind(&window)
+            .bind(amount)
+            .bind(b.limit)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected()
+                == 1;
+        if !fits {
+            return Err(GovError::OverBudget(over_budget_message(&b, amount)).into());
+        }
+        holds.push((b.id, window, amount));
+    }
+    Ok(holds)
+}
+
+/// Replaces the request's reservations by its actual usage and records the usage; returns the
+/// cost in nano-dollars. A request that never reserved, or settled already, is charged nothing.
+async fn settle(tx: &mut Tx, s: &Settlement, now: i64) -> Result<i64, TxError> {
+    let prices =
+        sqlx::query("SELECT input_nusd, output_nusd FROM prices WHERE model = $1 AND backend = $2")
+            .bind(&s.model)
+            .bind(&s.backend)
+            .fetch_optional(&mut **tx)
+            .await?
+            .map(|r| Ok::<_, sqlx::Error>((r.try_get(0)?, r.try_get(1)?)))
+            .transpose()?
+            .unwrap_or((0, 0));
+    let actual_cost = cost(prices, s.prompt_tokens, s.completion_tokens);
+    let actual_tokens = i64_of(s.prompt_tokens.saturating_add(s.completion_tokens));
+    let row = sqlx::query(
+        "SELECT state, rate_minute, rate_tokens, holds FROM requests WHERE request_id = $1
+         FOR UPDATE",
+    )
+    .bind(&s.request_id)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some(row) = row else { return Ok(0) };
+    let state: String = row.try_get(0)?;
+    if state == "settled" {
+        return Ok(0);
+    }
+    let (rate_minute, rate_tokens): (Option<i64>, i64) = (row.try_get(1)?, row.try_get(2)?);
+    if state == "reserved" {
+        for (budget_id, window, amount) in decode_holds(row.try_get(3)?)? {
+            // Never charge more than was reserved: the worst case bounds the usage. A budget
+            // deleted since took its windows with it, and there is nothing to release.
+            sqlx::query(
+                "UPDATE budget_usage u SET reserved = u.reserved - $3,
+                     spent = u.spent + LEAST($3, CASE b.unit WHEN 'usd' THEN $4 ELSE $5 END)
+                 FROM budgets b
+                 WHERE b.id = u.budget_id AND u.budget_id = $1 AND u.period_key = $2",
+            )
+            .bind(budget_id)
+            .bind(&window)
+            .bind(amount)
+            .bind(actual_cost)
+            .bind(actual_tokens)
+            .execute(&mut **tx)
+            .await?;
+        }
+    } else {
+        // The reservation expired (the request outlived its TTL): the usage happened, so charge
+        // it to the current windows.
+        for b in budgets(tx, s.tenant_id, s.key_id).await? {
+            let spent = match b.unit {
+                BudgetUnit::Tokens => actual_tokens,
+                BudgetUnit::Usd => actual_cost,
+            };
+            sqlx::query(
+                "INSERT INTO budget_usage (budget_id, period_key, spent) VALUES ($1, $2, $3)
+                 ON CONFLICT (budget_id, period_key) DO UPDATE
+                 SET spent = budget_usage.spent + excluded.spent",
+            )
+            .bind(b.id)
+            .bind(b.period.key(now))
+            .bind(spent)
+            .execute(&mut **tx)
+            .await?;
+        }
+    }
+    let unused = rate_tokens - actual_tokens;
+    if let Some(minute) = rate_minute.filter(|_| unused > 0) {
+        // Gives back the unused worst case to the tenant's and key's current limits, locking
+        // their windows in limit id order (as reservations write them).
+        sqlx::query(
+            "WITH w AS (
+                 SELECT limit_id FROM rate_windows
+                 WHERE minute = $3 AND limit_id IN
+                     (SELECT id FROM limits WHERE tenant_id = $1 AND key_id IN (0, $2))
+                 ORDER BY limit_id FOR UPDATE)
+             UPDATE rate_windows SET tokens = GREATEST(0, tokens - $4)
+             WHERE minute = $3 AND limit_id IN (SELECT limit_id FROM w)",
+        )
+        .bind(s.tenant_id)
+        .bind(s.key_id)
+        .bind(minute)
+        .bind(unused)
+        .execute(&mut **tx)
+        .await?;
+    }
+    sqlx::query("UPDATE requests SET state = 'settled', holds = NULL WHERE request_id = $1")
+        .bind(&s.request_id)
+        .execute(&mut **tx)
+        .await?;
+    sqlx::query(
+        "INSERT INTO usage (request_id, time_ms, day, tenant, key_prefix, model, backend,
+                            prompt_tokens, completion_tokens, cost_nusd)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+    )
+    .bind(&s.request_id)
+    .bind(now)
+    .bind(day_key(now))
+    .bind(&s.tenant)
+    .bind(&s.key_prefix)
+    .bind(&s.model)
+    .bind(&s.backend)
+    .bind(i64_of(s.prompt_tokens))
+    .bind(i64_of(s.completion_tokens))
+    .bind(actual_cost)
+    .execute(&mut **tx)
+    .await?;
+    Ok(actual_cost)
+}
+
+async fn sweep_loop(pool: PgPool) {
+    let mut every = tokio::time::interval(SWEEP_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        match expire(&pool, now_ms()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!("released the reservations of {n} expired requests"),
+            Err(e) => tracing::warn!("cannot expire stale reservations: {e}"),
+        }
+    }
+}
+
+/// Releases the reservations of requests past their expiry (their process died or hung).
+/// Returns how many requests expired.
+async fn expire(pool: &PgPool, now: i64) -> Result<u64, GovError> {
+    let mut tx = pool.begin().await?;
+    let stale = sqlx::query(
+        "SELECT request_id, holds FROM requests WHERE state = 'reserved' AND expires_ms < $1
+         LIMIT $2 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(now)
+    .bind(MAX_EXPIRED_PER_SWEEP)
+    .fetch_all(&mut *tx)
+    .await?;
+    if stale.is_empty() {
+        return Ok(0);
+    }
+    // Summed per window, and released in (budget, window) order: the order every other
+    // transaction locks budget windows in.
+    let mut release: BTreeMap<(i64, String), i64> = BTreeMap::new();
+    let mut ids = Vec::with_capacity(stale.len());
+    for r in &stale {
+        ids.push(r.try_get::<String, _>(0)?);
+        for (budget_id, window, amount) in decode_holds(r.try_get(1)?)? {
+            *release.entry((budget_id, window)).or_default() += amount;
+        }
+    }
+    for ((budget_id, window), amount) in release {
+        sqlx::query(
+            "UPDATE budget_usage SET reserved = reserved - $3
+             WHERE budget_id = $1 AND period_key = $2",
+        )
+        .bind(budget_id)
+        .bind(window)
+        .bind(amount)
+        .execute(&mut *tx)
+        .await?;
+    }
+    sqlx::query("UPDATE requests SET state = 'expired', holds = NULL WHERE request_id = ANY($1)")
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(ids.len() as u64)
+}
+
+#[async_trait]
+impl Store for PgStore {
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn insert_tenant(
+        &self,
+        name: &str,
+        retention: Retention,
+        now_ms: i64,
+    ) -> Result<bool, GovError> {
+        let done = sqlx::query(
+            "INSERT INTO tenants (name, retention, created_ms) VALUES ($1, $2, $3)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(name)
+        .bind(retention.as_str())
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn tenant(&self, name: &str) -> Result<Option<TenantInfo>, GovError> {
+        sqlx::query("SELECT id, name, retention, created_ms, policy FROM tenants WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| tenant_row(&r))
+            .transpose()
+    }
+
+    async fn tenants(&self) -> Result<Vec<TenantInfo>, GovError> {
+        sqlx::query("SELECT id, name, retention, created_ms, policy FROM tenants ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(tenant_row)
+            .collect()
+    }
+
+    async fn set_policy(&self, tenant: &str, policy: Option<&str>) -> Result<bool, GovError> {
+        let n = sqlx::query("UPDATE tenants SET policy = $2 WHERE name = $1")
+            .bind(tenant)
+            .bind(policy)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn set_retention(&self, tenant: &str, retention: Retention) -> Result<bool, GovError> {
+        let n = sqlx::query("UPDATE tenants SET retention = $2 WHERE name = $1")
+            .bind(tenant)
+            .bind(retention.as_str())
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<StoredKey>, GovError> {
+        let rows = sqlx::query(
+            "SELECT k.id AS key_id, k.hash, k.prefix, k.role, k.models, k.expires_ms, k.revoked_ms,
+                    t.id, t.name, t.retention, t.created_ms, t.policy
+             FROM api_keys k JOIN tenants t ON t.id = k.tenant_id WHERE k.prefix = $1",
+        )
+        .bind(prefix)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(StoredKey {
+                    id: r.try_get("key_id")?,
+                    hash: r.try_get("hash")?,
+                    prefix: r.try_get("prefix")?,
+                    role: Role::parse(r.try_get("role")?).unwrap_or(Role::Inference),
+                    models: parse_models(r.try_get("models")?),
+                    expires_ms: r.try_get("expires_ms")?,
+                    revoked_ms: r.try_get("revoked_ms")?,
+                    tenant: tenant_row(r)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn key_hash_exists(&self, hash: &[u8]) -> Result<bool, GovError> {
+        let known: Option<i64> = sqlx::query_scalar("SELECT id FROM api_keys WHERE hash = $1")
+            .bind(hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(known.is_some())
+    }
+
+    async fn active_admin_keys(&self) -> Result<i64, GovError> {
+        Ok(sqlx::query_scalar(
+            "SELECT COUNT(*) FROM api_keys WHERE role = 'admin' AND revoked_ms IS NULL",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn insert_key(&self, k: &KeyRow) -> Result<i64, GovError> {
+        let models = k
+            .models
+            .as_ref()
+            .map(|m| serde_json::to_string(m).unwrap_or_default());
+        Ok(sqlx::query_scalar(
+            "INSERT INTO api_keys (tenant_id, name, prefix, hash, role, models, created_ms, expires_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
+        )
+        .bind(k.tenant_id)
+        .bind(&k.name)
+        .bind(&k.prefix)
+        .bind(&k.hash)
+        .bind(k.role.as_str())
+        .bind(models)
+        .bind(k.created_ms)
+        .bind(k.expires_ms)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn keys(&self, tenant: Option<&str>) -> Result<Vec<KeyInfo>, GovError> {
+        let rows = sqlx::query(
+            "SELECT k.id, t.name AS tenant, k.name, k.prefix, k.role, k.models, k.created_ms,
+                    k.expires_ms, k.revoked_ms
+             FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
+             WHERE $1::text IS NULL OR t.name = $1 ORDER BY k.id",
+        )
+        .bind(tenant)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(KeyInfo {
+                    id: r.try_get("id")?,
+                    tenant: r.try_get("tenant")?,
+                    name: r.try_get("name")?,
+                    prefix: r.try_get("prefix")?,
+                    role: Role::parse(r.try_get("role")?).unwrap_or(Role::Inference),
+                    models: parse_models(r.try_get("models")?),
+                    created_ms: r.try_get("created_ms")?,
+                    expires_ms: r.try_get("expires_ms")?,
+                    revoked_ms: r.try_get("revoked_ms")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn revoke_key(&self, id: i64, now_ms: i64) -> Result<bool, GovError> {
+        let n =
+            sqlx::query("UPDATE api_keys SET revoked_ms = $2 WHERE id = $1 AND revoked_ms IS NULL")
+                .bind(id)
+                .bind(now_ms)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn key_tenant(&self, id: i64) -> Result<Option<i64>, GovError> {
+        Ok(
+            sqlx::query_scalar("SELECT tenant_id FROM api_keys WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn set_budget(
+        &self,
+        tenant_id: i64,
+        key_id: i64,
+        unit: BudgetUnit,
+        period: BudgetPeriod,
+        limit: i64,
+    ) -> Result<i64, GovError> {
+        Ok(sqlx::query_scalar(
+            "INSERT INTO budgets (tenant_id, key_id, unit, period, limit_amount)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (tenant_id, key_id, unit, period)
+             DO UPDATE SET limit_amount = excluded.limit_amount
+             RETURNING id",
+        )
+        .bind(tenant_id)
+        .bind(key_id)
+        .bind(unit.as_str())
+        .bind(period.as_str())
+        .bind(limit)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn budgets(
+        &self,
+        tenant: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Vec<BudgetInfo>, GovError> {
+        let rows = sqlx::query(
+            "SELECT b.id, t.name AS tenant, b.key_id, b.unit, b.period, b.limit_amount
+             FROM budgets b JOIN tenants t ON t.id = b.tenant_id
+             WHERE $1::text IS NULL OR t.name = $1 ORDER BY b.id",
+        )
+        .bind(tenant)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let id: i64 = r.try_get("id")?;
+            let period = BudgetPeriod::parse(r.try_get("period")?).unwrap_or(BudgetPeriod::Total);
+            let usage = sqlx::query(
+                "SELECT spent, reserved FROM budget_usage WHERE budget_id = $1 AND period_key = $2",
+            )
+            .bind(id)
+            .bind(period.key(now_ms))
+            .fetch_optional(&self.pool)
+            .await?;
+            let (spent, reserved) = match usage {
+                Some(u) => (u.try_get(0)?, u.try_get(1)?),
+                None => (0, 0),
+            };
+            out.push(BudgetInfo {
+                id,
+                tenant: r.try_get("tenant")?,
+                key_id: r.try_get("key_id")?,
+                unit: BudgetUnit::parse(r.try_get("unit")?).unwrap_or(BudgetUnit::Tokens),
+                period,
+                limit: r.try_get("limit_amount")?,
+                spent,
+                reserved,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn set_limits(&self, tenant_id: i64, key_id: i64, l: Limits) -> Result<i64, GovError> {
+        Ok(sqlx::query_scalar(
+            "INSERT INTO limits (tenant_id, key_id, rpm, tpm, max_concurrent) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (tenant_id, key_id) DO UPDATE SET rpm = excluded.rpm, tpm = excluded.tpm,
+                 max_concurrent = excluded.max_concurrent
+             RETURNING id",
+        )
+        .bind(tenant_id)
+        .bind(key_id)
+        .bind(l.rpm)
+        .bind(l.tpm)
+        .bind(l.max_concurrent)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn limits(&self, tenant: Option<&str>) -> Result<Vec<LimitInfo>, GovError> {
+        let rows = sqlx::query(
+            "SELECT l.id, t.name AS tenant, l.key_id, l.rpm, l.tpm, l.max_concurrent
+             FROM limits l JOIN tenants t ON t.id = l.tenant_id
+             WHERE $1::text IS NULL OR t.name = $1 ORDER BY l.id",
+        )
+        .bind(tenant)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(LimitInfo {
+                    id: r.try_get("id")?,
+                    tenant: r.try_get("tenant")?,
+                    key_id: r.try_get("key_id")?,
+                    limits: Limits {
+                        rpm: r.try_get("rpm")?,
+                        tpm: r.try_get("tpm")?,
+                        max_concurrent: r.try_get("max_concurrent")?,
+                    },
+                })
+            })
+            .collect()
+    }
+
+    async fn set_price(
+        &self,
+        model: &str,
+        backend: &str,
+        input_nusd: i64,
+        output_nusd: i64,
+    ) -> Result<(), GovError> {
+        sqlx::query(
+            "INSERT INTO prices (model, backend, input_nusd, output_nusd) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (model, backend) DO UPDATE
+             SET input_nusd = excluded.input_nusd, output_nusd = excluded.output_nusd",
+        )
+        .bind(model)
+        .bind(backend)
+        .bind(input_nusd)
+        .bind(output_nusd)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn reserve(&self, op: ReserveOp) -> Result<Option<RateInfo>, GovError> {
+        with_retries!(self.reserve_once(&op))
+    }
+
+    async fn finish(&self, op: FinishOp) -> Result<Finished, GovError> {
+        with_retries!(self.finish_once(&op))
+    }
+
+    /// Every write is durable when its call returns: nothing is left to wait for.
+    async fn flush(&self) {}
+
+    async fn usage(&self, group_by: &[UsageKey]) -> Result<Vec<UsageRow>, GovError> {
+        let sql = crate::storage::usage_sql(group_by);
+        let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(UsageRow {
+                    tenant: r.try_get("tenant")?,
+                    key: r.try_get("key_prefix")?,
+                    model: r.try_get("model")?,
+                    day: r.try_get("day")?,
+                    requests: r.try_get("requests")?,
+                    prompt_tokens: r.try_get("p")?,
+                    completion_tokens: r.try_get("c")?,
+                    cost_usd: r.try_get::<i64, _>("cost")? as f64 / crate::NUSD_PER_USD,
+                })
+            })
+            .collect()
+    }
+
+    async fn ledger_state(&self) -> Result<LedgerState, GovError> {
+        let open: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM requests WHERE state = 'reserved'")
+                .fetch_one(&self.pool)
+                .await?;
+        let r = sqlx::query(crate::storage::LEDGER_TOTALS_SQL)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(LedgerState {
+            open_requests: open,
+            reserved_total: r.try_get(0)?,
+            spent_total: r.try_get(1)?,
+        })
+    }
+
+    async fn audit_chain(&self) -> Result<(Vec<ChainRow>, Option<AuditHead>), GovError> {
+        // One snapshot, so the head matches the rows while other replicas append.
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+        let rows = sqlx::query("SELECT seq, record, prev_hash, hash FROM audit_log ORDER BY seq")
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(ChainRow {
+                    seq: r.try_get(0)?,
+                    record: r.try_get(1)?,
+                    prev_hash: r.try_get(2)?,
+                    hash: r.try_get(3)?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        let head = head(&mut *tx).await?;
+        tx.commit().await?;
+        Ok((rows, head))
+    }
+
+    async fn audit_head(&self) -> Result<Option<AuditHead>, GovError> {
+        Ok(head(&self.pool).await?)
+    }
+
+    async fn insert_checkpoint(&self, cp: &Checkpoint) -> Result<bool, GovError> {
+        let n = sqlx::query(
+            "INSERT INTO audit_checkpoints (seq, hash, time_ms, public_key, signature)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        )
+        .bind(cp.seq)
+        .bind(&cp.hash)
+        .bind(cp.time_ms)
+        .bind(&cp.public_key)
+        .bind(&cp.signature)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn checkpoints(&self) -> Result<Vec<Checkpoint>, GovError> {
+        let rows = sqlx::query(
+            "SELECT seq, hash, time_ms, public_key, signature FROM audit_checkpoints ORDER BY seq",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Checkpoint {
+                    seq: r.try_get(0)?,
+                    hash: r.try_get(1)?,
+                    time_ms: r.try_get(2)?,
+                    public_key: r.try_get(3)?,
+                    signature: r.try_get(4)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn audit_records(&self, after_seq: i64, limit: i64) -> Result<Vec<String>, GovError> {
+        Ok(
+            sqlx::query_scalar("SELECT record FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2")
+                .bind(after_seq)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn erase_content(&self, tenant_id: i64) -> Result<u64, GovError> {
+        Ok(
+            sqlx::query("DELETE FROM audit_content WHERE tenant_id = $1")
+                .bind(tenant_id)
+                .execute(&self.pool)
+                .await?
+                .rows_affected(),
+        )
+    }
+
+    async fn audit_content(
+        &self,
+        seq: i64,
+    ) -> Result<Option<(String, Option<String>, Option<String>)>, GovError> {
+        sqlx::query("SELECT retention, prompt, completion FROM audit_content WHERE seq = $1")
+            .bind(seq)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+            .transpose()
+    }
+
+    async fn record_config(
+        &self,
+        hash: &str,
+        source: &str,
+        author: &str,
+        action: &str,
+        now_ms: i64,
+    ) -> Result<u64, GovError> {
+        let mut tx = self.pool.begin().await?;
+        // Numbers versions MAX + 1: two replicas recording at once must not pick the same one.
+        sqlx::query("LOCK TABLE config_versions IN SHARE ROW EXCLUSIVE MODE")
+            .execute(&mut *tx)
+            .await?;
+        let known: Option<i64> =
+            sqlx::query_scalar("SELECT version FROM config_versions WHERE hash = $1")
+                .bind(hash)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let version = match known {
+            Some(v) => v,
+            None => {
+                sqlx::query_scalar(
+                    "INSERT INTO config_versions (version, hash, created_ms, author, source)
+                     SELECT COALESCE(MAX(version), 0) + 1, $1, $2, $3, $4 FROM config_versions
+                     RETURNING version",
+                )
+                .bind(hash)
+                .bind(now_ms)
+                .bind(author)
+                .bind(source)
+                .fetch_one(&mut *tx)
+                .await?
+            }
+        };
+        sqlx::query(
+            "INSERT INTO config_events (version, time_ms, author, action) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(version)
+        .bind(now_ms)
+        .bind(author)
+        .bind(action)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(version as u64)
+    }
+
+    async fn config_versions(&self) -> Result<Vec<ConfigVersion>, GovError> {
+        sqlx::query(
+            "SELECT version, hash, created_ms, author FROM config_versions ORDER BY version",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| version_row(r, false))
+        .collect()
+    }
+
+    async fn config_events(&self) -> Result<Vec<ConfigEvent>, GovError> {
+        sqlx::query("SELECT version, time_ms, author, action FROM config_events ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(ConfigEvent {
+                    version: r.try_get::<i64, _>(0)? as u64,
+                    time_ms: r.try_get(1)?,
+                    author: r.try_get(2)?,
+                    action: r.try_get(3)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn config_version(&self, version: u64) -> Result<Option<ConfigVersion>, GovError> {
+        sqlx::query(
+            "SELECT version, hash, created_ms, author, source FROM config_versions WHERE version = $1",
+        )
+        .bind(i64::try_from(version).unwrap_or(i64::MAX))
+        .fetch_optional(&self.pool)
+        .await?
+        .map(|r| version_row(&r, true))
+        .transpose()
+    }
+}
+
+/// The chain's head, `None` while the chain is empty (the row exists from the start, at 0).
+async fn head<'e>(
+    conn: impl sqlx::Executor<'e, Database = Postgres>,
+) -> Result<Option<AuditHead>, sqlx::Error> {
+    sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1 AND seq > 0")
+        .fetch_optional(conn)
+        .await?
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .transpose()
+}
+
+fn tenant_row(r: &PgRow) -> Result<TenantInfo, GovError> {
+    Ok(TenantInfo {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        retention: Retention::parse(r.try_get("retention")?).unwrap_or_default(),
+        created_ms: r.try_get("created_ms")?,
+        policy: r.try_get("policy")?,
+    })
+}
+
+fn version_row(r: &PgRow, with_source: bool) -> Result<ConfigVersion, GovError> {
+    Ok(ConfigVersion {
+        version: r.try_get::<i64, _>("version")? as u64,
+        hash: r.try_get("hash")?,
+        created_ms: r.try_get("created_ms")?,
+        author: r.try_get("author")?,
+        source: if with_source {
+            Some(r.try_get("source")?)
+        } else {
+            None
+        },
+    })
+}
+
+fn parse_models(s: Option<String>) -> Option<Vec<String>> {
+    s.and_then(|s| serde_json::from_str(&s).ok())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,233 @@
+//! The PostgreSQL store against a real server (see `pgtest.rs`): the store contract, and the
+//! guarantees that only matter with several processes: replicas share budgets, limits and one
+//! audit chain.
+
+use std::sync::Arc;
+
+use super::*;
+use crate::audit::{verify_chain, AuditRecord};
+use crate::pgtest::TestPg;
+use crate::storage::Content;
+
+async fn store(pg: &TestPg) -> PgStore {
+    PgStore::connect(pg.url(), &GovConfig::new("unused".into()))
+        .await
+        .unwrap()
+}
+
+fn server() -> TestPg {
+    TestPg::start().unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn reserve_op(id: &str, tenant_id: i64, prompt: u64, max: u64) -> ReserveOp {
+    ReserveOp {
+        request_id: id.into(),
+        tenant_id,
+        key_id: 0,
+        model: "m".into(),
+        backend: "local".into(),
+        fallbacks: vec!["remote".into()],
+        prompt_tokens: prompt,
+        max_completion_tokens: max,
+        expires_ms: now_ms() + 60_000,
+    }
+}
+
+fn finish_op(id: &str, t: &TenantInfo, used: Option<(u64, u64)>) -> FinishOp {
+    FinishOp {
+        settlement: used.map(|(p, c)| Settlement {
+            request_id: id.into(),
+            tenant_id: t.id,
+            key_id: 0,
+            tenant: t.name.clone(),
+            key_prefix: "k".into(),
+            model: "m".into(),
+            backend: "local".into(),
+            prompt_tokens: p,
+            completion_tokens: c,
+        }),
+        record: AuditRecord {
+            request_id: id.into(),
+            tenant: Some(t.name.clone()),
+            status: 200,
+            ..Default::default()
+        },
+        content: Some(Content {
+            tenant_id: t.id,
+            retention: Retention::Hash,
+            prompt: "p".into(),
+            completion: "c".into(),
+        }),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conforms_to_the_store_contract() {
+    let pg = server();
+    crate::storage::conformance::check(&store(&pg).await).await;
+}
+
+/// 200 requests at once, half through each of two replicas, against one token budget and one
+/// money budget: neither is ever overspent, every settled token is in the budget's spend, and
+/// the audit log is one chain of 200 records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_budgets_and_one_audit_chain() {
+    let pg = server();
+    let replicas = [Arc::new(store(&pg).await), Arc::new(store(&pg).await)];
+    let s = &replicas[0];
+    s.insert_tenant("t", Retention::Hash, now_ms())
+        .await
+        .unwrap();
+    let t = s.tenant("t").await.unwrap().unwrap();
+    // Worst case 20 tokens: 1,000 tokens fit 50 requests at once, 10,000 n$ fit 25 at the
+    // dearer backend's price (20 n$ a token, from the fallback), and settling frees room.
+    let tokens = 1_000;
+    let money = 10_000;
+    s.set_budget(t.id, 0, BudgetUnit::Tokens, BudgetPeriod::Total, tokens)
+        .await
+        .unwrap();
+    s.set_budget(t.id, 0, BudgetUnit::Usd, BudgetPeriod::Day, money)
+        .await
+        .unwrap();
+    s.set_price("m", "local", 10, 10).await.unwrap();
+    s.set_price("m", "remote", 20, 20).await.unwrap();
+    let mut tasks = vec![];
+    for i in 0..200u64 {
+        let s = replicas[i as usize % 2].clone();
+        let t = t.clone();
+        tasks.push(tokio::spawn(async move {
+            let id = format!("r{i}");
+            let admitted = s.reserve(reserve_op(&id, t.id, 5, 15)).await;
+            let used = match &admitted {
+                Ok(_) => Some((5, i % 16)),
+                Err(GovError::OverBudget(_)) => None,
+                Err(e) => panic!("{e}"),
+            };
+            s.finish(finish_op(&id, &t, used)).await.unwrap();
+            used
+        }));
+    }
+    let mut settled_tokens = 0;
+    let mut admitted = 0;
+    for task in tasks {
+        if let Some((p, c)) = task.await.unwrap() {
+            settled_tokens += (p + c) as i64;
+            admitted += 1;
+        }
+    }
+    assert!(admitted > 0 && admitted < 200, "{admitted} admitted");
+    let budgets = s.budgets(Some("t"), now_ms()).await.unwrap();
+    let (tok, usd) = (&budgets[0], &budgets[1]);
+    assert!(tok.spent <= tokens, "{tok:?}");
+    assert!(usd.spent <= money, "{usd:?}");
+    assert_eq!((tok.reserved, usd.reserved), (0, 0));
+    assert_eq!(tok.spent, settled_tokens);
+    // Charged at the price of the backend that ran it.
+    assert_eq!(usd.spent, settled_tokens * 10);
+    let usage = s.usage(&[]).await.unwrap();
+    assert_eq!(usage[0].requests, admitted);
+    assert_eq!(
+        usage[0].prompt_tokens + usage[0].completion_tokens,
+        settled_tokens
+    );
+    let (rows, head) = replicas[1].audit_chain().await.unwrap();
+    let audited: i64 = rows
+        .iter()
+        .map(|r| {
+            serde_json::from_str::<AuditRecord>(&r.record)
+                .unwrap()
+                .cost_nusd
+        })
+        .sum();
+    assert_eq!(audited, usd.spent);
+    assert_eq!(verify_chain(rows, head).unwrap(), 200);
+    let state = s.ledger_state().await.unwrap();
+    assert_eq!((state.open_requests, state.reserved_total), (0, 0));
+}
+
+/// A concurrency limit counts the open requests of every replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_concurrency_limits() {
+    let pg = server();
+    let replicas = [Arc::new(store(&pg).await), Arc::new(store(&pg).await)];
+    let s = &replicas[0];
+    s.insert_tenant("t", Retention::None, now_ms())
+        .await
+        .unwrap();
+    let t = s.tenant("t").await.unwrap().unwrap();
+    let limits = Limits {
+        rpm: None,
+        tpm: None,
+        max_concurrent: Some(5),
+    };
+    s.set_limits(t.id, 0, limits).await.unwrap();
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let s = replicas[i % 2].clone();
+            tokio::spawn(async move { s.reserve(reserve_op(&format!("r{i}"), t.id, 1, 1)).await })
+        })
+        .collect();
+    let mut open = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(info) => {
+                assert!(info.is_some());
+                open += 1;
+            }
+            Err(GovError::RateLimited { .. }) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(open, 5);
+    assert_eq!(s.ledger_state().await.unwrap().open_requests, 5);
+}
+
+/// A reservation whose process died is released by the sweeper; if its request settles after
+/// all, the usage is charged to the current window (the request did run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_reservations_are_released() {
+    let pg = server();
+    let s = store(&pg).await;
+    s.insert_tenant("t", Retention::None, now_ms())
+        .await
+        .unwrap();
+    let t = s.tenant("t").await.unwrap().unwrap();
+    s.set_budget(t.id, 0, BudgetUnit::Tokens, BudgetPeriod::Month, 100)
+        .await
+        .unwrap();
+    let mut op = reserve_op("dead", t.id, 10, 50);
+    op.expires_ms = now_ms() - 1;
+    s.reserve(op).await.unwrap();
+    assert_eq!(s.ledger_state().await.unwrap().reserved_total, 60);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while s.ledger_state().await.unwrap().open_requests > 0 {
+        assert!(std::time::Instant::now() < deadline, "never expired");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let state = s.ledger_state().await.unwrap();
+    assert_eq!((state.reserved_total, state.spent_total), (0, 0));
+    s.finish(finish_op("dead", &t, Some((10, 5))))
+        .await
+        .unwrap();
+    let state = s.ledger_state().await.unwrap();
+    assert_eq!((state.reserved_total, state.spent_total), (0, 15));
+    // Settled once: a second settlement charges nothing.
+    let again = s
+        .finish(finish_op("dead", &t, Some((10, 5))))
+        .await
+        .unwrap();
+    assert_eq!(again.cost_nusd, 0);
+    assert_eq!(s.ledger_state().await.unwrap().spent_total, 15);
+}
+
+#[test]
+fn urls_are_shown_without_their_password() {
+    assert!(is_postgres_url("postgresql://h/db"));
+    assert!(!is_postgres_url("/var/lib/serrano.db"));
+    assert_eq!(
+        display_db("postgres://u:secret@h:5432/db?sslmode=require"),
+        "postgres://u:***@h:5432/db?sslmode=require"
+    );
+    assert_eq!(display_db("postgres://u@h/db"), "postgres://u@h/db");
+    assert_eq!(display_db("/tmp/x.db"), "/tmp/x.db");
+}
