@@ -179,7 +179,8 @@ struct ServerArgs {
     #[arg(long, env = "SERRANO_REGION")]
     region: Option<String>,
     /// How long a ledger or audit write waits for a lock held by another process before the
-    /// request fails closed with 503 (seconds).
+    /// request fails closed with 503 (seconds). On PostgreSQL it also bounds the wait for a
+    /// pooled connection and every statement.
     #[arg(long, default_value_t = 5.0)]
     db_busy_timeout: f64,
     /// Serve requests that carry no API key as the tenant 'anonymous' (inference only; its
