@@ -23,13 +23,12 @@
 //! - Expired reservations are released by a background task on every replica; `FOR UPDATE
 //!   SKIP LOCKED` keeps two replicas from releasing the same one.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 
@@ -69,22 +68,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[(
 )];
 
 fn migrator() -> Migrator {
-    let migrations = MIGRATIONS
-        .iter()
-        .map(|&(version, name, sql)| {
-            Migration::new(
-                version,
-                Cow::Borrowed(name),
-                MigrationType::Simple,
-                Cow::Borrowed(sql),
-                false,
-            )
-        })
-        .collect();
-    Migrator {
-        migrations: Cow::Owned(migrations),
-        ..Migrator::DEFAULT
-    }
+    crate::storage::migrator(MIGRATIONS)
 }
 
 /// Whether a database setting names PostgreSQL (`postgres://` or `postgresql://`).
@@ -721,7 +705,7 @@ impl Store for PgStore {
                     hash: r.try_get("hash")?,
                     prefix: r.try_get("prefix")?,
                     role: Role::parse(r.try_get("role")?).unwrap_or(Role::Inference),
-                    models: parse_models(r.try_get("models")?),
+                    models: crate::storage::parse_models(r.try_get("models")?),
                     expires_ms: r.try_get("expires_ms")?,
                     revoked_ms: r.try_get("revoked_ms")?,
                     tenant: tenant_row(r)?,
@@ -785,7 +769,7 @@ impl Store for PgStore {
                     name: r.try_get("name")?,
                     prefix: r.try_get("prefix")?,
                     role: Role::parse(r.try_get("role")?).unwrap_or(Role::Inference),
-                    models: parse_models(r.try_get("models")?),
+                    models: crate::storage::parse_models(r.try_get("models")?),
                     created_ms: r.try_get("created_ms")?,
                     expires_ms: r.try_get("expires_ms")?,
                     revoked_ms: r.try_get("revoked_ms")?,
@@ -1201,10 +1185,6 @@ fn version_row(r: &PgRow, with_source: bool) -> Result<ConfigVersion, GovError> 
             None
         },
     })
-}
-
-fn parse_models(s: Option<String>) -> Option<Vec<String>> {
-    s.and_then(|s| serde_json::from_str(&s).ok())
 }
 
 #[cfg(test)]

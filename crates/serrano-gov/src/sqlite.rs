@@ -4,12 +4,11 @@
 //! written. Several processes on one machine may share the file: SQLite's
 //! locks make their reservations atomic and their audit chain one sequence.
 
-use std::borrow::Cow;
 use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::migrate::Migrator;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
@@ -85,22 +84,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
 ];
 
 fn migrator() -> Migrator {
-    let migrations = MIGRATIONS
-        .iter()
-        .map(|&(version, name, sql)| {
-            Migration::new(
-                version,
-                Cow::Borrowed(name),
-                MigrationType::Simple,
-                Cow::Borrowed(sql),
-                false,
-            )
-        })
-        .collect();
-    Migrator {
-        migrations: Cow::Owned(migrations),
-        ..Migrator::DEFAULT
-    }
+    crate::storage::migrator(MIGRATIONS)
 }
 
 pub struct SqliteStore {
@@ -233,7 +217,7 @@ impl Store for SqliteStore {
                     hash: r.try_get("hash")?,
                     prefix: r.try_get("prefix")?,
                     role: Role::parse(r.try_get("role")?).unwrap_or(Role::Inference),
-                    models: parse_models(r.try_get("models")?),
+                    models: crate::storage::parse_models(r.try_get("models")?),
                     expires_ms: r.try_get("expires_ms")?,
                     revoked_ms: r.try_get("revoked_ms")?,
                     tenant: tenant_row(r)?,
@@ -297,7 +281,7 @@ impl Store for SqliteStore {
                     name: r.try_get("name")?,
                     prefix: r.try_get("prefix")?,
                     role: Role::parse(r.try_get("role")?).unwrap_or(Role::Inference),
-                    models: parse_models(r.try_get("models")?),
+                    models: crate::storage::parse_models(r.try_get("models")?),
                     created_ms: r.try_get("created_ms")?,
                     expires_ms: r.try_get("expires_ms")?,
                     revoked_ms: r.try_get("revoked_ms")?,
@@ -737,10 +721,6 @@ fn version_row(r: &SqliteRow, with_source: bool) -> Result<ConfigVersion, GovErr
     })
 }
 
-fn parse_models(s: Option<String>) -> Option<Vec<String>> {
-    s.and_then(|s| serde_json::from_str(&s).ok())
-}
-
 /// The database holds key hashes and audit content: readable by its owner only.
 fn restrict_permissions(path: &Path) {
     #[cfg(unix)]
@@ -756,6 +736,8 @@ fn restrict_permissions(path: &Path) {
 
 #[cfg(test)]
 mod tests {
+    use std::borrow::Cow;
+
     use super::*;
 
     /// A store written before migration 0007 keeps its open reservations: they move into

@@ -18,7 +18,10 @@
 //! - Errors that mean "the store cannot answer" are [`GovError::Unavailable`], so requests fail
 //!   closed with 503.
 
+use std::borrow::Cow;
+
 use async_trait::async_trait;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
 
 use crate::audit::{AuditRecord, ChainRow, Retention};
 use crate::checkpoint::Checkpoint;
@@ -174,6 +177,32 @@ pub(crate) fn usage_sql(group_by: &[UsageKey]) -> String {
         select("model"),
         select("day"),
     )
+}
+
+/// A migrator over an in-code list of (version, name, SQL); a version, once released, never
+/// changes (sqlx checks its checksum).
+pub(crate) fn migrator(list: &'static [(i64, &'static str, &'static str)]) -> Migrator {
+    let migrations = list
+        .iter()
+        .map(|&(version, name, sql)| {
+            Migration::new(
+                version,
+                Cow::Borrowed(name),
+                MigrationType::Simple,
+                Cow::Borrowed(sql),
+                false,
+            )
+        })
+        .collect();
+    Migrator {
+        migrations: Cow::Owned(migrations),
+        ..Migrator::DEFAULT
+    }
+}
+
+/// A key's allowed models as stored (a JSON array, NULL for all).
+pub(crate) fn parse_models(s: Option<String>) -> Option<Vec<String>> {
+    s.and_then(|s| serde_json::from_str(&s).ok())
 }
 
 /// (reserved, spent) over every budget window, in SQL both stores run.
