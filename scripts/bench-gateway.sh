@@ -7,6 +7,9 @@
 # Needs: a release build (cargo build --release -p serrano -p serrano-server --examples --bins)
 # and LiteLLM in $LITELLM_VENV (default /tmp/litellm-venv: python3 -m venv ...; pip install 'litellm[proxy]').
 # SKIP_LITELLM=1 measures direct and serrano only (for quick iterations; not for the record).
+# STORE=postgres puts the gateway's store on a private PostgreSQL server (its own initdb cluster
+# on port 18194, fsync and synchronous_commit on, as durable as the SQLite default) instead of
+# the SQLite file: what a fleet of replicas sharing one database pays per request.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-5}; shift || true
@@ -15,14 +18,29 @@ bin=target/release
 venv=${LITELLM_VENV:-/tmp/litellm-venv}
 tmp=$(mktemp -d)
 pids=()
-trap 'kill ${pids[*]} 2>/dev/null; cp "$tmp/gateway.log" /tmp/last-gateway.log 2>/dev/null; rm -rf "$tmp"' EXIT
+pg_stop() { :; }
+trap 'kill ${pids[*]} 2>/dev/null; pg_stop; cp "$tmp/gateway.log" /tmp/last-gateway.log 2>/dev/null; rm -rf "$tmp"' EXIT
 wait_up() { for _ in $(seq 1 300); do curl -sf -o /dev/null "$1" && return 0; sleep 0.2; done; echo "no answer from $1" >&2; return 1; }
 
 $bin/examples/stub_upstream 18190 2>/dev/null & pids+=($!)
 wait_up http://127.0.0.1:18190/v1/models
 
+db="$tmp/serrano.db"
+if [ "${STORE:-sqlite}" = postgres ]; then
+  pgbin=$(dirname "$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | tail -1)")
+  [ -x "$pgbin/initdb" ] || { echo "STORE=postgres needs PostgreSQL (apt-get install postgresql)" >&2; exit 1; }
+  # initdb refuses to run as root; the server then runs as `postgres`.
+  as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+  [ "$(id -u)" = 0 ] && chown -R postgres: "$tmp"
+  as_pg "$pgbin/initdb" -D "$tmp/pg" -U serrano -A trust -E UTF8 --locale=C >/dev/null
+  as_pg "$pgbin/pg_ctl" -D "$tmp/pg" -l "$tmp/pg.log" -w -t 60 start \
+    -o "-p 18194 -k $tmp -c listen_addresses=127.0.0.1 -c max_connections=100" >/dev/null
+  pg_stop() { as_pg "$pgbin/pg_ctl" -D "$tmp/pg" -m immediate stop >/dev/null 2>&1 || true; }
+  db=postgres://serrano@127.0.0.1:18194/postgres
+fi
+echo "store: ${STORE:-sqlite}"
 export SERRANO_ADMIN_KEY=sk-srn-bench-admin-key-0123456789abcdef
-$bin/serrano gateway --port 18191 --db "$tmp/serrano.db" --upstream http://127.0.0.1:18190/v1 \
+$bin/serrano gateway --port 18191 --db "$db" --upstream http://127.0.0.1:18190/v1 \
   --upstream-model stub 2>"$tmp/gateway.log" & pids+=($!)
 wait_up http://127.0.0.1:18191/health
 $bin/examples/bare_proxy 18193 http://127.0.0.1:18190/v1/chat/completions & pids+=($!)
@@ -43,6 +61,8 @@ $bin/examples/overhead_bench http://127.0.0.1:18191/v1/chat/completions "$key" 2
 $bin/examples/overhead_bench http://127.0.0.1:18193/v1/chat/completions none 250 2 >/dev/null
 # utime + stime of a process, in clock ticks.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# The database server's CPU (every postgres process; 0 for SQLite, which runs in the gateway).
+pg_ticks() { local t=0 p; for p in $(pgrep -x postgres); do t=$(( t + $(cpu_ticks "$p" 2>/dev/null || echo 0) )); done; echo $t; }
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
 for rate in $rates; do
   echo "direct   $(run http://127.0.0.1:18190/v1/chat/completions none "$rate")"
@@ -50,10 +70,11 @@ for rate in $rates; do
   out=$(run http://127.0.0.1:18193/v1/chat/completions none "$rate")
   used=$(( $(cpu_ticks "${pids[2]}") - before ))
   echo "bare     $out proxy CPU: $(( used * 10000 / $(getconf CLK_TCK) / (rate * secs / 100) )) us/request"
-  before=$(cpu_ticks "${pids[1]}")
+  before=$(cpu_ticks "${pids[1]}"); pg_before=$(pg_ticks)
   out=$(run http://127.0.0.1:18191/v1/chat/completions "$key" "$rate")
-  used=$(( $(cpu_ticks "${pids[1]}") - before ))
-  echo "serrano  $out gateway CPU: $(( used * 10000 / $(getconf CLK_TCK) / (rate * secs / 100) )) us/request"
+  used=$(( $(cpu_ticks "${pids[1]}") - before )); pg_used=$(( $(pg_ticks) - pg_before ))
+  per() { echo $(( $1 * 10000 / $(getconf CLK_TCK) / (rate * secs / 100) )); }
+  echo "serrano  $out gateway CPU: $(per $used) us/request$([ "${STORE:-sqlite}" = postgres ] && echo ", PostgreSQL CPU: $(per $pg_used) us/request")"
 done
 # LiteLLM last, on the same stub in the same run, and started only now: nothing it does (tens of
 # seconds of backlog past its capacity, its own background tasks) can then land in the other

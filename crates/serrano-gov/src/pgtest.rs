@@ -12,6 +12,8 @@ pub struct TestPg {
     bin: PathBuf,
     as_postgres: bool,
     url: String,
+    /// The server's options (port included), so that a restart listens where it did.
+    opts: String,
 }
 
 impl TestPg {
@@ -30,6 +32,7 @@ impl TestPg {
             bin,
             as_postgres,
             url: String::new(),
+            opts: String::new(),
         };
         if as_postgres {
             server.run("chown", &["-R", "postgres:", &server.dir_str()], false)?;
@@ -70,6 +73,7 @@ impl TestPg {
             ) {
                 Ok(()) => {
                     server.url = format!("postgres://serrano@127.0.0.1:{port}/postgres");
+                    server.opts = opts;
                     return Ok(server);
                 }
                 Err(e) => {
@@ -84,6 +88,26 @@ impl TestPg {
     /// `postgres://serrano@127.0.0.1:PORT/postgres`.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// Kills the server as a crash would (`pg_ctl stop -m immediate`: no shutdown checkpoint,
+    /// and WAL still in shared buffers is lost), then starts it again on the same port, so that
+    /// what survives is what recovery replays from the WAL files.
+    pub fn crash_and_restart(&self) -> Result<(), String> {
+        let data = self.dir.join("data").display().to_string();
+        self.run(
+            "pg_ctl",
+            &["-D", &data, "-m", "immediate", "-w", "stop"],
+            true,
+        )?;
+        let log = self.dir.join("server.log").display().to_string();
+        self.run(
+            "pg_ctl",
+            &[
+                "-D", &data, "-l", &log, "-o", &self.opts, "-w", "-t", "60", "start",
+            ],
+            true,
+        )
     }
 
     fn dir_str(&self) -> String {

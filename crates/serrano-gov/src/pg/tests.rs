@@ -220,6 +220,47 @@ async fn expired_reservations_are_released() {
     assert_eq!(s.ledger_state().await.unwrap().spent_total, 15);
 }
 
+/// Reservations and audit records commit asynchronously and are answered only after a WAL
+/// flush: a server crash right after the answers loses none of them. (Without the flush the
+/// last records of a burst are still in PostgreSQL's WAL buffers when it dies.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answered_writes_survive_a_server_crash() {
+    let pg = server();
+    let s = store(&pg).await;
+    s.insert_tenant("t", Retention::None, now_ms())
+        .await
+        .unwrap();
+    let t = s.tenant("t").await.unwrap().unwrap();
+    s.set_budget(t.id, 0, BudgetUnit::Tokens, BudgetPeriod::Month, 1_000_000)
+        .await
+        .unwrap();
+    const N: usize = 40;
+    // Two per round: one settled (its record answered), one left reserved (its reservation
+    // answered), so that both kinds of answer are the last write before the crash.
+    let mut reserve_only = Vec::new();
+    for i in 0..N {
+        let done = format!("done-{i}");
+        s.reserve(reserve_op(&done, t.id, 10, 50)).await.unwrap();
+        s.finish(finish_op(&done, &t, Some((10, 5)))).await.unwrap();
+        let open = format!("open-{i}");
+        s.reserve(reserve_op(&open, t.id, 10, 50)).await.unwrap();
+        reserve_only.push(open);
+    }
+    pg.crash_and_restart().unwrap();
+    drop(s);
+    let s = store(&pg).await;
+    let (rows, head) = s.audit_chain().await.unwrap();
+    assert_eq!(rows.len(), N, "audit records lost in the crash");
+    assert_eq!(verify_chain(rows, head).unwrap(), N as u64);
+    let state = s.ledger_state().await.unwrap();
+    assert_eq!(state.spent_total, 15 * N as i64);
+    assert_eq!(
+        state.open_requests, N as i64,
+        "reservations lost in the crash"
+    );
+    assert_eq!(state.reserved_total, 60 * N as i64);
+}
+
 #[test]
 fn urls_are_shown_without_their_password() {
     assert!(is_postgres_url("postgresql://h/db"));
