@@ -157,6 +157,10 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(wait)
+            // No ping before each use: it is a round trip, three per request. A connection the
+            // server dropped (a restart) fails its next statement instead: that request gets 503
+            // (fail closed) and the pool replaces the connection.
+            .test_before_acquire(false)
             .connect_with(opts)
             .await?;
         migrator().run(&pool).await?;
@@ -170,14 +174,7 @@ impl PgStore {
         let (t, k) = (op.tenant_id, op.key_id);
         let worst_tokens = i64_of(op.prompt_tokens.saturating_add(op.max_completion_tokens));
         let minute = now.div_euclid(60_000);
-        sqlx::query(
-            "SELECT pg_advisory_xact_lock($1, $2), set_config('synchronous_commit', 'off', true)",
-        )
-        .bind(TENANT_LOCK_CLASS)
-        .bind(t.rem_euclid(i64::from(i32::MAX)) as i32)
-        .execute(&mut *tx)
-        .await?;
-        let limits = limits(&mut tx, t, k).await?;
+        let limits = lock_tenant(&mut tx, t, k).await?;
         // First, so that a replayed id is refused as a replay whatever else it would fail.
         let fresh = sqlx::query(
             "INSERT INTO requests (request_id, tenant_id, key_id, state, created_ms, expires_ms,
@@ -199,25 +196,29 @@ impl PgStore {
         // Refusals return early: dropping the transaction rolls back what it wrote.
         let rate = check_limits(&mut tx, op, &limits, worst_tokens, minute, now).await?;
         let holds = hold_budgets(&mut tx, op, worst_tokens, now).await?;
-        for l in &limits {
+        if !limits.is_empty() || !holds.is_empty() {
+            // One statement: the holds into the request's row (locked since its insert), then
+            // the rate windows in limit id order.
+            let ids: Vec<i64> = limits.iter().map(|l| l.id).collect();
+            let holds = (!holds.is_empty())
+                .then(|| encode_stored_holds(&holds))
+                .transpose()?;
             sqlx::query(
-                "INSERT INTO rate_windows (limit_id, minute, requests, tokens) VALUES ($1, $2, 1, $3)
+                "WITH h AS (UPDATE requests SET holds = $4 WHERE request_id = $5 AND $4 IS NOT NULL)
+                 INSERT INTO rate_windows (limit_id, minute, requests, tokens)
+                 SELECT id, $2, 1, $3 FROM unnest($1::bigint[]) WITH ORDINALITY AS l (id, n)
+                 ORDER BY n
                  ON CONFLICT (limit_id, minute) DO UPDATE
                  SET requests = rate_windows.requests + 1,
                      tokens = rate_windows.tokens + excluded.tokens",
             )
-            .bind(l.id)
+            .bind(&ids)
             .bind(minute)
             .bind(worst_tokens)
+            .bind(holds)
+            .bind(&op.request_id)
             .execute(&mut *tx)
             .await?;
-        }
-        if !holds.is_empty() {
-            sqlx::query("UPDATE requests SET holds = $2 WHERE request_id = $1")
-                .bind(&op.request_id)
-                .bind(encode_stored_holds(&holds)?)
-                .execute(&mut *tx)
-                .await?;
         }
         tx.commit().await?;
         Ok(rate)
@@ -250,39 +251,34 @@ impl PgStore {
         let text = serde_json::to_string(&record)
             .map_err(|e| GovError::Unavailable(format!("cannot encode an audit record: {e}")))?;
         let hash = chain_hash(&prev_hash, seq as u64, &text);
-        sqlx::query("INSERT INTO audit_log (seq, record, prev_hash, hash) VALUES ($1, $2, $3, $4)")
-            .bind(seq)
-            .bind(&text)
-            .bind(&prev_hash)
-            .bind(&hash)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
-            .bind(seq)
-            .bind(&hash)
-            .execute(&mut *tx)
-            .await?;
-        if let Some(c) = op
+        let content = op
             .content
             .as_ref()
             .filter(|c| c.retention != Retention::None)
-        {
-            let (prompt, completion) = match c.retention {
-                Retention::Hash => (sha256_hex(&c.prompt), sha256_hex(&c.completion)),
-                _ => (c.prompt.clone(), c.completion.clone()),
-            };
-            sqlx::query(
-                "INSERT INTO audit_content (seq, tenant_id, retention, prompt, completion)
-                 VALUES ($1, $2, $3, $4, $5)",
-            )
-            .bind(seq)
-            .bind(c.tenant_id)
-            .bind(c.retention.as_str())
-            .bind(prompt)
-            .bind(completion)
-            .execute(&mut *tx)
-            .await?;
-        }
+            .map(|c| match c.retention {
+                Retention::Hash => (c, sha256_hex(&c.prompt), sha256_hex(&c.completion)),
+                _ => (c, c.prompt.clone(), c.completion.clone()),
+            });
+        // The record, its content (if kept) and the new head, in one round trip: the head's
+        // lock is held until the commit, and every round trip under it is the fleet's.
+        sqlx::query(
+            "WITH record AS (INSERT INTO audit_log (seq, record, prev_hash, hash)
+                             VALUES ($1, $2, $3, $4)),
+                  content AS (INSERT INTO audit_content (seq, tenant_id, retention, prompt,
+                                                         completion)
+                              SELECT $1, $5, $6, $7, $8 WHERE $6::text IS NOT NULL)
+             UPDATE audit_head SET seq = $1, hash = $4 WHERE id = 1",
+        )
+        .bind(seq)
+        .bind(&text)
+        .bind(&prev_hash)
+        .bind(&hash)
+        .bind(content.as_ref().map(|(c, ..)| c.tenant_id))
+        .bind(content.as_ref().map(|(c, ..)| c.retention.as_str()))
+        .bind(content.as_ref().map(|(_, p, _)| p.as_str()))
+        .bind(content.as_ref().map(|(.., c)| c.as_str()))
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(Finished {
             seq: seq as u64,
@@ -322,26 +318,39 @@ macro_rules! with_retries {
 
 type Tx = Transaction<'static, Postgres>;
 
-async fn limits(tx: &mut Tx, tenant_id: i64, key_id: i64) -> Result<Vec<Limit>, sqlx::Error> {
-    sqlx::query(
-        "SELECT id, key_id, rpm, tpm, max_concurrent FROM limits
-         WHERE tenant_id = $1 AND (key_id = 0 OR key_id = $2) ORDER BY id",
+/// Takes the tenant's lock (see the module's comment) and reads the request's rate limits, in
+/// one round trip, and turns this transaction's commit asynchronous (the caller flushes).
+/// Reading the limits with the statement's snapshot, from before the lock was granted, is
+/// fine: they are configuration. The counts they are checked against are read by later
+/// statements, under the lock.
+async fn lock_tenant(tx: &mut Tx, tenant_id: i64, key_id: i64) -> Result<Vec<Limit>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT pg_advisory_xact_lock($3, $4), set_config('synchronous_commit', 'off', true),
+                l.id, l.key_id, l.rpm, l.tpm, l.max_concurrent
+         FROM (SELECT 1) AS one
+         LEFT JOIN limits l ON l.tenant_id = $1 AND (l.key_id = 0 OR l.key_id = $2)
+         ORDER BY l.id",
     )
     .bind(tenant_id)
     .bind(key_id)
+    .bind(TENANT_LOCK_CLASS)
+    .bind(tenant_id.rem_euclid(i64::from(i32::MAX)) as i32)
     .fetch_all(&mut **tx)
-    .await?
-    .iter()
-    .map(|r| {
-        Ok(Limit {
-            id: r.try_get(0)?,
-            key_id: r.try_get(1)?,
-            rpm: r.try_get(2)?,
-            tpm: r.try_get(3)?,
-            max_concurrent: r.try_get(4)?,
-        })
-    })
-    .collect()
+    .await?;
+    let mut limits = Vec::with_capacity(rows.len());
+    for r in rows {
+        let Some(id) = r.try_get::<Option<i64>, _>(2)? else {
+            continue;
+        };
+        limits.push(Limit {
+            id,
+            key_id: r.try_get(3)?,
+            rpm: r.try_get(4)?,
+            tpm: r.try_get(5)?,
+            max_concurrent: r.try_get(6)?,
+        });
+    }
+    Ok(limits)
 }
 
 async fn budgets(tx: &mut Tx, tenant_id: i64, key_id: i64) -> Result<Vec<Budget>, sqlx::Error> {
@@ -377,39 +386,39 @@ async fn check_limits(
 ) -> Result<Option<RateInfo>, TxError> {
     let mut rate = None;
     for l in limits {
-        let open = match l.max_concurrent {
-            Some(_) => {
-                let n: i64 = sqlx::query_scalar(
-                    "SELECT COUNT(*) FROM requests WHERE state = 'reserved' AND tenant_id = $1
-                     AND ($2 = 0 OR key_id = $2)",
-                )
-                .bind(op.tenant_id)
-                .bind(l.key_id)
-                .fetch_one(&mut **tx)
-                .await?;
-                // The request's own row is already in: count the others.
-                n - 1
-            }
-            None => 0,
-        };
-        let (mut prev, mut curr) = ((0, 0), (0, 0));
-        let windows = sqlx::query(
-            "SELECT minute, requests, tokens FROM rate_windows
-             WHERE limit_id = $1 AND minute IN ($2, $3)",
+        // The open-request count (only where a concurrency limit needs it) and this minute's
+        // and the last minute's windows, in one round trip.
+        let w = sqlx::query(
+            "SELECT CASE WHEN $4 THEN
+                        (SELECT COUNT(*) FROM requests WHERE state = 'reserved'
+                         AND tenant_id = $1 AND ($2 = 0 OR key_id = $2))
+                    ELSE 0 END,
+                    p.requests, p.tokens, c.requests, c.tokens
+             FROM (SELECT 1) AS one
+             LEFT JOIN rate_windows p ON p.limit_id = $3 AND p.minute = $5 - 1
+             LEFT JOIN rate_windows c ON c.limit_id = $3 AND c.minute = $5",
         )
+        .bind(op.tenant_id)
+        .bind(l.key_id)
         .bind(l.id)
-        .bind(minute - 1)
+        .bind(l.max_concurrent.is_some())
         .bind(minute)
-        .fetch_all(&mut **tx)
+        .fetch_one(&mut **tx)
         .await?;
-        for w in windows {
-            let counts = (w.try_get(1)?, w.try_get(2)?);
-            if w.try_get::<i64, _>(0)? == minute {
-                curr = counts;
-            } else {
-                prev = counts;
-            }
-        }
+        let counts = |i: usize| -> Result<(i64, i64), sqlx::Error> {
+            Ok((
+                w.try_get::<Option<i64>, _>(i)?.unwrap_or(0),
+                w.try_get::<Option<i64>, _>(i + 1)?.unwrap_or(0),
+            ))
+        };
+        let count: i64 = w.try_get(0)?;
+        // The request's own row is already in: count the others.
+        let open = if l.max_concurrent.is_some() {
+            count - 1
+        } else {
+            0
+        };
+        let (prev, curr) = (counts(1)?, counts(3)?);
         let seen = rate::Seen {
             prev,
             curr,
@@ -490,25 +499,25 @@ async fn hold_budgets(
 /// Replaces the request's reservations by its actual usage and records the usage; returns the
 /// cost in nano-dollars. A request that never reserved, or settled already, is charged nothing.
 async fn settle(tx: &mut Tx, s: &Settlement, now: i64) -> Result<i64, TxError> {
-    let prices =
-        sqlx::query("SELECT input_nusd, output_nusd FROM prices WHERE model = $1 AND backend = $2")
-            .bind(&s.model)
-            .bind(&s.backend)
-            .fetch_optional(&mut **tx)
-            .await?
-            .map(|r| Ok::<_, sqlx::Error>((r.try_get(0)?, r.try_get(1)?)))
-            .transpose()?
-            .unwrap_or((0, 0));
-    let actual_cost = cost(prices, s.prompt_tokens, s.completion_tokens);
-    let actual_tokens = i64_of(s.prompt_tokens.saturating_add(s.completion_tokens));
+    // The request's row, locked, and the backend's prices, in one round trip.
     let row = sqlx::query(
-        "SELECT state, rate_minute, rate_tokens, holds FROM requests WHERE request_id = $1
-         FOR UPDATE",
+        "SELECT state, rate_minute, rate_tokens, holds,
+                (SELECT ARRAY[input_nusd, output_nusd] FROM prices
+                 WHERE model = $2 AND backend = $3)
+         FROM requests WHERE request_id = $1 FOR UPDATE",
     )
     .bind(&s.request_id)
+    .bind(&s.model)
+    .bind(&s.backend)
     .fetch_optional(&mut **tx)
     .await?;
     let Some(row) = row else { return Ok(0) };
+    let prices = match row.try_get::<Option<Vec<i64>>, _>(4)?.as_deref() {
+        Some(&[input, output]) => (input, output),
+        _ => (0, 0),
+    };
+    let actual_cost = cost(prices, s.prompt_tokens, s.completion_tokens);
+    let actual_tokens = i64_of(s.prompt_tokens.saturating_add(s.completion_tokens));
     let state: String = row.try_get(0)?;
     if state == "settled" {
         return Ok(0);
@@ -572,12 +581,10 @@ async fn settle(tx: &mut Tx, s: &Settlement, now: i64) -> Result<i64, TxError> {
         .execute(&mut **tx)
         .await?;
     }
-    sqlx::query("UPDATE requests SET state = 'settled', holds = NULL WHERE request_id = $1")
-        .bind(&s.request_id)
-        .execute(&mut **tx)
-        .await?;
     sqlx::query(
-        "INSERT INTO usage (request_id, time_ms, day, tenant, key_prefix, model, backend,
+        "WITH settled AS (UPDATE requests SET state = 'settled', holds = NULL
+                          WHERE request_id = $1)
+         INSERT INTO usage (request_id, time_ms, day, tenant, key_prefix, model, backend,
                             prompt_tokens, completion_tokens, cost_nusd)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
     )

@@ -261,6 +261,58 @@ async fn answered_writes_survive_a_server_crash() {
     assert_eq!(state.reserved_total, 60 * N as i64);
 }
 
+/// Requests and tokens per minute are counted in the store's windows: the fourth request of a
+/// minute with `rpm = 3` is refused, and so is one whose worst case would pass `tpm`, on
+/// either replica, with the headers' numbers computed from the windows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_rate_windows() {
+    let pg = server();
+    let replicas = [store(&pg).await, store(&pg).await];
+    let s = &replicas[0];
+    s.insert_tenant("r", Retention::None, now_ms())
+        .await
+        .unwrap();
+    let t = s.tenant("r").await.unwrap().unwrap();
+    let limits = Limits {
+        rpm: Some(3),
+        tpm: Some(1_000),
+        max_concurrent: None,
+    };
+    s.set_limits(t.id, 0, limits).await.unwrap();
+    // All in one minute, so that the counts below are this minute's alone.
+    let into_minute = now_ms().rem_euclid(60_000);
+    if into_minute > 50_000 {
+        tokio::time::sleep(Duration::from_millis((60_000 - into_minute) as u64 + 50)).await;
+    }
+    let too_many = replicas[1].reserve(reserve_op("big", t.id, 600, 500)).await;
+    assert!(
+        matches!(too_many, Err(GovError::RateLimited { .. })),
+        "{too_many:?}"
+    );
+    for i in 0..3 {
+        let info = replicas[i % 2]
+            .reserve(reserve_op(&format!("r{i}"), t.id, 10, 50))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(info.remaining_requests, 2 - i as i64);
+        assert_eq!(info.remaining_tokens, 1_000 - 60 * (i as i64 + 1));
+    }
+    let fourth = replicas[1].reserve(reserve_op("r3", t.id, 10, 50)).await;
+    assert!(
+        matches!(fourth, Err(GovError::RateLimited { .. })),
+        "{fourth:?}"
+    );
+    // A settlement gives back the unused worst case to the tokens window, not the request.
+    s.finish(finish_op("r0", &t, Some((10, 5)))).await.unwrap();
+    let windows: (i64, i64) =
+        sqlx::query_as("SELECT SUM(requests)::bigint, SUM(tokens)::bigint FROM rate_windows")
+            .fetch_one(&s.pool)
+            .await
+            .unwrap();
+    assert_eq!(windows, (3, 60 * 3 - 45));
+}
+
 #[test]
 fn urls_are_shown_without_their_password() {
     assert!(is_postgres_url("postgresql://h/db"));
