@@ -153,6 +153,9 @@ impl PgStore {
                 ("statement_timeout", ms.as_str()),
                 ("lock_timeout", ms.as_str()),
                 ("idle_in_transaction_session_timeout", ms.as_str()),
+                // Whatever the server's default: every commit but the two that `flush_wal`
+                // makes durable waits for its own flush, and so does `flush_wal`'s.
+                ("synchronous_commit", "on"),
             ]);
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)

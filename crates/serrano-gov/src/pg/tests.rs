@@ -221,12 +221,31 @@ async fn expired_reservations_are_released() {
 }
 
 /// Reservations and audit records commit asynchronously and are answered only after a WAL
-/// flush: a server crash right after the answers loses none of them. (Without the flush the
-/// last records of a burst are still in PostgreSQL's WAL buffers when it dies.)
+/// flush: a server crash right after the answers loses none of them, even on a server whose
+/// default is `synchronous_commit = off`. (Without the flush the last records of a burst are
+/// still in PostgreSQL's WAL buffers when it dies.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answered_writes_survive_a_server_crash() {
     let pg = server();
     let s = store(&pg).await;
+    // The store must not depend on the server's default: with it off, a plain commit (and a
+    // flush committed at the session's default) would return before the WAL is on disk.
+    sqlx::query("ALTER SYSTEM SET synchronous_commit = off")
+        .execute(&s.pool)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_reload_conf()")
+        .execute(&s.pool)
+        .await
+        .unwrap();
+    drop(s);
+    let s = store(&pg).await;
+    let plain = PgPool::connect(pg.url()).await.unwrap();
+    let default: String = sqlx::query_scalar("SHOW synchronous_commit")
+        .fetch_one(&plain)
+        .await
+        .unwrap();
+    assert_eq!(default, "off");
     s.insert_tenant("t", Retention::None, now_ms())
         .await
         .unwrap();
