@@ -7,6 +7,7 @@
 # Needs: a release build (cargo build --release -p serrano -p serrano-server --examples --bins)
 # and LiteLLM in $LITELLM_VENV (default /tmp/litellm-venv: python3 -m venv ...; pip install 'litellm[proxy]').
 # SKIP_LITELLM=1 measures direct and serrano only (for quick iterations; not for the record).
+# SERRANO_BIN=PATH runs that serrano binary as the gateway (A/B comparisons of two builds).
 # STORE=postgres puts the gateway's store on a private PostgreSQL server (its own initdb cluster
 # on port 18194, fsync and synchronous_commit on, as durable as the SQLite default) instead of
 # the SQLite file: what a fleet of replicas sharing one database pays per request.
@@ -40,7 +41,7 @@ if [ "${STORE:-sqlite}" = postgres ]; then
 fi
 echo "store: ${STORE:-sqlite}"
 export SERRANO_ADMIN_KEY=sk-srn-bench-admin-key-0123456789abcdef
-$bin/serrano gateway --port 18191 --db "$db" --upstream http://127.0.0.1:18190/v1 \
+${SERRANO_BIN:-$bin/serrano} gateway --port 18191 --db "$db" --upstream http://127.0.0.1:18190/v1 \
   --upstream-model stub 2>"$tmp/gateway.log" & pids+=($!)
 wait_up http://127.0.0.1:18191/health
 $bin/examples/bare_proxy 18193 http://127.0.0.1:18190/v1/chat/completions & pids+=($!)
