@@ -62,8 +62,14 @@ $bin/examples/overhead_bench http://127.0.0.1:18191/v1/chat/completions "$key" 2
 $bin/examples/overhead_bench http://127.0.0.1:18193/v1/chat/completions none 250 2 >/dev/null
 # utime + stime of a process, in clock ticks.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-# The database server's CPU (every postgres process; 0 for SQLite, which runs in the gateway).
-pg_ticks() { local t=0 p; for p in $(pgrep -x postgres); do t=$(( t + $(cpu_ticks "$p" 2>/dev/null || echo 0) )); done; echo $t; }
+# The private PostgreSQL server's CPU: its postmaster and every child (0 for SQLite, which runs
+# in the gateway). A backend that exits during a run takes its ticks with it (an undercount).
+pg_ticks() {
+  local t=0 p main
+  main=$(head -1 "$tmp/pg/postmaster.pid" 2>/dev/null) || { echo 0; return; }
+  for p in "$main" $(pgrep -P "$main"); do t=$(( t + $(cpu_ticks "$p" 2>/dev/null || echo 0) )); done
+  echo $t
+}
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
 for rate in $rates; do
   echo "direct   $(run http://127.0.0.1:18190/v1/chat/completions none "$rate")"

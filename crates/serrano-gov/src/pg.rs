@@ -9,8 +9,7 @@
 //! record is in the WAL buffers) and then wait, lock-free, for a WAL flush that covers it
 //! ([`flush_wal`]). Commits of several replicas then share one fsync instead of each paying one
 //! inside the lock: with the fsync inside, one tenant's requests and the whole fleet's audit
-//! records were capped at one per fsync (the gateway saturated at ~400 req/s here,
-//! BENCHMARKS.md). A crash of the server loses only asynchronously committed transactions at
+//! records were capped at one per fsync (BENCHMARKS.md). A crash of the server loses only asynchronously committed transactions at
 //! the end of the WAL, whose callers were never answered; recovery replays a prefix, so the
 //! audit chain stays whole. How the invariants of `storage.rs` hold across processes:
 //! - A reservation takes a transaction-scoped advisory lock on its tenant first, so that the

@@ -253,6 +253,10 @@ fn run_aiperf(
         .args(["--concurrency", CONCURRENCY, "--request-count", REQUESTS])
         // No `--warmup-request-count`: aiperf refuses 0, and sends none without it.
         .args(["--use-server-token-count", "--ui-type", "none"])
+        // The test reads the server's /metrics itself. aiperf's own collectors of server metrics
+        // and GPU telemetry are optional services that only add load, and on two busy vCPUs one
+        // missed its heartbeats and aiperf exited non-zero ("DEGRADED") with complete results.
+        .args(["--no-server-metrics", "--no-gpu-telemetry"])
         .args([
             "--extra-inputs",
             "ignore_eos:true",
