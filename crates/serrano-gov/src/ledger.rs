@@ -324,14 +324,9 @@ impl Ledger {
                 })?,
                 open,
                 tokens: worst_tokens,
-                f: now.rem_euclid(60_000) as f64 / 60_000.0,
+                now_ms: now,
             };
-            let info = rate.get_or_insert(RateInfo {
-                remaining_requests: i64::MAX,
-                remaining_tokens: i64::MAX,
-                ..Default::default()
-            });
-            rate::check(l, &seen, info)?;
+            rate::check(l, &seen, &mut rate)?;
         }
         let budgets = cached(&mut self.budgets, (t, k), || budgets(conn, t, k))?;
         let mut worst_cost = 0;

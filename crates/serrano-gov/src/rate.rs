@@ -107,13 +107,19 @@ pub(crate) struct Seen {
     pub curr: (i64, i64),
     pub open: i64,
     pub tokens: i64,
-    /// The fraction of the current minute that has passed.
-    pub f: f64,
+    /// When the request arrived (ms since the epoch): where it falls in the current minute.
+    pub now_ms: i64,
 }
 
-/// Checks one request against one limit, tightening `info` to what the client is told; the
-/// error is the refusal (nothing is counted: the caller writes only once every limit passed).
-pub(crate) fn check(l: &Limit, seen: &Seen, info: &mut RateInfo) -> Result<(), GovError> {
+/// Checks one request against one limit, tightening `rate` (unlimited until the first limit) to
+/// what the client is told; the error is the refusal (nothing is counted: the caller writes only
+/// once every limit passed).
+pub(crate) fn check(l: &Limit, seen: &Seen, rate: &mut Option<RateInfo>) -> Result<(), GovError> {
+    let info = rate.get_or_insert(RateInfo {
+        remaining_requests: i64::MAX,
+        remaining_tokens: i64::MAX,
+        ..Default::default()
+    });
     let owner = if l.key_id == 0 { "tenant" } else { "key" };
     if let Some(max) = l.max_concurrent {
         if seen.open + 1 > max {
@@ -123,7 +129,8 @@ pub(crate) fn check(l: &Limit, seen: &Seen, info: &mut RateInfo) -> Result<(), G
             });
         }
     }
-    let f = seen.f;
+    // The fraction of the current minute that has passed.
+    let f = seen.now_ms.rem_euclid(60_000) as f64 / 60_000.0;
     let checks = [
         (l.rpm, seen.prev.0, seen.curr.0, 1, "requests"),
         (l.tpm, seen.prev.1, seen.curr.1, seen.tokens, "tokens"),
