@@ -40,7 +40,8 @@ const WAL_BACKSTOP_BYTES: i64 = 16 << 20;
 const PAGE_SIZE: u32 = 1024;
 /// Prepared statements the writer keeps (more than it uses).
 const STATEMENT_CACHE: usize = 64;
-/// Ledger and audit writes that may wait for the writer; past it, callers wait (backpressure).
+/// Ledger and audit writes that may wait for the writer. Past it, a new request waits at most
+/// `busy_timeout` for room, then fails closed (503); a settlement always waits (see `send`).
 const WRITER_QUEUE: usize = 4096;
 
 /// The schema's versions, in order; a version, once released, never changes (sqlx checks its
@@ -90,6 +91,8 @@ fn migrator() -> Migrator {
 pub struct SqliteStore {
     pool: SqlitePool,
     writer: flume::Sender<Op>,
+    /// Longest wait for room in the writer's queue (`busy_timeout`, as for a lock).
+    queue_wait: Duration,
 }
 
 impl SqliteStore {
@@ -132,11 +135,41 @@ impl SqliteStore {
             .name("serrano-gov-writer".into())
             .spawn(move || writer::run(conn, checkpointer, wal, rx))
             .map_err(|e| GovError::Unavailable(format!("cannot start the writer: {e}")))?;
-        Ok(SqliteStore { pool, writer: tx })
+        Ok(SqliteStore {
+            pool,
+            writer: tx,
+            queue_wait: config.busy_timeout,
+        })
     }
 
+    /// Queues `op` for the writer. When the queue is full the writer is seconds behind, and a
+    /// new request waits at most `queue_wait` for room before it is refused, so that the
+    /// requests waiting on the store are bounded (by the request rate times that wait), as
+    /// PostgreSQL's pool bounds them. A settlement and a barrier wait for as long as it takes:
+    /// the one settles a reservation its request already holds (their number is bounded by the
+    /// requests admitted), the other promises durability.
     async fn send(&self, op: Op) -> Result<(), GovError> {
-        self.writer.send_async(op).await.map_err(|_| gone())
+        let op = match self.writer.try_send(op) {
+            Ok(()) => return Ok(()),
+            Err(flume::TrySendError::Disconnected(_)) => return Err(gone()),
+            Err(flume::TrySendError::Full(op)) => op,
+        };
+        let must_wait = match &op {
+            Op::Reserve(..) => false,
+            Op::Finish(f, _) => f.settlement.is_some(),
+            Op::Barrier(_) => true,
+        };
+        if must_wait {
+            return self.writer.send_async(op).await.map_err(|_| gone());
+        }
+        match tokio::time::timeout(self.queue_wait, self.writer.send_async(op)).await {
+            Ok(sent) => sent.map_err(|_| gone()),
+            Err(_) => Err(GovError::Unavailable(format!(
+                "its write queue has been full ({} writes) for {:?}; retry later",
+                self.writer.len(),
+                self.queue_wait
+            ))),
+        }
     }
 }
 
@@ -818,6 +851,84 @@ mod tests {
                 spent_total: 5
             }
         );
+    }
+
+    /// A writer that falls behind refuses new requests after `busy_timeout` rather than
+    /// queueing them without bound, yet never refuses a settlement.
+    #[tokio::test]
+    async fn a_full_writer_queue_refuses_new_requests_but_not_settlements() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = SqliteConnectOptions::new()
+            .filename(dir.path().join("g.db"))
+            .create_if_missing(true);
+        // A writer that never takes an op: its queue holds one.
+        let (tx, rx) = flume::bounded(1);
+        let store = std::sync::Arc::new(SqliteStore {
+            pool: SqlitePoolOptions::new().connect_lazy_with(opts),
+            writer: tx,
+            queue_wait: Duration::from_millis(200),
+        });
+        let finish = |i: usize, settles: bool| FinishOp {
+            settlement: settles.then(|| crate::storage::Settlement {
+                request_id: format!("r{i}"),
+                tenant_id: 1,
+                key_id: 1,
+                tenant: "t".into(),
+                key_prefix: "k".into(),
+                model: "m".into(),
+                backend: "b".into(),
+                prompt_tokens: 1,
+                completion_tokens: 1,
+            }),
+            record: crate::AuditRecord {
+                request_id: format!("r{i}"),
+                ..Default::default()
+            },
+            content: None,
+        };
+        let first = tokio::spawn({
+            let store = store.clone();
+            async move { store.finish(finish(0, false)).await }
+        });
+        while rx.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        let reserve = ReserveOp {
+            request_id: "r1".into(),
+            tenant_id: 1,
+            key_id: 1,
+            model: "m".into(),
+            backend: "b".into(),
+            fallbacks: vec![],
+            prompt_tokens: 1,
+            max_completion_tokens: 1,
+            expires_ms: i64::MAX,
+        };
+        let started = std::time::Instant::now();
+        let refused = store.reserve(reserve).await.unwrap_err();
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        assert!(
+            matches!(&refused, GovError::Unavailable(m) if m.contains("queue has been full")),
+            "{refused:?}"
+        );
+        let refused = store.finish(finish(2, false)).await.unwrap_err();
+        assert!(matches!(refused, GovError::Unavailable(_)), "{refused:?}");
+        let settlement = tokio::spawn({
+            let store = store.clone();
+            async move { store.finish(finish(3, true)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(!settlement.is_finished(), "a settlement gave up waiting");
+        // The writer takes the first op; the settlement gets its place in the queue.
+        for id in ["r0", "r3"] {
+            let Ok(Op::Finish(op, reply)) = rx.recv_async().await else {
+                panic!("{id} was not queued next")
+            };
+            assert_eq!(op.record.request_id, id);
+            drop(reply);
+        }
+        assert!(first.await.unwrap().is_err());
+        assert!(settlement.await.unwrap().is_err());
     }
 
     #[tokio::test]

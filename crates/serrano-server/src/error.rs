@@ -169,11 +169,12 @@ impl From<GovError> for ApiError {
             GovError::NotFound(_) => (StatusCode::NOT_FOUND, "invalid_request_error", "not_found"),
             GovError::Unavailable(_) => {
                 tracing::error!("{msg}");
-                (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "server_error",
-                    "governance_unavailable",
-                )
+                // Failing closed is meant to be temporary: clients back off and retry.
+                return ApiError {
+                    code: Some("governance_unavailable".into()),
+                    retry_after_s: Some(1),
+                    ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", msg)
+                };
             }
         };
         ApiError {
@@ -194,5 +195,19 @@ impl IntoResponse for ApiError {
             }
         }
         resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_that_fails_closed_asks_clients_to_retry() {
+        let resp = ApiError::from(GovError::Unavailable("busy".into())).into_response();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
+        let resp = ApiError::from(GovError::Forbidden("no".into())).into_response();
+        assert!(resp.headers().get(header::RETRY_AFTER).is_none());
     }
 }

@@ -101,9 +101,10 @@ fn an_open_loop_past_capacity_shows_the_queue_in_ttft() {
         "24",
         "--prompt-tokens",
         "16",
-        // Long enough that one sequence at a time serves well under 40/s (~70 ms each here).
+        // Long enough that one sequence at a time serves well under 40/s even on a fast host
+        // (~30 ms per 192 tokens on the 2-vCPU CI machine, so ~120 ms each; 192 served 33/s).
         "--output-tokens",
-        "192",
+        "768",
     ]);
     assert_eq!(v["completed"], 24, "{v}");
     let ttfts: Vec<f64> = v["ttfts"]
@@ -240,9 +241,10 @@ fn chromium() -> std::path::PathBuf {
 
 #[test]
 fn a_sweep_finds_the_slo_edge_and_the_html_report_renders_in_a_browser() {
-    // One sequence at a time, so past the service rate requests queue. 32 requests of 128
-    // tokens make that queue far longer than the SLO (8 short ones stopped doing so once the
-    // engine got faster: the whole burst fit in 400 ms).
+    // One sequence at a time, so past the service rate requests queue. A burst of 32 requests
+    // of 256 tokens (~22 ms each on the 2-vCPU CI host) keeps the 90th's TTFT ~29 services
+    // long, far past the SLO unless a host is 6x faster; at 8/s the queue is empty. (128 tokens
+    // and a 400 ms SLO stopped failing once the engine got faster: the burst fit in 380 ms.)
     let s = Server::slow(&["--max-num-seqs", "1"]);
     let dir = tempfile::tempdir().unwrap();
     let html = dir.path().join("report.html");
@@ -260,9 +262,9 @@ fn a_sweep_finds_the_slo_edge_and_the_html_report_renders_in_a_browser() {
         "--prompt-tokens",
         "16",
         "--output-tokens",
-        "128",
+        "256",
         "--slo",
-        "ttft_p90=400ms",
+        "ttft_p90=100ms",
         "--sweep",
         "--sweep-steps",
         "2",
