@@ -301,7 +301,9 @@ impl EngineHandle {
         };
         let mut subs = subs.into_iter();
         if share {
-            let (req, events, _slot) = subs.next().expect("one request at least");
+            let Some((req, events, _slot)) = subs.next() else {
+                return Ok(rxs);
+            };
             let siblings = subs
                 .map(|(req, events, slot)| Sibling { req, events, slot })
                 .collect();
