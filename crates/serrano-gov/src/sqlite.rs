@@ -41,7 +41,7 @@ const PAGE_SIZE: u32 = 1024;
 /// Prepared statements the writer keeps (more than it uses).
 const STATEMENT_CACHE: usize = 64;
 /// Ledger and audit writes that may wait for the writer. Past it, a new request waits at most
-/// `busy_timeout` for room, then fails closed (503); a settlement always waits (see `send`).
+/// `busy_timeout` for room, then fails closed (503); an audit record always waits (see `send`).
 const WRITER_QUEUE: usize = 4096;
 
 /// The schema's versions, in order; a version, once released, never changes (sqlx checks its
@@ -142,26 +142,22 @@ impl SqliteStore {
         })
     }
 
-    /// Queues `op` for the writer. When the queue is full the writer is seconds behind, and a
-    /// new request waits at most `queue_wait` for room before it is refused, so that the
-    /// requests waiting on the store are bounded (by the request rate times that wait), as
-    /// PostgreSQL's pool bounds them. A settlement and a barrier wait for as long as it takes:
-    /// the one settles a reservation its request already holds (their number is bounded by the
-    /// requests admitted), the other promises durability.
+    /// Queues `op` for the writer. When the queue is full the writer is seconds behind: a new
+    /// request's reservation waits at most `queue_wait` for room and is then refused (the
+    /// request fails closed and nothing is generated), so that requests waiting to be admitted
+    /// are bounded by time, as PostgreSQL's pool bounds them. Every other write (a request's
+    /// audit record with its settlement, a barrier) waits as long as it takes: no request may
+    /// lose its record, the one refused here included.
     async fn send(&self, op: Op) -> Result<(), GovError> {
+        if !matches!(op, Op::Reserve(..)) {
+            return self.writer.send_async(op).await.map_err(|_| gone());
+        }
+        // Arm a timer only when there is no room: a queue with room takes the op at once.
         let op = match self.writer.try_send(op) {
             Ok(()) => return Ok(()),
             Err(flume::TrySendError::Disconnected(_)) => return Err(gone()),
             Err(flume::TrySendError::Full(op)) => op,
         };
-        let must_wait = match &op {
-            Op::Reserve(..) => false,
-            Op::Finish(f, _) => f.settlement.is_some(),
-            Op::Barrier(_) => true,
-        };
-        if must_wait {
-            return self.writer.send_async(op).await.map_err(|_| gone());
-        }
         match tokio::time::timeout(self.queue_wait, self.writer.send_async(op)).await {
             Ok(sent) => sent.map_err(|_| gone()),
             Err(_) => Err(GovError::Unavailable(format!(
@@ -854,9 +850,9 @@ mod tests {
     }
 
     /// A writer that falls behind refuses new requests after `busy_timeout` rather than
-    /// queueing them without bound, yet never refuses a settlement.
+    /// queueing them without bound, yet never refuses an audit record.
     #[tokio::test]
-    async fn a_full_writer_queue_refuses_new_requests_but_not_settlements() {
+    async fn a_full_writer_queue_refuses_new_requests_but_not_their_records() {
         let dir = tempfile::tempdir().unwrap();
         let opts = SqliteConnectOptions::new()
             .filename(dir.path().join("g.db"))
@@ -911,24 +907,34 @@ mod tests {
             matches!(&refused, GovError::Unavailable(m) if m.contains("queue has been full")),
             "{refused:?}"
         );
-        let refused = store.finish(finish(2, false)).await.unwrap_err();
-        assert!(matches!(refused, GovError::Unavailable(_)), "{refused:?}");
-        let settlement = tokio::spawn({
-            let store = store.clone();
-            async move { store.finish(finish(3, true)).await }
-        });
+        // Audit records, with or without a settlement, wait for room however long it takes.
+        let waiting: Vec<_> = [(2, false), (3, true)]
+            .into_iter()
+            .map(|(i, settles)| {
+                let store = store.clone();
+                tokio::spawn(async move { store.finish(finish(i, settles)).await })
+            })
+            .collect();
         tokio::time::sleep(Duration::from_millis(400)).await;
-        assert!(!settlement.is_finished(), "a settlement gave up waiting");
-        // The writer takes the first op; the settlement gets its place in the queue.
-        for id in ["r0", "r3"] {
+        assert!(
+            waiting.iter().all(|w| !w.is_finished()),
+            "an audit record gave up waiting"
+        );
+        // As the writer takes ops, each record gets its place in the queue.
+        let mut queued = Vec::new();
+        for _ in 0..3 {
             let Ok(Op::Finish(op, reply)) = rx.recv_async().await else {
-                panic!("{id} was not queued next")
+                panic!("a record was not queued")
             };
-            assert_eq!(op.record.request_id, id);
+            queued.push(op.record.request_id);
             drop(reply);
         }
+        queued.sort();
+        assert_eq!(queued, ["r0", "r2", "r3"]);
         assert!(first.await.unwrap().is_err());
-        assert!(settlement.await.unwrap().is_err());
+        for w in waiting {
+            assert!(w.await.unwrap().is_err());
+        }
     }
 
     #[tokio::test]
