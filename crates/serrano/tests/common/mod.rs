@@ -329,9 +329,10 @@ pub fn real_model() -> PathBuf {
     .clone()
 }
 
-/// `shared/` beside the checkout.
-pub fn shared_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared")
+/// The repository's copy of llama.cpp's reference data for the default model
+/// (`testdata/golden/README.md` says where it came from).
+pub fn golden_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/golden")
 }
 
 /// A Python virtualenv under target/ with `packages` installed on first use (CI's .ci/run
