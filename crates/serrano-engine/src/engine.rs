@@ -329,6 +329,31 @@ impl EngineHandle {
         Ok(rxs)
     }
 
+    /// Whether `submit_n` of `choices` requests for `tenant` would find room now (queue slots
+    /// and the tenant's in-flight share), and that `req` is one the engine can run. Nothing is
+    /// claimed: a caller checks this before costlier steps (a budget reservation), and the
+    /// submission itself still decides.
+    pub fn check(&self, req: &GenerateRequest, choices: usize) -> Result<(), SubmitError> {
+        self.validate(req)?;
+        // The choices of one prompt go as one submission unless each computes its prompt.
+        let slots = if req.prompt_logprobs.is_some() {
+            choices
+        } else {
+            1
+        };
+        if self.tx.capacity() < slots {
+            return Err(SubmitError::QueueFull(self.max_waiting));
+        }
+        let m = self.in_flight.0.lock().unwrap_or_else(|e| e.into_inner());
+        if m.get(&req.tenant).copied().unwrap_or(0) + choices > self.per_tenant_limit {
+            return Err(SubmitError::TenantBusy {
+                tenant: req.tenant.clone(),
+                limit: self.per_tenant_limit,
+            });
+        }
+        Ok(())
+    }
+
     fn validate(&self, req: &GenerateRequest) -> Result<(), SubmitError> {
         let ctx = self.info.context_length;
         if req.prompt.is_empty() {

@@ -52,7 +52,7 @@ pub use store::{
     default_db_path, usage_csv, BudgetInfo, GovConfig, Governance, KeyInfo, LedgerState, LimitInfo,
     Limits, NewKey, TenantInfo, UsageRow, ADMIN_TENANT, ANONYMOUS_TENANT,
 };
-pub use ticket::Ticket;
+pub use ticket::{Reservation, Ticket};
 pub use ticket::{CLIENT_CLOSED, LOCAL_BACKEND};
 pub use time::{day_key, month_key, now_ms};
 pub use versions::{ConfigEvent, ConfigVersion};

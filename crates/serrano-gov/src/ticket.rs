@@ -1,6 +1,10 @@
 //! A request's governance ticket: who made it, what it reserved, what it used, and its audit
 //! record. Exactly one record is written per ticket: by `finish`, or, if the request is dropped
 //! first (client gone, handler cancelled), by the ticket's destructor.
+//!
+//! What a settlement charges follows one rule ([`Reservation`]): nothing until a backend has
+//! accepted the request; after that, the usage the backend reported, else its own tally when
+//! that tally is exact (the in-process engine counts every token), else the whole reservation.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -31,14 +35,80 @@ struct Inner {
 struct State {
     record: AuditRecord,
     principal: Option<Principal>,
-    reserved: bool,
+    charge: Charge,
     rate: Option<RateInfo>,
     first_token: Option<Instant>,
     prompt_text: Option<String>,
     completions: Vec<String>,
     fallbacks: Vec<String>,
-    detached: bool,
+    /// The backend and route reason last set, kept for response headers after the record left.
+    route: Option<(String, String)>,
+    claimed: bool,
     done: bool,
+}
+
+/// Where the request's reservation stands; it decides what the settlement charges.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+enum Charge {
+    /// Nothing reserved: nothing to settle.
+    #[default]
+    None,
+    /// Reserved, and no backend has accepted the request: settles as void.
+    Reserved { prompt: u64, completion: u64 },
+    /// A backend accepted it: its outcome is charged.
+    Accepted {
+        prompt: u64,
+        completion: u64,
+        /// Every counted token is one generated token (the tally may stand in for usage).
+        tally_exact: bool,
+        /// The backend reported its usage (`set_usage` was called after acceptance).
+        reported: bool,
+    },
+}
+
+/// A request's budget reservation (its worst case, held in the ledger until the ticket
+/// settles). It voids itself unless [`accept`](Reservation::accept) says a backend took the
+/// request: a request refused before any backend ran, or whose every attempt failed before
+/// being accepted, is charged nothing. Once accepted, the outcome is charged even when the
+/// request later fails: the usage the backend reports, else the tally when it is exact, else
+/// the whole reservation (the backend may have done all the work).
+#[must_use = "a reservation nobody accepts settles as void"]
+pub struct Reservation(Ticket);
+
+impl Reservation {
+    /// A backend accepted the request; `tally_exact` when each counted token is one generated.
+    pub fn accept(&self, tally_exact: bool) {
+        let mut s = self.0.state();
+        if let Charge::Reserved { prompt, completion } = s.charge {
+            s.charge = Charge::Accepted {
+                prompt,
+                completion,
+                tally_exact,
+                reported: false,
+            };
+        }
+    }
+
+    /// The usage the backend reported (prompt counted once, completions of every choice).
+    pub fn set_usage(&self, prompt_tokens: u64, completion_tokens: u64) {
+        let mut s = self.0.state();
+        s.record.prompt_tokens = prompt_tokens;
+        s.record.completion_tokens = completion_tokens;
+        if let Charge::Accepted { reported, .. } = &mut s.charge {
+            *reported = true;
+        }
+    }
+
+    /// The worst case reserved: (prompt tokens, completion tokens).
+    pub fn worst_case(&self) -> (u64, u64) {
+        match self.0.state().charge {
+            Charge::Reserved { prompt, completion }
+            | Charge::Accepted {
+                prompt, completion, ..
+            } => (prompt, completion),
+            Charge::None => (0, 0),
+        }
+    }
 }
 
 impl Ticket {
@@ -74,8 +144,7 @@ impl Ticket {
 
     /// The backend and route that served the request, once chosen.
     pub fn route(&self) -> Option<(String, String)> {
-        let s = self.state();
-        Some((s.record.backend.clone()?, s.record.route.clone()?))
+        self.state().route.clone()
     }
 
     pub fn principal(&self) -> Option<Principal> {
@@ -90,11 +159,9 @@ impl Ticket {
             .is_some_and(|p| p.retention != Retention::None)
     }
 
+    /// The model the request names (its backend and route are set once it is routed).
     pub fn set_model(&self, model: &str) {
-        let mut s = self.state();
-        s.record.model = Some(model.to_string());
-        s.record.backend = Some(LOCAL_BACKEND.to_string());
-        s.record.route = Some(LOCAL_BACKEND.to_string());
+        self.state().record.model = Some(model.to_string());
     }
 
     /// A safety-filter verdict (never the matched text).
@@ -118,6 +185,7 @@ impl Ticket {
         s.record.region = Some(region.to_string());
         s.record.route = Some(reason.to_string());
         s.record.config_version = Some(config_version);
+        s.route = Some((backend.to_string(), reason.to_string()));
     }
 
     /// The config version that routed (or failed to route) the request.
@@ -140,12 +208,13 @@ impl Ticket {
     }
 
     /// Reserves the worst case (`prompt_tokens + max_completion_tokens`, priced) against every
-    /// budget of the principal's tenant and key. Call after `set_principal` and `set_model`.
+    /// budget of the principal's tenant and key. Call after `set_principal`, `set_model` and
+    /// `set_route`. The reservation is void unless a backend accepts the request.
     pub async fn reserve(
         &self,
         prompt_tokens: u64,
         max_completion_tokens: u64,
-    ) -> Result<(), GovError> {
+    ) -> Result<Reservation, GovError> {
         let op = {
             let mut s = self.state();
             s.record.prompt_tokens = prompt_tokens;
@@ -173,12 +242,16 @@ impl Ticket {
         let task = tokio::spawn(async move {
             let rate = t.0.gov.reserve(op).await?;
             let mut s = t.state();
-            s.reserved = true;
+            s.charge = Charge::Reserved {
+                prompt: prompt_tokens,
+                completion: max_completion_tokens,
+            };
             s.rate = rate;
-            Ok(())
+            Ok::<(), GovError>(())
         });
         task.await
-            .map_err(|e| GovError::Unavailable(format!("the reservation task failed: {e}")))?
+            .map_err(|e| GovError::Unavailable(format!("the reservation task failed: {e}")))??;
+        Ok(Reservation(self.clone()))
     }
 
     /// The rate-limit state after this request's reservation, for `x-ratelimit-*` headers.
@@ -201,13 +274,6 @@ impl Ticket {
         push_text(&mut self.state(), index, text);
     }
 
-    /// The engine's final counts, which win over the per-token tally.
-    pub fn set_usage(&self, prompt_tokens: u64, completion_tokens: u64) {
-        let mut s = self.state();
-        s.record.prompt_tokens = prompt_tokens;
-        s.record.completion_tokens = completion_tokens;
-    }
-
     pub fn set_finish_reason(&self, reason: &str) {
         let mut s = self.state();
         let r = &mut s.record.finish_reason;
@@ -222,14 +288,15 @@ impl Ticket {
         }
     }
 
-    /// The response is a stream that will call `finish` itself; whoever returns the response
-    /// headers must not.
-    pub fn detach(&self) {
-        self.state().detached = true;
+    /// The caller takes over the ticket: it will `finish` it itself (the inference pipeline,
+    /// whose streams write their record before their last event), so whoever returns the
+    /// response must not. Called once, where the hand-over happens.
+    pub fn claim(&self) {
+        self.state().claimed = true;
     }
 
-    pub fn is_detached(&self) -> bool {
-        self.state().detached
+    pub fn is_claimed(&self) -> bool {
+        self.state().claimed
     }
 
     /// Settles the reservation with the usage so far and appends the audit record; returns once
@@ -277,7 +344,21 @@ fn build(s: &mut State, started: Instant, status: u16, error: Option<String>) ->
     record.error = error;
     record.latency_ms = ms(started.elapsed());
     record.ttft_ms = s.first_token.map(|t| ms(t - started));
-    let settlement = match (&s.principal, s.reserved) {
+    let (prompt_tokens, completion_tokens) = match s.charge {
+        Charge::None => (record.prompt_tokens, record.completion_tokens),
+        Charge::Reserved { .. } => (0, 0),
+        Charge::Accepted { reported: true, .. }
+        | Charge::Accepted {
+            tally_exact: true, ..
+        } => (record.prompt_tokens, record.completion_tokens),
+        Charge::Accepted {
+            prompt, completion, ..
+        } => (prompt, completion),
+    };
+    // The record states what was charged.
+    record.prompt_tokens = prompt_tokens;
+    record.completion_tokens = completion_tokens;
+    let settlement = match (&s.principal, s.charge != Charge::None) {
         (Some(p), true) => Some(Settlement {
             request_id: record.request_id.clone(),
             tenant_id: p.tenant_id,

@@ -38,11 +38,15 @@ async fn request(
     let t = Ticket::new(gov, id, "POST", "/v1/completions");
     t.set_principal(p.clone());
     t.set_model("m");
-    let r = t.reserve(prompt, max).await;
-    if let Err(e) = r {
-        t.finish(429, Some(e.to_string())).await.unwrap();
-        return Err(e);
-    }
+    t.set_route("local", "here", "test", 1);
+    let r = match t.reserve(prompt, max).await {
+        Ok(r) => r,
+        Err(e) => {
+            t.finish(429, Some(e.to_string())).await.unwrap();
+            return Err(e);
+        }
+    };
+    r.accept(true);
     for _ in 0..used {
         t.token(0, "x");
     }
@@ -173,7 +177,7 @@ async fn a_dropped_ticket_is_audited_and_released() {
     let t = Ticket::new(&gov, "gone".into(), "POST", "/v1/completions");
     t.set_principal(p);
     t.set_model("m");
-    t.reserve(10, 100).await.unwrap();
+    t.reserve(10, 100).await.unwrap().accept(true);
     t.token(0, "a");
     drop(t);
     let ok = async {
@@ -194,6 +198,67 @@ async fn a_dropped_ticket_is_audited_and_released() {
     assert_eq!((last.status, last.completion_tokens), (499, 1));
 }
 
+/// The settlement rule: nothing is charged until a backend accepts the request; after that,
+/// reported usage, else an exact tally, else the whole reservation.
+#[tokio::test]
+async fn a_reservation_charges_only_once_a_backend_accepted_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let gov = open(&dir).await;
+    let p = tenant_key(&gov, "acme").await;
+    gov.set_budget(
+        "acme",
+        None,
+        BudgetUnit::Tokens,
+        BudgetPeriod::Total,
+        1_000_000,
+    )
+    .await
+    .unwrap();
+    let spent = |gov: Governance| async move { gov.ledger_state().await.unwrap().spent_total };
+    let ticket = |id: &str| {
+        let t = Ticket::new(&gov, id.into(), "POST", "/v1/completions");
+        t.set_principal(p.clone());
+        t.set_model("m");
+        t
+    };
+    // Refused by every backend before any accepted it: void, even with tokens counted.
+    let t = ticket("void");
+    let r = t.reserve(10, 100).await.unwrap();
+    t.token(0, "a");
+    drop(r);
+    t.finish(503, Some("no backend".into())).await.unwrap();
+    assert_eq!(spent(gov.clone()).await, 0);
+    // Accepted by an upstream that broke off without usage: the worst case.
+    let t = ticket("worst");
+    let r = t.reserve(10, 100).await.unwrap();
+    r.accept(false);
+    t.token(0, "a");
+    t.finish(502, Some("stream broke".into())).await.unwrap();
+    assert_eq!(spent(gov.clone()).await, 110);
+    // Accepted, usage reported: the report.
+    let t = ticket("reported");
+    let r = t.reserve(10, 100).await.unwrap();
+    r.accept(false);
+    r.set_usage(7, 3);
+    t.finish(200, None).await.unwrap();
+    assert_eq!(spent(gov.clone()).await, 120);
+    // Accepted by the engine, which counts exactly: the tally.
+    let t = ticket("tally");
+    let r = t.reserve(10, 100).await.unwrap();
+    r.accept(true);
+    t.token(0, "a");
+    t.token(0, "b");
+    t.finish(499, None).await.unwrap();
+    assert_eq!(spent(gov.clone()).await, 132);
+    let recs = gov.audit_records(0, 10).await.unwrap();
+    let charged: Vec<(u64, u64)> = recs
+        .iter()
+        .filter(|r| r.tenant.as_deref() == Some("acme"))
+        .map(|r| (r.prompt_tokens, r.completion_tokens))
+        .collect();
+    assert_eq!(charged, [(0, 0), (10, 100), (7, 3), (10, 2)]);
+}
+
 #[tokio::test]
 async fn expired_reservations_are_released() {
     let dir = tempfile::tempdir().unwrap();
@@ -207,7 +272,7 @@ async fn expired_reservations_are_released() {
     let t = Ticket::new(&gov, "crashed".into(), "POST", "/v1/completions");
     t.set_principal(p);
     t.set_model("m");
-    t.reserve(10, 500).await.unwrap();
+    let _r = t.reserve(10, 500).await.unwrap();
     // A crashed process never settles: forget the ticket without running its destructor.
     std::mem::forget(t);
     let released = async {
@@ -291,7 +356,7 @@ async fn erasure_removes_content_and_keeps_the_chain() {
     t.set_model("m");
     assert!(t.keeps_content());
     t.set_prompt_text("my secret prompt".into());
-    t.reserve(3, 5).await.unwrap();
+    t.reserve(3, 5).await.unwrap().accept(true);
     t.token(0, "hello");
     let fin = t.finish(200, None).await.unwrap();
     let (retention, prompt, completion) = gov.audit_content(fin.seq as i64).await.unwrap().unwrap();
@@ -414,7 +479,7 @@ async fn replicas_on_one_file_share_budgets_and_limits() {
     let held = Ticket::new(&a, "held".into(), "POST", "/v1/completions");
     held.set_principal(p.clone());
     held.set_model("m");
-    held.reserve(1, 1).await.unwrap();
+    let _held = held.reserve(1, 1).await.unwrap();
     let refused = request(&b, &p, "on-b".into(), 1, 1, 1).await;
     assert!(
         matches!(refused, Err(GovError::RateLimited { .. })),

@@ -157,6 +157,9 @@ pub struct Backend {
     pub kind: Kind,
     /// Base URL including `/v1` (openai backends only).
     pub url: Option<String>,
+    /// A GGUF file this process runs an engine of its own for (local backends only; without
+    /// it, a local backend is the engine of `serrano serve --model`).
+    pub model: Option<String>,
     pub region: String,
     /// e.g. gpu, asic, cpu.
     pub tier: String,
@@ -209,6 +212,7 @@ impl Backend {
             name: "local".into(),
             kind: Kind::Local,
             url: None,
+            model: None,
             region: region.into(),
             tier: "cpu".into(),
             models: vec![],
@@ -586,6 +590,7 @@ impl Validator<'_> {
         }
         let mut names = HashSet::new();
         let mut locals = 0;
+        let mut paths = HashSet::new();
         for (i, b) in raw.backend.iter().enumerate() {
             let span = Some(b.span());
             let f = |field: &str| format!("backend[{i}].{field}");
@@ -594,9 +599,22 @@ impl Validator<'_> {
             if !names.insert(b.name.as_str()) {
                 return Err(self.err(span, f("name"), format!("'{}' is declared twice", b.name)));
             }
-            locals += usize::from(b.kind == Kind::Local);
+            locals += usize::from(b.kind == Kind::Local && b.model.is_none());
             if locals > 1 {
-                return Err(self.err(span, f("kind"), "at most one local backend".into()));
+                return Err(self.err(
+                    span,
+                    f("kind"),
+                    "at most one local backend without a model (the --model engine); give the others a model path".into(),
+                ));
+            }
+            if let Some(p) = &b.model {
+                if !paths.insert(p.as_str()) {
+                    return Err(self.err(
+                        span,
+                        f("model"),
+                        format!("'{p}' is served by another local backend already"),
+                    ));
+                }
             }
         }
         let regions: HashSet<&str> = raw
@@ -752,6 +770,19 @@ impl Validator<'_> {
                 return e("url", format!("'{u}' is not an http(s) URL"))
             }
             (Kind::Local, Some(_)) => return e("url", "a local backend has no url".into()),
+            _ => {}
+        }
+        match (b.kind, &b.model) {
+            (Kind::Openai, Some(_)) => {
+                return e(
+                    "model",
+                    "only a local backend runs a model file; an openai backend lists `models`"
+                        .into(),
+                )
+            }
+            (Kind::Local, Some(p)) if p.is_empty() || p.len() > 4096 => {
+                return e("model", "a path to a GGUF file".into())
+            }
             _ => {}
         }
         if b.kind == Kind::Openai && b.models.is_empty() && b.aliases.is_empty() {

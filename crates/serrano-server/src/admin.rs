@@ -13,7 +13,7 @@ use serrano_gov::{BudgetPeriod, BudgetUnit, GovError, NewKey, Retention, Role};
 
 use crate::error::ApiError;
 use crate::extract::JsonBody;
-use crate::AppState;
+use crate::state::AppState;
 
 type St = State<Arc<AppState>>;
 

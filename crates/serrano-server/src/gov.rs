@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use serrano_gov::{GovError, JwtVerifier, Principal, RateInfo, Role, Ticket};
 
 use crate::error::{ApiError, ErrorNote};
-use crate::AppState;
+use crate::state::AppState;
 
 /// Routes anyone may call without a key. Everything else, unknown paths included, needs one.
 pub const PUBLIC_ROUTES: &[&str] = &["/health"];
@@ -40,7 +40,8 @@ pub async fn gate(State(st): State<Arc<AppState>>, mut req: Request, next: Next)
     };
     // Read before `finish`, which hands the record to the writer.
     let route = ticket.route();
-    let mut resp = if ticket.is_detached() {
+    // The inference pipeline claims its tickets and writes their records itself.
+    let mut resp = if ticket.is_claimed() {
         resp
     } else {
         let status = resp.status();

@@ -1,5 +1,7 @@
-//! Validation of request fields and their translation into engine parameters. Each limit is
-//! named in the error so a client can tell which value to change.
+//! Validation of request fields against OpenAI's ranges and serrano's limits, for every
+//! backend, and their translation into sampling parameters. Each limit is named in the error so
+//! a client can tell which value to change. What depends on a model (token ids inside its
+//! vocabulary) is checked by the backend that serves it ([`check_token_ids`]).
 
 use serrano_api::SamplingFields;
 use serrano_engine::SamplingParams;
@@ -23,7 +25,7 @@ fn range(param: &str, v: Option<f32>, lo: f32, hi: f32, default: f32) -> Result<
     }
 }
 
-pub fn sampling(f: &SamplingFields, vocab_size: usize) -> Result<SamplingParams, ApiError> {
+pub fn sampling(f: &SamplingFields) -> Result<SamplingParams, ApiError> {
     let top_p = range("top_p", f.top_p, 0.0, 1.0, 1.0)?;
     if top_p <= 0.0 {
         return Err(ApiError::invalid_param(
@@ -57,16 +59,9 @@ pub fn sampling(f: &SamplingFields, vocab_size: usize) -> Result<SamplingParams,
             ));
         }
         for (k, &v) in b {
-            let id: u32 = k
-                .parse()
-                .ok()
-                .filter(|&i: &u32| (i as usize) < vocab_size)
-                .ok_or_else(|| {
-                    ApiError::invalid_param(
-                        "logit_bias",
-                        format!("'{k}' is not a token id below {vocab_size}"),
-                    )
-                })?;
+            let id: u32 = k.parse().map_err(|_| {
+                ApiError::invalid_param("logit_bias", format!("'{k}' is not a token id"))
+            })?;
             if !(-100.0..=100.0).contains(&v) {
                 return Err(ApiError::invalid_param(
                     "logit_bias",
@@ -109,21 +104,39 @@ pub fn stops(f: &SamplingFields) -> Result<Vec<String>, ApiError> {
 /// Most `stop_token_ids` per request.
 pub const MAX_STOP_TOKEN_IDS: usize = 64;
 
-pub fn stop_token_ids(f: &SamplingFields, vocab_size: usize) -> Result<Vec<u32>, ApiError> {
-    let ids = f.stop_token_ids.clone().unwrap_or_default();
-    if ids.len() > MAX_STOP_TOKEN_IDS {
+pub fn stop_token_ids(f: &SamplingFields) -> Result<(), ApiError> {
+    if f.stop_token_ids
+        .as_ref()
+        .is_some_and(|ids| ids.len() > MAX_STOP_TOKEN_IDS)
+    {
         return Err(ApiError::invalid_param(
             "stop_token_ids",
             format!("at most {MAX_STOP_TOKEN_IDS} stop_token_ids"),
         ));
     }
-    if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab_size) {
+    Ok(())
+}
+
+/// Token ids a request names (`logit_bias` keys, `stop_token_ids`) inside a model's vocabulary.
+pub fn check_token_ids(
+    p: &SamplingParams,
+    f: &SamplingFields,
+    vocab_size: usize,
+) -> Result<(), ApiError> {
+    if let Some((bad, _)) = p.logit_bias.iter().find(|(t, _)| *t as usize >= vocab_size) {
+        return Err(ApiError::invalid_param(
+            "logit_bias",
+            format!("'{bad}' is not a token id below {vocab_size}"),
+        ));
+    }
+    let ids = f.stop_token_ids.iter().flatten();
+    if let Some(bad) = ids.clone().find(|&&t| t as usize >= vocab_size) {
         return Err(ApiError::invalid_param(
             "stop_token_ids",
             format!("token id {bad} is outside the vocabulary (size {vocab_size})"),
         ));
     }
-    Ok(ids)
+    Ok(())
 }
 
 /// Most choices (`n`) per request.
@@ -151,7 +164,7 @@ mod tests {
 
     #[test]
     fn defaults_follow_openai() {
-        let p = sampling(&fields("{}"), 100).unwrap();
+        let p = sampling(&fields("{}")).unwrap();
         assert_eq!((p.temperature, p.top_p, p.top_k), (1.0, 1.0, 0));
     }
 
@@ -168,12 +181,25 @@ mod tests {
             (r#"{"repetition_penalty": 0}"#, "repetition_penalty"),
             (r#"{"logit_bias": {"abc": 1}}"#, "logit_bias"),
             (r#"{"logit_bias": {"5": 1000}}"#, "logit_bias"),
-            (r#"{"logit_bias": {"500": 1}}"#, "logit_bias"),
         ] {
-            let e = sampling(&fields(json), 100).unwrap_err();
+            let e = sampling(&fields(json)).unwrap_err();
             assert_eq!(e.param.as_deref(), Some(param), "{json}");
             assert_eq!(e.status, 400);
         }
+    }
+
+    #[test]
+    fn token_ids_outside_the_vocabulary_name_the_param() {
+        for (json, param) in [
+            (r#"{"logit_bias": {"500": 1}}"#, "logit_bias"),
+            (r#"{"stop_token_ids": [100]}"#, "stop_token_ids"),
+        ] {
+            let f = fields(json);
+            let e = check_token_ids(&sampling(&f).unwrap(), &f, 100).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{json}");
+        }
+        let f = fields(r#"{"logit_bias": {"99": 1}, "stop_token_ids": [0]}"#);
+        check_token_ids(&sampling(&f).unwrap(), &f, 100).unwrap();
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The front door's routing at runtime: applying config versions (validated, stored, then
-//! switched to atomically), reaching backends, active health checks, and per-backend metrics.
-//! The decisions themselves are `serrano-router`'s.
+//! switched to atomically), building each backend, active health checks, and per-backend
+//! metrics. The decisions themselves are `serrano-router`'s.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,15 +16,14 @@ use prometheus_client::registry::Registry;
 use serrano_gov::{GovError, Governance, Retention};
 use serrano_router::{Attempt, Config, ConfigError, Kind, Outcome, Router};
 
+use crate::backend::Backend;
+use crate::engines::LocalEngines;
 use crate::error::ApiError;
+use crate::local::LocalBackend;
 use crate::upstream::Upstream;
 
-/// How the server reaches a backend.
-#[derive(Clone)]
-pub enum Handle {
-    Local,
-    Remote(Arc<Upstream>),
-}
+/// How the server reaches a backend: whatever implements the seam.
+pub type Handle = Arc<dyn Backend>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -106,7 +106,7 @@ impl RoutingMetrics {
         );
         registry.register(
             "gateway_added_latency_seconds",
-            "Time a forwarded request spent in the gateway itself (not waiting on a backend)",
+            "Time a request spent in the gateway before its backend started (parsing, filters, routing, reservation; not failed attempts or backoff)",
             m.overhead.clone(),
         );
         registry.register(
@@ -172,8 +172,7 @@ impl RoutingMetrics {
 pub struct Routing {
     pub router: Router<Handle>,
     gov: Governance,
-    /// The local engine's model names; empty on a gateway.
-    local_models: Vec<String>,
+    engines: LocalEngines,
     request_timeout: Duration,
     /// One apply at a time, so versions switch in the order they were stored.
     applying: tokio::sync::Mutex<()>,
@@ -186,17 +185,17 @@ impl Routing {
         gov: Governance,
         text: &str,
         author: &str,
-        local_models: Vec<String>,
+        engines: LocalEngines,
         request_timeout: Duration,
     ) -> Result<Arc<Routing>, ApplyError> {
-        let (config, handles) = prepare(text, &local_models, request_timeout)?;
+        let (config, handles) = prepare(text, &engines, request_timeout).await?;
         let version = store(&gov, &config, None, author, "apply").await?;
         let metrics = RoutingMetrics::new();
         metrics.config_version.set(version as i64);
         let routing = Arc::new(Routing {
             router: Router::new(version, config, handles),
             gov,
-            local_models,
+            engines,
             request_timeout,
             applying: tokio::sync::Mutex::new(()),
             metrics,
@@ -210,9 +209,10 @@ impl Routing {
     /// finish on the version that routed them.
     pub async fn apply(&self, text: &str, author: &str, action: &str) -> Result<u64, ApplyError> {
         let _one = self.applying.lock().await;
-        let (config, handles) = prepare(text, &self.local_models, self.request_timeout)?;
+        let (config, handles) = prepare(text, &self.engines, self.request_timeout).await?;
         let old = self.router.active().config.clone();
         let version = store(&self.gov, &config, Some(&old), author, action).await?;
+        self.engines.retain(&model_paths(&config));
         self.router.install(version, config, handles);
         self.metrics.config_version.set(version as i64);
         tracing::info!(version, author, action, "routing config applied");
@@ -224,6 +224,48 @@ impl Routing {
         let v = self.gov.config_version(version).await?;
         let text = v.source.unwrap_or_default();
         self.apply(&text, author, "rollback").await
+    }
+
+    /// The in-process engine serving `model` (the first local backend's when `None`): 404 when
+    /// no local backend serves it, or this process has none.
+    pub fn local_engine(
+        &self,
+        model: Option<&str>,
+    ) -> Result<serrano_engine::EngineHandle, ApiError> {
+        let dep = self.router.active();
+        let mut locals = dep
+            .config
+            .backends
+            .iter()
+            .zip(&dep.handles)
+            .filter_map(|(b, h)| Some((b, h.engine()?)));
+        let found = match model {
+            None => locals.next(),
+            Some(m) => locals.find(|(b, _)| b.serves(m).is_some()),
+        };
+        match (found, model) {
+            (Some((_, e)), _) => Ok(e.clone()),
+            (None, Some(m)) if dep.handles.iter().any(|h| h.engine().is_some()) => {
+                Err(ApiError::model_not_found(m))
+            }
+            _ => Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "This server has no local model (it is a gateway); this route needs one",
+            )),
+        }
+    }
+
+    /// Every distinct engine of the active config's local backends.
+    pub fn engines(&self) -> Vec<serrano_engine::EngineHandle> {
+        let dep = self.router.active();
+        let mut out: Vec<serrano_engine::EngineHandle> = Vec::new();
+        for e in dep.handles.iter().filter_map(|h| h.engine()) {
+            if !out.iter().any(|o| Arc::ptr_eq(o.info(), e.info())) {
+                out.push(e.clone());
+            }
+        }
+        out
     }
 
     /// Prometheus text of the routing metrics (without the `# EOF` line).
@@ -254,10 +296,20 @@ impl Routing {
     }
 }
 
-/// Parses and checks a config against this process, and builds a client for each remote.
-fn prepare(
+/// The GGUF paths a config's local backends name.
+fn model_paths(config: &Config) -> Vec<PathBuf> {
+    config
+        .backends
+        .iter()
+        .filter_map(|b| b.model.as_ref().map(PathBuf::from))
+        .collect()
+}
+
+/// Parses and checks a config against this process, and builds each backend: an engine for a
+/// local one (the `--model` engine, or one loaded from its `model` path), a client for a remote.
+async fn prepare(
     text: &str,
-    local_models: &[String],
+    engines: &LocalEngines,
     request_timeout: Duration,
 ) -> Result<(Config, Vec<Handle>), ApplyError> {
     let mut config = Config::parse(text)?;
@@ -268,40 +320,60 @@ fn prepare(
             missing.join(", ")
         )));
     }
-    let mut handles = Vec::with_capacity(config.backends.len());
+    let mut handles: Vec<Handle> = Vec::with_capacity(config.backends.len());
     for b in &mut config.backends {
+        let name = b.name.clone();
+        let invalid = |m: String| ApplyError::Invalid(format!("backend '{name}': {m}"));
         match b.kind {
             Kind::Local => {
-                if local_models.is_empty() {
-                    return Err(ApplyError::Invalid(format!(
-                        "backend '{}' is local, but this process has no local model (a gateway)",
-                        b.name
-                    )));
-                }
-                if b.models.is_empty() && b.aliases.is_empty() {
-                    b.models = local_models.to_vec();
-                }
-                if let Some(m) = b
-                    .models
-                    .iter()
-                    .chain(b.aliases.values())
-                    .find(|m| !local_models.contains(m))
-                {
-                    return Err(ApplyError::Invalid(format!(
-                        "backend '{}': the local engine serves {:?}, not '{m}'",
-                        b.name, local_models
-                    )));
-                }
-                handles.push(Handle::Local);
+                let engine = local_engine(b, engines).await.map_err(invalid)?;
+                handles.push(Arc::new(LocalBackend::new(&b.name, engine)));
             }
             Kind::Openai => {
-                let up = Upstream::from_backend(b, request_timeout)
-                    .map_err(|e| ApplyError::Invalid(format!("backend '{}': {e}", b.name)))?;
-                handles.push(Handle::Remote(Arc::new(up)));
+                let up = Upstream::from_backend(b, request_timeout).map_err(invalid)?;
+                handles.push(Arc::new(up));
             }
         }
     }
     Ok((config, handles))
+}
+
+/// The engine of a local backend, whose model names it fills in when the config gives none.
+async fn local_engine(
+    b: &mut serrano_router::config::Backend,
+    engines: &LocalEngines,
+) -> Result<serrano_engine::EngineHandle, String> {
+    let Some(path) = b.model.clone() else {
+        let Some((engine, names)) = engines.default_engine() else {
+            return Err(
+                "a local backend without 'model' serves this process's --model, and this process has none (a gateway)".into(),
+            );
+        };
+        if b.models.is_empty() && b.aliases.is_empty() {
+            b.models = names.clone();
+        }
+        if let Some(m) = b
+            .models
+            .iter()
+            .chain(b.aliases.values())
+            .find(|m| !names.contains(m))
+        {
+            return Err(format!("the local engine serves {names:?}, not '{m}'"));
+        }
+        return Ok(engine.clone());
+    };
+    let engine = engines
+        .engine_for(std::path::Path::new(&path))
+        .await
+        .map_err(|e| format!("cannot load {path}: {e}"))?;
+    if b.models.is_empty() && b.aliases.is_empty() {
+        let stem = std::path::Path::new(&path)
+            .file_name()
+            .map(|f| f.to_string_lossy().trim_end_matches(".gguf").to_string())
+            .unwrap_or_else(|| path.clone());
+        b.models = vec![stem];
+    }
+    Ok(engine)
 }
 
 /// Stores the version and writes what the config declares into the governance store: prices,
@@ -346,32 +418,23 @@ fn spawn_health_checks(routing: std::sync::Weak<Routing>) {
             let dep = r.router.active();
             drop(r);
             let h = dep.config.health.clone();
-            let checks = dep
-                .handles
-                .iter()
-                .zip(&dep.states)
-                .filter_map(|(handle, state)| {
-                    let Handle::Remote(up) = handle else {
-                        return None;
+            let checks = dep.handles.iter().zip(&dep.states).map(|(handle, state)| {
+                let (backend, state) = (handle.clone(), state.clone());
+                let timeout = Duration::from_millis(h.timeout_ms);
+                async move {
+                    let result = tokio::time::timeout(timeout, backend.health()).await;
+                    let (ok, detail) = match result {
+                        Ok(None) => return,
+                        Ok(Some(Ok(()))) => (true, "ok".to_string()),
+                        Ok(Some(Err(e))) => (false, e),
+                        Err(_) => (false, format!("no answer in {} ms", h.timeout_ms)),
                     };
-                    let (up, state) = (up.clone(), state.clone());
-                    let timeout = Duration::from_millis(h.timeout_ms);
-                    Some(async move {
-                        let result = tokio::time::timeout(timeout, up.discover_models()).await;
-                        let (ok, detail) = match result {
-                            Ok(Ok(models)) => {
-                                up.learn_contexts(&models);
-                                (true, "ok".to_string())
-                            }
-                            Ok(Err(e)) => (false, e),
-                            Err(_) => (false, format!("no answer in {} ms", h.timeout_ms)),
-                        };
-                        if !ok && !state.is_down() {
-                            tracing::warn!(backend = %state.name, "health check failed: {detail}");
-                        }
-                        state.health_check(Instant::now(), ok, detail, h.failures_to_down);
-                    })
-                });
+                    if !ok && !state.is_down() {
+                        tracing::warn!(backend = %state.name, "health check failed: {detail}");
+                    }
+                    state.health_check(Instant::now(), ok, detail, h.failures_to_down);
+                }
+            });
             futures::future::join_all(checks).await;
             tokio::time::sleep(Duration::from_millis(h.interval_ms)).await;
         }

@@ -5,9 +5,11 @@
 use std::sync::Arc;
 
 use serde_json::Value;
+use serrano_api::{MessageContent, PromptSpec};
 use serrano_gov::{Principal, Ticket};
 use serrano_safety::{Filter, OutputScanner, PromptOutcome, Verdict};
 
+use crate::backend::Request;
 use crate::error::ApiError;
 
 /// The OpenAI finish reason of a choice cut off by a filter.
@@ -27,25 +29,21 @@ fn record(ticket: &Ticket, verdicts: &[Verdict]) {
 }
 
 /// Names of the tools a request offers (`tools[].function.name`, legacy `functions[].name`).
-fn tool_names(raw: &Value) -> Vec<&str> {
-    let tools = raw["tools"].as_array().into_iter().flatten();
-    let functions = raw["functions"].as_array().into_iter().flatten();
-    tools
+pub fn tool_names(extra: &serrano_api::Extra) -> Vec<&str> {
+    let list = |k: &str| extra.get(k).and_then(Value::as_array).into_iter().flatten();
+    list("tools")
         .filter_map(|t| t["function"]["name"].as_str())
-        .chain(functions.filter_map(|f| f["name"].as_str()))
+        .chain(list("functions").filter_map(|f| f["name"].as_str()))
         .collect()
 }
 
-/// Checks one text field in place: redacted text replaces it, a block refuses the request.
-fn check_text(f: &Filter, ticket: &Ticket, text: &mut Value) -> Result<(), ApiError> {
-    let Some(s) = text.as_str() else {
-        return Ok(());
-    };
-    match f.check_prompt(s) {
+/// Checks one text in place: redacted text replaces it, a block refuses the request.
+fn check_text(f: &Filter, ticket: &Ticket, text: &mut String) -> Result<(), ApiError> {
+    match f.check_prompt(text) {
         PromptOutcome::Allow { verdicts } => record(ticket, &verdicts),
         PromptOutcome::Redacted { text: t, verdicts } => {
             record(ticket, &verdicts);
-            *text = Value::String(t);
+            *text = t;
         }
         PromptOutcome::Blocked { verdicts, reason } => {
             record(ticket, &verdicts);
@@ -55,40 +53,44 @@ fn check_text(f: &Filter, ticket: &Ticket, text: &mut Value) -> Result<(), ApiEr
     Ok(())
 }
 
-/// Applies the prompt and tool filters to a raw chat or completion body, redacting in place.
-/// Token-id prompts carry no text to check and pass as they are.
-pub fn filter_request(p: &Principal, ticket: &Ticket, raw: &mut Value) -> Result<(), ApiError> {
+/// Applies the prompt and tool filters to a request, redacting in place. Token-id prompts
+/// carry no text to check and pass as they are.
+pub fn filter_request(
+    p: &Principal,
+    ticket: &Ticket,
+    request: &mut Request,
+) -> Result<(), ApiError> {
     let Some(f) = &p.filter else { return Ok(()) };
-    let names = tool_names(raw);
+    let names = tool_names(request.extra());
     if !names.is_empty() {
         if let Err((verdict, reason)) = f.check_tools(&names) {
             record(ticket, &[verdict]);
             return Err(refused(reason));
         }
     }
-    if let Some(messages) = raw.get_mut("messages").and_then(Value::as_array_mut) {
-        for m in messages {
-            match m.get_mut("content") {
-                Some(Value::Array(parts)) => {
-                    for part in parts {
-                        if let Some(t) = part.get_mut("text") {
+    match request {
+        Request::Chat(r) => {
+            for m in &mut r.messages {
+                match &mut m.content {
+                    Some(MessageContent::Parts(parts)) => {
+                        for t in parts.iter_mut().filter_map(|p| p.text.as_mut()) {
                             check_text(f, ticket, t)?;
                         }
                     }
+                    Some(MessageContent::Text(t)) => check_text(f, ticket, t)?,
+                    None => {}
                 }
-                Some(content) => check_text(f, ticket, content)?,
-                None => {}
             }
         }
-    }
-    match raw.get_mut("prompt") {
-        Some(Value::Array(items)) => {
-            for item in items {
-                check_text(f, ticket, item)?;
+        Request::Completion(r) => match &mut r.prompt {
+            PromptSpec::Text(t) => check_text(f, ticket, t)?,
+            PromptSpec::Texts(ts) => {
+                for t in ts {
+                    check_text(f, ticket, t)?;
+                }
             }
-        }
-        Some(prompt) => check_text(f, ticket, prompt)?,
-        None => {}
+            PromptSpec::Tokens(_) | PromptSpec::TokenLists(_) => {}
+        },
     }
     Ok(())
 }

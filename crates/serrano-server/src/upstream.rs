@@ -1,27 +1,31 @@
 //! An OpenAI-compatible upstream (another serrano, llama.cpp's llama-server, vLLM, a hosted API)
-//! behind the same governance as the local engine: the request is checked, its worst case
-//! reserved, forwarded unchanged but for a guaranteed `max_tokens`, and settled from the
-//! upstream's reported usage. Streams pass through chunk by chunk.
+//! as a backend: the request goes out as the client sent it, with a guaranteed `max_tokens` so
+//! the reservation bounds what it generates, and its answer (a JSON body or SSE chunks) comes
+//! back as backend events, usage included (streams always ask for it).
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use futures::StreamExt;
+use eventsource_stream::Eventsource;
+use futures::{Stream, StreamExt};
 use serde_json::Value;
-use serrano_gov::Ticket;
-use tokio::sync::mpsc;
+use serrano_api as api;
 
+use crate::backend::{
+    AttemptCtx, Backend, BackendError, Delta, Event, EventStream, Generation, Logprobs, Prepared,
+    Request,
+};
 use crate::error::ApiError;
-use crate::safety::{self, OutputGuard};
-use serrano_gov::Principal;
 
-/// Most choices a forwarded request may ask for, as for the local engine.
-const MAX_CHOICES: u64 = 16;
 /// Longest single SSE event accepted from an upstream.
 const MAX_EVENT_BYTES: usize = 1 << 20;
+/// Largest `max_tokens` forwarded when the upstream did not report the model's context.
+const MAX_FORWARDED_MAX_TOKENS: u64 = 1 << 20;
+/// Largest upstream response body read whole.
+const MAX_RESPONSE_BYTES: usize = 16 << 20;
+/// Fields some servers read in place of `max_tokens`, which the reservation would not bound.
+const UNBOUNDED_FIELDS: &[&str] = &["n_predict", "max_new_tokens"];
 
 /// One upstream server.
 pub struct Upstream {
@@ -35,18 +39,10 @@ pub struct Upstream {
     /// Put into requests without `max_tokens` (at most the rest of the model's context, when
     /// known), so the reservation bounds what is generated.
     pub default_max_tokens: u64,
-    /// Whole-request limit; `None`: the server's.
+    /// Whole-request limit; `None`: the request's own deadline.
     timeout: Option<Duration>,
     key: Option<String>,
     client: reqwest::Client,
-}
-
-/// Why an attempt failed, and whether another backend may be tried.
-enum SendError {
-    /// Connect error, timeout, 5xx, 429: the request may go elsewhere.
-    Retryable(ApiError),
-    /// The backend refused the request itself (4xx): another would too.
-    Final(ApiError),
 }
 
 impl Upstream {
@@ -80,27 +76,15 @@ impl Upstream {
         })
     }
 
-    fn post(&self, path: &str) -> reqwest::RequestBuilder {
-        let r = self.client.post(format!("{}{path}", self.base));
+    fn authorized(&self, r: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         match &self.key {
             Some(k) => r.bearer_auth(k),
             None => r,
         }
     }
 
-    /// The context length of one of its models, when known.
-    pub fn context_for(&self, model: &str) -> Option<u64> {
-        let learned = self
-            .learned_context
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(model)
-            .copied();
-        learned.or(self.context_length)
-    }
-
     /// Remembers the context lengths a model listing reported.
-    pub fn learn_contexts(&self, models: &[(String, Option<u64>)]) {
+    fn learn_contexts(&self, models: &[(String, Option<u64>)]) {
         let mut map = self
             .learned_context
             .write()
@@ -112,38 +96,9 @@ impl Upstream {
         }
     }
 
-    /// POSTs a request; a refusal or failure becomes the error to answer with.
-    async fn send(
-        &self,
-        path: &str,
-        body: &Value,
-        timeout: Duration,
-    ) -> Result<reqwest::Response, SendError> {
-        let resp = self
-            .post(path)
-            .json(body)
-            .timeout(self.timeout.unwrap_or(timeout))
-            .send()
-            .await
-            .map_err(|e| SendError::Retryable(upstream_error(self, e)))?;
-        let status = resp.status();
-        if !status.is_success() {
-            let e = relay_status(self, resp).await;
-            return Err(if status.is_server_error() || status.as_u16() == 429 {
-                SendError::Retryable(e)
-            } else {
-                SendError::Final(e)
-            });
-        }
-        Ok(resp)
-    }
-
     /// The upstream's model ids and, where reported (vLLM, serrano), context lengths.
     pub async fn discover_models(&self) -> Result<Vec<(String, Option<u64>)>, String> {
-        let mut r = self.client.get(format!("{}/models", self.base));
-        if let Some(k) = &self.key {
-            r = r.bearer_auth(k);
-        }
+        let r = self.authorized(self.client.get(format!("{}/models", self.base)));
         let v: Value = r
             .send()
             .await
@@ -164,283 +119,184 @@ impl Upstream {
             })
             .unwrap_or_default())
     }
-}
 
-fn upstream_error(up: &Upstream, detail: impl std::fmt::Display) -> ApiError {
-    tracing::warn!(backend = %up.name, "upstream failed: {detail}");
-    ApiError {
-        code: Some("upstream_error".into()),
-        ..ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            "server_error",
-            format!("The backend '{}' failed to answer", up.name),
-        )
+    fn error(&self, detail: impl std::fmt::Display) -> ApiError {
+        tracing::warn!(backend = %self.name, "upstream failed: {detail}");
+        ApiError {
+            code: Some("upstream_error".into()),
+            ..ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "server_error",
+                format!("The backend '{}' failed to answer", self.name),
+            )
+        }
+    }
+
+    /// An upstream's refusal: client errors (4xx) pass through with the upstream's message;
+    /// anything else is 502. 429 and 5xx may go to another backend.
+    async fn refusal(&self, resp: reqwest::Response) -> BackendError {
+        let status = resp.status();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        let msg = body["error"]["message"].as_str().unwrap_or("").to_string();
+        let passed = StatusCode::from_u16(status.as_u16()).ok().filter(|s| {
+            s.is_client_error() && *s != StatusCode::UNAUTHORIZED && *s != StatusCode::FORBIDDEN
+        });
+        let error = match passed {
+            Some(s) => ApiError::new(
+                s,
+                "invalid_request_error",
+                format!("The backend '{}' refused the request: {msg}", self.name),
+            ),
+            None => self.error(format!("status {status}: {msg}")),
+        };
+        match status.as_u16() {
+            429 => BackendError::busy(error),
+            s if s >= 500 => BackendError::failed(error),
+            _ => BackendError::refused(error),
+        }
+    }
+
+    /// The body to send: the request as the client sent it, for this backend's model id, with
+    /// `n` and a `max_tokens` the reservation covers.
+    fn body(&self, gen: &Generation, model: &str) -> Result<(Value, u64, u64), ApiError> {
+        let extra = gen.request.extra();
+        if let Some(f) = UNBOUNDED_FIELDS.iter().find(|f| extra.contains_key(**f)) {
+            return Err(ApiError::invalid_param(
+                f,
+                format!("'{f}' would let the backend generate past the budget reservation; use max_tokens"),
+            ));
+        }
+        if let Some(b) = extra.get("best_of").filter(|b| !b.is_null()) {
+            if b.as_u64() != Some(gen.n as u64) && b.as_u64() != Some(1) {
+                return Err(ApiError::invalid_param(
+                    "best_of",
+                    "best_of other than 1 or n would generate choices the reservation does not cover",
+                ));
+            }
+        }
+        let mut body = match &gen.request {
+            Request::Chat(r) => serde_json::to_value(r),
+            Request::Completion(r) => serde_json::to_value(r),
+        }
+        .map_err(ApiError::internal)?;
+        body["model"] = Value::from(model);
+        body["n"] = Value::from(gen.n);
+        if gen.stream {
+            // Usage is asked for always; the relay sends it on only when the client asked.
+            body["stream_options"] = serde_json::json!({"include_usage": true});
+        }
+        // A byte-level BPE token covers at least one byte, and every byte that can reach the
+        // prompt (messages, tool schemas, template text standing for JSON punctuation) is in
+        // the body, so its length bounds the prompt's tokens without the upstream's tokenizer.
+        let bound = serde_json::to_string(&body).map_or(u64::MAX, |s| s.len() as u64);
+        // The context any candidate of this model is known to have bounds what may be asked.
+        let ceiling = self
+            .context_length(model)
+            .unwrap_or(MAX_FORWARDED_MAX_TOKENS);
+        let max_tokens = match gen.max_tokens {
+            Some(m) if (1..=ceiling).contains(&m) => m,
+            Some(_) => {
+                return Err(ApiError::invalid_param(
+                    "max_tokens",
+                    format!("max_tokens must be an integer from 1 to {ceiling}"),
+                ))
+            }
+            None => self
+                .default_max_tokens
+                .min(ceiling - bound.min(ceiling - 1)),
+        };
+        // Both spellings carry the reserved bound, whichever one the upstream reads.
+        body["max_tokens"] = Value::from(max_tokens);
+        if gen.request.is_chat() {
+            body["max_completion_tokens"] = Value::from(max_tokens);
+        }
+        Ok((body, bound, max_tokens))
     }
 }
 
-/// A bound on the prompt's tokens without the upstream's tokenizer: a byte-level BPE token
-/// covers at least one byte, and every byte that can reach the prompt (messages, tool schemas,
-/// response formats, template text standing for JSON punctuation) is in the request body, so
-/// its length bounds the prompt with room to spare.
-fn prompt_bound(body: &Value) -> u64 {
-    serde_json::to_string(body).map_or(u64::MAX, |s| s.len() as u64)
-}
-
-/// Largest `max_tokens` forwarded when the upstream did not report the model's context.
-const MAX_FORWARDED_MAX_TOKENS: u64 = 1 << 20;
-/// Largest upstream response body read whole.
-const MAX_RESPONSE_BYTES: usize = 16 << 20;
-/// Fields that change how much an upstream generates and that the reservation does not cover.
-const UNBOUNDED_FIELDS: &[&str] = &["best_of", "n_predict", "max_new_tokens", "min_tokens"];
-
-/// The request's choice count: 1 to 16, a JSON integer (a `"4"` that an upstream would coerce
-/// is refused, since it would escape both the reservation and the output filter).
-fn choices(body: &Value) -> Result<u64, ApiError> {
-    match &body["n"] {
-        Value::Null => Ok(1),
-        v => v
-            .as_u64()
-            .filter(|n| (1..=MAX_CHOICES).contains(n))
-            .ok_or_else(|| {
-                ApiError::invalid_param(
-                    "n",
-                    format!("n must be an integer from 1 to {MAX_CHOICES}"),
-                )
-            }),
+#[async_trait::async_trait]
+impl Backend for Upstream {
+    fn name(&self) -> &str {
+        &self.name
     }
-}
 
-/// The remote candidates of a routing plan, in the order to try them.
-pub struct Route {
-    pub plan: serrano_router::Plan<crate::routing::Handle>,
-    pub routing: Arc<crate::routing::Routing>,
-}
+    fn kind(&self) -> &'static str {
+        "openai"
+    }
 
-impl Route {
-    fn remotes(
+    fn context_length(&self, model: &str) -> Option<u64> {
+        let learned = self
+            .learned_context
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(model)
+            .copied();
+        learned.or(self.context_length)
+    }
+
+    fn exact_tally(&self) -> bool {
+        // A chunk may hold several tokens, or none.
+        false
+    }
+
+    async fn prepare(&self, gen: &Generation, model: &str) -> Result<Prepared, BackendError> {
+        let (body, bound, max_tokens) = self.body(gen, model).map_err(BackendError::refused)?;
+        Ok(Prepared::new(bound, max_tokens, body))
+    }
+
+    async fn generate(
         &self,
-    ) -> Vec<(
-        Arc<Upstream>,
-        &serrano_router::Candidate<crate::routing::Handle>,
-    )> {
-        self.plan
-            .candidates
-            .iter()
-            .filter_map(|c| match &c.handle {
-                crate::routing::Handle::Remote(up) => Some((up.clone(), c)),
-                crate::routing::Handle::Local => None,
-            })
-            .collect()
-    }
-
-    fn region(&self, c: &serrano_router::Candidate<crate::routing::Handle>) -> &str {
-        &self.plan.config.backends[c.index].region
-    }
-}
-
-/// Forwards a chat or legacy completion (`path` is `/chat/completions` or `/completions`) to
-/// the plan's first remote candidate, falling back to the next ones on connect errors,
-/// timeouts and 5xx before anything reached the client.
-pub async fn forward(
-    route: Route,
-    ticket: Ticket,
-    p: &Principal,
-    path: &'static str,
-    mut body: Value,
-    timeout: Duration,
-) -> Result<Response, ApiError> {
-    let remotes = route.remotes();
-    let Some((first, _)) = remotes.first() else {
-        return Err(ApiError::internal(
-            "a plan without remote backends was forwarded",
-        ));
-    };
-    let n = choices(&body)?;
-    body["n"] = Value::from(n);
-    for f in UNBOUNDED_FIELDS {
-        if let Some(o) = body.as_object_mut() {
-            o.remove(*f);
-        }
-    }
-    let mut guard = OutputGuard::new(p, n as usize);
-    let stream = body["stream"].as_bool().unwrap_or(false);
-    if guard.active() {
-        if body["logprobs"].as_bool() == Some(true)
-            || !body["logprobs"].is_boolean() && !body["logprobs"].is_null()
-        {
-            return Err(ApiError::invalid_param(
-                "logprobs",
-                "log-probs are not available while the tenant's policy filters completions",
-            ));
-        }
-        if stream && (!body["tools"].is_null() || !body["functions"].is_null()) {
-            return Err(ApiError::invalid_param(
-                "stream",
-                "streamed tool calls cannot be filtered; send tools with stream: false",
-            ));
-        }
-    }
-    let bound = prompt_bound(&body);
-    // The smallest context any candidate is known to have bounds what may be asked of all.
-    let ceiling = remotes
-        .iter()
-        .filter_map(|(up, c)| up.context_for(&c.model))
-        .min()
-        .unwrap_or(MAX_FORWARDED_MAX_TOKENS);
-    let requested = match (&body["max_completion_tokens"], &body["max_tokens"]) {
-        (Value::Null, Value::Null) => None,
-        (Value::Null, v) | (v, _) => Some(
-            v.as_u64()
-                .filter(|m| (1..=ceiling).contains(m))
-                .ok_or_else(|| {
-                    ApiError::invalid_param(
-                        "max_tokens",
-                        format!("max_tokens must be an integer from 1 to {ceiling}"),
-                    )
-                })?,
-        ),
-    };
-    let max_tokens = requested.unwrap_or_else(|| {
-        first
-            .default_max_tokens
-            .min(ceiling - bound.min(ceiling - 1))
-    });
-    // Both spellings carry the reserved bound, whichever one the upstream reads.
-    body["max_tokens"] = Value::from(max_tokens);
-    if path == "/chat/completions" {
-        body["max_completion_tokens"] = Value::from(max_tokens);
-    }
-    if ticket.keeps_content() {
-        let prompt = if path == "/chat/completions" {
-            &body["messages"]
+        gen: &Generation,
+        work: Prepared,
+        ctx: &AttemptCtx,
+    ) -> Result<EventStream, BackendError> {
+        let body: Value = work.into_work()?;
+        let path = if gen.request.is_chat() {
+            "/chat/completions"
         } else {
-            &body["prompt"]
+            "/completions"
         };
-        ticket.set_prompt_text(prompt.to_string());
-    }
-    ticket.set_fallbacks(
-        remotes
-            .iter()
-            .skip(1)
-            .map(|(_, c)| c.name.clone())
-            .collect(),
-    );
-    let worst = (bound, n.saturating_mul(max_tokens));
-    ticket.reserve(worst.0, worst.1).await?;
-    // Until an upstream answers, nothing was used.
-    let failed = |e: ApiError| {
-        ticket.set_usage(0, 0);
-        e
-    };
-    let wants_usage = body["stream_options"]["include_usage"]
-        .as_bool()
-        .unwrap_or(false);
-    if stream {
-        body["stream_options"] = serde_json::json!({"include_usage": true});
-    }
-    let metrics = &route.routing.metrics;
-    let backoff = Duration::from_millis(route.plan.config.routing.backoff_ms);
-    let mut waited = Duration::ZERO;
-    let mut last_error = None;
-    let mut tried: Vec<String> = Vec::new();
-    for (i, (up, cand)) in remotes.iter().enumerate() {
-        if i > 0 {
-            // Exponential backoff with jitter, so retries of many requests do not align.
-            let d =
-                backoff.mul_f64(f64::from(1u32 << (i - 1).min(10)) * rand::random_range(0.5..1.5));
-            tokio::time::sleep(d).await;
-            waited += d;
+        let left = ctx
+            .deadline
+            .saturating_duration_since(tokio::time::Instant::now());
+        let resp = self
+            .authorized(self.client.post(format!("{}{path}", self.base)))
+            .json(&body)
+            .timeout(self.timeout.map_or(left, |t| t.min(left)))
+            .send()
+            .await
+            .map_err(|e| BackendError::failed(self.error(e)))?;
+        if !resp.status().is_success() {
+            return Err(self.refusal(resp).await);
         }
-        let Some(attempt) = cand.state.begin(Instant::now()) else {
-            tried.push(format!("{} unavailable", cand.name));
-            continue;
-        };
-        let mut reason = route.plan.reason.clone();
-        if !tried.is_empty() {
-            reason = format!(
-                "{reason}; fell back to {} after {}",
-                cand.name,
-                tried.join(", ")
-            );
+        let chat = gen.request.is_chat();
+        let failed = self.error("the response broke off or could not be read");
+        if gen.stream {
+            return Ok(sse_events(resp, chat, failed));
         }
-        ticket.set_route(&cand.name, route.region(cand), &reason, route.plan.version);
-        body["model"] = Value::from(cand.model.clone());
-        let sent = Instant::now();
-        let resp = match up.send(path, &body, timeout).await {
-            Ok(r) => r,
-            Err(SendError::Retryable(e)) => {
-                metrics.finish(attempt, serrano_router::Outcome::Failed, None);
-                waited += sent.elapsed();
-                tried.push(format!("{} failed", cand.name));
-                last_error = Some(e);
-                continue;
-            }
-            Err(SendError::Final(e)) => {
-                metrics.finish(attempt, serrano_router::Outcome::Refused, None);
-                return Err(failed(e));
-            }
-        };
-        if stream {
-            let (tx, rx) = mpsc::channel(64);
-            ticket.detach();
-            metrics.gateway_overhead(ticket.elapsed().saturating_sub(waited + sent.elapsed()));
-            let relay = StreamRelay {
-                up: up.clone(),
-                ticket,
-                guard,
-                tx,
-                wants_usage,
-                worst,
-                deadline: tokio::time::Instant::now() + timeout,
-                attempt: Some(attempt),
-                routing: route.routing.clone(),
-                sent,
+        // Accepted: a body that breaks off from here on is the request's outcome, charged.
+        Ok(futures::stream::once(async move {
+            let parsed = match read_capped(resp, MAX_RESPONSE_BYTES).await {
+                Ok(bytes) => response_events(&bytes, chat).map_err(|e| e.to_string()),
+                Err(e) => Err(e),
             };
-            tokio::spawn(relay.run(resp));
-            return Ok(crate::openai::sse_response(rx));
-        }
-        // A body that breaks off is a failure like any other: nothing reached the client yet.
-        let parsed = match read_capped(resp, MAX_RESPONSE_BYTES).await {
-            Ok(bytes) => serde_json::from_slice::<Value>(&bytes).map_err(|e| e.to_string()),
-            Err(e) => Err(e),
-        };
-        let latency = sent.elapsed();
-        waited += latency;
-        let mut v = match parsed {
-            Ok(v) => v,
-            Err(e) => {
-                metrics.finish(attempt, serrano_router::Outcome::Failed, None);
-                tried.push(format!("{} failed", cand.name));
-                last_error = Some(upstream_error(up, e));
-                continue;
+            match parsed {
+                Ok(events) => events,
+                Err(e) => {
+                    tracing::warn!("upstream response unreadable: {e}");
+                    vec![Event::Error(BackendError::failed(failed))]
+                }
             }
-        };
-        let ttft_ms = latency.as_secs_f64() * 1e3;
-        metrics.finish(
-            attempt,
-            serrano_router::Outcome::Ok {
-                ttft_ms,
-                itl_ms: None,
-            },
-            Some(latency),
-        );
-        filter_choices(&mut guard, &ticket, &mut v);
-        record_choices(&ticket, &v);
-        if !record_usage(&ticket, &v["usage"]) {
-            // Without the upstream's count, charge the worst case reserved.
-            ticket.set_usage(worst.0, worst.1);
-        }
-        metrics.gateway_overhead(ticket.elapsed().saturating_sub(waited));
-        return Ok(axum::Json(v).into_response());
+        })
+        .flat_map(futures::stream::iter)
+        .boxed())
     }
-    Err(failed(last_error.unwrap_or_else(|| ApiError {
-        code: Some("no_backend_available".into()),
-        ..ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "server_error",
-            format!("no backend could take the request: {}", tried.join(", ")),
-        )
-    })))
+
+    async fn health(&self) -> Option<Result<(), String>> {
+        Some(self.discover_models().await.map(|models| {
+            self.learn_contexts(&models);
+        }))
+    }
 }
 
 /// A response body, refused past `cap` bytes.
@@ -457,353 +313,227 @@ async fn read_capped(resp: reqwest::Response, cap: usize) -> Result<Vec<u8>, Str
     Ok(out)
 }
 
-/// An upstream's refusal: client errors (4xx) pass through with the upstream's message;
-/// anything else is 502.
-async fn relay_status(up: &Upstream, resp: reqwest::Response) -> ApiError {
-    let status = resp.status();
-    let body: Value = resp.json().await.unwrap_or(Value::Null);
-    let msg = body["error"]["message"].as_str().unwrap_or("").to_string();
-    match StatusCode::from_u16(status.as_u16()) {
-        Ok(s)
-            if s.is_client_error()
-                && s != StatusCode::UNAUTHORIZED
-                && s != StatusCode::FORBIDDEN =>
-        {
-            ApiError::new(
-                s,
-                "invalid_request_error",
-                format!("The backend '{}' refused the request: {msg}", up.name),
-            )
+/// The events of a whole (non-streamed) response.
+fn response_events(bytes: &[u8], chat: bool) -> Result<Vec<Event>, serde_json::Error> {
+    let mut out = Vec::new();
+    if chat {
+        let r: api::ChatCompletion = serde_json::from_slice(bytes)?;
+        meta(&mut out, r.system_fingerprint, r.extra);
+        for c in r.choices {
+            let m = c.message;
+            out.push(Event::Delta(Delta {
+                index: c.index,
+                generated: true,
+                text: m.content.unwrap_or_default(),
+                logprobs: c.logprobs.map(|l| Logprobs::Chat(l.content)),
+                extra: m.extra,
+            }));
+            for (k, t) in m.tool_calls.into_iter().flatten().enumerate() {
+                out.push(Event::ToolCall {
+                    index: c.index,
+                    call: api::ToolCallDelta {
+                        index: k as u32,
+                        id: Some(t.id),
+                        kind: Some(t.kind),
+                        function: Some(api::FunctionCallDelta {
+                            name: Some(t.function.name),
+                            arguments: Some(t.function.arguments),
+                        }),
+                    },
+                    legacy: false,
+                });
+            }
+            if let Some(f) = m.function_call {
+                out.push(legacy_call(
+                    c.index,
+                    api::FunctionCallDelta {
+                        name: Some(f.name),
+                        arguments: Some(f.arguments),
+                    },
+                ));
+            }
+            finish(&mut out, c.index, c.finish_reason, c.extra);
         }
-        _ => upstream_error(up, format!("status {status}: {msg}")),
+        usage(&mut out, r.usage);
+    } else {
+        let r: api::Completion = serde_json::from_slice(bytes)?;
+        completion_events(&mut out, r);
+    }
+    Ok(out)
+}
+
+fn legacy_call(index: u32, f: api::FunctionCallDelta) -> Event {
+    Event::ToolCall {
+        index,
+        call: api::ToolCallDelta {
+            function: Some(f),
+            ..Default::default()
+        },
+        legacy: true,
     }
 }
 
-/// Runs a whole response's choices through the output filter and the tool allowlist.
-fn filter_choices(guard: &mut OutputGuard, ticket: &Ticket, v: &mut Value) {
-    for (i, c) in v["choices"]
-        .as_array_mut()
-        .into_iter()
-        .flatten()
-        .enumerate()
-    {
-        if guard.active() {
-            strip_unfiltered(c);
-            for call in c["message"]["tool_calls"]
-                .as_array_mut()
-                .into_iter()
-                .flatten()
-            {
-                let args = &mut call["function"]["arguments"];
-                if let Some(a) = args.as_str() {
-                    *args = Value::String(guard.redact_once(a));
+fn meta(out: &mut Vec<Event>, fingerprint: Option<String>, mut extra: api::Extra) {
+    if let Some(f) = fingerprint {
+        extra.insert("system_fingerprint".into(), Value::from(f));
+    }
+    if !extra.is_empty() {
+        out.push(Event::Meta(extra));
+    }
+}
+
+fn finish(out: &mut Vec<Event>, index: u32, reason: Option<String>, extra: api::Extra) {
+    if let Some(reason) = reason {
+        out.push(Event::Finish {
+            index,
+            reason,
+            extra,
+        });
+    }
+}
+
+fn usage(out: &mut Vec<Event>, u: Option<api::Usage>) {
+    if let Some(u) = u {
+        out.push(Event::Usage {
+            prompt_tokens: u.prompt_tokens.into(),
+            completion_tokens: u.completion_tokens.into(),
+        });
+    }
+}
+
+/// A legacy completion (whole, or one streamed chunk).
+fn completion_events(out: &mut Vec<Event>, r: api::Completion) {
+    meta(out, r.system_fingerprint, r.extra);
+    for c in r.choices {
+        if !c.text.is_empty() || c.logprobs.is_some() {
+            out.push(Event::Delta(Delta {
+                index: c.index,
+                generated: !c.text.is_empty(),
+                text: c.text,
+                logprobs: c.logprobs.map(Logprobs::Completion),
+                extra: Default::default(),
+            }));
+        }
+        finish(out, c.index, c.finish_reason, c.extra);
+    }
+    usage(out, r.usage);
+}
+
+/// One streamed chat chunk.
+fn chunk_events(out: &mut Vec<Event>, r: api::ChatCompletionChunk) {
+    meta(out, r.system_fingerprint, r.extra);
+    for c in r.choices {
+        let d = c.delta;
+        let text = d.content.unwrap_or_default();
+        if !text.is_empty() || c.logprobs.is_some() || !d.extra.is_empty() {
+            out.push(Event::Delta(Delta {
+                index: c.index,
+                generated: !text.is_empty(),
+                text,
+                logprobs: c.logprobs.map(|l| Logprobs::Chat(l.content)),
+                extra: d.extra,
+            }));
+        }
+        for call in d.tool_calls.into_iter().flatten() {
+            out.push(Event::ToolCall {
+                index: c.index,
+                call,
+                legacy: false,
+            });
+        }
+        if let Some(f) = d.function_call {
+            out.push(legacy_call(c.index, f));
+        }
+        finish(out, c.index, c.finish_reason, c.extra);
+    }
+    usage(out, r.usage.flatten());
+}
+
+/// The events of an SSE stream; it must end with `[DONE]`, else it broke off.
+fn sse_events(resp: reqwest::Response, chat: bool, failed: ApiError) -> EventStream {
+    let frames = bounded_events(resp.bytes_stream(), MAX_EVENT_BYTES)
+        .eventsource()
+        .boxed();
+    let early = ApiError {
+        message: format!("{} (the stream ended early)", failed.message),
+        ..failed.clone()
+    };
+    futures::stream::unfold(Some(frames), move |frames| {
+        let (failed, early) = (failed.clone(), early.clone());
+        async move {
+            let mut frames = frames?;
+            loop {
+                let data = match frames.next().await {
+                    Some(Ok(f)) => f.data,
+                    Some(Err(e)) => {
+                        tracing::warn!("upstream stream failed: {e}");
+                        return Some((vec![Event::Error(BackendError::failed(failed))], None));
+                    }
+                    None => return Some((vec![Event::Error(BackendError::failed(early))], None)),
+                };
+                if data.trim() == "[DONE]" {
+                    return None;
+                }
+                let mut out = Vec::new();
+                // A chunk that does not parse is skipped, as OpenAI's clients do.
+                if chat {
+                    if let Ok(c) = serde_json::from_str::<api::ChatCompletionChunk>(&data) {
+                        chunk_events(&mut out, c);
+                    }
+                } else if let Ok(c) = serde_json::from_str::<api::Completion>(&data) {
+                    completion_events(&mut out, c);
+                }
+                if !out.is_empty() {
+                    return Some((out, Some(frames)));
                 }
             }
         }
-        if let Some(name) = c["message"]["function_call"]["name"]
-            .as_str()
-            .map(String::from)
-        {
-            ticket.add_tool_calls(&[name.as_str()]);
-            if !guard.tools_allowed(ticket, &[name.as_str()]) {
-                c["message"]["function_call"] = Value::Null;
-                c["finish_reason"] = Value::from(safety::CONTENT_FILTER);
-            }
-        }
-        let names: Vec<String> = tool_call_names(&c["message"]);
-        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-        ticket.add_tool_calls(&refs);
-        if !guard.tools_allowed(ticket, &refs) {
-            c["message"]["tool_calls"] = Value::Null;
-            c["finish_reason"] = Value::from(safety::CONTENT_FILTER);
-        }
-        let field = if c["message"]["content"].is_string() {
-            &mut c["message"]["content"]
-        } else {
-            &mut c["text"]
+    })
+    .flat_map(futures::stream::iter)
+    .boxed()
+}
+
+/// Why a response body stopped.
+#[derive(Debug, thiserror::Error)]
+enum BodyError {
+    #[error(transparent)]
+    Transport(#[from] reqwest::Error),
+    #[error("an event longer than {0} bytes")]
+    EventTooLong(usize),
+}
+
+/// The body's bytes, failing once an SSE event runs past `max` bytes without its blank line:
+/// the SSE parser keeps an event whole until it ends, so an endless one would grow unbounded.
+fn bounded_events<S>(body: S, max: usize) -> impl Stream<Item = Result<bytes::Bytes, BodyError>>
+where
+    S: Stream<Item = Result<bytes::Bytes, reqwest::Error>>,
+{
+    let (mut pending, mut tail) = (0usize, Vec::<u8>::new());
+    body.map(move |chunk| {
+        let chunk = chunk?;
+        // The last 3 bytes of the previous chunk, so a boundary split across chunks is seen.
+        let mut joined = std::mem::take(&mut tail);
+        joined.extend_from_slice(&chunk);
+        pending = match last_event_end(&joined) {
+            Some(end) => joined.len() - end,
+            None => pending + chunk.len(),
         };
-        if let Some(text) = field.as_str() {
-            *field = Value::String(guard.filter_whole(i, text));
+        tail = joined[joined.len().saturating_sub(3)..].to_vec();
+        if pending > max {
+            return Err(BodyError::EventTooLong(max));
         }
-        if guard.blocked(i) {
-            c["finish_reason"] = Value::from(safety::CONTENT_FILTER);
-        }
-    }
-    guard.record(ticket);
+        Ok(chunk)
+    })
 }
 
-fn tool_call_names(message: &Value) -> Vec<String> {
-    message["tool_calls"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|t| t["function"]["name"].as_str().map(String::from))
-        .collect()
-}
-
-/// Text-bearing fields the output filter does not scan: dropped when it is on, so nothing it
-/// would have redacted can leave through them (token log-probs, reasoning, non-string content).
-fn strip_unfiltered(c: &mut Value) {
-    if let Some(o) = c.as_object_mut() {
-        o.remove("logprobs");
-    }
-    for part in ["message", "delta"] {
-        if let Some(m) = c[part].as_object_mut() {
-            m.remove("reasoning_content");
-            m.remove("reasoning");
-            if m.get("content")
-                .is_some_and(|v| !v.is_string() && !v.is_null())
-            {
-                m.insert("content".into(), Value::Null);
-            }
-        }
-    }
-}
-
-/// Runs one streamed chunk through the output filter; `Err` names a tool that is not allowed.
-fn filter_chunk(guard: &mut OutputGuard, ticket: &Ticket, v: &mut Value) -> Result<(), String> {
-    for c in v["choices"].as_array_mut().into_iter().flatten() {
-        if guard.active() {
-            strip_unfiltered(c);
-        }
-        let i = c["index"].as_u64().unwrap_or(0) as usize;
-        let names = tool_call_names(&c["delta"]);
-        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-        ticket.add_tool_calls(&refs);
-        if !guard.tools_allowed(ticket, &refs) {
-            return Err(format!(
-                "the model called a tool this key may not use ({})",
-                refs.join(", ")
-            ));
-        }
-        let key = if c["delta"].is_object() {
-            "delta"
-        } else {
-            "text"
-        };
-        let current = match key {
-            "delta" => c["delta"]["content"].as_str(),
-            _ => c["text"].as_str(),
-        };
-        let had_text = current.is_some();
-        let mut shown = current.map(|t| guard.push(i, t)).unwrap_or_default();
-        if let Some(reason) = c["finish_reason"].as_str().map(String::from) {
-            shown.push_str(&guard.finish(i));
-            c["finish_reason"] = Value::from(guard.finish_reason(i, &reason));
-        }
-        if had_text || !shown.is_empty() {
-            match key {
-                "delta" => c["delta"]["content"] = Value::String(shown),
-                _ => c["text"] = Value::String(shown),
-            }
-        }
-    }
-    Ok(())
-}
-
-fn record_choices(ticket: &Ticket, v: &Value) {
-    for (i, c) in v["choices"].as_array().into_iter().flatten().enumerate() {
-        let text = c["message"]["content"]
-            .as_str()
-            .or(c["text"].as_str())
-            .unwrap_or("");
-        if !text.is_empty() {
-            ticket.token(i, text);
-        }
-        if let Some(r) = c["finish_reason"].as_str() {
-            ticket.set_finish_reason(r);
-        }
-    }
-}
-
-/// The upstream's usage wins over the chunk tally; without it, the tally stands (one token per
-/// content chunk) and the prompt stays at its reserved bound.
-fn record_usage(ticket: &Ticket, usage: &Value) -> bool {
-    if let (Some(p), Some(c)) = (
-        usage["prompt_tokens"].as_u64(),
-        usage["completion_tokens"].as_u64(),
-    ) {
-        ticket.set_usage(p, c);
-        return true;
-    }
-    false
-}
-
-/// The sending side of a forwarded stream.
-struct StreamRelay {
-    up: Arc<Upstream>,
-    ticket: Ticket,
-    guard: OutputGuard,
-    tx: mpsc::Sender<String>,
-    wants_usage: bool,
-    /// (prompt bound, completion tokens) reserved: charged if the upstream reports no usage.
-    worst: (u64, u64),
-    deadline: tokio::time::Instant,
-    /// The backend's slot, ended with the stream's outcome and timings.
-    attempt: Option<serrano_router::Attempt>,
-    routing: Arc<crate::routing::Routing>,
-    sent: Instant,
-}
-
-impl StreamRelay {
-    /// Sends one event; `false` if the client is gone or stopped reading past the deadline
-    /// (then dropping the ticket audits a 499 and settles).
-    async fn send(&self, data: String) -> bool {
-        matches!(
-            tokio::time::timeout_at(self.deadline, self.tx.send(data)).await,
-            Ok(Ok(()))
-        )
-    }
-
-    async fn run(mut self, resp: reqwest::Response) {
-        let mut bytes = resp.bytes_stream();
-        let mut buf: Vec<u8> = Vec::new();
-        let mut failure: Option<String> = None;
-        let mut violation: Option<String> = None;
-        let (mut done, mut saw_usage) = (false, false);
-        // Token timings for the backend's latency estimates: first content, last, count.
-        let (mut first, mut last, mut chunks) = (None::<Instant>, None::<Instant>, 0u32);
-        'read: while let Some(chunk) = bytes.next().await {
-            let chunk = match chunk {
-                Ok(c) => c,
-                Err(e) => {
-                    failure = Some(e.to_string());
-                    break;
-                }
-            };
-            buf.extend_from_slice(&chunk);
-            while let Some(end) = find_event_end(&buf) {
-                let event: Vec<u8> = buf.drain(..end.1).collect();
-                let text = String::from_utf8_lossy(&event[..end.0]);
-                for data in text
-                    .lines()
-                    .filter_map(|l| l.strip_prefix("data:"))
-                    .map(str::trim)
-                {
-                    if data == "[DONE]" {
-                        done = true;
-                        break 'read;
-                    }
-                    let Ok(mut v) = serde_json::from_str::<Value>(data) else {
-                        continue;
-                    };
-                    let is_usage_only = v["choices"].as_array().is_some_and(|c| c.is_empty());
-                    if let Err(e) = filter_chunk(&mut self.guard, &self.ticket, &mut v) {
-                        violation = Some(e);
-                        break 'read;
-                    }
-                    saw_usage |= record_stream_chunk(&self.ticket, &v);
-                    if !is_usage_only {
-                        let now = Instant::now();
-                        first.get_or_insert(now);
-                        last = Some(now);
-                        chunks += 1;
-                    }
-                    if is_usage_only && !self.wants_usage {
-                        continue;
-                    }
-                    if !self.send(v.to_string()).await {
-                        return;
-                    }
-                }
-            }
-            if buf.len() > MAX_EVENT_BYTES {
-                failure = Some("an event longer than 1 MiB".into());
-                break;
-            }
-        }
-        self.guard.record(&self.ticket);
-        if !saw_usage && done {
-            self.ticket.set_usage(self.worst.0, self.worst.1);
-        }
-        if let Some(attempt) = self.attempt.take() {
-            let outcome = match (done, first, last) {
-                (true, Some(f), Some(l)) => serrano_router::Outcome::Ok {
-                    ttft_ms: f.duration_since(self.sent).as_secs_f64() * 1e3,
-                    itl_ms: (chunks > 1)
-                        .then(|| l.duration_since(f).as_secs_f64() * 1e3 / f64::from(chunks - 1)),
-                },
-                (true, _, _) => serrano_router::Outcome::Ok {
-                    ttft_ms: self.sent.elapsed().as_secs_f64() * 1e3,
-                    itl_ms: None,
-                },
-                _ if violation.is_some() => serrano_router::Outcome::Refused,
-                _ => serrano_router::Outcome::Failed,
-            };
-            let latency = first.map(|f| f.duration_since(self.sent));
-            self.routing.metrics.finish(attempt, outcome, latency);
-        }
-        let up = &self.up;
-        let (status, error) = match (done, failure) {
-            _ if violation.is_some() => (400, violation.clone()),
-            (true, _) => (200, None),
-            (false, Some(e)) => (502, Some(format!("backend '{}': {e}", up.name))),
-            (false, None) => (
-                502,
-                Some(format!("backend '{}' ended the stream early", up.name)),
-            ),
-        };
-        if let Some(v) = &violation {
-            let e = ApiError {
-                code: Some("content_policy_violation".into()),
-                ..ApiError::invalid(v.clone())
-            };
-            self.send(crate::openai::error_json(&e)).await;
-        } else if status != 200 {
-            tracing::warn!(backend = %up.name, "stream failed: {error:?}");
-            self.send(crate::openai::error_json(&upstream_error(
-                up,
-                "stream failed",
-            )))
-            .await;
-        }
-        // The record is written before the last chunk, so a client that saw [DONE] is audited.
-        match self.ticket.finish(status, error).await {
-            Ok(f) if status == 200 => {
-                self.routing.metrics.spent(&self.up.name, f.cost_nusd);
-                self.send("[DONE]".into()).await;
-            }
-            Ok(_) => {}
-            Err(e) => {
-                self.send(crate::openai::error_json(&ApiError::from(e)))
-                    .await;
-            }
-        }
-    }
-}
-
-/// Counts a streamed chunk; `true` if it carried the upstream's usage.
-fn record_stream_chunk(ticket: &Ticket, v: &Value) -> bool {
-    for c in v["choices"].as_array().into_iter().flatten() {
-        let i = c["index"].as_u64().unwrap_or(0) as usize;
-        let text = c["delta"]["content"]
-            .as_str()
-            .or(c["text"].as_str())
-            .unwrap_or("");
-        if !text.is_empty() {
-            ticket.token(i, text);
-        }
-        if let Some(r) = c["finish_reason"].as_str() {
-            ticket.set_finish_reason(r);
-        }
-    }
-    record_usage(ticket, &v["usage"])
-}
-
-/// (end of the event's text, end including its blank line) of the first complete SSE event.
-fn find_event_end(buf: &[u8]) -> Option<(usize, usize)> {
-    let lf = buf
-        .windows(2)
-        .position(|w| w == b"\n\n")
-        .map(|i| (i, i + 2));
+/// Where the last complete SSE event of `buf` ends (just past its blank line).
+fn last_event_end(buf: &[u8]) -> Option<usize> {
+    let lf = buf.windows(2).rposition(|w| w == b"\n\n").map(|i| i + 2);
     let crlf = buf
         .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|i| (i, i + 4));
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(if a.0 < b.0 { a } else { b }),
-        (a, b) => a.or(b),
-    }
+        .rposition(|w| w == b"\r\n\r\n")
+        .map(|i| i + 4);
+    lf.max(crlf)
 }
 
 #[cfg(test)]
@@ -811,18 +541,51 @@ mod tests {
     use super::*;
 
     #[test]
-    fn prompt_bounds_cover_everything_sent() {
-        let chat = serde_json::json!({"messages": [{"role": "user", "content": "hello"}]});
-        let with_tools = serde_json::json!({"messages": [{"role": "user", "content": "hello"}],
-            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"description": "x".repeat(1000)}}}]});
-        assert!(prompt_bound(&chat) >= 5 + 4);
-        assert!(prompt_bound(&with_tools) > 1000);
+    fn event_ends_are_found_in_either_framing() {
+        assert_eq!(last_event_end(b"data: a\n\ndata: b"), Some(9));
+        assert_eq!(last_event_end(b"data: a\r\n\r\n"), Some(11));
+        assert_eq!(last_event_end(b"data: a\n"), None);
+    }
+
+    #[tokio::test]
+    async fn an_endless_event_is_cut_off_and_a_split_boundary_is_not() {
+        let chunks = |parts: &[&'static [u8]]| {
+            futures::stream::iter(
+                parts
+                    .iter()
+                    .map(|p| Ok::<_, reqwest::Error>(bytes::Bytes::from_static(p)))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        // Each event is 6 bytes, the limit 8, and the blank line falls across chunks.
+        let ok: Vec<_> = bounded_events(chunks(&[b"data:a\n", b"\ndata:b\n", b"\n"]), 8)
+            .collect()
+            .await;
+        assert!(ok.iter().all(Result::is_ok));
+        let long: Vec<_> = bounded_events(chunks(&[b"data:aaaa", b"aaaa"]), 8)
+            .collect()
+            .await;
+        assert!(matches!(long.last(), Some(Err(BodyError::EventTooLong(8)))));
     }
 
     #[test]
-    fn sse_events_split_on_blank_lines() {
-        assert_eq!(find_event_end(b"data: a\n\ndata: b"), Some((7, 9)));
-        assert_eq!(find_event_end(b"data: a\r\n\r\n"), Some((7, 11)));
-        assert_eq!(find_event_end(b"data: a\n"), None);
+    fn a_whole_chat_response_becomes_events_with_its_extras() {
+        let body = br#"{"id":"x","choices":[{"index":0,"message":{"role":"assistant","content":"hi","refusal":null,"tool_calls":[{"id":"t","type":"function","function":{"name":"f","arguments":"{}"}}]},"finish_reason":"tool_calls"}],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5},"service_tier":"flex"}"#;
+        let events = response_events(body, true).unwrap();
+        assert!(matches!(&events[0], Event::Meta(m) if m["service_tier"] == "flex"));
+        assert!(
+            matches!(&events[1], Event::Delta(d) if d.text == "hi" && d.extra.contains_key("refusal"))
+        );
+        assert!(
+            matches!(&events[2], Event::ToolCall { call, .. } if call.function.as_ref().unwrap().name.as_deref() == Some("f"))
+        );
+        assert!(matches!(&events[3], Event::Finish { reason, .. } if reason == "tool_calls"));
+        assert!(matches!(
+            events[4],
+            Event::Usage {
+                prompt_tokens: 3,
+                completion_tokens: 2
+            }
+        ));
     }
 }

@@ -36,25 +36,19 @@ async fn fixture() -> Fixture {
         .await
         .unwrap();
     let config = serrano_router::config::render(&[serrano_router::config::Backend::local("here")]);
+    let engines =
+        serrano_server::engines::LocalEngines::new(Some((engine, vec!["default".into()])), None);
     let routing = serrano_server::routing::Routing::start(
         gov.clone(),
         &config,
         "test",
-        vec!["default".into()],
+        engines,
         std::time::Duration::from_secs(60),
     )
     .await
     .unwrap();
     Fixture {
-        app: router(
-            serrano_server::Backends {
-                local: Some(engine),
-                routing,
-            },
-            gov,
-            Default::default(),
-            ServerConfig::default(),
-        ),
+        app: router(routing, gov, Default::default(), ServerConfig::default()),
         admin,
         user,
         _dir: dir,

@@ -261,7 +261,7 @@ fn main() -> Result<()> {
             if a.server.upstream.upstream.is_none() && a.server.config.is_none() {
                 bail!("a gateway needs --config FILE (or one --upstream URL)");
             }
-            run_server(None, vec![], a.server)
+            run_server(serrano_server::engines::LocalEngines::none(), a.server)
         }
         Command::Models(ModelsCommand::Pull { force }) => {
             let p = serrano_models::pull_default_model(true, force)?;
@@ -290,7 +290,39 @@ fn resolve_model(m: &ModelArgs) -> Result<PathBuf> {
     }
 }
 
-/// Loads the model and starts the engine; `name` labels its metrics (default: the file stem).
+/// The engine settings of the model flags; `name` labels the engine's metrics.
+fn engine_config(m: &ModelArgs, name: String) -> EngineConfig {
+    EngineConfig {
+        max_waiting: m.max_waiting,
+        max_num_seqs: m.max_num_seqs,
+        max_batch_tokens: m.max_batch_tokens,
+        kv_cache_bytes: m.kv_cache_memory,
+        max_context: m.ctx_size,
+        model_name: name,
+        prefix_caching: !m.no_prefix_caching,
+    }
+}
+
+/// Loads a GGUF and starts an engine on it, logging what was loaded.
+fn load_engine(path: &Path, cfg: EngineConfig) -> Result<EngineHandle> {
+    let t = Instant::now();
+    let engine = serrano_engine::start(path, cfg)
+        .with_context(|| format!("cannot load {}", path.display()))?;
+    let info = engine.info();
+    tracing::info!(
+        model = %path.display(),
+        arch = %info.config.architecture,
+        layers = info.config.n_layers,
+        context = info.context_length,
+        weights_mib = info.weight_bytes / (1 << 20),
+        "model loaded in {:.2}s",
+        t.elapsed().as_secs_f64()
+    );
+    Ok(engine)
+}
+
+/// Starts the kernel thread pool, then the engine of `--model`; `name` labels its metrics
+/// (default: the file stem).
 fn start_engine(m: &ModelArgs, name: Option<String>) -> Result<(PathBuf, EngineHandle)> {
     let threads = m
         .threads
@@ -300,31 +332,10 @@ fn start_engine(m: &ModelArgs, name: Option<String>) -> Result<(PathBuf, EngineH
         .thread_name(|i| format!("serrano-kernel-{i}"))
         .build_global()
         .context("cannot start the kernel thread pool")?;
+    tracing::info!(threads, "kernel thread pool started");
     let path = resolve_model(m)?;
-    let t = Instant::now();
-    let cfg = EngineConfig {
-        max_waiting: m.max_waiting,
-        max_num_seqs: m.max_num_seqs,
-        max_batch_tokens: m.max_batch_tokens,
-        kv_cache_bytes: m.kv_cache_memory,
-        max_context: m.ctx_size,
-        model_name: name.unwrap_or_else(|| model_stem(&path)),
-        prefix_caching: !m.no_prefix_caching,
-    };
-    let engine = serrano_engine::start(&path, cfg)
-        .with_context(|| format!("cannot load {}", path.display()))?;
-    let info = engine.info();
-    tracing::info!(
-        model = %path.display(),
-        arch = %info.config.architecture,
-        layers = info.config.n_layers,
-        context = info.context_length,
-        weights_mib = info.weight_bytes / (1 << 20),
-        threads,
-        "model loaded in {:.2}s",
-        t.elapsed().as_secs_f64()
-    );
-    Ok((path, engine))
+    let cfg = engine_config(m, name.unwrap_or_else(|| model_stem(&path)));
+    Ok((path.clone(), load_engine(&path, cfg)?))
 }
 
 fn model_stem(path: &Path) -> String {
@@ -340,7 +351,18 @@ fn serve(a: ServeArgs) -> Result<()> {
     } else {
         a.served_model_names
     };
-    run_server(Some(engine), names, a.server)
+    // A config's `kind = "local"` backends with a `model` path get engines of their own, with
+    // the same settings as --model's.
+    let template = engine_config(&a.model, String::new());
+    let loader: serrano_server::engines::Loader = std::sync::Arc::new(move |p: &Path| {
+        let cfg = EngineConfig {
+            model_name: model_stem(p),
+            ..template.clone()
+        };
+        load_engine(p, cfg).map_err(|e| format!("{e:#}"))
+    });
+    let engines = serrano_server::engines::LocalEngines::new(Some((engine, names)), Some(loader));
+    run_server(engines, a.server)
 }
 
 /// The routing config: the --config file, or one the flags describe (the local model, and
@@ -390,13 +412,16 @@ async fn routing_config(a: &ServerArgs, local: bool) -> Result<(String, &'static
     Ok((serrano_router::config::render(&backends), "startup"))
 }
 
-fn run_server(engine: Option<EngineHandle>, names: Vec<String>, a: ServerArgs) -> Result<()> {
+fn run_server(engines: serrano_server::engines::LocalEngines, a: ServerArgs) -> Result<()> {
     let addr: SocketAddr = format!("{}:{}", a.host, a.port)
         .parse()
         .with_context(|| format!("bad address {}:{}", a.host, a.port))?;
     let request_timeout = std::time::Duration::from_secs_f64(a.request_timeout.max(0.001));
+    let names: Vec<String> = engines
+        .default_engine()
+        .map(|(_, n)| n.clone())
+        .unwrap_or_default();
     let config = serrano_server::ServerConfig {
-        model_names: names.clone(),
         max_body_bytes: a.max_body_bytes,
         request_timeout,
     };
@@ -414,7 +439,7 @@ fn run_server(engine: Option<EngineHandle>, names: Vec<String>, a: ServerArgs) -
         ),
     };
     rt.block_on(async move {
-        let (text, author) = routing_config(&a, engine.is_some()).await?;
+        let (text, author) = routing_config(&a, engines.default_engine().is_some()).await?;
         let db = a.db.path();
         let gov = serrano_gov::Governance::open(serrano_gov::GovConfig {
             db_path: db.clone(),
@@ -465,12 +490,11 @@ fn run_server(engine: Option<EngineHandle>, names: Vec<String>, a: ServerArgs) -
             None => None,
         };
         let auth = serrano_server::AuthConfig { anonymous, jwt };
-        let local_models = if engine.is_some() { names.clone() } else { vec![] };
         let routing = serrano_server::routing::Routing::start(
             gov.clone(),
             &text,
             author,
-            local_models,
+            engines,
             request_timeout,
         )
         .await
@@ -481,11 +505,7 @@ fn run_server(engine: Option<EngineHandle>, names: Vec<String>, a: ServerArgs) -
         if let Some(path) = a.config.clone() {
             reload_on_sighup(routing.clone(), path);
         }
-        let backends = serrano_server::Backends {
-            local: engine,
-            routing,
-        };
-        let app = serrano_server::router(backends, gov.clone(), auth, config);
+        let app = serrano_server::router(routing, gov.clone(), auth, config);
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;

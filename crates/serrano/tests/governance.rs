@@ -192,8 +192,8 @@ fn concurrent_requests_never_overspend_the_budget() {
     assert_eq!(verify(&s)["ok"], true);
 }
 
-/// Success, stop, bad input, timeout, over budget and replay: each leaves exactly one audit
-/// record and no open reservation.
+/// Success, stop, bad input, timeout, past the context, over budget and replay: each leaves
+/// exactly one audit record and no open reservation.
 #[test]
 fn every_outcome_leaves_one_record_and_no_reservation() {
     // Heavier than `Server::slow`: on a quiet host that model generated the timeout case's 900
@@ -240,7 +240,10 @@ fn every_outcome_leaves_one_record_and_no_reservation() {
             "slow-1",
             408,
         ),
-        (json!({"prompt": "hi", "max_tokens": 5000}), "big-1", 429),
+        // Past the context: refused by the cheap checks, before the ledger is touched.
+        (json!({"prompt": "hi", "max_tokens": 5000}), "ctx-1", 400),
+        // Fits the context, not the budget.
+        (json!({"prompt": "hi", "max_tokens": 1500}), "big-1", 429),
         (json!({"prompt": "hi", "max_tokens": 3}), "ok-1", 409),
     ];
     for (i, (body, id, want)) in cases.into_iter().enumerate() {

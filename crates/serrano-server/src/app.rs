@@ -1,0 +1,241 @@
+//! The axum application: the route table, the governance gate around it, and serving with
+//! TCP_NODELAY on every accepted connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{StatusCode, Uri};
+use axum::routing::{get, post};
+use axum::serve::ListenerExt;
+use axum::{Json, Router};
+use serrano_gov::Governance;
+
+use crate::error::ApiError;
+use crate::routing::Routing;
+use crate::state::{unix_now, AppState, AuthConfig, ServerConfig};
+use crate::{admin, gov, openai};
+
+/// The route table: every path the server answers, with its methods. The router is built from
+/// this list, so a test that walks it walks every route.
+pub const ROUTES: &[(&str, &[&str])] = &[
+    ("/health", &["GET"]),
+    ("/v1/models", &["GET"]),
+    ("/v1/completions", &["POST"]),
+    ("/v1/chat/completions", &["POST"]),
+    ("/tokenize", &["POST"]),
+    ("/detokenize", &["POST"]),
+    ("/metrics", &["GET"]),
+    ("/admin/v1/tenants", &["GET", "POST"]),
+    ("/admin/v1/tenants/{name}/policy", &["POST"]),
+    ("/admin/v1/keys", &["GET", "POST"]),
+    ("/admin/v1/keys/{id}/revoke", &["POST"]),
+    ("/admin/v1/budgets", &["GET", "POST"]),
+    ("/admin/v1/limits", &["GET", "POST"]),
+    ("/admin/v1/prices", &["POST"]),
+    ("/admin/v1/usage", &["GET"]),
+    ("/admin/v1/ledger", &["GET"]),
+    ("/admin/v1/audit", &["GET"]),
+    ("/admin/v1/audit/verify", &["GET"]),
+    ("/admin/v1/audit/checkpoints", &["GET"]),
+    ("/admin/v1/audit/erase", &["POST"]),
+    ("/admin/v1/backends", &["GET"]),
+    ("/admin/v1/config", &["GET", "POST"]),
+    ("/admin/v1/config/history", &["GET"]),
+    ("/admin/v1/config/versions/{version}", &["GET"]),
+    ("/admin/v1/config/diff", &["GET"]),
+    ("/admin/v1/config/rollback", &["POST"]),
+];
+
+fn route(path: &str) -> axum::routing::MethodRouter<Arc<AppState>> {
+    match path {
+        "/health" => get(health),
+        "/v1/models" => get(openai::models),
+        "/v1/completions" => post(openai::completions),
+        "/v1/chat/completions" => post(openai::chat_completions),
+        "/tokenize" => post(openai::tokenize),
+        "/detokenize" => post(openai::detokenize),
+        "/metrics" => get(metrics),
+        "/admin/v1/tenants" => get(admin::tenants).post(admin::create_tenant),
+        "/admin/v1/tenants/{name}/policy" => post(admin::set_policy),
+        "/admin/v1/keys" => get(admin::keys).post(admin::create_key),
+        "/admin/v1/keys/{id}/revoke" => post(admin::revoke_key),
+        "/admin/v1/budgets" => get(admin::budgets).post(admin::set_budget),
+        "/admin/v1/limits" => get(admin::limits).post(admin::set_limits),
+        "/admin/v1/prices" => post(admin::set_price),
+        "/admin/v1/usage" => get(admin::usage),
+        "/admin/v1/ledger" => get(admin::ledger),
+        "/admin/v1/audit" => get(admin::audit),
+        "/admin/v1/audit/verify" => get(admin::verify),
+        "/admin/v1/audit/checkpoints" => get(admin::checkpoints),
+        "/admin/v1/audit/erase" => post(admin::erase),
+        "/admin/v1/backends" => get(admin::backends),
+        "/admin/v1/config" => get(admin::config).post(admin::apply_config),
+        "/admin/v1/config/history" => get(admin::config_history),
+        "/admin/v1/config/versions/{version}" => get(admin::config_version),
+        "/admin/v1/config/diff" => get(admin::config_diff),
+        "/admin/v1/config/rollback" => post(admin::rollback_config),
+        // Unreachable while ROUTES and this match agree; a test keeps them so.
+        _ => axum::routing::any(not_found),
+    }
+}
+
+/// The whole API over `routing`'s backends. Every route but [`gov::PUBLIC_ROUTES`] (unknown
+/// paths included) goes through the governance gate: key checked, tenant bound, one audit
+/// record written.
+pub fn router(
+    routing: Arc<Routing>,
+    gov: Governance,
+    auth: AuthConfig,
+    config: ServerConfig,
+) -> Router {
+    let limit = config.max_body_bytes;
+    let state = Arc::new(AppState {
+        routing,
+        gov,
+        auth,
+        config,
+        started: unix_now(),
+    });
+    let mut app = Router::new();
+    for &(path, _) in ROUTES {
+        app = app.route(path, route(path));
+    }
+    app.fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            gov::gate,
+        ))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn metrics(
+    axum::extract::State(st): axum::extract::State<Arc<AppState>>,
+) -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        {
+            let engines: Vec<String> = st
+                .routing
+                .engines()
+                .iter()
+                .map(|e| e.metrics().encode())
+                .collect();
+            format!(
+                "{}{}{}# EOF\n",
+                merge_families(&engines),
+                st.routing.encode_metrics(),
+                st.gov.encode_metrics()
+            )
+        },
+    )
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::not_found(uri.path())
+}
+
+async fn method_not_allowed(uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        format!("Method not allowed on {}", uri.path()),
+    )
+}
+
+/// Binds `addr` and serves until `shutdown` resolves; in-flight requests finish first.
+pub async fn serve(
+    addr: SocketAddr,
+    app: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    serve_listener(listener, app, shutdown).await
+}
+
+pub async fn serve_listener(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    // Without TCP_NODELAY, small SSE chunks and keep-alive responses wait on Nagle + delayed ACK.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!("cannot set TCP_NODELAY: {e}");
+        }
+    });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Several engines' OpenMetrics texts as one: each family's metadata once, then every engine's
+/// samples of it (their `model_name` labels tell them apart). Concatenating the texts would
+/// repeat families, which OpenMetrics parsers reject. Written by hand: prometheus-client
+/// encodes one registry, and each engine owns its own.
+fn merge_families(texts: &[String]) -> String {
+    let mut order: Vec<String> = Vec::new();
+    let mut families: std::collections::HashMap<String, (Vec<String>, Vec<String>)> =
+        Default::default();
+    for text in texts {
+        let mut current = String::new();
+        for line in text.lines().filter(|l| *l != "# EOF") {
+            if let Some(rest) = line.strip_prefix("# ") {
+                // `# HELP name ...`, `# TYPE name ...`, `# UNIT name ...`
+                let name = rest.split_whitespace().nth(1).unwrap_or("").to_string();
+                if name != current {
+                    current = name.clone();
+                    if !families.contains_key(&name) {
+                        order.push(name.clone());
+                    }
+                }
+                let (meta, samples) = families.entry(name).or_default();
+                if samples.is_empty() && !meta.iter().any(|m| m == line) {
+                    meta.push(line.to_string());
+                }
+            } else {
+                families
+                    .entry(current.clone())
+                    .or_default()
+                    .1
+                    .push(line.to_string());
+            }
+        }
+    }
+    let mut out = String::new();
+    for name in order {
+        let (meta, samples) = &families[&name];
+        for l in meta.iter().chain(samples) {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn engine_metrics_merge_by_family() {
+        let a = "# HELP x X.\n# TYPE x gauge\nx{model_name=\"a\"} 1\n# HELP y Y.\n# TYPE y counter\ny_total{model_name=\"a\"} 2\n# EOF\n";
+        let b = a.replace("\"a\"", "\"b\"");
+        let merged = super::merge_families(&[a.to_string(), b]);
+        assert_eq!(
+            merged,
+            "# HELP x X.\n# TYPE x gauge\nx{model_name=\"a\"} 1\nx{model_name=\"b\"} 1\n# HELP y Y.\n# TYPE y counter\ny_total{model_name=\"a\"} 2\ny_total{model_name=\"b\"} 2\n"
+        );
+        assert_eq!(
+            super::merge_families(&[a.to_string()]),
+            a.trim_end_matches("# EOF\n")
+        );
+    }
+}

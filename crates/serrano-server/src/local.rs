@@ -1,0 +1,492 @@
+//! The in-process engine as a backend: chat templates and tokenizing off the async workers,
+//! the engine's admission checks before any reservation, and its events in the backend shape
+//! (log-probs named with its tokenizer, an echoed prompt, usage once every choice is done).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use serde_json::Value;
+use serrano_api as api;
+use serrano_engine::{
+    ChatMessage, EngineHandle, Event as EngineEvent, GenerateRequest, ModelInfo, TokenLogprobs,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::backend::{
+    AttemptCtx, Backend, BackendError, Delta, Event, EventStream, Generation, Logprobs, Prepared,
+    Request,
+};
+use crate::error::ApiError;
+use crate::params;
+
+/// Default `max_tokens` for legacy completions, as OpenAI's.
+const DEFAULT_COMPLETION_MAX_TOKENS: u64 = 16;
+
+/// Request fields OpenAI defines that this backend does not model, with the values it can
+/// honour anyway (`None`: only `null`). Anything else in one of them is a 400 naming it; fields
+/// OpenAI does not define are ignored, as OpenAI-compatible servers do.
+const UNSUPPORTED_FIELDS: &[(&str, Option<&[&str]>)] = &[
+    ("tools", Some(&["[]"])),
+    ("tool_choice", Some(&["\"none\""])),
+    ("parallel_tool_calls", Some(&["true", "false"])),
+    ("functions", Some(&["[]"])),
+    ("function_call", Some(&["\"none\""])),
+    ("response_format", Some(&[r#"{"type":"text"}"#])),
+    ("modalities", Some(&[r#"["text"]"#])),
+    ("service_tier", Some(&["\"auto\"", "\"default\""])),
+    ("store", Some(&["false"])),
+    ("audio", None),
+    ("prediction", None),
+    ("reasoning_effort", None),
+    ("verbosity", None),
+    ("web_search_options", None),
+    ("metadata", None),
+    ("best_of", Some(&["1"])),
+];
+
+/// Message fields OpenAI defines that this backend cannot render yet.
+const UNSUPPORTED_MESSAGE_FIELDS: &[&str] =
+    &["tool_calls", "tool_call_id", "function_call", "audio"];
+
+/// One model on the in-process engine.
+pub struct LocalBackend {
+    name: String,
+    engine: EngineHandle,
+}
+
+impl LocalBackend {
+    pub fn new(name: &str, engine: EngineHandle) -> LocalBackend {
+        LocalBackend {
+            name: name.to_string(),
+            engine,
+        }
+    }
+
+    fn info(&self) -> &Arc<ModelInfo> {
+        self.engine.info()
+    }
+}
+
+/// What `prepare` hands to `generate`.
+struct Work {
+    req: GenerateRequest,
+    echo: bool,
+    as_ids: bool,
+}
+
+/// The first field the local engine cannot honour, with why.
+fn unsupported(gen: &Generation) -> Option<ApiError> {
+    let extra = gen.request.extra();
+    for (field, ok) in UNSUPPORTED_FIELDS {
+        let Some(v) = extra.get(*field).filter(|v| !v.is_null()) else {
+            continue;
+        };
+        let accepted = ok.is_some_and(|ok| {
+            ok.iter()
+                .any(|o| serde_json::from_str::<Value>(o).is_ok_and(|o| &o == v))
+        });
+        if !accepted {
+            return Some(ApiError::invalid_param(
+                field,
+                format!("'{field}' is not supported by the local engine (backend has no such feature yet)"),
+            ));
+        }
+    }
+    if let Request::Chat(r) = &gen.request {
+        for (i, m) in r.messages.iter().enumerate() {
+            if let Some(f) = UNSUPPORTED_MESSAGE_FIELDS
+                .iter()
+                .find(|f| m.extra.get(**f).is_some_and(|v| !v.is_null()))
+            {
+                return Some(ApiError::invalid_param(
+                    &format!("messages[{i}].{f}"),
+                    format!("'{f}' in messages is not supported by the local engine"),
+                ));
+            }
+        }
+    }
+    if let Request::Completion(r) = &gen.request {
+        if r.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+            return Some(ApiError::invalid_param("suffix", "suffix is not supported"));
+        }
+    }
+    None
+}
+
+fn engine_messages(messages: &[api::ChatMessage]) -> Result<Vec<ChatMessage>, ApiError> {
+    messages
+        .iter()
+        .map(|m| {
+            let content = match &m.content {
+                None => String::new(),
+                Some(c) => c
+                    .text()
+                    .map_err(|e| ApiError::invalid_param("messages", e))?,
+            };
+            Ok(ChatMessage {
+                role: m.role.clone(),
+                content,
+            })
+        })
+        .collect()
+}
+
+/// Text longer than the context could ever hold is refused before any tokenizing.
+fn check_text_len(info: &ModelInfo, param: &str, len: usize) -> Result<(), ApiError> {
+    if len > info.max_prompt_bytes() {
+        return Err(ApiError::invalid_param(param, format!("the prompt ({len} bytes) is longer than this model's context of {} tokens could hold", info.context_length)));
+    }
+    Ok(())
+}
+
+/// Tokenizes off the async workers: a long prompt must not stall other connections.
+pub async fn encode(
+    info: &Arc<ModelInfo>,
+    param: &str,
+    text: String,
+    add_special: bool,
+) -> Result<Vec<u32>, ApiError> {
+    check_text_len(info, param, text.len())?;
+    let info = info.clone();
+    tokio::task::spawn_blocking(move || info.tokenizer.encode(&text, add_special, true))
+        .await
+        .map_err(ApiError::internal)
+}
+
+/// Renders the chat template and tokenizes, off the async workers.
+pub async fn chat_prompt(
+    info: &Arc<ModelInfo>,
+    messages: &[api::ChatMessage],
+    add_generation_prompt: bool,
+) -> Result<Vec<u32>, ApiError> {
+    let msgs = engine_messages(messages)?;
+    check_text_len(info, "messages", msgs.iter().map(|m| m.content.len()).sum())?;
+    let info = info.clone();
+    tokio::task::spawn_blocking(move || info.chat_prompt(&msgs, add_generation_prompt))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(|e| ApiError::invalid_param("messages", e.to_string()))
+}
+
+/// The prompt's token ids: the rendered chat, or the one legacy prompt.
+async fn prompt_ids(info: &Arc<ModelInfo>, request: &Request) -> Result<Vec<u32>, ApiError> {
+    let prompt = match request {
+        Request::Chat(r) => chat_prompt(info, &r.messages, true).await?,
+        Request::Completion(r) => match &r.prompt {
+            api::PromptSpec::Text(s) => encode(info, "prompt", s.clone(), true).await?,
+            api::PromptSpec::Texts(v) if v.len() == 1 => {
+                encode(info, "prompt", v[0].clone(), true).await?
+            }
+            api::PromptSpec::Tokens(t) => t.clone(),
+            api::PromptSpec::TokenLists(v) if v.len() == 1 => v[0].clone(),
+            _ => {
+                return Err(ApiError::invalid_param(
+                    "prompt",
+                    "batched prompts are not supported by the local engine; send one prompt per request",
+                ))
+            }
+        },
+    };
+    if prompt.is_empty() {
+        return Err(ApiError::invalid_param("prompt", "the prompt is empty"));
+    }
+    Ok(prompt)
+}
+
+impl LocalBackend {
+    async fn render(&self, gen: &Generation) -> Result<Work, ApiError> {
+        if let Some(e) = unsupported(gen) {
+            return Err(e);
+        }
+        let info = self.info();
+        let vocab = info.config.vocab_size;
+        let prompt = prompt_ids(info, &gen.request).await?;
+        let (sampling, echo, as_ids) = match &gen.request {
+            Request::Chat(r) => (&r.sampling, false, false),
+            Request::Completion(r) => (&r.sampling, r.echo, r.return_tokens_as_token_ids),
+        };
+        params::check_token_ids(&gen.sampling, sampling, vocab)?;
+        let max_tokens = match (gen.max_tokens, gen.request.is_chat()) {
+            (Some(m), _) => m,
+            // Without a limit, a chat may use the rest of the context, as OpenAI's does.
+            (None, true) => (info.context_length.saturating_sub(prompt.len()) as u64).max(1),
+            (None, false) => DEFAULT_COMPLETION_MAX_TOKENS,
+        };
+        let req = GenerateRequest {
+            sampling: gen.sampling.clone(),
+            max_tokens: usize::try_from(max_tokens).unwrap_or(usize::MAX),
+            stop: gen.stop.clone(),
+            stop_token_ids: sampling.stop_token_ids.clone().unwrap_or_default(),
+            ignore_eos: sampling.ignore_eos,
+            logprobs: gen.logprobs,
+            prompt_logprobs: if echo { gen.logprobs } else { None },
+            prompt,
+            tenant: gen.tenant.clone(),
+            priority: gen.priority,
+        };
+        Ok(Work { req, echo, as_ids })
+    }
+}
+
+fn engine_error(e: serrano_engine::SubmitError) -> BackendError {
+    use serrano_engine::SubmitError as S;
+    match e {
+        S::QueueFull(_) | S::TenantBusy { .. } => BackendError::busy(e.into()),
+        S::Stopped => BackendError::failed(e.into()),
+        S::Invalid(_) => BackendError::refused(e.into()),
+    }
+}
+
+#[async_trait::async_trait]
+impl Backend for LocalBackend {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn kind(&self) -> &'static str {
+        "local"
+    }
+
+    fn context_length(&self, _model: &str) -> Option<u64> {
+        Some(self.info().context_length as u64)
+    }
+
+    fn exact_tally(&self) -> bool {
+        true
+    }
+
+    async fn prepare(&self, gen: &Generation, _model: &str) -> Result<Prepared, BackendError> {
+        let work = self.render(gen).await.map_err(BackendError::refused)?;
+        self.engine.check(&work.req, gen.n).map_err(engine_error)?;
+        let (prompt, max) = (work.req.prompt.len() as u64, work.req.max_tokens as u64);
+        Ok(Prepared::new(prompt, max, work))
+    }
+
+    async fn generate(
+        &self,
+        gen: &Generation,
+        work: Prepared,
+        _ctx: &AttemptCtx,
+    ) -> Result<EventStream, BackendError> {
+        let work: Work = work.into_work()?;
+        // Choice `i` samples with `seed + i`, so choices differ yet repeat.
+        let choices = (0..gen.n)
+            .map(|i| {
+                let mut g = work.req.clone();
+                g.sampling.seed = work.req.sampling.seed.map(|s| s.wrapping_add(i as u64));
+                g
+            })
+            .collect();
+        let rxs = self.engine.submit_n(choices).map_err(engine_error)?;
+        Ok(events(
+            self.info().clone(),
+            &work,
+            gen.request.is_chat(),
+            rxs,
+        ))
+    }
+
+    fn engine(&self) -> Option<&EngineHandle> {
+        Some(&self.engine)
+    }
+}
+
+/// How tokens are named in log-prob listings.
+struct TokenNamer {
+    info: Arc<ModelInfo>,
+    as_ids: bool,
+}
+
+impl TokenNamer {
+    fn name(&self, id: u32) -> String {
+        if self.as_ids {
+            format!("token_id:{id}")
+        } else {
+            self.info.tokenizer.token_text(id)
+        }
+    }
+
+    fn top_map(&self, lp: &TokenLogprobs) -> BTreeMap<String, f32> {
+        lp.top.iter().map(|&(t, l)| (self.name(t), l)).collect()
+    }
+
+    /// Appends one token to a legacy `logprobs` object; `offset` counts characters so far.
+    fn push_completion(
+        &self,
+        out: &mut api::CompletionLogprobs,
+        id: u32,
+        lp: Option<&TokenLogprobs>,
+        offset: &mut u32,
+    ) {
+        out.tokens.push(self.name(id));
+        out.token_logprobs.push(lp.map(|l| l.logprob));
+        out.top_logprobs.push(lp.map(|l| self.top_map(l)));
+        out.text_offset.push(*offset);
+        *offset += self.info.tokenizer.token_text(id).chars().count() as u32;
+    }
+
+    fn chat(&self, lp: &TokenLogprobs) -> api::ChatTokenLogprob {
+        let tok = &self.info.tokenizer;
+        api::ChatTokenLogprob {
+            token: self.name(lp.token),
+            logprob: lp.logprob,
+            bytes: Some(tok.token_bytes(lp.token).to_vec()),
+            top_logprobs: lp
+                .top
+                .iter()
+                .map(|&(t, l)| api::ChatTopLogprob {
+                    token: self.name(t),
+                    logprob: l,
+                    bytes: Some(tok.token_bytes(t).to_vec()),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Turns the engine's per-choice events into one backend stream.
+struct Translator {
+    namer: TokenNamer,
+    chat: bool,
+    logprobs: bool,
+    echo: bool,
+    prompt: Vec<u32>,
+    /// Per choice: characters before the next token (legacy `text_offset`), prompt echoed,
+    /// finished.
+    offset: Vec<u32>,
+    echoed: Vec<bool>,
+    finished: Vec<bool>,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+}
+
+impl Translator {
+    fn prompt_text(&self) -> String {
+        self.namer.info.tokenizer.decode(&self.prompt, false)
+    }
+
+    /// The echoed prompt of choice `i`, with its log-probs when they were asked for.
+    fn echo(&mut self, i: usize, entries: Option<&[Option<TokenLogprobs>]>) -> Event {
+        self.echoed[i] = true;
+        let logprobs = entries.map(|entries| {
+            let mut lp = api::CompletionLogprobs::default();
+            for (k, &id) in self.prompt.iter().enumerate() {
+                let l = entries.get(k).and_then(|e| e.as_ref());
+                self.namer
+                    .push_completion(&mut lp, id, l, &mut self.offset[i]);
+            }
+            Logprobs::Completion(lp)
+        });
+        Event::Delta(Delta {
+            index: i as u32,
+            text: self.prompt_text(),
+            generated: false,
+            logprobs,
+            extra: Default::default(),
+        })
+    }
+
+    fn token(&mut self, i: usize, id: u32, text: String, lp: Option<TokenLogprobs>) -> Event {
+        let logprobs = match (self.logprobs, self.chat) {
+            (false, _) => None,
+            (true, true) => Some(Logprobs::Chat(
+                lp.iter().map(|l| self.namer.chat(l)).collect(),
+            )),
+            (true, false) => {
+                let mut out = api::CompletionLogprobs::default();
+                self.namer
+                    .push_completion(&mut out, id, lp.as_ref(), &mut self.offset[i]);
+                Some(Logprobs::Completion(out))
+            }
+        };
+        Event::Delta(Delta {
+            index: i as u32,
+            text,
+            generated: true,
+            logprobs,
+            extra: Default::default(),
+        })
+    }
+
+    /// The backend events for one engine event of choice `i` (`None`: its channel closed).
+    fn translate(&mut self, i: usize, e: Option<EngineEvent>) -> Vec<Event> {
+        match e {
+            Some(EngineEvent::PromptLogprobs(p)) if self.echo && !self.echoed[i] => {
+                vec![self.echo(i, Some(&p))]
+            }
+            Some(EngineEvent::PromptLogprobs(_)) => vec![],
+            Some(EngineEvent::Token { id, text, logprobs }) => {
+                vec![self.token(i, id, text, logprobs)]
+            }
+            Some(EngineEvent::Finished {
+                reason,
+                prompt_tokens,
+                completion_tokens,
+            }) => {
+                self.finished[i] = true;
+                self.prompt_tokens = prompt_tokens as u64;
+                self.completion_tokens += completion_tokens as u64;
+                let mut out = vec![Event::Finish {
+                    index: i as u32,
+                    reason: reason.as_str().to_string(),
+                    extra: Default::default(),
+                }];
+                if self.finished.iter().all(|f| *f) {
+                    out.push(Event::Usage {
+                        prompt_tokens: self.prompt_tokens,
+                        completion_tokens: self.completion_tokens,
+                    });
+                }
+                out
+            }
+            Some(EngineEvent::Error(e)) => {
+                vec![Event::Error(BackendError::failed(ApiError::internal(e)))]
+            }
+            None if self.finished[i] => vec![],
+            None => vec![Event::Error(BackendError::failed(ApiError::internal(
+                "the engine dropped the request",
+            )))],
+        }
+    }
+}
+
+fn events(
+    info: Arc<ModelInfo>,
+    work: &Work,
+    chat: bool,
+    rxs: Vec<mpsc::Receiver<EngineEvent>>,
+) -> EventStream {
+    let n = rxs.len();
+    let mut t = Translator {
+        namer: TokenNamer {
+            info,
+            as_ids: work.as_ids,
+        },
+        chat,
+        logprobs: work.req.logprobs.is_some(),
+        echo: work.echo,
+        prompt: work.req.prompt.clone(),
+        offset: vec![0; n],
+        echoed: vec![false; n],
+        finished: vec![false; n],
+        prompt_tokens: 0,
+        completion_tokens: 0,
+    };
+    // Without prompt log-probs the echo goes out at once; with them, when they arrive.
+    let first: Vec<Event> = if work.echo && work.req.prompt_logprobs.is_none() {
+        (0..n).map(|i| t.echo(i, None)).collect()
+    } else {
+        vec![]
+    };
+    let merged = futures::stream::select_all(rxs.into_iter().enumerate().map(|(i, rx)| {
+        ReceiverStream::new(rx)
+            .map(Some)
+            .chain(futures::stream::once(async { None }))
+            .map(move |e| (i, e))
+            .boxed()
+    }));
+    let rest = merged.flat_map(move |(i, e)| futures::stream::iter(t.translate(i, e)));
+    futures::stream::iter(first).chain(rest).boxed()
+}

@@ -1,0 +1,370 @@
+//! The one request pipeline, for every backend: validate once → the tenant's filters → plan →
+//! each candidate's cheap checks → reserve → per candidate: an attempt, `generate`, falling back
+//! on retryable errors before anything reached the client → one relay → one `finish`.
+//!
+//! The pipeline owns the request's ticket from its first step (`Ticket::claim`): it writes the
+//! audit record itself, before a stream's last event, whatever the outcome.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serrano_gov::{GovError, Principal, Role, Ticket};
+use serrano_router::{Candidate, Outcome, Plan};
+
+use crate::backend::{AttemptCtx, BackendError, Fault, Generation, Prepared, Request};
+use crate::error::ApiError;
+use crate::gov::principal;
+use crate::params;
+use crate::relay::{self, Relay};
+use crate::routing::Handle;
+use crate::safety::{self, OutputGuard};
+use crate::state::AppState;
+
+/// Header with an integer priority; higher is admitted first. Admin keys only: a tenant must not
+/// raise itself above others.
+pub const PRIORITY_HEADER: &str = "x-serrano-priority";
+
+/// Runs a chat or legacy completion through the pipeline; the answer, or the error, is audited.
+pub async fn serve(
+    st: &Arc<AppState>,
+    ticket: Ticket,
+    headers: &HeaderMap,
+    request: Request,
+) -> Response {
+    ticket.claim();
+    match run(st, &ticket, headers, request).await {
+        Ok(resp) => resp,
+        Err(e) => match ticket
+            .finish(e.status.as_u16(), Some(e.message.clone()))
+            .await
+        {
+            Ok(_) => e.into_response(),
+            // No audit, no response: the client gets 503, never an unrecorded answer.
+            Err(g) => ApiError::from(g).into_response(),
+        },
+    }
+}
+
+async fn run(
+    st: &Arc<AppState>,
+    ticket: &Ticket,
+    headers: &HeaderMap,
+    mut request: Request,
+) -> Result<Response, ApiError> {
+    let p = principal(ticket)?;
+    let priority = priority(headers, &p)?;
+    safety::filter_request(&p, ticket, &mut request)?;
+    let (model, plan) = scoped_plan(st, ticket, &p, requested_model(&request))?;
+    let gen = generation(request, model, &p, priority)?;
+    let guard = output_guard(&p, &gen)?;
+    if ticket.keeps_content() {
+        ticket.set_prompt_text(prompt_text(&gen.request));
+    }
+    let started = Instant::now();
+    let (candidates, mut tried, first_error) = prepare_all(&gen, &plan).await;
+    let Some(first) = candidates.first() else {
+        return Err(first_error.unwrap_or_else(|| no_backend(&tried)));
+    };
+    let worst_prompt = candidates
+        .iter()
+        .map(|(_, w)| w.prompt_tokens)
+        .max()
+        .unwrap_or(0);
+    let worst_completion = candidates
+        .iter()
+        .map(|(_, w)| w.max_tokens)
+        .max()
+        .unwrap_or(0);
+    set_route(ticket, &plan, &first.0, &tried);
+    ticket.set_fallbacks(
+        candidates
+            .iter()
+            .skip(1)
+            .map(|(c, _)| c.name.clone())
+            .collect(),
+    );
+    let reservation = ticket
+        .reserve(
+            worst_prompt,
+            worst_completion.saturating_mul(gen.choices as u64),
+        )
+        .await?;
+    let deadline = tokio::time::Instant::now() + st.config.request_timeout;
+    let ctx = AttemptCtx { deadline };
+    let metrics = &st.routing.metrics;
+    let backoff = Duration::from_millis(plan.config.routing.backoff_ms);
+    let mut waited = Duration::ZERO;
+    let mut last_error = first_error;
+    for (i, (cand, work)) in candidates.into_iter().enumerate() {
+        if i > 0 {
+            // Exponential backoff with jitter, so retries of many requests do not align.
+            let d =
+                backoff.mul_f64(f64::from(1u32 << (i - 1).min(10)) * rand::random_range(0.5..1.5));
+            tokio::time::sleep(d).await;
+            waited += d;
+        }
+        let Some(attempt) = cand.state.begin(Instant::now()) else {
+            tried.push(format!("{} unavailable", cand.name));
+            continue;
+        };
+        set_route(ticket, &plan, &cand, &tried);
+        let sent = Instant::now();
+        match cand.handle.generate(&gen, work, &ctx).await {
+            Ok(events) => {
+                reservation.accept(cand.handle.exact_tally());
+                metrics.gateway_overhead(started.elapsed().saturating_sub(waited));
+                let relay = Relay {
+                    ticket: ticket.clone(),
+                    reservation,
+                    guard,
+                    attempt,
+                    routing: st.routing.clone(),
+                    backend: cand.name.clone(),
+                    sent,
+                    deadline,
+                    limit: st.config.request_timeout,
+                };
+                return Ok(relay::respond(relay, &gen, events).await);
+            }
+            Err(e) => {
+                metrics.finish(attempt, outcome(e.fault), None);
+                waited += sent.elapsed();
+                if !e.retryable() {
+                    return Err(e.error);
+                }
+                tried.push(format!("{} {}", cand.name, fault_word(e.fault)));
+                last_error = Some(e.error);
+            }
+        }
+    }
+    drop(reservation);
+    Err(last_error.unwrap_or_else(|| no_backend(&tried)))
+}
+
+/// The router's outcome for an attempt that ended before anything was generated.
+pub fn outcome(fault: Fault) -> Outcome {
+    match fault {
+        Fault::Backend => Outcome::Failed,
+        // Alive: busy, or the request itself could not be served.
+        Fault::Busy | Fault::Request => Outcome::Refused,
+    }
+}
+
+fn fault_word(fault: Fault) -> &'static str {
+    match fault {
+        Fault::Backend => "failed",
+        Fault::Busy => "busy",
+        Fault::Request => "refused",
+    }
+}
+
+fn no_backend(tried: &[String]) -> ApiError {
+    ApiError {
+        code: Some("no_backend_available".into()),
+        ..ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            format!("no backend could take the request: {}", tried.join(", ")),
+        )
+    }
+}
+
+/// Renders the request for every candidate of the plan; a candidate that cannot serve it is
+/// left out (so the next may), and when none can, the first one's reason is the answer.
+async fn prepare_all(
+    gen: &Generation,
+    plan: &Plan<Handle>,
+) -> (
+    Vec<(Candidate<Handle>, Prepared)>,
+    Vec<String>,
+    Option<ApiError>,
+) {
+    let mut ready = Vec::new();
+    let mut tried = Vec::new();
+    let mut first_error = None;
+    for c in &plan.candidates {
+        match c.handle.prepare(gen, &c.model).await {
+            Ok(w) => ready.push((c.clone(), w)),
+            Err(BackendError { error, fault }) => {
+                tried.push(format!("{} {}", c.name, fault_word(fault)));
+                first_error.get_or_insert(error);
+            }
+        }
+    }
+    (ready, tried, first_error)
+}
+
+/// Records which backend serves the request now, and why.
+fn set_route(ticket: &Ticket, plan: &Plan<Handle>, cand: &Candidate<Handle>, tried: &[String]) {
+    let mut reason = plan.reason.clone();
+    if !tried.is_empty() {
+        reason = format!(
+            "{reason}; fell back to {} after {}",
+            cand.name,
+            tried.join(", ")
+        );
+    }
+    let region = &plan.config.backends[cand.index].region;
+    ticket.set_route(&cand.name, region, &reason, plan.version);
+}
+
+fn requested_model(request: &Request) -> Option<&str> {
+    match request {
+        Request::Chat(r) => r.model.as_deref(),
+        Request::Completion(r) => r.model.as_deref(),
+    }
+    .filter(|m| !m.is_empty())
+}
+
+/// The priority of the request in the engine's queue (admin keys only).
+fn priority(headers: &HeaderMap, p: &Principal) -> Result<i32, ApiError> {
+    match headers.get(PRIORITY_HEADER) {
+        None => Ok(0),
+        Some(_) if p.role != Role::Admin => Err(GovError::Forbidden(format!(
+            "{PRIORITY_HEADER} may only be sent with an admin key"
+        ))
+        .into()),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|p| p.parse::<i32>().ok())
+            .filter(|p| (-100..=100).contains(p))
+            .ok_or_else(|| {
+                ApiError::invalid(format!(
+                    "{PRIORITY_HEADER} must be an integer from -100 to 100"
+                ))
+            }),
+    }
+}
+
+/// Routes the request, checks the key may use the model, and records the decision on the ticket.
+fn scoped_plan(
+    st: &AppState,
+    ticket: &Ticket,
+    p: &Principal,
+    requested: Option<&str>,
+) -> Result<(String, Plan<Handle>), ApiError> {
+    let forbidden =
+        |m: &str| GovError::Forbidden(format!("This API key may not use the model '{m}'"));
+    if let Some(m) = requested {
+        // The scope is checked before routing, so a key learns nothing of backends it may not use.
+        if !p.may_use_model(m) {
+            return Err(forbidden(m).into());
+        }
+    }
+    ticket.set_config_version(st.routing.router.active().version);
+    let (model, plan) = st.plan(requested, &p.tenant)?;
+    if !p.may_use_model(&model) {
+        return Err(forbidden(&model).into());
+    }
+    ticket.set_model(&model);
+    Ok((model, plan))
+}
+
+/// The output filter of a request. Log-probs would reveal filtered text, and streamed tool
+/// calls cannot be filtered whole, so both are refused while completions are filtered.
+fn output_guard(p: &Principal, gen: &Generation) -> Result<OutputGuard, ApiError> {
+    let guard = OutputGuard::new(p, gen.choices);
+    if guard.active() {
+        if gen.logprobs.is_some() {
+            return Err(ApiError::invalid_param(
+                "logprobs",
+                "log-probs are not available while the tenant's policy filters completions",
+            ));
+        }
+        let extra = gen.request.extra();
+        let tools = ["tools", "functions"]
+            .iter()
+            .any(|k| extra.get(*k).is_some_and(|v| !v.is_null()));
+        if gen.stream && tools {
+            return Err(ApiError::invalid_param(
+                "stream",
+                "streamed tool calls cannot be filtered; send tools with stream: false",
+            ));
+        }
+    }
+    Ok(guard)
+}
+
+/// The prompt as the audit log keeps it (for tenants whose retention keeps content).
+fn prompt_text(request: &Request) -> String {
+    let v = match request {
+        Request::Chat(r) => serde_json::to_value(&r.messages),
+        Request::Completion(r) => serde_json::to_value(&r.prompt),
+    };
+    v.map(|v| v.to_string()).unwrap_or_default()
+}
+
+/// Validates what every backend relies on, once.
+fn generation(
+    request: Request,
+    model: String,
+    p: &Principal,
+    priority: i32,
+) -> Result<Generation, ApiError> {
+    let (sampling, max_tokens, logprobs, prompts) = match &request {
+        Request::Chat(r) => {
+            if r.messages.is_empty() {
+                return Err(ApiError::invalid_param(
+                    "messages",
+                    "messages must not be empty",
+                ));
+            }
+            let logprobs = match (r.logprobs, r.top_logprobs) {
+                (false, Some(_)) => {
+                    return Err(ApiError::invalid_param(
+                        "top_logprobs",
+                        "top_logprobs requires logprobs: true",
+                    ))
+                }
+                (false, None) => None,
+                (true, n) => Some(("top_logprobs", n.unwrap_or(0) as usize)),
+            };
+            let max = r.max_completion_tokens.or(r.max_tokens);
+            (&r.sampling, max, logprobs, 1)
+        }
+        Request::Completion(r) => {
+            if r.prompt.count() == 0 {
+                return Err(ApiError::invalid_param("prompt", "the prompt is empty"));
+            }
+            let logprobs = r.logprobs.map(|n| ("logprobs", n as usize));
+            (&r.sampling, r.max_tokens, logprobs, r.prompt.count())
+        }
+    };
+    if let Some((param, n)) = logprobs.filter(|(_, n)| *n > serrano_engine::MAX_LOGPROBS) {
+        return Err(ApiError::invalid_param(
+            param,
+            format!(
+                "{param} must be at most {}, got {n}",
+                serrano_engine::MAX_LOGPROBS
+            ),
+        ));
+    }
+    if max_tokens == Some(0) {
+        return Err(ApiError::invalid_param(
+            "max_tokens",
+            "max_tokens must be at least 1",
+        ));
+    }
+    let n = params::choices(sampling)?;
+    params::stop_token_ids(sampling)?;
+    Ok(Generation {
+        model,
+        n,
+        choices: n.saturating_mul(prompts),
+        stream: sampling.stream,
+        include_usage: sampling
+            .stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage),
+        max_tokens: max_tokens.map(u64::from),
+        logprobs: logprobs.map(|(_, n)| n),
+        sampling: params::sampling(sampling)?,
+        stop: params::stops(sampling)?,
+        tenant: p.tenant.clone(),
+        priority,
+        request,
+    })
+}

@@ -1,0 +1,719 @@
+//! The one relay from a backend's events to the client, for every backend: a JSON body, or SSE
+//! chunks. On the way each piece passes the tenant's output filter and tool allowlist, is
+//! tallied on the ticket and timed for the backend's latency estimates; at the end the attempt
+//! reports its outcome to the router and the audit record is written, before a stream's
+//! `[DONE]`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::StreamExt;
+use serrano_api as api;
+use serrano_gov::{Reservation, Ticket};
+use serrano_router::{Attempt, Outcome};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::backend::{Delta, Event, EventStream, Generation, Logprobs};
+use crate::error::ApiError;
+use crate::routing::Routing;
+use crate::safety::{self, OutputGuard};
+use crate::state::unix_now;
+
+/// SSE messages a stream may have waiting for a slow client.
+const SSE_BUFFER: usize = 64;
+
+/// Everything the relay needs from the pipeline: the ticket and its reservation, the output
+/// filter, and the attempt whose outcome it reports.
+pub struct Relay {
+    pub ticket: Ticket,
+    pub reservation: Reservation,
+    pub guard: OutputGuard,
+    pub attempt: Attempt,
+    pub routing: Arc<Routing>,
+    pub backend: String,
+    /// When the attempt started (TTFT and gaps are measured from here).
+    pub sent: Instant,
+    pub deadline: tokio::time::Instant,
+    /// `--request-timeout`, for the message when the deadline passes.
+    pub limit: Duration,
+}
+
+/// Relays a backend's events as the response: SSE when the request streams (the record is
+/// written from the stream's task), else a JSON body once every event is in.
+pub async fn respond(relay: Relay, gen: &Generation, events: EventStream) -> Response {
+    let run = Run::new(relay, gen);
+    if gen.stream {
+        let (tx, rx) = mpsc::channel(SSE_BUFFER);
+        tokio::spawn(run.stream(events, tx));
+        return sse_response(rx);
+    }
+    run.collect(events).await
+}
+
+/// An SSE response whose events are the strings received (each becomes one `data:` line).
+fn sse_response(rx: mpsc::Receiver<String>) -> Response {
+    let stream =
+        ReceiverStream::new(rx).map(|data| Ok::<_, Infallible>(SseEvent::default().data(data)));
+    Sse::new(stream).into_response()
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    // Wire types are plain data; serialization cannot fail.
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+fn usage(prompt: u64, completion: u64) -> api::Usage {
+    api::Usage::new(prompt as u32, completion as u32)
+}
+
+/// A fresh response id.
+fn response_id(prefix: &str) -> String {
+    format!("{prefix}-{:024x}", rand::random::<u128>() >> 32)
+}
+
+/// The response's fixed fields.
+struct Shape {
+    id: String,
+    created: u64,
+    model: String,
+    chat: bool,
+    include_usage: bool,
+    choices: usize,
+}
+
+/// One choice of a response being collected whole.
+#[derive(Default)]
+struct Choice {
+    text: String,
+    logprobs: Option<Logprobs>,
+    tool_calls: Vec<api::ToolCall>,
+    function_call: Option<api::FunctionCall>,
+    finish: Option<String>,
+    /// Fields of the message (and of the choice) serrano does not model.
+    extra: api::Extra,
+    choice_extra: api::Extra,
+}
+
+/// One relay in progress.
+struct Run {
+    r: Relay,
+    shape: Shape,
+    /// Times of the first and last generated piece, and how many there were.
+    first: Option<Instant>,
+    last: Option<Instant>,
+    pieces: u32,
+    /// Why the generation did not complete.
+    failure: Option<(ApiError, Outcome)>,
+    /// A tool call the tenant may not use (streams end there).
+    violation: Option<String>,
+    meta: api::Extra,
+    usage: Option<api::Usage>,
+}
+
+impl Run {
+    fn new(r: Relay, gen: &Generation) -> Run {
+        let chat = gen.request.is_chat();
+        Run {
+            r,
+            shape: Shape {
+                id: response_id(if chat { "chatcmpl" } else { "cmpl" }),
+                created: unix_now(),
+                model: gen.model.clone(),
+                chat,
+                include_usage: gen.include_usage,
+                choices: gen.choices,
+            },
+            first: None,
+            last: None,
+            pieces: 0,
+            failure: None,
+            violation: None,
+            meta: api::Extra::new(),
+            usage: None,
+        }
+    }
+
+    /// The next event, or `None` at the end, on a failure, or past the deadline.
+    async fn next(&mut self, events: &mut EventStream) -> Option<Event> {
+        match tokio::time::timeout_at(self.r.deadline, events.next()).await {
+            Ok(Some(Event::Error(e))) => {
+                let outcome = crate::pipeline::outcome(e.fault);
+                self.failure = Some((e.error, outcome));
+                None
+            }
+            Ok(e) => e,
+            Err(_) => {
+                self.failure = Some((ApiError::timeout(self.r.limit), Outcome::Failed));
+                None
+            }
+        }
+    }
+
+    /// A piece of text: counted, then what the output filter lets through (`None` once the
+    /// choice is blocked, or for a choice the request did not ask for).
+    fn shown(&mut self, d: &Delta) -> Option<String> {
+        let i = d.index as usize;
+        if i >= self.shape.choices {
+            return None;
+        }
+        let shown = self.r.guard.push(i, &d.text);
+        if d.generated {
+            self.r.ticket.token(i, &shown);
+            let now = Instant::now();
+            self.first.get_or_insert(now);
+            self.last = Some(now);
+            self.pieces += 1;
+        }
+        (!self.r.guard.blocked(i)).then_some(shown)
+    }
+
+    /// The end of choice `i`: held-back text, and the finish reason to report.
+    fn end_choice(&mut self, i: usize, reason: &str) -> (String, String) {
+        let rest = self.r.guard.finish(i);
+        self.r.ticket.append_text(i, &rest);
+        let reason = self.r.guard.finish_reason(i, reason).to_string();
+        self.r.ticket.set_finish_reason(&reason);
+        (rest, reason)
+    }
+
+    /// Whether the tenant may use the tools a response calls; their names go on the record.
+    fn tools_allowed(&mut self, names: &[&str]) -> bool {
+        if names.is_empty() {
+            return true;
+        }
+        self.r.ticket.add_tool_calls(names);
+        self.r.guard.tools_allowed(&self.r.ticket, names)
+    }
+
+    fn record_usage(&mut self, prompt: u64, completion: u64) {
+        self.r.reservation.set_usage(prompt, completion);
+        self.usage = Some(usage(prompt, completion));
+    }
+
+    /// Fields serrano does not model pass through only while no output filter is on: the
+    /// filter does not scan them.
+    fn passed(&self, extra: api::Extra) -> api::Extra {
+        if self.r.guard.active() {
+            api::Extra::new()
+        } else {
+            extra
+        }
+    }
+
+    /// Ends the attempt and writes the audit record; `Err` if the record could not be written.
+    async fn end(mut self) -> Result<Option<api::Usage>, ApiError> {
+        let (status, error, outcome) = match (&self.failure, &self.violation) {
+            (_, Some(v)) => (400, Some(v.clone()), Outcome::Refused),
+            (Some((e, o)), None) => (e.status.as_u16(), Some(e.message.clone()), *o),
+            (None, None) => {
+                let ttft = self.first.unwrap_or_else(Instant::now) - self.r.sent;
+                let itl = match (self.first, self.last) {
+                    (Some(f), Some(l)) if self.pieces > 1 => {
+                        Some((l - f).as_secs_f64() * 1e3 / f64::from(self.pieces - 1))
+                    }
+                    _ => None,
+                };
+                let ok = Outcome::Ok {
+                    ttft_ms: ttft.as_secs_f64() * 1e3,
+                    itl_ms: itl,
+                };
+                (200, None, ok)
+            }
+        };
+        let latency = self.first.map(|f| f - self.r.sent);
+        self.r
+            .routing
+            .metrics
+            .finish(self.r.attempt, outcome, latency);
+        self.r.guard.record(&self.r.ticket);
+        let f = self.r.ticket.finish(status, error).await?;
+        self.r.routing.metrics.spent(&self.r.backend, f.cost_nusd);
+        Ok(self.usage.take())
+    }
+
+    // ------------------------------------------------------------ whole responses
+
+    async fn collect(mut self, mut events: EventStream) -> Response {
+        let mut choices: Vec<Choice> = (0..self.shape.choices).map(|_| Choice::default()).collect();
+        while let Some(e) = self.next(&mut events).await {
+            self.gather(&mut choices, e);
+        }
+        if self.failure.is_none() {
+            self.check_tools(&mut choices);
+        }
+        let failure = self.failure.as_ref().map(|(e, _)| e.clone());
+        let (head, chat, guarded) = (self.head(), self.shape.chat, self.r.guard.active());
+        let used = match self.end().await {
+            Ok(u) => u,
+            Err(e) => return e.into_response(),
+        };
+        if let Some(e) = failure {
+            return e.into_response();
+        }
+        if chat {
+            Json(head.chat(choices, used, guarded)).into_response()
+        } else {
+            Json(head.completion(choices, used, guarded)).into_response()
+        }
+    }
+
+    fn gather(&mut self, choices: &mut [Choice], e: Event) {
+        match e {
+            Event::Delta(d) => {
+                let Some(shown) = self.shown(&d) else { return };
+                let c = &mut choices[d.index as usize];
+                c.text.push_str(&shown);
+                if let Some(lp) = d.logprobs {
+                    append_logprobs(&mut c.logprobs, lp);
+                }
+                c.extra.extend(d.extra);
+            }
+            Event::ToolCall {
+                index,
+                call,
+                legacy,
+            } => {
+                let Some(c) = choices.get_mut(index as usize) else {
+                    return;
+                };
+                let f = call.function.unwrap_or_default();
+                if legacy {
+                    let fc = c.function_call.get_or_insert_with(Default::default);
+                    fc.name.push_str(f.name.as_deref().unwrap_or(""));
+                    fc.arguments.push_str(f.arguments.as_deref().unwrap_or(""));
+                    return;
+                }
+                let k = call.index as usize;
+                if k >= c.tool_calls.len() {
+                    c.tool_calls.resize_with(k + 1, Default::default);
+                }
+                let t = &mut c.tool_calls[k];
+                if let Some(id) = call.id {
+                    t.id = id;
+                }
+                t.kind = call.kind.unwrap_or_else(|| "function".into());
+                t.function.name.push_str(f.name.as_deref().unwrap_or(""));
+                t.function
+                    .arguments
+                    .push_str(f.arguments.as_deref().unwrap_or(""));
+            }
+            Event::Finish {
+                index,
+                reason,
+                extra,
+            } => {
+                let i = index as usize;
+                if i >= choices.len() {
+                    return;
+                }
+                let (rest, reason) = self.end_choice(i, &reason);
+                choices[i].text.push_str(&rest);
+                choices[i].finish = Some(reason);
+                choices[i].choice_extra.extend(extra);
+            }
+            Event::Usage {
+                prompt_tokens,
+                completion_tokens,
+            } => self.record_usage(prompt_tokens, completion_tokens),
+            Event::Meta(m) => self.meta.extend(m),
+            Event::Error(_) => {}
+        }
+    }
+
+    /// Tool calls of a whole response: a call to a tool the tenant may not use removes the
+    /// choice's calls (`content_filter`); with output filtering on, arguments are redacted.
+    fn check_tools(&mut self, choices: &mut [Choice]) {
+        for c in choices.iter_mut() {
+            let names: Vec<String> = c
+                .tool_calls
+                .iter()
+                .map(|t| t.function.name.clone())
+                .chain(c.function_call.iter().map(|f| f.name.clone()))
+                .collect();
+            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+            if !self.tools_allowed(&refs) {
+                c.tool_calls.clear();
+                c.function_call = None;
+                c.finish = Some(safety::CONTENT_FILTER.into());
+            }
+            for t in &mut c.tool_calls {
+                t.function.arguments = self.r.guard.redact_once(&t.function.arguments);
+            }
+            if let Some(f) = &mut c.function_call {
+                f.arguments = self.r.guard.redact_once(&f.arguments);
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ streams
+
+    /// Sends one message; `false` if the client is gone or stopped reading past the deadline
+    /// (the caller returns, and dropping the events and the ticket cancels the generation and
+    /// audits a 499).
+    async fn send(&self, tx: &mpsc::Sender<String>, data: String) -> bool {
+        matches!(
+            tokio::time::timeout_at(self.r.deadline, tx.send(data)).await,
+            Ok(Ok(()))
+        )
+    }
+
+    async fn stream(mut self, mut events: EventStream, tx: mpsc::Sender<String>) {
+        if self.shape.chat {
+            for i in 0..self.shape.choices {
+                let first = api::ChatDelta {
+                    role: Some("assistant".into()),
+                    content: Some(String::new()),
+                    ..Default::default()
+                };
+                let msg = self.chat_chunk(i as u32, first, None, None, api::Extra::new());
+                if !self.send(&tx, msg).await {
+                    return;
+                }
+            }
+        }
+        while let Some(e) = self.next(&mut events).await {
+            let Some(msg) = self.chunk(e) else { continue };
+            if !self.send(&tx, msg).await {
+                return;
+            }
+            if self.violation.is_some() {
+                break;
+            }
+        }
+        if let Some(v) = &self.violation {
+            let e = ApiError {
+                code: Some("content_policy_violation".into()),
+                ..ApiError::invalid(v.clone())
+            };
+            let _ = self.send(&tx, to_json(&e.body())).await;
+        } else if let Some((e, _)) = &self.failure {
+            tracing::warn!(backend = %self.r.backend, "stream failed: {}", e.message);
+            let _ = self.send(&tx, to_json(&e.body())).await;
+        }
+        let complete = self.failure.is_none() && self.violation.is_none();
+        let (include_usage, head) = (self.shape.include_usage, self.head());
+        let chat = self.shape.chat;
+        // The record is written before the last chunk, so a client that saw [DONE] is audited.
+        let used = match self.end().await {
+            Ok(u) => u,
+            Err(e) => {
+                let _ = tx.send(to_json(&e.body())).await;
+                return;
+            }
+        };
+        if let (true, true, Some(u)) = (complete, include_usage, used) {
+            let msg = match chat {
+                true => head.chat_chunk(vec![], Some(Some(u))),
+                false => to_json(&api::Completion {
+                    usage: Some(u),
+                    ..head.completion_base()
+                }),
+            };
+            if tx.send(msg).await.is_err() {
+                return;
+            }
+        }
+        let _ = tx.send("[DONE]".into()).await;
+    }
+
+    fn head(&self) -> Head {
+        Head {
+            id: self.shape.id.clone(),
+            created: self.shape.created,
+            model: self.shape.model.clone(),
+            meta: self.meta.clone(),
+        }
+    }
+
+    /// The SSE message for one event, if it shows anything.
+    fn chunk(&mut self, e: Event) -> Option<String> {
+        match e {
+            Event::Delta(d) => {
+                let shown = self.shown(&d)?;
+                let logprobs = d.logprobs.filter(|_| !self.r.guard.active());
+                let extra = self.passed(d.extra);
+                if shown.is_empty() && logprobs.is_none() && extra.is_empty() {
+                    return None;
+                }
+                Some(match (self.shape.chat, logprobs) {
+                    (true, lp) => {
+                        let delta = api::ChatDelta {
+                            content: Some(shown),
+                            extra,
+                            ..Default::default()
+                        };
+                        let lp = lp.and_then(chat_logprobs);
+                        self.chat_chunk(d.index, delta, lp, None, api::Extra::new())
+                    }
+                    (false, lp) => {
+                        let lp = lp.and_then(completion_logprobs);
+                        self.completion_chunk(d.index, shown, lp, None, api::Extra::new())
+                    }
+                })
+            }
+            Event::ToolCall {
+                index,
+                call,
+                legacy,
+            } => {
+                let name = call.function.as_ref().and_then(|f| f.name.clone());
+                if let Some(name) = name.filter(|n| !n.is_empty()) {
+                    if !self.tools_allowed(&[name.as_str()]) {
+                        self.violation = Some(format!(
+                            "the model called a tool this key may not use ({name})"
+                        ));
+                        return None;
+                    }
+                }
+                let delta = match legacy {
+                    true => api::ChatDelta {
+                        function_call: call.function,
+                        ..Default::default()
+                    },
+                    false => api::ChatDelta {
+                        tool_calls: Some(vec![call]),
+                        ..Default::default()
+                    },
+                };
+                Some(self.chat_chunk(index, delta, None, None, api::Extra::new()))
+            }
+            Event::Finish {
+                index,
+                reason,
+                extra,
+            } => {
+                let i = index as usize;
+                if i >= self.shape.choices {
+                    return None;
+                }
+                let (rest, reason) = self.end_choice(i, &reason);
+                let extra = self.passed(extra);
+                Some(match self.shape.chat {
+                    true => {
+                        let delta = api::ChatDelta {
+                            content: (!rest.is_empty()).then_some(rest),
+                            ..Default::default()
+                        };
+                        self.chat_chunk(index, delta, None, Some(reason), extra)
+                    }
+                    false => self.completion_chunk(index, rest, None, Some(reason), extra),
+                })
+            }
+            Event::Usage {
+                prompt_tokens,
+                completion_tokens,
+            } => {
+                self.record_usage(prompt_tokens, completion_tokens);
+                None
+            }
+            Event::Meta(m) => {
+                self.meta.extend(m);
+                None
+            }
+            Event::Error(_) => None,
+        }
+    }
+
+    fn chat_chunk(
+        &self,
+        index: u32,
+        delta: api::ChatDelta,
+        logprobs: Option<api::ChatLogprobs>,
+        finish: Option<String>,
+        extra: api::Extra,
+    ) -> String {
+        let choice = api::ChatChunkChoice {
+            index,
+            delta,
+            logprobs,
+            finish_reason: finish,
+            extra,
+        };
+        let usage = self.shape.include_usage.then_some(None);
+        self.head().chat_chunk(vec![choice], usage)
+    }
+
+    fn completion_chunk(
+        &self,
+        index: u32,
+        text: String,
+        logprobs: Option<api::CompletionLogprobs>,
+        finish: Option<String>,
+        extra: api::Extra,
+    ) -> String {
+        to_json(&api::Completion {
+            choices: vec![api::CompletionChoice {
+                index,
+                text,
+                logprobs,
+                finish_reason: finish,
+                extra,
+            }],
+            ..self.head().completion_base()
+        })
+    }
+}
+
+fn chat_logprobs(lp: Logprobs) -> Option<api::ChatLogprobs> {
+    match lp {
+        Logprobs::Chat(content) => Some(api::ChatLogprobs {
+            content,
+            ..Default::default()
+        }),
+        Logprobs::Completion(_) => None,
+    }
+}
+
+fn completion_logprobs(lp: Logprobs) -> Option<api::CompletionLogprobs> {
+    match lp {
+        Logprobs::Completion(c) => Some(c),
+        Logprobs::Chat(_) => None,
+    }
+}
+
+/// Adds a later piece's log-probs to a choice's.
+fn append_logprobs(acc: &mut Option<Logprobs>, more: Logprobs) {
+    match (acc, more) {
+        (Some(Logprobs::Chat(a)), Logprobs::Chat(b)) => a.extend(b),
+        (Some(Logprobs::Completion(a)), Logprobs::Completion(b)) => a.extend(b),
+        (slot, more) => *slot = Some(more),
+    }
+}
+
+/// The fields every response and chunk of one request share.
+struct Head {
+    id: String,
+    created: u64,
+    model: String,
+    /// An upstream's response-level fields (`system_fingerprint` among them).
+    meta: api::Extra,
+}
+
+impl Head {
+    fn split_meta(&self) -> (Option<String>, api::Extra) {
+        let mut extra = self.meta.clone();
+        let fingerprint = extra
+            .remove("system_fingerprint")
+            .and_then(|v| v.as_str().map(String::from));
+        // Fields serrano sets itself are never taken from an upstream.
+        for k in ["id", "object", "created", "model", "choices", "usage"] {
+            extra.remove(k);
+        }
+        (fingerprint, extra)
+    }
+
+    fn chat_chunk(
+        &self,
+        choices: Vec<api::ChatChunkChoice>,
+        usage: Option<Option<api::Usage>>,
+    ) -> String {
+        let (system_fingerprint, extra) = self.split_meta();
+        to_json(&api::ChatCompletionChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk".into(),
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage,
+            system_fingerprint,
+            extra,
+        })
+    }
+
+    fn completion_base(&self) -> api::Completion {
+        let (system_fingerprint, extra) = self.split_meta();
+        api::Completion {
+            id: self.id.clone(),
+            object: "text_completion".into(),
+            created: self.created,
+            model: self.model.clone(),
+            choices: vec![],
+            usage: None,
+            system_fingerprint,
+            extra,
+        }
+    }
+
+    fn chat(
+        self,
+        choices: Vec<Choice>,
+        usage: Option<api::Usage>,
+        guarded: bool,
+    ) -> api::ChatCompletion {
+        let (system_fingerprint, extra) = self.split_meta();
+        let choices = choices
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let tool_calls = (!c.tool_calls.is_empty()).then_some(c.tool_calls);
+                let content = match (c.text.is_empty(), &tool_calls, &c.function_call) {
+                    (true, Some(_), _) | (true, _, Some(_)) => None,
+                    _ => Some(c.text),
+                };
+                api::ChatChoice {
+                    index: i as u32,
+                    message: api::AssistantMessage {
+                        role: "assistant".into(),
+                        content,
+                        tool_calls,
+                        function_call: c.function_call,
+                        extra: if guarded { api::Extra::new() } else { c.extra },
+                    },
+                    logprobs: c.logprobs.filter(|_| !guarded).and_then(chat_logprobs),
+                    finish_reason: c.finish,
+                    extra: if guarded {
+                        api::Extra::new()
+                    } else {
+                        c.choice_extra
+                    },
+                }
+            })
+            .collect();
+        api::ChatCompletion {
+            id: self.id,
+            object: "chat.completion".into(),
+            created: self.created,
+            model: self.model,
+            choices,
+            usage,
+            system_fingerprint,
+            extra,
+        }
+    }
+
+    fn completion(
+        self,
+        choices: Vec<Choice>,
+        usage: Option<api::Usage>,
+        guarded: bool,
+    ) -> api::Completion {
+        let choices = choices
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| api::CompletionChoice {
+                index: i as u32,
+                text: c.text,
+                logprobs: c
+                    .logprobs
+                    .filter(|_| !guarded)
+                    .and_then(completion_logprobs),
+                finish_reason: c.finish,
+                extra: if guarded {
+                    api::Extra::new()
+                } else {
+                    c.choice_extra
+                },
+            })
+            .collect();
+        api::Completion {
+            choices,
+            usage,
+            ..self.completion_base()
+        }
+    }
+}

@@ -1,0 +1,80 @@
+//! What every handler shares: the routing (and through it every backend), governance, the ways
+//! to authenticate, and the server's limits.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serrano_gov::Governance;
+
+use crate::error::ApiError;
+use crate::routing::{self, Routing};
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// Longest a request may take, queueing and every attempt included; past it the request
+    /// is cancelled and answered 408 (or, mid-stream, ended with an error event).
+    pub request_timeout: std::time::Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_body_bytes: 4 << 20,
+            request_timeout: std::time::Duration::from_secs(600),
+        }
+    }
+}
+
+/// Ways to authenticate besides API keys.
+#[derive(Default, Clone)]
+pub struct AuthConfig {
+    /// Who a request without credentials is, when anonymous access is on.
+    pub anonymous: Option<serrano_gov::Principal>,
+    /// Verifies OIDC/JWT bearer tokens, when a JWKS is configured.
+    pub jwt: Option<Arc<serrano_gov::JwtVerifier>>,
+}
+
+pub struct AppState {
+    pub routing: Arc<Routing>,
+    pub gov: Governance,
+    pub auth: AuthConfig,
+    pub config: ServerConfig,
+    pub started: u64,
+}
+
+impl AppState {
+    /// The routing decision for `model` (a missing one means the config's first model) and
+    /// the principal's tenant.
+    pub fn plan(
+        &self,
+        requested: Option<&str>,
+        tenant: &str,
+    ) -> Result<(String, serrano_router::Plan<routing::Handle>), ApiError> {
+        let model = match requested.filter(|m| !m.is_empty()) {
+            Some(m) => m.to_string(),
+            None => self
+                .routing
+                .router
+                .models()
+                .into_iter()
+                .next()
+                .map(|(m, _)| m)
+                .ok_or_else(|| ApiError::model_not_found(""))?,
+        };
+        let plan = self
+            .routing
+            .router
+            .plan(&model, tenant, std::time::Instant::now())
+            .map_err(routing::route_error)?;
+        Ok((model, plan))
+    }
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
