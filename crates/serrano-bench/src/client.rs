@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use serde_json::{json, Value};
 
@@ -12,8 +13,6 @@ use crate::BenchError;
 
 /// Longest one request may take before it counts as failed.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
-/// Longest SSE event accepted.
-const MAX_EVENT_BYTES: usize = 1 << 20;
 
 /// Text the synthetic prompts are cut from: plain prose, so that any tokenizer splits it into
 /// ordinary tokens, long enough that prompts rarely share a prefix.
@@ -338,68 +337,53 @@ pub async fn send(
         }
         return (rec, reply);
     }
-    let mut bytes = resp.bytes_stream();
-    let mut buf: Vec<u8> = Vec::new();
+    // SSE framing (LF or CRLF, multi-line data) is eventsource-stream's.
+    let mut events = resp.bytes_stream().eventsource();
     let mut done = false;
     let mut saw_usage = false;
     let mut content_chunks = 0u64;
-    'read: while let Some(chunk) = bytes.next().await {
+    while let Some(event) = events.next().await {
         let now = since(Instant::now());
-        let chunk = match chunk {
-            Ok(c) => c,
+        let data = match event {
+            Ok(e) => e.data,
             Err(e) => {
-                rec.error = Some(chain(&e));
+                rec.error = Some(e.to_string());
                 break;
             }
         };
-        buf.extend_from_slice(&chunk);
-        while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
-            let event: Vec<u8> = buf.drain(..end + 2).collect();
-            let text = String::from_utf8_lossy(&event);
-            for data in text
-                .lines()
-                .filter_map(|l| l.strip_prefix("data:"))
-                .map(str::trim)
-            {
-                if data == "[DONE]" {
-                    done = true;
-                    break 'read;
-                }
-                let Ok(v) = serde_json::from_str::<Value>(data) else {
-                    continue;
-                };
-                if v["error"].is_object() {
-                    rec.error = Some(format!("stream error: {}", v["error"]));
-                    break 'read;
-                }
-                let mut has_text = false;
-                for t in v["choices"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|c| {
-                        c["delta"]["content"]
-                            .as_str()
-                            .or(c["text"].as_str())
-                            .filter(|t| !t.is_empty())
-                    })
-                {
-                    has_text = true;
-                    if keep_reply {
-                        reply.push_str(t);
-                    }
-                }
-                if has_text {
-                    rec.chunks.push(now);
-                    content_chunks += 1;
-                }
-                saw_usage |= usage(&mut rec, &v["usage"]);
-            }
-        }
-        if buf.len() > MAX_EVENT_BYTES {
-            rec.error = Some("an SSE event longer than 1 MiB".into());
+        if data.trim() == "[DONE]" {
+            done = true;
             break;
         }
+        let Ok(v) = serde_json::from_str::<Value>(&data) else {
+            continue;
+        };
+        if v["error"].is_object() {
+            rec.error = Some(format!("stream error: {}", v["error"]));
+            break;
+        }
+        let mut has_text = false;
+        for t in v["choices"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| {
+                c["delta"]["content"]
+                    .as_str()
+                    .or(c["text"].as_str())
+                    .filter(|t| !t.is_empty())
+            })
+        {
+            has_text = true;
+            if keep_reply {
+                reply.push_str(t);
+            }
+        }
+        if has_text {
+            rec.chunks.push(now);
+            content_chunks += 1;
+        }
+        saw_usage |= usage(&mut rec, &v["usage"]);
     }
     rec.end = since(Instant::now());
     if !done && rec.error.is_none() {

@@ -17,6 +17,7 @@ use futures::stream::BoxStream;
 use serrano_api as api;
 
 use crate::error::ApiError;
+use crate::params;
 
 /// The endpoint a generation came through, with its body as the client sent it (after the
 /// tenant's prompt filters redacted it). Backends read the fields they honour; an upstream gets
@@ -65,6 +66,81 @@ pub struct Generation {
     pub tenant: String,
     /// Higher is admitted first (admin keys only).
     pub priority: i32,
+}
+
+impl Generation {
+    /// Validates what every backend relies on, once: `model` is the client's name for it,
+    /// `tenant` whom it is for, `priority` its place in queues.
+    pub fn new(
+        request: Request,
+        model: String,
+        tenant: String,
+        priority: i32,
+    ) -> Result<Generation, ApiError> {
+        let (sampling, max_tokens, logprobs, prompts) = match &request {
+            Request::Chat(r) => {
+                if r.messages.is_empty() {
+                    return Err(ApiError::invalid_param(
+                        "messages",
+                        "messages must not be empty",
+                    ));
+                }
+                let logprobs = match (r.logprobs, r.top_logprobs) {
+                    (false, Some(_)) => {
+                        return Err(ApiError::invalid_param(
+                            "top_logprobs",
+                            "top_logprobs requires logprobs: true",
+                        ))
+                    }
+                    (false, None) => None,
+                    (true, n) => Some(("top_logprobs", n.unwrap_or(0) as usize)),
+                };
+                let max = r.max_completion_tokens.or(r.max_tokens);
+                (&r.sampling, max, logprobs, 1)
+            }
+            Request::Completion(r) => {
+                if r.prompt.count() == 0 {
+                    return Err(ApiError::invalid_param("prompt", "the prompt is empty"));
+                }
+                let logprobs = r.logprobs.map(|n| ("logprobs", n as usize));
+                (&r.sampling, r.max_tokens, logprobs, r.prompt.count())
+            }
+        };
+        if let Some((param, n)) = logprobs.filter(|(_, n)| *n > serrano_engine::MAX_LOGPROBS) {
+            return Err(ApiError::invalid_param(
+                param,
+                format!(
+                    "{param} must be at most {}, got {n}",
+                    serrano_engine::MAX_LOGPROBS
+                ),
+            ));
+        }
+        if max_tokens == Some(0) {
+            return Err(ApiError::invalid_param(
+                "max_tokens",
+                "max_tokens must be at least 1",
+            ));
+        }
+        let n = params::choices(sampling)?;
+        params::stop_token_ids(sampling)?;
+        Ok(Generation {
+            model,
+            n,
+            choices: n.saturating_mul(prompts),
+            stream: sampling.stream,
+            include_usage: sampling
+                .stream_options
+                .as_ref()
+                .is_some_and(|o| o.include_usage),
+            max_tokens: max_tokens.map(u64::from),
+            logprobs: logprobs.map(|(_, n)| n),
+            sampling: params::sampling(sampling)?,
+            stop: params::stops(sampling)?,
+            tenant,
+            priority,
+            request,
+        })
+    }
 }
 
 /// A generation rendered for one backend, with what the reservation must cover.

@@ -16,7 +16,6 @@ use serrano_router::{Candidate, Outcome, Plan};
 use crate::backend::{AttemptCtx, BackendError, Fault, Generation, Prepared, Request};
 use crate::error::ApiError;
 use crate::gov::principal;
-use crate::params;
 use crate::relay::{self, Relay};
 use crate::routing::Handle;
 use crate::safety::{self, OutputGuard};
@@ -57,7 +56,7 @@ async fn run(
     let priority = priority(headers, &p)?;
     safety::filter_request(&p, ticket, &mut request)?;
     let (model, plan) = scoped_plan(st, ticket, &p, requested_model(&request))?;
-    let gen = generation(request, model, &p, priority)?;
+    let gen = Generation::new(request, model, p.tenant.clone(), priority)?;
     let guard = output_guard(&p, &gen)?;
     if ticket.keeps_content() {
         ticket.set_prompt_text(prompt_text(&gen.request));
@@ -295,76 +294,4 @@ fn prompt_text(request: &Request) -> String {
         Request::Completion(r) => serde_json::to_value(&r.prompt),
     };
     v.map(|v| v.to_string()).unwrap_or_default()
-}
-
-/// Validates what every backend relies on, once.
-fn generation(
-    request: Request,
-    model: String,
-    p: &Principal,
-    priority: i32,
-) -> Result<Generation, ApiError> {
-    let (sampling, max_tokens, logprobs, prompts) = match &request {
-        Request::Chat(r) => {
-            if r.messages.is_empty() {
-                return Err(ApiError::invalid_param(
-                    "messages",
-                    "messages must not be empty",
-                ));
-            }
-            let logprobs = match (r.logprobs, r.top_logprobs) {
-                (false, Some(_)) => {
-                    return Err(ApiError::invalid_param(
-                        "top_logprobs",
-                        "top_logprobs requires logprobs: true",
-                    ))
-                }
-                (false, None) => None,
-                (true, n) => Some(("top_logprobs", n.unwrap_or(0) as usize)),
-            };
-            let max = r.max_completion_tokens.or(r.max_tokens);
-            (&r.sampling, max, logprobs, 1)
-        }
-        Request::Completion(r) => {
-            if r.prompt.count() == 0 {
-                return Err(ApiError::invalid_param("prompt", "the prompt is empty"));
-            }
-            let logprobs = r.logprobs.map(|n| ("logprobs", n as usize));
-            (&r.sampling, r.max_tokens, logprobs, r.prompt.count())
-        }
-    };
-    if let Some((param, n)) = logprobs.filter(|(_, n)| *n > serrano_engine::MAX_LOGPROBS) {
-        return Err(ApiError::invalid_param(
-            param,
-            format!(
-                "{param} must be at most {}, got {n}",
-                serrano_engine::MAX_LOGPROBS
-            ),
-        ));
-    }
-    if max_tokens == Some(0) {
-        return Err(ApiError::invalid_param(
-            "max_tokens",
-            "max_tokens must be at least 1",
-        ));
-    }
-    let n = params::choices(sampling)?;
-    params::stop_token_ids(sampling)?;
-    Ok(Generation {
-        model,
-        n,
-        choices: n.saturating_mul(prompts),
-        stream: sampling.stream,
-        include_usage: sampling
-            .stream_options
-            .as_ref()
-            .is_some_and(|o| o.include_usage),
-        max_tokens: max_tokens.map(u64::from),
-        logprobs: logprobs.map(|(_, n)| n),
-        sampling: params::sampling(sampling)?,
-        stop: params::stops(sampling)?,
-        tenant: p.tenant.clone(),
-        priority,
-        request,
-    })
 }

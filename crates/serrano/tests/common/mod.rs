@@ -181,6 +181,28 @@ impl Server {
         Server::random(shape, args)
     }
 
+    /// Starts `serrano serve` on a random-weight model of the given shape with the routing
+    /// config `config` (written to `config_path()`).
+    pub fn random_with_config(
+        model: serrano_engine::testing::TinyModel,
+        config: &str,
+        args: &[&str],
+    ) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        model.write(&path).unwrap();
+        let db_dir = tempfile::tempdir().unwrap();
+        let db = db_dir.path().join("serrano.db");
+        let config_path = db_dir.path().join("routing.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let config_arg = config_path.to_string_lossy().to_string();
+        let mut full = vec!["--config", config_arg.as_str()];
+        full.extend_from_slice(args);
+        let mut s = Server::start_with_db(&path, &full, db, db_dir);
+        s._dir = Some(dir);
+        s
+    }
+
     /// Starts a server on a random-weight model of the given shape.
     pub fn random(model: serrano_engine::testing::TinyModel, args: &[&str]) -> Server {
         let dir = tempfile::tempdir().unwrap();

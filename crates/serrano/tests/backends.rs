@@ -1,0 +1,232 @@
+//! The local engine is a router backend like any other. Behind `serrano serve --config`, it shares
+//! load with a remote serrano node under `least-loaded` and shows its in-flight count; a full
+//! local engine falls back to the remote, and a dead remote to the local engine. One process
+//! serves several local models, one engine each.
+
+mod common;
+
+use std::io::Read;
+use std::time::Duration;
+
+use common::{wait_until, Server, ADMIN_KEY};
+use serde_json::{json, Value};
+use serrano_engine::testing::TinyModel;
+
+/// Big enough that a few hundred tokens take a while, so streams overlap.
+fn slow() -> TinyModel {
+    TinyModel {
+        d_model: 256,
+        d_ff: 512,
+        n_layers: 4,
+        context_length: 2048,
+        ..Default::default()
+    }
+}
+
+/// A serrano node serving the slow model as `tiny`, without keys (the front door has them).
+fn remote() -> Server {
+    Server::random(
+        slow(),
+        &["--served-model-name", "tiny", "--allow-anonymous"],
+    )
+}
+
+const FAST_HEALTH: &str = "[health]\ninterval_ms = 150\ntimeout_ms = 500\nfailures_to_down = 2\n";
+
+/// A config of the local engine and `remote`, in that order unless `remote_first`.
+fn config(strategy: &str, remote: &Server, remote_first: bool) -> String {
+    let local = "[[backend]]\nname = \"local\"\nkind = \"local\"\nregion = \"here\"\ntier = \"cpu\"\nmodels = [\"tiny\"]\nmax_concurrency = 16\n";
+    let remote = format!(
+        "[[backend]]\nname = \"remote\"\nurl = \"{}/v1\"\nregion = \"here\"\ntier = \"cpu\"\nmodels = [\"tiny\"]\nmax_concurrency = 16\n",
+        remote.base
+    );
+    let (a, b) = if remote_first {
+        (remote.as_str(), local)
+    } else {
+        (local, remote.as_str())
+    };
+    format!("[routing]\nstrategy = \"{strategy}\"\n\n{FAST_HEALTH}\n{a}\n{b}")
+}
+
+fn backend_view(s: &Server, name: &str) -> Value {
+    let (_, v) = s.get("/admin/v1/backends");
+    v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == name)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// Streams a chat completion of `tokens` tokens; returns the backend that served it.
+fn stream(url: String, tokens: u32) -> String {
+    let body = json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": tokens, "ignore_eos": true, "stream": true});
+    let r = ureq::post(&url)
+        .set("Authorization", &format!("Bearer {ADMIN_KEY}"))
+        .timeout(Duration::from_secs(120))
+        .send_json(body)
+        .unwrap();
+    let backend = r.header("x-serrano-backend").unwrap_or("").to_string();
+    let mut text = String::new();
+    r.into_reader().read_to_string(&mut text).unwrap();
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    backend
+}
+
+fn chat(s: &Server) -> (u16, Value, common::Headers) {
+    let body =
+        json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+    s.post_raw("/v1/chat/completions", body.to_string().as_bytes())
+}
+
+#[test]
+fn least_loaded_spreads_streams_over_the_local_engine_and_a_remote_node() {
+    let remote = remote();
+    let s = Server::random_with_config(
+        slow(),
+        &config("least-loaded", &remote, false),
+        &["--served-model-name", "tiny"],
+    );
+    let streams: Vec<_> = (0..16)
+        .map(|_| {
+            let url = s.url("/v1/chat/completions");
+            std::thread::spawn(move || stream(url, 300))
+        })
+        .collect();
+    // Under load the local backend's slots are counted like any backend's.
+    let mut peak = 0;
+    assert!(wait_until(Duration::from_secs(30), || {
+        peak = peak.max(backend_view(&s, "local")["in_flight"].as_u64().unwrap_or(0));
+        peak >= 2
+    }));
+    let served: Vec<String> = streams.into_iter().map(|h| h.join().unwrap()).collect();
+    let local = served.iter().filter(|b| *b == "local").count();
+    let remote_n = served.iter().filter(|b| *b == "remote").count();
+    assert_eq!(local + remote_n, 16, "{served:?}");
+    assert!(local >= 4 && remote_n >= 4, "{served:?}");
+    assert_eq!(backend_view(&s, "local")["in_flight"], 0);
+    assert!(backend_view(&s, "local")["succeeded"].as_u64().unwrap() >= 4);
+}
+
+#[test]
+fn a_full_local_engine_falls_back_to_the_remote() {
+    let remote = remote();
+    // One sequence at a time and one waiting: a tenant holds at most two in flight locally.
+    let s = Server::random_with_config(
+        slow(),
+        &config("priority", &remote, false),
+        &[
+            "--served-model-name",
+            "tiny",
+            "--max-num-seqs",
+            "1",
+            "--max-waiting",
+            "1",
+        ],
+    );
+    let (st, v, h) = chat(&s);
+    assert_eq!((st, h["x-serrano-backend"].as_str()), (200, "local"), "{v}");
+    // One after the other: the engine takes a request off its one-slot queue between steps.
+    let long: Vec<_> = (1..=2)
+        .map(|n| {
+            let url = s.url("/v1/chat/completions");
+            let h = std::thread::spawn(move || stream(url, 1500));
+            assert!(wait_until(Duration::from_secs(30), || {
+                backend_view(&s, "local")["in_flight"] == n
+            }));
+            h
+        })
+        .collect();
+    let (st, v, h) = chat(&s);
+    assert_eq!(
+        (st, h["x-serrano-backend"].as_str()),
+        (200, "remote"),
+        "{v}"
+    );
+    let route = &h["x-serrano-route"];
+    assert!(
+        route.contains("fell back to remote after local busy"),
+        "{route}"
+    );
+    for h in long {
+        assert_eq!(h.join().unwrap(), "local");
+    }
+    // Nothing was reserved for the refused attempt beyond the one request's record.
+    assert_eq!(s.get("/admin/v1/ledger").1["open_requests"], 0);
+}
+
+#[test]
+fn a_dead_remote_falls_back_to_the_local_engine() {
+    let remote = remote();
+    let s = Server::random_with_config(
+        slow(),
+        &config("priority", &remote, true),
+        &["--served-model-name", "tiny"],
+    );
+    let (st, v, h) = chat(&s);
+    assert_eq!(
+        (st, h["x-serrano-backend"].as_str()),
+        (200, "remote"),
+        "{v}"
+    );
+    drop(remote);
+    // Before and after the health checks notice, the local engine serves.
+    for _ in 0..3 {
+        let (st, v, h) = chat(&s);
+        assert_eq!((st, h["x-serrano-backend"].as_str()), (200, "local"), "{v}");
+    }
+    assert!(wait_until(Duration::from_secs(10), || {
+        backend_view(&s, "remote")["healthy"] == false
+    }));
+    let (st, _, h) = chat(&s);
+    assert_eq!((st, h["x-serrano-backend"].as_str()), (200, "local"));
+}
+
+#[test]
+fn one_process_serves_two_local_models_one_engine_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let b_path = dir.path().join("b.gguf");
+    TinyModel {
+        context_length: 512,
+        seed: 7,
+        ..Default::default()
+    }
+    .write(&b_path)
+    .unwrap();
+    let cfg = format!(
+        "[[backend]]\nname = \"a\"\nkind = \"local\"\nregion = \"here\"\ntier = \"cpu\"\nmodels = [\"a\"]\n\n[[backend]]\nname = \"b\"\nkind = \"local\"\nmodel = \"{}\"\nregion = \"here\"\ntier = \"cpu\"\n",
+        b_path.display()
+    );
+    let s = Server::random_with_config(TinyModel::default(), &cfg, &["--served-model-name", "a"]);
+    for (model, backend) in [("a", "a"), ("b", "b")] {
+        let body = json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3});
+        let (st, v, h) = s.post_raw("/v1/chat/completions", body.to_string().as_bytes());
+        assert_eq!((st, h["x-serrano-backend"].as_str()), (200, backend), "{v}");
+        assert_eq!(v["model"], model);
+    }
+    // Each engine answers for its own model: context lengths differ.
+    let (_, models) = s.get("/v1/models");
+    let ctx = |id: &str| {
+        models["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == id)
+            .map(|m| m["max_model_len"].clone())
+    };
+    assert_eq!((ctx("a"), ctx("b")), (Some(json!(256)), Some(json!(512))));
+    let (st, t) = s.post("/tokenize", &json!({"model": "b", "prompt": "hi"}));
+    assert_eq!((st, t["max_model_len"].as_u64()), (200, Some(512)), "{t}");
+    let (st, _) = s.post("/tokenize", &json!({"model": "nope", "prompt": "hi"}));
+    assert_eq!(st, 404);
+    // /metrics names both engines, each metric family once.
+    let text = s.metrics_text();
+    assert!(text.contains("model_name=\"a\"") && text.contains("model_name=\"b\""));
+    let families = text
+        .lines()
+        .filter(|l| *l == "# TYPE serrano:num_requests_running gauge")
+        .count();
+    assert_eq!(families, 1, "{text}");
+}
