@@ -190,6 +190,17 @@ pub enum Fault {
     Request,
 }
 
+impl Fault {
+    /// What the router learns about the backend from an attempt that ended this way.
+    pub fn outcome(self) -> serrano_router::Outcome {
+        match self {
+            Fault::Backend => serrano_router::Outcome::Failed,
+            // Alive: busy, or the request itself could not be served.
+            Fault::Busy | Fault::Request => serrano_router::Outcome::Refused,
+        }
+    }
+}
+
 impl BackendError {
     pub fn failed(error: ApiError) -> BackendError {
         BackendError {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serrano_gov::{GovError, Principal, Role, Ticket};
-use serrano_router::{Candidate, Outcome, Plan};
+use serrano_router::{Candidate, Plan};
 
 use crate::backend::{AttemptCtx, BackendError, Fault, Generation, Prepared, Request};
 use crate::error::ApiError;
@@ -128,7 +128,7 @@ async fn run(
                 return Ok(relay::respond(relay, &gen, events).await);
             }
             Err(e) => {
-                metrics.finish(attempt, outcome(e.fault), None);
+                metrics.finish(attempt, e.fault.outcome(), None);
                 waited += sent.elapsed();
                 if !e.retryable() {
                     return Err(e.error);
@@ -140,15 +140,6 @@ async fn run(
     }
     drop(reservation);
     Err(last_error.unwrap_or_else(|| no_backend(&tried)))
-}
-
-/// The router's outcome for an attempt that ended before anything was generated.
-pub fn outcome(fault: Fault) -> Outcome {
-    match fault {
-        Fault::Backend => Outcome::Failed,
-        // Alive: busy, or the request itself could not be served.
-        Fault::Busy | Fault::Request => Outcome::Refused,
-    }
 }
 
 fn fault_word(fault: Fault) -> &'static str {

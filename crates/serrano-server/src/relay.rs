@@ -142,8 +142,7 @@ impl Run {
     async fn next(&mut self, events: &mut EventStream) -> Option<Event> {
         match tokio::time::timeout_at(self.r.deadline, events.next()).await {
             Ok(Some(Event::Error(e))) => {
-                let outcome = crate::pipeline::outcome(e.fault);
-                self.failure = Some((e.error, outcome));
+                self.failure = Some((e.error, e.fault.outcome()));
                 None
             }
             Ok(e) => e,
