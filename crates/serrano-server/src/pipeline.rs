@@ -52,6 +52,8 @@ async fn run(
     headers: &HeaderMap,
     mut request: Request,
 ) -> Result<Response, ApiError> {
+    // One deadline for the whole request: every attempt, and the relay, end by it.
+    let deadline = tokio::time::Instant::now() + st.config.request_timeout;
     let p = principal(ticket)?;
     let priority = priority(headers, &p)?;
     safety::filter_request(&p, ticket, &mut request)?;
@@ -90,7 +92,6 @@ async fn run(
             worst_completion.saturating_mul(gen.choices as u64),
         )
         .await?;
-    let deadline = tokio::time::Instant::now() + st.config.request_timeout;
     let ctx = AttemptCtx { deadline };
     let metrics = &st.routing.metrics;
     let backoff = Duration::from_millis(plan.config.routing.backoff_ms);
@@ -103,6 +104,10 @@ async fn run(
                 backoff.mul_f64(f64::from(1u32 << (i - 1).min(10)) * rand::random_range(0.5..1.5));
             tokio::time::sleep(d).await;
             waited += d;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            last_error = Some(ApiError::timeout(st.config.request_timeout));
+            break;
         }
         let Some(attempt) = cand.state.begin(Instant::now()) else {
             tried.push(format!("{} unavailable", cand.name));
