@@ -5,71 +5,12 @@
 
 use std::collections::HashMap;
 
-use rusqlite::{params, Connection, OptionalExtension};
-use serde::{Deserialize, Serialize};
-
 use crate::error::GovError;
 use crate::rate::{self, Limit, RateInfo};
 use crate::storage::{ReserveOp, Settlement};
-use crate::time::{day_key, month_key};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BudgetUnit {
-    Tokens,
-    /// Stored in nano-dollars.
-    Usd,
-}
-
-impl BudgetUnit {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BudgetUnit::Tokens => "tokens",
-            BudgetUnit::Usd => "usd",
-        }
-    }
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "tokens" => Some(BudgetUnit::Tokens),
-            "usd" => Some(BudgetUnit::Usd),
-            _ => None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BudgetPeriod {
-    Day,
-    Month,
-    Total,
-}
-
-impl BudgetPeriod {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BudgetPeriod::Day => "day",
-            BudgetPeriod::Month => "month",
-            BudgetPeriod::Total => "total",
-        }
-    }
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "day" => Some(BudgetPeriod::Day),
-            "month" => Some(BudgetPeriod::Month),
-            "total" => Some(BudgetPeriod::Total),
-            _ => None,
-        }
-    }
-    /// The window a time falls in: `2026-11-28`, `2026-11` or `total`.
-    pub fn key(self, now_ms: i64) -> String {
-        match self {
-            BudgetPeriod::Day => day_key(now_ms),
-            BudgetPeriod::Month => month_key(now_ms),
-            BudgetPeriod::Total => "total".into(),
-        }
-    }
-}
+use crate::time::day_key;
+use crate::types::{BudgetPeriod, BudgetUnit};
+use rusqlite::{params, Connection, OptionalExtension};
 
 #[derive(Debug, Clone)]
 pub(crate) struct Budget {

@@ -41,21 +41,21 @@ use sqlx::{Postgres, Row, Transaction};
 
 use crate::audit::{chain_hash, sha256_hex, ChainRow, Retention};
 use crate::checkpoint::Checkpoint;
+use crate::config::GovConfig;
 use crate::error::GovError;
 use crate::keys::Role;
 use crate::ledger::{
-    cost, decode_holds, encode_stored_holds, i64_of, over_budget_message, Budget, BudgetPeriod,
-    BudgetUnit, StoredHold,
+    cost, decode_holds, encode_stored_holds, i64_of, over_budget_message, Budget, StoredHold,
 };
 use crate::rate::{self, Limit, RateInfo};
 use crate::storage::{
     AuditHead, FinishOp, Finished, KeyRow, ReserveOp, Settlement, Store, StoredKey, UsageKey,
 };
-use crate::store::{
-    BudgetInfo, GovConfig, KeyInfo, LedgerState, LimitInfo, Limits, TenantInfo, UsageRow,
-};
 use crate::time::{day_key, now_ms};
-use crate::versions::{ConfigEvent, ConfigVersion};
+use crate::types::{
+    BudgetInfo, BudgetPeriod, BudgetUnit, ConfigEvent, ConfigVersion, KeyInfo, LedgerState,
+    LimitInfo, Limits, TenantInfo, UsageRow,
+};
 
 /// Connections one process keeps; each in-flight reservation or settlement holds one.
 const MAX_CONNECTIONS: u32 = 16;

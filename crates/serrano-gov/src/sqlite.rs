@@ -18,16 +18,17 @@ use tokio::sync::oneshot;
 
 use crate::audit::{ChainRow, Retention};
 use crate::checkpoint::Checkpoint;
+use crate::config::GovConfig;
 use crate::error::GovError;
 use crate::keys::Role;
-use crate::ledger::{BudgetPeriod, BudgetUnit};
 use crate::rate::RateInfo;
 use crate::storage::{
     AuditHead, FinishOp, Finished, KeyRow, ReserveOp, Store, StoredKey, UsageKey,
 };
-use crate::store::UsageRow;
-use crate::store::{BudgetInfo, GovConfig, KeyInfo, LedgerState, LimitInfo, Limits, TenantInfo};
-use crate::versions::{ConfigEvent, ConfigVersion};
+use crate::types::{
+    BudgetInfo, BudgetPeriod, BudgetUnit, ConfigEvent, ConfigVersion, KeyInfo, LedgerState,
+    LimitInfo, Limits, TenantInfo, UsageRow,
+};
 use crate::writer::{self, Op};
 
 /// WAL bytes past which the writer checkpoints itself: 16 MiB, about 500 requests.

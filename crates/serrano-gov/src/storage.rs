@@ -27,10 +27,11 @@ use crate::audit::{AuditRecord, ChainRow, Retention};
 use crate::checkpoint::Checkpoint;
 use crate::error::GovError;
 use crate::keys::Role;
-use crate::ledger::{BudgetPeriod, BudgetUnit};
 use crate::rate::RateInfo;
-use crate::store::{BudgetInfo, KeyInfo, LedgerState, LimitInfo, Limits, TenantInfo, UsageRow};
-use crate::versions::{ConfigEvent, ConfigVersion};
+use crate::types::{
+    BudgetInfo, BudgetPeriod, BudgetUnit, ConfigEvent, ConfigVersion, KeyInfo, LedgerState,
+    LimitInfo, Limits, TenantInfo, UsageRow,
+};
 
 /// A request's worst case, to reserve before it runs.
 #[derive(Debug, Clone)]
