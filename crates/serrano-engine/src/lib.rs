@@ -23,6 +23,8 @@ pub mod roofline;
 pub mod sampling;
 pub mod scheduler;
 pub mod stop;
+/// Test fixtures, for this crate's tests and, through the `testing` feature, other crates'.
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod tokenizer;
 

@@ -22,6 +22,9 @@ mod keys;
 mod ledger;
 mod metrics;
 mod pg;
+/// A private PostgreSQL server, for this crate's tests and, through the `testing` feature,
+/// other crates'.
+#[cfg(any(test, feature = "testing"))]
 #[doc(hidden)]
 pub mod pgtest;
 mod rate;
