@@ -28,6 +28,8 @@ mod pg;
 #[doc(hidden)]
 pub mod pgtest;
 mod rate;
+mod sql;
+mod sql_store;
 mod sqlite;
 mod storage;
 mod store;

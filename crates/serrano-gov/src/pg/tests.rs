@@ -7,7 +7,8 @@ use std::sync::Arc;
 use super::*;
 use crate::audit::{verify_chain, AuditRecord};
 use crate::pgtest::TestPg;
-use crate::storage::Content;
+use crate::storage::{Content, Store};
+use crate::types::{Limits, TenantInfo};
 
 async fn store(pg: &TestPg) -> PgStore {
     PgStore::connect(pg.url(), &GovConfig::new("unused".into()))
