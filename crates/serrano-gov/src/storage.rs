@@ -254,21 +254,25 @@ pub(crate) mod conformance {
     use super::*;
     use crate::audit::{verify_chain, GENESIS};
 
-    fn reserve_op(id: &str, tenant_id: i64, prompt: u64, max: u64) -> ReserveOp {
+    /// A request of `prompt` tokens and at most `max` more, on backend `local` with `remote`
+    /// as its fallback.
+    pub(crate) fn reserve_op(id: &str, tenant_id: i64, prompt: u64, max: u64) -> ReserveOp {
         ReserveOp {
             request_id: id.into(),
             tenant_id,
             key_id: 0,
             model: "m".into(),
             backend: "local".into(),
-            fallbacks: vec![],
+            fallbacks: vec!["remote".into()],
             prompt_tokens: prompt,
             max_completion_tokens: max,
             expires_ms: crate::now_ms() + 60_000,
         }
     }
 
-    fn finish_op(id: &str, tenant: &TenantInfo, used: Option<(u64, u64)>) -> FinishOp {
+    /// The end of a request of `tenant`'s that settles `used` (prompt, completion) if it
+    /// reserved, with its content kept per the tenant's retention.
+    pub(crate) fn finish_op(id: &str, tenant: &TenantInfo, used: Option<(u64, u64)>) -> FinishOp {
         FinishOp {
             settlement: used.map(|(p, c)| Settlement {
                 request_id: id.into(),
