@@ -14,6 +14,7 @@
 //!   before the response completes.
 
 mod audit;
+mod budget;
 mod checkpoint;
 mod config;
 mod error;

@@ -14,10 +14,10 @@
 //! audit chain stays whole. How the invariants of `storage.rs` hold across processes:
 //! - A reservation takes a transaction-scoped advisory lock on its tenant first, so that the
 //!   reservations of one tenant (from every replica) check and write one after another:
-//!   concurrent-request counts and rate windows are read and then written, and two
-//!   reservations must not both read the count before either writes it. Budgets are guarded a
-//!   second time by the conditional upsert itself (`... WHERE spent + reserved <= limit -
-//!   amount`), which PostgreSQL re-checks against the newest row version after a wait.
+//!   concurrent-request counts, rate windows and budget windows are read and then written, and
+//!   two reservations must not both read a count before either writes it. Budgets are guarded a
+//!   second time by the conditional upsert itself (`sql::HOLD_SQL`, `... WHERE spent + reserved
+//!   <= limit - amount`), which PostgreSQL re-checks against the newest row version after a wait.
 //! - Settlement and expiry take no tenant lock: they only lower what a reservation checks
 //!   (reserved, open requests, counted tokens), so a reservation that read before them was
 //!   stricter than it needed to be, never looser.
@@ -30,7 +30,7 @@
 //! - Expired reservations are released by a background task on every replica; `FOR UPDATE
 //!   SKIP LOCKED` keeps two replicas from releasing the same one.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -40,12 +40,11 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Row, Transaction};
 
 use crate::audit::{chain_hash, sha256_hex, Retention};
+use crate::budget::{self, decode_holds, encode_holds, i64_of, Amount, Budget, Hold};
 use crate::config::GovConfig;
 use crate::error::GovError;
-use crate::ledger::{
-    cost, decode_holds, encode_stored_holds, i64_of, over_budget_message, Budget, StoredHold,
-};
 use crate::rate::{self, Limit, RateInfo};
+use crate::sql::{numbered, HOLD_SQL};
 use crate::sql_store::{NewConfig, SqlStore};
 use crate::storage::{FinishOp, Finished, ReserveOp, Settlement};
 use crate::time::{day_key, now_ms};
@@ -168,7 +167,7 @@ impl PgStore {
         let mut tx = self.pool.begin().await?;
         let now = now_ms();
         let (t, k) = (op.tenant_id, op.key_id);
-        let worst_tokens = i64_of(op.prompt_tokens.saturating_add(op.max_completion_tokens));
+        let worst_tokens = budget::worst_tokens(op);
         let minute = now.div_euclid(60_000);
         let limits = lock_tenant(&mut tx, t, k).await?;
         // First, so that a replayed id is refused as a replay whatever else it would fail.
@@ -191,13 +190,13 @@ impl PgStore {
         }
         // Refusals return early: dropping the transaction rolls back what it wrote.
         let rate = check_limits(&mut tx, op, &limits, worst_tokens, minute, now).await?;
-        let holds = hold_budgets(&mut tx, op, worst_tokens, now).await?;
+        let holds = hold_budgets(&mut tx, op, now).await?;
         if !limits.is_empty() || !holds.is_empty() {
             // One statement: the holds into the request's row (locked since its insert), then
             // the rate windows in limit id order.
             let ids: Vec<i64> = limits.iter().map(|l| l.id).collect();
             let holds = (!holds.is_empty())
-                .then(|| encode_stored_holds(&holds))
+                .then(|| encode_holds(&holds))
                 .transpose()?;
             sqlx::query(
                 "WITH h AS (UPDATE requests SET holds = $4 WHERE request_id = $5 AND $4 IS NOT NULL)
@@ -349,26 +348,49 @@ async fn lock_tenant(tx: &mut Tx, tenant_id: i64, key_id: i64) -> Result<Vec<Lim
     Ok(limits)
 }
 
-async fn budgets(tx: &mut Tx, tenant_id: i64, key_id: i64) -> Result<Vec<Budget>, sqlx::Error> {
-    sqlx::query(
-        "SELECT id, key_id, unit, period, limit_amount FROM budgets
-         WHERE tenant_id = $1 AND (key_id = 0 OR key_id = $2) ORDER BY id",
+/// A budget window's (spent, reserved), by (budget id, window).
+type Usage = HashMap<(i64, String), (i64, i64)>;
+
+/// The budgets of a tenant and key, by id, with the spend and reservations of their windows
+/// that `now` falls in (read together: one round trip under the tenant lock). Which window of a
+/// budget counts is the budget rule's to say: this reads each budget's rows among the day's,
+/// the month's and the total window, where it has at most one.
+async fn budgets(
+    tx: &mut Tx,
+    tenant_id: i64,
+    key_id: i64,
+    now: i64,
+) -> Result<(Vec<Budget>, Usage), sqlx::Error> {
+    let windows = [BudgetPeriod::Day, BudgetPeriod::Month, BudgetPeriod::Total].map(|p| p.key(now));
+    let rows = sqlx::query(
+        "SELECT b.id, b.key_id, b.unit, b.period, b.limit_amount, u.period_key, u.spent, u.reserved
+         FROM budgets b
+         LEFT JOIN budget_usage u ON u.budget_id = b.id AND u.period_key = ANY($3)
+         WHERE b.tenant_id = $1 AND (b.key_id = 0 OR b.key_id = $2) ORDER BY b.id",
     )
     .bind(tenant_id)
     .bind(key_id)
+    .bind(&windows[..])
     .fetch_all(&mut **tx)
-    .await?
-    .iter()
-    .map(|r| {
-        Ok(Budget {
-            id: r.try_get(0)?,
-            key_id: r.try_get(1)?,
-            unit: BudgetUnit::parse(r.try_get(2)?).unwrap_or(BudgetUnit::Tokens),
-            period: BudgetPeriod::parse(r.try_get(3)?).unwrap_or(BudgetPeriod::Total),
-            limit: r.try_get(4)?,
-        })
-    })
-    .collect()
+    .await?;
+    let (mut budgets, mut usage) = (Vec::<Budget>::new(), Usage::new());
+    for r in rows {
+        let id: i64 = r.try_get(0)?;
+        if budgets.last().is_none_or(|b| b.id != id) {
+            let (unit, period) = (r.try_get(2)?, r.try_get(3)?);
+            budgets.push(Budget::from_columns(
+                id,
+                r.try_get(1)?,
+                unit,
+                period,
+                r.try_get(4)?,
+            ));
+        }
+        if let Some(window) = r.try_get::<Option<String>, _>(5)? {
+            usage.insert((id, window), (r.try_get(6)?, r.try_get(7)?));
+        }
+    }
+    Ok((budgets, usage))
 }
 
 /// Every rate limit of the request, read only (the tenant lock is held).
@@ -427,62 +449,49 @@ async fn check_limits(
     Ok(rate)
 }
 
-/// Reserves the worst case in every budget window of the request, in budget id order; refuses
-/// at the first that has not room for it.
-async fn hold_budgets(
-    tx: &mut Tx,
-    op: &ReserveOp,
-    worst_tokens: i64,
-    now: i64,
-) -> Result<Vec<StoredHold>, TxError> {
-    let budgets = budgets(tx, op.tenant_id, op.key_id).await?;
-    let mut worst_cost = 0;
+/// Reserves the worst case in every budget window of the request, in budget id order, if the
+/// budget rule admits it (checked against the counts read under the tenant lock), or refuses.
+async fn hold_budgets(tx: &mut Tx, op: &ReserveOp, now: i64) -> Result<Vec<Hold>, TxError> {
+    let (budgets, usage) = budgets(tx, op.tenant_id, op.key_id, now).await?;
+    let mut prices = Vec::new();
     if budgets.iter().any(|b| b.unit == BudgetUnit::Usd) {
         let backends: Vec<&str> = std::iter::once(&op.backend)
             .chain(&op.fallbacks)
             .map(String::as_str)
             .collect();
         // A backend without a price row costs nothing, as in SQLite's ledger.
-        let prices = sqlx::query(
+        let rows = sqlx::query(
             "SELECT input_nusd, output_nusd FROM prices WHERE model = $1 AND backend = ANY($2)",
         )
         .bind(&op.model)
         .bind(&backends)
         .fetch_all(&mut **tx)
         .await?;
-        for p in prices {
-            let prices = (p.try_get(0)?, p.try_get(1)?);
-            worst_cost = worst_cost.max(cost(prices, op.prompt_tokens, op.max_completion_tokens));
+        for p in rows {
+            prices.push((p.try_get(0)?, p.try_get(1)?));
         }
     }
-    let mut holds = Vec::with_capacity(budgets.len());
-    for b in budgets {
-        let amount = match b.unit {
-            BudgetUnit::Tokens => worst_tokens,
-            BudgetUnit::Usd => worst_cost,
-        };
-        let window = b.period.key(now);
-        // Written as `<= limit - amount` so that nothing overflows: spent and reserved are at
-        // most the limit, and amount is checked against it first.
-        let fits = amount <= b.limit
-            && sqlx::query(
-                "INSERT INTO budget_usage (budget_id, period_key, reserved) VALUES ($1, $2, $3)
-                 ON CONFLICT (budget_id, period_key) DO UPDATE
-                 SET reserved = budget_usage.reserved + excluded.reserved
-                 WHERE budget_usage.spent + budget_usage.reserved <= $4 - excluded.reserved",
-            )
-            .bind(b.id)
-            .bind(&window)
-            .bind(amount)
-            .bind(b.limit)
+    let holds = budget::hold(&budgets, Amount::worst(op, prices), now, |b, window| {
+        let counts = usage.get(&(b.id, window.to_string()));
+        Ok::<_, TxError>(counts.copied().unwrap_or((0, 0)))
+    })?;
+    let hold_sql = numbered(HOLD_SQL, '$');
+    for h in &holds {
+        // The guard repeats the rule against the row itself: settling a request whose
+        // reservation expired charges its window without the tenant lock, so the spend may
+        // have grown since the read.
+        let fits = sqlx::query(&hold_sql)
+            .bind(h.budget.id)
+            .bind(&h.window)
+            .bind(h.amount)
+            .bind(h.budget.limit)
             .execute(&mut **tx)
             .await?
             .rows_affected()
-                == 1;
+            == 1;
         if !fits {
-            return Err(GovError::OverBudget(over_budget_message(&b, amount)).into());
+            return Err(budget::refusal(&h.budget, h.amount).into());
         }
-        holds.push((b.id, window, amount));
     }
     Ok(holds)
 }
@@ -507,8 +516,7 @@ async fn settle(tx: &mut Tx, s: &Settlement, now: i64) -> Result<i64, TxError> {
         Some(&[input, output]) => (input, output),
         _ => (0, 0),
     };
-    let actual_cost = cost(prices, s.prompt_tokens, s.completion_tokens);
-    let actual_tokens = i64_of(s.prompt_tokens.saturating_add(s.completion_tokens));
+    let used = Amount::used(prices, s.prompt_tokens, s.completion_tokens);
     let state: String = row.try_get(0)?;
     if state == "settled" {
         return Ok(0);
@@ -527,19 +535,15 @@ async fn settle(tx: &mut Tx, s: &Settlement, now: i64) -> Result<i64, TxError> {
             .bind(budget_id)
             .bind(&window)
             .bind(amount)
-            .bind(actual_cost)
-            .bind(actual_tokens)
+            .bind(used.cost)
+            .bind(used.tokens)
             .execute(&mut **tx)
             .await?;
         }
     } else {
         // The reservation expired (the request outlived its TTL): the usage happened, so charge
         // it to the current windows.
-        for b in budgets(tx, s.tenant_id, s.key_id).await? {
-            let spent = match b.unit {
-                BudgetUnit::Tokens => actual_tokens,
-                BudgetUnit::Usd => actual_cost,
-            };
+        for b in budgets(tx, s.tenant_id, s.key_id, now).await?.0 {
             sqlx::query(
                 "INSERT INTO budget_usage (budget_id, period_key, spent) VALUES ($1, $2, $3)
                  ON CONFLICT (budget_id, period_key) DO UPDATE
@@ -547,12 +551,12 @@ async fn settle(tx: &mut Tx, s: &Settlement, now: i64) -> Result<i64, TxError> {
             )
             .bind(b.id)
             .bind(b.period.key(now))
-            .bind(spent)
+            .bind(used.of(b.unit))
             .execute(&mut **tx)
             .await?;
         }
     }
-    let unused = rate_tokens - actual_tokens;
+    let unused = rate_tokens - used.tokens;
     if let Some(minute) = rate_minute.filter(|_| unused > 0) {
         // Gives back the unused worst case to the tenant's and key's current limits, locking
         // their windows in limit id order (as reservations write them).
@@ -588,10 +592,10 @@ async fn settle(tx: &mut Tx, s: &Settlement, now: i64) -> Result<i64, TxError> {
     .bind(&s.backend)
     .bind(i64_of(s.prompt_tokens))
     .bind(i64_of(s.completion_tokens))
-    .bind(actual_cost)
+    .bind(used.cost)
     .execute(&mut **tx)
     .await?;
-    Ok(actual_cost)
+    Ok(used.cost)
 }
 
 async fn sweep_loop(pool: PgPool) {

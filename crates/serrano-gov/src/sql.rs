@@ -231,6 +231,16 @@ pub(crate) fn migrator(list: &'static [(i64, &'static str, &'static str)]) -> Mi
     }
 }
 
+/// Adds a hold to its budget window if it still fits there, checked against the row itself:
+/// both stores' guard behind the budget rule (`budget::hold`), which they check first against
+/// what they read. Parameters: budget id, window, amount, the budget's limit. Written as
+/// `<= limit - amount` so that nothing overflows (the rule refused any amount past the limit).
+pub(crate) const HOLD_SQL: &str =
+    "INSERT INTO budget_usage (budget_id, period_key, reserved) VALUES (?1, ?2, ?3)
+     ON CONFLICT (budget_id, period_key) DO UPDATE
+     SET reserved = budget_usage.reserved + excluded.reserved
+     WHERE budget_usage.spent + budget_usage.reserved <= ?4 - excluded.reserved";
+
 /// A key's allowed models as stored (a JSON array, NULL for all).
 pub(crate) fn parse_models(s: Option<String>) -> Option<Vec<String>> {
     s.and_then(|s| serde_json::from_str(&s).ok())
