@@ -5,7 +5,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{real_model, golden_dir, Server};
+use common::{golden_dir, real_model, Server};
 
 #[test]
 fn golden_check_against_llama_cpp_reference() {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{real_model, golden_dir, Server};
+use common::{golden_dir, real_model, Server};
 use serde_json::{json, Value};
 
 /// The tests here measure latency with the real model: run them one at a time so they do not
