@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serrano_engine::gguf::Bytes;
+use serrano_engine::kernels;
 use serrano_engine::ops::{matmul, pack_all, QMatrix};
 use serrano_engine::quant::DType;
 use serrano_engine::testing::{random_quant_row, random_vec};
@@ -34,19 +35,14 @@ fn main() {
     println!(
         "{rows} x {cols}, {n} token(s), {} threads, kernels: {}",
         rayon::current_num_threads(),
-        serrano_engine::kernels::simd_name()
+        kernels::simd_name()
     );
     let x = random_vec(cols * n, 1);
-    for dtype in [
-        DType::Q4_0,
-        DType::Q4_1,
-        DType::Q8_0,
-        DType::Q4_K,
-        DType::Q5_K,
-        DType::Q6_K,
-        DType::F16,
-        DType::BF16,
-    ] {
+    // Every format with an integer kernel, then the float formats the engine also runs.
+    for dtype in kernels::FORMATS
+        .into_iter()
+        .chain([DType::F16, DType::BF16])
+    {
         let data: Vec<u8> = (0..rows)
             .flat_map(|r| random_quant_row(dtype, cols, r as u64))
             .collect();

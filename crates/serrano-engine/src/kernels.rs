@@ -23,12 +23,19 @@ pub struct BlockQ8 {
     pub qs: [i8; QK],
 }
 
+/// The weight formats with an integer kernel here: the list tests and benchmarks go through.
+pub const FORMATS: [DType; 6] = [
+    DType::Q4_0,
+    DType::Q4_1,
+    DType::Q8_0,
+    DType::Q4_K,
+    DType::Q5_K,
+    DType::Q6_K,
+];
+
 /// Whether `dtype` has an integer kernel here.
 pub fn supported(dtype: DType) -> bool {
-    matches!(
-        dtype,
-        DType::Q4_0 | DType::Q4_1 | DType::Q8_0 | DType::Q4_K | DType::Q5_K | DType::Q6_K
-    )
+    FORMATS.contains(&dtype)
 }
 
 /// Quantizes `x` (a multiple of 32 long) into `out`, replacing its contents.
@@ -557,15 +564,6 @@ mod tests {
     use crate::quant::dequantize_row;
 
     use crate::testing::random_vec as rand_vec;
-
-    const FORMATS: [DType; 6] = [
-        DType::Q4_0,
-        DType::Q4_1,
-        DType::Q8_0,
-        DType::Q4_K,
-        DType::Q5_K,
-        DType::Q6_K,
-    ];
 
     /// A row of `blocks` blocks of `dt`; Q8_0 gets a -128, the sign trick's edge.
     fn random_row(dt: DType, blocks: usize, seed: u64) -> Vec<u8> {

@@ -3,14 +3,16 @@
 //! Data flow: [`gguf`] maps the file; [`model`] builds the transformer over the mapped weights
 //! ([`quant`] formats, [`ops`] kernels); [`tokenizer`] and [`chat`] turn text into tokens;
 //! [`engine`] runs a thread that batches requests arriving over a bounded channel
-//! ([`scheduler`] plans each step over the [`paged`] KV cache), samples ([`sampling`]) and
-//! streams events back, counting what it does in [`metrics`]. Nothing here knows about HTTP.
+//! ([`scheduler`] plans each step over the [`paged`] KV cache, which the model sees through
+//! [`kv`]), samples ([`sampling`]) and streams events back, counting what it does in
+//! [`metrics`]. Nothing here knows about HTTP.
 
 pub mod chat;
 pub mod engine;
 pub mod error;
 pub mod gguf;
 pub mod kernels;
+pub mod kv;
 pub mod metrics;
 pub mod model;
 pub mod ops;
@@ -21,6 +23,8 @@ pub mod roofline;
 pub mod sampling;
 pub mod scheduler;
 pub mod stop;
+/// Test fixtures, for this crate's tests and, through the `testing` feature, other crates'.
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod tokenizer;
 

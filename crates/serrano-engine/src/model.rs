@@ -5,6 +5,7 @@ use rayon::prelude::*;
 
 use crate::error::{EngineError, Result};
 use crate::gguf::{GgufFile, TensorInfo};
+pub use crate::kv::KvCache;
 use crate::ops::{self, matmul, rmsnorm, QMatrix, Rope, RopeStyle};
 use crate::quant::dequantize_row;
 
@@ -145,21 +146,6 @@ pub struct SeqStep<'a> {
     pub tokens: &'a [u32],
     pub start: usize,
     pub logits: LogitsWanted,
-}
-
-/// The KV cache as one forward step sees it, sequences numbered by their place in the step.
-/// Positions are written in order before they are read; the paged pool implements it.
-pub trait KvCache: Sync {
-    /// Stores `k` and `v` (each `n_kv_heads * head_dim`) of `seq` for `layer` at `pos`.
-    fn write(&mut self, seq: usize, layer: usize, pos: usize, k: &[f32], v: &[f32]);
-    /// Positions per block.
-    fn block_tokens(&self) -> usize;
-    /// The values (or keys) of `seq` at `layer` for the positions of its `i`-th block, as f16
-    /// bits. Values: `block_tokens()` rows of `n_kv_heads * head_dim`, row `j` being position
-    /// `i * block_tokens() + j`. Keys transposed: a row of `block_tokens()` positions per
-    /// dimension (element `c * block_tokens() + j`), so a query meets a block's positions
-    /// lane by lane. Positions past the sequence's length hold stale data.
-    fn block(&self, seq: usize, layer: usize, value: bool, i: usize) -> &[u16];
 }
 
 fn tensor<'a>(f: &'a GgufFile, name: &str) -> Result<&'a TensorInfo> {
@@ -640,8 +626,8 @@ thread_local! {
 mod vector {
     use half::f16;
 
-    /// Positions per KV block (the paged cache's [`crate::paged::BLOCK_TOKENS`]).
-    pub const BT: usize = crate::paged::BLOCK_TOKENS;
+    /// Positions per KV block ([`crate::kv::BLOCK_TOKENS`]).
+    pub const BT: usize = crate::kv::BLOCK_TOKENS;
 
     /// One build of the kernels.
     pub trait Isa {

@@ -13,12 +13,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use half::f16;
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 
-use crate::model::KvCache;
+use crate::kv::KvCache;
+pub use crate::kv::BLOCK_TOKENS;
 
 pub type BlockId = u32;
-
-/// Tokens per block.
-pub const BLOCK_TOKENS: usize = 16;
 
 /// Chained hash of a full block: depends on every token before it, so equal hashes mean equal
 /// prefixes. Keyed with a per-process random key, so no client can craft colliding prefixes.

@@ -1,151 +1,76 @@
-//! Budgets as a ledger: reserve a request's worst case before it runs, settle the actual usage
-//! after, release what a crashed process reserved once it expires. Every function here runs
-//! inside the writer's transaction (see `writer.rs`), so check-and-reserve is atomic. They are
-//! synchronous: the writer owns its connection on its own thread.
+//! The SQLite writer's ledger: reserve a request's worst case against its budgets and rate
+//! limits before it runs, settle the actual usage after, release what a crashed process
+//! reserved once it expires. Whether a request fits is the rules' to say (`budget.rs`,
+//! `rate.rs`, shared with PostgreSQL); this reads the counts they check and writes what they
+//! admit. Every function here runs inside the writer's transaction (see `writer.rs`), so
+//! check-and-reserve is atomic. They are synchronous: the writer owns its connection on its own
+//! thread.
 
 use std::collections::HashMap;
 
-use rusqlite::{params, Connection, OptionalExtension};
-use serde::{Deserialize, Serialize};
+use rusqlite::{params, Connection, OptionalExtension, Params};
 
+use crate::budget::{self, decode_holds, encode_holds, i64_of, Amount, Budget, Hold};
 use crate::error::GovError;
 use crate::rate::{self, Limit, RateInfo};
+use crate::sql::HOLD_SQL;
 use crate::storage::{ReserveOp, Settlement};
-use crate::time::{day_key, month_key};
+use crate::time::day_key;
+use crate::types::BudgetUnit;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BudgetUnit {
-    Tokens,
-    /// Stored in nano-dollars.
-    Usd,
-}
-
-impl BudgetUnit {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BudgetUnit::Tokens => "tokens",
-            BudgetUnit::Usd => "usd",
-        }
-    }
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "tokens" => Some(BudgetUnit::Tokens),
-            "usd" => Some(BudgetUnit::Usd),
-            _ => None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BudgetPeriod {
-    Day,
-    Month,
-    Total,
-}
-
-impl BudgetPeriod {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BudgetPeriod::Day => "day",
-            BudgetPeriod::Month => "month",
-            BudgetPeriod::Total => "total",
-        }
-    }
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "day" => Some(BudgetPeriod::Day),
-            "month" => Some(BudgetPeriod::Month),
-            "total" => Some(BudgetPeriod::Total),
-            _ => None,
-        }
-    }
-    /// The window a time falls in: `2026-11-28`, `2026-11` or `total`.
-    pub fn key(self, now_ms: i64) -> String {
-        match self {
-            BudgetPeriod::Day => day_key(now_ms),
-            BudgetPeriod::Month => month_key(now_ms),
-            BudgetPeriod::Total => "total".into(),
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub(crate) struct Budget {
-    pub id: i64,
-    pub key_id: i64,
-    pub unit: BudgetUnit,
-    pub period: BudgetPeriod,
-    pub limit: i64,
-}
-
-fn budgets(conn: &Connection, tenant_id: i64, key_id: i64) -> Result<Vec<Budget>, GovError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT id, key_id, unit, period, limit_amount FROM budgets
-         WHERE tenant_id = ?1 AND (key_id = 0 OR key_id = ?2) ORDER BY id",
-    )?;
-    let rows = stmt.query_map(params![tenant_id, key_id], |r| {
-        Ok(Budget {
-            id: r.get(0)?,
-            key_id: r.get(1)?,
-            unit: BudgetUnit::parse(&r.get::<_, String>(2)?).unwrap_or(BudgetUnit::Tokens),
-            period: BudgetPeriod::parse(&r.get::<_, String>(3)?).unwrap_or(BudgetPeriod::Total),
-            limit: r.get(4)?,
-        })
-    })?;
+/// Every row of a statement, each mapped by `f`.
+fn rows<T>(
+    conn: &Connection,
+    sql: &str,
+    params: impl Params,
+    f: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> Result<Vec<T>, GovError> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    let rows = stmt.query_map(params, f)?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-/// Per-token input and output prices of a model on a backend, in nano-dollars (0 if unset).
-pub fn price(conn: &Connection, model: &str, backend: &str) -> Result<(i64, i64), GovError> {
+/// The two counters of a statement's one row; (0, 0) where there is no row (nothing counted,
+/// nothing set).
+fn counters(conn: &Connection, sql: &str, params: impl Params) -> Result<(i64, i64), GovError> {
     Ok(conn
-        .prepare_cached(
-            "SELECT input_nusd, output_nusd FROM prices WHERE model = ?1 AND backend = ?2",
-        )?
-        .query_row(params![model, backend], |r| Ok((r.get(0)?, r.get(1)?)))
+        .prepare_cached(sql)?
+        .query_row(params, |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?
         .unwrap_or((0, 0)))
+}
+
+fn budgets(conn: &Connection, tenant_id: i64, key_id: i64) -> Result<Vec<Budget>, GovError> {
+    let sql = "SELECT id, key_id, unit, period, limit_amount FROM budgets
+               WHERE tenant_id = ?1 AND (key_id = 0 OR key_id = ?2) ORDER BY id";
+    rows(conn, sql, params![tenant_id, key_id], |r| {
+        let (unit, period): (String, String) = (r.get(2)?, r.get(3)?);
+        Ok(Budget::from_columns(
+            r.get(0)?,
+            r.get(1)?,
+            &unit,
+            &period,
+            r.get(4)?,
+        ))
+    })
+}
+
+/// Per-token input and output prices of a model on a backend, in nano-dollars (0 if unset).
+fn price(conn: &Connection, model: &str, backend: &str) -> Result<(i64, i64), GovError> {
+    let sql = "SELECT input_nusd, output_nusd FROM prices WHERE model = ?1 AND backend = ?2";
+    counters(conn, sql, params![model, backend])
 }
 
 /// A budget window's (spent, reserved).
 fn window_usage(conn: &Connection, budget_id: i64, window: &str) -> Result<(i64, i64), GovError> {
-    Ok(conn
-        .prepare_cached(
-            "SELECT spent, reserved FROM budget_usage WHERE budget_id = ?1 AND period_key = ?2",
-        )?
-        .query_row(params![budget_id, window], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()?
-        .unwrap_or((0, 0)))
-}
-
-pub(crate) fn cost(prices: (i64, i64), prompt: u64, completion: u64) -> i64 {
-    i64_of(prompt)
-        .saturating_mul(prices.0)
-        .saturating_add(i64_of(completion).saturating_mul(prices.1))
-}
-
-/// Token counts come from clients and upstreams: a value past i64 must saturate, never wrap
-/// negative (a negative reservation would pass every budget check).
-pub(crate) fn i64_of(n: u64) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
+    let sql = "SELECT spent, reserved FROM budget_usage WHERE budget_id = ?1 AND period_key = ?2";
+    counters(conn, sql, params![budget_id, window])
 }
 
 /// Entries kept in each of the ledger's caches; a full cache starts over.
 const MAX_CACHED: usize = 10_000;
 /// Open requests remembered at once; past it, settlement reads the request back from the store.
 const MAX_OPEN: usize = 100_000;
-
-/// What a request holds against one budget window.
-#[derive(Debug, Clone)]
-struct Hold {
-    budget_id: i64,
-    window: String,
-    amount: i64,
-    unit: BudgetUnit,
-    /// The budget's limit when reserved.
-    limit: i64,
-}
 
 /// A request this writer reserved and has not settled.
 #[derive(Debug)]
@@ -259,9 +184,9 @@ impl Ledger {
         now: i64,
     ) -> Result<Option<RateInfo>, GovError> {
         let (t, k) = (op.tenant_id, op.key_id);
-        let worst_tokens = i64_of(op.prompt_tokens.saturating_add(op.max_completion_tokens));
+        let worst_tokens = budget::worst_tokens(op);
         let minute = now.div_euclid(60_000);
-        let limits = cached(&mut self.limits, (t, k), || rate::limits(conn, t, k))?;
+        let limits = cached(&mut self.limits, (t, k), || limits(conn, t, k))?;
         // First, so that a replayed id is refused as a replay whatever else it would fail.
         let fresh = conn
             .prepare_cached(
@@ -311,16 +236,16 @@ impl Ledger {
             let open = match l.max_concurrent {
                 Some(_) => cached(&mut self.open_counts, (t, l.key_id), || {
                     // The request's own row is already in: count the others.
-                    Ok(rate::open_requests(conn, t, l.key_id)? - 1)
+                    Ok(open_requests(conn, t, l.key_id)? - 1)
                 })?,
                 None => 0,
             };
             let seen = rate::Seen {
                 prev: cached(&mut self.windows, (l.id, minute - 1), || {
-                    rate::window(conn, l.id, minute - 1)
+                    window(conn, l.id, minute - 1)
                 })?,
                 curr: cached(&mut self.windows, (l.id, minute), || {
-                    rate::window(conn, l.id, minute)
+                    window(conn, l.id, minute)
                 })?,
                 open,
                 tokens: worst_tokens,
@@ -329,35 +254,17 @@ impl Ledger {
             rate::check(l, &seen, &mut rate)?;
         }
         let budgets = cached(&mut self.budgets, (t, k), || budgets(conn, t, k))?;
-        let mut worst_cost = 0;
+        let mut prices = Vec::new();
         if budgets.iter().any(|b| b.unit == BudgetUnit::Usd) {
             for backend in std::iter::once(&op.backend).chain(&op.fallbacks) {
-                let prices = self.price(conn, &op.model, backend)?;
-                worst_cost =
-                    worst_cost.max(cost(prices, op.prompt_tokens, op.max_completion_tokens));
+                prices.push(self.price(conn, &op.model, backend)?);
             }
         }
-        let mut holds = Vec::with_capacity(budgets.len());
-        for b in budgets {
-            let amount = match b.unit {
-                BudgetUnit::Tokens => worst_tokens,
-                BudgetUnit::Usd => worst_cost,
-            };
-            let window = b.period.key(now);
-            let (spent, reserved) = cached(&mut self.usage, (b.id, window.clone()), || {
-                window_usage(conn, b.id, &window)
-            })?;
-            if spent.saturating_add(reserved).saturating_add(amount) > b.limit {
-                return Err(GovError::OverBudget(over_budget_message(&b, amount)));
-            }
-            holds.push(Hold {
-                budget_id: b.id,
-                window,
-                amount,
-                unit: b.unit,
-                limit: b.limit,
-            });
-        }
+        let holds = budget::hold(&budgets, Amount::worst(op, prices), now, |b, window| {
+            cached(&mut self.usage, (b.id, window.to_string()), || {
+                window_usage(conn, b.id, window)
+            })
+        })?;
         Ok((rate, holds))
     }
 
@@ -372,7 +279,7 @@ impl Ledger {
         holds: Vec<Hold>,
     ) -> Result<(), GovError> {
         for l in &limits {
-            rate::count(conn, l.id, minute, worst_tokens)?;
+            count(conn, l.id, minute, worst_tokens)?;
             if let Some(w) = self.windows.get_mut(&(l.id, minute)) {
                 *w = (w.0 + 1, w.1.saturating_add(worst_tokens));
             }
@@ -380,19 +287,18 @@ impl Ledger {
         for h in &holds {
             // The guard repeats the check against the rows themselves: a cache that disagreed
             // with the store would fail the transaction here instead of overspending.
-            let ok = conn
-                .prepare_cached(
-                    "INSERT INTO budget_usage (budget_id, period_key, reserved) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (budget_id, period_key) DO UPDATE SET reserved = reserved + excluded.reserved
-                     WHERE spent + reserved + excluded.reserved <= ?4",
-                )?
-                .execute(params![h.budget_id, h.window, h.amount, h.limit])?;
+            let ok = conn.prepare_cached(HOLD_SQL)?.execute(params![
+                h.budget.id,
+                h.window,
+                h.amount,
+                h.budget.limit
+            ])?;
             if ok == 0 {
                 return Err(GovError::Unavailable(
                     "the ledger's cache disagreed with the store".into(),
                 ));
             }
-            if let Some(u) = self.usage.get_mut(&(h.budget_id, h.window.clone())) {
+            if let Some(u) = self.usage.get_mut(&(h.budget.id, h.window.clone())) {
                 u.1 = u.1.saturating_add(h.amount);
             }
         }
@@ -427,18 +333,13 @@ impl Ledger {
     /// nothing.
     pub fn settle(&mut self, conn: &Connection, s: &Settlement, now: i64) -> Result<i64, GovError> {
         let prices = self.price(conn, &s.model, &s.backend)?;
-        let actual_cost = cost(prices, s.prompt_tokens, s.completion_tokens);
-        let actual_tokens = i64_of(s.prompt_tokens.saturating_add(s.completion_tokens));
-        let actual = |unit: BudgetUnit| match unit {
-            BudgetUnit::Tokens => actual_tokens,
-            BudgetUnit::Usd => actual_cost,
-        };
+        let used = Amount::used(prices, s.prompt_tokens, s.completion_tokens);
         match self.open.remove(&s.request_id) {
             Some(open) => {
-                let unused = open.tokens - actual_tokens;
+                let unused = open.tokens - used.tokens;
                 if unused > 0 {
                     for &l in &open.limits {
-                        rate::refund(conn, l, open.minute, unused)?;
+                        refund(conn, l, open.minute, unused)?;
                         if let Some(w) = self.windows.get_mut(&(l, open.minute)) {
                             w.1 = (w.1 - unused).max(0);
                         }
@@ -446,9 +347,9 @@ impl Ledger {
                 }
                 for h in &open.holds {
                     // Never charge more than was reserved: the worst case bounds the usage.
-                    let charge = actual(h.unit).min(h.amount);
-                    release(conn, h.budget_id, &h.window, h.amount, charge)?;
-                    if let Some(u) = self.usage.get_mut(&(h.budget_id, h.window.clone())) {
+                    let charge = used.of(h.budget.unit).min(h.amount);
+                    release(conn, h.budget.id, &h.window, h.amount, charge)?;
+                    if let Some(u) = self.usage.get_mut(&(h.budget.id, h.window.clone())) {
                         *u = (u.0.saturating_add(charge), u.1 - h.amount);
                     }
                 }
@@ -459,7 +360,7 @@ impl Ledger {
                 }
             }
             None => {
-                let settled = settle_from_store(conn, s, now, actual_tokens, actual)?;
+                let settled = settle_from_store(conn, s, now, used)?;
                 // The writes above changed counts the cache may hold.
                 self.forget_counts();
                 if !settled {
@@ -486,9 +387,9 @@ impl Ledger {
             s.backend,
             i64_of(s.prompt_tokens),
             i64_of(s.completion_tokens),
-            actual_cost
+            used.cost
         ])?;
-        Ok(actual_cost)
+        Ok(used.cost)
     }
 
     /// Releases the reservations of requests past their expiry (their process died or hung).
@@ -523,8 +424,7 @@ fn settle_from_store(
     conn: &Connection,
     s: &Settlement,
     now: i64,
-    actual_tokens: i64,
-    actual: impl Fn(BudgetUnit) -> i64,
+    used: Amount,
 ) -> Result<bool, GovError> {
     let row: Option<(String, Option<i64>, i64, Option<String>)> = conn
         .prepare_cached(
@@ -541,9 +441,9 @@ fn settle_from_store(
         return Ok(false);
     }
     if let Some(minute) = rate_minute {
-        let unused = rate_tokens - actual_tokens;
+        let unused = rate_tokens - used.tokens;
         if unused > 0 {
-            rate::refund_current(conn, s.tenant_id, s.key_id, minute, unused)?;
+            refund_current(conn, s.tenant_id, s.key_id, minute, unused)?;
         }
     }
     if state == "reserved" {
@@ -555,7 +455,7 @@ fn settle_from_store(
                 .optional()?;
             if let Some(unit) = unit {
                 let unit = BudgetUnit::parse(&unit).unwrap_or(BudgetUnit::Tokens);
-                release(conn, budget_id, &window, amount, actual(unit).min(amount))?;
+                release(conn, budget_id, &window, amount, used.of(unit).min(amount))?;
             }
         }
     } else {
@@ -566,27 +466,10 @@ fn settle_from_store(
                 "INSERT INTO budget_usage (budget_id, period_key, spent) VALUES (?1, ?2, ?3)
                  ON CONFLICT (budget_id, period_key) DO UPDATE SET spent = spent + excluded.spent",
             )?
-            .execute(params![b.id, b.period.key(now), actual(b.unit)])?;
+            .execute(params![b.id, b.period.key(now), used.of(b.unit)])?;
         }
     }
     Ok(true)
-}
-
-pub(crate) fn over_budget_message(b: &Budget, amount: i64) -> String {
-    let owner = if b.key_id == 0 { "tenant" } else { "key" };
-    let (limit, need) = match b.unit {
-        BudgetUnit::Tokens => (format!("{} tokens", b.limit), format!("{amount} tokens")),
-        BudgetUnit::Usd => (
-            format!("${:.6}", b.limit as f64 / crate::NUSD_PER_USD),
-            format!("${:.6}", amount as f64 / crate::NUSD_PER_USD),
-        ),
-    };
-    format!(
-        "Budget exceeded: the {owner}'s {} {} budget (budget {}, limit {limit}) has not enough left for this request's worst case ({need}: prompt plus max_tokens)",
-        b.period.as_str(),
-        b.unit.as_str(),
-        b.id,
-    )
 }
 
 /// Most expired requests released in one sweep, so that a sweep after a crash under load (one
@@ -596,15 +479,12 @@ const MAX_EXPIRED_PER_SWEEP: i64 = 10_000;
 /// Releases the reservations of requests past their expiry (their process died or hung).
 /// Returns how many requests expired.
 fn expire(conn: &Connection, now: i64) -> Result<u64, GovError> {
-    let stale: Vec<(String, Option<String>)> = conn
-        .prepare_cached(
-            "SELECT request_id, holds FROM requests WHERE state = 'reserved' AND expires_ms < ?1
-             LIMIT ?2",
-        )?
-        .query_map(params![now, MAX_EXPIRED_PER_SWEEP], |r| {
+    let sql = "SELECT request_id, holds FROM requests WHERE state = 'reserved' AND expires_ms < ?1
+               LIMIT ?2";
+    let stale: Vec<(String, Option<String>)> =
+        rows(conn, sql, params![now, MAX_EXPIRED_PER_SWEEP], |r| {
             Ok((r.get(0)?, r.get(1)?))
-        })?
-        .collect::<Result<_, _>>()?;
+        })?;
     for (request_id, holds) in &stale {
         for (budget_id, window, amount) in decode_holds(holds.as_deref())? {
             conn.prepare_cached(
@@ -621,30 +501,72 @@ fn expire(conn: &Connection, now: i64) -> Result<u64, GovError> {
     Ok(stale.len() as u64)
 }
 
-/// A hold as `requests.holds` keeps it: (budget id, window, amount).
-pub(crate) type StoredHold = (i64, String, i64);
+// Rate limits' rows, as the writer reads and counts them (`rate.rs` has the rule).
 
-fn encode_holds(holds: &[Hold]) -> Result<String, GovError> {
-    let stored: Vec<StoredHold> = holds
-        .iter()
-        .map(|h| (h.budget_id, h.window.clone(), h.amount))
-        .collect();
-    encode_stored_holds(&stored)
+/// The rate limits of a tenant and key, by id.
+fn limits(conn: &Connection, tenant_id: i64, key_id: i64) -> Result<Vec<Limit>, GovError> {
+    let sql = "SELECT id, key_id, rpm, tpm, max_concurrent FROM limits
+               WHERE tenant_id = ?1 AND (key_id = 0 OR key_id = ?2) ORDER BY id";
+    rows(conn, sql, params![tenant_id, key_id], |r| {
+        Ok(Limit {
+            id: r.get(0)?,
+            key_id: r.get(1)?,
+            rpm: r.get(2)?,
+            tpm: r.get(3)?,
+            max_concurrent: r.get(4)?,
+        })
+    })
 }
 
-pub(crate) fn encode_stored_holds(holds: &[StoredHold]) -> Result<String, GovError> {
-    serde_json::to_string(holds)
-        .map_err(|e| GovError::Unavailable(format!("cannot encode a reservation: {e}")))
+/// A limit's (requests, tokens) counted in one UTC minute.
+fn window(conn: &Connection, limit_id: i64, minute: i64) -> Result<(i64, i64), GovError> {
+    let sql = "SELECT requests, tokens FROM rate_windows WHERE limit_id = ?1 AND minute = ?2";
+    counters(conn, sql, params![limit_id, minute])
 }
 
-/// A request without budgets holds nothing (NULL). Text that does not parse fails the
-/// transaction: releasing nothing for it would leave the budget reserved forever, and guessing
-/// could release what was never reserved.
-pub(crate) fn decode_holds(text: Option<&str>) -> Result<Vec<StoredHold>, GovError> {
-    match text {
-        None => Ok(Vec::new()),
-        Some(t) => serde_json::from_str(t).map_err(|e| {
-            GovError::Unavailable(format!("a stored reservation does not parse: {e}"))
-        }),
-    }
+/// Open reservations of a tenant (`key_id` 0) or of one of its keys, every process counted.
+fn open_requests(conn: &Connection, tenant_id: i64, key_id: i64) -> Result<i64, GovError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT COUNT(*) FROM requests WHERE state = 'reserved' AND tenant_id = ?1
+             AND (?2 = 0 OR key_id = ?2)",
+        )?
+        .query_row(params![tenant_id, key_id], |r| r.get(0))?)
+}
+
+/// Counts one admitted request of `tokens` (worst case) in a limit's current minute.
+fn count(conn: &Connection, limit_id: i64, minute: i64, tokens: i64) -> Result<(), GovError> {
+    conn.prepare_cached(
+        "INSERT INTO rate_windows (limit_id, minute, requests, tokens) VALUES (?1, ?2, 1, ?3)
+         ON CONFLICT (limit_id, minute) DO UPDATE SET requests = requests + 1, tokens = tokens + excluded.tokens",
+    )?
+    .execute(params![limit_id, minute, tokens])?;
+    Ok(())
+}
+
+/// Gives back the part of a request's worst case it did not use, in the minute it was counted,
+/// to the limits it was counted against.
+fn refund(conn: &Connection, limit_id: i64, minute: i64, unused: i64) -> Result<(), GovError> {
+    conn.prepare_cached(
+        "UPDATE rate_windows SET tokens = MAX(0, tokens - ?3) WHERE limit_id = ?1 AND minute = ?2",
+    )?
+    .execute(params![limit_id, minute, unused])?;
+    Ok(())
+}
+
+/// [`refund`] for a request whose limits are not known any more (reserved before the writer's
+/// cache was dropped): the tenant's and key's current limits.
+fn refund_current(
+    conn: &Connection,
+    tenant_id: i64,
+    key_id: i64,
+    minute: i64,
+    unused: i64,
+) -> Result<(), GovError> {
+    conn.prepare_cached(
+        "UPDATE rate_windows SET tokens = MAX(0, tokens - ?4)
+         WHERE minute = ?3 AND limit_id IN (SELECT id FROM limits WHERE tenant_id = ?1 AND key_id IN (0, ?2))",
+    )?
+    .execute(params![tenant_id, key_id, minute, unused])?;
+    Ok(())
 }

@@ -14,21 +14,29 @@
 //!   before the response completes.
 
 mod audit;
+mod budget;
 mod checkpoint;
+mod config;
 mod error;
 mod jwt;
 mod keys;
 mod ledger;
 mod metrics;
 mod pg;
+/// A private PostgreSQL server, for this crate's tests and, through the `testing` feature,
+/// other crates'.
+#[cfg(any(test, feature = "testing"))]
 #[doc(hidden)]
 pub mod pgtest;
 mod rate;
+mod sql;
+mod sql_store;
 mod sqlite;
 mod storage;
 mod store;
 mod ticket;
 mod time;
+mod types;
 mod versions;
 mod writer;
 
@@ -36,11 +44,11 @@ pub use audit::{
     chain_hash, verify_chain, AuditRecord, ChainError, ChainRow, Retention, VerifyReport, GENESIS,
 };
 pub use checkpoint::{generate_signing_key, parse_public_key, read_signing_key, Checkpoint};
+pub use config::{default_db_path, GovConfig};
 pub use ed25519_dalek::{SigningKey, VerifyingKey};
 pub use error::GovError;
 pub use jwt::{JwtConfig, JwtIdentity, JwtVerifier};
 pub use keys::{Principal, Role};
-pub use ledger::{BudgetPeriod, BudgetUnit};
 pub use pg::{display_db, is_postgres_url, PgStore};
 pub use rate::RateInfo;
 pub use sqlite::SqliteStore;
@@ -48,14 +56,14 @@ pub use storage::{
     AuditHead, Content, FinishOp, Finished, KeyRow, ReserveOp, Settlement, Store, StoredKey,
     UsageKey,
 };
-pub use store::{
-    default_db_path, usage_csv, BudgetInfo, GovConfig, Governance, KeyInfo, LedgerState, LimitInfo,
-    Limits, NewKey, TenantInfo, UsageRow, ADMIN_TENANT, ANONYMOUS_TENANT,
-};
+pub use store::{usage_csv, Governance, NewKey, ADMIN_TENANT, ANONYMOUS_TENANT};
 pub use ticket::{Reservation, Ticket};
 pub use ticket::{CLIENT_CLOSED, LOCAL_BACKEND};
 pub use time::{day_key, month_key, now_ms};
-pub use versions::{ConfigEvent, ConfigVersion};
+pub use types::{
+    BudgetInfo, BudgetPeriod, BudgetUnit, ConfigEvent, ConfigVersion, KeyInfo, LedgerState,
+    LimitInfo, Limits, TenantInfo, UsageRow,
+};
 
 /// Nano-dollars per dollar: money is kept in integer nano-dollars so sums are exact.
 pub const NUSD_PER_USD: f64 = 1e9;

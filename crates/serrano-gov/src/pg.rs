@@ -14,10 +14,10 @@
 //! audit chain stays whole. How the invariants of `storage.rs` hold across processes:
 //! - A reservation takes a transaction-scoped advisory lock on its tenant first, so that the
 //!   reservations of one tenant (from every replica) check and write one after another:
-//!   concurrent-request counts and rate windows are read and then written, and two
-//!   reservations must not both read the count before either writes it. Budgets are guarded a
-//!   second time by the conditional upsert itself (`... WHERE spent + reserved <= limit -
-//!   amount`), which PostgreSQL re-checks against the newest row version after a wait.
+//!   concurrent-request counts, rate windows and budget windows are read and then written, and
+//!   two reservations must not both read a count before either writes it. Budgets are guarded a
+//!   second time by the conditional upsert itself (`sql::HOLD_SQL`, `... WHERE spent + reserved
+//!   <= limit - amount`), which PostgreSQL re-checks against the newest row version after a wait.
 //! - Settlement and expiry take no tenant lock: they only lower what a reservation checks
 //!   (reserved, open requests, counted tokens), so a reservation that read before them was
 //!   stricter than it needed to be, never looser.
@@ -30,32 +30,25 @@
 //! - Expired reservations are released by a background task on every replica; `FOR UPDATE
 //!   SKIP LOCKED` keeps two replicas from releasing the same one.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::migrate::Migrator;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Row, Transaction};
 
-use crate::audit::{chain_hash, sha256_hex, ChainRow, Retention};
-use crate::checkpoint::Checkpoint;
+use crate::audit::{chain_hash, sha256_hex, Retention};
+use crate::budget::{self, decode_holds, encode_holds, i64_of, Amount, Budget, Hold};
+use crate::config::GovConfig;
 use crate::error::GovError;
-use crate::keys::Role;
-use crate::ledger::{
-    cost, decode_holds, encode_stored_holds, i64_of, over_budget_message, Budget, BudgetPeriod,
-    BudgetUnit, StoredHold,
-};
 use crate::rate::{self, Limit, RateInfo};
-use crate::storage::{
-    AuditHead, FinishOp, Finished, KeyRow, ReserveOp, Settlement, Store, StoredKey, UsageKey,
-};
-use crate::store::{
-    BudgetInfo, GovConfig, KeyInfo, LedgerState, LimitInfo, Limits, TenantInfo, UsageRow,
-};
+use crate::sql::{numbered, HOLD_SQL};
+use crate::sql_store::{NewConfig, SqlStore};
+use crate::storage::{FinishOp, Finished, ReserveOp, Settlement};
 use crate::time::{day_key, now_ms};
-use crate::versions::{ConfigEvent, ConfigVersion};
+use crate::types::{BudgetPeriod, BudgetUnit};
 
 /// Connections one process keeps; each in-flight reservation or settlement holds one.
 const MAX_CONNECTIONS: u32 = 16;
@@ -75,7 +68,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[(
 )];
 
 fn migrator() -> Migrator {
-    crate::storage::migrator(MIGRATIONS)
+    crate::sql::migrator(MIGRATIONS)
 }
 
 /// Whether a database setting names PostgreSQL (`postgres://` or `postgresql://`).
@@ -174,7 +167,7 @@ impl PgStore {
         let mut tx = self.pool.begin().await?;
         let now = now_ms();
         let (t, k) = (op.tenant_id, op.key_id);
-        let worst_tokens = i64_of(op.prompt_tokens.saturating_add(op.max_completion_tokens));
+        let worst_tokens = budget::worst_tokens(op);
         let minute = now.div_euclid(60_000);
         let limits = lock_tenant(&mut tx, t, k).await?;
         // First, so that a replayed id is refused as a replay whatever else it would fail.
@@ -197,13 +190,13 @@ impl PgStore {
         }
         // Refusals return early: dropping the transaction rolls back what it wrote.
         let rate = check_limits(&mut tx, op, &limits, worst_tokens, minute, now).await?;
-        let holds = hold_budgets(&mut tx, op, worst_tokens, now).await?;
+        let holds = hold_budgets(&mut tx, op, now).await?;
         if !limits.is_empty() || !holds.is_empty() {
             // One statement: the holds into the request's row (locked since its insert), then
             // the rate windows in limit id order.
             let ids: Vec<i64> = limits.iter().map(|l| l.id).collect();
             let holds = (!holds.is_empty())
-                .then(|| encode_stored_holds(&holds))
+                .then(|| encode_holds(&holds))
                 .transpose()?;
             sqlx::query(
                 "WITH h AS (UPDATE requests SET holds = $4 WHERE request_id = $5 AND $4 IS NOT NULL)
@@ -355,26 +348,49 @@ async fn lock_tenant(tx: &mut Tx, tenant_id: i64, key_id: i64) -> Result<Vec<Lim
     Ok(limits)
 }
 
-async fn budgets(tx: &mut Tx, tenant_id: i64, key_id: i64) -> Result<Vec<Budget>, sqlx::Error> {
-    sqlx::query(
-        "SELECT id, key_id, unit, period, limit_amount FROM budgets
-         WHERE tenant_id = $1 AND (key_id = 0 OR key_id = $2) ORDER BY id",
+/// A budget window's (spent, reserved), by (budget id, window).
+type Usage = HashMap<(i64, String), (i64, i64)>;
+
+/// The budgets of a tenant and key, by id, with the spend and reservations of their windows
+/// that `now` falls in (read together: one round trip under the tenant lock). Which window of a
+/// budget counts is the budget rule's to say: this reads each budget's rows among the day's,
+/// the month's and the total window, where it has at most one.
+async fn budgets(
+    tx: &mut Tx,
+    tenant_id: i64,
+    key_id: i64,
+    now: i64,
+) -> Result<(Vec<Budget>, Usage), sqlx::Error> {
+    let windows = [BudgetPeriod::Day, BudgetPeriod::Month, BudgetPeriod::Total].map(|p| p.key(now));
+    let rows = sqlx::query(
+        "SELECT b.id, b.key_id, b.unit, b.period, b.limit_amount, u.period_key, u.spent, u.reserved
+         FROM budgets b
+         LEFT JOIN budget_usage u ON u.budget_id = b.id AND u.period_key = ANY($3)
+         WHERE b.tenant_id = $1 AND (b.key_id = 0 OR b.key_id = $2) ORDER BY b.id",
     )
     .bind(tenant_id)
     .bind(key_id)
+    .bind(&windows[..])
     .fetch_all(&mut **tx)
-    .await?
-    .iter()
-    .map(|r| {
-        Ok(Budget {
-            id: r.try_get(0)?,
-            key_id: r.try_get(1)?,
-            unit: BudgetUnit::parse(r.try_get(2)?).unwrap_or(BudgetUnit::Tokens),
-            period: BudgetPeriod::parse(r.try_get(3)?).unwrap_or(BudgetPeriod::Total),
-            limit: r.try_get(4)?,
-        })
-    })
-    .collect()
+    .await?;
+    let (mut budgets, mut usage) = (Vec::<Budget>::new(), Usage::new());
+    for r in rows {
+        let id: i64 = r.try_get(0)?;
+        if budgets.last().is_none_or(|b| b.id != id) {
+            let (unit, period) = (r.try_get(2)?, r.try_get(3)?);
+            budgets.push(Budget::from_columns(
+                id,
+                r.try_get(1)?,
+                unit,
+                period,
+                r.try_get(4)?,
+            ));
+        }
+        if let Some(window) = r.try_get::<Option<String>, _>(5)? {
+            usage.insert((id, window), (r.try_get(6)?, r.try_get(7)?));
+        }
+    }
+    Ok((budgets, usage))
 }
 
 /// Every rate limit of the request, read only (the tenant lock is held).
@@ -433,62 +449,49 @@ async fn check_limits(
     Ok(rate)
 }
 
-/// Reserves the worst case in every budget window of the request, in budget id order; refuses
-/// at the first that has not room for it.
-async fn hold_budgets(
-    tx: &mut Tx,
-    op: &ReserveOp,
-    worst_tokens: i64,
-    now: i64,
-) -> Result<Vec<StoredHold>, TxError> {
-    let budgets = budgets(tx, op.tenant_id, op.key_id).await?;
-    let mut worst_cost = 0;
+/// Reserves the worst case in every budget window of the request, in budget id order, if the
+/// budget rule admits it (checked against the counts read under the tenant lock), or refuses.
+async fn hold_budgets(tx: &mut Tx, op: &ReserveOp, now: i64) -> Result<Vec<Hold>, TxError> {
+    let (budgets, usage) = budgets(tx, op.tenant_id, op.key_id, now).await?;
+    let mut prices = Vec::new();
     if budgets.iter().any(|b| b.unit == BudgetUnit::Usd) {
         let backends: Vec<&str> = std::iter::once(&op.backend)
             .chain(&op.fallbacks)
             .map(String::as_str)
             .collect();
         // A backend without a price row costs nothing, as in SQLite's ledger.
-        let prices = sqlx::query(
+        let rows = sqlx::query(
             "SELECT input_nusd, output_nusd FROM prices WHERE model = $1 AND backend = ANY($2)",
         )
         .bind(&op.model)
         .bind(&backends)
         .fetch_all(&mut **tx)
         .await?;
-        for p in prices {
-            let prices = (p.try_get(0)?, p.try_get(1)?);
-            worst_cost = worst_cost.max(cost(prices, op.prompt_tokens, op.max_completion_tokens));
+        for p in rows {
+            prices.push((p.try_get(0)?, p.try_get(1)?));
         }
     }
-    let mut holds = Vec::with_capacity(budgets.len());
-    for b in budgets {
-        let amount = match b.unit {
-            BudgetUnit::Tokens => worst_tokens,
-            BudgetUnit::Usd => worst_cost,
-        };
-        let window = b.period.key(now);
-        // Written as `<= limit - amount` so that nothing overflows: spent and reserved are at
-        // most the limit, and amount is checked against it first.
-        let fits = amount <= b.limit
-            && sqlx::query(
-                "INSERT INTO budget_usage (budget_id, period_key, reserved) VALUES ($1, $2, $3)
-                 ON CONFLICT (budget_id, period_key) DO UPDATE
-                 SET reserved = budget_usage.reserved + excluded.reserved
-                 WHERE budget_usage.spent + budget_usage.reserved <= $4 - excluded.reserved",
-            )
-            .bind(b.id)
-            .bind(&window)
-            .bind(amount)
-            .bind(b.limit)
+    let holds = budget::hold(&budgets, Amount::worst(op, prices), now, |b, window| {
+        let counts = usage.get(&(b.id, window.to_string()));
+        Ok::<_, TxError>(counts.copied().unwrap_or((0, 0)))
+    })?;
+    let hold_sql = numbered(HOLD_SQL, '$');
+    for h in &holds {
+        // The guard repeats the rule against the row itself: settling a request whose
+        // reservation expired charges its window without the tenant lock, so the spend may
+        // have grown since the read.
+        let fits = sqlx::query(&hold_sql)
+            .bind(h.budget.id)
+            .bind(&h.window)
+            .bind(h.amount)
+            .bind(h.budget.limit)
             .execute(&mut **tx)
             .await?
             .rows_affected()
-                == 1;
+            == 1;
         if !fits {
-            return Err(GovError::OverBudget(over_budget_message(&b, amount)).into());
+            return Err(budget::refusal(&h.budget, h.amount).into());
         }
-        holds.push((b.id, window, amount));
     }
     Ok(holds)
 }
@@ -513,8 +516,7 @@ async fn settle(tx: &mut Tx, s: &Settlement, now: i64) -> Result<i64, TxError> {
         Some(&[input, output]) => (input, output),
         _ => (0, 0),
     };
-    let actual_cost = cost(prices, s.prompt_tokens, s.completion_tokens);
-    let actual_tokens = i64_of(s.prompt_tokens.saturating_add(s.completion_tokens));
+    let used = Amount::used(prices, s.prompt_tokens, s.completion_tokens);
     let state: String = row.try_get(0)?;
     if state == "settled" {
         return Ok(0);
@@ -533,19 +535,15 @@ async fn settle(tx: &mut Tx, s: &Settlement, now: i64) -> Result<i64, TxError> {
             .bind(budget_id)
             .bind(&window)
             .bind(amount)
-            .bind(actual_cost)
-            .bind(actual_tokens)
+            .bind(used.cost)
+            .bind(used.tokens)
             .execute(&mut **tx)
             .await?;
         }
     } else {
         // The reservation expired (the request outlived its TTL): the usage happened, so charge
         // it to the current windows.
-        for b in budgets(tx, s.tenant_id, s.key_id).await? {
-            let spent = match b.unit {
-                BudgetUnit::Tokens => actual_tokens,
-                BudgetUnit::Usd => actual_cost,
-            };
+        for b in budgets(tx, s.tenant_id, s.key_id, now).await?.0 {
             sqlx::query(
                 "INSERT INTO budget_usage (budget_id, period_key, spent) VALUES ($1, $2, $3)
                  ON CONFLICT (budget_id, period_key) DO UPDATE
@@ -553,12 +551,12 @@ async fn settle(tx: &mut Tx, s: &Settlement, now: i64) -> Result<i64, TxError> {
             )
             .bind(b.id)
             .bind(b.period.key(now))
-            .bind(spent)
+            .bind(used.of(b.unit))
             .execute(&mut **tx)
             .await?;
         }
     }
-    let unused = rate_tokens - actual_tokens;
+    let unused = rate_tokens - used.tokens;
     if let Some(minute) = rate_minute.filter(|_| unused > 0) {
         // Gives back the unused worst case to the tenant's and key's current limits, locking
         // their windows in limit id order (as reservations write them).
@@ -594,10 +592,10 @@ async fn settle(tx: &mut Tx, s: &Settlement, now: i64) -> Result<i64, TxError> {
     .bind(&s.backend)
     .bind(i64_of(s.prompt_tokens))
     .bind(i64_of(s.completion_tokens))
-    .bind(actual_cost)
+    .bind(used.cost)
     .execute(&mut **tx)
     .await?;
-    Ok(actual_cost)
+    Ok(used.cost)
 }
 
 async fn sweep_loop(pool: PgPool) {
@@ -658,567 +656,60 @@ async fn expire(pool: &PgPool, now: i64) -> Result<u64, GovError> {
 }
 
 #[async_trait]
-impl Store for PgStore {
-    fn kind(&self) -> &'static str {
-        "postgres"
+impl SqlStore for PgStore {
+    type Db = Postgres;
+    const KIND: &'static str = "postgres";
+    const SNAPSHOT: Option<&'static str> =
+        Some("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY");
+
+    fn pool(&self) -> &PgPool {
+        &self.pool
     }
 
-    async fn insert_tenant(
-        &self,
-        name: &str,
-        retention: Retention,
-        now_ms: i64,
-    ) -> Result<bool, GovError> {
-        let done = sqlx::query(
-            "INSERT INTO tenants (name, retention, created_ms) VALUES ($1, $2, $3)
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(name)
-        .bind(retention.as_str())
-        .bind(now_ms)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    async fn tenant(&self, name: &str) -> Result<Option<TenantInfo>, GovError> {
-        sqlx::query("SELECT id, name, retention, created_ms, policy FROM tenants WHERE name = $1")
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await?
-            .map(|r| tenant_row(&r))
-            .transpose()
-    }
-
-    async fn tenants(&self) -> Result<Vec<TenantInfo>, GovError> {
-        sqlx::query("SELECT id, name, retention, created_ms, policy FROM tenants ORDER BY id")
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(tenant_row)
-            .collect()
-    }
-
-    async fn set_policy(&self, tenant: &str, policy: Option<&str>) -> Result<bool, GovError> {
-        let n = sqlx::query("UPDATE tenants SET policy = $2 WHERE name = $1")
-            .bind(tenant)
-            .bind(policy)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        Ok(n == 1)
-    }
-
-    async fn set_retention(&self, tenant: &str, retention: Retention) -> Result<bool, GovError> {
-        let n = sqlx::query("UPDATE tenants SET retention = $2 WHERE name = $1")
-            .bind(tenant)
-            .bind(retention.as_str())
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        Ok(n == 1)
-    }
-
-    async fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<StoredKey>, GovError> {
-        let rows = sqlx::query(
-            "SELECT k.id AS key_id, k.hash, k.prefix, k.role, k.models, k.expires_ms, k.revoked_ms,
-                    t.id, t.name, t.retention, t.created_ms, t.policy
-             FROM api_keys k JOIN tenants t ON t.id = k.tenant_id WHERE k.prefix = $1",
-        )
-        .bind(prefix)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(StoredKey {
-                    id: r.try_get("key_id")?,
-                    hash: r.try_get("hash")?,
-                    prefix: r.try_get("prefix")?,
-                    role: Role::parse(r.try_get("role")?).unwrap_or(Role::Inference),
-                    models: crate::storage::parse_models(r.try_get("models")?),
-                    expires_ms: r.try_get("expires_ms")?,
-                    revoked_ms: r.try_get("revoked_ms")?,
-                    tenant: tenant_row(r)?,
-                })
-            })
-            .collect()
-    }
-
-    async fn key_hash_exists(&self, hash: &[u8]) -> Result<bool, GovError> {
-        let known: Option<i64> = sqlx::query_scalar("SELECT id FROM api_keys WHERE hash = $1")
-            .bind(hash)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(known.is_some())
-    }
-
-    async fn active_admin_keys(&self) -> Result<i64, GovError> {
-        Ok(sqlx::query_scalar(
-            "SELECT COUNT(*) FROM api_keys WHERE role = 'admin' AND revoked_ms IS NULL",
-        )
-        .fetch_one(&self.pool)
-        .await?)
-    }
-
-    async fn insert_key(&self, k: &KeyRow) -> Result<i64, GovError> {
-        let models = k
-            .models
-            .as_ref()
-            .map(|m| serde_json::to_string(m).unwrap_or_default());
-        Ok(sqlx::query_scalar(
-            "INSERT INTO api_keys (tenant_id, name, prefix, hash, role, models, created_ms, expires_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
-        )
-        .bind(k.tenant_id)
-        .bind(&k.name)
-        .bind(&k.prefix)
-        .bind(&k.hash)
-        .bind(k.role.as_str())
-        .bind(models)
-        .bind(k.created_ms)
-        .bind(k.expires_ms)
-        .fetch_one(&self.pool)
-        .await?)
-    }
-
-    async fn keys(&self, tenant: Option<&str>) -> Result<Vec<KeyInfo>, GovError> {
-        let rows = sqlx::query(
-            "SELECT k.id, t.name AS tenant, k.name, k.prefix, k.role, k.models, k.created_ms,
-                    k.expires_ms, k.revoked_ms
-             FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
-             WHERE $1::text IS NULL OR t.name = $1 ORDER BY k.id",
-        )
-        .bind(tenant)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(KeyInfo {
-                    id: r.try_get("id")?,
-                    tenant: r.try_get("tenant")?,
-                    name: r.try_get("name")?,
-                    prefix: r.try_get("prefix")?,
-                    role: Role::parse(r.try_get("role")?).unwrap_or(Role::Inference),
-                    models: crate::storage::parse_models(r.try_get("models")?),
-                    created_ms: r.try_get("created_ms")?,
-                    expires_ms: r.try_get("expires_ms")?,
-                    revoked_ms: r.try_get("revoked_ms")?,
-                })
-            })
-            .collect()
-    }
-
-    async fn revoke_key(&self, id: i64, now_ms: i64) -> Result<bool, GovError> {
-        let n =
-            sqlx::query("UPDATE api_keys SET revoked_ms = $2 WHERE id = $1 AND revoked_ms IS NULL")
-                .bind(id)
-                .bind(now_ms)
-                .execute(&self.pool)
-                .await?
-                .rows_affected();
-        Ok(n == 1)
-    }
-
-    async fn key_tenant(&self, id: i64) -> Result<Option<i64>, GovError> {
-        Ok(
-            sqlx::query_scalar("SELECT tenant_id FROM api_keys WHERE id = $1")
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await?,
-        )
-    }
-
-    async fn set_budget(
-        &self,
-        tenant_id: i64,
-        key_id: i64,
-        unit: BudgetUnit,
-        period: BudgetPeriod,
-        limit: i64,
-    ) -> Result<i64, GovError> {
-        Ok(sqlx::query_scalar(
-            "INSERT INTO budgets (tenant_id, key_id, unit, period, limit_amount)
-             VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (tenant_id, key_id, unit, period)
-             DO UPDATE SET limit_amount = excluded.limit_amount
-             RETURNING id",
-        )
-        .bind(tenant_id)
-        .bind(key_id)
-        .bind(unit.as_str())
-        .bind(period.as_str())
-        .bind(limit)
-        .fetch_one(&self.pool)
-        .await?)
-    }
-
-    async fn budgets(
-        &self,
-        tenant: Option<&str>,
-        now_ms: i64,
-    ) -> Result<Vec<BudgetInfo>, GovError> {
-        let rows = sqlx::query(
-            "SELECT b.id, t.name AS tenant, b.key_id, b.unit, b.period, b.limit_amount
-             FROM budgets b JOIN tenants t ON t.id = b.tenant_id
-             WHERE $1::text IS NULL OR t.name = $1 ORDER BY b.id",
-        )
-        .bind(tenant)
-        .fetch_all(&self.pool)
-        .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            let id: i64 = r.try_get("id")?;
-            let period = BudgetPeriod::parse(r.try_get("period")?).unwrap_or(BudgetPeriod::Total);
-            let usage = sqlx::query(
-                "SELECT spent, reserved FROM budget_usage WHERE budget_id = $1 AND period_key = $2",
-            )
-            .bind(id)
-            .bind(period.key(now_ms))
-            .fetch_optional(&self.pool)
-            .await?;
-            let (spent, reserved) = match usage {
-                Some(u) => (u.try_get(0)?, u.try_get(1)?),
-                None => (0, 0),
-            };
-            out.push(BudgetInfo {
-                id,
-                tenant: r.try_get("tenant")?,
-                key_id: r.try_get("key_id")?,
-                unit: BudgetUnit::parse(r.try_get("unit")?).unwrap_or(BudgetUnit::Tokens),
-                period,
-                limit: r.try_get("limit_amount")?,
-                spent,
-                reserved,
-            });
-        }
-        Ok(out)
-    }
-
-    async fn set_limits(&self, tenant_id: i64, key_id: i64, l: Limits) -> Result<i64, GovError> {
-        Ok(sqlx::query_scalar(
-            "INSERT INTO limits (tenant_id, key_id, rpm, tpm, max_concurrent) VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (tenant_id, key_id) DO UPDATE SET rpm = excluded.rpm, tpm = excluded.tpm,
-                 max_concurrent = excluded.max_concurrent
-             RETURNING id",
-        )
-        .bind(tenant_id)
-        .bind(key_id)
-        .bind(l.rpm)
-        .bind(l.tpm)
-        .bind(l.max_concurrent)
-        .fetch_one(&self.pool)
-        .await?)
-    }
-
-    async fn limits(&self, tenant: Option<&str>) -> Result<Vec<LimitInfo>, GovError> {
-        let rows = sqlx::query(
-            "SELECT l.id, t.name AS tenant, l.key_id, l.rpm, l.tpm, l.max_concurrent
-             FROM limits l JOIN tenants t ON t.id = l.tenant_id
-             WHERE $1::text IS NULL OR t.name = $1 ORDER BY l.id",
-        )
-        .bind(tenant)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(LimitInfo {
-                    id: r.try_get("id")?,
-                    tenant: r.try_get("tenant")?,
-                    key_id: r.try_get("key_id")?,
-                    limits: Limits {
-                        rpm: r.try_get("rpm")?,
-                        tpm: r.try_get("tpm")?,
-                        max_concurrent: r.try_get("max_concurrent")?,
-                    },
-                })
-            })
-            .collect()
-    }
-
-    async fn set_price(
-        &self,
-        model: &str,
-        backend: &str,
-        input_nusd: i64,
-        output_nusd: i64,
-    ) -> Result<(), GovError> {
-        sqlx::query(
-            "INSERT INTO prices (model, backend, input_nusd, output_nusd) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (model, backend) DO UPDATE
-             SET input_nusd = excluded.input_nusd, output_nusd = excluded.output_nusd",
-        )
-        .bind(model)
-        .bind(backend)
-        .bind(input_nusd)
-        .bind(output_nusd)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    async fn reserve(&self, op: ReserveOp) -> Result<Option<RateInfo>, GovError> {
+    async fn reserve_request(&self, op: ReserveOp) -> Result<Option<RateInfo>, GovError> {
         let rate = with_retries!(self.reserve_once(&op))?;
         flush_wal(&self.pool).await?;
         Ok(rate)
     }
 
-    async fn finish(&self, op: FinishOp) -> Result<Finished, GovError> {
+    async fn finish_request(&self, op: FinishOp) -> Result<Finished, GovError> {
         let finished = with_retries!(self.finish_once(&op))?;
         flush_wal(&self.pool).await?;
         Ok(finished)
     }
 
     /// Every write is durable when its call returns: nothing is left to wait for.
-    async fn flush(&self) {}
+    async fn flush_writes(&self) {}
 
-    async fn usage(&self, group_by: &[UsageKey]) -> Result<Vec<UsageRow>, GovError> {
-        let sql = crate::storage::usage_sql(group_by);
-        let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
-        rows.iter()
-            .map(|r| {
-                Ok(UsageRow {
-                    tenant: r.try_get("tenant")?,
-                    key: r.try_get("key_prefix")?,
-                    model: r.try_get("model")?,
-                    day: r.try_get("day")?,
-                    requests: r.try_get("requests")?,
-                    prompt_tokens: r.try_get("p")?,
-                    completion_tokens: r.try_get("c")?,
-                    cost_usd: r.try_get::<i64, _>("cost")? as f64 / crate::NUSD_PER_USD,
-                })
-            })
-            .collect()
-    }
-
-    async fn ledger_state(&self) -> Result<LedgerState, GovError> {
-        let open: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM requests WHERE state = 'reserved'")
-                .fetch_one(&self.pool)
-                .await?;
-        let r = sqlx::query(crate::storage::LEDGER_TOTALS_SQL)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(LedgerState {
-            open_requests: open,
-            reserved_total: r.try_get(0)?,
-            spent_total: r.try_get(1)?,
-        })
-    }
-
-    async fn audit_chain(&self) -> Result<(Vec<ChainRow>, Option<AuditHead>), GovError> {
-        // One snapshot, so the head matches the rows while other replicas append.
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            .execute(&mut *tx)
-            .await?;
-        let rows = sqlx::query("SELECT seq, record, prev_hash, hash FROM audit_log ORDER BY seq")
-            .fetch_all(&mut *tx)
-            .await?
-            .iter()
-            .map(|r| {
-                Ok(ChainRow {
-                    seq: r.try_get(0)?,
-                    record: r.try_get(1)?,
-                    prev_hash: r.try_get(2)?,
-                    hash: r.try_get(3)?,
-                })
-            })
-            .collect::<Result<Vec<_>, sqlx::Error>>()?;
-        let head = head(&mut *tx).await?;
-        tx.commit().await?;
-        Ok((rows, head))
-    }
-
-    async fn audit_head(&self) -> Result<Option<AuditHead>, GovError> {
-        Ok(head(&self.pool).await?)
-    }
-
-    async fn insert_checkpoint(&self, cp: &Checkpoint) -> Result<bool, GovError> {
-        let n = sqlx::query(
-            "INSERT INTO audit_checkpoints (seq, hash, time_ms, public_key, signature)
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-        )
-        .bind(cp.seq)
-        .bind(&cp.hash)
-        .bind(cp.time_ms)
-        .bind(&cp.public_key)
-        .bind(&cp.signature)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        Ok(n == 1)
-    }
-
-    async fn checkpoints(&self) -> Result<Vec<Checkpoint>, GovError> {
-        let rows = sqlx::query(
-            "SELECT seq, hash, time_ms, public_key, signature FROM audit_checkpoints ORDER BY seq",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(Checkpoint {
-                    seq: r.try_get(0)?,
-                    hash: r.try_get(1)?,
-                    time_ms: r.try_get(2)?,
-                    public_key: r.try_get(3)?,
-                    signature: r.try_get(4)?,
-                })
-            })
-            .collect()
-    }
-
-    async fn audit_records(&self, after_seq: i64, limit: i64) -> Result<Vec<String>, GovError> {
-        Ok(
-            sqlx::query_scalar("SELECT record FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2")
-                .bind(after_seq)
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?,
-        )
-    }
-
-    async fn erase_content(&self, tenant_id: i64) -> Result<u64, GovError> {
-        Ok(
-            sqlx::query("DELETE FROM audit_content WHERE tenant_id = $1")
-                .bind(tenant_id)
-                .execute(&self.pool)
-                .await?
-                .rows_affected(),
-        )
-    }
-
-    async fn audit_content(
-        &self,
-        seq: i64,
-    ) -> Result<Option<(String, Option<String>, Option<String>)>, GovError> {
-        sqlx::query("SELECT retention, prompt, completion FROM audit_content WHERE seq = $1")
-            .bind(seq)
-            .fetch_optional(&self.pool)
-            .await?
-            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
-            .transpose()
-    }
-
-    async fn record_config(
-        &self,
-        hash: &str,
-        source: &str,
-        author: &str,
-        action: &str,
-        now_ms: i64,
-    ) -> Result<u64, GovError> {
-        let mut tx = self.pool.begin().await?;
-        // Numbers versions MAX + 1: two replicas recording at once must not pick the same one.
+    /// Versions are numbered MAX + 1 under a table lock: two replicas recording at once must
+    /// not pick the same one.
+    async fn config_version_of(
+        tx: &mut Transaction<'static, Postgres>,
+        config: NewConfig<'_>,
+    ) -> Result<i64, GovError> {
         sqlx::query("LOCK TABLE config_versions IN SHARE ROW EXCLUSIVE MODE")
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
         let known: Option<i64> =
             sqlx::query_scalar("SELECT version FROM config_versions WHERE hash = $1")
-                .bind(hash)
-                .fetch_optional(&mut *tx)
+                .bind(config.hash)
+                .fetch_optional(&mut **tx)
                 .await?;
-        let version = match known {
-            Some(v) => v,
-            None => {
-                sqlx::query_scalar(
-                    "INSERT INTO config_versions (version, hash, created_ms, author, source)
-                     SELECT COALESCE(MAX(version), 0) + 1, $1, $2, $3, $4 FROM config_versions
-                     RETURNING version",
-                )
-                .bind(hash)
-                .bind(now_ms)
-                .bind(author)
-                .bind(source)
-                .fetch_one(&mut *tx)
-                .await?
-            }
-        };
-        sqlx::query(
-            "INSERT INTO config_events (version, time_ms, author, action) VALUES ($1, $2, $3, $4)",
+        if let Some(v) = known {
+            return Ok(v);
+        }
+        Ok(sqlx::query_scalar(
+            "INSERT INTO config_versions (version, hash, created_ms, author, source)
+             SELECT COALESCE(MAX(version), 0) + 1, $1, $2, $3, $4 FROM config_versions
+             RETURNING version",
         )
-        .bind(version)
-        .bind(now_ms)
-        .bind(author)
-        .bind(action)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(version as u64)
+        .bind(config.hash)
+        .bind(config.now_ms)
+        .bind(config.author)
+        .bind(config.source)
+        .fetch_one(&mut **tx)
+        .await?)
     }
-
-    async fn config_versions(&self) -> Result<Vec<ConfigVersion>, GovError> {
-        sqlx::query(
-            "SELECT version, hash, created_ms, author FROM config_versions ORDER BY version",
-        )
-        .fetch_all(&self.pool)
-        .await?
-        .iter()
-        .map(|r| version_row(r, false))
-        .collect()
-    }
-
-    async fn config_events(&self) -> Result<Vec<ConfigEvent>, GovError> {
-        sqlx::query("SELECT version, time_ms, author, action FROM config_events ORDER BY id")
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(|r| {
-                Ok(ConfigEvent {
-                    version: r.try_get::<i64, _>(0)? as u64,
-                    time_ms: r.try_get(1)?,
-                    author: r.try_get(2)?,
-                    action: r.try_get(3)?,
-                })
-            })
-            .collect()
-    }
-
-    async fn config_version(&self, version: u64) -> Result<Option<ConfigVersion>, GovError> {
-        sqlx::query(
-            "SELECT version, hash, created_ms, author, source FROM config_versions WHERE version = $1",
-        )
-        .bind(i64::try_from(version).unwrap_or(i64::MAX))
-        .fetch_optional(&self.pool)
-        .await?
-        .map(|r| version_row(&r, true))
-        .transpose()
-    }
-}
-
-/// The chain's head, `None` while the chain is empty (the row exists from the start, at 0).
-async fn head<'e>(
-    conn: impl sqlx::Executor<'e, Database = Postgres>,
-) -> Result<Option<AuditHead>, sqlx::Error> {
-    sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1 AND seq > 0")
-        .fetch_optional(conn)
-        .await?
-        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-        .transpose()
-}
-
-fn tenant_row(r: &PgRow) -> Result<TenantInfo, GovError> {
-    Ok(TenantInfo {
-        id: r.try_get("id")?,
-        name: r.try_get("name")?,
-        retention: Retention::parse(r.try_get("retention")?).unwrap_or_default(),
-        created_ms: r.try_get("created_ms")?,
-        policy: r.try_get("policy")?,
-    })
-}
-
-fn version_row(r: &PgRow, with_source: bool) -> Result<ConfigVersion, GovError> {
-    Ok(ConfigVersion {
-        version: r.try_get::<i64, _>("version")? as u64,
-        hash: r.try_get("hash")?,
-        created_ms: r.try_get("created_ms")?,
-        author: r.try_get("author")?,
-        source: if with_source {
-            Some(r.try_get("source")?)
-        } else {
-            None
-        },
-    })
 }
 
 #[cfg(test)]

@@ -2,7 +2,8 @@
 //! loopback port, stopped and deleted on drop. Tests of the PostgreSQL store run against a
 //! real server, never a mock; `.ci/run` installs PostgreSQL (Debian's `postgresql`).
 //!
-//! Not part of the API: public only so that the `serrano` crate's tests can start one too.
+//! Not part of the API: built only for tests and with the `testing` feature, which the `serrano`
+//! crate's tests enable to start one too.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -1,8 +1,8 @@
-//! Rate limits kept in the store: requests and tokens per minute (a sliding window over UTC
-//! minutes, the previous minute weighted by how much of it still overlaps the last 60 s) and
-//! concurrent requests (open reservations). Runs inside the writer's transaction, like budgets.
+//! Rate limits' rule, whichever store keeps them: requests and tokens per minute (a sliding
+//! window over UTC minutes, the previous minute weighted by how much of it still overlaps the
+//! last 60 s) and concurrent requests (open reservations). Pure, as `budget.rs` is for budgets:
+//! the SQLite writer (`ledger.rs`) and PostgreSQL (`pg.rs`) count, and both ask [`check`].
 
-use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
 use crate::error::GovError;
@@ -27,56 +27,6 @@ pub(crate) struct Limit {
     pub rpm: Option<i64>,
     pub tpm: Option<i64>,
     pub max_concurrent: Option<i64>,
-}
-
-pub(crate) fn limits(
-    conn: &Connection,
-    tenant_id: i64,
-    key_id: i64,
-) -> Result<Vec<Limit>, GovError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT id, key_id, rpm, tpm, max_concurrent FROM limits
-         WHERE tenant_id = ?1 AND (key_id = 0 OR key_id = ?2) ORDER BY id",
-    )?;
-    let rows = stmt.query_map(params![tenant_id, key_id], |r| {
-        Ok(Limit {
-            id: r.get(0)?,
-            key_id: r.get(1)?,
-            rpm: r.get(2)?,
-            tpm: r.get(3)?,
-            max_concurrent: r.get(4)?,
-        })
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
-}
-
-/// A limit's (requests, tokens) counted in one UTC minute.
-pub(crate) fn window(
-    conn: &Connection,
-    limit_id: i64,
-    minute: i64,
-) -> Result<(i64, i64), GovError> {
-    Ok(conn
-        .prepare_cached(
-            "SELECT requests, tokens FROM rate_windows WHERE limit_id = ?1 AND minute = ?2",
-        )?
-        .query_row(params![limit_id, minute], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()?
-        .unwrap_or((0, 0)))
-}
-
-/// Open reservations of a tenant (`key_id` 0) or of one of its keys, every process counted.
-pub(crate) fn open_requests(
-    conn: &Connection,
-    tenant_id: i64,
-    key_id: i64,
-) -> Result<i64, GovError> {
-    Ok(conn
-        .prepare_cached(
-            "SELECT COUNT(*) FROM requests WHERE state = 'reserved' AND tenant_id = ?1
-             AND (?2 = 0 OR key_id = ?2)",
-        )?
-        .query_row(params![tenant_id, key_id], |r| r.get(0))?)
 }
 
 /// Seconds until `need` more fits under `limit`, given the previous and current minute's counts
@@ -171,53 +121,6 @@ pub(crate) fn check(l: &Limit, seen: &Seen, rate: &mut Option<RateInfo>) -> Resu
             ) = (Some(limit), remaining, reset);
         }
     }
-    Ok(())
-}
-
-/// Counts one admitted request of `tokens` (worst case) in a limit's current minute.
-pub(crate) fn count(
-    conn: &Connection,
-    limit_id: i64,
-    minute: i64,
-    tokens: i64,
-) -> Result<(), GovError> {
-    conn.prepare_cached(
-        "INSERT INTO rate_windows (limit_id, minute, requests, tokens) VALUES (?1, ?2, 1, ?3)
-         ON CONFLICT (limit_id, minute) DO UPDATE SET requests = requests + 1, tokens = tokens + excluded.tokens",
-    )?
-    .execute(params![limit_id, minute, tokens])?;
-    Ok(())
-}
-
-/// Gives back the part of a request's worst case it did not use, in the minute it was counted,
-/// to the limits it was counted against.
-pub(crate) fn refund(
-    conn: &Connection,
-    limit_id: i64,
-    minute: i64,
-    unused: i64,
-) -> Result<(), GovError> {
-    conn.prepare_cached(
-        "UPDATE rate_windows SET tokens = MAX(0, tokens - ?3) WHERE limit_id = ?1 AND minute = ?2",
-    )?
-    .execute(params![limit_id, minute, unused])?;
-    Ok(())
-}
-
-/// [`refund`] for a request whose limits are not known any more (reserved before the writer's
-/// cache was dropped): the tenant's and key's current limits.
-pub(crate) fn refund_current(
-    conn: &Connection,
-    tenant_id: i64,
-    key_id: i64,
-    minute: i64,
-    unused: i64,
-) -> Result<(), GovError> {
-    conn.prepare_cached(
-        "UPDATE rate_windows SET tokens = MAX(0, tokens - ?4)
-         WHERE minute = ?3 AND limit_id IN (SELECT id FROM limits WHERE tenant_id = ?1 AND key_id IN (0, ?2))",
-    )?
-    .execute(params![tenant_id, key_id, minute, unused])?;
     Ok(())
 }
 

@@ -10,24 +10,17 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    Sqlite, SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
 };
-use sqlx::Row;
+use sqlx::Transaction;
 use tokio::sync::oneshot;
 
-use crate::audit::{ChainRow, Retention};
-use crate::checkpoint::Checkpoint;
+use crate::config::GovConfig;
 use crate::error::GovError;
-use crate::keys::Role;
-use crate::ledger::{BudgetPeriod, BudgetUnit};
 use crate::rate::RateInfo;
-use crate::storage::{
-    AuditHead, FinishOp, Finished, KeyRow, ReserveOp, Store, StoredKey, UsageKey,
-};
-use crate::store::UsageRow;
-use crate::store::{BudgetInfo, GovConfig, KeyInfo, LedgerState, LimitInfo, Limits, TenantInfo};
-use crate::versions::{ConfigEvent, ConfigVersion};
+use crate::sql_store::{NewConfig, SqlStore};
+use crate::storage::{FinishOp, Finished, ReserveOp};
 use crate::writer::{self, Op};
 
 /// WAL bytes past which the writer checkpoints itself: 16 MiB, about 500 requests.
@@ -85,7 +78,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
 ];
 
 fn migrator() -> Migrator {
-    crate::storage::migrator(MIGRATIONS)
+    crate::sql::migrator(MIGRATIONS)
 }
 
 pub struct SqliteStore {
@@ -170,526 +163,55 @@ impl SqliteStore {
 }
 
 #[async_trait]
-impl Store for SqliteStore {
-    fn kind(&self) -> &'static str {
-        "sqlite"
+impl SqlStore for SqliteStore {
+    type Db = Sqlite;
+    const KIND: &'static str = "sqlite";
+    const SNAPSHOT: Option<&'static str> = None;
+
+    fn pool(&self) -> &SqlitePool {
+        &self.pool
     }
 
-    async fn insert_tenant(
-        &self,
-        name: &str,
-        retention: Retention,
-        now_ms: i64,
-    ) -> Result<bool, GovError> {
-        let done = sqlx::query(
-            "INSERT INTO tenants (name, retention, created_ms) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
-        )
-        .bind(name)
-        .bind(retention.as_str())
-        .bind(now_ms)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    async fn tenant(&self, name: &str) -> Result<Option<TenantInfo>, GovError> {
-        sqlx::query("SELECT id, name, retention, created_ms, policy FROM tenants WHERE name = ?1")
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await?
-            .map(|r| tenant_row(&r))
-            .transpose()
-    }
-
-    async fn tenants(&self) -> Result<Vec<TenantInfo>, GovError> {
-        sqlx::query("SELECT id, name, retention, created_ms, policy FROM tenants ORDER BY id")
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(tenant_row)
-            .collect()
-    }
-
-    async fn set_policy(&self, tenant: &str, policy: Option<&str>) -> Result<bool, GovError> {
-        let n = sqlx::query("UPDATE tenants SET policy = ?2 WHERE name = ?1")
-            .bind(tenant)
-            .bind(policy)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        Ok(n == 1)
-    }
-
-    async fn set_retention(&self, tenant: &str, retention: Retention) -> Result<bool, GovError> {
-        let n = sqlx::query("UPDATE tenants SET retention = ?2 WHERE name = ?1")
-            .bind(tenant)
-            .bind(retention.as_str())
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        Ok(n == 1)
-    }
-
-    async fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<StoredKey>, GovError> {
-        let rows = sqlx::query(
-            "SELECT k.id AS key_id, k.hash, k.prefix, k.role, k.models, k.expires_ms, k.revoked_ms,
-                    t.id, t.name, t.retention, t.created_ms, t.policy
-             FROM api_keys k JOIN tenants t ON t.id = k.tenant_id WHERE k.prefix = ?1",
-        )
-        .bind(prefix)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(StoredKey {
-                    id: r.try_get("key_id")?,
-                    hash: r.try_get("hash")?,
-                    prefix: r.try_get("prefix")?,
-                    role: Role::parse(r.try_get("role")?).unwrap_or(Role::Inference),
-                    models: crate::storage::parse_models(r.try_get("models")?),
-                    expires_ms: r.try_get("expires_ms")?,
-                    revoked_ms: r.try_get("revoked_ms")?,
-                    tenant: tenant_row(r)?,
-                })
-            })
-            .collect()
-    }
-
-    async fn key_hash_exists(&self, hash: &[u8]) -> Result<bool, GovError> {
-        let known: Option<i64> = sqlx::query_scalar("SELECT id FROM api_keys WHERE hash = ?1")
-            .bind(hash)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(known.is_some())
-    }
-
-    async fn active_admin_keys(&self) -> Result<i64, GovError> {
-        Ok(sqlx::query_scalar(
-            "SELECT COUNT(*) FROM api_keys WHERE role = 'admin' AND revoked_ms IS NULL",
-        )
-        .fetch_one(&self.pool)
-        .await?)
-    }
-
-    async fn insert_key(&self, k: &KeyRow) -> Result<i64, GovError> {
-        let models = k
-            .models
-            .as_ref()
-            .map(|m| serde_json::to_string(m).unwrap_or_default());
-        Ok(sqlx::query_scalar(
-            "INSERT INTO api_keys (tenant_id, name, prefix, hash, role, models, created_ms, expires_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) RETURNING id",
-        )
-        .bind(k.tenant_id)
-        .bind(&k.name)
-        .bind(&k.prefix)
-        .bind(&k.hash)
-        .bind(k.role.as_str())
-        .bind(models)
-        .bind(k.created_ms)
-        .bind(k.expires_ms)
-        .fetch_one(&self.pool)
-        .await?)
-    }
-
-    async fn keys(&self, tenant: Option<&str>) -> Result<Vec<KeyInfo>, GovError> {
-        let rows = sqlx::query(
-            "SELECT k.id, t.name AS tenant, k.name, k.prefix, k.role, k.models, k.created_ms,
-                    k.expires_ms, k.revoked_ms
-             FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
-             WHERE ?1 IS NULL OR t.name = ?1 ORDER BY k.id",
-        )
-        .bind(tenant)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(KeyInfo {
-                    id: r.try_get("id")?,
-                    tenant: r.try_get("tenant")?,
-                    name: r.try_get("name")?,
-                    prefix: r.try_get("prefix")?,
-                    role: Role::parse(r.try_get("role")?).unwrap_or(Role::Inference),
-                    models: crate::storage::parse_models(r.try_get("models")?),
-                    created_ms: r.try_get("created_ms")?,
-                    expires_ms: r.try_get("expires_ms")?,
-                    revoked_ms: r.try_get("revoked_ms")?,
-                })
-            })
-            .collect()
-    }
-
-    async fn revoke_key(&self, id: i64, now_ms: i64) -> Result<bool, GovError> {
-        let n =
-            sqlx::query("UPDATE api_keys SET revoked_ms = ?2 WHERE id = ?1 AND revoked_ms IS NULL")
-                .bind(id)
-                .bind(now_ms)
-                .execute(&self.pool)
-                .await?
-                .rows_affected();
-        Ok(n == 1)
-    }
-
-    async fn key_tenant(&self, id: i64) -> Result<Option<i64>, GovError> {
-        Ok(
-            sqlx::query_scalar("SELECT tenant_id FROM api_keys WHERE id = ?1")
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await?,
-        )
-    }
-
-    async fn set_budget(
-        &self,
-        tenant_id: i64,
-        key_id: i64,
-        unit: BudgetUnit,
-        period: BudgetPeriod,
-        limit: i64,
-    ) -> Result<i64, GovError> {
-        Ok(sqlx::query_scalar(
-            "INSERT INTO budgets (tenant_id, key_id, unit, period, limit_amount) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (tenant_id, key_id, unit, period) DO UPDATE SET limit_amount = excluded.limit_amount
-             RETURNING id",
-        )
-        .bind(tenant_id)
-        .bind(key_id)
-        .bind(unit.as_str())
-        .bind(period.as_str())
-        .bind(limit)
-        .fetch_one(&self.pool)
-        .await?)
-    }
-
-    async fn budgets(
-        &self,
-        tenant: Option<&str>,
-        now_ms: i64,
-    ) -> Result<Vec<BudgetInfo>, GovError> {
-        let rows = sqlx::query(
-            "SELECT b.id, t.name AS tenant, b.key_id, b.unit, b.period, b.limit_amount
-             FROM budgets b JOIN tenants t ON t.id = b.tenant_id
-             WHERE ?1 IS NULL OR t.name = ?1 ORDER BY b.id",
-        )
-        .bind(tenant)
-        .fetch_all(&self.pool)
-        .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            let id: i64 = r.try_get("id")?;
-            let period = BudgetPeriod::parse(r.try_get("period")?).unwrap_or(BudgetPeriod::Total);
-            let usage = sqlx::query(
-                "SELECT spent, reserved FROM budget_usage WHERE budget_id = ?1 AND period_key = ?2",
-            )
-            .bind(id)
-            .bind(period.key(now_ms))
-            .fetch_optional(&self.pool)
-            .await?;
-            let (spent, reserved) = match usage {
-                Some(u) => (u.try_get(0)?, u.try_get(1)?),
-                None => (0, 0),
-            };
-            out.push(BudgetInfo {
-                id,
-                tenant: r.try_get("tenant")?,
-                key_id: r.try_get("key_id")?,
-                unit: BudgetUnit::parse(r.try_get("unit")?).unwrap_or(BudgetUnit::Tokens),
-                period,
-                limit: r.try_get("limit_amount")?,
-                spent,
-                reserved,
-            });
-        }
-        Ok(out)
-    }
-
-    async fn set_limits(&self, tenant_id: i64, key_id: i64, l: Limits) -> Result<i64, GovError> {
-        Ok(sqlx::query_scalar(
-            "INSERT INTO limits (tenant_id, key_id, rpm, tpm, max_concurrent) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (tenant_id, key_id) DO UPDATE SET rpm = excluded.rpm, tpm = excluded.tpm,
-                 max_concurrent = excluded.max_concurrent
-             RETURNING id",
-        )
-        .bind(tenant_id)
-        .bind(key_id)
-        .bind(l.rpm)
-        .bind(l.tpm)
-        .bind(l.max_concurrent)
-        .fetch_one(&self.pool)
-        .await?)
-    }
-
-    async fn limits(&self, tenant: Option<&str>) -> Result<Vec<LimitInfo>, GovError> {
-        let rows = sqlx::query(
-            "SELECT l.id, t.name AS tenant, l.key_id, l.rpm, l.tpm, l.max_concurrent
-             FROM limits l JOIN tenants t ON t.id = l.tenant_id
-             WHERE ?1 IS NULL OR t.name = ?1 ORDER BY l.id",
-        )
-        .bind(tenant)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(LimitInfo {
-                    id: r.try_get("id")?,
-                    tenant: r.try_get("tenant")?,
-                    key_id: r.try_get("key_id")?,
-                    limits: Limits {
-                        rpm: r.try_get("rpm")?,
-                        tpm: r.try_get("tpm")?,
-                        max_concurrent: r.try_get("max_concurrent")?,
-                    },
-                })
-            })
-            .collect()
-    }
-
-    async fn set_price(
-        &self,
-        model: &str,
-        backend: &str,
-        input_nusd: i64,
-        output_nusd: i64,
-    ) -> Result<(), GovError> {
-        sqlx::query(
-            "INSERT INTO prices (model, backend, input_nusd, output_nusd) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (model, backend) DO UPDATE SET input_nusd = excluded.input_nusd, output_nusd = excluded.output_nusd",
-        )
-        .bind(model)
-        .bind(backend)
-        .bind(input_nusd)
-        .bind(output_nusd)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    async fn reserve(&self, op: ReserveOp) -> Result<Option<RateInfo>, GovError> {
+    async fn reserve_request(&self, op: ReserveOp) -> Result<Option<RateInfo>, GovError> {
         let (tx, rx) = oneshot::channel();
         self.send(Op::Reserve(op, tx)).await?;
         rx.await.map_err(|_| gone())?
     }
 
-    async fn finish(&self, op: FinishOp) -> Result<Finished, GovError> {
+    async fn finish_request(&self, op: FinishOp) -> Result<Finished, GovError> {
         let (tx, rx) = oneshot::channel();
         self.send(Op::Finish(Box::new(op), tx)).await?;
         rx.await.map_err(|_| gone())?
     }
 
-    async fn flush(&self) {
+    async fn flush_writes(&self) {
         let (tx, rx) = oneshot::channel();
         if self.send(Op::Barrier(tx)).await.is_ok() {
             let _ = rx.await;
         }
     }
 
-    async fn usage(&self, group_by: &[UsageKey]) -> Result<Vec<UsageRow>, GovError> {
-        let sql = crate::storage::usage_sql(group_by);
-        let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
-        rows.iter()
-            .map(|r| {
-                Ok(UsageRow {
-                    tenant: r.try_get("tenant")?,
-                    key: r.try_get("key_prefix")?,
-                    model: r.try_get("model")?,
-                    day: r.try_get("day")?,
-                    requests: r.try_get("requests")?,
-                    prompt_tokens: r.try_get("p")?,
-                    completion_tokens: r.try_get("c")?,
-                    cost_usd: r.try_get::<i64, _>("cost")? as f64 / crate::NUSD_PER_USD,
-                })
-            })
-            .collect()
-    }
-
-    async fn ledger_state(&self) -> Result<LedgerState, GovError> {
-        let open: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM requests WHERE state = 'reserved'")
-                .fetch_one(&self.pool)
-                .await?;
-        let r = sqlx::query(crate::storage::LEDGER_TOTALS_SQL)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(LedgerState {
-            open_requests: open,
-            reserved_total: r.try_get(0)?,
-            spent_total: r.try_get(1)?,
-        })
-    }
-
-    async fn audit_chain(&self) -> Result<(Vec<ChainRow>, Option<AuditHead>), GovError> {
-        // One read transaction, so the head matches the rows even while the writer appends.
-        let mut tx = self.pool.begin().await?;
-        let rows = sqlx::query("SELECT seq, record, prev_hash, hash FROM audit_log ORDER BY seq")
-            .fetch_all(&mut *tx)
-            .await?
-            .iter()
-            .map(|r| {
-                Ok(ChainRow {
-                    seq: r.try_get(0)?,
-                    record: r.try_get(1)?,
-                    prev_hash: r.try_get(2)?,
-                    hash: r.try_get(3)?,
-                })
-            })
-            .collect::<Result<Vec<_>, sqlx::Error>>()?;
-        let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
-            .fetch_optional(&mut *tx)
-            .await?
-            .map(|r| Ok::<_, sqlx::Error>((r.try_get(0)?, r.try_get(1)?)))
-            .transpose()?;
-        tx.commit().await?;
-        Ok((rows, head))
-    }
-
-    async fn audit_head(&self) -> Result<Option<AuditHead>, GovError> {
-        Ok(sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
-            .fetch_optional(&self.pool)
-            .await?
-            .map(|r| Ok::<_, sqlx::Error>((r.try_get(0)?, r.try_get(1)?)))
-            .transpose()?)
-    }
-
-    async fn insert_checkpoint(&self, cp: &Checkpoint) -> Result<bool, GovError> {
-        let n = sqlx::query(
-            "INSERT INTO audit_checkpoints (seq, hash, time_ms, public_key, signature)
-             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
-        )
-        .bind(cp.seq)
-        .bind(&cp.hash)
-        .bind(cp.time_ms)
-        .bind(&cp.public_key)
-        .bind(&cp.signature)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        Ok(n == 1)
-    }
-
-    async fn checkpoints(&self) -> Result<Vec<Checkpoint>, GovError> {
-        let rows = sqlx::query(
-            "SELECT seq, hash, time_ms, public_key, signature FROM audit_checkpoints ORDER BY seq",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(Checkpoint {
-                    seq: r.try_get(0)?,
-                    hash: r.try_get(1)?,
-                    time_ms: r.try_get(2)?,
-                    public_key: r.try_get(3)?,
-                    signature: r.try_get(4)?,
-                })
-            })
-            .collect()
-    }
-
-    async fn audit_records(&self, after_seq: i64, limit: i64) -> Result<Vec<String>, GovError> {
-        Ok(
-            sqlx::query_scalar("SELECT record FROM audit_log WHERE seq > ?1 ORDER BY seq LIMIT ?2")
-                .bind(after_seq)
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?,
-        )
-    }
-
-    async fn erase_content(&self, tenant_id: i64) -> Result<u64, GovError> {
-        Ok(
-            sqlx::query("DELETE FROM audit_content WHERE tenant_id = ?1")
-                .bind(tenant_id)
-                .execute(&self.pool)
-                .await?
-                .rows_affected(),
-        )
-    }
-
-    async fn audit_content(
-        &self,
-        seq: i64,
-    ) -> Result<Option<(String, Option<String>, Option<String>)>, GovError> {
-        sqlx::query("SELECT retention, prompt, completion FROM audit_content WHERE seq = ?1")
-            .bind(seq)
-            .fetch_optional(&self.pool)
-            .await?
-            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
-            .transpose()
-    }
-
-    async fn record_config(
-        &self,
-        hash: &str,
-        source: &str,
-        author: &str,
-        action: &str,
-        now_ms: i64,
-    ) -> Result<u64, GovError> {
-        let mut tx = self.pool.begin().await?;
+    /// Versions are the table's rowids: a new text gets the next one.
+    async fn config_version_of(
+        tx: &mut Transaction<'static, Sqlite>,
+        config: NewConfig<'_>,
+    ) -> Result<i64, GovError> {
         sqlx::query(
             "INSERT INTO config_versions (hash, created_ms, author, source) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (hash) DO NOTHING",
         )
-        .bind(hash)
-        .bind(now_ms)
-        .bind(author)
-        .bind(source)
-        .execute(&mut *tx)
+        .bind(config.hash)
+        .bind(config.now_ms)
+        .bind(config.author)
+        .bind(config.source)
+        .execute(&mut **tx)
         .await?;
-        let version: i64 =
+        Ok(
             sqlx::query_scalar("SELECT version FROM config_versions WHERE hash = ?1")
-                .bind(hash)
-                .fetch_one(&mut *tx)
-                .await?;
-        sqlx::query(
-            "INSERT INTO config_events (version, time_ms, author, action) VALUES (?1, ?2, ?3, ?4)",
+                .bind(config.hash)
+                .fetch_one(&mut **tx)
+                .await?,
         )
-        .bind(version)
-        .bind(now_ms)
-        .bind(author)
-        .bind(action)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(version as u64)
-    }
-
-    async fn config_versions(&self) -> Result<Vec<ConfigVersion>, GovError> {
-        sqlx::query(
-            "SELECT version, hash, created_ms, author FROM config_versions ORDER BY version",
-        )
-        .fetch_all(&self.pool)
-        .await?
-        .iter()
-        .map(|r| version_row(r, false))
-        .collect()
-    }
-
-    async fn config_events(&self) -> Result<Vec<ConfigEvent>, GovError> {
-        sqlx::query("SELECT version, time_ms, author, action FROM config_events ORDER BY id")
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(|r| {
-                Ok(ConfigEvent {
-                    version: r.try_get::<i64, _>(0)? as u64,
-                    time_ms: r.try_get(1)?,
-                    author: r.try_get(2)?,
-                    action: r.try_get(3)?,
-                })
-            })
-            .collect()
-    }
-
-    async fn config_version(&self, version: u64) -> Result<Option<ConfigVersion>, GovError> {
-        sqlx::query(
-            "SELECT version, hash, created_ms, author, source FROM config_versions WHERE version = ?1",
-        )
-        .bind(i64::try_from(version).unwrap_or(i64::MAX))
-        .fetch_optional(&self.pool)
-        .await?
-        .map(|r| version_row(&r, true))
-        .transpose()
     }
 }
 
@@ -726,30 +248,6 @@ fn gone() -> GovError {
     GovError::Unavailable("the store writer has stopped".into())
 }
 
-fn tenant_row(r: &SqliteRow) -> Result<TenantInfo, GovError> {
-    Ok(TenantInfo {
-        id: r.try_get("id")?,
-        name: r.try_get("name")?,
-        retention: Retention::parse(r.try_get("retention")?).unwrap_or_default(),
-        created_ms: r.try_get("created_ms")?,
-        policy: r.try_get("policy")?,
-    })
-}
-
-fn version_row(r: &SqliteRow, with_source: bool) -> Result<ConfigVersion, GovError> {
-    Ok(ConfigVersion {
-        version: r.try_get::<i64, _>("version")? as u64,
-        hash: r.try_get("hash")?,
-        created_ms: r.try_get("created_ms")?,
-        author: r.try_get("author")?,
-        source: if with_source {
-            Some(r.try_get("source")?)
-        } else {
-            None
-        },
-    })
-}
-
 /// The database holds key hashes and audit content: readable by its owner only.
 fn restrict_permissions(path: &Path) {
     #[cfg(unix)]
@@ -768,6 +266,9 @@ mod tests {
     use std::borrow::Cow;
 
     use super::*;
+    use crate::audit::Retention;
+    use crate::storage::Store;
+    use crate::types::LedgerState;
 
     /// A store written before migration 0007 keeps its open reservations: they move into
     /// their request rows, and still expire and release what they held.

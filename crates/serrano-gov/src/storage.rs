@@ -18,19 +18,17 @@
 //! - Errors that mean "the store cannot answer" are [`GovError::Unavailable`], so requests fail
 //!   closed with 503.
 
-use std::borrow::Cow;
-
 use async_trait::async_trait;
-use sqlx::migrate::{Migration, MigrationType, Migrator};
 
 use crate::audit::{AuditRecord, ChainRow, Retention};
 use crate::checkpoint::Checkpoint;
 use crate::error::GovError;
 use crate::keys::Role;
-use crate::ledger::{BudgetPeriod, BudgetUnit};
 use crate::rate::RateInfo;
-use crate::store::{BudgetInfo, KeyInfo, LedgerState, LimitInfo, Limits, TenantInfo, UsageRow};
-use crate::versions::{ConfigEvent, ConfigVersion};
+use crate::types::{
+    BudgetInfo, BudgetPeriod, BudgetUnit, ConfigEvent, ConfigVersion, KeyInfo, LedgerState,
+    LimitInfo, Limits, TenantInfo, UsageRow,
+};
 
 /// A request's worst case, to reserve before it runs.
 #[derive(Debug, Clone)]
@@ -136,78 +134,6 @@ impl UsageKey {
 
 /// The chain's last record: (seq, hash).
 pub type AuditHead = (i64, String);
-
-/// Settled usage grouped by `group_by`, in SQL that SQLite and PostgreSQL both run: columns
-/// `tenant`, `key_prefix`, `model`, `day` (NULL where not grouped by), `requests`, `p`, `c`,
-/// `cost`. Sums are cast back to BIGINT (PostgreSQL's SUM of BIGINT is NUMERIC).
-pub(crate) fn usage_sql(group_by: &[UsageKey]) -> String {
-    let mut cols = vec![];
-    for g in group_by {
-        let col = match g {
-            UsageKey::Tenant => "tenant",
-            UsageKey::Key => "key_prefix",
-            UsageKey::Model => "model",
-            UsageKey::Day => "day",
-        };
-        if !cols.contains(&col) {
-            cols.push(col);
-        }
-    }
-    let select = |c: &str| {
-        if cols.contains(&c) {
-            c.to_string()
-        } else {
-            format!("CAST(NULL AS TEXT) AS {c}")
-        }
-    };
-    let group = if cols.is_empty() {
-        String::new()
-    } else {
-        format!("GROUP BY {0} ORDER BY {0}", cols.join(", "))
-    };
-    // Column names come from the fixed list above, never from the caller.
-    format!(
-        "SELECT {}, {}, {}, {}, COUNT(*) AS requests,
-                CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT) AS p,
-                CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT) AS c,
-                CAST(COALESCE(SUM(cost_nusd), 0) AS BIGINT) AS cost
-         FROM usage {group}",
-        select("tenant"),
-        select("key_prefix"),
-        select("model"),
-        select("day"),
-    )
-}
-
-/// A migrator over an in-code list of (version, name, SQL); a version, once released, never
-/// changes (sqlx checks its checksum).
-pub(crate) fn migrator(list: &'static [(i64, &'static str, &'static str)]) -> Migrator {
-    let migrations = list
-        .iter()
-        .map(|&(version, name, sql)| {
-            Migration::new(
-                version,
-                Cow::Borrowed(name),
-                MigrationType::Simple,
-                Cow::Borrowed(sql),
-                false,
-            )
-        })
-        .collect();
-    Migrator {
-        migrations: Cow::Owned(migrations),
-        ..Migrator::DEFAULT
-    }
-}
-
-/// A key's allowed models as stored (a JSON array, NULL for all).
-pub(crate) fn parse_models(s: Option<String>) -> Option<Vec<String>> {
-    s.and_then(|s| serde_json::from_str(&s).ok())
-}
-
-/// (reserved, spent) over every budget window, in SQL both stores run.
-pub(crate) const LEDGER_TOTALS_SQL: &str = "SELECT CAST(COALESCE(SUM(reserved), 0) AS BIGINT),
-        CAST(COALESCE(SUM(spent), 0) AS BIGINT) FROM budget_usage";
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -328,21 +254,25 @@ pub(crate) mod conformance {
     use super::*;
     use crate::audit::{verify_chain, GENESIS};
 
-    fn reserve_op(id: &str, tenant_id: i64, prompt: u64, max: u64) -> ReserveOp {
+    /// A request of `prompt` tokens and at most `max` more, on backend `local` with `remote`
+    /// as its fallback.
+    pub(crate) fn reserve_op(id: &str, tenant_id: i64, prompt: u64, max: u64) -> ReserveOp {
         ReserveOp {
             request_id: id.into(),
             tenant_id,
             key_id: 0,
             model: "m".into(),
             backend: "local".into(),
-            fallbacks: vec![],
+            fallbacks: vec!["remote".into()],
             prompt_tokens: prompt,
             max_completion_tokens: max,
             expires_ms: crate::now_ms() + 60_000,
         }
     }
 
-    fn finish_op(id: &str, tenant: &TenantInfo, used: Option<(u64, u64)>) -> FinishOp {
+    /// The end of a request of `tenant`'s that settles `used` (prompt, completion) if it
+    /// reserved, with its content kept per the tenant's retention.
+    pub(crate) fn finish_op(id: &str, tenant: &TenantInfo, used: Option<(u64, u64)>) -> FinishOp {
         FinishOp {
             settlement: used.map(|(p, c)| Settlement {
                 request_id: id.into(),

@@ -1,23 +1,23 @@
 //! The governance facade: validation, the key cache, compiled filters and bootstrap, over a
 //! [`Store`] that keeps the state (SQLite by default, see `sqlite.rs`; PostgreSQL in `pg.rs`).
 
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
-
-use serde::Serialize;
 
 use crate::audit::{verify_chain, AuditRecord, Retention, VerifyReport};
 use crate::checkpoint::Checkpoint;
+use crate::config::GovConfig;
 use crate::error::GovError;
 use crate::keys::{self, Principal, Role};
-use crate::ledger::{BudgetPeriod, BudgetUnit};
 use crate::metrics::{StoreMetrics, StoreOp};
 use crate::pg::{is_postgres_url, PgStore};
 use crate::rate::RateInfo;
 use crate::sqlite::SqliteStore;
 use crate::storage::{FinishOp, Finished, KeyRow, ReserveOp, Store, UsageKey};
 use crate::time::now_ms;
+use crate::types::{
+    BudgetInfo, BudgetPeriod, BudgetUnit, KeyInfo, LedgerState, LimitInfo, Limits, TenantInfo,
+    UsageRow,
+};
 use ed25519_dalek::{SigningKey, VerifyingKey};
 
 type AuthCache = std::collections::HashMap<Vec<u8>, (std::time::Instant, Principal, Option<i64>)>;
@@ -32,76 +32,6 @@ pub const ANONYMOUS_TENANT: &str = "anonymous";
 /// Longest tenant name; names are `[A-Za-z0-9._-]`.
 pub const MAX_TENANT_CHARS: usize = 64;
 
-#[derive(Debug, Clone)]
-pub struct GovConfig {
-    /// A SQLite file, or a PostgreSQL URL (`postgres://user:password@host/db`).
-    pub db_path: PathBuf,
-    /// How long a write waits for another process's lock before failing closed (PostgreSQL:
-    /// also the longest wait for a connection and the longest statement).
-    pub busy_timeout: Duration,
-    /// How long a reservation lives if its request never settles (the process died).
-    pub reservation_ttl: Duration,
-    /// Recorded in every audit record.
-    pub region: Option<String>,
-    /// How long a checked key is trusted without asking the store again. Revocations and policy
-    /// changes made through this process apply at once; made by another process (the CLI, a
-    /// replica), within this time.
-    pub auth_cache_ttl: Duration,
-}
-
-impl GovConfig {
-    pub fn new(db_path: PathBuf) -> Self {
-        GovConfig {
-            db_path,
-            busy_timeout: Duration::from_secs(5),
-            reservation_ttl: Duration::from_secs(660),
-            region: None,
-            auth_cache_ttl: Duration::from_secs(1),
-        }
-    }
-}
-
-/// `$SERRANO_HOME/serrano.db`, else `$XDG_DATA_HOME/serrano/serrano.db`, else
-/// `~/.local/share/serrano/serrano.db`.
-pub fn default_db_path() -> PathBuf {
-    let env = |k: &str| {
-        std::env::var_os(k)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
-    if let Some(home) = env("SERRANO_HOME") {
-        return home.join("serrano.db");
-    }
-    let data = env("XDG_DATA_HOME")
-        .or_else(|| env("HOME").map(|h| h.join(".local/share")))
-        .unwrap_or_else(|| PathBuf::from("."));
-    data.join("serrano").join("serrano.db")
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct TenantInfo {
-    pub id: i64,
-    pub name: String,
-    pub retention: Retention,
-    pub created_ms: i64,
-    /// The safety-filter policy as JSON, if any.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub policy: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct KeyInfo {
-    pub id: i64,
-    pub tenant: String,
-    pub name: String,
-    pub prefix: String,
-    pub role: Role,
-    pub models: Option<Vec<String>>,
-    pub created_ms: i64,
-    pub expires_ms: Option<i64>,
-    pub revoked_ms: Option<i64>,
-}
-
 #[derive(Debug, Clone, Default)]
 pub struct NewKey {
     pub tenant: String,
@@ -109,62 +39,6 @@ pub struct NewKey {
     pub role: Option<Role>,
     pub models: Option<Vec<String>>,
     pub expires_ms: Option<i64>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct BudgetInfo {
-    pub id: i64,
-    pub tenant: String,
-    /// 0 for a tenant-wide budget.
-    pub key_id: i64,
-    pub unit: BudgetUnit,
-    pub period: BudgetPeriod,
-    /// Tokens, or nano-dollars for `usd`.
-    pub limit: i64,
-    /// In the current window.
-    pub spent: i64,
-    pub reserved: i64,
-}
-
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct UsageRow {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tenant: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub key: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub model: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub day: Option<String>,
-    pub requests: i64,
-    pub prompt_tokens: i64,
-    pub completion_tokens: i64,
-    pub cost_usd: f64,
-}
-
-/// Rate limits of a tenant or key; `None` is unlimited.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, serde::Deserialize)]
-pub struct Limits {
-    pub rpm: Option<i64>,
-    pub tpm: Option<i64>,
-    pub max_concurrent: Option<i64>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct LimitInfo {
-    pub id: i64,
-    pub tenant: String,
-    pub key_id: i64,
-    #[serde(flatten)]
-    pub limits: Limits,
-}
-
-/// Open reservations, for operators and tests ("every outcome leaves reservations at zero").
-#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
-pub struct LedgerState {
-    pub open_requests: i64,
-    pub reserved_total: i64,
-    pub spent_total: i64,
 }
 
 /// The governance store; cheap to clone.

@@ -1,30 +1,10 @@
 //! Versions of the routing config: each distinct text applied is stored once, immutable, under
 //! the next number; each switch a process makes (apply, reload, rollback) is an event.
 
-use serde::Serialize;
-
 use crate::error::GovError;
 use crate::store::Governance;
 use crate::time::now_ms;
-
-#[derive(Debug, Clone, Serialize)]
-pub struct ConfigVersion {
-    pub version: u64,
-    pub hash: String,
-    pub created_ms: i64,
-    pub author: String,
-    /// The TOML text (left out of listings).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub source: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct ConfigEvent {
-    pub version: u64,
-    pub time_ms: i64,
-    pub author: String,
-    pub action: String,
-}
+use crate::types::{ConfigEvent, ConfigVersion};
 
 impl Governance {
     /// Stores a config text (once per distinct text) and records that `author` switched to it;
@@ -59,7 +39,8 @@ impl Governance {
 
 #[cfg(test)]
 mod tests {
-    use crate::store::{GovConfig, Governance};
+    use crate::config::GovConfig;
+    use crate::store::Governance;
 
     #[tokio::test]
     async fn a_text_is_one_version_however_often_applied() {

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use super::*;
 use crate::audit::{verify_chain, AuditRecord};
 use crate::pgtest::TestPg;
-use crate::storage::Content;
+use crate::storage::conformance::{finish_op, reserve_op};
+use crate::storage::Store;
+use crate::types::Limits;
 
 async fn store(pg: &TestPg) -> PgStore {
     PgStore::connect(pg.url(), &GovConfig::new("unused".into()))
@@ -17,48 +19,6 @@ async fn store(pg: &TestPg) -> PgStore {
 
 fn server() -> TestPg {
     TestPg::start().unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn reserve_op(id: &str, tenant_id: i64, prompt: u64, max: u64) -> ReserveOp {
-    ReserveOp {
-        request_id: id.into(),
-        tenant_id,
-        key_id: 0,
-        model: "m".into(),
-        backend: "local".into(),
-        fallbacks: vec!["remote".into()],
-        prompt_tokens: prompt,
-        max_completion_tokens: max,
-        expires_ms: now_ms() + 60_000,
-    }
-}
-
-fn finish_op(id: &str, t: &TenantInfo, used: Option<(u64, u64)>) -> FinishOp {
-    FinishOp {
-        settlement: used.map(|(p, c)| Settlement {
-            request_id: id.into(),
-            tenant_id: t.id,
-            key_id: 0,
-            tenant: t.name.clone(),
-            key_prefix: "k".into(),
-            model: "m".into(),
-            backend: "local".into(),
-            prompt_tokens: p,
-            completion_tokens: c,
-        }),
-        record: AuditRecord {
-            request_id: id.into(),
-            tenant: Some(t.name.clone()),
-            status: 200,
-            ..Default::default()
-        },
-        content: Some(Content {
-            tenant_id: t.id,
-            retention: Retention::Hash,
-            prompt: "p".into(),
-            completion: "c".into(),
-        }),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
