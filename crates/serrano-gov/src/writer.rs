@@ -48,6 +48,10 @@ use crate::time::now_ms;
 
 /// Most ops committed together.
 const MAX_BATCH: usize = 256;
+/// Committed batches whose replies may wait for the syncer's next fsync. Past it the writer
+/// waits for the syncer, its own queue fills, and new reservations are refused after
+/// `--db-busy-timeout`: a disk slower than the commits is backpressure, not unbounded memory.
+const MAX_UNSYNCED_BATCHES: usize = 64;
 /// How often expired reservations are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Least time between two background checkpoints.
@@ -103,7 +107,7 @@ impl Done {
 /// Runs until every sender is gone. `conn` must be in WAL mode with `synchronous=NORMAL`;
 /// `checkpointer` is a second connection to the same database, whose WAL is the file `wal`.
 pub fn run(conn: Connection, checkpointer: Connection, wal: PathBuf, rx: flume::Receiver<Op>) {
-    let (sync_tx, sync_rx) = flume::unbounded::<Vec<Done>>();
+    let (sync_tx, sync_rx) = flume::bounded::<Vec<Done>>(MAX_UNSYNCED_BATCHES);
     let (tick_tx, tick_rx) = flume::bounded::<()>(1);
     let restart_due = Arc::new(AtomicBool::new(false));
     let syncer = std::thread::Builder::new()

@@ -63,7 +63,6 @@ async fn run(
     if ticket.keeps_content() {
         ticket.set_prompt_text(prompt_text(&gen.request));
     }
-    let started = Instant::now();
     let (candidates, mut tried, first_error) = prepare_all(&gen, &plan).await;
     let Some(first) = candidates.first() else {
         return Err(first_error.unwrap_or_else(|| no_backend(&tried)));
@@ -118,7 +117,8 @@ async fn run(
         match cand.handle.generate(&gen, work, &ctx).await {
             Ok(events) => {
                 reservation.accept(cand.handle.exact_tally());
-                metrics.gateway_overhead(started.elapsed().saturating_sub(waited));
+                // Time in the gateway since the request arrived, less failed attempts and backoff.
+                metrics.gateway_overhead(ticket.elapsed().saturating_sub(waited));
                 let relay = Relay {
                     ticket: ticket.clone(),
                     reservation,

@@ -68,7 +68,8 @@ fn to_json<T: serde::Serialize>(v: &T) -> String {
 }
 
 fn usage(prompt: u64, completion: u64) -> api::Usage {
-    api::Usage::new(prompt as u32, completion as u32)
+    let clamp = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+    api::Usage::new(clamp(prompt), clamp(completion))
 }
 
 /// A fresh response id.
