@@ -100,6 +100,16 @@ struct Choice {
     choice_extra: api::Extra,
 }
 
+impl Choice {
+    /// Drops the fields the output filter does not scan: log-probs and fields serrano does not
+    /// model.
+    fn strip_unfiltered(&mut self) {
+        self.logprobs = None;
+        self.extra.clear();
+        self.choice_extra.clear();
+    }
+}
+
 /// One relay in progress.
 struct Run {
     r: Relay,
@@ -247,7 +257,13 @@ impl Run {
             self.check_tools(&mut choices);
         }
         let failure = self.failure.as_ref().map(|(e, _)| e.clone());
-        let (head, chat, guarded) = (self.head(), self.shape.chat, self.r.guard.active());
+        if self.r.guard.active() {
+            // What the output filter does not scan does not leave.
+            for c in &mut choices {
+                c.strip_unfiltered();
+            }
+        }
+        let (head, chat) = (self.head(), self.shape.chat);
         let used = match self.end().await {
             Ok(u) => u,
             Err(e) => return e.into_response(),
@@ -256,9 +272,9 @@ impl Run {
             return e.into_response();
         }
         if chat {
-            Json(head.chat(choices, used, guarded)).into_response()
+            Json(head.chat(choices, used)).into_response()
         } else {
-            Json(head.completion(choices, used, guarded)).into_response()
+            Json(head.completion(choices, used)).into_response()
         }
     }
 
@@ -639,12 +655,7 @@ impl Head {
         }
     }
 
-    fn chat(
-        self,
-        choices: Vec<Choice>,
-        usage: Option<api::Usage>,
-        guarded: bool,
-    ) -> api::ChatCompletion {
+    fn chat(self, choices: Vec<Choice>, usage: Option<api::Usage>) -> api::ChatCompletion {
         let (system_fingerprint, extra) = self.split_meta();
         let choices = choices
             .into_iter()
@@ -662,15 +673,11 @@ impl Head {
                         content,
                         tool_calls,
                         function_call: c.function_call,
-                        extra: if guarded { api::Extra::new() } else { c.extra },
+                        extra: c.extra,
                     },
-                    logprobs: c.logprobs.filter(|_| !guarded).and_then(chat_logprobs),
+                    logprobs: c.logprobs.and_then(chat_logprobs),
                     finish_reason: c.finish,
-                    extra: if guarded {
-                        api::Extra::new()
-                    } else {
-                        c.choice_extra
-                    },
+                    extra: c.choice_extra,
                 }
             })
             .collect();
@@ -686,28 +693,16 @@ impl Head {
         }
     }
 
-    fn completion(
-        self,
-        choices: Vec<Choice>,
-        usage: Option<api::Usage>,
-        guarded: bool,
-    ) -> api::Completion {
+    fn completion(self, choices: Vec<Choice>, usage: Option<api::Usage>) -> api::Completion {
         let choices = choices
             .into_iter()
             .enumerate()
             .map(|(i, c)| api::CompletionChoice {
                 index: i as u32,
                 text: c.text,
-                logprobs: c
-                    .logprobs
-                    .filter(|_| !guarded)
-                    .and_then(completion_logprobs),
+                logprobs: c.logprobs.and_then(completion_logprobs),
                 finish_reason: c.finish,
-                extra: if guarded {
-                    api::Extra::new()
-                } else {
-                    c.choice_extra
-                },
+                extra: c.choice_extra,
             })
             .collect();
         api::Completion {
