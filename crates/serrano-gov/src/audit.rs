@@ -122,25 +122,41 @@ pub struct VerifyReport {
     pub checkpoints: u64,
 }
 
-/// Checks rows (in stored order) against each other and against the recorded tip `head`
-/// (`(seq, hash)`, or `None` for an empty log). Returns the number of records.
-pub fn verify_chain(
-    rows: impl IntoIterator<Item = ChainRow>,
-    head: Option<(i64, String)>,
-) -> Result<u64, ChainError> {
-    let mut prev = GENESIS.to_string();
-    let mut expected = 1i64;
-    for row in rows {
+/// Checks a chain one row at a time, in stored order, keeping only the last hash and the next
+/// sequence number: a log of any length verifies in constant memory, read in pages.
+#[derive(Debug, Clone)]
+pub struct ChainVerifier {
+    prev: String,
+    expected: i64,
+}
+
+impl Default for ChainVerifier {
+    fn default() -> Self {
+        ChainVerifier {
+            prev: GENESIS.to_string(),
+            expected: 1,
+        }
+    }
+}
+
+impl ChainVerifier {
+    pub fn new() -> ChainVerifier {
+        ChainVerifier::default()
+    }
+
+    /// Checks the next row against the one before it.
+    pub fn push(&mut self, row: ChainRow) -> Result<(), ChainError> {
         let bad = |reason: String| ChainError {
             seq: row.seq,
             reason,
         };
+        let expected = self.expected;
         if row.seq != expected {
             return Err(bad(format!(
                 "expected sequence number {expected} (a record is missing or out of order)"
             )));
         }
-        if row.prev_hash != prev {
+        if row.prev_hash != self.prev {
             return Err(bad("does not link to the record before it".into()));
         }
         if chain_hash(&row.prev_hash, row.seq as u64, &row.record) != row.hash {
@@ -150,24 +166,48 @@ pub fn verify_chain(
             Ok(r) if r.seq == row.seq as u64 => {}
             _ => return Err(bad("record is not a valid audit record".into())),
         }
-        prev = row.hash;
-        expected += 1;
+        self.prev = row.hash;
+        self.expected += 1;
+        Ok(())
     }
-    let last = expected - 1;
-    match head {
-        None if last == 0 => Ok(0),
-        None => Err(ChainError {
-            seq: last,
-            reason: "records exist but the chain head is missing".into(),
-        }),
-        Some((seq, hash)) if seq == last && hash == prev => Ok(last as u64),
-        Some((seq, _)) => Err(ChainError {
-            seq: last + 1,
-            reason: format!(
-                "the chain head says {seq} records but {last} verify (records were truncated or the head edited)"
-            ),
-        }),
+
+    /// Records that verified so far.
+    pub fn records(&self) -> u64 {
+        (self.expected - 1) as u64
     }
+
+    /// Compares the end of the rows pushed with the recorded tip `head` (`(seq, hash)`, or
+    /// `None` for an empty log). Returns the number of records.
+    pub fn finish(self, head: Option<(i64, String)>) -> Result<u64, ChainError> {
+        let last = self.expected - 1;
+        match head {
+            None if last == 0 => Ok(0),
+            None => Err(ChainError {
+                seq: last,
+                reason: "records exist but the chain head is missing".into(),
+            }),
+            Some((seq, hash)) if seq == last && hash == self.prev => Ok(last as u64),
+            Some((seq, _)) => Err(ChainError {
+                seq: last + 1,
+                reason: format!(
+                    "the chain head says {seq} records but {last} verify (records were truncated or the head edited)"
+                ),
+            }),
+        }
+    }
+}
+
+/// Checks rows (in stored order) against each other and against the recorded tip `head`
+/// (`(seq, hash)`, or `None` for an empty log). Returns the number of records.
+pub fn verify_chain(
+    rows: impl IntoIterator<Item = ChainRow>,
+    head: Option<(i64, String)>,
+) -> Result<u64, ChainError> {
+    let mut v = ChainVerifier::new();
+    for row in rows {
+        v.push(row)?;
+    }
+    v.finish(head)
 }
 
 #[cfg(test)]

@@ -41,7 +41,8 @@ mod versions;
 mod writer;
 
 pub use audit::{
-    chain_hash, verify_chain, AuditRecord, ChainError, ChainRow, Retention, VerifyReport, GENESIS,
+    chain_hash, verify_chain, AuditRecord, ChainError, ChainRow, ChainVerifier, Retention,
+    VerifyReport, GENESIS,
 };
 pub use checkpoint::{generate_signing_key, parse_public_key, read_signing_key, Checkpoint};
 pub use config::{default_db_path, GovConfig};

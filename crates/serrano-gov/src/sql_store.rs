@@ -388,15 +388,21 @@ impl<S: SqlStore> Store for S {
         })
     }
 
-    async fn audit_chain(&self) -> Result<(Vec<ChainRow>, Option<AuditHead>), GovError> {
+    async fn audit_chain_page(
+        &self,
+        after_seq: i64,
+        limit: i64,
+    ) -> Result<(Vec<ChainRow>, Option<AuditHead>), GovError> {
         // One snapshot, so the head matches the rows while writers (the SQLite writer, other
         // replicas) append.
         let mut tx = self.pool().begin().await?;
         if let Some(snapshot) = S::SNAPSHOT {
             S::Db::execute(&mut tx, snapshot, &[]).await?;
         }
-        let sql = "SELECT seq, record, prev_hash, hash FROM audit_log ORDER BY seq";
-        let rows = S::Db::fetch_all(&mut tx, sql, &[]).await?;
+        let sql =
+            "SELECT seq, record, prev_hash, hash FROM audit_log WHERE seq > ?1 ORDER BY seq LIMIT ?2";
+        let args = [Arg::Int(after_seq), Arg::Int(limit)];
+        let rows = S::Db::fetch_all(&mut tx, sql, &args).await?;
         let rows = rows.iter().map(chain_row).collect::<Result<_, _>>()?;
         let head = S::Db::fetch_all(&mut tx, HEAD_SQL, &[]).await?;
         let head = head.first().map(head_row).transpose()?;

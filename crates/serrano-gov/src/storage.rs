@@ -135,6 +135,10 @@ impl UsageKey {
 /// The chain's last record: (seq, hash).
 pub type AuditHead = (i64, String);
 
+/// Records read from the audit chain at a time, by verification and [`Store::audit_chain`]:
+/// memory stays a page (a few MB of records) whatever the log's length.
+pub const AUDIT_PAGE_RECORDS: i64 = 10_000;
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// `sqlite`, `postgres`: for logs and errors.
@@ -213,8 +217,28 @@ pub trait Store: Send + Sync + 'static {
     async fn ledger_state(&self) -> Result<LedgerState, GovError>;
 
     // The audit log.
-    /// The whole chain in order, and the recorded head.
-    async fn audit_chain(&self) -> Result<(Vec<ChainRow>, Option<AuditHead>), GovError>;
+    /// At most `limit` rows of the chain after `after_seq`, in order, and the recorded head,
+    /// read in one snapshot: once a page comes back short, its head must be where the chain
+    /// ends (records are only ever appended, so earlier pages stay valid).
+    async fn audit_chain_page(
+        &self,
+        after_seq: i64,
+        limit: i64,
+    ) -> Result<(Vec<ChainRow>, Option<AuditHead>), GovError>;
+    /// The whole chain in order, and the recorded head: it holds every record in memory, so
+    /// only for tests and small logs (verification reads [`Store::audit_chain_page`]s).
+    async fn audit_chain(&self) -> Result<(Vec<ChainRow>, Option<AuditHead>), GovError> {
+        let mut rows: Vec<ChainRow> = Vec::new();
+        loop {
+            let after = rows.last().map_or(0, |r| r.seq);
+            let (page, head) = self.audit_chain_page(after, AUDIT_PAGE_RECORDS).await?;
+            let done = (page.len() as i64) < AUDIT_PAGE_RECORDS;
+            rows.extend(page);
+            if done {
+                return Ok((rows, head));
+            }
+        }
+    }
     async fn audit_head(&self) -> Result<Option<AuditHead>, GovError>;
     /// `false` if a checkpoint at that record exists already.
     async fn insert_checkpoint(&self, cp: &Checkpoint) -> Result<bool, GovError>;
@@ -398,6 +422,16 @@ pub(crate) mod conformance {
         assert_eq!(rows[0].prev_hash, GENESIS);
         assert_eq!(head, s.audit_head().await.unwrap());
         assert_eq!(verify_chain(rows.clone(), head.clone()).unwrap(), 3);
+        // The same chain in pages: each one snapshot of its rows and the head.
+        let (first, head1) = s.audit_chain_page(0, 2).await.unwrap();
+        assert_eq!(first, rows[..2]);
+        assert_eq!(head1, head);
+        let (rest, head2) = s.audit_chain_page(2, 2).await.unwrap();
+        assert_eq!(rest, rows[2..]);
+        assert_eq!(head2, head);
+        let (none, head3) = s.audit_chain_page(3, 2).await.unwrap();
+        assert!(none.is_empty());
+        assert_eq!(head3, head);
         let texts = s.audit_records(1, 10).await.unwrap();
         assert_eq!(texts.len(), 2);
         assert!(texts[0].contains("\"r3\""));

@@ -1,9 +1,10 @@
 //! The governance facade: validation, the key cache, compiled filters and bootstrap, over a
 //! [`Store`] that keeps the state (SQLite by default, see `sqlite.rs`; PostgreSQL in `pg.rs`).
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use crate::audit::{verify_chain, AuditRecord, Retention, VerifyReport};
+use crate::audit::{AuditRecord, ChainError, ChainVerifier, Retention, VerifyReport};
 use crate::checkpoint::Checkpoint;
 use crate::config::GovConfig;
 use crate::error::GovError;
@@ -12,7 +13,7 @@ use crate::metrics::{StoreMetrics, StoreOp};
 use crate::pg::{is_postgres_url, PgStore};
 use crate::rate::RateInfo;
 use crate::sqlite::SqliteStore;
-use crate::storage::{FinishOp, Finished, KeyRow, ReserveOp, Store, UsageKey};
+use crate::storage::{FinishOp, Finished, KeyRow, ReserveOp, Store, UsageKey, AUDIT_PAGE_RECORDS};
 use crate::time::now_ms;
 use crate::types::{
     BudgetInfo, BudgetPeriod, BudgetUnit, KeyInfo, LedgerState, LimitInfo, Limits, TenantInfo,
@@ -525,42 +526,49 @@ impl Governance {
 
     /// As [`Governance::verify_audit`], also requiring checkpoints to be signed by `trusted` and
     /// checking `extra` checkpoints (exported earlier, so an attacker could not delete them).
+    /// The chain is read in pages of [`AUDIT_PAGE_RECORDS`], so memory does not grow with it.
     pub async fn verify_audit_with(
         &self,
         trusted: Option<&VerifyingKey>,
         extra: &[Checkpoint],
     ) -> Result<VerifyReport, GovError> {
-        let (rows, head) = self.store().audit_chain().await?;
-        let head_hash = head.as_ref().map(|h| h.1.clone()).unwrap_or_default();
-        let hashes: Vec<String> = rows.iter().map(|r| r.hash.clone()).collect();
-        let n = rows.len() as u64;
-        let mut report = match verify_chain(rows, head) {
-            Ok(records) => VerifyReport {
-                records,
-                ok: true,
-                first_bad_seq: None,
-                reason: None,
-                head_hash,
-                checkpoints: 0,
-            },
-            Err(e) => VerifyReport {
-                records: n,
-                ok: false,
-                first_bad_seq: Some(e.seq),
-                reason: Some(e.reason),
-                head_hash,
-                checkpoints: 0,
-            },
-        };
-        if !report.ok {
-            return Ok(report);
-        }
+        self.verify_audit_paged(trusted, extra, AUDIT_PAGE_RECORDS)
+            .await
+    }
+
+    /// [`Governance::verify_audit_with`] in pages of `page` records (tests use small ones).
+    pub(crate) async fn verify_audit_paged(
+        &self,
+        trusted: Option<&VerifyingKey>,
+        extra: &[Checkpoint],
+        page: i64,
+    ) -> Result<VerifyReport, GovError> {
+        // Checkpoints first: each was made at a head that existed then, so the chain read
+        // after it must reach it.
         let mut all = self.checkpoints().await?;
         all.extend_from_slice(extra);
+        let wanted: HashSet<i64> = all.iter().map(|cp| cp.seq).collect();
+        let walk = walk_chain(self.store(), page, &wanted).await?;
+        let mut report = VerifyReport {
+            records: walk.rows,
+            ok: walk.result.is_ok(),
+            first_bad_seq: None,
+            reason: None,
+            head_hash: walk.head_hash,
+            checkpoints: 0,
+        };
+        match walk.result {
+            Ok(records) => report.records = records,
+            Err(e) => {
+                report.first_bad_seq = Some(e.seq);
+                report.reason = Some(e.reason);
+                return Ok(report);
+            }
+        }
         for cp in &all {
             let problem = match cp.verify_signature(trusted) {
                 Err(e) => Some(e),
-                Ok(()) => match usize::try_from(cp.seq - 1).ok().and_then(|i| hashes.get(i)) {
+                Ok(()) => match walk.at_checkpoints.get(&cp.seq) {
                     None => Some("its record is missing (the chain was truncated)".into()),
                     Some(h) if *h != cp.hash => {
                         Some("the chain at its record differs from what was signed".into())
@@ -656,6 +664,67 @@ impl Governance {
     }
 }
 
+/// What one pass over the stored chain found.
+struct ChainWalk {
+    /// Rows stored, whether they verified or not.
+    rows: u64,
+    /// The records that verified, or where the chain first does not hold.
+    result: Result<u64, ChainError>,
+    /// The recorded head's hash ("" for an empty log).
+    head_hash: String,
+    /// The hash of each wanted record (the checkpoints' seqs) among the verified ones.
+    at_checkpoints: HashMap<i64, String>,
+}
+
+/// Reads the chain in pages of `page` rows, verifying as they come (only the last hash is
+/// carried from one page to the next) and keeping the hashes of the `wanted` records only.
+/// Rows after the first bad one are still counted, as a report states how many are stored.
+async fn walk_chain(
+    store: &dyn Store,
+    page: i64,
+    wanted: &HashSet<i64>,
+) -> Result<ChainWalk, GovError> {
+    let page = page.max(1);
+    let mut verifier = ChainVerifier::new();
+    let mut failure = None;
+    let (mut rows, mut after) = (0u64, 0i64);
+    let mut at_checkpoints = HashMap::new();
+    let head = loop {
+        let (chunk, head) = store.audit_chain_page(after, page).await?;
+        let last_page = (chunk.len() as i64) < page;
+        for row in chunk {
+            rows += 1;
+            after = row.seq;
+            if failure.is_some() {
+                continue;
+            }
+            let hash = wanted.contains(&row.seq).then(|| row.hash.clone());
+            match verifier.push(row) {
+                Ok(()) => {
+                    if let Some(h) = hash {
+                        at_checkpoints.insert(after, h);
+                    }
+                }
+                Err(e) => failure = Some(e),
+            }
+        }
+        if last_page {
+            break head;
+        }
+    };
+    let head_hash = head.as_ref().map(|h| h.1.clone()).unwrap_or_default();
+    let result = match failure {
+        Some(e) => Err(e),
+        None => verifier.finish(head),
+    };
+    Ok(ChainWalk {
+        rows,
+        result,
+        head_hash,
+        at_checkpoints,
+    })
+}
+
 /// Usage rows as CSV with a header; text fields are quoted as RFC 4180 asks.
 pub fn usage_csv(rows: &[UsageRow]) -> String {
     let q = |s: &Option<String>| match s {
@@ -679,3 +748,6 @@ pub fn usage_csv(rows: &[UsageRow]) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests;
