@@ -75,6 +75,98 @@ pub struct AuditRecord {
     pub tool_calls: Vec<String>,
 }
 
+/// Longest text of a string field of a record, in bytes as its JSON writes them (an escaped
+/// control character counts six): a client's 60,000-byte path or 4 MB model name must not
+/// become a chained, fsynced record kept forever. Longer text is cut at a character boundary
+/// and its length noted (`"/v1/xxxx… (60000 bytes)"`).
+pub const MAX_FIELD_BYTES: usize = 256;
+/// Most tool names a record lists; one more entry notes how many were left out.
+pub const MAX_TOOL_CALLS: usize = 32;
+/// Most filter verdicts a record holds; one more entry notes how many were left out.
+pub const MAX_VERDICTS: usize = 32;
+/// Longest filter verdict, as JSON text; a longer one is kept as its cut text.
+pub const MAX_VERDICT_BYTES: usize = 512;
+
+impl AuditRecord {
+    /// Bounds every string field but the request id (the server admits only short ones) to
+    /// [`MAX_FIELD_BYTES`], and the tool names and verdicts to their counts, noting what was
+    /// cut. `more_tools` and `more_verdicts` are those already left out before the record was
+    /// built (see `ticket.rs`).
+    pub fn bound(&mut self, more_tools: usize, more_verdicts: usize) {
+        for field in [&mut self.method, &mut self.endpoint] {
+            bound_text(field, MAX_FIELD_BYTES);
+        }
+        let optional = [
+            &mut self.tenant,
+            &mut self.key,
+            &mut self.model,
+            &mut self.backend,
+            &mut self.region,
+            &mut self.route,
+            &mut self.finish_reason,
+            &mut self.error,
+        ];
+        for text in optional.into_iter().flatten() {
+            bound_text(text, MAX_FIELD_BYTES);
+        }
+        let more_tools = more_tools + cut_list(&mut self.tool_calls, MAX_TOOL_CALLS);
+        for name in &mut self.tool_calls {
+            bound_text(name, MAX_FIELD_BYTES);
+        }
+        if more_tools > 0 {
+            self.tool_calls.push(format!("… ({more_tools} more)"));
+        }
+        let more_verdicts = more_verdicts + cut_list(&mut self.filters, MAX_VERDICTS);
+        for verdict in &mut self.filters {
+            bound_verdict(verdict);
+        }
+        if more_verdicts > 0 {
+            self.filters
+                .push(serde_json::json!({ "dropped": more_verdicts }));
+        }
+    }
+}
+
+/// Keeps the first `max` items; returns how many were dropped.
+fn cut_list<T>(list: &mut Vec<T>, max: usize) -> usize {
+    let dropped = list.len().saturating_sub(max);
+    list.truncate(max);
+    dropped
+}
+
+/// Bytes `c` takes in JSON text, as serde_json escapes it.
+fn json_width(c: char) -> usize {
+    match c {
+        '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+        c if (c as u32) < 0x20 => 6,
+        c => c.len_utf8(),
+    }
+}
+
+/// Cuts `text` to its longest prefix whose JSON is at most `max` bytes, noting its length,
+/// unless it fits already. Reads at most `max` characters of it.
+pub fn bound_text(text: &mut String, max: usize) {
+    let mut width = 0;
+    let cut = text.char_indices().find_map(|(i, c)| {
+        width += json_width(c);
+        (width > max).then_some(i)
+    });
+    if let Some(i) = cut {
+        let len = text.len();
+        text.truncate(i);
+        text.push_str(&format!("… ({len} bytes)"));
+    }
+}
+
+/// A verdict whose JSON passes [`MAX_VERDICT_BYTES`] becomes `{"truncated": its cut text}`.
+fn bound_verdict(verdict: &mut serde_json::Value) {
+    let mut text = verdict.to_string();
+    if text.len() > MAX_VERDICT_BYTES {
+        bound_text(&mut text, MAX_FIELD_BYTES);
+        *verdict = serde_json::json!({ "truncated": text });
+    }
+}
+
 pub fn chain_hash(prev_hash: &str, seq: u64, record: &str) -> String {
     let mut h = Sha256::new();
     h.update(prev_hash.as_bytes());

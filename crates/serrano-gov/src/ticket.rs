@@ -9,7 +9,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::audit::{AuditRecord, Retention};
+use crate::audit::{AuditRecord, Retention, MAX_FIELD_BYTES, MAX_TOOL_CALLS, MAX_VERDICTS};
 use crate::error::GovError;
 use crate::keys::Principal;
 use crate::rate::RateInfo;
@@ -43,6 +43,9 @@ struct State {
     fallbacks: Vec<String>,
     /// The backend and route reason last set, kept for response headers after the record left.
     route: Option<(String, String)>,
+    /// Tool names and verdicts left out of the record, past its counts (noted in it).
+    more_tools: usize,
+    more_verdicts: usize,
     claimed: bool,
     done: bool,
 }
@@ -164,17 +167,25 @@ impl Ticket {
         self.state().record.model = Some(model.to_string());
     }
 
-    /// A safety-filter verdict (never the matched text).
+    /// A safety-filter verdict (never the matched text). Past [`MAX_VERDICTS`] only counted.
     pub fn add_verdict(&self, verdict: serde_json::Value) {
-        self.state().record.filters.push(verdict);
+        let mut s = self.state();
+        if s.record.filters.len() < MAX_VERDICTS {
+            s.record.filters.push(verdict);
+        } else {
+            s.more_verdicts += 1;
+        }
     }
 
-    /// Tool names a response called.
+    /// Tool names a response called. Past [`MAX_TOOL_CALLS`] only counted.
     pub fn add_tool_calls(&self, names: &[&str]) {
         let mut s = self.state();
+        let room = MAX_TOOL_CALLS.saturating_sub(s.record.tool_calls.len());
+        let kept = names.len().min(room);
         s.record
             .tool_calls
-            .extend(names.iter().map(|n| n.to_string()));
+            .extend(names[..kept].iter().map(|n| n.to_string()));
+        s.more_tools += names.len() - kept;
     }
 
     /// The routing decision: the backend that serves the request (after any fallback), its
@@ -277,8 +288,10 @@ impl Ticket {
     pub fn set_finish_reason(&self, reason: &str) {
         let mut s = self.state();
         let r = &mut s.record.finish_reason;
-        // With several choices, keep them all: "stop,length".
+        // With several choices, keep them all: "stop,length" (until the record's bound, which
+        // `AuditRecord::bound` cuts to, so that an upstream's reasons cannot grow it).
         match r {
+            Some(prev) if prev.len() > MAX_FIELD_BYTES => {}
             Some(prev) if !prev.split(',').any(|x| x == reason) => {
                 prev.push(',');
                 prev.push_str(reason);
@@ -372,6 +385,10 @@ fn build(s: &mut State, started: Instant, status: u16, error: Option<String>) ->
         }),
         _ => None,
     };
+    // Only the record's copies are bounded: the ledger prices and groups by the exact model
+    // and backend, which come from the deployment (a request naming an unknown model is refused
+    // before `set_model`), never from the client.
+    record.bound(s.more_tools, s.more_verdicts);
     let content = match (&s.principal, s.prompt_text.take()) {
         (Some(p), Some(prompt)) if p.retention != Retention::None => Some(Content {
             tenant_id: p.tenant_id,
@@ -419,5 +436,140 @@ impl Drop for Inner {
                 "request dropped outside the runtime: its reservation will expire unaudited"
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{MAX_VERDICTS, MAX_VERDICT_BYTES};
+    use crate::config::GovConfig;
+    use crate::keys::Role;
+
+    /// The most a record's JSON may take, whatever a client sends: ten string fields of
+    /// `MAX_FIELD_BYTES` and their notes (~3 KB), 33 tool names (~9.5 KB), 33 verdicts of at
+    /// most `MAX_VERDICT_BYTES` (~16.5 KB), a request id and the numbers; ~29 KB in all. (The
+    /// huge inputs below come to ~21 KB: their cut verdicts are shorter than the bound.)
+    const MAX_RECORD_BYTES: usize = 32 * 1024;
+
+    async fn gov(dir: &tempfile::TempDir) -> Governance {
+        let mut config = GovConfig::new(dir.path().join("g.db"));
+        config.region = Some("r".repeat(100_000));
+        Governance::open(config).await.unwrap()
+    }
+
+    /// A ticket given `huge` wherever a client, an upstream or an operator puts text.
+    fn filled(gov: &Governance, huge: &str) -> Ticket {
+        let t = Ticket::new(gov, "req-1".into(), huge, &format!("/v1/{huge}"));
+        t.set_principal(Principal {
+            tenant_id: 1,
+            tenant: "t".into(),
+            key_id: 0,
+            key_prefix: format!("jwt:{huge}"),
+            role: Role::Inference,
+            models: None,
+            retention: Retention::None,
+            filter: None,
+        });
+        t.set_model(huge);
+        t.set_route(huge, huge, huge, 1);
+        for i in 0..1_000 {
+            t.set_finish_reason(&format!("{i}{huge}"));
+            t.add_tool_calls(&[huge, huge, huge]);
+            t.add_verdict(serde_json::json!({ "stage": huge, "n": i }));
+        }
+        t
+    }
+
+    fn record_of(t: &Ticket, huge: &str) -> (FinishOp, String) {
+        let op = t.take(500, Some(format!("error: {huge}"))).unwrap();
+        let text = serde_json::to_string(&op.record).unwrap();
+        (op, text)
+    }
+
+    #[tokio::test]
+    async fn a_record_from_huge_inputs_stays_small() {
+        let dir = tempfile::tempdir().unwrap();
+        let gov = gov(&dir).await;
+        // Plain text, multi-byte text (cut at a character boundary), and text JSON escapes to
+        // six bytes a character.
+        for huge in [
+            "x".repeat(4 << 20),
+            "é".repeat(30_000),
+            "\u{1}".repeat(60_000),
+        ] {
+            let t = filled(&gov, &huge);
+            let (op, text) = record_of(&t, &huge);
+            assert!(text.len() < MAX_RECORD_BYTES, "{} bytes", text.len());
+            let r = &op.record;
+            assert!(r.endpoint.starts_with("/v1/"), "{}", r.endpoint);
+            assert!(
+                r.endpoint
+                    .ends_with(&format!("… ({} bytes)", huge.len() + 4)),
+                "{}",
+                r.endpoint
+            );
+            for field in [&r.model, &r.backend, &r.key, &r.route, &r.error, &r.region] {
+                let f = field.as_deref().unwrap();
+                assert!(f.len() < MAX_FIELD_BYTES + 32, "{} bytes", f.len());
+                assert!(f.ends_with(" bytes)"), "{f}");
+            }
+            assert_eq!(r.tool_calls.len(), MAX_TOOL_CALLS + 1);
+            assert_eq!(
+                r.tool_calls.last().unwrap(),
+                &format!("… ({} more)", 3_000 - MAX_TOOL_CALLS)
+            );
+            assert_eq!(r.filters.len(), MAX_VERDICTS + 1);
+            assert_eq!(
+                r.filters.last().unwrap(),
+                &serde_json::json!({ "dropped": 1_000 - MAX_VERDICTS })
+            );
+            assert!(r.filters[0]["truncated"].is_string());
+            // The record still parses as one.
+            serde_json::from_str::<AuditRecord>(&text).unwrap();
+            drop(t);
+        }
+    }
+
+    #[tokio::test]
+    async fn ordinary_records_are_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let gov = Governance::open(GovConfig::new(dir.path().join("g.db")))
+            .await
+            .unwrap();
+        let t = Ticket::new(&gov, "req-2".into(), "POST", "/v1/chat/completions");
+        t.set_model("llama-3.1-8b-instruct");
+        t.set_route("local", "eu", "cheapest", 3);
+        t.set_finish_reason("stop");
+        t.set_finish_reason("length");
+        t.add_tool_calls(&["get_weather", "lookup"]);
+        let verdict = serde_json::json!({ "stage": "prompt", "action": "redact",
+                                          "kinds": { "pii.email": 2 } });
+        assert!(verdict.to_string().len() < MAX_VERDICT_BYTES);
+        t.add_verdict(verdict.clone());
+        let (op, _) = record_of(&t, "oops");
+        let r = op.record;
+        assert_eq!(r.endpoint, "/v1/chat/completions");
+        assert_eq!(r.model.as_deref(), Some("llama-3.1-8b-instruct"));
+        assert_eq!(r.finish_reason.as_deref(), Some("stop,length"));
+        assert_eq!(r.tool_calls, ["get_weather", "lookup"]);
+        assert_eq!(r.filters, [verdict]);
+        assert_eq!(r.error.as_deref(), Some("error: oops"));
+    }
+
+    #[test]
+    fn text_is_cut_at_a_character_boundary_by_its_json_width() {
+        let mut s = "ab".to_string();
+        crate::audit::bound_text(&mut s, 2);
+        assert_eq!(s, "ab");
+        let mut s = "abc".to_string();
+        crate::audit::bound_text(&mut s, 2);
+        assert_eq!(s, "ab… (3 bytes)");
+        let mut s = "aé".to_string();
+        crate::audit::bound_text(&mut s, 2);
+        assert_eq!(s, "a… (3 bytes)");
+        let mut s = "\"\"x".to_string();
+        crate::audit::bound_text(&mut s, 4);
+        assert_eq!(s, "\"\"… (3 bytes)");
     }
 }
