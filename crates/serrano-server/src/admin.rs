@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use serrano_gov::{BudgetPeriod, BudgetUnit, GovError, NewKey, Retention, Role};
 
 use crate::error::ApiError;
-use crate::extract::JsonBody;
+use crate::extract::{JsonBody, TextBody};
 use crate::state::AppState;
 
 type St = State<Arc<AppState>>;
@@ -317,7 +317,7 @@ fn author(ticket: &serrano_gov::Ticket) -> String {
 pub async fn apply_config(
     State(st): St,
     axum::Extension(ticket): axum::Extension<serrano_gov::Ticket>,
-    body: String,
+    TextBody(body): TextBody,
 ) -> Result<Json<Value>, ApiError> {
     let version = st.routing.apply(&body, &author(&ticket), "apply").await?;
     Ok(Json(json!({"version": version})))

@@ -1,19 +1,20 @@
 //! The axum application: the route table, the governance gate around it, and serving with
 //! TCP_NODELAY on every accepted connection.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::{StatusCode, Uri};
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use serrano_gov::Governance;
 
 use crate::error::ApiError;
+use crate::listen::App;
 use crate::routing::Routing;
-use crate::state::{unix_now, AppState, AuthConfig, ServerConfig};
+use crate::shield::{self, HttpMetrics, InFlight, Refusals};
+use crate::state::{unix_now, AppState, AuthConfig, ServerConfig, Shield};
 use crate::{admin, gov, openai};
 
 /// The route table: every path the server answers, with its methods. The router is built from
@@ -80,17 +81,33 @@ fn route(path: &str) -> axum::routing::MethodRouter<Arc<AppState>> {
     }
 }
 
-/// The whole API over `routing`'s backends. Every route but [`gov::PUBLIC_ROUTES`] (unknown
-/// paths included) goes through the governance gate: key checked, tenant bound, one audit
-/// record written.
+/// The whole API over `routing`'s backends. In front of everything, load shedding (past
+/// `max_in_flight`, 503 before any governance work); then every route but
+/// [`gov::PUBLIC_ROUTES`] (unknown paths included) goes through the governance gate: key
+/// checked, tenant bound, one audit record written. Must be called inside a tokio runtime: it
+/// starts the task that writes refusal summaries.
 pub fn router(
     routing: Arc<Routing>,
     gov: Governance,
     auth: AuthConfig,
     config: ServerConfig,
-) -> Router {
+) -> App {
     let limit = config.max_body_bytes;
+    let conn = config.conn.clone();
+    let http = Arc::new(HttpMetrics::new());
+    let shield = Shield {
+        metrics: http.clone(),
+        in_flight: Arc::new(InFlight::new(config.max_in_flight, http.clone())),
+        refusals: Arc::new(Refusals::new(config.max_refusals_per_minute, http.clone())),
+    };
+    let in_flight = shield.in_flight.clone();
+    tokio::spawn(write_refusal_summaries(
+        gov.clone(),
+        shield.refusals.clone(),
+        config.refusal_summary_every,
+    ));
     let state = Arc::new(AppState {
+        shield,
         routing,
         gov,
         auth,
@@ -101,14 +118,58 @@ pub fn router(
     for &(path, _) in ROUTES {
         app = app.route(path, route(path));
     }
-    app.fallback(not_found)
+    let router = app
+        .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             gov::gate,
         ))
         .layer(DefaultBodyLimit::max(limit))
-        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(
+            in_flight,
+            shield::shed,
+        ))
+        .with_state(state);
+    App { router, http, conn }
+}
+
+/// Every `period` (a minute), one audit record per client address whose requests were refused
+/// before authentication (count and statuses), and one for every other address together.
+async fn write_refusal_summaries(gov: Governance, refusals: Arc<Refusals>, period: Duration) {
+    let mut every = tokio::time::interval(period);
+    every.tick().await;
+    loop {
+        every.tick().await;
+        for (addr, r) in refusals.take() {
+            let who = addr.map_or_else(|| "other addresses".to_string(), |a| a.to_string());
+            let statuses: Vec<String> = r
+                .statuses
+                .iter()
+                .map(|(s, n)| format!("{s} x {n}"))
+                .collect();
+            let top = r
+                .statuses
+                .iter()
+                .max_by_key(|(_, n)| **n)
+                .map_or(401, |(s, _)| *s);
+            let ticket = serrano_gov::Ticket::new(
+                &gov,
+                format!("refused-{}", rand::random::<u64>()),
+                "-",
+                "(refused before authentication)",
+            );
+            let summary = format!(
+                "{} requests from {who} refused before authentication in the last {} s ({})",
+                r.count,
+                period.as_secs(),
+                statuses.join(", ")
+            );
+            if let Err(e) = ticket.finish(top, Some(summary)).await {
+                tracing::error!("cannot write a refusal summary: {e}");
+            }
+        }
+    }
 }
 
 async fn health() -> Json<serde_json::Value> {
@@ -131,9 +192,10 @@ async fn metrics(
                 .map(|e| e.metrics().encode())
                 .collect();
             format!(
-                "{}{}{}# EOF\n",
+                "{}{}{}{}# EOF\n",
                 merge_families(&engines),
                 st.routing.encode_metrics(),
+                st.shield.metrics.encode(),
                 st.gov.encode_metrics()
             )
         },
@@ -150,32 +212,6 @@ async fn method_not_allowed(uri: Uri) -> ApiError {
         "invalid_request_error",
         format!("Method not allowed on {}", uri.path()),
     )
-}
-
-/// Binds `addr` and serves until `shutdown` resolves; in-flight requests finish first.
-pub async fn serve(
-    addr: SocketAddr,
-    app: Router,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    serve_listener(listener, app, shutdown).await
-}
-
-pub async fn serve_listener(
-    listener: tokio::net::TcpListener,
-    app: Router,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    // Without TCP_NODELAY, small SSE chunks and keep-alive responses wait on Nagle + delayed ACK.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::warn!("cannot set TCP_NODELAY: {e}");
-        }
-    });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
 }
 
 /// Several engines' OpenMetrics texts as one: each family's metadata once, then every engine's

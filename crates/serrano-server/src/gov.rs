@@ -26,18 +26,43 @@ pub async fn gate(State(st): State<Arc<AppState>>, mut req: Request, next: Next)
     if req.method() == Method::GET && PUBLIC_ROUTES.contains(&req.uri().path()) {
         return next.run(req).await;
     }
+    let addr = crate::shield::client_addr(&req);
     let (id, bad_id) = request_id(req.headers());
+    // Before authentication nothing durable is written: a refusal is counted, and summarized
+    // per address once a minute (`shield::Refusals`); an address past its refusals is turned
+    // away without a key lookup.
+    let refusals = &st.shield.refusals;
+    let authenticated = match bad_id {
+        Some(e) => Err(e),
+        None if refusals.exhausted(addr) => Err(too_many_refusals()),
+        None => authenticate(&st, req.headers()).await,
+    };
+    let p = match authenticated {
+        Ok(p) => p,
+        Err(e) => {
+            refusals.refused(addr, req.uri().path(), e.status);
+            let mut resp = e.into_response();
+            set_request_id(&mut resp, &id);
+            return resp;
+        }
+    };
     let ticket = Ticket::new(&st.gov, id.clone(), req.method().as_str(), req.uri().path());
-    let resp = match bad_id.map_or(Ok(()), Err) {
-        Ok(()) => match authorize(&st, req.headers(), req.uri().path(), &ticket).await {
-            Ok(()) => {
-                req.extensions_mut().insert(ticket.clone());
-                next.run(req).await
-            }
-            Err(e) => e.into_response(),
-        },
+    // The record names the key even when the key may not do what it asked.
+    ticket.set_principal(p.clone());
+    let resp = match admit(&st, req.headers(), req.uri().path(), p).await {
+        Ok(p) => {
+            ticket.set_principal(p);
+            req.extensions_mut().insert(ticket.clone());
+            next.run(req).await
+        }
         Err(e) => e.into_response(),
     };
+    finish(&st, &ticket, &id, resp).await
+}
+
+/// Writes the record of a request the gate still owns, and adds the response headers every
+/// authenticated request gets.
+async fn finish(st: &AppState, ticket: &Ticket, id: &str, resp: Response) -> Response {
     // Read before `finish`, which hands the record to the writer.
     let route = ticket.route();
     // The inference pipeline claims its tickets and writes their records itself.
@@ -58,9 +83,7 @@ pub async fn gate(State(st): State<Arc<AppState>>, mut req: Request, next: Next)
             Err(e) => ApiError::from(e).into_response(),
         }
     };
-    if let Ok(v) = HeaderValue::from_str(&id) {
-        resp.headers_mut().insert(REQUEST_ID_HEADER, v);
-    }
+    set_request_id(&mut resp, id);
     if let Some(r) = ticket.rate_info() {
         rate_headers(resp.headers_mut(), &r);
     }
@@ -72,6 +95,24 @@ pub async fn gate(State(st): State<Arc<AppState>>, mut req: Request, next: Next)
         }
     }
     resp
+}
+
+fn set_request_id(resp: &mut Response, id: &str) {
+    if let Ok(v) = HeaderValue::from_str(id) {
+        resp.headers_mut().insert(REQUEST_ID_HEADER, v);
+    }
+}
+
+fn too_many_refusals() -> ApiError {
+    ApiError {
+        code: Some("rate_limit_exceeded".into()),
+        retry_after_s: Some(crate::shield::SUMMARY_EVERY.as_secs()),
+        ..ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            "Too many refused requests from this address (--max-refusals-per-minute); retry after the minute",
+        )
+    }
 }
 
 /// OpenAI's `x-ratelimit-*` headers, for the tightest limit of each kind.
@@ -168,47 +209,51 @@ fn bearer(headers: &HeaderMap) -> Result<&str, GovError> {
     Ok(key.trim())
 }
 
-async fn authorize(
+/// Who the bearer credential (or anonymous access) says the caller is; 401 if nobody.
+async fn authenticate(st: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
+    if let (Some(anon), false) = (&st.auth.anonymous, headers.contains_key(AUTHORIZATION)) {
+        return Ok(anon.clone());
+    }
+    let token = bearer(headers)?;
+    Ok(match &st.auth.jwt {
+        Some(v) if JwtVerifier::looks_like_jwt(token) => {
+            st.gov.jwt_principal(&v.verify(token)?).await?
+        }
+        _ => st.gov.authenticate(token).await?,
+    })
+}
+
+/// What an authenticated caller may do here: admin routes need an admin key, and an admin key
+/// may act for another tenant (`x-serrano-tenant`). Refusals are audited: the key was valid.
+async fn admit(
     st: &AppState,
     headers: &HeaderMap,
     path: &str,
-    ticket: &Ticket,
-) -> Result<(), ApiError> {
-    let mut p: Principal = match (&st.auth.anonymous, headers.contains_key(AUTHORIZATION)) {
-        (Some(anon), false) => anon.clone(),
-        _ => {
-            let token = bearer(headers)?;
-            match &st.auth.jwt {
-                Some(v) if JwtVerifier::looks_like_jwt(token) => {
-                    st.gov.jwt_principal(&v.verify(token)?).await?
-                }
-                _ => st.gov.authenticate(token).await?,
-            }
-        }
-    };
+    mut p: Principal,
+) -> Result<Principal, ApiError> {
     // Metrics name every tenant: operators only.
     if (path.starts_with("/admin/") || path == "/metrics") && p.role != Role::Admin {
         return Err(GovError::Forbidden("This route needs an admin key.".into()).into());
     }
-    if let Some(t) = headers.get(TENANT_HEADER) {
-        if p.role != Role::Admin {
-            return Err(GovError::Forbidden(format!(
-                "{TENANT_HEADER} may only be sent with an admin key; a key's tenant is fixed"
-            ))
-            .into());
-        }
-        let name = t
-            .to_str()
-            .map_err(|_| ApiError::invalid(format!("{TENANT_HEADER} is not ASCII")))?;
-        let tenant = st.gov.tenant(name).await?;
-        p.tenant_id = tenant.id;
-        p.tenant = tenant.name;
-        p.retention = tenant.retention;
-        // The tenant's own filters apply, not the admin key's tenant's.
-        p.filter = st.gov.filter(tenant.policy);
+    let Some(t) = headers.get(TENANT_HEADER) else {
+        return Ok(p);
+    };
+    if p.role != Role::Admin {
+        return Err(GovError::Forbidden(format!(
+            "{TENANT_HEADER} may only be sent with an admin key; a key's tenant is fixed"
+        ))
+        .into());
     }
-    ticket.set_principal(p);
-    Ok(())
+    let name = t
+        .to_str()
+        .map_err(|_| ApiError::invalid(format!("{TENANT_HEADER} is not ASCII")))?;
+    let tenant = st.gov.tenant(name).await?;
+    p.tenant_id = tenant.id;
+    p.tenant = tenant.name;
+    p.retention = tenant.retention;
+    // The tenant's own filters apply, not the admin key's tenant's.
+    p.filter = st.gov.filter(tenant.policy);
+    Ok(p)
 }
 
 /// The request's principal; the gate guarantees one on every non-public route.

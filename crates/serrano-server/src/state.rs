@@ -7,24 +7,51 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serrano_gov::Governance;
 
 use crate::error::ApiError;
+use crate::listen::ConnLimits;
 use crate::routing::{self, Routing};
+use crate::shield::{HttpMetrics, InFlight, Refusals};
 
+/// The server's limits; every one is a flag of `serrano serve` (README, Security).
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// Longest a request body may take to arrive, whole; past it 408.
+    pub body_timeout: std::time::Duration,
     /// Longest a request may take, queueing and every attempt included; past it the request
     /// is cancelled and answered 408 (or, mid-stream, ended with an error event).
     pub request_timeout: std::time::Duration,
+    /// Most requests in flight at once (a stream until its last byte); past it 503.
+    pub max_in_flight: usize,
+    /// Requests one client address may have refused before authentication in a minute; past
+    /// it every request from it is 429 without a key lookup until the minute ends.
+    pub max_refusals_per_minute: u64,
+    /// How often refusal counts are written to the audit log as per-address summaries (and the
+    /// per-address window starts over).
+    pub refusal_summary_every: std::time::Duration,
+    /// What the listener lets in.
+    pub conn: ConnLimits,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             max_body_bytes: 4 << 20,
+            body_timeout: std::time::Duration::from_secs(30),
             request_timeout: std::time::Duration::from_secs(600),
+            max_in_flight: 1024,
+            max_refusals_per_minute: 600,
+            refusal_summary_every: crate::shield::SUMMARY_EVERY,
+            conn: ConnLimits::default(),
         }
     }
+}
+
+/// The front door's protections before governance (`shield`).
+pub struct Shield {
+    pub metrics: Arc<HttpMetrics>,
+    pub in_flight: Arc<InFlight>,
+    pub refusals: Arc<Refusals>,
 }
 
 /// Ways to authenticate besides API keys.
@@ -37,6 +64,7 @@ pub struct AuthConfig {
 }
 
 pub struct AppState {
+    pub shield: Shield,
     pub routing: Arc<Routing>,
     pub gov: Governance,
     pub auth: AuthConfig,

@@ -48,7 +48,7 @@ async fn fixture() -> Fixture {
     .await
     .unwrap();
     Fixture {
-        app: router(routing, gov, Default::default(), ServerConfig::default()),
+        app: router(routing, gov, Default::default(), ServerConfig::default()).router,
         admin,
         user,
         _dir: dir,

@@ -165,6 +165,30 @@ struct ServerArgs {
     /// Largest request body accepted; larger ones get 413.
     #[arg(long, default_value_t = 4 << 20)]
     max_body_bytes: usize,
+    /// Longest a request body may take to arrive, whole (seconds); then 408.
+    #[arg(long, default_value_t = 30.0)]
+    body_timeout: f64,
+    /// Seconds a connection may take to send a request's headers, counted from when it opens
+    /// or from its previous response (an idle keep-alive connection); then it is closed.
+    #[arg(long, default_value_t = 15.0)]
+    header_timeout: f64,
+    /// Most connections open at once; past it new ones are accepted and closed at once. The
+    /// process raises its open-file limit to fit.
+    #[arg(long, default_value_t = 4096)]
+    max_connections: usize,
+    /// Most requests in flight at once (a stream counts until its last byte); past it 503 with
+    /// Retry-After, before any governance work. /health is never refused.
+    #[arg(long, default_value_t = 1024)]
+    max_in_flight: usize,
+    /// Requests one client address may have refused before authentication (no key, a wrong
+    /// key) in a minute; past it every request from that address gets 429 without a key
+    /// lookup until the minute ends. Refusals are counted in /metrics and summarized in the
+    /// audit log once a minute per address, never recorded one by one.
+    #[arg(long, default_value_t = 600)]
+    max_refusals_per_minute: u64,
+    /// Seconds between refusal summaries in the audit log (tests shorten it).
+    #[arg(long, default_value_t = 60.0, hide = true)]
+    refusal_summary_every: f64,
     /// Longest a generation may take, queueing included (seconds); then it is cancelled and
     /// answered 408.
     #[arg(long, default_value_t = 600.0)]
@@ -421,10 +445,20 @@ fn run_server(engines: serrano_server::engines::LocalEngines, a: ServerArgs) -> 
         .default_engine()
         .map(|(_, n)| n.clone())
         .unwrap_or_default();
+    let seconds = |s: f64| std::time::Duration::from_secs_f64(s.max(0.001));
     let config = serrano_server::ServerConfig {
         max_body_bytes: a.max_body_bytes,
+        body_timeout: seconds(a.body_timeout),
         request_timeout,
+        max_in_flight: a.max_in_flight.max(1),
+        max_refusals_per_minute: a.max_refusals_per_minute,
+        refusal_summary_every: seconds(a.refusal_summary_every),
+        conn: serrano_server::ConnLimits {
+            max_connections: a.max_connections.max(1),
+            header_timeout: seconds(a.header_timeout),
+        },
     };
+    raise_open_file_limit(a.max_connections);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -517,6 +551,19 @@ fn run_server(engines: serrano_server::engines::LocalEngines, a: ServerArgs) -> 
         gov.flush().await;
         Ok(())
     })
+}
+
+/// Room for `connections` sockets besides the files the process keeps open (the model, the
+/// database, upstream connections): the soft open-file limit is raised toward the hard one.
+fn raise_open_file_limit(connections: usize) {
+    let want = connections as u64 + 1024;
+    match rlimit::increase_nofile_limit(want) {
+        Ok(got) if got < want => tracing::warn!(
+            "the open-file limit is {got}: fewer than --max-connections {connections} connections can be open at once"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
+    }
 }
 
 /// Re-reads the config file on SIGHUP; an invalid file is logged and changes nothing.

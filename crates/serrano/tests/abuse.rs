@@ -1,0 +1,309 @@
+//! The abuse suite: the real binary attacked as an attacker would. Each test is one finding of
+//! issue 28 and failed on the code before its fix: floods of unauthenticated requests growing the
+//! audit log, slow clients holding connections, connection and request floods, slow uploads.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::{metric, wait_until, Server, ADMIN_KEY};
+use serde_json::json;
+
+/// Room for the thousands of sockets these tests open (the server raises its own limit).
+fn raise_open_files() {
+    let _ = rlimit::increase_nofile_limit(20_000);
+}
+
+fn host(s: &Server) -> String {
+    s.base.trim_start_matches("http://").to_string()
+}
+
+/// Bytes the governance database takes on disk (the file and its write-ahead log).
+fn db_bytes(s: &Server) -> u64 {
+    let size = |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.len());
+    let mut wal = s.db.clone().into_os_string();
+    wal.push("-wal");
+    size(&s.db) + size(std::path::Path::new(&wal))
+}
+
+/// Audit records so far (the admin call that asks is one more).
+fn records(s: &Server) -> u64 {
+    s.get("/admin/v1/audit/verify").1["records"]
+        .as_u64()
+        .unwrap()
+}
+
+/// One keep-alive connection that sends raw requests and reads each response whole.
+struct KeepAlive {
+    conn: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl KeepAlive {
+    fn new(addr: &str) -> KeepAlive {
+        KeepAlive {
+            conn: TcpStream::connect(addr).unwrap(),
+            buf: Vec::new(),
+        }
+    }
+
+    /// Sends `req`; returns the response's status.
+    fn send(&mut self, req: &[u8]) -> u16 {
+        self.conn.write_all(req).unwrap();
+        let head_end = loop {
+            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            self.fill();
+        };
+        let head = String::from_utf8_lossy(&self.buf[..head_end]).to_string();
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse().unwrap())
+            })
+            .unwrap_or(0);
+        while self.buf.len() < head_end + length {
+            self.fill();
+        }
+        self.buf.drain(..head_end + length);
+        head.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    fn fill(&mut self) {
+        let mut chunk = [0u8; 65536];
+        let n = self.conn.read(&mut chunk).unwrap();
+        assert!(n > 0, "the server closed a keep-alive connection");
+        self.buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Whether the server has closed `conn` (EOF or reset), waiting at most `within`.
+fn closed(conn: &mut TcpStream, within: Duration) -> bool {
+    conn.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 512];
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) => return true,
+            // A 408/431 written before closing: keep reading to the end.
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+#[test]
+fn anonymous_floods_leave_counts_and_summaries_not_records() {
+    let s = Server::tiny(&[
+        "--refusal-summary-every",
+        "3",
+        "--max-refusals-per-minute",
+        "600",
+    ]);
+    let before_records = records(&s);
+    let before_bytes = db_bytes(&s);
+    // 10,000 requests without a valid key, each with a 20 KB path, over keep-alive connections.
+    let long_path = format!("/v1/{}", "a".repeat(20_000));
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let auth = match t % 2 {
+                1 => "Authorization: Bearer sk-srn-wrong-key-0000000000\r\n",
+                _ => "",
+            };
+            let req = format!(
+                "POST {long_path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}"
+            );
+            let addr = host(&s);
+            std::thread::spawn(move || {
+                let mut conn = KeepAlive::new(&addr);
+                let mut statuses = std::collections::BTreeMap::<u16, u32>::new();
+                for _ in 0..2_500 {
+                    *statuses.entry(conn.send(req.as_bytes())).or_default() += 1;
+                }
+                statuses
+            })
+        })
+        .collect();
+    let mut statuses = std::collections::BTreeMap::<u16, u32>::new();
+    for t in threads {
+        for (k, v) in t.join().unwrap() {
+            *statuses.entry(k).or_default() += v;
+        }
+    }
+    // Refused with a key lookup up to the per-address limit, then at once.
+    assert_eq!(statuses.values().sum::<u32>(), 10_000, "{statuses:?}");
+    assert!(
+        statuses.get(&401).copied().unwrap_or(0) >= 600,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.keys().all(|s| *s == 401 || *s == 429),
+        "{statuses:?}"
+    );
+    // Summaries reach the log within a period; then the growth is what they cost.
+    std::thread::sleep(Duration::from_secs(4));
+    let grown = db_bytes(&s).saturating_sub(before_bytes);
+    let after_records = records(&s);
+    // One summary per address per period (a few periods passed), not 10,000 records.
+    let added = after_records - before_records;
+    assert!(
+        (1..=6).contains(&added),
+        "{added} records for 10,000 refusals"
+    );
+    assert!(
+        grown < 100_000,
+        "the database grew {grown} bytes for 10,000 refused requests"
+    );
+    let (_, log) = s.get("/admin/v1/audit?limit=1000");
+    let summaries: Vec<&serde_json::Value> = log["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["endpoint"] == "(refused before authentication)")
+        .collect();
+    let counted: u64 = summaries
+        .iter()
+        .map(|r| {
+            let e = r["error"].as_str().unwrap();
+            e.split_whitespace().next().unwrap().parse::<u64>().unwrap()
+        })
+        .sum();
+    assert_eq!(counted, 10_000, "{summaries:?}");
+    assert!(summaries
+        .iter()
+        .all(|r| r["error"].as_str().unwrap().contains("127.0.0.1")));
+    let text = s.metrics_text();
+    assert_eq!(metric(&text, "serrano_http_refused_total"), 10_000.0);
+    assert_eq!(s.get("/admin/v1/audit/verify").1["ok"], true);
+}
+
+#[test]
+fn slow_clients_are_closed_after_the_header_timeout() {
+    raise_open_files();
+    let s = Server::tiny(&["--header-timeout", "1", "--max-connections", "8000"]);
+    let addr = host(&s);
+    // Half a request line each, then silence.
+    let mut conns: Vec<TcpStream> = (0..3_000)
+        .map(|_| {
+            let mut c = TcpStream::connect(&addr).unwrap();
+            c.write_all(b"POST /v1/chat/compl").unwrap();
+            c
+        })
+        .collect();
+    // A keep-alive connection idle after one answered request is closed the same way.
+    let mut idle = TcpStream::connect(&addr).unwrap();
+    idle.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let open = conns
+        .iter_mut()
+        .map(|c| closed(c, Duration::from_millis(50)))
+        .filter(|closed| !closed)
+        .count();
+    assert_eq!(open, 0, "{open} of 3,000 slow connections still open");
+    assert!(closed(&mut idle, Duration::from_millis(50)));
+    let (st, _) = s.get("/health");
+    assert_eq!(st, 200);
+    assert_eq!(
+        metric(&s.metrics_text(), "serrano_http_connections_open"),
+        1.0
+    );
+}
+
+#[test]
+fn connections_past_the_cap_are_closed_at_once() {
+    raise_open_files();
+    let s = Server::tiny(&["--max-connections", "50", "--header-timeout", "30"]);
+    let addr = host(&s);
+    let mut held: Vec<TcpStream> = (0..50)
+        .map(|_| TcpStream::connect(&addr).unwrap())
+        .collect();
+    // Let the server take all 50 before the next ones arrive.
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    for _ in 0..20 {
+        let mut c = TcpStream::connect(&addr).unwrap();
+        assert!(closed(&mut c, Duration::from_secs(2)), "not closed at once");
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(!closed(&mut held[0], Duration::from_millis(100)));
+    drop(held);
+    assert!(wait_until(Duration::from_secs(5), || s.get("/health").0 == 200));
+    assert_eq!(
+        metric(&s.metrics_text(), "serrano_http_connections_refused_total"),
+        20.0
+    );
+}
+
+#[test]
+fn requests_past_max_in_flight_are_shed_before_governance() {
+    // Heavy enough that 1,500 tokens take seconds.
+    let heavy = serrano_engine::testing::TinyModel {
+        d_model: 512,
+        d_ff: 2048,
+        n_layers: 10,
+        context_length: 2048,
+        ..Default::default()
+    };
+    let s = Server::random(heavy, &["--max-in-flight", "2"]);
+    let long: Vec<_> = (0..2)
+        .map(|_| {
+            let url = s.url("/v1/completions");
+            std::thread::spawn(move || {
+                let r = ureq::post(&url)
+                    .set("Authorization", &format!("Bearer {ADMIN_KEY}"))
+                    .send_json(json!({"prompt": "hi", "max_tokens": 1500, "ignore_eos": true, "stream": true}))
+                    .unwrap();
+                r.into_string().unwrap()
+            })
+        })
+        .collect();
+    // Both streams hold their slots until their last byte.
+    std::thread::sleep(Duration::from_millis(800));
+    let (st, v, h) = s.post_raw("/v1/completions", br#"{"prompt": "hi", "max_tokens": 2}"#);
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (503, Some("server_overloaded")),
+        "{v}"
+    );
+    assert_eq!(h.get("retry-after").map(String::as_str), Some("1"));
+    // Health checks are never shed.
+    assert_eq!(ureq::get(&s.url("/health")).call().unwrap().status(), 200);
+    for h in long {
+        assert!(h.join().unwrap().trim_end().ends_with("data: [DONE]"));
+    }
+    let (_, log) = s.get("/admin/v1/audit?limit=1000");
+    let shed_records = log["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["status"] == 503)
+        .count();
+    assert_eq!(shed_records, 0, "a shed request wrote a record");
+    assert_eq!(
+        metric(&s.metrics_text(), "serrano_http_requests_shed_total"),
+        1.0
+    );
+}
+
+#[test]
+fn a_body_that_trickles_in_is_cut_off() {
+    let s = Server::tiny(&["--body-timeout", "1"]);
+    let mut c = TcpStream::connect(host(&s)).unwrap();
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_KEY}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"prompt\":"
+    );
+    c.write_all(head.as_bytes()).unwrap();
+    let started = Instant::now();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut answer = String::new();
+    let _ = c.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
