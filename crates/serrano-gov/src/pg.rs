@@ -29,6 +29,13 @@
 //!   anyway (or fails serialization) is retried.
 //! - Expired reservations are released by a background task on every replica; `FOR UPDATE
 //!   SKIP LOCKED` keeps two replicas from releasing the same one.
+//!
+//! A reservation waits at most the busy timeout (for a connection, a lock, a statement) and
+//! then fails closed. A finish (settlement and audit record) tries again after every transient
+//! failure, for as long as it takes, as the SQLite store's does: every request keeps its record.
+//! Where a try failed at its commit or at the WAL flush after it, whether the record landed is
+//! asked (by its seq and hash, once a flush has made what committed durable) rather than
+//! assumed, so a record is written once.
 
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
@@ -60,6 +67,15 @@ const MAX_EXPIRED_PER_SWEEP: i64 = 10_000;
 const MAX_TRIES: usize = 3;
 /// The advisory-lock namespace of tenant locks (the first key of the two-key form): "srrn".
 const TENANT_LOCK_CLASS: i32 = 0x7372_726e;
+/// The first wait of a finish before it tries again after a transient failure; each later
+/// wait doubles, up to [`FINISH_RETRY_MAX`] (jittered to half of it at random, so that the
+/// finishes a lock held up do not all come back at once).
+const FINISH_RETRY_FIRST: Duration = Duration::from_millis(10);
+/// The longest wait between two tries of a finish: the database is asked about once a second
+/// while it cannot take records, on top of each try's own busy timeout.
+const FINISH_RETRY_MAX: Duration = Duration::from_secs(1);
+/// A finish still trying logs a warning at its first failure and every this many after.
+const FINISH_WARN_EVERY: u32 = 30;
 
 const MIGRATIONS: &[(i64, &str, &str)] = &[(
     1,
@@ -98,6 +114,8 @@ pub fn display_db(db: &str) -> String {
 pub struct PgStore {
     pool: PgPool,
     sweeper: tokio::task::JoinHandle<()>,
+    /// Finishes in flight, which `flush` waits for (they may be retrying).
+    finishing: tokio::sync::watch::Sender<usize>,
 }
 
 impl Drop for PgStore {
@@ -124,6 +142,15 @@ impl From<GovError> for TxError {
     }
 }
 
+impl From<TxError> for GovError {
+    fn from(e: TxError) -> Self {
+        match e {
+            TxError::Db(e) => GovError::from(e),
+            TxError::Gov(e) => e,
+        }
+    }
+}
+
 /// Deadlock detected, or serialization failure: the transaction was rolled back whole.
 fn retryable(e: &sqlx::Error) -> bool {
     e.as_database_error()
@@ -131,10 +158,91 @@ fn retryable(e: &sqlx::Error) -> bool {
         .is_some_and(|c| c == "40P01" || c == "40001")
 }
 
+/// A failure that a later try may not meet: the database was busy (no connection within the
+/// busy timeout, a lock or statement timeout), the connection was lost or the server is
+/// restarting, or the transaction was rolled back as a deadlock or serialization failure.
+fn transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) => true,
+        sqlx::Error::Database(d) => d.code().is_some_and(|c| transient_code(&c)),
+        _ => false,
+    }
+}
+
+/// SQLSTATEs of [`transient`] failures.
+fn transient_code(code: &str) -> bool {
+    // 08: connection exceptions.
+    code.starts_with("08")
+        || matches!(
+            code,
+            // Deadlock, serialization failure.
+            "40P01" | "40001"
+            // Lock timeout, statement timeout (or a cancel), idle-in-transaction timeout.
+            | "55P03" | "57014" | "25P03"
+            // The server shutting down, crashed, starting; too many connections.
+            | "57P01" | "57P02" | "57P03" | "53300"
+        )
+}
+
+/// The waits of one finish between its tries (see [`FINISH_RETRY_FIRST`]).
+struct Backoff<'a> {
+    request_id: &'a str,
+    next: Duration,
+    tries: u32,
+}
+
+impl<'a> Backoff<'a> {
+    fn new(request_id: &'a str) -> Self {
+        Backoff {
+            request_id,
+            next: FINISH_RETRY_FIRST,
+            tries: 0,
+        }
+    }
+
+    /// Waits before the next try after `e`.
+    async fn wait(&mut self, e: &sqlx::Error) {
+        self.tries += 1;
+        if self.tries == 1 || self.tries.is_multiple_of(FINISH_WARN_EVERY) {
+            tracing::warn!(
+                request_id = self.request_id,
+                tries = self.tries,
+                "an audit record waits for the database: {e}"
+            );
+        }
+        let jittered = self.next.mul_f64(0.5 + rand::random::<f64>() * 0.5);
+        tokio::time::sleep(jittered).await;
+        self.next = (self.next * 2).min(FINISH_RETRY_MAX);
+    }
+}
+
+/// Where a finish's record sits if its transaction commits, and what it returns then.
+struct Written {
+    finished: Finished,
+    hash: String,
+}
+
+/// Counts a finish in flight for as long as it lives (cancelled or not).
+struct InFlight<'a>(&'a tokio::sync::watch::Sender<usize>);
+
+impl<'a> InFlight<'a> {
+    fn new(count: &'a tokio::sync::watch::Sender<usize>) -> Self {
+        count.send_modify(|n| *n += 1);
+        InFlight(count)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
 impl PgStore {
     /// Connects to `url`, applies migrations (under sqlx's advisory lock, so replicas starting
     /// together apply them once) and starts the expiry sweeper. Must be called inside a tokio
-    /// runtime. `config.busy_timeout` bounds every wait: for a connection, a lock, a statement.
+    /// runtime. `config.busy_timeout` bounds every wait: for a connection, a lock, a statement
+    /// (a reservation then fails closed; a finish tries again until its record lands).
     pub async fn connect(url: &str, config: &GovConfig) -> Result<PgStore, GovError> {
         let wait = config.busy_timeout.max(Duration::from_secs(1));
         let ms = wait.as_millis().to_string();
@@ -160,7 +268,11 @@ impl PgStore {
             .await?;
         migrator().run(&pool).await?;
         let sweeper = tokio::spawn(sweep_loop(pool.clone()));
-        Ok(PgStore { pool, sweeper })
+        Ok(PgStore {
+            pool,
+            sweeper,
+            finishing: tokio::sync::watch::Sender::new(0),
+        })
     }
 
     async fn reserve_once(&self, op: &ReserveOp) -> Result<Option<RateInfo>, TxError> {
@@ -219,7 +331,60 @@ impl PgStore {
         Ok(rate)
     }
 
-    async fn finish_once(&self, op: &FinishOp) -> Result<Finished, TxError> {
+    /// Settles and appends the record until it is durable, trying again after every transient
+    /// failure (see the module's comment).
+    async fn finish_durably(&self, op: &FinishOp) -> Result<Finished, GovError> {
+        let mut backoff = Backoff::new(&op.record.request_id);
+        loop {
+            let (tx, written) = match self.finish_uncommitted(op).await {
+                Ok(t) => t,
+                Err(TxError::Db(e)) if transient(&e) => {
+                    backoff.wait(&e).await;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let outcome = match tx.commit().await {
+                Ok(()) => flush_wal(&self.pool).await,
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(()) => return Ok(written.finished),
+                Err(e) if transient(&e) => {
+                    backoff.wait(&e).await;
+                    if self.landed(&written, &mut backoff).await? {
+                        return Ok(written.finished);
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Whether a record whose commit or flush failed is in the chain, durably: flushes the WAL
+    /// (so what committed before is on disk), then looks for the record's seq and hash.
+    async fn landed(&self, w: &Written, backoff: &mut Backoff<'_>) -> Result<bool, GovError> {
+        loop {
+            let found = async {
+                flush_wal(&self.pool).await?;
+                sqlx::query_scalar::<_, bool>(
+                    "SELECT EXISTS (SELECT 1 FROM audit_log WHERE seq = $1 AND hash = $2)",
+                )
+                .bind(w.finished.seq as i64)
+                .bind(&w.hash)
+                .fetch_one(&self.pool)
+                .await
+            };
+            match found.await {
+                Ok(found) => return Ok(found),
+                Err(e) if transient(&e) => backoff.wait(&e).await,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// The finish's transaction, ready to commit.
+    async fn finish_uncommitted(&self, op: &FinishOp) -> Result<(Tx, Written), TxError> {
         let mut tx = self.pool.begin().await?;
         let now = now_ms();
         let cost = match &op.settlement {
@@ -274,11 +439,11 @@ impl PgStore {
         .bind(content.as_ref().map(|(.., c)| c.as_str()))
         .execute(&mut *tx)
         .await?;
-        tx.commit().await?;
-        Ok(Finished {
+        let finished = Finished {
             seq: seq as u64,
             cost_nusd: cost,
-        })
+        };
+        Ok((tx, Written { finished, hash }))
     }
 }
 
@@ -287,11 +452,10 @@ impl PgStore {
 /// write with a transaction id (any user may emit one, at any `wal_level`), and committing one
 /// with `synchronous_commit` on flushes the WAL up to its own commit record. It takes no lock,
 /// so concurrent callers' flushes merge into one fsync (PostgreSQL's group commit).
-async fn flush_wal(pool: &PgPool) -> Result<(), GovError> {
+async fn flush_wal(pool: &PgPool) -> Result<(), sqlx::Error> {
     sqlx::query("SELECT pg_logical_emit_message(true, 'serrano', '')")
         .execute(pool)
-        .await
-        .map_err(|e| GovError::Unavailable(format!("cannot make the write durable: {e}")))?;
+        .await?;
     Ok(())
 }
 
@@ -668,18 +832,27 @@ impl SqlStore for PgStore {
 
     async fn reserve_request(&self, op: ReserveOp) -> Result<Option<RateInfo>, GovError> {
         let rate = with_retries!(self.reserve_once(&op))?;
-        flush_wal(&self.pool).await?;
+        flush_wal(&self.pool)
+            .await
+            .map_err(|e| GovError::Unavailable(format!("cannot make the write durable: {e}")))?;
         Ok(rate)
     }
 
     async fn finish_request(&self, op: FinishOp) -> Result<Finished, GovError> {
-        let finished = with_retries!(self.finish_once(&op))?;
-        flush_wal(&self.pool).await?;
-        Ok(finished)
+        let _in_flight = InFlight::new(&self.finishing);
+        self.finish_durably(&op).await
     }
 
-    /// Every write is durable when its call returns: nothing is left to wait for.
-    async fn flush_writes(&self) {}
+    /// Every write is durable when its call returns; finishes still trying (the database is
+    /// busy or away) are waited for, so that a shutdown keeps their records.
+    async fn flush_writes(&self) {
+        let mut count = self.finishing.subscribe();
+        let pending = *count.borrow();
+        if pending > 0 {
+            tracing::warn!("waiting for {pending} audit records the database has not taken yet");
+        }
+        let _ = count.wait_for(|n| *n == 0).await;
+    }
 
     /// Versions are numbered MAX + 1 under a table lock: two replicas recording at once must
     /// not pick the same one.

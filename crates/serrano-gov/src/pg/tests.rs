@@ -9,7 +9,7 @@ use crate::audit::{verify_chain, AuditRecord};
 use crate::pgtest::TestPg;
 use crate::storage::conformance::{finish_op, reserve_op};
 use crate::storage::Store;
-use crate::types::Limits;
+use crate::types::{Limits, TenantInfo};
 
 async fn store(pg: &TestPg) -> PgStore {
     PgStore::connect(pg.url(), &GovConfig::new("unused".into()))
@@ -290,6 +290,189 @@ async fn replicas_share_rate_windows() {
             .await
             .unwrap();
     assert_eq!(windows, (3, 60 * 3 - 45));
+}
+
+/// The shortest busy timeout the store takes (`connect` raises shorter ones to it).
+const BUSY: Duration = Duration::from_secs(1);
+
+async fn busy_store(pg: &TestPg) -> Arc<PgStore> {
+    let mut config = GovConfig::new("unused".into());
+    config.busy_timeout = BUSY;
+    Arc::new(PgStore::connect(pg.url(), &config).await.unwrap())
+}
+
+/// A tenant with a budget and one open reservation, `r1`.
+async fn one_reserved(s: &PgStore) -> TenantInfo {
+    s.insert_tenant("t", Retention::Hash, now_ms())
+        .await
+        .unwrap();
+    let t = s.tenant("t").await.unwrap().unwrap();
+    s.set_budget(t.id, 0, BudgetUnit::Tokens, BudgetPeriod::Total, 1_000)
+        .await
+        .unwrap();
+    s.reserve(reserve_op("r1", t.id, 10, 50)).await.unwrap();
+    t
+}
+
+/// The finish's record is the chain's one record, it verifies, and `r1` was charged once.
+async fn landed_once(s: &PgStore) {
+    let (rows, head) = s.audit_chain().await.unwrap();
+    assert_eq!(verify_chain(rows, head).unwrap(), 1);
+    let state = s.ledger_state().await.unwrap();
+    assert_eq!(
+        (state.open_requests, state.reserved_total, state.spent_total),
+        (0, 0, 15)
+    );
+}
+
+/// The server processes of the store's connections that wait for a lock.
+async fn waiting_on_locks(plain: &PgPool) -> Vec<i32> {
+    sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'serrano'
+         AND wait_event_type = 'Lock'",
+    )
+    .fetch_all(plain)
+    .await
+    .unwrap()
+}
+
+/// A finish held up by the audit head's lock for several busy timeouts, whose connection is
+/// then killed, lands once the lock is let go: its record is not lost, and written once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finish_outlasts_a_held_lock_and_a_lost_connection() {
+    let pg = server();
+    let s = busy_store(&pg).await;
+    let t = one_reserved(&s).await;
+    let plain = PgPool::connect(pg.url()).await.unwrap();
+    let mut blocker = plain.begin().await.unwrap();
+    sqlx::query("SELECT seq FROM audit_head WHERE id = 1 FOR UPDATE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let finish = {
+        let (s, t) = (s.clone(), t.clone());
+        tokio::spawn(async move { s.finish(finish_op("r1", &t, Some((10, 5)))).await })
+    };
+    tokio::time::sleep(BUSY * 5 / 2).await;
+    assert!(
+        !finish.is_finished(),
+        "the finish gave up or got past the lock"
+    );
+    // Its connection lost while it waits (the server kills it): it tries again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let victims = loop {
+        let pids = waiting_on_locks(&plain).await;
+        if !pids.is_empty() {
+            break pids;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the finish never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    for pid in victims {
+        sqlx::query("SELECT pg_terminate_backend($1)")
+            .bind(pid)
+            .execute(&plain)
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(BUSY).await;
+    assert!(!finish.is_finished());
+    blocker.rollback().await.unwrap();
+    let fin = tokio::time::timeout(Duration::from_secs(30), finish)
+        .await
+        .expect("the finish never landed")
+        .unwrap()
+        .unwrap();
+    assert!(started.elapsed() > BUSY * 3);
+    assert_eq!((fin.seq, fin.cost_nusd), (1, 0));
+    landed_once(&s).await;
+}
+
+/// A finish waiting on the head's lock when the server crashes lands once the server is
+/// back: every connection of the pool is lost, and new ones are refused while it recovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finish_outlasts_a_server_restart() {
+    let pg = server();
+    let s = busy_store(&pg).await;
+    let t = one_reserved(&s).await;
+    let plain = PgPool::connect(pg.url()).await.unwrap();
+    let mut blocker = plain.begin().await.unwrap();
+    sqlx::query("SELECT seq FROM audit_head WHERE id = 1 FOR UPDATE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let finish = {
+        let (s, t) = (s.clone(), t.clone());
+        tokio::spawn(async move { s.finish(finish_op("r1", &t, Some((10, 5)))).await })
+    };
+    tokio::time::sleep(BUSY / 2).await;
+    tokio::task::block_in_place(|| pg.crash_and_restart()).unwrap();
+    drop(blocker);
+    let fin = tokio::time::timeout(Duration::from_secs(60), finish)
+        .await
+        .expect("the finish never landed")
+        .unwrap()
+        .unwrap();
+    assert_eq!(fin.seq, 1);
+    landed_once(&s).await;
+}
+
+/// With every pooled connection taken for longer than the busy timeout, a reservation fails
+/// closed, while a finish (and the flush that waits for it) waits until connections are back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exhausted_pool_refuses_reservations_and_delays_finishes() {
+    let pg = server();
+    let s = busy_store(&pg).await;
+    let t = one_reserved(&s).await;
+    let mut held = Vec::new();
+    for _ in 0..MAX_CONNECTIONS {
+        held.push(s.pool.acquire().await.unwrap());
+    }
+    let finish = {
+        let (s, t) = (s.clone(), t.clone());
+        tokio::spawn(async move { s.finish(finish_op("r1", &t, Some((10, 5)))).await })
+    };
+    let started = std::time::Instant::now();
+    let refused = s.reserve(reserve_op("r2", t.id, 10, 50)).await;
+    assert!(
+        matches!(refused, Err(GovError::Unavailable(_))),
+        "{refused:?}"
+    );
+    assert!(started.elapsed() >= BUSY);
+    let flushed = tokio::time::timeout(BUSY, s.flush()).await;
+    assert!(flushed.is_err(), "flush returned with a finish in flight");
+    assert!(!finish.is_finished(), "the finish gave up");
+    drop(held);
+    let fin = tokio::time::timeout(Duration::from_secs(30), finish)
+        .await
+        .expect("the finish never landed")
+        .unwrap()
+        .unwrap();
+    assert_eq!(fin.seq, 1);
+    tokio::time::timeout(Duration::from_secs(5), s.flush())
+        .await
+        .expect("flush waits with nothing in flight");
+    landed_once(&s).await;
+}
+
+#[test]
+fn transient_failures_are_told_from_others() {
+    assert!(transient(&sqlx::Error::PoolTimedOut));
+    assert!(transient(&sqlx::Error::Io(
+        std::io::ErrorKind::ConnectionReset.into()
+    )));
+    assert!(!transient(&sqlx::Error::PoolClosed));
+    assert!(!transient(&sqlx::Error::RowNotFound));
+    for code in ["55P03", "57014", "57P01", "08006", "40P01"] {
+        assert!(transient_code(code), "{code}");
+    }
+    for code in ["23505", "42P01", "22P02"] {
+        assert!(!transient_code(code), "{code}");
+    }
 }
 
 #[test]
