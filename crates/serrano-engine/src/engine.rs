@@ -20,6 +20,11 @@ use crate::scheduler::{Planned, Scheduler, SchedulerConfig, SeqId};
 use crate::stop::StopMatcher;
 use crate::tokenizer::{Tokenizer, Utf8Stream};
 
+/// Private-use characters that mark message content in a rendered chat (see
+/// [`ModelInfo::chat_prompt`]); no tokenizer gives them meaning, and user text never keeps them.
+const USER_TEXT_START: char = '\u{E000}';
+const USER_TEXT_END: char = '\u{E001}';
+
 /// Most log-probabilities one position may list (OpenAI allows 20).
 pub const MAX_LOGPROBS: usize = 20;
 
@@ -158,15 +163,32 @@ impl ModelInfo {
             .saturating_mul(self.tokenizer.max_token_bytes)
     }
 
-    /// Renders a chat and tokenizes it; special tokens in the rendered text are parsed, and no BOS
-    /// is added (templates that want one write it themselves).
+    /// Renders a chat and tokenizes it, no BOS added (templates that want one write it
+    /// themselves). Special tokens the template writes are parsed; special-token strings inside
+    /// message content stay text, so a user cannot forge a turn by typing `<|im_end|>`: each
+    /// content is wrapped in private-use markers before rendering, and the tokenizer parses
+    /// special tokens only outside them.
     pub fn chat_prompt(
         &self,
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<Vec<u32>> {
-        let text = self.chat_template.render(messages, add_generation_prompt)?;
-        Ok(self.tokenizer.encode(&text, false, true))
+        let marked: Vec<ChatMessage> = messages
+            .iter()
+            .map(|m| ChatMessage {
+                role: m.role.clone(),
+                content: format!(
+                    "{USER_TEXT_START}{}{USER_TEXT_END}",
+                    // Markers typed by the user would open or close a span themselves.
+                    m.content
+                        .replace([USER_TEXT_START, USER_TEXT_END], "\u{FFFD}")
+                ),
+            })
+            .collect();
+        let text = self.chat_template.render(&marked, add_generation_prompt)?;
+        Ok(self
+            .tokenizer
+            .encode_marked(&text, USER_TEXT_START, USER_TEXT_END))
     }
 }
 

@@ -42,6 +42,17 @@ impl Request {
     }
 }
 
+/// The roles OpenAI defines for chat messages; anything else would render into the prompt as
+/// text of the caller's choosing where the template expects a role.
+pub const ROLES: &[&str] = &[
+    "system",
+    "developer",
+    "user",
+    "assistant",
+    "tool",
+    "function",
+];
+
 /// A request past validation: what every backend may rely on.
 #[derive(Debug, Clone)]
 pub struct Generation {
@@ -83,6 +94,21 @@ impl Generation {
                     return Err(ApiError::invalid_param(
                         "messages",
                         "messages must not be empty",
+                    ));
+                }
+                if let Some((i, m)) = r
+                    .messages
+                    .iter()
+                    .enumerate()
+                    .find(|(_, m)| !ROLES.contains(&m.role.as_str()))
+                {
+                    return Err(ApiError::invalid_param(
+                        &format!("messages[{i}].role"),
+                        format!(
+                            "'{}' is not a role; one of {}",
+                            m.role.chars().take(64).collect::<String>(),
+                            ROLES.join(", ")
+                        ),
                     ));
                 }
                 let logprobs = match (r.logprobs, r.top_logprobs) {

@@ -50,15 +50,15 @@ async fn run(
     st: &Arc<AppState>,
     ticket: &Ticket,
     headers: &HeaderMap,
-    mut request: Request,
+    request: Request,
 ) -> Result<Response, ApiError> {
     // One deadline for the whole request: every attempt, and the relay, end by it.
     let deadline = tokio::time::Instant::now() + st.config.request_timeout;
     let p = principal(ticket)?;
     let priority = priority(headers, &p)?;
-    safety::filter_request(&p, ticket, &mut request)?;
     let (model, plan) = scoped_plan(st, ticket, &p, requested_model(&request))?;
-    let gen = Generation::new(request, model, p.tenant.clone(), priority)?;
+    let mut gen = Generation::new(request, model, p.tenant.clone(), priority)?;
+    gen.request = safety::filter_off_workers(&p, ticket, gen.request).await?;
     let guard = output_guard(&p, &gen)?;
     if ticket.keeps_content() {
         ticket.set_prompt_text(prompt_text(&gen.request));

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use serde_json::Value;
-use serrano_api::{MessageContent, PromptSpec};
+use serrano_api::{ContentPart, MessageContent, PromptSpec};
 use serrano_gov::{Principal, Ticket};
 use serrano_safety::{Filter, OutputScanner, PromptOutcome, Verdict};
 
@@ -53,8 +53,11 @@ fn check_text(f: &Filter, ticket: &Ticket, text: &mut String) -> Result<(), ApiE
     Ok(())
 }
 
-/// Applies the prompt and tool filters to a request, redacting in place. Token-id prompts
-/// carry no text to check and pass as they are.
+/// Applies the prompt and tool filters to a request, redacting in place: every text that
+/// reaches the model (message content, content parts joined as the chat template joins them,
+/// names, tool-call arguments and other fields of messages, tool descriptions and schemas).
+/// Token-id prompts carry no text to check and pass as they are. CPU-bound: call it off the
+/// async workers ([`filter_off_workers`]).
 pub fn filter_request(
     p: &Principal,
     ticket: &Ticket,
@@ -71,14 +74,19 @@ pub fn filter_request(
     match request {
         Request::Chat(r) => {
             for m in &mut r.messages {
-                match &mut m.content {
-                    Some(MessageContent::Parts(parts)) => {
-                        for t in parts.iter_mut().filter_map(|p| p.text.as_mut()) {
-                            check_text(f, ticket, t)?;
-                        }
-                    }
-                    Some(MessageContent::Text(t)) => check_text(f, ticket, t)?,
-                    None => {}
+                if let Some(content) = &mut m.content {
+                    check_content(f, ticket, content)?;
+                }
+                if let Some(name) = &mut m.name {
+                    check_text(f, ticket, name)?;
+                }
+                for v in m.extra.values_mut() {
+                    check_strings(f, ticket, v)?;
+                }
+            }
+            for key in ["tools", "functions"] {
+                if let Some(v) = r.extra.get_mut(key) {
+                    check_strings(f, ticket, v)?;
                 }
             }
         }
@@ -93,6 +101,69 @@ pub fn filter_request(
         },
     }
     Ok(())
+}
+
+/// [`filter_request`] on a blocking thread: a long prompt's scan must not stall other
+/// connections. Returns the (possibly redacted) request.
+pub async fn filter_off_workers(
+    p: &Principal,
+    ticket: &Ticket,
+    mut request: Request,
+) -> Result<Request, ApiError> {
+    if p.filter.is_none() {
+        return Ok(request);
+    }
+    let (p, ticket) = (p.clone(), ticket.clone());
+    tokio::task::spawn_blocking(move || filter_request(&p, &ticket, &mut request).map(|()| request))
+        .await
+        .map_err(ApiError::internal)?
+}
+
+/// A message's content as the template sees it: text parts are joined without a separator
+/// (`MessageContent::text`), so a term or an address split across parts is checked whole. When
+/// the joined text is redacted, the text parts become one part holding it, where the first was.
+fn check_content(
+    f: &Filter,
+    ticket: &Ticket,
+    content: &mut MessageContent,
+) -> Result<(), ApiError> {
+    let parts = match content {
+        MessageContent::Text(t) => return check_text(f, ticket, t),
+        MessageContent::Parts(parts) => parts,
+    };
+    let joined: String = parts.iter().filter_map(|p| p.text.as_deref()).collect();
+    let mut checked = joined.clone();
+    check_text(f, ticket, &mut checked)?;
+    if checked != joined {
+        let first = parts.iter().position(|p| p.text.is_some());
+        let mut kept: Vec<ContentPart> = Vec::with_capacity(parts.len());
+        for (i, p) in parts.drain(..).enumerate() {
+            match (p.text.is_some(), Some(i) == first) {
+                (true, true) => kept.push(ContentPart {
+                    text: Some(std::mem::take(&mut checked)),
+                    ..p
+                }),
+                (true, false) => {}
+                (false, _) => kept.push(p),
+            }
+        }
+        *parts = kept;
+    }
+    Ok(())
+}
+
+/// Every string inside a JSON value (tool descriptions and schemas, tool-call arguments).
+fn check_strings(f: &Filter, ticket: &Ticket, v: &mut Value) -> Result<(), ApiError> {
+    match v {
+        Value::String(s) => check_text(f, ticket, s),
+        Value::Array(items) => items
+            .iter_mut()
+            .try_for_each(|i| check_strings(f, ticket, i)),
+        Value::Object(map) => map
+            .values_mut()
+            .try_for_each(|i| check_strings(f, ticket, i)),
+        _ => Ok(()),
+    }
 }
 
 /// Output filtering for the choices of one response: each choice's text goes through its own
