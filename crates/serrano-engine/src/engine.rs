@@ -871,6 +871,12 @@ impl Worker {
                 logprobs: lp,
             },
         );
+        // Counted as generated, not when the request ends: a cancelled request's tokens were
+        // computed too (and vLLM's counter counts per step as well).
+        self.metrics
+            .generation_tokens
+            .get_or_create(&s.labels)
+            .inc();
         match finish {
             Some(reason) => {
                 send(
@@ -881,10 +887,6 @@ impl Worker {
                         completion_tokens: s.generated,
                     },
                 );
-                self.metrics
-                    .generation_tokens
-                    .get_or_create(&s.labels)
-                    .inc_by(s.generated as u64);
                 self.metrics
                     .e2e_request_latency_seconds
                     .get_or_create(&s.labels)

@@ -8,7 +8,7 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::Json;
 use serrano_api as api;
-use serrano_gov::{GovError, Ticket};
+use serrano_gov::{GovError, Reservation, Ticket};
 
 use crate::backend::Request;
 use crate::error::ApiError;
@@ -81,12 +81,14 @@ pub async fn models(
     }))
 }
 
-/// The engine serving the requested model, once the key may use it.
-fn engine_for(
+/// The engine serving the requested model, once the key may use it and its rate limits
+/// admit one more request (a reservation of no tokens: it counts against requests per minute
+/// and concurrency, and settles as nothing).
+async fn engine_for(
     st: &AppState,
     ticket: &Ticket,
     model: Option<&str>,
-) -> Result<serrano_engine::EngineHandle, ApiError> {
+) -> Result<(serrano_engine::EngineHandle, Reservation), ApiError> {
     let model = model.filter(|m| !m.is_empty());
     if let Some(m) = model {
         if !principal(ticket)?.may_use_model(m) {
@@ -95,7 +97,10 @@ fn engine_for(
             );
         }
     }
-    st.routing.local_engine(model)
+    let engine = st.routing.local_engine(model)?;
+    ticket.set_model(model.unwrap_or_default());
+    let reservation = ticket.reserve(0, 0).await?;
+    Ok((engine, reservation))
 }
 
 pub async fn tokenize(
@@ -103,7 +108,7 @@ pub async fn tokenize(
     Extension(ticket): Extension<Ticket>,
     JsonBody(req): JsonBody<api::TokenizeRequest>,
 ) -> Result<Json<api::TokenizeResponse>, ApiError> {
-    let engine = engine_for(&st, &ticket, req.model.as_deref())?;
+    let (engine, _counted) = engine_for(&st, &ticket, req.model.as_deref()).await?;
     let info = engine.info();
     let tokens = match (req.prompt, &req.messages) {
         (Some(p), None) => {
@@ -128,7 +133,7 @@ pub async fn detokenize(
     Extension(ticket): Extension<Ticket>,
     JsonBody(req): JsonBody<api::DetokenizeRequest>,
 ) -> Result<Json<api::DetokenizeResponse>, ApiError> {
-    let engine = engine_for(&st, &ticket, req.model.as_deref())?;
+    let (engine, _counted) = engine_for(&st, &ticket, req.model.as_deref()).await?;
     let tok = &engine.info().tokenizer;
     if let Some(bad) = req.tokens.iter().find(|&&t| t as usize >= tok.vocab_size()) {
         return Err(ApiError::invalid_param(

@@ -395,6 +395,7 @@ impl Run {
         while let Some(e) = self.next(&mut events).await {
             let Some(msg) = self.chunk(e) else { continue };
             if !self.send(&tx, msg).await {
+                self.count_unsent(&mut events);
                 return;
             }
             if self.violation.is_some() {
@@ -435,6 +436,28 @@ impl Run {
             }
         }
         let _ = tx.send("[DONE]".into()).await;
+    }
+
+    /// The client is gone or stopped reading: what the backend already produced is still
+    /// tallied (and its usage, if it got that far), so that a client that stops reading is
+    /// charged for what was generated for it, not only for what it read. Then dropping the
+    /// events cancels the rest.
+    fn count_unsent(&mut self, events: &mut EventStream) {
+        use futures::FutureExt;
+        // Unconstrained: tokio's cooperative budget would report the channels empty after
+        // 128 receives in this task.
+        while let Some(Some(e)) = tokio::task::unconstrained(events.next()).now_or_never() {
+            match e {
+                Event::Delta(d) => {
+                    self.shown(&d);
+                }
+                Event::Usage {
+                    prompt_tokens,
+                    completion_tokens,
+                } => self.record_usage(prompt_tokens, completion_tokens),
+                _ => {}
+            }
+        }
     }
 
     fn head(&self) -> Head {

@@ -276,17 +276,29 @@ impl Backend for Upstream {
         }
         // Accepted: a body that breaks off from here on is the request's outcome, charged.
         Ok(futures::stream::once(async move {
-            let parsed = match read_capped(resp, MAX_RESPONSE_BYTES).await {
-                Ok(bytes) => response_events(&bytes, chat).map_err(|e| e.to_string()),
-                Err(e) => Err(e),
-            };
-            match parsed {
-                Ok(events) => events,
-                Err(e) => {
-                    tracing::warn!("upstream response unreadable: {e}");
-                    vec![Event::Error(BackendError::failed(failed))]
+            let bytes = match read_capped(resp, MAX_RESPONSE_BYTES).await {
+                Ok(bytes) => bytes,
+                // The answer to what the client asked for (its n, its max_tokens) outgrew the
+                // limit: the request's doing, so it does not count against the backend.
+                Err(BodyError::TooLarge(cap)) => {
+                    return vec![Event::Error(BackendError::refused(ApiError {
+                        code: Some("response_too_large".into()),
+                        ..ApiError::new(
+                            StatusCode::BAD_GATEWAY,
+                            "server_error",
+                            format!("The backend's answer is larger than {cap} bytes; ask for fewer or shorter choices"),
+                        )
+                    }))]
                 }
-            }
+                Err(e) => {
+                    tracing::warn!("upstream response broke off: {e}");
+                    return vec![Event::Error(BackendError::failed(failed))];
+                }
+            };
+            response_events(&bytes, chat).unwrap_or_else(|e| {
+                tracing::warn!("upstream response unreadable: {e}");
+                vec![Event::Error(BackendError::failed(failed))]
+            })
         })
         .flat_map(futures::stream::iter)
         .boxed())
@@ -300,13 +312,13 @@ impl Backend for Upstream {
 }
 
 /// A response body, refused past `cap` bytes.
-async fn read_capped(resp: reqwest::Response, cap: usize) -> Result<Vec<u8>, String> {
+async fn read_capped(resp: reqwest::Response, cap: usize) -> Result<Vec<u8>, BodyError> {
     let mut out = Vec::new();
     let mut stream = resp.bytes_stream();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| e.to_string())?;
+        let chunk = chunk?;
         if out.len() + chunk.len() > cap {
-            return Err(format!("the response is larger than {cap} bytes"));
+            return Err(BodyError::TooLarge(cap));
         }
         out.extend_from_slice(&chunk);
     }
@@ -500,6 +512,8 @@ enum BodyError {
     Transport(#[from] reqwest::Error),
     #[error("an event longer than {0} bytes")]
     EventTooLong(usize),
+    #[error("a body larger than {0} bytes")]
+    TooLarge(usize),
 }
 
 /// The body's bytes, failing once an SSE event runs past `max` bytes without its blank line:

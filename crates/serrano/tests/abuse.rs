@@ -434,3 +434,150 @@ fn a_forged_turn_in_user_text_stays_text() {
         .count();
     assert_eq!(raw_turns, 2);
 }
+
+#[test]
+fn tokenize_obeys_the_keys_model_scope_and_rate_limits() {
+    let s = Server::tiny(&["--served-model-name", "tiny"]);
+    s.tenant("acme");
+    let scoped = s.key("acme", json!({"models": ["other"]}))["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let body = json!({"model": "tiny", "prompt": "hi"}).to_string();
+    let (st, v, _) = s.post_as(&scoped, "/tokenize", body.as_bytes());
+    assert_eq!(st, 403, "{v}");
+    let (st, v) = s.post("/admin/v1/limits", &json!({"tenant": "acme", "rpm": 2}));
+    assert_eq!(st, 200, "{v}");
+    let key = s.key("acme", json!({}))["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let statuses: Vec<u16> = (0..3)
+        .map(|_| s.post_as(&key, "/tokenize", body.as_bytes()).0)
+        .collect();
+    assert_eq!(statuses, [200, 200, 429]);
+    let (st, _, _) = s.post_as(&key, "/detokenize", br#"{"tokens": [1, 2]}"#);
+    assert_eq!(st, 429);
+}
+
+/// A scripted OpenAI-compatible upstream whose every chat answer is `bytes` long.
+fn huge_upstream(bytes: usize) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut c = conn;
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && c.read(&mut byte).unwrap_or(0) == 1 {
+                    head.push(byte[0]);
+                }
+                let text = String::from_utf8_lossy(&head).to_string();
+                // Read the request body too: closing with it unread would reset the connection.
+                let length: usize = text
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse().unwrap_or(0))
+                    })
+                    .unwrap_or(0);
+                let mut request_body = vec![0u8; length];
+                let _ = c.read_exact(&mut request_body);
+                let body = if text.starts_with("GET") {
+                    r#"{"data":[{"id":"big"}]}"#.to_string()
+                } else {
+                    let content = "x".repeat(bytes);
+                    json!({"id": "x", "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]}).to_string()
+                };
+                let _ = c.write_all(
+                    format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len()).as_bytes(),
+                );
+            });
+        }
+    });
+    format!("http://{addr}/v1")
+}
+
+#[test]
+fn an_answer_too_large_is_charged_and_does_not_open_the_breaker() {
+    let gw = Server::gateway(&huge_upstream(17 << 20), &["--upstream-model", "big"]);
+    gw.post(
+        "/admin/v1/budgets",
+        &json!({"tenant": "admin", "unit": "tokens", "period": "day", "limit": 1_000_000}),
+    );
+    let body =
+        json!({"model": "big", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10});
+    for _ in 0..6 {
+        let (st, v, _) = gw.post_raw("/v1/chat/completions", body.to_string().as_bytes());
+        assert_eq!(
+            (st, v["error"]["code"].as_str()),
+            (502, Some("response_too_large")),
+            "{v}"
+        );
+    }
+    let (_, backends) = gw.get("/admin/v1/backends");
+    let b = &backends["data"][0];
+    assert_eq!(b["breaker"], "closed", "{b}");
+    assert_eq!(b["failed"], 0, "{b}");
+    // The upstream did the work: each request is charged its worst case, not nothing.
+    let (_, ledger) = gw.get("/admin/v1/ledger");
+    assert!(
+        ledger["spent_total"].as_u64().unwrap() >= 6 * 10,
+        "{ledger}"
+    );
+    assert_eq!(ledger["reserved_total"], 0);
+}
+
+#[test]
+fn a_client_that_stops_reading_is_charged_what_was_generated() {
+    // The tiny model, fast, with a long context: the engine finishes 16 x 500 tokens within
+    // seconds. A client with a tiny receive window that never reads: the echoed 1,400-token
+    // prompt with its log-probs (16 times) and the tokens with theirs are ~5 MB of events, past
+    // what the socket buffers (4 MB at most here) and the relay's 64 messages hold, so the relay
+    // is still waiting to send when the deadline comes.
+    let fast_long = serrano_engine::testing::TinyModel {
+        context_length: 2048,
+        ..Default::default()
+    };
+    let s = Server::random(fast_long, &["--request-timeout", "10"]);
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let addr: std::net::SocketAddr = host(&s).parse().unwrap();
+    socket.connect(&addr.into()).unwrap();
+    let mut c: TcpStream = socket.into();
+    let body =
+        json!({"prompt": (1..=1400).map(|i| i % 200 + 10).collect::<Vec<u32>>(), "echo": true, "max_tokens": 500, "n": 16, "logprobs": 5, "ignore_eos": true, "stream": true})
+            .to_string();
+    let req = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    c.write_all(req.as_bytes()).unwrap();
+    // The relay gives up at the deadline; then the record is written.
+    std::thread::sleep(Duration::from_secs(12));
+    drop(c);
+    let record = || {
+        let (_, log) = s.get("/admin/v1/audit?limit=1000");
+        log["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|r| r["endpoint"] == "/v1/completions")
+            .cloned()
+    };
+    assert!(wait_until(Duration::from_secs(10), || record().is_some()));
+    let r = record().unwrap();
+    assert_eq!(r["status"], 499, "{r}");
+    // What the engine generated for it (the only request): the tokens queued for the client
+    // when it was given up on are counted too. The engine may compute one more token per
+    // choice in the step during which the request is cancelled.
+    let generated = metric(&s.metrics_text(), "serrano:generation_tokens_total") as u64;
+    let charged = r["completion_tokens"].as_u64().unwrap();
+    assert!(
+        charged <= generated && generated <= charged + 16,
+        "charged {charged}, generated {generated}: {r}"
+    );
+}
