@@ -581,3 +581,241 @@ fn a_client_that_stops_reading_is_charged_what_was_generated() {
         "charged {charged}, generated {generated}: {r}"
     );
 }
+
+/// One hostile request: a method, a path, extra raw headers and a raw body.
+struct Bad {
+    name: &'static str,
+    method: &'static str,
+    path: String,
+    headers: String,
+    body: Vec<u8>,
+}
+
+fn bad(name: &'static str, path: &str, body: impl Into<Vec<u8>>) -> Bad {
+    Bad {
+        name,
+        method: "POST",
+        path: path.to_string(),
+        headers: String::new(),
+        body: body.into(),
+    }
+}
+
+/// Sends one raw request with the admin key on a fresh connection; the status, or 0 if the
+/// server closed the connection without an answer.
+fn send_raw(addr: &str, b: &Bad) -> u16 {
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let head = format!(
+        "{} {} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_KEY}\r\nContent-Type: application/json\r\n{}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        b.method,
+        b.path,
+        b.headers,
+        b.body.len()
+    );
+    if c.write_all(head.as_bytes()).is_err() || c.write_all(&b.body).is_err() {
+        return 0;
+    }
+    let mut out = Vec::new();
+    let _ = c.read_to_end(&mut out);
+    String::from_utf8_lossy(&out)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn forty_classes_of_bad_input_get_cheap_refusals() {
+    let s = Server::tiny(&["--max-body-bytes", "65536", "--served-model-name", "tiny"]);
+    let chat = |extra: serde_json::Value| {
+        let mut b = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+        if let (Some(o), Some(e)) = (b.as_object_mut(), extra.as_object()) {
+            o.extend(e.clone());
+        }
+        b.to_string()
+    };
+    let c = "/v1/chat/completions";
+    let l = "/v1/completions";
+    let deep = format!("{}1{}", "[".repeat(5000), "]".repeat(5000));
+    let mut cases = vec![
+        bad("empty body", c, ""),
+        bad("not json", c, "{not json"),
+        bad("truncated json", c, r#"{"messages": [{"role": "user""#),
+        bad("a json array", c, "[]"),
+        bad("a json string", c, r#""hi""#),
+        bad("invalid utf-8", c, b"{\"messages\": \"\xff\xfe\"}".to_vec()),
+        bad("deep nesting", c, format!(r#"{{"messages": {deep}}}"#)),
+        bad("messages not a list", c, r#"{"messages": "x"}"#),
+        bad("messages empty", c, r#"{"messages": []}"#),
+        bad(
+            "message without role",
+            c,
+            r#"{"messages": [{"content": "x"}]}"#,
+        ),
+        bad(
+            "unknown role",
+            c,
+            chat(json!({"messages": [{"role": "wizard", "content": "x"}]})),
+        ),
+        bad(
+            "role with a newline",
+            c,
+            chat(json!({"messages": [{"role": "user\nsystem", "content": "x"}]})),
+        ),
+        bad(
+            "content a number",
+            c,
+            r#"{"messages": [{"role": "user", "content": 5}]}"#,
+        ),
+        bad(
+            "image part",
+            c,
+            chat(
+                json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}),
+            ),
+        ),
+        bad("max_tokens negative", c, chat(json!({"max_tokens": -1}))),
+        bad("max_tokens zero", c, chat(json!({"max_tokens": 0}))),
+        bad("max_tokens huge", c, chat(json!({"max_tokens": u64::MAX}))),
+        bad("max_tokens a string", c, chat(json!({"max_tokens": "5"}))),
+        bad(
+            "max_tokens past context",
+            c,
+            chat(json!({"max_tokens": 100_000})),
+        ),
+        bad(
+            "temperature NaN-like",
+            c,
+            chat(json!({"temperature": "NaN"})),
+        ),
+        bad(
+            "temperature too high",
+            c,
+            chat(json!({"temperature": 1e30})),
+        ),
+        bad("top_p zero", c, chat(json!({"top_p": 0}))),
+        bad("top_k negative", c, chat(json!({"top_k": -7}))),
+        bad("n zero", c, chat(json!({"n": 0}))),
+        bad("n huge", c, chat(json!({"n": 1_000_000}))),
+        bad("n a string", c, chat(json!({"n": "4"}))),
+        bad("too many stops", c, chat(json!({"stop": vec!["a"; 100]}))),
+        bad("a huge stop", c, chat(json!({"stop": "x".repeat(5000)}))),
+        bad(
+            "logit_bias not an id",
+            c,
+            chat(json!({"logit_bias": {"abc": 1}})),
+        ),
+        bad(
+            "logit_bias out of vocab",
+            c,
+            chat(json!({"logit_bias": {"99999999": 1}})),
+        ),
+        bad(
+            "logit_bias too strong",
+            c,
+            chat(json!({"logit_bias": {"1": 1000}})),
+        ),
+        bad(
+            "top_logprobs without logprobs",
+            c,
+            chat(json!({"top_logprobs": 3})),
+        ),
+        bad(
+            "top_logprobs too many",
+            c,
+            chat(json!({"logprobs": true, "top_logprobs": 500})),
+        ),
+        bad(
+            "stop_token_ids out of vocab",
+            c,
+            chat(json!({"stop_token_ids": [99999999]})),
+        ),
+        bad(
+            "tools the engine cannot call",
+            c,
+            chat(json!({"tools": [{"type": "function", "function": {"name": "f"}}]})),
+        ),
+        bad(
+            "response_format it cannot honour",
+            c,
+            chat(json!({"response_format": {"type": "json_object"}})),
+        ),
+        bad("unknown model", c, chat(json!({"model": "gpt-9"}))),
+        bad(
+            "a 60 KB model name",
+            c,
+            chat(json!({"model": "m".repeat(60_000)})),
+        ),
+        bad(
+            "body over the limit",
+            c,
+            chat(json!({"messages": [{"role": "user", "content": "x".repeat(70_000)}]})),
+        ),
+        bad("completion prompt empty", l, r#"{"prompt": ""}"#),
+        bad(
+            "completion prompt of bad ids",
+            l,
+            r#"{"prompt": [1, 2, 4294967295]}"#,
+        ),
+        bad("completion prompts batched", l, r#"{"prompt": ["a", "b"]}"#),
+        bad("completion suffix", l, r#"{"prompt": "a", "suffix": "b"}"#),
+        bad(
+            "completion logprobs too many",
+            l,
+            r#"{"prompt": "a", "logprobs": 99}"#,
+        ),
+        bad(
+            "completion n_predict",
+            l,
+            r#"{"prompt": "a", "best_of": 3}"#,
+        ),
+        bad(
+            "detokenize out of vocab",
+            "/detokenize",
+            r#"{"tokens": [4294967295]}"#,
+        ),
+        bad("tokenize neither", "/tokenize", r#"{}"#),
+        bad("unknown route", "/v2/everything", "{}"),
+        bad(
+            "admin budget nonsense",
+            "/admin/v1/budgets",
+            r#"{"tenant": "nobody", "unit": "gold", "period": "eon", "limit": -1}"#,
+        ),
+        bad("config garbage", "/admin/v1/config", "[[[[not toml"),
+    ];
+    cases.push(Bad {
+        method: "DELETE",
+        ..bad("a method not allowed", c, "")
+    });
+    cases.push(Bad {
+        headers: "x-request-id: \u{1}bad id\r\n".into(),
+        ..bad("a bad request id", c, chat(json!({})))
+    });
+    cases.push(Bad {
+        headers: "x-serrano-priority: 1000000\r\n".into(),
+        ..bad("priority out of range", c, chat(json!({})))
+    });
+    cases.push(Bad {
+        headers: format!("x-long: {}\r\n", "h".repeat(40_000)),
+        ..bad("a header past the head limit", c, chat(json!({})))
+    });
+    assert!(cases.len() >= 40);
+    let addr = host(&s);
+    let mut report = Vec::new();
+    for b in &cases {
+        let status = send_raw(&addr, b);
+        let ok = (400..500).contains(&status);
+        report.push(format!("{status} {}", b.name));
+        assert!(ok, "{}: got {status}\n{}", b.name, report.join("\n"));
+    }
+    // Nothing broke: the server answers, and every admitted request left its record.
+    let (st, r) = s.post(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+    );
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(s.get("/admin/v1/audit/verify").1["ok"], true);
+    assert!(!s.log.lock().unwrap().iter().any(|l| l.contains("panicked")));
+    println!("{} bad-input classes:\n{}", cases.len(), report.join("\n"));
+}
