@@ -14,6 +14,12 @@
 //! The scan is greedy: at each position take the longest match of any enabled detector (ties go
 //! to the earlier kind in [`PiiKind::ALL`]) and continue after it, which is the same as sorting all
 //! matches by start, preferring the longer, and dropping overlaps.
+//!
+//! Linear time: a detector that rejects a candidate after reading a long run (a key shape whose
+//! body has no digit, a JWT without its dots, an email's local part) notes in a [`Memo`] what
+//! that run proves about the starts inside it, so the next start does not read the run again.
+//! Without it, "-sk-sk-sk-..." cost ~1,000 byte reads per byte. What a memo holds is a fact
+//! about bytes already read, so consulting it gives exactly the answer reading them again would.
 
 use crate::{Finding, PiiKind};
 
@@ -28,15 +34,33 @@ pub(crate) struct More;
 
 type Found = Result<Option<usize>, More>;
 
+/// Most characters of an email's local part (RFC 5321).
+const LOCAL_MAX: usize = 64;
+
 /// The text from a candidate start onwards, as far as it is known.
 struct Cur<'a> {
     b: &'a [u8],
     /// Whether `b` runs to the end of the text (so a missing byte is the end, not "not yet").
     at_end: bool,
+    /// Where `b` starts in the whole text (or stream): the positions a [`Memo`] keeps.
+    at: usize,
+}
+
+#[cfg(test)]
+thread_local! {
+    static READS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Bytes the detectors have read on this thread so far: the tests' measure of scanning work.
+#[cfg(test)]
+pub(crate) fn reads() -> u64 {
+    READS.with(|r| r.get())
 }
 
 impl Cur<'_> {
     fn get(&self, i: usize) -> Result<Option<u8>, More> {
+        #[cfg(test)]
+        READS.with(|r| r.set(r.get() + 1));
         match self.b.get(i) {
             Some(&x) => Ok(Some(x)),
             None if self.at_end => Ok(None),
@@ -61,6 +85,65 @@ impl Cur<'_> {
     fn bytes(&self, a: usize, b: usize) -> &[u8] {
         self.b.get(a..b).unwrap_or(&[])
     }
+
+    /// From `from`, the first position whose byte is not in `class` or is a `stop`, reading only
+    /// bytes already known (never [`More`]): `(position, what is there)`.
+    fn run_end(&self, from: usize, class: fn(u8) -> bool, stop: fn(u8) -> bool) -> (usize, RunEnd) {
+        let mut i = from;
+        loop {
+            match self.get(i) {
+                Ok(Some(b)) if class(b) && !stop(b) => i += 1,
+                Ok(Some(b)) if class(b) => return (i, RunEnd::Stop),
+                Ok(_) => return (i, RunEnd::Outside),
+                Err(More) => return (i, RunEnd::Unknown),
+            }
+        }
+    }
+}
+
+/// What ends a run [`Cur::run_end`] read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RunEnd {
+    /// A byte outside the class, or the end of the text.
+    Outside,
+    /// A byte of the class that the caller stops at.
+    Stop,
+    /// The first byte not known yet.
+    Unknown,
+}
+
+/// What a scan has learned from the candidates it rejected (see the module's comment). A
+/// stream keeps one across its chunks; positions are in the whole text.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Memo {
+    /// Per key shape (by index in [`SHAPES`]): no match of that shape starts before this.
+    shape_skip: [usize; SHAPES.len()],
+    /// No JWT starts before this.
+    jwt_skip: usize,
+    /// The run of local-part bytes an email scan read last.
+    local: Option<LocalRun>,
+    /// The domain an email scan read last: its '@' and where the address ends (`None`: it is not
+    /// a domain).
+    domain: Option<(usize, Option<usize>)>,
+    /// Tests: forget everything at every start, which is how the scan read before the memo.
+    #[cfg(test)]
+    pub(crate) forgetful: bool,
+}
+
+/// Bytes `from..to` are local-part characters with no two dots in a row and no '@'; `end` says
+/// what the byte at `to` is, once it was read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LocalRun {
+    from: usize,
+    to: usize,
+    end: Option<LocalEnd>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LocalEnd {
+    At,
+    /// Anything else that ends a local part: another byte, a second dot, the end of the text.
+    Other,
 }
 
 fn is_word(b: u8) -> bool {
@@ -92,7 +175,12 @@ impl KindSet {
 }
 
 /// The longest match starting at the cursor, if any.
-fn candidate(prev: Option<u8>, c: &Cur, kinds: KindSet) -> Result<Option<(usize, PiiKind)>, More> {
+fn candidate(
+    prev: Option<u8>,
+    c: &Cur,
+    kinds: KindSet,
+    memo: &mut Memo,
+) -> Result<Option<(usize, PiiKind)>, More> {
     // Every detector starts on an ASCII byte; this keeps positions on char boundaries.
     match c.get(0)? {
         Some(b) if b.is_ascii() && !b.is_ascii_whitespace() => {}
@@ -104,13 +192,13 @@ fn candidate(prev: Option<u8>, c: &Cur, kinds: KindSet) -> Result<Option<(usize,
             continue;
         }
         let found = match kind {
-            PiiKind::Email => email(prev, c)?,
+            PiiKind::Email => email(prev, c, memo)?,
             PiiKind::Phone => max(e164(prev, c)?, nanp(prev, c)?),
             PiiKind::PaymentCard => card(prev, c)?,
             PiiKind::Iban => iban(prev, c)?,
             PiiKind::UsSsn => ssn(prev, c)?,
             PiiKind::IpAddress => max(ipv4(prev, c)?, ipv6(prev, c)?),
-            PiiKind::Secret => secret(prev, c)?,
+            PiiKind::Secret => secret(prev, c, memo)?,
         };
         if let Some(len) = found.filter(|&l| l > 0) {
             if best.is_none_or(|(b, _)| len > b) {
@@ -137,23 +225,41 @@ pub(crate) enum Step {
     Done,
 }
 
-/// Scans `b` from `from` to the next match. `prev0` is the byte before `b[0]` (streaming keeps it
-/// from text already emitted); `at_end` says whether `b` runs to the end of the text.
-pub(crate) fn next_hit(
-    b: &[u8],
-    prev0: Option<u8>,
-    at_end: bool,
-    kinds: KindSet,
-    from: usize,
-) -> Step {
+/// Where a scan is: the known text, and what it has learned.
+pub(crate) struct Scan<'a> {
+    pub(crate) b: &'a [u8],
+    /// The byte before `b[0]` (streaming keeps it from text already emitted).
+    pub(crate) prev0: Option<u8>,
+    /// Whether `b` runs to the end of the text.
+    pub(crate) at_end: bool,
+    /// Where `b` starts in the whole text.
+    pub(crate) base: usize,
+    pub(crate) memo: &'a mut Memo,
+}
+
+/// Scans from `from` (an index into `scan.b`) to the next match.
+pub(crate) fn next_hit(scan: &mut Scan, kinds: KindSet, from: usize) -> Step {
+    let b = scan.b;
     let mut s = from;
     while s < b.len() {
-        let prev = if s == 0 { prev0 } else { b.get(s - 1).copied() };
+        let prev = if s == 0 {
+            scan.prev0
+        } else {
+            b.get(s - 1).copied()
+        };
         let cur = Cur {
             b: b.get(s..).unwrap_or(&[]),
-            at_end,
+            at_end: scan.at_end,
+            at: scan.base + s,
         };
-        match candidate(prev, &cur, kinds) {
+        #[cfg(test)]
+        if scan.memo.forgetful {
+            *scan.memo = Memo {
+                forgetful: true,
+                ..Memo::default()
+            };
+        }
+        match candidate(prev, &cur, kinds, scan.memo) {
             Err(More) => return Step::Undecided(s),
             Ok(Some((len, kind))) => {
                 return Step::Hit {
@@ -170,14 +276,35 @@ pub(crate) fn next_hit(
 
 /// Finds PII of the given kinds; findings are sorted by start and never overlap.
 pub fn scan_pii(text: &str, kinds: &[PiiKind]) -> Vec<Finding> {
+    scan_with(text, kinds, Memo::default())
+}
+
+/// [`scan_pii`] reading every candidate afresh, as the scan did before [`Memo`]: the reference
+/// the memo must agree with.
+#[cfg(test)]
+pub(crate) fn scan_pii_forgetful(text: &str, kinds: &[PiiKind]) -> Vec<Finding> {
+    let memo = Memo {
+        forgetful: true,
+        ..Memo::default()
+    };
+    scan_with(text, kinds, memo)
+}
+
+fn scan_with(text: &str, kinds: &[PiiKind], mut memo: Memo) -> Vec<Finding> {
     let kinds = KindSet::of(kinds);
     let mut out = Vec::new();
     if kinds.is_empty() {
         return out;
     }
-    let b = text.as_bytes();
+    let mut scan = Scan {
+        b: text.as_bytes(),
+        prev0: None,
+        at_end: true,
+        base: 0,
+        memo: &mut memo,
+    };
     let mut s = 0;
-    while let Step::Hit { start, end, kind } = next_hit(b, None, true, kinds, s) {
+    while let Step::Hit { start, end, kind } = next_hit(&mut scan, kinds, s) {
         out.push(Finding {
             kind: kind.finding_kind().to_string(),
             start,
@@ -258,29 +385,68 @@ fn is_local(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'%' | b'+' | b'-')
 }
 
-fn email(prev: Option<u8>, c: &Cur) -> Found {
+fn email(prev: Option<u8>, c: &Cur, memo: &mut Memo) -> Found {
     // A '.' before is allowed so "...john@x.com" is still caught; after an '@' this would be
     // the domain of something else ("a@b@c.com").
     if prev.is_some_and(|p| (is_local(p) && p != b'.') || p == b'@') {
         return Ok(None);
     }
-    let mut i = 0;
-    loop {
-        match c.get(i)? {
-            Some(b'@') => break,
-            Some(b'.') if i == 0 || c.get(i - 1)? == Some(b'.') => return Ok(None),
-            Some(b) if is_local(b) => {}
-            _ => return Ok(None),
-        }
-        i += 1;
-        if i > 64 {
-            return Ok(None);
-        }
-    }
+    let Some(i) = local_part(c, &mut memo.local)? else {
+        return Ok(None);
+    };
     if i == 0 || c.get(i - 1)? == Some(b'.') {
         return Ok(None);
     }
-    let domain = i + 1;
+    // Every start whose local part ends at this '@' shares its domain: read it once.
+    let at = c.at + i;
+    if let Some((_, end)) = memo.domain.filter(|d| d.0 == at) {
+        return Ok(end.map(|e| e - c.at));
+    }
+    let end = domain(c, i + 1)?;
+    memo.domain = Some((at, end.map(|e| c.at + e)));
+    Ok(end)
+}
+
+/// The offset of the '@' ending a local part that starts at the cursor: 1 to [`LOCAL_MAX`]
+/// local characters, not starting with a dot nor holding two in a row. A start inside the run
+/// an earlier start read goes on from where that one stopped.
+fn local_part(c: &Cur, memo: &mut Option<LocalRun>) -> Result<Option<usize>, More> {
+    if c.get(0)? == Some(b'.') {
+        return Ok(None);
+    }
+    let a = c.at;
+    let mut run = match *memo {
+        Some(r) if r.from <= a && a < r.to => r,
+        _ => LocalRun {
+            from: a,
+            to: a,
+            end: None,
+        },
+    };
+    while run.end.is_none() && run.to - a <= LOCAL_MAX {
+        let i = run.to - a;
+        let b = match c.get(i) {
+            Ok(b) => b,
+            Err(More) => {
+                *memo = Some(run);
+                return Err(More);
+            }
+        };
+        match b {
+            Some(b'@') => run.end = Some(LocalEnd::At),
+            Some(b'.') if i > 0 && c.get(i - 1)? == Some(b'.') => run.end = Some(LocalEnd::Other),
+            Some(x) if is_local(x) => run.to += 1,
+            _ => run.end = Some(LocalEnd::Other),
+        }
+    }
+    *memo = Some(run);
+    let i = run.to - a;
+    Ok((run.end == Some(LocalEnd::At) && i <= LOCAL_MAX).then_some(i))
+}
+
+/// The end of an email whose domain starts at `domain` (right after its '@'): labels of
+/// letters, digits and inner dashes, at least two, an alphabetic TLD, 253 bytes at most.
+fn domain(c: &Cur, domain: usize) -> Found {
     let mut pos = domain;
     let mut labels = 0;
     let mut last;
@@ -816,22 +982,22 @@ const fn shape(
     }
 }
 
-fn secret(prev: Option<u8>, c: &Cur) -> Found {
+fn secret(prev: Option<u8>, c: &Cur, memo: &mut Memo) -> Found {
     // PEM blocks often follow "key:\n" or sit inside quotes; they need no boundary before.
     let mut best = pem(c)?;
     if prev.is_some_and(is_word) {
         return Ok(best);
     }
-    for s in SHAPES {
-        if let Some(len) = token_shape(c, s)? {
+    for (s, skip) in SHAPES.iter().zip(&mut memo.shape_skip) {
+        if let Some(len) = token_shape(c, s, skip)? {
             best = best.max(Some(len));
         }
     }
-    Ok(best.max(jwt(c)?))
+    Ok(best.max(jwt(c, &mut memo.jwt_skip)?))
 }
 
-fn token_shape(c: &Cur, s: &Shape) -> Found {
-    if !c.starts_with(0, s.prefix)? {
+fn token_shape(c: &Cur, s: &Shape, skip: &mut usize) -> Found {
+    if c.at < *skip || !c.starts_with(0, s.prefix)? {
         return Ok(None);
     }
     let start = s.prefix.len();
@@ -844,9 +1010,42 @@ fn token_shape(c: &Cur, s: &Shape) -> Found {
     }
     let len = pos - start;
     if len < s.min || (s.need_digit && !c.bytes(start, pos).iter().any(u8::is_ascii_digit)) {
+        if let Some(next) = shape_rejected(c, s, pos) {
+            *skip = c.at + next;
+        }
         return Ok(None);
     }
     Ok(Some(pos))
+}
+
+/// After `s` was rejected at the cursor with its body read to `pos` (too short, or no digit
+/// where one is needed): the first offset where it may match again, if the run proves one.
+///
+/// A shape with a fixed length (`max`) proves nothing (a later, shorter run may fit), nor one
+/// whose prefix has bytes outside its body. Otherwise a start inside the run has its prefix in
+/// the run too, and its body is the rest of the run, so:
+/// - if the run ended before [`TOKEN_CAP`], every start before its end reads a shorter body
+///   with no more digits: rejected;
+/// - if the run was capped (only a missing digit rejects then), a start reads [`TOKEN_CAP`]
+///   bytes from itself: rejected while those hold no digit, so up to the next digit (or the
+///   run's end, or what is known) less the cap. That reads on past the cap once, and the
+///   starts skipped pay for it.
+fn shape_rejected(c: &Cur, s: &Shape, pos: usize) -> Option<usize> {
+    if s.max.is_some() || !s.prefix.iter().all(|&b| (s.body)(b)) {
+        return None;
+    }
+    if pos < TOKEN_CAP {
+        return Some(pos);
+    }
+    let stop: fn(u8) -> bool = if s.need_digit {
+        |b| b.is_ascii_digit()
+    } else {
+        |_| false
+    };
+    match c.run_end(pos, s.body, stop) {
+        (end, RunEnd::Outside) => Some(end),
+        (end, RunEnd::Stop | RunEnd::Unknown) => Some(end + 1 - TOKEN_CAP),
+    }
 }
 
 /// Reads a base64url run from `pos`; false if it hit the cap.
@@ -861,24 +1060,39 @@ fn token_run(c: &Cur, pos: &mut usize) -> Result<bool, More> {
 }
 
 /// header.payload.signature where both header and payload are base64url JSON objects ("eyJ").
-fn jwt(c: &Cur) -> Found {
-    if !c.starts_with(0, b"eyJ")? {
+///
+/// A rejected candidate sets `skip` (see [`Memo`]): a start inside its header run ("eyJ" is in
+/// the run) has the same header end and the same bytes after it, so it is rejected for the same
+/// reason, unless the header was capped, which holds only for starts a cap's length before
+/// the run's end.
+fn jwt(c: &Cur, skip: &mut usize) -> Found {
+    if c.at < *skip || !c.starts_with(0, b"eyJ")? {
         return Ok(None);
     }
     let mut pos = 3;
-    if !token_run(c, &mut pos)? || pos < 8 || c.get(pos)? != Some(b'.') {
+    if !token_run(c, &mut pos)? {
+        let (end, _) = c.run_end(pos, is_token, |_| false);
+        *skip = c.at + end + 1 - TOKEN_CAP;
         return Ok(None);
+    }
+    let header_end = pos;
+    let rejected = |skip: &mut usize| {
+        *skip = c.at + header_end;
+        Ok(None)
+    };
+    if pos < 8 || c.get(pos)? != Some(b'.') {
+        return rejected(skip);
     }
     pos += 1;
     if !c.starts_with(pos, b"eyJ")? {
-        return Ok(None);
+        return rejected(skip);
     }
     pos += 3;
     if !token_run(c, &mut pos)? {
         return Ok(Some(pos));
     }
     if c.get(pos)? != Some(b'.') {
-        return Ok(None);
+        return rejected(skip);
     }
     pos += 1;
     token_run(c, &mut pos)?;

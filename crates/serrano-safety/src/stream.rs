@@ -11,13 +11,26 @@
 //! keeps going and up to [`PEM_CAP`] bytes inside a "-----BEGIN ... PRIVATE KEY-----" block,
 //! which bounds memory too.
 //!
+//! Work: each chunk re-checks the first undecided position, reading again what its detectors
+//! read. While fewer than [`EAGER_BYTES`] wait behind it that is cheap and every chunk does it;
+//! past that, only once the bytes waiting have doubled (or pass [`PEM_CAP`], by which every
+//! candidate but a block whose end marker straddles the cap has decided), so a long candidate
+//! streamed in small chunks costs linear time, not quadratic. The price: text after such a
+//! candidate may wait up to as many bytes again before it goes out (held text stays under
+//! [`PEM_CAP`] and a chunk). What the scan learned from rejected candidates (`pii::Memo`) is
+//! kept across chunks.
+//!
 //! [`TOKEN_CAP`]: crate::pii::TOKEN_CAP
 //! [`PEM_CAP`]: crate::pii::PEM_CAP
 
 use std::collections::BTreeMap;
 
-use crate::pii::{next_hit, placeholder, KindSet, Step};
+use crate::pii::{next_hit, placeholder, KindSet, Memo, Scan, Step, PEM_CAP};
 use crate::{Action, PiiKind, Verdict};
+
+/// Bytes waiting behind an undecided position up to which every chunk re-checks it; words,
+/// numbers and most PII decide within this, so ordinary text is never held longer for it.
+const EAGER_BYTES: usize = 64;
 
 /// Filters one output stream (one per choice).
 #[derive(Debug, Clone)]
@@ -28,6 +41,12 @@ pub struct OutputScanner {
     held: String,
     /// The byte before `held`, which the detectors' word-boundary checks need.
     prev: Option<u8>,
+    /// Where `held` starts in the stream.
+    base: usize,
+    /// What the scan learned from rejected candidates, in stream positions.
+    memo: Memo,
+    /// Stream length below which the next re-check would be wasted (see [`EAGER_BYTES`]).
+    recheck_at: usize,
     blocked: bool,
     counts: BTreeMap<String, u32>,
 }
@@ -41,6 +60,9 @@ impl OutputScanner {
             kinds: KindSet::of(kinds),
             held: String::new(),
             prev: None,
+            base: 0,
+            memo: Memo::default(),
+            recheck_at: 0,
             blocked: false,
             counts: BTreeMap::new(),
         }
@@ -56,7 +78,11 @@ impl OutputScanner {
             return String::new();
         }
         self.held.push_str(chunk);
-        let out = self.process(false);
+        let out = if self.base + self.held.len() >= self.recheck_at {
+            self.process(false)
+        } else {
+            String::new()
+        };
         if self.action == Action::Log {
             chunk.to_string()
         } else {
@@ -100,11 +126,17 @@ impl OutputScanner {
             self.prev = out.as_bytes().last().copied().or(self.prev);
             return out;
         }
-        let bytes = self.held.as_bytes();
+        let mut scan = Scan {
+            b: self.held.as_bytes(),
+            prev0: self.prev,
+            at_end,
+            base: self.base,
+            memo: &mut self.memo,
+        };
         let mut emitted = 0;
         let mut from = 0;
         let decided = loop {
-            match next_hit(bytes, self.prev, at_end, self.kinds, from) {
+            match next_hit(&mut scan, self.kinds, from) {
                 Step::Hit { start, end, kind } => {
                     *self
                         .counts
@@ -127,7 +159,7 @@ impl OutputScanner {
                     from = end;
                 }
                 Step::Undecided(at) => break at,
-                Step::Done => break bytes.len(),
+                Step::Done => break self.held.len(),
             }
         };
         // `decided` is where a detector stopped, which is always an ASCII byte; the guard only
@@ -141,6 +173,13 @@ impl OutputScanner {
             self.prev = self.held.as_bytes().get(decided - 1).copied();
         }
         self.held.drain(..decided);
+        self.base += decided;
+        let waiting = self.held.len();
+        self.recheck_at = if waiting < EAGER_BYTES {
+            0
+        } else {
+            self.base + (2 * waiting).min(PEM_CAP + 1)
+        };
         out
     }
 }

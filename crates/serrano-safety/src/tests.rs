@@ -848,3 +848,158 @@ fn filter_and_scanner_can_cross_threads() {
     send_sync::<Filter>();
     send_sync::<OutputScanner>();
 }
+
+// ---------------------------------------------------------------------------------------------
+// linear time: scanning work (bytes the detectors read) per byte stays flat as inputs grow
+
+/// Inputs that made the scan re-read the same run from many starts, each repeated: key
+/// prefixes whose body never gets a digit, JWT headers that never get their dot, local parts
+/// that never reach an '@' or reach one with a long domain behind it, long digit runs.
+const PATHOLOGICAL: &[&str] = &[
+    "-sk",
+    "-sk-proj",
+    "-xoxb",
+    "-eyJ",
+    "-eyJa.eyJ",
+    ".a",
+    "a.",
+    "@",
+    "a@",
+    ".a@b",
+    "@b.c",
+    "a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a@b.b.b.b.b.b.b.b.b.b.b.b.b.b.b.b.b.b.b.b.b_",
+    "1",
+    "1 ",
+    "4111 ",
+    "+1 ",
+    "1-",
+    "AB12 ",
+    "1:",
+    "-----BEGIN ",
+];
+
+/// Most bytes read per byte scanned, over every pattern (~30 measured; ~1,300 for "-sk" before
+/// rejected runs were remembered).
+const MAX_READS_PER_BYTE: u64 = 40;
+/// The same for a stream fed one byte at a time (each chunk re-checks up to 64 bytes).
+const MAX_STREAM_READS_PER_BYTE: u64 = 100;
+
+fn repeated(pattern: &str, n: usize) -> String {
+    pattern.repeat(n / pattern.len() + 1)[..n].to_string()
+}
+
+/// Bytes read to scan `text` in one shot.
+fn one_shot_reads(text: &str) -> u64 {
+    let before = crate::pii::reads();
+    scan_pii(text, &PiiKind::ALL);
+    crate::pii::reads() - before
+}
+
+/// Bytes read to stream `text` in chunks of `chunk` bytes (ASCII).
+fn stream_reads(text: &str, chunk: usize) -> u64 {
+    let before = crate::pii::reads();
+    let mut s = OutputScanner::new(Action::Redact, &PiiKind::ALL);
+    for c in text.as_bytes().chunks(chunk) {
+        s.push(std::str::from_utf8(c).unwrap());
+    }
+    s.finish();
+    crate::pii::reads() - before
+}
+
+/// Work at `n` and `2n` bytes: at most ~2.5 times as much, and a bounded amount per byte. The
+/// small size is below `TOKEN_CAP`, where a scan re-reading runs grows with the input.
+fn assert_linear(what: &str, n: usize, reads: impl Fn(&str) -> u64, per_byte: u64) {
+    for p in PATHOLOGICAL {
+        let (small, large) = (reads(&repeated(p, n)), reads(&repeated(p, 2 * n)));
+        assert!(
+            large * 2 <= small * 5,
+            "{what} {p:?}: {small} reads for {n} bytes, {large} for {}",
+            2 * n
+        );
+        assert!(
+            large <= per_byte * 2 * n as u64,
+            "{what} {p:?}: {large} reads for {} bytes",
+            2 * n
+        );
+    }
+}
+
+#[test]
+fn one_shot_scanning_is_linear() {
+    assert_linear("one-shot", 2 << 10, one_shot_reads, MAX_READS_PER_BYTE);
+    assert_linear("one-shot", 64 << 10, one_shot_reads, MAX_READS_PER_BYTE);
+}
+
+#[test]
+fn streamed_scanning_is_linear() {
+    let bytes = |t: &str| stream_reads(t, 1);
+    assert_linear("byte-streamed", 2 << 10, bytes, MAX_STREAM_READS_PER_BYTE);
+    let chunks = |t: &str| stream_reads(t, 7);
+    assert_linear("streamed", 32 << 10, chunks, MAX_STREAM_READS_PER_BYTE);
+}
+
+/// A long key body holding its digit only past the cap, and runs ending right at the cap:
+/// what the memo skips must be what reading again would reject.
+#[test]
+fn runs_around_the_cap_scan_as_before() {
+    let cap = crate::pii::TOKEN_CAP;
+    for k in [cap - 5, cap - 1, cap, cap + 1, cap + 2, 2 * cap + 7] {
+        for text in [
+            format!("{}1 x", "-sk".repeat(k / 3)),
+            format!("x -sk-{}9-sk-{}", "a".repeat(k), "b".repeat(30)),
+            format!("{}.eyJabc.def", "-eyJ".repeat(k / 4)),
+            format!("-eyJ{}.eyJ{}.sig", "a".repeat(k), "-eyJ".repeat(k / 8)),
+            format!("{}@example.com", ".a".repeat(k / 2)),
+        ] {
+            assert_eq!(
+                scan_pii(&text, &PiiKind::ALL),
+                crate::pii::scan_pii_forgetful(&text, &PiiKind::ALL),
+                "{k}: {}",
+                &text[..40]
+            );
+        }
+    }
+}
+
+fn memo_fragment() -> impl Strategy<Value = String> {
+    prop_oneof![
+        3 => prop::sample::select(vec![
+            "sk-", "-sk-", "sk-proj-", "sk-srn-", "xoxb-", "-xoxp-", "eyJ", "-eyJ", ".eyJ", ".",
+            "..", "@", "a", "Z", "1", " ", "_", "-", "AKIA", "AIza", "ghp_", "sk_live_", "+", "%",
+            "@b.co", "@ex-ample.com", "\n", "-----BEGIN RSA PRIVATE KEY-----\n", "é",
+            "-----END RSA PRIVATE KEY-----", "MIIEowIBAAKCAQEAu1SU1Lf", "john.doe@example.com",
+        ]).prop_map(str::to_string),
+        2 => "[a-z0-9._@-]{1,80}",
+        1 => (prop::sample::select(vec!["-sk", "-eyJ", "a", "-xoxb", ".a", "a-", "1"]), 1..700usize)
+            .prop_map(|(s, n)| s.repeat(n)),
+    ]
+}
+
+fn kinds_subset() -> impl Strategy<Value = Vec<PiiKind>> {
+    prop::sample::subsequence(PiiKind::ALL.to_vec(), 1..=PiiKind::ALL.len())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Remembering rejected runs changes how much is read, never what is found, one-shot or
+    /// streamed.
+    #[test]
+    fn the_memo_finds_what_reading_afresh_finds(
+        parts in prop::collection::vec(memo_fragment(), 0..24),
+        kinds in kinds_subset(),
+        chunk in 1..12usize,
+    ) {
+        let text = parts.concat();
+        let want = crate::pii::scan_pii_forgetful(&text, &kinds);
+        prop_assert_eq!(&scan_pii(&text, &kinds), &want);
+        let mut s = OutputScanner::new(Action::Redact, &kinds);
+        let chars: Vec<char> = text.chars().collect();
+        let mut out = String::new();
+        for c in chars.chunks(chunk) {
+            out.push_str(&s.push(&c.iter().collect::<String>()));
+        }
+        out.push_str(&s.finish());
+        prop_assert_eq!(out, redact(&text, &want));
+    }
+}
