@@ -817,6 +817,16 @@ fn forty_classes_of_bad_input_get_cheap_refusals() {
     assert_eq!(st, 200, "{r}");
     assert_eq!(s.get("/admin/v1/audit/verify").1["ok"], true);
     assert!(!s.log.lock().unwrap().iter().any(|l| l.contains("panicked")));
+    // A 60 KB model name echoed in an error, a 5 KB stop string: no record holds them whole.
+    let (_, log) = s.get("/admin/v1/audit?limit=1000");
+    let biggest = log["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.to_string().len())
+        .max()
+        .unwrap();
+    assert!(biggest < 8 << 10, "an audit record of {biggest} bytes");
     println!("{} bad-input classes:\n{}", cases.len(), report.join("\n"));
 }
 
@@ -949,5 +959,33 @@ fn ten_times_capacity_is_refused_cheaply_and_loses_no_record() {
     println!(
         "10x flood: {ok} answered 200, {queue_full} refused 429, {shed} shed 503; peak RSS {} MiB; 0 records lost",
         rss >> 20
+    );
+}
+
+#[test]
+fn a_batch_of_prompts_reserves_for_every_prompt() {
+    let node = Server::tiny(&["--served-model-name", "tiny", "--allow-anonymous"]);
+    let gw = Server::gateway(&format!("{}/v1", node.base), &["--upstream-model", "tiny"]);
+    gw.tenant("acme");
+    let key = gw.key("acme", json!({}))["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (st, v) = gw.post(
+        "/admin/v1/budgets",
+        &json!({"tenant": "acme", "unit": "tokens", "period": "day", "limit": 1000}),
+    );
+    assert_eq!(st, 200, "{v}");
+    // One prompt: its bound (the body's bytes) and 200 tokens fit the budget.
+    let one = json!({"model": "tiny", "prompt": "hi", "max_tokens": 200});
+    let (st, v, _) = gw.post_as(&key, "/v1/completions", one.to_string().as_bytes());
+    assert_eq!(st, 200, "{v}");
+    // Five prompts would generate 200 tokens each: refused before anything is forwarded.
+    let five = json!({"model": "tiny", "prompt": ["a", "b", "c", "d", "e"], "max_tokens": 200});
+    let (st, v, _) = gw.post_as(&key, "/v1/completions", five.to_string().as_bytes());
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (429, Some("budget_exceeded")),
+        "{v}"
     );
 }
