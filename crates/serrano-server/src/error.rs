@@ -168,12 +168,18 @@ impl From<GovError> for ApiError {
             ),
             GovError::NotFound(_) => (StatusCode::NOT_FOUND, "invalid_request_error", "not_found"),
             GovError::Unavailable(_) => {
-                tracing::error!("{msg}");
+                // The detail (an fsync error, a path, a driver's message) is for the operator's
+                // log, not for whoever sent the request.
+                tracing::error!("governance store unavailable: {msg}");
                 // Failing closed is meant to be temporary: clients back off and retry.
                 return ApiError {
                     code: Some("governance_unavailable".into()),
                     retry_after_s: Some(1),
-                    ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", msg)
+                    ..ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "server_error",
+                        "The governance store cannot take this request now; nothing was generated or charged. Retry later.",
+                    )
                 };
             }
         };
@@ -204,7 +210,11 @@ mod tests {
 
     #[test]
     fn a_store_that_fails_closed_asks_clients_to_retry() {
-        let resp = ApiError::from(GovError::Unavailable("busy".into())).into_response();
+        let e = ApiError::from(GovError::Unavailable(
+            "cannot sync /secret/path: EIO".into(),
+        ));
+        assert!(!e.message.contains("/secret/path"), "{}", e.message);
+        let resp = e.into_response();
         assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
         let resp = ApiError::from(GovError::Forbidden("no".into())).into_response();
