@@ -211,6 +211,9 @@ pub struct Deployment<H> {
     pub handles: Vec<H>,
     /// Smooth weighted round robin's running weights, per route model and backend index.
     swrr: Mutex<HashMap<String, Vec<i64>>>,
+    /// Turns for `least-loaded`'s ties, so a burst that finds every backend equally loaded
+    /// (nothing has begun yet) is spread round robin instead of all going to the first.
+    ties: AtomicU64,
 }
 
 /// A backend chosen for a request, with the model id it knows the request's model by.
@@ -294,6 +297,7 @@ impl<H: Clone> Router<H> {
             states,
             handles,
             swrr: Mutex::new(HashMap::new()),
+            ties: AtomicU64::new(0),
         }
     }
 
@@ -488,8 +492,13 @@ impl<H: Clone> Deployment<H> {
             let s = &self.states[i];
             f64::from(s.in_flight()) / f64::from(s.max_concurrency.load(Ordering::Relaxed).max(1))
         };
+        // Ties are broken round robin: rotate the priority order by a turn counter, then sort
+        // stably by load.
         let mut ordered = eligible.to_vec();
-        // Stable: ties keep priority order.
+        if !ordered.is_empty() {
+            let turn = self.ties.fetch_add(1, Ordering::Relaxed) as usize % ordered.len();
+            ordered.rotate_left(turn);
+        }
         ordered.sort_by(|&a, &b| load(a).total_cmp(&load(b)));
         let s = &self.states[ordered[0]];
         let why = format!(
@@ -721,7 +730,9 @@ regions = ["eu"]
         let eu_gpu = r.active().states[0].clone();
         let _a = eu_gpu.begin(now).unwrap();
         let p = r.plan("m", "t", now).unwrap();
-        assert_eq!(names(&p)[..2], ["eu-cpu", "us-gpu"]);
+        let mut idle = names(&p)[..2].to_vec();
+        idle.sort();
+        assert_eq!(idle, ["eu-cpu", "us-gpu"], "the two idle ones first");
         let eu_cpu = r.active().states[1].clone();
         let _b = eu_cpu.begin(now).unwrap();
         let _c = eu_cpu.begin(now).unwrap();
@@ -733,6 +744,19 @@ regions = ["eu"]
             "{}",
             p.reason
         );
+    }
+
+    #[test]
+    fn least_loaded_spreads_a_burst_that_finds_every_backend_idle() {
+        let r = router("least-loaded", "");
+        let now = Instant::now();
+        // Plans made before any attempt begins all see equal loads.
+        let firsts: Vec<String> = (0..6)
+            .map(|_| r.plan("m", "t", now).unwrap().candidates[0].name.clone())
+            .collect();
+        for b in ["eu-gpu", "eu-cpu", "us-gpu"] {
+            assert_eq!(firsts.iter().filter(|f| *f == b).count(), 2, "{firsts:?}");
+        }
     }
 
     #[test]
