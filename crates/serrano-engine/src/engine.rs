@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use crate::chat::{ChatMessage, ChatTemplate, CHATML_TEMPLATE};
+use crate::constraint::{Constraint, TokenConstraint};
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
 use crate::metrics::{self, EngineMetrics};
@@ -78,6 +79,8 @@ pub struct GenerateRequest {
     pub tenant: String,
     /// Higher is admitted first.
     pub priority: i32,
+    /// Which tokens each choice may sample (a JSON schema, a grammar); `None`: any.
+    pub constraint: Option<Constraint>,
 }
 
 impl GenerateRequest {
@@ -93,6 +96,7 @@ impl GenerateRequest {
             prompt_logprobs: None,
             tenant: "default".into(),
             priority: 0,
+            constraint: None,
         }
     }
 }
@@ -528,6 +532,8 @@ struct Payload {
     failed: bool,
     /// Choices that start from this sequence's prompt once it is computed.
     siblings: Vec<Sibling>,
+    /// This sequence's own constraint, started from the request's.
+    constraint: Option<Box<dyn TokenConstraint>>,
 }
 
 impl Payload {
@@ -539,6 +545,7 @@ impl Payload {
         labels: Vec<(String, String)>,
     ) -> Payload {
         Payload {
+            constraint: req.constraint.as_ref().map(|c| c.0.start()),
             sampler: Sampler::new(req.sampling.clone(), &req.prompt),
             stop: StopMatcher::new(req.stop.clone()),
             utf8: Utf8Stream::default(),
@@ -821,7 +828,26 @@ impl Worker {
         let total_len = e.tokens.len();
         let s = &mut e.payload;
         let raw = s.req.logprobs.map(|_| logits.to_vec());
+        if let Some(c) = &mut s.constraint {
+            match c.allowed() {
+                Ok(mask) => crate::constraint::apply(&mask, logits),
+                Err(e) => {
+                    s.fail(&format!("the output constraint failed: {e}"));
+                    return;
+                }
+            }
+        }
         let token = s.sampler.sample(logits);
+        let constrained = match &mut s.constraint {
+            Some(c) => match c.accept(token) {
+                Ok(()) => c.complete(),
+                Err(e) => {
+                    s.fail(&format!("the output constraint failed: {e}"));
+                    return;
+                }
+            },
+            None => false,
+        };
         let lp = raw.map(|r| logprobs(&r, token, s.req.logprobs.unwrap_or(0)));
         s.generated += 1;
         let now = Instant::now();
@@ -844,6 +870,9 @@ impl Worker {
         if eog || s.req.stop_token_ids.contains(&token) {
             finish = Some(FinishReason::Stop);
         } else if !tok.is_special(token) {
+            if constrained {
+                finish = Some(FinishReason::Stop);
+            }
             let piece = s.utf8.push(tok.token_bytes(token));
             let (emit, hit) = s.stop.push(&piece);
             text = emit;

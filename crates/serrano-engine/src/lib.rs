@@ -8,6 +8,7 @@
 //! [`metrics`]. Nothing here knows about HTTP.
 
 pub mod chat;
+pub mod constraint;
 pub mod engine;
 pub mod error;
 pub mod gguf;
@@ -29,6 +30,7 @@ pub mod testing;
 pub mod tokenizer;
 
 pub use chat::ChatMessage;
+pub use constraint::{Constraint, ConstraintFactory, TokenConstraint, TokenMask};
 pub use engine::{
     start, start_from_gguf, EngineConfig, EngineHandle, Event, FinishReason, GenerateRequest,
     ModelInfo, SubmitError, MAX_LOGPROBS,

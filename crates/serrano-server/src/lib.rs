@@ -12,6 +12,7 @@ pub mod engines;
 mod error;
 mod extract;
 pub mod gov;
+mod grammar;
 pub mod listen;
 pub mod local;
 mod openai;
@@ -22,6 +23,7 @@ pub mod routing;
 pub mod safety;
 pub mod shield;
 mod state;
+mod tools;
 pub mod upstream;
 
 pub use admin::budget_amount;

@@ -9,7 +9,8 @@ use futures::StreamExt;
 use serde_json::Value;
 use serrano_api as api;
 use serrano_engine::{
-    ChatMessage, EngineHandle, Event as EngineEvent, GenerateRequest, ModelInfo, TokenLogprobs,
+    ChatMessage, Constraint, EngineHandle, Event as EngineEvent, GenerateRequest, ModelInfo,
+    TokenLogprobs,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -19,7 +20,9 @@ use crate::backend::{
     Request,
 };
 use crate::error::ApiError;
+use crate::grammar::Grammars;
 use crate::params;
+use crate::tools::{self, Tools};
 
 /// Default `max_tokens` for legacy completions, as OpenAI's.
 const DEFAULT_COMPLETION_MAX_TOKENS: u64 = 16;
@@ -28,12 +31,9 @@ const DEFAULT_COMPLETION_MAX_TOKENS: u64 = 16;
 /// honour anyway (`None`: only `null`). Anything else in one of them is a 400 naming it; fields
 /// OpenAI does not define are ignored, as OpenAI-compatible servers do.
 const UNSUPPORTED_FIELDS: &[(&str, Option<&[&str]>)] = &[
-    ("tools", Some(&["[]"])),
-    ("tool_choice", Some(&["\"none\""])),
     ("parallel_tool_calls", Some(&["true", "false"])),
     ("functions", Some(&["[]"])),
     ("function_call", Some(&["\"none\""])),
-    ("response_format", Some(&[r#"{"type":"text"}"#])),
     ("modalities", Some(&[r#"["text"]"#])),
     ("service_tier", Some(&["\"auto\"", "\"default\""])),
     ("store", Some(&["false"])),
@@ -47,13 +47,14 @@ const UNSUPPORTED_FIELDS: &[(&str, Option<&[&str]>)] = &[
 ];
 
 /// Message fields OpenAI defines that this backend cannot render yet.
-const UNSUPPORTED_MESSAGE_FIELDS: &[&str] =
-    &["tool_calls", "tool_call_id", "function_call", "audio"];
+const UNSUPPORTED_MESSAGE_FIELDS: &[&str] = &["function_call", "audio"];
 
 /// One model on the in-process engine.
 pub struct LocalBackend {
     name: String,
     engine: EngineHandle,
+    /// The vocabulary indexed for structured outputs, built on first use (it takes a moment).
+    grammars: std::sync::OnceLock<Result<Grammars, String>>,
 }
 
 impl LocalBackend {
@@ -61,7 +62,58 @@ impl LocalBackend {
         LocalBackend {
             name: name.to_string(),
             engine,
+            grammars: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The constraint the output must follow: the tools' grammar when the model may call one,
+    /// else `response_format`'s schema, else none.
+    async fn output_constraint(
+        &self,
+        gen: &Generation,
+        tools: Option<&Tools>,
+    ) -> Result<Option<Constraint>, ApiError> {
+        let schema = response_schema(gen.request.extra())?;
+        let spec = match (tools.and_then(Tools::grammar), schema) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::invalid_param(
+                    "response_format",
+                    "response_format together with tools the model may call is not supported by the local engine",
+                ))
+            }
+            (Some(lark), None) => Spec::Lark(lark),
+            (None, Some(schema)) => Spec::Schema(schema),
+            (None, None) => return Ok(None),
+        };
+        let info = self.info().clone();
+        let cell = &self.grammars;
+        if cell.get().is_none() {
+            // Indexing the vocabulary is CPU work: off the async workers, once.
+            let built = tokio::task::spawn_blocking(move || Grammars::new(&info))
+                .await
+                .map_err(ApiError::internal)?;
+            let _ = cell.set(built);
+        }
+        let grammars = match cell.get() {
+            Some(Ok(g)) => g,
+            Some(Err(e)) => return Err(ApiError::internal(e)),
+            None => return Err(ApiError::internal("the grammar index was not built")),
+        };
+        match spec {
+            Spec::Schema(schema) => grammars.json_schema(&schema).map_err(|e| {
+                ApiError::invalid_param(
+                    "response_format",
+                    format!("the JSON schema cannot be used: {e}"),
+                )
+            }),
+            Spec::Lark(lark) => grammars.lark(&lark).map_err(|e| {
+                ApiError::invalid_param(
+                    "tools",
+                    format!("a tool's parameters schema cannot be used: {e}"),
+                )
+            }),
+        }
+        .map(Some)
     }
 
     fn info(&self) -> &Arc<ModelInfo> {
@@ -74,6 +126,38 @@ struct Work {
     req: GenerateRequest,
     echo: bool,
     as_ids: bool,
+    /// The model may answer with a tool call (an envelope the relay reports as `tool_calls`).
+    calls_tools: bool,
+}
+
+/// What a constraint is built from.
+enum Spec {
+    Schema(Value),
+    Lark(String),
+}
+
+/// The JSON schema `response_format` asks for: `text` none, `json_object` any object,
+/// `json_schema` its `schema` (llguidance honours `strict`'s rules: no properties beyond those
+/// listed when `additionalProperties` is false).
+fn response_schema(extra: &serrano_api::Extra) -> Result<Option<Value>, ApiError> {
+    let Some(rf) = extra.get("response_format").filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let bad = |m: &str| ApiError::invalid_param("response_format", m.to_string());
+    match rf["type"].as_str() {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(serde_json::json!({"type": "object"}))),
+        Some("json_schema") => {
+            let schema = &rf["json_schema"]["schema"];
+            if !schema.is_object() && !schema.is_boolean() {
+                return Err(bad("json_schema.schema must be a JSON schema object"));
+            }
+            Ok(Some(schema.clone()))
+        }
+        _ => Err(bad(
+            "response_format.type must be 'text', 'json_object' or 'json_schema'",
+        )),
+    }
 }
 
 /// The first field the local engine cannot honour, with why.
@@ -115,22 +199,44 @@ fn unsupported(gen: &Generation) -> Option<ApiError> {
     None
 }
 
-fn engine_messages(messages: &[api::ChatMessage]) -> Result<Vec<ChatMessage>, ApiError> {
-    messages
+/// The messages as the template renders them. With tools, their description goes into the
+/// system message (added first when there is none), and an assistant turn's earlier tool calls
+/// read as the envelopes it wrote.
+fn engine_messages(
+    messages: &[api::ChatMessage],
+    tools: Option<&Tools>,
+) -> Result<Vec<ChatMessage>, ApiError> {
+    let mut out = messages
         .iter()
         .map(|m| {
-            let content = match &m.content {
+            let mut content = match &m.content {
                 None => String::new(),
                 Some(c) => c
                     .text()
                     .map_err(|e| ApiError::invalid_param("messages", e))?,
             };
+            if let Some(calls) = m.extra.get("tool_calls").filter(|c| !c.is_null()) {
+                if !content.is_empty() {
+                    content.push('\n');
+                }
+                content.push_str(&tools::render_calls(calls));
+            }
             Ok(ChatMessage {
                 role: m.role.clone(),
                 content,
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    if let Some(t) = tools.filter(|t| t.active()) {
+        match out.first_mut().filter(|m| m.role == "system") {
+            Some(system) => {
+                system.content.push_str("\n\n");
+                system.content.push_str(&t.prompt());
+            }
+            None => out.insert(0, ChatMessage::new("system", &t.prompt())),
+        }
+    }
+    Ok(out)
 }
 
 /// Text longer than the context could ever hold is refused before any tokenizing.
@@ -159,9 +265,10 @@ pub async fn encode(
 pub async fn chat_prompt(
     info: &Arc<ModelInfo>,
     messages: &[api::ChatMessage],
+    tools: Option<&Tools>,
     add_generation_prompt: bool,
 ) -> Result<Vec<u32>, ApiError> {
-    let msgs = engine_messages(messages)?;
+    let msgs = engine_messages(messages, tools)?;
     check_text_len(info, "messages", msgs.iter().map(|m| m.content.len()).sum())?;
     let info = info.clone();
     tokio::task::spawn_blocking(move || info.chat_prompt(&msgs, add_generation_prompt))
@@ -171,9 +278,13 @@ pub async fn chat_prompt(
 }
 
 /// The prompt's token ids: the rendered chat, or the one legacy prompt.
-async fn prompt_ids(info: &Arc<ModelInfo>, request: &Request) -> Result<Vec<u32>, ApiError> {
+async fn prompt_ids(
+    info: &Arc<ModelInfo>,
+    request: &Request,
+    tools: Option<&Tools>,
+) -> Result<Vec<u32>, ApiError> {
     let prompt = match request {
-        Request::Chat(r) => chat_prompt(info, &r.messages, true).await?,
+        Request::Chat(r) => chat_prompt(info, &r.messages, tools, true).await?,
         Request::Completion(r) => match &r.prompt {
             api::PromptSpec::Text(s) => encode(info, "prompt", s.clone(), true).await?,
             api::PromptSpec::Texts(v) if v.len() == 1 => {
@@ -202,7 +313,11 @@ impl LocalBackend {
         }
         let info = self.info();
         let vocab = info.config.vocab_size;
-        let prompt = prompt_ids(info, &gen.request).await?;
+        let tools = match &gen.request {
+            Request::Chat(r) => tools::parse(&r.extra)?,
+            Request::Completion(_) => None,
+        };
+        let prompt = prompt_ids(info, &gen.request, tools.as_ref()).await?;
         let (sampling, echo, as_ids) = match &gen.request {
             Request::Chat(r) => (&r.sampling, false, false),
             Request::Completion(r) => (&r.sampling, r.echo, r.return_tokens_as_token_ids),
@@ -214,7 +329,9 @@ impl LocalBackend {
             (None, true) => (info.context_length.saturating_sub(prompt.len()) as u64).max(1),
             (None, false) => DEFAULT_COMPLETION_MAX_TOKENS,
         };
+        let constraint = self.output_constraint(gen, tools.as_ref()).await?;
         let req = GenerateRequest {
+            constraint,
             sampling: gen.sampling.clone(),
             max_tokens: usize::try_from(max_tokens).unwrap_or(usize::MAX),
             stop: gen.stop.clone(),
@@ -226,7 +343,13 @@ impl LocalBackend {
             tenant: gen.tenant.clone(),
             priority: gen.priority,
         };
-        Ok(Work { req, echo, as_ids })
+        let calls_tools = tools.as_ref().is_some_and(Tools::active);
+        Ok(Work {
+            req,
+            echo,
+            as_ids,
+            calls_tools,
+        })
     }
 }
 
@@ -360,9 +483,84 @@ struct Translator {
     finished: Vec<bool>,
     prompt_tokens: u64,
     completion_tokens: u64,
+    /// Per choice, when the model may call a tool: what its answer has turned out to be.
+    answers: Option<Vec<Answer>>,
+}
+
+/// What a choice's answer is, when it may be a tool call: the grammar makes a call start with
+/// `{` and text start with anything else, so the first visible character decides.
+#[derive(Debug, Clone, PartialEq)]
+enum Answer {
+    Undecided,
+    Text,
+    /// An envelope being written, held back until it is complete.
+    Call(String),
 }
 
 impl Translator {
+    /// The text of a token as the client sees it now: a tool call's envelope is held back.
+    fn answer(&mut self, i: usize, text: String) -> String {
+        let Some(answer) = self.answers.as_mut().and_then(|a| a.get_mut(i)) else {
+            return text;
+        };
+        match answer {
+            Answer::Text => text,
+            Answer::Call(buf) => {
+                buf.push_str(&text);
+                String::new()
+            }
+            Answer::Undecided if text.is_empty() => text,
+            Answer::Undecided if text.trim_start().starts_with('{') => {
+                *answer = Answer::Call(text);
+                String::new()
+            }
+            Answer::Undecided => {
+                *answer = Answer::Text;
+                text
+            }
+        }
+    }
+
+    /// The end of choice `i`: a tool call when its answer was an envelope, else its finish.
+    fn end_answer(&mut self, i: usize, reason: &str) -> Vec<Event> {
+        let finish = |reason: &str| Event::Finish {
+            index: i as u32,
+            reason: reason.to_string(),
+            extra: Default::default(),
+        };
+        let held = match self.answers.as_mut().and_then(|a| a.get_mut(i)) {
+            Some(Answer::Call(buf)) => std::mem::take(buf),
+            _ => return vec![finish(reason)],
+        };
+        match tools::parse_call(&held) {
+            Some((name, arguments)) => vec![
+                Event::ToolCall {
+                    index: i as u32,
+                    call: api::ToolCallDelta {
+                        index: 0,
+                        id: Some(tools::call_id()),
+                        kind: Some("function".into()),
+                        function: Some(api::FunctionCallDelta {
+                            name: Some(name),
+                            arguments: Some(arguments),
+                        }),
+                    },
+                    legacy: false,
+                },
+                finish("tool_calls"),
+            ],
+            // Cut off before it was whole (max_tokens): the text as it is.
+            None => vec![
+                Event::Delta(Delta {
+                    index: i as u32,
+                    text: held,
+                    ..Default::default()
+                }),
+                finish(reason),
+            ],
+        }
+    }
+
     fn prompt_text(&self) -> String {
         self.namer.info.tokenizer.decode(&self.prompt, false)
     }
@@ -418,7 +616,8 @@ impl Translator {
             }
             Some(EngineEvent::PromptLogprobs(_)) => vec![],
             Some(EngineEvent::Token { id, text, logprobs }) => {
-                vec![self.token(i, id, text, logprobs)]
+                let shown = self.answer(i, text);
+                vec![self.token(i, id, shown, logprobs)]
             }
             Some(EngineEvent::Finished {
                 reason,
@@ -428,11 +627,7 @@ impl Translator {
                 self.finished[i] = true;
                 self.prompt_tokens = prompt_tokens as u64;
                 self.completion_tokens += completion_tokens as u64;
-                let mut out = vec![Event::Finish {
-                    index: i as u32,
-                    reason: reason.as_str().to_string(),
-                    extra: Default::default(),
-                }];
+                let mut out = self.end_answer(i, reason.as_str());
                 if self.finished.iter().all(|f| *f) {
                     out.push(Event::Usage {
                         prompt_tokens: self.prompt_tokens,
@@ -473,6 +668,7 @@ fn events(
         finished: vec![false; n],
         prompt_tokens: 0,
         completion_tokens: 0,
+        answers: work.calls_tools.then(|| vec![Answer::Undecided; n]),
     };
     // Without prompt log-probs the echo goes out at once; with them, when they arrive.
     let first: Vec<Event> = if work.echo && work.req.prompt_logprobs.is_none() {

@@ -114,7 +114,7 @@ pub async fn tokenize(
         (Some(p), None) => {
             encode(info, "prompt", p, req.add_special_tokens.unwrap_or(true)).await?
         }
-        (None, Some(m)) => chat_prompt(info, m, req.add_generation_prompt).await?,
+        (None, Some(m)) => chat_prompt(info, m, None, req.add_generation_prompt).await?,
         _ => {
             return Err(ApiError::invalid(
                 "give exactly one of 'prompt' or 'messages'",

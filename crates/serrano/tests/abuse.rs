@@ -732,14 +732,33 @@ fn forty_classes_of_bad_input_get_cheap_refusals() {
             chat(json!({"stop_token_ids": [99999999]})),
         ),
         bad(
-            "tools the engine cannot call",
+            "a tool of an unknown type",
             c,
-            chat(json!({"tools": [{"type": "function", "function": {"name": "f"}}]})),
+            chat(json!({"tools": [{"type": "retrieval"}]})),
         ),
         bad(
-            "response_format it cannot honour",
+            "tool_choice naming no tool",
             c,
-            chat(json!({"response_format": {"type": "json_object"}})),
+            chat(
+                json!({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function", "function": {"name": "g"}}}),
+            ),
+        ),
+        bad(
+            "a response_format of no kind",
+            c,
+            chat(json!({"response_format": {"type": "xml"}})),
+        ),
+        bad(
+            "a response_format schema that is no schema",
+            c,
+            chat(
+                json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": 5}}}),
+            ),
+        ),
+        bad(
+            "legacy functions",
+            c,
+            chat(json!({"functions": [{"name": "f"}]})),
         ),
         bad("unknown model", c, chat(json!({"model": "gpt-9"}))),
         bad(

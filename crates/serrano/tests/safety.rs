@@ -114,17 +114,11 @@ fn prompts_and_tools_are_filtered_per_tenant() {
         json!({"messages": [{"role": "user", "content": "hi"}], "tools": tools("rm_rf"), "max_tokens": 2}),
     );
     assert_eq!(st, 400, "{v}");
-    // An allowed tool passes the filter; the local engine then says it cannot call tools (a
-    // field OpenAI defines that a backend cannot honour is refused by name, never ignored).
+    // An allowed tool passes the filter, and the engine may call it.
     let (st, v, _) = post(
         json!({"messages": [{"role": "user", "content": "hi"}], "tools": tools("get_weather"), "max_tokens": 2}),
     );
-    assert_eq!(
-        (st, v["error"]["param"].as_str()),
-        (400, Some("tools")),
-        "{v}"
-    );
-    assert_ne!(v["error"]["code"], "content_policy_violation", "{v}");
+    assert_eq!(st, 200, "{v}");
     assert_eq!(s.get("/admin/v1/ledger").1["open_requests"], 0);
 }
 
