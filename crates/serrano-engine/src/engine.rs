@@ -829,7 +829,12 @@ impl Worker {
         let s = &mut e.payload;
         let raw = s.req.logprobs.map(|_| logits.to_vec());
         if let Some(c) = &mut s.constraint {
-            match c.allowed() {
+            let started = Instant::now();
+            let allowed = c.allowed();
+            self.metrics
+                .constraint_mask_seconds
+                .observe(started.elapsed().as_secs_f64());
+            match allowed {
                 Ok(mask) => crate::constraint::apply(&mask, logits),
                 Err(e) => {
                     s.fail(&format!("the output constraint failed: {e}"));

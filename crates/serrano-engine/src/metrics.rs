@@ -28,11 +28,16 @@ pub struct EngineMetrics {
     pub e2e_request_latency_seconds: Family<Labels, Histogram>,
     pub request_queue_time_seconds: Family<Labels, Histogram>,
     pub iteration_tokens_total: Histogram,
+    /// Time to compute one constrained sequence's mask of allowed tokens.
+    pub constraint_mask_seconds: Histogram,
 }
 
 const LATENCY_BUCKETS: [f64; 20] = [
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
     20.0, 40.0, 80.0, 160.0,
+];
+const MASK_BUCKETS: [f64; 10] = [
+    0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05,
 ];
 const TOKEN_BUCKETS: [f64; 12] = [
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0,
@@ -61,6 +66,7 @@ impl EngineMetrics {
             e2e_request_latency_seconds: latency_family(),
             request_queue_time_seconds: latency_family(),
             iteration_tokens_total: Histogram::new(TOKEN_BUCKETS),
+            constraint_mask_seconds: Histogram::new(MASK_BUCKETS),
         };
         let mut registry = Registry::default();
         let r =
@@ -139,6 +145,11 @@ impl EngineMetrics {
             "serrano:iteration_tokens_total",
             "Tokens per engine step",
             m.iteration_tokens_total.clone(),
+        );
+        r.register(
+            "serrano:constraint_mask_seconds",
+            "Time to compute a constrained sequence's mask of allowed tokens (structured outputs, tools)",
+            m.constraint_mask_seconds.clone(),
         );
         m.registry = registry;
         m
