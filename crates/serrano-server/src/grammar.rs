@@ -124,3 +124,189 @@ impl TokenConstraint for Matching {
         self.0.is_stopped()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    /// The tiny random model's vocabulary (every byte, some merges, specials).
+    fn info() -> Arc<ModelInfo> {
+        static ENGINE: std::sync::OnceLock<serrano_engine::EngineHandle> =
+            std::sync::OnceLock::new();
+        ENGINE
+            .get_or_init(|| {
+                let dir = tempfile::tempdir().unwrap();
+                let path = dir.path().join("tiny.gguf");
+                serrano_engine::testing::TinyModel::default()
+                    .write(&path)
+                    .unwrap();
+                serrano_engine::start(&path, Default::default()).unwrap()
+            })
+            .info()
+            .clone()
+    }
+
+    fn grammars() -> &'static Grammars {
+        static G: std::sync::OnceLock<Grammars> = std::sync::OnceLock::new();
+        G.get_or_init(|| Grammars::new(&info()).unwrap())
+    }
+
+    /// A random schema of the kinds structured outputs must support, bounded so every value
+    /// it allows is finite.
+    fn schema() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            (0i64..50, 0i64..50).prop_map(
+                |(a, b)| json!({"type": "integer", "minimum": a.min(b), "maximum": a.max(b)})
+            ),
+            Just(json!({"type": "boolean"})),
+            Just(json!({"type": "null"})),
+            (1usize..8).prop_map(|n| json!({"type": "string", "maxLength": n})),
+            proptest::collection::vec("[a-z]{1,5}", 1..4).prop_map(|e| json!({"enum": e})),
+            "[a-z]{1,6}".prop_map(|c| json!({"const": c})),
+        ];
+        leaf.prop_recursive(3, 12, 3, |inner| {
+            prop_oneof![
+                proptest::collection::btree_map("[a-z]{1,4}", inner.clone(), 1..4).prop_map(|props| {
+                    let required: Vec<&String> = props.keys().collect();
+                    json!({"type": "object", "properties": props, "required": required, "additionalProperties": false})
+                }),
+                (inner.clone(), 0usize..2, 0usize..3).prop_map(|(items, lo, extra)| {
+                    json!({"type": "array", "items": items, "minItems": lo, "maxItems": lo + extra})
+                }),
+                (inner.clone(), inner).prop_map(|(a, b)| json!({"anyOf": [a, b]})),
+            ]
+        })
+    }
+
+    /// Whether `v` satisfies `s` (the keywords `schema()` generates).
+    fn valid(v: &Value, s: &Value) -> bool {
+        if let Some(any) = s["anyOf"].as_array() {
+            return any.iter().any(|a| valid(v, a));
+        }
+        if let Some(e) = s["enum"].as_array() {
+            return e.contains(v);
+        }
+        if !s["const"].is_null() {
+            return v == &s["const"];
+        }
+        match s["type"].as_str() {
+            Some("integer") => v.as_i64().is_some_and(|n| {
+                n >= s["minimum"].as_i64().unwrap_or(i64::MIN)
+                    && n <= s["maximum"].as_i64().unwrap_or(i64::MAX)
+            }),
+            Some("boolean") => v.is_boolean(),
+            Some("null") => v.is_null(),
+            Some("string") => v.as_str().is_some_and(|t| {
+                t.chars().count() <= s["maxLength"].as_u64().unwrap_or(u64::MAX) as usize
+            }),
+            Some("array") => v.as_array().is_some_and(|a| {
+                a.len() >= s["minItems"].as_u64().unwrap_or(0) as usize
+                    && a.len() <= s["maxItems"].as_u64().unwrap_or(u64::MAX) as usize
+                    && a.iter().all(|x| valid(x, &s["items"]))
+            }),
+            Some("object") => v.as_object().is_some_and(|o| {
+                let props = s["properties"].as_object().cloned().unwrap_or_default();
+                o.len() == props.len()
+                    && props
+                        .iter()
+                        .all(|(k, ps)| o.get(k).is_some_and(|x| valid(x, ps)))
+            }),
+            _ => false,
+        }
+    }
+
+    /// Walks a constraint with random allowed tokens (preferring ones that are not only
+    /// whitespace, which JSON would allow for ever) until it is complete; the text written.
+    fn walk(c: &Constraint, seed: u64) -> Option<String> {
+        let info = info();
+        let tok = &info.tokenizer;
+        let mut m = c.0.start();
+        let mut rng = seed;
+        let mut out = Vec::new();
+        for _ in 0..2000 {
+            if m.complete() {
+                return Some(tok.decode(&out, true));
+            }
+            let mask = m.allowed().ok()?;
+            let allowed: Vec<u32> = (0..tok.vocab_size() as u32)
+                .filter(|&t| {
+                    mask.get(t as usize / 32)
+                        .is_some_and(|w| w >> (t % 32) & 1 == 1)
+                })
+                .collect();
+            let visible: Vec<u32> = allowed
+                .iter()
+                .copied()
+                .filter(|&t| {
+                    !tok.is_special(t) && !tok.token_bytes(t).iter().all(u8::is_ascii_whitespace)
+                })
+                .collect();
+            let pool = if visible.is_empty() {
+                &allowed
+            } else {
+                &visible
+            };
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let t = *pool.get((rng >> 33) as usize % pool.len().max(1))?;
+            m.accept(t).ok()?;
+            if tok.is_special(t) {
+                return Some(tok.decode(&out, true));
+            }
+            out.push(t);
+        }
+        None
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        /// Whatever tokens the mask lets through, the text parses and validates.
+        #[test]
+        fn every_text_the_mask_allows_parses_and_validates(s in schema(), seed in any::<u64>()) {
+            let c = grammars().json_schema(&s).unwrap();
+            let text = walk(&c, seed);
+            prop_assert!(text.is_some(), "no complete text for {s}");
+            let text = text.unwrap_or_default();
+            let v: Value = serde_json::from_str(&text)
+                .map_err(|e| TestCaseError::fail(format!("{e}: {text:?} for {s}")))?;
+            prop_assert!(valid(&v, &s), "{text} does not satisfy {s}");
+        }
+    }
+
+    #[test]
+    fn local_refs_and_their_defs_are_followed() {
+        let s = json!({
+            "$defs": {"point": {"type": "object", "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["x"], "additionalProperties": false}},
+            "type": "object",
+            "properties": {"a": {"$ref": "#/$defs/point"}, "b": {"type": "array", "items": {"$ref": "#/$defs/point"}, "minItems": 1, "maxItems": 2}},
+            "required": ["a", "b"],
+            "additionalProperties": false
+        });
+        let c = grammars().json_schema(&s).unwrap();
+        for seed in 0..16 {
+            let text = walk(&c, seed).unwrap();
+            let v: Value = serde_json::from_str(&text).unwrap();
+            assert!(
+                v["a"]["x"].as_i64().is_some_and(|x| (0..=9).contains(&x)),
+                "{text}"
+            );
+            let b = v["b"].as_array().unwrap();
+            assert!((1..=2).contains(&b.len()), "{text}");
+        }
+    }
+
+    #[test]
+    fn a_schema_it_cannot_compile_is_refused_with_the_reason() {
+        let e = grammars()
+            .json_schema(
+                &json!({"type": "object", "properties": {"x": {"$ref": "#/$defs/missing"}}}),
+            )
+            .err()
+            .unwrap();
+        assert!(e.contains("missing"), "{e}");
+    }
+}
