@@ -73,6 +73,11 @@ pub struct AuditRecord {
     /// Safety-filter verdicts.
     pub filters: Vec<serde_json::Value>,
     pub tool_calls: Vec<String>,
+    /// sha256 (hex) of each tool call's arguments, aligned with `tool_calls` (the arguments
+    /// themselves are content, kept only per the tenant's retention). Absent from records
+    /// written before it existed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_args_sha256: Vec<String>,
 }
 
 /// Longest text of a string field of a record, in bytes as its JSON writes them (an escaped
@@ -109,6 +114,7 @@ impl AuditRecord {
         for text in optional.into_iter().flatten() {
             bound_text(text, MAX_FIELD_BYTES);
         }
+        cut_list(&mut self.tool_args_sha256, MAX_TOOL_CALLS);
         let more_tools = more_tools + cut_list(&mut self.tool_calls, MAX_TOOL_CALLS);
         for name in &mut self.tool_calls {
             bound_text(name, MAX_FIELD_BYTES);

@@ -178,6 +178,20 @@ impl Ticket {
     }
 
     /// Tool names a response called. Past [`MAX_TOOL_CALLS`] only counted.
+    /// A tool call a response made: its name, and the sha256 of its arguments.
+    pub fn add_tool_call(&self, name: &str, arguments: &str) {
+        use sha2::Digest;
+        let mut s = self.state();
+        if s.record.tool_calls.len() >= MAX_TOOL_CALLS {
+            s.more_tools += 1;
+            return;
+        }
+        s.record.tool_calls.push(name.to_string());
+        let digest = sha2::Sha256::digest(arguments.as_bytes());
+        let hex = digest.iter().map(|b| format!("{b:02x}")).collect();
+        s.record.tool_args_sha256.push(hex);
+    }
+
     pub fn add_tool_calls(&self, names: &[&str]) {
         let mut s = self.state();
         let room = MAX_TOOL_CALLS.saturating_sub(s.record.tool_calls.len());

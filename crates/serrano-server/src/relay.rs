@@ -124,6 +124,8 @@ struct Run {
     violation: Option<String>,
     meta: api::Extra,
     usage: Option<api::Usage>,
+    /// Tool calls as they come, by (choice, call): name and arguments so far.
+    calls: std::collections::BTreeMap<(u32, u32), (String, String)>,
 }
 
 impl Run {
@@ -146,6 +148,7 @@ impl Run {
             violation: None,
             meta: api::Extra::new(),
             usage: None,
+            calls: Default::default(),
         }
     }
 
@@ -191,13 +194,17 @@ impl Run {
         (rest, reason)
     }
 
-    /// Whether the tenant may use the tools a response calls; their names go on the record.
+    /// Whether the tenant may use the tools a response calls (a refusal's verdict goes on the
+    /// record; the calls themselves are recorded whole, see `record_calls`).
     fn tools_allowed(&mut self, names: &[&str]) -> bool {
-        if names.is_empty() {
-            return true;
+        names.is_empty() || self.r.guard.tools_allowed(&self.r.ticket, names)
+    }
+
+    /// The tool calls of the response on the record: each name and its arguments' sha256.
+    fn record_calls(&mut self) {
+        for (name, arguments) in std::mem::take(&mut self.calls).into_values() {
+            self.r.ticket.add_tool_call(&name, &arguments);
         }
-        self.r.ticket.add_tool_calls(names);
-        self.r.guard.tools_allowed(&self.r.ticket, names)
     }
 
     fn record_usage(&mut self, prompt: u64, completion: u64) {
@@ -235,6 +242,7 @@ impl Run {
                 (200, None, ok)
             }
         };
+        self.record_calls();
         let latency = self.first.map(|f| f - self.r.sent);
         self.r
             .routing
@@ -344,7 +352,17 @@ impl Run {
     /// Tool calls of a whole response: a call to a tool the tenant may not use removes the
     /// choice's calls (`content_filter`); with output filtering on, arguments are redacted.
     fn check_tools(&mut self, choices: &mut [Choice]) {
-        for c in choices.iter_mut() {
+        for (i, c) in choices.iter_mut().enumerate() {
+            let whole = c
+                .tool_calls
+                .iter()
+                .map(|t| &t.function)
+                .chain(c.function_call.iter());
+            for (k, f) in whole.enumerate() {
+                let key = (i as u32, k as u32);
+                self.calls
+                    .insert(key, (f.name.clone(), f.arguments.clone()));
+            }
             let names: Vec<String> = c
                 .tool_calls
                 .iter()
@@ -500,7 +518,11 @@ impl Run {
                 call,
                 legacy,
             } => {
-                let name = call.function.as_ref().and_then(|f| f.name.clone());
+                let f = call.function.clone().unwrap_or_default();
+                let so_far = self.calls.entry((index, call.index)).or_default();
+                so_far.0.push_str(f.name.as_deref().unwrap_or(""));
+                so_far.1.push_str(f.arguments.as_deref().unwrap_or(""));
+                let name = f.name;
                 if let Some(name) = name.filter(|n| !n.is_empty()) {
                     if !self.tools_allowed(&[name.as_str()]) {
                         self.violation = Some(format!(

@@ -247,6 +247,11 @@ fn completions_are_filtered_in_streams_and_tool_calls_checked() {
     assert_eq!(choice["finish_reason"], "content_filter");
     let rec = last_for(&gw, "/v1/chat/completions");
     assert_eq!(rec["tool_calls"], json!(["rm_rf"]));
+    // The call's arguments are content: the record holds their sha256 ("{}" here).
+    assert_eq!(
+        rec["tool_args_sha256"],
+        json!(["44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"])
+    );
 
     // Log-probs would reveal filtered text token by token: refused while completions are filtered.
     let body = json!({"model": "scripted", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20, "logprobs": true});
