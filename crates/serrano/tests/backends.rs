@@ -89,10 +89,17 @@ fn least_loaded_spreads_streams_over_the_local_engine_and_a_remote_node() {
         &config("least-loaded", &remote, false),
         &["--served-model-name", "tiny"],
     );
+    // All 16 start together and run long enough to overlap even on a loaded machine (each
+    // pick then sees the others in flight, which is what least-loaded balances).
+    let start = std::sync::Arc::new(std::sync::Barrier::new(16));
     let streams: Vec<_> = (0..16)
         .map(|_| {
             let url = s.url("/v1/chat/completions");
-            std::thread::spawn(move || stream(url, 300))
+            let start = start.clone();
+            std::thread::spawn(move || {
+                start.wait();
+                stream(url, 1000)
+            })
         })
         .collect();
     // Under load the local backend's slots are counted like any backend's.
