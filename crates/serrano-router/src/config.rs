@@ -314,6 +314,41 @@ struct Raw {
     tenant: BTreeMap<String, Spanned<Tenant>>,
     #[serde(default)]
     price: Vec<Spanned<PriceEntry>>,
+    #[serde(default)]
+    mcp_server: Vec<Spanned<McpServer>>,
+}
+
+/// `[[mcp_server]]`: an MCP server the gateway at `/mcp` fronts.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct McpServer {
+    pub name: String,
+    /// Its Streamable HTTP endpoint (`url`), or a program that speaks MCP on stdin/stdout.
+    pub url: Option<String>,
+    pub command: Option<Vec<String>>,
+    pub region: String,
+    /// Environment variable holding its API key (sent as a bearer token; url servers only).
+    pub api_key_env: Option<String>,
+    /// Tenants that may use it (default: every tenant).
+    pub tenants: Option<Vec<String>>,
+    /// Tools it offers that may be used (default: all); `deny_tools` wins over it.
+    pub allow_tools: Option<Vec<String>>,
+    #[serde(default)]
+    pub deny_tools: Vec<String>,
+}
+
+impl McpServer {
+    /// Whether `tenant` may use this server's `tool`: listed tenants, then allow and deny.
+    pub fn permits(&self, tenant: &str, tool: &str) -> bool {
+        self.tenants
+            .as_ref()
+            .is_none_or(|t| t.iter().any(|x| x == tenant))
+            && self
+                .allow_tools
+                .as_ref()
+                .is_none_or(|a| a.iter().any(|x| x == tool))
+            && !self.deny_tools.iter().any(|x| x == tool)
+    }
 }
 
 /// A parsed, validated config and the exact text it came from.
@@ -326,6 +361,7 @@ pub struct Config {
     pub routes: Vec<Route>,
     pub tenants: BTreeMap<String, Tenant>,
     pub prices: Vec<PriceEntry>,
+    pub mcp_servers: Vec<McpServer>,
     /// The TOML text, stored verbatim as the version's content.
     #[serde(skip)]
     pub source: String,
@@ -397,6 +433,11 @@ impl Config {
                 .map(|(k, v)| (k, v.into_inner()))
                 .collect(),
             prices: raw.price.into_iter().map(Spanned::into_inner).collect(),
+            mcp_servers: raw
+                .mcp_server
+                .into_iter()
+                .map(Spanned::into_inner)
+                .collect(),
             hash: sha256_hex(source),
             source: source.to_string(),
         })
@@ -441,11 +482,24 @@ impl Config {
         out
     }
 
-    /// Environment variables that hold the backends' keys and are not set here.
+    /// The regions a tenant may be served in (`None`: any).
+    pub fn tenant_regions(&self, tenant: &str) -> Option<&[String]> {
+        self.tenants
+            .get(tenant)
+            .and_then(|t| t.regions.as_deref())
+            .or(self.routing.regions.as_deref())
+    }
+
+    /// Environment variables that hold the backends' and MCP servers' keys and are not set here.
     pub fn missing_secrets(&self) -> Vec<String> {
         self.backends
             .iter()
             .filter_map(|b| b.api_key_env.clone())
+            .chain(
+                self.mcp_servers
+                    .iter()
+                    .filter_map(|m| m.api_key_env.clone()),
+            )
             .filter(|v| std::env::var_os(v).is_none())
             .collect()
     }
@@ -579,8 +633,50 @@ impl Validator<'_> {
         }
     }
 
+    fn check_mcp_servers(&self, raw: &Raw) -> Result<(), ConfigError> {
+        let mut names = HashSet::new();
+        for (i, m) in raw.mcp_server.iter().enumerate() {
+            let span = Some(m.span());
+            let f = |field: &str| format!("mcp_server[{i}].{field}");
+            let m = m.get_ref();
+            let e = |field: &str, msg: String| Err(self.err(span.clone(), f(field), msg));
+            // `__` joins a server's name and a tool's in the names clients see.
+            if !valid_name(&m.name) || m.name.contains("__") || m.name.contains('.') {
+                return e(
+                    "name",
+                    "1 to 64 characters of [A-Za-z0-9_-], without '__'".into(),
+                );
+            }
+            if !names.insert(m.name.as_str()) {
+                return e("name", format!("'{}' is declared twice", m.name));
+            }
+            if !valid_name(&m.region) {
+                return e("region", "1 to 64 characters of [A-Za-z0-9._-]".into());
+            }
+            match (&m.url, &m.command) {
+                (Some(u), None) if u.starts_with("http://") || u.starts_with("https://") => {}
+                (Some(u), None) => return e("url", format!("'{u}' is not an http(s) URL")),
+                (None, Some(c)) if !c.is_empty() => {}
+                (None, Some(_)) => {
+                    return e("command", "the program to run, then its arguments".into())
+                }
+                _ => return e("url", "exactly one of url or command".into()),
+            }
+            if let Some(v) = &m.api_key_env {
+                if m.url.is_none() || !valid_env_name(v) {
+                    return e(
+                        "api_key_env",
+                        "the name of an environment variable, for a url server".into(),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn check(&self, raw: &Raw) -> Result<(), ConfigError> {
         self.check_globals(raw)?;
+        self.check_mcp_servers(raw)?;
         if raw.backend.len() > MAX_BACKENDS {
             return Err(self.err(
                 None,
@@ -621,6 +717,7 @@ impl Validator<'_> {
             .backend
             .iter()
             .map(|b| b.get_ref().region.as_str())
+            .chain(raw.mcp_server.iter().map(|m| m.get_ref().region.as_str()))
             .collect();
         let tiers: HashSet<&str> = raw
             .backend
@@ -630,7 +727,12 @@ impl Validator<'_> {
         let known = |list: &Option<Vec<String>>, set: &HashSet<&str>, what: &str| {
             for r in list.iter().flatten() {
                 if !set.contains(r.as_str()) {
-                    return Err(format!("{what} '{r}' is not any backend's {what}"));
+                    let whose = if what == "region" {
+                        "backend's or MCP server's"
+                    } else {
+                        "backend's"
+                    };
+                    return Err(format!("{what} '{r}' is not any {whose} {what}"));
                 }
             }
             Ok(())
@@ -975,6 +1077,57 @@ filters = { pii = "redact" }
             e.field.as_deref().unwrap().starts_with("tenant.acme"),
             "{e}"
         );
+    }
+
+    const MCP: &str = r#"
+[[mcp_server]]
+name = "tools"
+url = "http://127.0.0.1:3/mcp"
+region = "apac"
+api_key_env = "TOOLS_KEY"
+tenants = ["acme"]
+allow_tools = ["add", "echo"]
+deny_tools = ["echo"]
+"#;
+
+    #[test]
+    fn mcp_servers_parse_and_permit_per_tenant_and_tool() {
+        let c = Config::parse(&format!("{GOOD}{MCP}")).unwrap();
+        let m = &c.mcp_servers[0];
+        assert!(m.permits("acme", "add"));
+        assert!(!m.permits("acme", "echo"), "deny wins over allow");
+        assert!(!m.permits("acme", "rm"), "not in allow_tools");
+        assert!(!m.permits("beta", "add"), "not a listed tenant");
+        // A tenant may be kept to an MCP server's region.
+        let c = Config::parse(&format!("{GOOD}{MCP}").replace("[\"eu\"]", "[\"apac\"]"));
+        assert!(c.is_ok(), "{c:?}");
+        assert!(c
+            .unwrap()
+            .missing_secrets()
+            .contains(&"TOOLS_KEY".to_string()));
+    }
+
+    #[test]
+    fn mcp_server_errors_name_the_field() {
+        let bad = |from: &str, to: &str| error_of(&format!("{GOOD}{MCP}").replace(from, to));
+        let e = bad("name = \"tools\"", "name = \"my__tools\"");
+        assert_eq!(e.field.as_deref(), Some("mcp_server[0].name"), "{e}");
+        let e = bad("url = \"http", "url = \"file");
+        assert_eq!(e.field.as_deref(), Some("mcp_server[0].url"), "{e}");
+        let e = bad(
+            "url = \"http://127.0.0.1:3/mcp\"",
+            "url = \"http://x\"\ncommand = [\"x\"]",
+        );
+        assert!(e.message.contains("exactly one"), "{e}");
+        let e = bad(
+            "url = \"http://127.0.0.1:3/mcp\"",
+            "command = [\"tools\", \"--stdio\"]",
+        );
+        assert_eq!(e.field.as_deref(), Some("mcp_server[0].api_key_env"), "{e}");
+        let e = bad("deny_tools", "deny_tool");
+        assert!(e.message.contains("unknown field"), "{e}");
+        let e = error_of(&format!("{GOOD}{MCP}{MCP}"));
+        assert!(e.message.contains("declared twice"), "{e}");
     }
 
     #[test]

@@ -5,12 +5,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
+use axum::http::request::Parts;
 use axum::http::{StatusCode, Uri};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serrano_gov::Governance;
 
 use crate::error::ApiError;
+use crate::extract::RawBody;
 use crate::listen::App;
 use crate::routing::Routing;
 use crate::shield::{self, HttpMetrics, InFlight, Refusals};
@@ -26,6 +28,7 @@ pub const ROUTES: &[(&str, &[&str])] = &[
     ("/v1/chat/completions", &["POST"]),
     ("/tokenize", &["POST"]),
     ("/detokenize", &["POST"]),
+    ("/mcp", &["GET", "POST", "DELETE"]),
     ("/metrics", &["GET"]),
     ("/admin/v1/tenants", &["GET", "POST"]),
     ("/admin/v1/tenants/{name}/policy", &["POST"]),
@@ -48,8 +51,17 @@ pub const ROUTES: &[(&str, &[&str])] = &[
     ("/admin/v1/config/rollback", &["POST"]),
 ];
 
-fn route(path: &str) -> axum::routing::MethodRouter<Arc<AppState>> {
+fn route(path: &str, routing: &Arc<Routing>) -> axum::routing::MethodRouter<Arc<AppState>> {
     match path {
+        "/mcp" => {
+            // The body is read here, within the server's size and time limits, before the
+            // SDK's service parses it.
+            let mcp = crate::mcp::service(routing.clone());
+            axum::routing::any(move |parts: Parts, RawBody(body): RawBody| {
+                let mcp = mcp.clone();
+                async move { crate::mcp::answer(&mcp, parts, body).await }
+            })
+        }
         "/health" => get(health),
         "/v1/models" => get(openai::models),
         "/v1/completions" => post(openai::completions),
@@ -116,7 +128,7 @@ pub fn router(
     });
     let mut app = Router::new();
     for &(path, _) in ROUTES {
-        app = app.route(path, route(path));
+        app = app.route(path, route(path, &state.routing));
     }
     let router = app
         .fallback(not_found)

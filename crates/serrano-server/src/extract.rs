@@ -18,6 +18,9 @@ pub struct JsonBody<T>(pub T);
 /// A UTF-8 body (the routing config's TOML).
 pub struct TextBody(pub String);
 
+/// The body as bytes (for a service that parses it itself, as the MCP endpoint's SDK does).
+pub struct RawBody(pub Bytes);
+
 /// The whole body, within the size limit and the time limit.
 async fn read(req: Request, st: &Arc<AppState>) -> Result<Bytes, ApiError> {
     let limit = st.config.body_timeout;
@@ -69,5 +72,13 @@ impl FromRequest<Arc<AppState>> for TextBody {
         String::from_utf8(bytes.to_vec())
             .map(TextBody)
             .map_err(|_| ApiError::invalid("The body is not UTF-8"))
+    }
+}
+
+impl FromRequest<Arc<AppState>> for RawBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, st: &Arc<AppState>) -> Result<Self, Self::Rejection> {
+        read(req, st).await.map(RawBody)
     }
 }

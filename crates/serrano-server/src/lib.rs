@@ -15,6 +15,7 @@ pub mod gov;
 mod grammar;
 pub mod listen;
 pub mod local;
+mod mcp;
 mod openai;
 mod params;
 mod pipeline;

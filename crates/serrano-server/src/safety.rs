@@ -103,6 +103,15 @@ pub fn filter_request(
     Ok(())
 }
 
+/// Applies the tenant's prompt filters to every string inside a JSON value (an MCP tool call's
+/// arguments), redacting in place; a block refuses it.
+pub fn filter_value(p: &Principal, ticket: &Ticket, v: &mut Value) -> Result<(), ApiError> {
+    match &p.filter {
+        Some(f) => check_strings(f, ticket, v),
+        None => Ok(()),
+    }
+}
+
 /// [`filter_request`] on a blocking thread: a long prompt's scan must not stall other
 /// connections. Returns the (possibly redacted) request.
 pub async fn filter_off_workers(

@@ -1,0 +1,187 @@
+//! The governed MCP gateway at `/mcp`, end to end with the official Python SDK (`mcp`) on both
+//! sides: real MCP servers (two over Streamable HTTP, one over stdio) behind serrano, and the
+//! SDK's client in front of it. Checks per-tenant tool lists, allow/deny lists, residency, the
+//! tenant's filters on arguments and results, the result size limit, rate limits, the key, and
+//! that every call is on the tamper-evident audit log. The SDK goes into a virtualenv under
+//! target/ on first use.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{free_port, wait_until, Server};
+use serde_json::{json, Value};
+use serrano_engine::testing::TinyModel;
+
+/// The SDK's major version changes its API (v2 renamed FastMCP); pinned.
+const MCP_PACKAGE: &str = "mcp==2.3.0";
+const TOKEN: &str = "mcp-test-token";
+
+fn script(name: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// An MCP server process, killed when dropped.
+struct McpServer(Child);
+
+impl Drop for McpServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `mcp_server.py NAME PORT [TOKEN]` and waits until it listens.
+fn http_server(py: &PathBuf, name: &str, token: Option<&str>) -> (McpServer, String) {
+    let port = free_port();
+    let mut cmd = Command::new(py);
+    cmd.arg(script("mcp_server.py"))
+        .arg(name)
+        .arg(port.to_string())
+        .stdout(Stdio::null());
+    if let Some(t) = token {
+        cmd.arg(t);
+    }
+    let child = McpServer(cmd.spawn().unwrap());
+    let up = wait_until(Duration::from_secs(30), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    assert!(up, "the MCP server {name} did not start");
+    (child, format!("http://127.0.0.1:{port}/mcp"))
+}
+
+#[test]
+fn mcp_gateway_governs_tool_calls_through_the_official_sdk() {
+    let py = common::python_venv("mcpenv", &[MCP_PACKAGE], "import mcp.server.mcpserver");
+    let (_eu, eu_url) = http_server(&py, "tools_eu", Some(TOKEN));
+    let (_us, us_url) = http_server(&py, "tools_us", None);
+    let config = format!(
+        r#"
+[[mcp_server]]
+name = "tools_eu"
+url = "{eu_url}"
+region = "eu"
+api_key_env = "SERRANO_TEST_MCP_TOKEN"
+deny_tools = ["secret"]
+
+[[mcp_server]]
+name = "tools_us"
+url = "{us_url}"
+region = "us"
+
+[[mcp_server]]
+name = "local"
+command = ["{py}", "{server}", "local", "stdio"]
+region = "eu"
+tenants = ["acme"]
+
+[tenant.acme]
+regions = ["eu"]
+"#,
+        py = py.display(),
+        server = script("mcp_server.py"),
+    );
+    std::env::set_var("SERRANO_TEST_MCP_TOKEN", TOKEN);
+    let s = Server::random_with_config(TinyModel::default(), &config, &[]);
+    s.tenant("acme");
+    s.tenant("beta");
+    let policy = |t: &str, p: Value| {
+        let (st, v) = s.post(&format!("/admin/v1/tenants/{t}/policy"), &p);
+        assert_eq!(st, 200, "{v}");
+    };
+    policy("acme", json!({"pii": "redact", "pii_on_output": true}));
+    policy("beta", json!({"allowed_tools": ["tools_eu__add"]}));
+    let acme = s.key("acme", json!({}))["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (st, v) = s.post("/admin/v1/limits", &json!({"tenant": "beta", "rpm": 4}));
+    assert_eq!(st, 200, "{v}");
+    let beta = s.key("beta", json!({}))["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let out = Command::new(&py)
+        .arg(script("mcp_client.py"))
+        .arg(&s.base)
+        .arg(&acme)
+        .arg(&beta)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        stdout
+            .lines()
+            .last()
+            .is_some_and(|l| l == "14 passed, 0 failed"),
+        "{stdout}"
+    );
+
+    // Without a valid key, nothing reaches an MCP server: a 401 from the gate.
+    let list = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"});
+    let (st, v, _) = s.post_as("sk-not-a-key", "/mcp", list.to_string().as_bytes());
+    assert_eq!(st, 401, "{v}");
+    // The body is read within the server's limits before the SDK parses it.
+    let (st, v, _) = s.post_as(&acme, "/mcp", &vec![b' '; 5 << 20]);
+    assert_eq!(st, 413, "{v}");
+
+    // Every call is on the audit log: its tool, its arguments' sha256, the server as the
+    // model and route, and what came of it; the chain verifies.
+    let (_, log) = s.get("/admin/v1/audit?limit=1000");
+    let calls: Vec<&Value> = log["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["endpoint"] == "/mcp" && !r["tool_calls"].as_array().unwrap().is_empty())
+        .collect();
+    let find = |tool: &str| {
+        calls
+            .iter()
+            .find(|r| r["tool_calls"][0] == tool)
+            .unwrap_or_else(|| panic!("no audit record of {tool}: {log}"))
+    };
+    let add = find("tools_eu__add");
+    assert_eq!(add["model"], "mcp:tools_eu", "{add}");
+    assert_eq!(add["tenant"], "acme", "{add}");
+    assert_eq!(add["finish_reason"], "tool_result", "{add}");
+    assert_eq!(
+        add["tool_args_sha256"][0],
+        sha256_hex(r#"{"a":2,"b":3}"#),
+        "{add}"
+    );
+    assert_eq!(find("local__add")["model"], "mcp:local");
+    assert_eq!(
+        find("tools_eu__big")["finish_reason"],
+        "tool_result_too_large"
+    );
+    let redacted = find("tools_eu__contact");
+    assert!(
+        !redacted["filters"].as_array().unwrap().is_empty(),
+        "{redacted}"
+    );
+    assert_eq!(find("tools_eu__secret")["finish_reason"], "tool_refused");
+    let limited = calls
+        .iter()
+        .filter(|r| r["finish_reason"] == "rate_limited")
+        .count();
+    assert_eq!(limited, 2, "{log}");
+    // A call the gateway refused before making it names no backend.
+    assert!(find("tools_us__add")["backend"].is_null());
+    assert_eq!(s.get("/admin/v1/audit/verify").1["ok"], true);
+}
+
+fn sha256_hex(text: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
