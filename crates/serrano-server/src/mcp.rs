@@ -31,7 +31,7 @@ use rmcp::transport::{
 };
 use rmcp::{ErrorData as McpError, Peer, RoleClient, RoleServer, ServerHandler, ServiceExt};
 use serde_json::Value;
-use serrano_gov::{Principal, Ticket};
+use serrano_gov::{GovError, Principal, Ticket};
 use serrano_router::config::McpServer;
 
 use crate::routing::Routing;
@@ -293,10 +293,19 @@ impl ServerHandler for Gateway {
         let version = self.routing.router.active().version;
         ticket.set_model(&format!("mcp:{}", server.name));
         ticket.set_route(&server.name, &server.region, "mcp", version);
-        // Counted against the key's rate and concurrency limits; no tokens to reserve.
-        let counted = match ticket.reserve(0, 0).await {
+        // A call is one request and one token against the key's and tenant's limits and
+        // budgets (priced at the `mcp:SERVER` model's input price, if one is set): a tenant
+        // whose token budget is spent cannot call tools.
+        let counted = match ticket.reserve(1, 0).await {
             Ok(r) => r,
-            Err(e) => return refused(&ticket, "rate_limited", e.to_string()),
+            Err(e) => {
+                let reason = match e {
+                    GovError::OverBudget(_) => "over_budget",
+                    GovError::RateLimited { .. } => "rate_limited",
+                    _ => "unavailable",
+                };
+                return refused(&ticket, reason, e.to_string());
+            }
         };
         // Scanners run on blocking threads, as a prompt's do: arguments may be megabytes.
         let (scan, t) = (p.clone(), ticket.clone());
@@ -322,6 +331,8 @@ impl ServerHandler for Gateway {
         };
         let mut params = CallToolRequestParams::new(tool.to_string());
         params.arguments = args.as_object().cloned();
+        // Sent: charged from here on, whatever comes back (the server may have done the work).
+        counted.accept(true);
         let result = match tokio::time::timeout(CALL_TIMEOUT, peer.call_tool(params)).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
@@ -338,7 +349,6 @@ impl ServerHandler for Gateway {
                 return refused(&ticket, "tool_timeout", message);
             }
         };
-        counted.accept(true);
         let version = self.routing.router.active().version;
         let t = ticket.clone();
         tokio::task::spawn_blocking(move || checked(&p, &t, &server, version, result).into())

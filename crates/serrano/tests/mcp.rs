@@ -108,11 +108,23 @@ regions = ["eu"]
         .unwrap()
         .to_string();
 
+    s.tenant("gamma");
+    let (st, v) = s.post(
+        "/admin/v1/budgets",
+        &json!({"tenant": "gamma", "unit": "tokens", "period": "total", "limit": 3}),
+    );
+    assert_eq!(st, 200, "{v}");
+    let gamma = s.key("gamma", json!({}))["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
     let out = Command::new(&py)
         .arg(script("mcp_client.py"))
         .arg(&s.base)
         .arg(&acme)
         .arg(&beta)
+        .arg(&gamma)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -121,7 +133,7 @@ regions = ["eu"]
         stdout
             .lines()
             .last()
-            .is_some_and(|l| l == "14 passed, 0 failed"),
+            .is_some_and(|l| l == "15 passed, 0 failed"),
         "{stdout}"
     );
 
@@ -173,6 +185,22 @@ regions = ["eu"]
         .filter(|r| r["finish_reason"] == "rate_limited")
         .count();
     assert_eq!(limited, 2, "{log}");
+    let over = calls
+        .iter()
+        .filter(|r| r["finish_reason"] == "over_budget")
+        .count();
+    assert_eq!(over, 2, "{log}");
+    // What a call is charged: one token, only for calls made.
+    let (_, usage) = s.get("/admin/v1/usage?group_by=tenant");
+    let gamma_usage = usage["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["tenant"] == "gamma")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(gamma_usage["prompt_tokens"], 3, "{usage}");
+    assert_eq!(gamma_usage["completion_tokens"], 0, "{usage}");
     // A call the gateway refused before making it names no backend.
     assert!(find("tools_us__add")["backend"].is_null());
     assert_eq!(s.get("/admin/v1/audit/verify").1["ok"], true);

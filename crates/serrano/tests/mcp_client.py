@@ -1,11 +1,12 @@
 """Drives serrano's MCP gateway (`/mcp`) with the official Python SDK's client (`mcp`).
 
-    python mcp_client.py BASE_URL ACME_KEY BETA_KEY
+    python mcp_client.py BASE_URL ACME_KEY BETA_KEY GAMMA_KEY
 
 The servers behind it (see tests/mcp.rs): `tools_eu` (HTTP, region eu, needs a token, `secret`
 denied), `tools_us` (HTTP, region us) and `local` (stdio, region eu, tenant acme only). Tenant
 acme may be served in eu only and redacts PII in prompts and outputs; tenant beta may use only
-the tool `tools_eu__add`, with a key limited to 4 requests a minute. Prints one line per check,
+the tool `tools_eu__add`, with a key limited to 4 requests a minute; tenant gamma has a budget
+of 3 tokens in all (a call counts one). Prints one line per check,
 then "N passed, M failed".
 """
 
@@ -16,7 +17,7 @@ import httpx2
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-base, acme_key, beta_key = sys.argv[1:4]
+base, acme_key, beta_key, gamma_key = sys.argv[1:5]
 results = []
 
 
@@ -95,6 +96,17 @@ async def as_beta(c):
     )
 
 
+async def as_gamma(c):
+    answers = [await c.call_tool("tools_eu__add", {"a": i, "b": 1}) for i in range(5)]
+    ok = [r for r in answers if not r.is_error]
+    over = [r for r in answers if r.is_error and "Budget exceeded" in text(r)]
+    check(
+        "gamma's calls stop when its token budget is spent",
+        len(ok) == 3 and len(over) == 2,
+        [text(r) for r in answers],
+    )
+
+
 async def wrong_key(c):
     await c.list_tools()
 
@@ -102,6 +114,7 @@ async def wrong_key(c):
 async def main():
     await session(acme_key, as_acme)
     await session(beta_key, as_beta)
+    await session(gamma_key, as_gamma)
     # The SDK reports the refusal as an error response without its status (tests/mcp.rs sees
     # the 401 itself).
     try:
