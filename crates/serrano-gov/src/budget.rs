@@ -293,6 +293,7 @@ mod tests {
             prompt_tokens: 10,
             max_completion_tokens: u64::MAX,
             expires_ms: 0,
+            tool_call: false,
         };
         let w = Amount::worst(&op, [(1, 2), (3, 1)]);
         assert_eq!(w, worst(i64::MAX, i64::MAX));

@@ -69,6 +69,8 @@ fn window_usage(conn: &Connection, budget_id: i64, window: &str) -> Result<(i64,
 
 /// Entries kept in each of the ledger's caches; a full cache starts over.
 const MAX_CACHED: usize = 10_000;
+/// UTC minutes in a UTC day (tool calls per day are counted over them).
+const MINUTES_A_DAY: i64 = 1440;
 /// Open requests remembered at once; past it, settlement reads the request back from the store.
 const MAX_OPEN: usize = 100_000;
 
@@ -102,6 +104,10 @@ pub struct Ledger {
     prices: HashMap<(String, String), (i64, i64)>,
     /// (limit, minute) -> (requests, tokens).
     windows: HashMap<(i64, i64), (i64, i64)>,
+    /// (limit, minute) -> tool calls.
+    tool_calls: HashMap<(i64, i64), i64>,
+    /// (limit, UTC day) -> tool calls.
+    day_calls: HashMap<(i64, i64), i64>,
     /// (budget, window) -> (spent, reserved).
     usage: HashMap<(i64, String), (i64, i64)>,
     /// (tenant, key or 0 for the whole tenant) -> open requests.
@@ -150,6 +156,8 @@ impl Ledger {
     /// changed them.
     fn forget_counts(&mut self) {
         self.windows.clear();
+        self.tool_calls.clear();
+        self.day_calls.clear();
         self.usage.clear();
         self.open_counts.clear();
         self.open.clear();
@@ -250,6 +258,10 @@ impl Ledger {
                 open,
                 tokens: worst_tokens,
                 now_ms: now,
+                calls: match op.tool_call && l.limits_tool_calls() {
+                    true => Some(self.calls(conn, l.id, minute)?),
+                    false => None,
+                },
             };
             rate::check(l, &seen, &mut rate)?;
         }
@@ -268,6 +280,30 @@ impl Ledger {
         Ok((rate, holds))
     }
 
+    /// A limit's tool calls: the previous and current minute's, and the UTC day's so far.
+    fn calls(
+        &mut self,
+        conn: &Connection,
+        limit_id: i64,
+        minute: i64,
+    ) -> Result<rate::Calls, GovError> {
+        let mut at = |m: i64| {
+            cached(&mut self.tool_calls, (limit_id, m), || {
+                tool_calls_in(conn, limit_id, m, m)
+            })
+        };
+        let (prev, curr) = (at(minute - 1)?, at(minute)?);
+        let day = minute.div_euclid(MINUTES_A_DAY);
+        let day_calls = cached(&mut self.day_calls, (limit_id, day), || {
+            tool_calls_in(conn, limit_id, day * MINUTES_A_DAY, minute)
+        })?;
+        Ok(rate::Calls {
+            prev,
+            curr,
+            day: day_calls,
+        })
+    }
+
     /// Writes what `check` admitted, and keeps the cache equal to it.
     fn hold(
         &mut self,
@@ -279,9 +315,20 @@ impl Ledger {
         holds: Vec<Hold>,
     ) -> Result<(), GovError> {
         for l in &limits {
-            count(conn, l.id, minute, worst_tokens)?;
+            count(conn, l.id, minute, worst_tokens, op.tool_call)?;
             if let Some(w) = self.windows.get_mut(&(l.id, minute)) {
                 *w = (w.0 + 1, w.1.saturating_add(worst_tokens));
+            }
+            if op.tool_call {
+                if let Some(c) = self.tool_calls.get_mut(&(l.id, minute)) {
+                    *c += 1;
+                }
+                if let Some(c) = self
+                    .day_calls
+                    .get_mut(&(l.id, minute.div_euclid(MINUTES_A_DAY)))
+                {
+                    *c += 1;
+                }
             }
         }
         for h in &holds {
@@ -505,7 +552,8 @@ fn expire(conn: &Connection, now: i64) -> Result<u64, GovError> {
 
 /// The rate limits of a tenant and key, by id.
 fn limits(conn: &Connection, tenant_id: i64, key_id: i64) -> Result<Vec<Limit>, GovError> {
-    let sql = "SELECT id, key_id, rpm, tpm, max_concurrent FROM limits
+    let sql = "SELECT id, key_id, rpm, tpm, max_concurrent, tool_calls_per_minute,
+                      tool_calls_per_day FROM limits
                WHERE tenant_id = ?1 AND (key_id = 0 OR key_id = ?2) ORDER BY id";
     rows(conn, sql, params![tenant_id, key_id], |r| {
         Ok(Limit {
@@ -514,6 +562,8 @@ fn limits(conn: &Connection, tenant_id: i64, key_id: i64) -> Result<Vec<Limit>, 
             rpm: r.get(2)?,
             tpm: r.get(3)?,
             max_concurrent: r.get(4)?,
+            tool_calls_per_minute: r.get(5)?,
+            tool_calls_per_day: r.get(6)?,
         })
     })
 }
@@ -534,14 +584,33 @@ fn open_requests(conn: &Connection, tenant_id: i64, key_id: i64) -> Result<i64, 
         .query_row(params![tenant_id, key_id], |r| r.get(0))?)
 }
 
-/// Counts one admitted request of `tokens` (worst case) in a limit's current minute.
-fn count(conn: &Connection, limit_id: i64, minute: i64, tokens: i64) -> Result<(), GovError> {
+/// Counts one admitted request of `tokens` (worst case), a tool call or not, in a limit's
+/// current minute.
+fn count(
+    conn: &Connection,
+    limit_id: i64,
+    minute: i64,
+    tokens: i64,
+    tool_call: bool,
+) -> Result<(), GovError> {
     conn.prepare_cached(
-        "INSERT INTO rate_windows (limit_id, minute, requests, tokens) VALUES (?1, ?2, 1, ?3)
-         ON CONFLICT (limit_id, minute) DO UPDATE SET requests = requests + 1, tokens = tokens + excluded.tokens",
+        "INSERT INTO rate_windows (limit_id, minute, requests, tokens, tool_calls)
+         VALUES (?1, ?2, 1, ?3, ?4)
+         ON CONFLICT (limit_id, minute) DO UPDATE SET requests = requests + 1,
+             tokens = tokens + excluded.tokens, tool_calls = tool_calls + excluded.tool_calls",
     )?
-    .execute(params![limit_id, minute, tokens])?;
+    .execute(params![limit_id, minute, tokens, i64::from(tool_call)])?;
     Ok(())
+}
+
+/// A limit's tool calls counted from minute `from` to minute `to`, both included.
+fn tool_calls_in(conn: &Connection, limit_id: i64, from: i64, to: i64) -> Result<i64, GovError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT COALESCE(SUM(tool_calls), 0) FROM rate_windows
+             WHERE limit_id = ?1 AND minute BETWEEN ?2 AND ?3",
+        )?
+        .query_row(params![limit_id, from, to], |r| r.get(0))?)
 }
 
 /// Gives back the part of a request's worst case it did not use, in the minute it was counted,

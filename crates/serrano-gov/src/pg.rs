@@ -77,11 +77,18 @@ const FINISH_RETRY_MAX: Duration = Duration::from_secs(1);
 /// A finish still trying logs a warning at its first failure and every this many after.
 const FINISH_WARN_EVERY: u32 = 30;
 
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "governance",
-    include_str!("../migrations-pg/0001_governance.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "governance",
+        include_str!("../migrations-pg/0001_governance.sql"),
+    ),
+    (
+        2,
+        "tool call limits",
+        include_str!("../migrations-pg/0002_tool_call_limits.sql"),
+    ),
+];
 
 fn migrator() -> Migrator {
     crate::sql::migrator(MIGRATIONS)
@@ -312,18 +319,20 @@ impl PgStore {
                 .transpose()?;
             sqlx::query(
                 "WITH h AS (UPDATE requests SET holds = $4 WHERE request_id = $5 AND $4 IS NOT NULL)
-                 INSERT INTO rate_windows (limit_id, minute, requests, tokens)
-                 SELECT id, $2, 1, $3 FROM unnest($1::bigint[]) WITH ORDINALITY AS l (id, n)
+                 INSERT INTO rate_windows (limit_id, minute, requests, tokens, tool_calls)
+                 SELECT id, $2, 1, $3, $6 FROM unnest($1::bigint[]) WITH ORDINALITY AS l (id, n)
                  ORDER BY n
                  ON CONFLICT (limit_id, minute) DO UPDATE
                  SET requests = rate_windows.requests + 1,
-                     tokens = rate_windows.tokens + excluded.tokens",
+                     tokens = rate_windows.tokens + excluded.tokens,
+                     tool_calls = rate_windows.tool_calls + excluded.tool_calls",
             )
             .bind(&ids)
             .bind(minute)
             .bind(worst_tokens)
             .bind(holds)
             .bind(&op.request_id)
+            .bind(i64::from(op.tool_call))
             .execute(&mut *tx)
             .await?;
         }
@@ -485,7 +494,8 @@ type Tx = Transaction<'static, Postgres>;
 async fn lock_tenant(tx: &mut Tx, tenant_id: i64, key_id: i64) -> Result<Vec<Limit>, sqlx::Error> {
     let rows = sqlx::query(
         "SELECT pg_advisory_xact_lock($3, $4), set_config('synchronous_commit', 'off', true),
-                l.id, l.key_id, l.rpm, l.tpm, l.max_concurrent
+                l.id, l.key_id, l.rpm, l.tpm, l.max_concurrent,
+                l.tool_calls_per_minute, l.tool_calls_per_day
          FROM (SELECT 1) AS one
          LEFT JOIN limits l ON l.tenant_id = $1 AND (l.key_id = 0 OR l.key_id = $2)
          ORDER BY l.id",
@@ -507,6 +517,8 @@ async fn lock_tenant(tx: &mut Tx, tenant_id: i64, key_id: i64) -> Result<Vec<Lim
             rpm: r.try_get(4)?,
             tpm: r.try_get(5)?,
             max_concurrent: r.try_get(6)?,
+            tool_calls_per_minute: r.try_get(7)?,
+            tool_calls_per_day: r.try_get(8)?,
         });
     }
     Ok(limits)
@@ -568,14 +580,19 @@ async fn check_limits(
 ) -> Result<Option<RateInfo>, TxError> {
     let mut rate = None;
     for l in limits {
-        // The open-request count (only where a concurrency limit needs it) and this minute's
-        // and the last minute's windows, in one round trip.
+        // The open-request count (only where a concurrency limit needs it), this minute's and
+        // the last minute's windows, and (for a tool call under a tool-call limit) the day's
+        // tool calls, in one round trip.
         let w = sqlx::query(
             "SELECT CASE WHEN $4 THEN
                         (SELECT COUNT(*) FROM requests WHERE state = 'reserved'
                          AND tenant_id = $1 AND ($2 = 0 OR key_id = $2))
                     ELSE 0 END,
-                    p.requests, p.tokens, c.requests, c.tokens
+                    p.requests, p.tokens, c.requests, c.tokens, p.tool_calls, c.tool_calls,
+                    CASE WHEN $6 THEN
+                        (SELECT SUM(tool_calls)::BIGINT FROM rate_windows WHERE limit_id = $3
+                         AND minute BETWEEN $5 - MOD($5, 1440) AND $5)
+                    ELSE 0 END
              FROM (SELECT 1) AS one
              LEFT JOIN rate_windows p ON p.limit_id = $3 AND p.minute = $5 - 1
              LEFT JOIN rate_windows c ON c.limit_id = $3 AND c.minute = $5",
@@ -585,6 +602,7 @@ async fn check_limits(
         .bind(l.id)
         .bind(l.max_concurrent.is_some())
         .bind(minute)
+        .bind(op.tool_call && l.limits_tool_calls())
         .fetch_one(&mut **tx)
         .await?;
         let counts = |i: usize| -> Result<(i64, i64), sqlx::Error> {
@@ -601,12 +619,21 @@ async fn check_limits(
             0
         };
         let (prev, curr) = (counts(1)?, counts(3)?);
+        let calls = match op.tool_call {
+            true => Some(rate::Calls {
+                prev: w.try_get::<Option<i64>, _>(5)?.unwrap_or(0),
+                curr: w.try_get::<Option<i64>, _>(6)?.unwrap_or(0),
+                day: w.try_get::<Option<i64>, _>(7)?.unwrap_or(0),
+            }),
+            false => None,
+        };
         let seen = rate::Seen {
             prev,
             curr,
             open,
             tokens: worst_tokens,
             now_ms: now,
+            calls,
         };
         rate::check(l, &seen, &mut rate)?;
     }

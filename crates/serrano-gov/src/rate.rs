@@ -27,6 +27,24 @@ pub(crate) struct Limit {
     pub rpm: Option<i64>,
     pub tpm: Option<i64>,
     pub max_concurrent: Option<i64>,
+    pub tool_calls_per_minute: Option<i64>,
+    pub tool_calls_per_day: Option<i64>,
+}
+
+impl Limit {
+    /// Whether a tool call must read its counts of tool calls.
+    pub fn limits_tool_calls(&self) -> bool {
+        self.tool_calls_per_minute.is_some() || self.tool_calls_per_day.is_some()
+    }
+}
+
+/// What a tool-call limit sees: tool calls in the previous and the current minute, and in the
+/// UTC day so far.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Calls {
+    pub prev: i64,
+    pub curr: i64,
+    pub day: i64,
 }
 
 /// Seconds until `need` more fits under `limit`, given the previous and current minute's counts
@@ -59,6 +77,8 @@ pub(crate) struct Seen {
     pub tokens: i64,
     /// When the request arrived (ms since the epoch): where it falls in the current minute.
     pub now_ms: i64,
+    /// For a tool call, the tool calls counted so far; `None` for any other request.
+    pub calls: Option<Calls>,
 }
 
 /// Checks one request against one limit, tightening `rate` (unlimited until the first limit) to
@@ -81,6 +101,9 @@ pub(crate) fn check(l: &Limit, seen: &Seen, rate: &mut Option<RateInfo>) -> Resu
     }
     // The fraction of the current minute that has passed.
     let f = seen.now_ms.rem_euclid(60_000) as f64 / 60_000.0;
+    if let Some(calls) = &seen.calls {
+        check_tool_calls(l, calls, f, seen.now_ms, owner)?;
+    }
     let checks = [
         (l.rpm, seen.prev.0, seen.curr.0, 1, "requests"),
         (l.tpm, seen.prev.1, seen.curr.1, seen.tokens, "tokens"),
@@ -124,9 +147,78 @@ pub(crate) fn check(l: &Limit, seen: &Seen, rate: &mut Option<RateInfo>) -> Resu
     Ok(())
 }
 
+/// A tool call against the limit's tool calls per minute (sliding, as `rpm`) and per UTC day.
+fn check_tool_calls(
+    l: &Limit,
+    c: &Calls,
+    f: f64,
+    now_ms: i64,
+    owner: &str,
+) -> Result<(), GovError> {
+    if let Some(limit) = l.tool_calls_per_minute {
+        let wait = wait_for(c.prev, c.curr, f, 1, limit);
+        if wait.is_none_or(|w| w > 0.0) {
+            let w = wait.unwrap_or(60.0);
+            return Err(GovError::RateLimited {
+                message: format!("Rate limit reached: the {owner}'s limit of {limit} tool calls per minute. Retry in {w:.1} s."),
+                retry_after_s: w.ceil().max(1.0) as u64,
+            });
+        }
+    }
+    if let Some(limit) = l.tool_calls_per_day {
+        if c.day.saturating_add(1) > limit {
+            let to_midnight = 86_400 - now_ms.rem_euclid(86_400_000) / 1000;
+            return Err(GovError::RateLimited {
+                message: format!("Rate limit reached: the {owner}'s limit of {limit} tool calls per day (UTC). Retry in {to_midnight} s."),
+                retry_after_s: to_midnight.max(1) as u64,
+            });
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
-    use super::wait_for;
+    use super::*;
+
+    #[test]
+    fn tool_calls_are_limited_per_minute_and_per_day() {
+        let l = Limit {
+            id: 1,
+            key_id: 0,
+            rpm: None,
+            tpm: None,
+            max_concurrent: None,
+            tool_calls_per_minute: Some(2),
+            tool_calls_per_day: Some(5),
+        };
+        let seen = |prev, curr, day| Seen {
+            prev: (0, 0),
+            curr: (0, 0),
+            open: 0,
+            tokens: 1,
+            now_ms: 30_000,
+            calls: Some(Calls { prev, curr, day }),
+        };
+        let mut rate = None;
+        assert!(check(&l, &seen(0, 1, 1), &mut rate).is_ok());
+        // Two this minute: the third waits.
+        let e = check(&l, &seen(0, 2, 2), &mut rate).unwrap_err();
+        assert!(e.to_string().contains("2 tool calls per minute"), "{e}");
+        // Four of last minute still weigh half.
+        assert!(check(&l, &seen(4, 0, 4), &mut rate).is_err());
+        // Five today: none more until midnight UTC, 86,370 s after 00:00:30.
+        match check(&l, &seen(0, 0, 5), &mut rate) {
+            Err(GovError::RateLimited { retry_after_s, .. }) => assert_eq!(retry_after_s, 86_370),
+            other => panic!("{other:?}"),
+        }
+        // Any other request is not a tool call: tool-call limits do not apply.
+        let other = Seen {
+            calls: None,
+            ..seen(9, 9, 9)
+        };
+        assert!(check(&l, &other, &mut rate).is_ok());
+    }
 
     #[test]
     fn sliding_window_waits() {

@@ -303,13 +303,18 @@ impl<S: SqlStore> Store for S {
             Arg::OptInt(l.rpm),
             Arg::OptInt(l.tpm),
             Arg::OptInt(l.max_concurrent),
+            Arg::OptInt(l.tool_calls_per_minute),
+            Arg::OptInt(l.tool_calls_per_day),
         ];
         let rows = self
             .fetch_all(
-                "INSERT INTO limits (tenant_id, key_id, rpm, tpm, max_concurrent)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
+                "INSERT INTO limits (tenant_id, key_id, rpm, tpm, max_concurrent,
+                                     tool_calls_per_minute, tool_calls_per_day)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                  ON CONFLICT (tenant_id, key_id) DO UPDATE SET rpm = excluded.rpm,
-                     tpm = excluded.tpm, max_concurrent = excluded.max_concurrent
+                     tpm = excluded.tpm, max_concurrent = excluded.max_concurrent,
+                     tool_calls_per_minute = excluded.tool_calls_per_minute,
+                     tool_calls_per_day = excluded.tool_calls_per_day
                  RETURNING id",
                 &args,
             )
@@ -320,7 +325,8 @@ impl<S: SqlStore> Store for S {
     async fn limits(&self, tenant: Option<&str>) -> Result<Vec<LimitInfo>, GovError> {
         let rows = self
             .fetch_all(
-                "SELECT l.id, t.name AS tenant, l.key_id, l.rpm, l.tpm, l.max_concurrent
+                "SELECT l.id, t.name AS tenant, l.key_id, l.rpm, l.tpm, l.max_concurrent,
+                        l.tool_calls_per_minute, l.tool_calls_per_day
                  FROM limits l JOIN tenants t ON t.id = l.tenant_id
                  WHERE CAST(?1 AS TEXT) IS NULL OR t.name = ?1 ORDER BY l.id",
                 &[Arg::OptText(tenant)],
@@ -601,6 +607,8 @@ fn limit_info_row(r: &impl Cols) -> Result<LimitInfo, sqlx::Error> {
             rpm: r.opt_int("rpm")?,
             tpm: r.opt_int("tpm")?,
             max_concurrent: r.opt_int("max_concurrent")?,
+            tool_calls_per_minute: r.opt_int("tool_calls_per_minute")?,
+            tool_calls_per_day: r.opt_int("tool_calls_per_day")?,
         },
     })
 }

@@ -75,6 +75,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "holds in requests",
         include_str!("../migrations/0007_holds_in_requests.sql"),
     ),
+    (
+        8,
+        "tool call limits",
+        include_str!("../migrations/0008_tool_call_limits.sql"),
+    ),
 ];
 
 fn migrator() -> Migrator {
@@ -400,6 +405,7 @@ mod tests {
             prompt_tokens: 1,
             max_completion_tokens: 1,
             expires_ms: i64::MAX,
+            tool_call: false,
         };
         let started = std::time::Instant::now();
         let refused = store.reserve(reserve).await.unwrap_err();

@@ -43,6 +43,8 @@ pub struct ReserveOp {
     pub prompt_tokens: u64,
     pub max_completion_tokens: u64,
     pub expires_ms: i64,
+    /// A tool call (through the MCP gateway): also counted against the tool-call limits.
+    pub tool_call: bool,
 }
 
 /// What a request actually used.
@@ -291,6 +293,7 @@ pub(crate) mod conformance {
             prompt_tokens: prompt,
             max_completion_tokens: max,
             expires_ms: crate::now_ms() + 60_000,
+            tool_call: false,
         }
     }
 
@@ -410,6 +413,8 @@ pub(crate) mod conformance {
             rpm: Some(5),
             tpm: None,
             max_concurrent: Some(2),
+            tool_calls_per_minute: Some(3),
+            tool_calls_per_day: Some(2),
         };
         s.set_limits(t.id, 0, l).await.unwrap();
         assert_eq!(s.limits(None).await.unwrap()[0].limits, l);
@@ -474,5 +479,28 @@ pub(crate) mod conformance {
         let v = s.config_version(2).await.unwrap().unwrap();
         assert_eq!(v.source.as_deref(), Some("b"));
         assert!(s.config_version(3).await.unwrap().is_none());
+
+        // Tool calls count against the tool-call limits (two a day here); other requests do
+        // not, and are not refused by them.
+        let call = |id: &str| ReserveOp {
+            tool_call: true,
+            ..reserve_op(id, t.id, 1, 0)
+        };
+        for id in ["c1", "c2"] {
+            s.reserve(call(id)).await.unwrap();
+            s.finish(finish_op(id, &t, Some((1, 0)))).await.unwrap();
+        }
+        let refused = s.reserve(call("c3")).await.unwrap_err();
+        assert!(
+            refused.to_string().contains("2 tool calls per day"),
+            "{refused}"
+        );
+        s.reserve(reserve_op("after-calls", t.id, 1, 0))
+            .await
+            .unwrap();
+        s.finish(finish_op("after-calls", &t, Some((1, 0))))
+            .await
+            .unwrap();
+        s.set_limits(t.id, 0, Limits::default()).await.unwrap();
     }
 }

@@ -442,11 +442,14 @@ impl Governance {
         key_id: Option<i64>,
         l: Limits,
     ) -> Result<i64, GovError> {
-        if [l.rpm, l.tpm, l.max_concurrent]
-            .iter()
-            .flatten()
-            .any(|v| *v < 0)
-        {
+        let all = [
+            l.rpm,
+            l.tpm,
+            l.max_concurrent,
+            l.tool_calls_per_minute,
+            l.tool_calls_per_day,
+        ];
+        if all.iter().flatten().any(|v| *v < 0) {
             return Err(GovError::Invalid("limits cannot be negative".into()));
         }
         let t = self.tenant(tenant).await?;

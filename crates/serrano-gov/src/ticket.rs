@@ -133,6 +133,28 @@ impl Ticket {
         }))
     }
 
+    /// A ticket for one part of this request (a step of a server-side tool loop, one tool call
+    /// it makes), for the same principal, with its own record and reservation: its request id
+    /// is this one's followed by `.suffix`, so the parts of a request sort together.
+    pub fn child(&self, suffix: &str) -> Ticket {
+        let (id, method, endpoint, principal) = {
+            let s = self.state();
+            let r = &s.record;
+            let id = format!("{}.{suffix}", r.request_id);
+            (
+                id,
+                r.method.clone(),
+                r.endpoint.clone(),
+                s.principal.clone(),
+            )
+        };
+        let child = Ticket::new(&self.0.gov, id, &method, &endpoint);
+        if let Some(p) = principal {
+            child.set_principal(p);
+        }
+        child
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         // A panic while holding this lock left plain data; keep using it.
         self.0.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -240,6 +262,22 @@ impl Ticket {
         prompt_tokens: u64,
         max_completion_tokens: u64,
     ) -> Result<Reservation, GovError> {
+        self.reserve_op(prompt_tokens, max_completion_tokens, false)
+            .await
+    }
+
+    /// Reserves a tool call: one request of one prompt token (priced at the model's input
+    /// price) that the tenant's and key's tool-call limits also count.
+    pub async fn reserve_tool_call(&self) -> Result<Reservation, GovError> {
+        self.reserve_op(1, 0, true).await
+    }
+
+    async fn reserve_op(
+        &self,
+        prompt_tokens: u64,
+        max_completion_tokens: u64,
+        tool_call: bool,
+    ) -> Result<Reservation, GovError> {
         let op = {
             let mut s = self.state();
             s.record.prompt_tokens = prompt_tokens;
@@ -258,6 +296,7 @@ impl Ticket {
                 prompt_tokens,
                 max_completion_tokens,
                 expires_ms: now_ms().saturating_add(ttl.as_millis() as i64),
+                tool_call,
             }
         };
         // Run in a task of its own holding the ticket: if the request is cancelled while the

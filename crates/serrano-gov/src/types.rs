@@ -127,6 +127,12 @@ pub struct Limits {
     pub rpm: Option<i64>,
     pub tpm: Option<i64>,
     pub max_concurrent: Option<i64>,
+    /// MCP tool calls per minute (the same sliding window as `rpm`).
+    #[serde(default)]
+    pub tool_calls_per_minute: Option<i64>,
+    /// MCP tool calls per UTC day.
+    #[serde(default)]
+    pub tool_calls_per_day: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -159,6 +159,8 @@ pub struct LimitRequest {
     /// Tokens (prompt plus max_tokens, as reserved) per minute.
     tpm: Option<i64>,
     max_concurrent: Option<i64>,
+    tool_calls_per_minute: Option<i64>,
+    tool_calls_per_day: Option<i64>,
 }
 
 pub async fn set_limits(
@@ -169,6 +171,8 @@ pub async fn set_limits(
         rpm: l.rpm,
         tpm: l.tpm,
         max_concurrent: l.max_concurrent,
+        tool_calls_per_minute: l.tool_calls_per_minute,
+        tool_calls_per_day: l.tool_calls_per_day,
     };
     let id = st.gov.set_limits(&l.tenant, l.key_id, limits).await?;
     Ok(Json(json!({"id": id})))

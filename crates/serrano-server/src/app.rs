@@ -14,6 +14,7 @@ use serrano_gov::Governance;
 use crate::error::ApiError;
 use crate::extract::RawBody;
 use crate::listen::App;
+use crate::mcp::Gateway;
 use crate::routing::Routing;
 use crate::shield::{self, HttpMetrics, InFlight, Refusals};
 use crate::state::{unix_now, AppState, AuthConfig, ServerConfig, Shield};
@@ -51,12 +52,12 @@ pub const ROUTES: &[(&str, &[&str])] = &[
     ("/admin/v1/config/rollback", &["POST"]),
 ];
 
-fn route(path: &str, routing: &Arc<Routing>) -> axum::routing::MethodRouter<Arc<AppState>> {
+fn route(path: &str, gateway: &Gateway) -> axum::routing::MethodRouter<Arc<AppState>> {
     match path {
         "/mcp" => {
             // The body is read here, within the server's size and time limits, before the
             // SDK's service parses it.
-            let mcp = crate::mcp::service(routing.clone());
+            let mcp = crate::mcp::service(gateway.clone());
             axum::routing::any(move |parts: Parts, RawBody(body): RawBody| {
                 let mcp = mcp.clone();
                 async move { crate::mcp::answer(&mcp, parts, body).await }
@@ -120,6 +121,7 @@ pub fn router(
     ));
     let state = Arc::new(AppState {
         shield,
+        mcp: Gateway::new(routing.clone()),
         routing,
         gov,
         auth,
@@ -128,7 +130,7 @@ pub fn router(
     });
     let mut app = Router::new();
     for &(path, _) in ROUTES {
-        app = app.route(path, route(path, &state.routing));
+        app = app.route(path, route(path, &state.mcp));
     }
     let router = app
         .fallback(not_found)

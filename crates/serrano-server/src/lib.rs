@@ -6,6 +6,7 @@
 //! and accepted connections have TCP_NODELAY set.
 
 mod admin;
+mod agent;
 mod app;
 pub mod backend;
 pub mod engines;

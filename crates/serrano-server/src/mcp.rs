@@ -20,7 +20,7 @@ use axum::http::Request;
 use axum::response::Response;
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock as Content,
-    ListToolsResult, PaginatedRequestParams, ResultType, ServerCapabilities, ServerConfig,
+    ListToolsResult, PaginatedRequestParams, ResultType, ServerCapabilities, ServerConfig, Tool,
 };
 use rmcp::service::{RequestContext, RunningService};
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
@@ -158,11 +158,7 @@ pub async fn answer(service: &Service, parts: Parts, body: Bytes) -> Response {
 
 /// The `/mcp` endpoint: rmcp's Streamable HTTP service over the gateway. Host validation is
 /// off: every request carries a serrano key checked by the gate, which a rebinding page cannot.
-pub fn service(routing: Arc<Routing>) -> Service {
-    let gateway = Gateway {
-        routing,
-        clients: Arc::new(McpClients::default()),
-    };
+pub fn service(gateway: Gateway) -> Service {
     let mut config = StreamableHttpServerConfig::default().disable_allowed_hosts();
     config.legacy_session_mode = false;
     config.json_response = true;
@@ -188,8 +184,15 @@ fn caller(ctx: &RequestContext<RoleServer>) -> Result<(Ticket, Principal), McpEr
 }
 
 impl Gateway {
+    pub fn new(routing: Arc<Routing>) -> Gateway {
+        Gateway {
+            routing,
+            clients: Arc::new(McpClients::default()),
+        }
+    }
+
     /// The servers a tenant may reach: listed for it, and in its regions.
-    fn servers_for(&self, tenant: &str) -> Vec<McpServer> {
+    pub fn servers_for(&self, tenant: &str) -> Vec<McpServer> {
         let config = self.routing.router.active().config.clone();
         let regions = config.tenant_regions(tenant).map(<[String]>::to_vec);
         config
@@ -217,9 +220,9 @@ impl Gateway {
 
 /// A call the gateway does not make (or whose result it withholds): an error result the model
 /// can read, and why on the audit record.
-fn refused(ticket: &Ticket, reason: &str, message: String) -> Result<CallToolResponse, McpError> {
+fn refused(ticket: &Ticket, reason: &str, message: String) -> CallToolResult {
     ticket.set_finish_reason(reason);
-    Ok(CallToolResult::error(vec![Content::text(message)]).into())
+    CallToolResult::error(vec![Content::text(message)])
 }
 
 impl ServerHandler for Gateway {
@@ -236,30 +239,10 @@ impl ServerHandler for Gateway {
         let (_, p) = caller(&ctx)?;
         let mut tools = Vec::new();
         for server in self.servers_for(&p.tenant) {
-            let conn = self
-                .clients
-                .conn(&server, &self.routing.router.active().config.mcp_servers);
-            let listed = match conn.peer().await {
-                Ok(peer) => tokio::time::timeout(LIST_TIMEOUT, peer.list_all_tools())
-                    .await
-                    .map_err(|_| "timed out".to_string())
-                    .and_then(|r| r.map_err(|e| e.to_string())),
-                Err(e) => Err(e),
-            };
-            let listed = match listed {
-                Ok(l) => l,
-                Err(e) => {
-                    // One unreachable server does not hide the others' tools.
-                    tracing::warn!(server = %server.name, "MCP tools/list failed: {e}");
-                    conn.reset().await;
-                    continue;
-                }
-            };
-            for mut tool in listed {
-                if Self::permitted(&p, &server, &tool.name) {
-                    tool.name = format!("{}{SEPARATOR}{}", server.name, tool.name).into();
-                    tools.push(tool);
-                }
+            match self.tools(&p, &server).await {
+                Ok(listed) => tools.extend(listed),
+                // One unreachable server does not hide the others' tools.
+                Err(e) => tracing::warn!(server = %server.name, "MCP tools/list failed: {e}"),
             }
         }
         Ok(ListToolsResult::with_all_items(tools))
@@ -271,12 +254,58 @@ impl ServerHandler for Gateway {
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
         let (ticket, p) = caller(&ctx)?;
-        let exposed = request.name.to_string();
-        let mut args = Value::Object(request.arguments.unwrap_or_default());
-        ticket.add_tool_call(&exposed, &args.to_string());
+        let args = Value::Object(request.arguments.unwrap_or_default());
+        let result = self.call(&ticket, p, &request.name, args).await?;
+        Ok(result.into())
+    }
+}
+
+impl Gateway {
+    /// The tools `p`'s tenant may call on `server`, named `server__tool`.
+    pub async fn tools(&self, p: &Principal, server: &McpServer) -> Result<Vec<Tool>, String> {
+        let conn = self
+            .clients
+            .conn(server, &self.routing.router.active().config.mcp_servers);
+        let listed = match conn.peer().await {
+            Ok(peer) => tokio::time::timeout(LIST_TIMEOUT, peer.list_all_tools())
+                .await
+                .map_err(|_| "timed out".to_string())
+                .and_then(|r| r.map_err(|e| e.to_string())),
+            Err(e) => Err(e),
+        };
+        let listed = match listed {
+            Ok(l) => l,
+            Err(e) => {
+                conn.reset().await;
+                return Err(e);
+            }
+        };
+        let mut tools = Vec::new();
+        for mut tool in listed {
+            if Self::permitted(p, server, &tool.name) {
+                tool.name = format!("{}{SEPARATOR}{}", server.name, tool.name).into();
+                tools.push(tool);
+            }
+        }
+        Ok(tools)
+    }
+
+    /// Makes one tool call (`exposed` is `server__tool`) for `p` under every check, on
+    /// `ticket`'s record: its name and arguments' sha256, the server as model and route, and
+    /// what came of it as the finish reason. A refused or failed call is an error result the
+    /// model can read; `Err` only when the gateway itself failed.
+    pub async fn call(
+        &self,
+        ticket: &Ticket,
+        p: Principal,
+        exposed: &str,
+        mut args: Value,
+    ) -> Result<CallToolResult, McpError> {
+        let ticket = ticket.clone();
+        ticket.add_tool_call(exposed, &args.to_string());
         let Some((server_name, tool)) = exposed.split_once(SEPARATOR) else {
             let message = format!("unknown tool '{exposed}'; tools are named server__tool");
-            return refused(&ticket, TOOL_REFUSED, message);
+            return Ok(refused(&ticket, TOOL_REFUSED, message));
         };
         let Some(server) = self
             .servers_for(&p.tenant)
@@ -284,19 +313,20 @@ impl ServerHandler for Gateway {
             .find(|s| s.name == server_name)
         else {
             let message = format!("no MCP server '{server_name}' this key may use");
-            return refused(&ticket, TOOL_REFUSED, message);
+            return Ok(refused(&ticket, TOOL_REFUSED, message));
         };
         if !Self::permitted(&p, &server, tool) {
             let message = format!("this key may not use the tool '{exposed}'");
-            return refused(&ticket, TOOL_REFUSED, message);
+            return Ok(refused(&ticket, TOOL_REFUSED, message));
         }
         let version = self.routing.router.active().version;
         ticket.set_model(&format!("mcp:{}", server.name));
         ticket.set_route(&server.name, &server.region, "mcp", version);
         // A call is one request and one token against the key's and tenant's limits and
-        // budgets (priced at the `mcp:SERVER` model's input price, if one is set): a tenant
-        // whose token budget is spent cannot call tools.
-        let counted = match ticket.reserve(1, 0).await {
+        // budgets (priced at the `mcp:SERVER` model's input price, if one is set), and one
+        // call against their tool-call limits: a tenant whose token budget is spent cannot
+        // call tools.
+        let counted = match ticket.reserve_tool_call().await {
             Ok(r) => r,
             Err(e) => {
                 let reason = match e {
@@ -304,7 +334,7 @@ impl ServerHandler for Gateway {
                     GovError::RateLimited { .. } => "rate_limited",
                     _ => "unavailable",
                 };
-                return refused(&ticket, reason, e.to_string());
+                return Ok(refused(&ticket, reason, e.to_string()));
             }
         };
         // Scanners run on blocking threads, as a prompt's do: arguments may be megabytes.
@@ -315,7 +345,7 @@ impl ServerHandler for Gateway {
         .await;
         let args = match scanned {
             Ok(Ok(args)) => args,
-            Ok(Err(e)) => return refused(&ticket, safety::CONTENT_FILTER, e.message),
+            Ok(Err(e)) => return Ok(refused(&ticket, safety::CONTENT_FILTER, e.message)),
             Err(e) => return Err(McpError::internal_error(e.to_string(), None)),
         };
         let conn = self
@@ -326,7 +356,7 @@ impl ServerHandler for Gateway {
             Err(e) => {
                 tracing::warn!("{e}");
                 let message = format!("the MCP server '{}' is unreachable", server.name);
-                return refused(&ticket, "tool_unreachable", message);
+                return Ok(refused(&ticket, "tool_unreachable", message));
             }
         };
         let mut params = CallToolRequestParams::new(tool.to_string());
@@ -339,19 +369,19 @@ impl ServerHandler for Gateway {
                 tracing::warn!(server = %server.name, "MCP tools/call failed: {e}");
                 conn.reset().await;
                 let message = format!("the MCP server '{}' failed", server.name);
-                return refused(&ticket, "tool_failed", message);
+                return Ok(refused(&ticket, "tool_failed", message));
             }
             Err(_) => {
                 let message = format!(
                     "the tool did not answer within {} s",
                     CALL_TIMEOUT.as_secs()
                 );
-                return refused(&ticket, "tool_timeout", message);
+                return Ok(refused(&ticket, "tool_timeout", message));
             }
         };
         let version = self.routing.router.active().version;
         let t = ticket.clone();
-        tokio::task::spawn_blocking(move || checked(&p, &t, &server, version, result).into())
+        tokio::task::spawn_blocking(move || checked(&p, &t, &server, version, result))
             .await
             .map_err(|e| McpError::internal_error(e.to_string(), None))
     }

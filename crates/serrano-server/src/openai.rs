@@ -10,6 +10,7 @@ use axum::Json;
 use serrano_api as api;
 use serrano_gov::{GovError, Reservation, Ticket};
 
+use crate::agent;
 use crate::backend::Request;
 use crate::error::ApiError;
 use crate::extract::JsonBody;
@@ -26,6 +27,9 @@ pub async fn chat_completions(
     headers: HeaderMap,
     JsonBody(req): JsonBody<api::ChatCompletionRequest>,
 ) -> Response {
+    if agent::requested(&req) {
+        return agent::serve(&st, ticket, &headers, req).await;
+    }
     pipeline::serve(&st, ticket, &headers, Request::Chat(req)).await
 }
 

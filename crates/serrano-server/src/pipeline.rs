@@ -10,10 +10,11 @@ use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use serrano_api as api;
 use serrano_gov::{GovError, Principal, Role, Ticket};
 use serrano_router::{Candidate, Plan};
 
-use crate::backend::{AttemptCtx, BackendError, Fault, Generation, Prepared, Request};
+use crate::backend::{AttemptCtx, BackendError, EventStream, Fault, Generation, Prepared, Request};
 use crate::error::ApiError;
 use crate::gov::principal;
 use crate::relay::{self, Relay};
@@ -33,27 +34,55 @@ pub async fn serve(
     request: Request,
 ) -> Response {
     ticket.claim();
-    match run(st, &ticket, headers, request).await {
-        Ok(resp) => resp,
-        Err(e) => match ticket
-            .finish(e.status.as_u16(), Some(e.message.clone()))
-            .await
-        {
-            Ok(_) => e.into_response(),
-            // No audit, no response: the client gets 503, never an unrecorded answer.
-            Err(g) => ApiError::from(g).into_response(),
-        },
+    // One deadline for the whole request: every attempt, and the relay, end by it.
+    let deadline = tokio::time::Instant::now() + st.config.request_timeout;
+    match start(st, &ticket, headers, request, deadline).await {
+        Ok((relay, gen, events)) => relay::respond(relay, &gen, events).await,
+        Err(e) => refuse(&ticket, e).await,
     }
 }
 
-async fn run(
+/// Answers `e` once it is on the ticket's record.
+pub async fn refuse(ticket: &Ticket, e: ApiError) -> Response {
+    match ticket
+        .finish(e.status.as_u16(), Some(e.message.clone()))
+        .await
+    {
+        Ok(_) => e.into_response(),
+        // No audit, no response: the client gets 503, never an unrecorded answer.
+        Err(g) => ApiError::from(g).into_response(),
+    }
+}
+
+/// Runs one chat request through the pipeline and reads its answer whole (a step of the
+/// server-side tool loop); the step's record is written on `ticket` whatever the outcome.
+pub async fn step(
+    st: &Arc<AppState>,
+    ticket: &Ticket,
+    headers: &HeaderMap,
+    request: api::ChatCompletionRequest,
+    deadline: tokio::time::Instant,
+) -> Result<api::ChatCompletion, ApiError> {
+    ticket.claim();
+    match start(st, ticket, headers, Request::Chat(request), deadline).await {
+        Ok((relay, gen, events)) => relay::chat_answer(relay, &gen, events).await,
+        Err(e) => {
+            ticket
+                .finish(e.status.as_u16(), Some(e.message.clone()))
+                .await?;
+            Err(e)
+        }
+    }
+}
+
+/// Everything up to a backend's acceptance: the relay to read its events with.
+async fn start(
     st: &Arc<AppState>,
     ticket: &Ticket,
     headers: &HeaderMap,
     request: Request,
-) -> Result<Response, ApiError> {
-    // One deadline for the whole request: every attempt, and the relay, end by it.
-    let deadline = tokio::time::Instant::now() + st.config.request_timeout;
+    deadline: tokio::time::Instant,
+) -> Result<(Relay, Generation, EventStream), ApiError> {
     let p = principal(ticket)?;
     let priority = priority(headers, &p)?;
     let (model, plan) = scoped_plan(st, ticket, &p, requested_model(&request))?;
@@ -130,7 +159,7 @@ async fn run(
                     deadline,
                     limit: st.config.request_timeout,
                 };
-                return Ok(relay::respond(relay, &gen, events).await);
+                return Ok((relay, gen, events));
             }
             Err(e) => {
                 metrics.finish(attempt, e.fault.outcome(), None);

@@ -55,6 +55,25 @@ pub async fn respond(relay: Relay, gen: &Generation, events: EventStream) -> Res
     run.collect(events).await
 }
 
+/// Relays a chat generation whole to a caller that reads the answer itself (a step of the
+/// server-side tool loop); the record is written as for any response.
+pub async fn chat_answer(
+    relay: Relay,
+    gen: &Generation,
+    events: EventStream,
+) -> Result<api::ChatCompletion, ApiError> {
+    match Run::new(relay, gen).whole(events).await? {
+        Whole::Chat(c) => Ok(c),
+        Whole::Completion(_) => Err(ApiError::internal("a chat step answered as a completion")),
+    }
+}
+
+/// A response read whole.
+enum Whole {
+    Chat(api::ChatCompletion),
+    Completion(api::Completion),
+}
+
 /// An SSE response whose events are the strings received (each becomes one `data:` line).
 fn sse_response(rx: mpsc::Receiver<String>) -> Response {
     let stream =
@@ -256,7 +275,16 @@ impl Run {
 
     // ------------------------------------------------------------ whole responses
 
-    async fn collect(mut self, mut events: EventStream) -> Response {
+    async fn collect(self, events: EventStream) -> Response {
+        match self.whole(events).await {
+            Ok(Whole::Chat(c)) => Json(c).into_response(),
+            Ok(Whole::Completion(c)) => Json(c).into_response(),
+            Err(e) => e.into_response(),
+        }
+    }
+
+    /// Reads every event, writes the record, and builds the response.
+    async fn whole(mut self, mut events: EventStream) -> Result<Whole, ApiError> {
         let mut choices: Vec<Choice> = (0..self.shape.choices).map(|_| Choice::default()).collect();
         while let Some(e) = self.next(&mut events).await {
             self.gather(&mut choices, e);
@@ -272,18 +300,15 @@ impl Run {
             }
         }
         let (head, chat) = (self.head(), self.shape.chat);
-        let used = match self.end().await {
-            Ok(u) => u,
-            Err(e) => return e.into_response(),
-        };
+        let used = self.end().await?;
         if let Some(e) = failure {
-            return e.into_response();
+            return Err(e);
         }
-        if chat {
-            Json(head.chat(choices, used)).into_response()
+        Ok(if chat {
+            Whole::Chat(head.chat(choices, used))
         } else {
-            Json(head.completion(choices, used)).into_response()
-        }
+            Whole::Completion(head.completion(choices, used))
+        })
     }
 
     fn gather(&mut self, choices: &mut [Choice], e: Event) {

@@ -8,6 +8,7 @@ use serrano_gov::Governance;
 
 use crate::error::ApiError;
 use crate::listen::ConnLimits;
+use crate::mcp::Gateway;
 use crate::routing::{self, Routing};
 use crate::shield::{HttpMetrics, InFlight, Refusals};
 
@@ -31,6 +32,9 @@ pub struct ServerConfig {
     pub refusal_summary_every: std::time::Duration,
     /// What the listener lets in.
     pub conn: ConnLimits,
+    /// Most rounds of tool calls a server-side tool loop (`{"type": "mcp"}` tools) makes
+    /// before the model must answer in words.
+    pub max_tool_steps: usize,
 }
 
 impl Default for ServerConfig {
@@ -43,6 +47,7 @@ impl Default for ServerConfig {
             max_refusals_per_minute: 600,
             refusal_summary_every: crate::shield::SUMMARY_EVERY,
             conn: ConnLimits::default(),
+            max_tool_steps: 4,
         }
     }
 }
@@ -66,6 +71,8 @@ pub struct AuthConfig {
 pub struct AppState {
     pub shield: Shield,
     pub routing: Arc<Routing>,
+    /// The MCP gateway (`/mcp`, and the server-side tool loop's calls).
+    pub mcp: Gateway,
     pub gov: Governance,
     pub auth: AuthConfig,
     pub config: ServerConfig,

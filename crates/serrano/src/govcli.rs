@@ -39,7 +39,8 @@ pub enum AdminCommand {
     /// Token and money budgets per tenant or key, per day, month or in total.
     #[command(subcommand)]
     Budget(BudgetCommand),
-    /// Rate limits per tenant or key: requests and tokens per minute, concurrent requests.
+    /// Rate limits per tenant or key: requests and tokens per minute, concurrent requests, MCP
+    /// tool calls per minute and per day.
     #[command(subcommand)]
     Limit(LimitCommand),
     /// Prices per model and backend, in dollars per million tokens.
@@ -65,6 +66,13 @@ pub enum LimitCommand {
         /// Requests in flight at once.
         #[arg(long)]
         max_concurrent: Option<i64>,
+        /// MCP tool calls per minute (through /mcp or a server-side tool loop; each is also a
+        /// request and a token against the limits above).
+        #[arg(long)]
+        tool_calls_per_minute: Option<i64>,
+        /// MCP tool calls per UTC day.
+        #[arg(long)]
+        tool_calls_per_day: Option<i64>,
     },
     List {
         #[arg(long)]
@@ -325,11 +333,15 @@ pub fn admin(db: &DbArgs, cmd: AdminCommand) -> Result<()> {
             rpm,
             tpm,
             max_concurrent,
+            tool_calls_per_minute,
+            tool_calls_per_day,
         }) => {
             let limits = serrano_gov::Limits {
                 rpm,
                 tpm,
                 max_concurrent,
+                tool_calls_per_minute,
+                tool_calls_per_day,
             };
             let id = gov.set_limits(&tenant, key, limits).await?;
             eprintln!("limits {id} set");

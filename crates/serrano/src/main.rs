@@ -193,6 +193,11 @@ struct ServerArgs {
     /// answered 408.
     #[arg(long, default_value_t = 600.0)]
     request_timeout: f64,
+    /// Most rounds of tool calls in a server-side tool loop (a chat request with
+    /// `{"type": "mcp"}` tools): after this many, the model must answer in words. Every round
+    /// is audited and charged as requests of their own.
+    #[arg(long, default_value_t = 4)]
+    max_tool_steps: usize,
     #[command(flatten)]
     db: govcli::DbArgs,
     /// An admin key of your choosing (at least 32 characters), registered at start-up. Without
@@ -457,6 +462,7 @@ fn run_server(engines: serrano_server::engines::LocalEngines, a: ServerArgs) -> 
             max_connections: a.max_connections.max(1),
             header_timeout: seconds(a.header_timeout),
         },
+        max_tool_steps: a.max_tool_steps,
     };
     raise_open_file_limit(a.max_connections);
     let rt = tokio::runtime::Builder::new_multi_thread()

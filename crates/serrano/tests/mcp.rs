@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{free_port, wait_until, Server};
+use common::{free_port, real_model, wait_until, Server};
 use serde_json::{json, Value};
 use serrano_engine::testing::TinyModel;
 
@@ -118,6 +118,16 @@ regions = ["eu"]
         .as_str()
         .unwrap()
         .to_string();
+    s.tenant("delta");
+    let (st, v) = s.post(
+        "/admin/v1/limits",
+        &json!({"tenant": "delta", "tool_calls_per_day": 2}),
+    );
+    assert_eq!(st, 200, "{v}");
+    let delta = s.key("delta", json!({}))["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
     let out = Command::new(&py)
         .arg(script("mcp_client.py"))
@@ -125,6 +135,7 @@ regions = ["eu"]
         .arg(&acme)
         .arg(&beta)
         .arg(&gamma)
+        .arg(&delta)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -133,7 +144,7 @@ regions = ["eu"]
         stdout
             .lines()
             .last()
-            .is_some_and(|l| l == "15 passed, 0 failed"),
+            .is_some_and(|l| l == "16 passed, 0 failed"),
         "{stdout}"
     );
 
@@ -180,11 +191,14 @@ regions = ["eu"]
         "{redacted}"
     );
     assert_eq!(find("tools_eu__secret")["finish_reason"], "tool_refused");
-    let limited = calls
-        .iter()
-        .filter(|r| r["finish_reason"] == "rate_limited")
-        .count();
-    assert_eq!(limited, 2, "{log}");
+    let limited = |tenant: &str| {
+        calls
+            .iter()
+            .filter(|r| r["tenant"] == tenant && r["finish_reason"] == "rate_limited")
+            .count()
+    };
+    assert_eq!(limited("beta"), 2, "{log}");
+    assert_eq!(limited("delta"), 2, "{log}");
     let over = calls
         .iter()
         .filter(|r| r["finish_reason"] == "over_budget")
@@ -203,6 +217,158 @@ regions = ["eu"]
     assert_eq!(gamma_usage["completion_tokens"], 0, "{usage}");
     // A call the gateway refused before making it names no backend.
     assert!(find("tools_us__add")["backend"].is_null());
+    assert_eq!(s.get("/admin/v1/audit/verify").1["ok"], true);
+}
+
+/// Server-side tool use with the default model: a chat request offering an MCP server's tools
+/// (`{"type": "mcp"}`) with a tool choice that names one runs the model, the call through the
+/// gateway, and the model again on the result, which answers in words; every step and the call
+/// are audited requests of their own, each charged, and the chain verifies.
+#[test]
+fn a_server_side_tool_loop_runs_mcp_calls_for_the_default_model() {
+    let py = common::python_venv("mcpenv", &[MCP_PACKAGE], "import mcp.server.mcpserver");
+    let (_calc, calc_url) = http_server(&py, "calc", None);
+    let (_far, far_url) = http_server(&py, "far", None);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("routing.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[[backend]]
+name = "local"
+kind = "local"
+region = "eu"
+tier = "cpu"
+
+[[mcp_server]]
+name = "calc"
+url = "{calc_url}"
+region = "eu"
+
+[[mcp_server]]
+name = "far"
+url = "{far_url}"
+region = "us"
+
+[tenant.acme]
+regions = ["eu"]
+"#
+        ),
+    )
+    .unwrap();
+    let config = config.to_string_lossy().to_string();
+    let s = Server::start(
+        &real_model(),
+        &["--config", &config, "--max-tool-steps", "1"],
+    );
+    s.tenant("acme");
+    let key = s.key("acme", json!({}))["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let ask = |body: Value| s.post_as(&key, "/v1/chat/completions", body.to_string().as_bytes());
+
+    let (st, v, headers) = ask(json!({
+        "messages": [{"role": "user", "content": "What is 2 plus 3?"}],
+        "tools": [{"type": "mcp", "server_label": "calc", "allowed_tools": ["add"]}],
+        "tool_choice": {"type": "mcp", "server_label": "calc", "name": "add"},
+        "max_tokens": 64,
+        "temperature": 0,
+    }));
+    assert_eq!(st, 200, "{v}");
+    println!("{v:#}");
+    let calls = v["serrano_tool_calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 1, "{v}");
+    let call = &calls[0];
+    assert_eq!(call["name"], "calc__add", "{v}");
+    assert_eq!(call["is_error"], false, "{v}");
+    // The arguments are the schema's (the choice was constrained), and the output is what the
+    // real MCP server computed from them.
+    let args: Value = serde_json::from_str(call["arguments"].as_str().unwrap()).unwrap();
+    let sum = args["a"].as_i64().unwrap() + args["b"].as_i64().unwrap();
+    assert_eq!(call["output"], sum.to_string(), "{v}");
+    // After the last round of calls the model is offered no tool: it answers in words.
+    let message = &v["choices"][0]["message"];
+    assert!(message["tool_calls"].is_null(), "{v}");
+    assert!(!message["content"].as_str().unwrap().is_empty(), "{v}");
+    let usage = &v["usage"];
+
+    // Every step and the call are on the audit log as requests of their own.
+    let id = headers.get("x-request-id").unwrap().to_string();
+    let (_, log) = s.get("/admin/v1/audit?limit=1000");
+    let record = |rid: &str| {
+        log["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["request_id"] == rid)
+            .cloned()
+            .unwrap_or_else(|| panic!("no audit record {rid}: {log}"))
+    };
+    let first = record(&format!("{id}.step0"));
+    assert_eq!(first["finish_reason"], "tool_calls", "{first}");
+    assert_eq!(first["tool_calls"][0], "calc__add", "{first}");
+    let made = record(&format!("{id}.step0.call0"));
+    assert_eq!(made["model"], "mcp:calc", "{made}");
+    assert_eq!(made["finish_reason"], "tool_result", "{made}");
+    assert_eq!(made["prompt_tokens"], 1, "{made}");
+    let last = record(&format!("{id}.step1"));
+    assert_eq!(last["status"], 200, "{last}");
+    let whole = record(&id);
+    assert_eq!(whole["tool_calls"][0], "calc__add", "{whole}");
+    assert_eq!(whole["prompt_tokens"], 0, "{whole}");
+    // The usage reported is the steps' together; the ledger charged them and the call.
+    let steps_prompt =
+        first["prompt_tokens"].as_u64().unwrap() + last["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(
+        usage["prompt_tokens"].as_u64().unwrap(),
+        steps_prompt,
+        "{v}"
+    );
+    let (_, charged) = s.get("/admin/v1/usage?group_by=tenant");
+    let acme = charged["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["tenant"] == "acme")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        acme["prompt_tokens"].as_u64().unwrap(),
+        steps_prompt + 1,
+        "{charged}"
+    );
+
+    // What the loop cannot honour, or the key may not reach, is refused before any step.
+    let refused = |tools: Value, param: &str| {
+        let (st, v, _) = ask(json!({
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": tools,
+            "max_tokens": 8,
+        }));
+        assert_eq!(st, 400, "{v}");
+        assert_eq!(v["error"]["param"], param, "{v}");
+        v["error"]["message"].as_str().unwrap().to_string()
+    };
+    // Residency: acme is held to eu, and "far" is in us.
+    let m = refused(json!([{"type": "mcp", "server_label": "far"}]), "tools");
+    assert!(m.contains("no MCP server 'far'"), "{m}");
+    refused(
+        json!([{"type": "mcp", "server_label": "calc", "server_url": "http://127.0.0.1:1/"}]),
+        "tools[0].server_url",
+    );
+    refused(
+        json!([{"type": "mcp", "server_label": "calc", "allowed_tools": ["nope"]}]),
+        "tools",
+    );
+    let (st, v, _) = ask(json!({
+        "messages": [{"role": "user", "content": "hi"}],
+        "tools": [{"type": "mcp", "server_label": "calc"}],
+        "stream": true,
+    }));
+    assert_eq!(st, 400, "{v}");
+    assert_eq!(v["error"]["param"], "stream", "{v}");
     assert_eq!(s.get("/admin/v1/audit/verify").1["ok"], true);
 }
 

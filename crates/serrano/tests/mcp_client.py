@@ -1,13 +1,13 @@
 """Drives serrano's MCP gateway (`/mcp`) with the official Python SDK's client (`mcp`).
 
-    python mcp_client.py BASE_URL ACME_KEY BETA_KEY GAMMA_KEY
+    python mcp_client.py BASE_URL ACME_KEY BETA_KEY GAMMA_KEY DELTA_KEY
 
 The servers behind it (see tests/mcp.rs): `tools_eu` (HTTP, region eu, needs a token, `secret`
 denied), `tools_us` (HTTP, region us) and `local` (stdio, region eu, tenant acme only). Tenant
 acme may be served in eu only and redacts PII in prompts and outputs; tenant beta may use only
 the tool `tools_eu__add`, with a key limited to 4 requests a minute; tenant gamma has a budget
-of 3 tokens in all (a call counts one). Prints one line per check,
-then "N passed, M failed".
+of 3 tokens in all (a call counts one); tenant delta may make 2 tool calls a day. Prints one
+line per check, then "N passed, M failed".
 """
 
 import asyncio
@@ -17,7 +17,7 @@ import httpx2
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-base, acme_key, beta_key, gamma_key = sys.argv[1:5]
+base, acme_key, beta_key, gamma_key, delta_key = sys.argv[1:6]
 results = []
 
 
@@ -107,6 +107,17 @@ async def as_gamma(c):
     )
 
 
+async def as_delta(c):
+    answers = [await c.call_tool("tools_eu__add", {"a": i, "b": 1}) for i in range(4)]
+    ok = [r for r in answers if not r.is_error]
+    limited = [r for r in answers if r.is_error and "2 tool calls per day" in text(r)]
+    check(
+        "delta's tool-call limit (2 a day) holds",
+        len(ok) == 2 and len(limited) == 2,
+        [text(r) for r in answers],
+    )
+
+
 async def wrong_key(c):
     await c.list_tools()
 
@@ -115,6 +126,7 @@ async def main():
     await session(acme_key, as_acme)
     await session(beta_key, as_beta)
     await session(gamma_key, as_gamma)
+    await session(delta_key, as_delta)
     # The SDK reports the refusal as an error response without its status (tests/mcp.rs sees
     # the 401 itself).
     try:

@@ -119,6 +119,7 @@ async fn replicas_share_concurrency_limits() {
         rpm: None,
         tpm: None,
         max_concurrent: Some(5),
+        ..Limits::default()
     };
     s.set_limits(t.id, 0, limits).await.unwrap();
     let tasks: Vec<_> = (0..40)
@@ -256,6 +257,7 @@ async fn replicas_share_rate_windows() {
         rpm: Some(3),
         tpm: Some(1_000),
         max_concurrent: None,
+        ..Limits::default()
     };
     s.set_limits(t.id, 0, limits).await.unwrap();
     // All in one minute, so that the counts below are this minute's alone.
