@@ -493,71 +493,66 @@ struct Translator {
 enum Answer {
     Undecided,
     Text,
-    /// An envelope being written, held back until it is complete.
-    Call(String),
+    /// An envelope being written, streamed as a tool call (its name, then its arguments).
+    Call(tools::Envelope),
 }
 
 impl Translator {
-    /// The text of a token as the client sees it now: a tool call's envelope is held back.
-    fn answer(&mut self, i: usize, text: String) -> String {
+    /// The text of a token as the client sees it now (none of a tool call's envelope), and the
+    /// pieces of a tool call it completes.
+    fn answer(&mut self, i: usize, text: String) -> (String, Vec<Event>) {
         let Some(answer) = self.answers.as_mut().and_then(|a| a.get_mut(i)) else {
-            return text;
+            return (text, vec![]);
         };
-        match answer {
-            Answer::Text => text,
-            Answer::Call(buf) => {
-                buf.push_str(&text);
-                String::new()
-            }
-            Answer::Undecided if text.is_empty() => text,
-            Answer::Undecided if text.trim_start().starts_with('{') => {
-                *answer = Answer::Call(text);
-                String::new()
+        let envelope = match answer {
+            Answer::Text => return (text, vec![]),
+            Answer::Undecided if text.is_empty() => return (text, vec![]),
+            Answer::Undecided if !text.trim_start().starts_with('{') => {
+                *answer = Answer::Text;
+                return (text, vec![]);
             }
             Answer::Undecided => {
-                *answer = Answer::Text;
-                text
+                *answer = Answer::Call(tools::Envelope::default());
+                let Answer::Call(e) = answer else {
+                    return (text, vec![]);
+                };
+                e
             }
-        }
+            Answer::Call(e) => e,
+        };
+        let pieces = envelope.push(&text);
+        let events = pieces.into_iter().map(|p| call_event(i, p)).collect();
+        (String::new(), events)
     }
 
-    /// The end of choice `i`: a tool call when its answer was an envelope, else its finish.
+    /// The end of choice `i`: the rest of a tool call when its answer was an envelope (whole:
+    /// `tool_calls`), then its finish.
     fn end_answer(&mut self, i: usize, reason: &str) -> Vec<Event> {
         let finish = |reason: &str| Event::Finish {
             index: i as u32,
             reason: reason.to_string(),
             extra: Default::default(),
         };
-        let held = match self.answers.as_mut().and_then(|a| a.get_mut(i)) {
-            Some(Answer::Call(buf)) => std::mem::take(buf),
+        let envelope = match self.answers.as_mut().and_then(|a| a.get_mut(i)) {
+            Some(Answer::Call(e)) => std::mem::take(e),
             _ => return vec![finish(reason)],
         };
-        match tools::parse_call(&held) {
-            Some((name, arguments)) => vec![
-                Event::ToolCall {
-                    index: i as u32,
-                    call: api::ToolCallDelta {
-                        index: 0,
-                        id: Some(tools::call_id()),
-                        kind: Some("function".into()),
-                        function: Some(api::FunctionCallDelta {
-                            name: Some(name),
-                            arguments: Some(arguments),
-                        }),
-                    },
-                    legacy: false,
-                },
-                finish("tool_calls"),
-            ],
-            // Cut off before it was whole (max_tokens): the text as it is.
-            None => vec![
-                Event::Delta(Delta {
-                    index: i as u32,
-                    text: held,
-                    ..Default::default()
-                }),
-                finish(reason),
-            ],
+        let text = |text: String| {
+            Event::Delta(Delta {
+                index: i as u32,
+                text,
+                ..Default::default()
+            })
+        };
+        let rest =
+            |rest: String| (!rest.is_empty()).then(|| call_event(i, tools::Piece::Arguments(rest)));
+        match envelope.finish() {
+            tools::Ending::Call(r) => rest(r).into_iter().chain([finish("tool_calls")]).collect(),
+            // Cut off (max_tokens) after its name: the arguments as far as they got, as
+            // OpenAI reports a call cut off.
+            tools::Ending::Cut(r) => rest(r).into_iter().chain([finish(reason)]).collect(),
+            // Cut off before it named a tool: the text as it is.
+            tools::Ending::Text(held) => vec![text(held), finish(reason)],
         }
     }
 
@@ -616,8 +611,10 @@ impl Translator {
             }
             Some(EngineEvent::PromptLogprobs(_)) => vec![],
             Some(EngineEvent::Token { id, text, logprobs }) => {
-                let shown = self.answer(i, text);
-                vec![self.token(i, id, shown, logprobs)]
+                let (shown, call) = self.answer(i, text);
+                let mut out = vec![self.token(i, id, shown, logprobs)];
+                out.extend(call);
+                out
             }
             Some(EngineEvent::Finished {
                 reason,
@@ -644,6 +641,28 @@ impl Translator {
                 "the engine dropped the request",
             )))],
         }
+    }
+}
+
+/// One piece of choice `i`'s tool call (its only one: index 0) as an event: the name comes
+/// with the call's id.
+fn call_event(i: usize, piece: tools::Piece) -> Event {
+    let (id, name, arguments) = match piece {
+        tools::Piece::Name(name) => (Some(tools::call_id()), Some(name), String::new()),
+        tools::Piece::Arguments(a) => (None, None, a),
+    };
+    Event::ToolCall {
+        index: i as u32,
+        call: api::ToolCallDelta {
+            index: 0,
+            kind: id.as_ref().map(|_| "function".to_string()),
+            id,
+            function: Some(api::FunctionCallDelta {
+                name,
+                arguments: Some(arguments),
+            }),
+        },
+        legacy: false,
     }
 }
 

@@ -198,6 +198,88 @@ pub fn parse_call(text: &str) -> Option<(String, String)> {
     Some((name, arguments))
 }
 
+/// A call's envelope as the model writes it, streamed as OpenAI streams calls: the tool's
+/// name once the head (`{"name": N, "arguments": `) is whole, then the arguments' text as it
+/// comes, less the envelope's closing brace (held back: the last character written may be it).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Envelope {
+    text: String,
+    /// Where the arguments start in `text`, once the head is whole.
+    args_at: Option<usize>,
+    /// How much of `text` has been streamed.
+    sent: usize,
+}
+
+/// A piece of a call to stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Piece {
+    /// The head: the tool's name.
+    Name(String),
+    /// Argument text.
+    Arguments(String),
+}
+
+/// How an envelope ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Ending {
+    /// Whole: the rest of its arguments.
+    Call(String),
+    /// Cut off (`max_tokens`) after its head: the rest of the text written.
+    Cut(String),
+    /// Cut off before its head was whole: not a call, but text.
+    Text(String),
+}
+
+impl Envelope {
+    /// Adds text the model wrote; returns what may be streamed now.
+    pub fn push(&mut self, text: &str) -> Vec<Piece> {
+        self.text.push_str(text);
+        let mut out = Vec::new();
+        if self.args_at.is_none() {
+            let Some((name, at)) = head(&self.text) else {
+                return out;
+            };
+            (self.args_at, self.sent) = (Some(at), at);
+            out.push(Piece::Name(name));
+        }
+        // All but the last character written that is not blank.
+        let end = self
+            .text
+            .trim_end()
+            .char_indices()
+            .last()
+            .map_or(0, |(k, _)| k);
+        if end > self.sent {
+            out.push(Piece::Arguments(self.text[self.sent..end].to_string()));
+            self.sent = end;
+        }
+        out
+    }
+
+    /// The end of the answer: what is left to stream, and whether it made a call.
+    pub fn finish(self) -> Ending {
+        if self.args_at.is_none() {
+            return Ending::Text(self.text);
+        }
+        let body = self.text.trim_end();
+        match parse_call(&self.text) {
+            // The closing brace is the body's last character.
+            Some(_) => Ending::Call(body[self.sent..body.len() - 1].to_string()),
+            None => Ending::Cut(self.text[self.sent..].to_string()),
+        }
+    }
+}
+
+/// The tool's name and where the arguments start, once `text` holds the envelope's whole head
+/// (the grammar writes it exactly so).
+fn head(text: &str) -> Option<(String, usize)> {
+    let rest = text.trim_start().strip_prefix("{\"name\": ")?;
+    let mut names = serde_json::Deserializer::from_str(rest).into_iter::<String>();
+    let name = names.next()?.ok()?;
+    let args = rest[names.byte_offset()..].strip_prefix(", \"arguments\": ")?;
+    Some((name, text.len() - args.len()))
+}
+
 /// How an earlier assistant turn's tool calls read in the prompt: the envelopes it wrote.
 pub fn render_calls(calls: &Value) -> String {
     calls
@@ -259,6 +341,42 @@ mod tests {
             let e = parse(&extra(bad.clone())).unwrap_err();
             assert_eq!(e.param.as_deref(), Some(param), "{bad}");
         }
+    }
+
+    #[test]
+    fn envelopes_stream_their_name_then_their_arguments() {
+        let text = r#"{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}"#;
+        // Token by token at every split of the text, the pieces reassemble to the call.
+        for step in [1, 2, 3, 7] {
+            let mut e = Envelope::default();
+            let (mut name, mut args) = (None, String::new());
+            let chars: Vec<char> = text.chars().collect();
+            for chunk in chars.chunks(step) {
+                for piece in e.push(&chunk.iter().collect::<String>()) {
+                    match piece {
+                        Piece::Name(n) => {
+                            assert!(name.is_none() && args.is_empty());
+                            name = Some(n);
+                        }
+                        Piece::Arguments(a) => args.push_str(&a),
+                    }
+                }
+            }
+            match e.finish() {
+                Ending::Call(rest) => args.push_str(&rest),
+                other => panic!("{other:?}"),
+            }
+            assert_eq!(name.as_deref(), Some("get_weather"));
+            assert_eq!(args, r#"{"city": "Paris", "days": 2}"#);
+        }
+        // Cut off: before the head it is text; after, the rest as written.
+        let mut e = Envelope::default();
+        assert!(e.push(r#"{"name": "get_we"#).is_empty());
+        assert_eq!(e.finish(), Ending::Text(r#"{"name": "get_we"#.into()));
+        let mut e = Envelope::default();
+        let pieces = e.push(r#"{"name": "f", "arguments": {"x": 1"#);
+        assert_eq!(pieces[0], Piece::Name("f".into()));
+        assert_eq!(e.finish(), Ending::Cut("1".into()));
     }
 
     #[test]

@@ -31,7 +31,7 @@ fn tools_and_structured_outputs_through_the_openai_sdk() {
         stdout
             .lines()
             .last()
-            .is_some_and(|l| l == "44 passed, 0 failed"),
+            .is_some_and(|l| l == "45 passed, 0 failed"),
         "{stdout}"
     );
 }

@@ -87,7 +87,7 @@ for i, city in enumerate(CITIES):
 whole = client.chat.completions.create(
     model="", messages=[{"role": "user", "content": "What is the weather in Rome?"}],
     tools=TOOLS, tool_choice="required", max_tokens=64, temperature=0).choices[0].message.tool_calls[0]
-name, args, finish = "", "", None
+name, args, finish, fragments, ids = "", "", None, 0, []
 for chunk in client.chat.completions.create(
         model="", messages=[{"role": "user", "content": "What is the weather in Rome?"}],
         tools=TOOLS, tool_choice="required", max_tokens=64, temperature=0, stream=True):
@@ -95,9 +95,13 @@ for chunk in client.chat.completions.create(
         for d in ch.delta.tool_calls or []:
             name += d.function.name or ""
             args += d.function.arguments or ""
+            fragments += bool(d.function.arguments)
+            ids += [d.id] if d.id else []
         finish = ch.finish_reason or finish
-check("streamed call", (name, json.loads(args), finish) ==
-      (whole.function.name, json.loads(whole.function.arguments), "tool_calls"), f"{name} {args} {finish}")
+check("streamed call", (name, args, finish) ==
+      (whole.function.name, whole.function.arguments, "tool_calls"), f"{name} {args} {finish}")
+# As OpenAI streams calls: the name (with the id) first, then the arguments in pieces.
+check("streamed argument fragments", fragments > 2 and len(ids) == 1, f"{fragments} {ids}")
 
 # tool_choice none answers in words.
 r = client.chat.completions.create(
