@@ -7,6 +7,9 @@
 //! `--max-tool-steps` rounds of calls; the step after the last round is offered no tool
 //! (`tool_choice: "none"`), so every loop ends in an answer.
 //!
+//! Steps are read whole; a client that asked for a stream gets the loop's answer as SSE chunks
+//! once it is known.
+//!
 //! Every model step and every call is a request of its own on the audit log (request ids
 //! `ID.step0`, `ID.step0.call0`, ...), reserved, limited and charged like any other; the HTTP
 //! request's own record (`ID`) lists the calls made and charges nothing.
@@ -26,6 +29,7 @@ use crate::error::ApiError;
 use crate::gov::principal;
 use crate::mcp::SEPARATOR;
 use crate::pipeline;
+use crate::relay;
 use crate::state::AppState;
 
 /// Most `{"type": "mcp"}` entries one request may have.
@@ -54,13 +58,21 @@ pub async fn serve(
     st: &Arc<AppState>,
     ticket: Ticket,
     headers: &HeaderMap,
-    req: api::ChatCompletionRequest,
+    mut req: api::ChatCompletionRequest,
 ) -> Response {
     ticket.claim();
     // One deadline for the whole loop, every step and call included.
     let deadline = tokio::time::Instant::now() + st.config.request_timeout;
+    // Steps are read whole; a client that asked for a stream gets the answer as one.
+    let stream = std::mem::take(&mut req.sampling.stream);
+    let include_usage = req
+        .sampling
+        .stream_options
+        .take()
+        .is_some_and(|o| o.include_usage);
     match run(st, &ticket, headers, req, deadline).await {
         Ok(answer) => match ticket.finish(200, None).await {
+            Ok(_) if stream => relay::whole_as_stream(answer, include_usage),
             Ok(_) => Json(answer).into_response(),
             Err(g) => ApiError::from(g).into_response(),
         },
@@ -145,12 +157,6 @@ async fn run(
 
 /// Fields the loop cannot honour, refused by name.
 fn refuse_unsupported(req: &api::ChatCompletionRequest) -> Result<(), ApiError> {
-    if req.sampling.stream {
-        return Err(ApiError::invalid_param(
-            "stream",
-            "server-side tool use ({\"type\": \"mcp\"} tools) answers whole; send stream: false",
-        ));
-    }
     if req.sampling.n.is_some_and(|n| n > 1) {
         return Err(ApiError::invalid_param(
             "n",

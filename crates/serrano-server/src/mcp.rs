@@ -302,7 +302,11 @@ impl Gateway {
         mut args: Value,
     ) -> Result<CallToolResult, McpError> {
         let ticket = ticket.clone();
-        ticket.add_tool_call(exposed, &args.to_string());
+        let args_bytes = {
+            let text = args.to_string();
+            ticket.add_tool_call(exposed, &text);
+            text.len()
+        };
         let Some((server_name, tool)) = exposed.split_once(SEPARATOR) else {
             let message = format!("unknown tool '{exposed}'; tools are named server__tool");
             return Ok(refused(&ticket, TOOL_REFUSED, message));
@@ -337,16 +341,14 @@ impl Gateway {
                 return Ok(refused(&ticket, reason, e.to_string()));
             }
         };
-        // Scanners run on blocking threads, as a prompt's do: arguments may be megabytes.
-        let (scan, t) = (p.clone(), ticket.clone());
-        let scanned = tokio::task::spawn_blocking(move || {
-            safety::filter_value(&scan, &t, &mut args).map(|()| args)
+        let args = match off_workers(&p, args_bytes, {
+            let (scan, t) = (p.clone(), ticket.clone());
+            move || safety::filter_value(&scan, &t, &mut args).map(|()| args)
         })
-        .await;
-        let args = match scanned {
-            Ok(Ok(args)) => args,
-            Ok(Err(e)) => return Ok(refused(&ticket, safety::CONTENT_FILTER, e.message)),
-            Err(e) => return Err(McpError::internal_error(e.to_string(), None)),
+        .await?
+        {
+            Ok(args) => args,
+            Err(e) => return Ok(refused(&ticket, safety::CONTENT_FILTER, e.message)),
         };
         let conn = self
             .clients
@@ -381,10 +383,32 @@ impl Gateway {
         };
         let version = self.routing.router.active().version;
         let t = ticket.clone();
-        tokio::task::spawn_blocking(move || checked(&p, &t, &server, version, result))
-            .await
-            .map_err(|e| McpError::internal_error(e.to_string(), None))
+        off_workers(&p.clone(), result_bytes(&result), move || {
+            checked(&p, &t, &server, version, result)
+        })
+        .await
     }
+}
+
+/// Most bytes a filter scans on an async worker: a scan that small takes microseconds, less
+/// than the hop to a blocking thread and back (~0.05 ms at the median, ~0.35 ms at p90, measured
+/// through `/mcp` on this machine's two cores). Larger ones run on the blocking pool, as a
+/// prompt's do, so that a megabyte's scan does not stall other connections.
+const INLINE_SCAN_BYTES: usize = 16 << 10;
+
+/// Runs `scan`, over `bytes` of a call's arguments or result, where it costs least: inline when
+/// the tenant has no filter or the text is small, else on a blocking thread.
+async fn off_workers<T: Send + 'static>(
+    p: &Principal,
+    bytes: usize,
+    scan: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, McpError> {
+    if p.filter.is_none() || bytes <= INLINE_SCAN_BYTES {
+        return Ok(scan());
+    }
+    tokio::task::spawn_blocking(scan)
+        .await
+        .map_err(|e| McpError::internal_error(e.to_string(), None))
 }
 
 /// A tool's result, through the size limit and the tenant's output filter; its size and outcome

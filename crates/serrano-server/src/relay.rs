@@ -68,6 +68,76 @@ pub async fn chat_answer(
     }
 }
 
+/// A chat answer read whole (a server-side tool loop's), sent as SSE chunks for a client that
+/// asked for a stream: per choice its content and tool calls in one delta, then its finish;
+/// the usage chunk when asked for; the answer's extra fields on the last chunk; `[DONE]`.
+pub fn whole_as_stream(answer: api::ChatCompletion, include_usage: bool) -> Response {
+    let chunk = |choices, usage, extra| {
+        to_json(&api::ChatCompletionChunk {
+            id: answer.id.clone(),
+            object: "chat.completion.chunk".into(),
+            created: answer.created,
+            model: answer.model.clone(),
+            choices,
+            usage,
+            system_fingerprint: answer.system_fingerprint.clone(),
+            extra,
+        })
+    };
+    let pending_usage = include_usage.then_some(None);
+    let mut out = Vec::new();
+    let mut finishes = Vec::new();
+    for c in &answer.choices {
+        let calls = c.message.tool_calls.as_ref().map(|calls| {
+            calls
+                .iter()
+                .enumerate()
+                .map(|(k, t)| api::ToolCallDelta {
+                    index: k as u32,
+                    id: Some(t.id.clone()),
+                    kind: Some(t.kind.clone()),
+                    function: Some(api::FunctionCallDelta {
+                        name: Some(t.function.name.clone()),
+                        arguments: Some(t.function.arguments.clone()),
+                    }),
+                })
+                .collect()
+        });
+        let delta = api::ChatDelta {
+            role: Some("assistant".into()),
+            content: c.message.content.clone(),
+            tool_calls: calls,
+            ..Default::default()
+        };
+        let piece = api::ChatChunkChoice {
+            index: c.index,
+            delta,
+            ..Default::default()
+        };
+        out.push(chunk(vec![piece], pending_usage.clone(), api::Extra::new()));
+        finishes.push(api::ChatChunkChoice {
+            index: c.index,
+            finish_reason: c.finish_reason.clone(),
+            ..Default::default()
+        });
+    }
+    match include_usage {
+        true => {
+            out.push(chunk(finishes, pending_usage.clone(), api::Extra::new()));
+            out.push(chunk(
+                vec![],
+                Some(answer.usage.clone()),
+                answer.extra.clone(),
+            ));
+        }
+        false => out.push(chunk(finishes, None, answer.extra.clone())),
+    }
+    out.push("[DONE]".into());
+    let stream =
+        futures::stream::iter(out).map(|data| Ok::<_, Infallible>(SseEvent::default().data(data)));
+    Sse::new(stream).into_response()
+}
+
 /// A response read whole.
 enum Whole {
     Chat(api::ChatCompletion),

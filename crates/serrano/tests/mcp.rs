@@ -365,10 +365,38 @@ regions = ["eu"]
     let (st, v, _) = ask(json!({
         "messages": [{"role": "user", "content": "hi"}],
         "tools": [{"type": "mcp", "server_label": "calc"}],
-        "stream": true,
+        "n": 2,
     }));
     assert_eq!(st, 400, "{v}");
-    assert_eq!(v["error"]["param"], "stream", "{v}");
+    assert_eq!(v["error"]["param"], "n", "{v}");
+
+    // A client that asks for a stream gets the loop's answer as SSE chunks, usage last: the
+    // same answer as the whole one above (temperature 0).
+    let events = s.stream(
+        "/v1/chat/completions",
+        &json!({
+            "messages": [{"role": "user", "content": "What is 2 plus 3?"}],
+            "tools": [{"type": "mcp", "server_label": "calc", "allowed_tools": ["add"]}],
+            "tool_choice": {"type": "mcp", "server_label": "calc", "name": "add"},
+            "max_tokens": 64,
+            "temperature": 0,
+            "stream": true,
+            "stream_options": {"include_usage": true},
+        }),
+    );
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{events:?}");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, message["content"].as_str().unwrap(), "{events:?}");
+    let last = chunks.last().unwrap();
+    assert_eq!(last["usage"], *usage, "{last}");
+    assert_eq!(last["serrano_tool_calls"][0]["is_error"], false, "{last}");
     assert_eq!(s.get("/admin/v1/audit/verify").1["ok"], true);
 }
 
