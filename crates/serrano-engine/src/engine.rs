@@ -3,6 +3,7 @@
 //! admitted ones) under a token budget, one forward pass runs them all over the paged KV cache,
 //! and each sequence streams its events back over its own channel.
 
+use std::io::Write;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -17,7 +18,8 @@ use crate::metrics::{self, EngineMetrics};
 use crate::model::{LogitsWanted, Model, ModelConfig, SeqStep};
 use crate::paged::{KvStorage, PagedStep, SharedAllocator, BLOCK_TOKENS};
 use crate::sampling::{logprobs, Sampler, SamplingParams, TokenLogprobs};
-use crate::scheduler::{Planned, Scheduler, SchedulerConfig, SeqId};
+use crate::scheduler::{Planned, Scheduler, SchedulerConfig, SeqId, SloClass};
+use crate::steptime::{self, StepModel, StepShape};
 use crate::stop::StopMatcher;
 use crate::tokenizer::{Tokenizer, Utf8Stream};
 
@@ -45,7 +47,22 @@ pub struct EngineConfig {
     pub model_name: String,
     /// Reuse the KV blocks of earlier prompts' shared prefixes (automatic prefix caching).
     pub prefix_caching: bool,
+    /// The inter-token latency decoding sequences are kept within: each step's prompt tokens
+    /// are capped so the step-time model predicts a step of at most [`STEP_SHARE`] of it
+    /// (Sarathi-Serve's stall-free batching). `None`: steps take `max_batch_tokens` whatever
+    /// the decodes wait.
+    pub itl_target: Option<Duration>,
+    /// Appends one JSON line per step (its shape, measured and predicted seconds) here.
+    pub step_log: Option<std::path::PathBuf>,
 }
+
+/// The time to first token an interactive request is owed (counted in
+/// `serrano:slo_violations_total{kind="ttft"}` when missed).
+pub const INTERACTIVE_TTFT_TARGET: Duration = Duration::from_secs(2);
+
+/// Share of the inter-token target a step is planned to take: the model predicts a mean,
+/// and the target is a tail.
+pub const STEP_SHARE: f64 = 0.75;
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -57,6 +74,8 @@ impl Default for EngineConfig {
             max_context: None,
             model_name: "default".into(),
             prefix_caching: true,
+            itl_target: Some(Duration::from_millis(100)),
+            step_log: None,
         }
     }
 }
@@ -79,6 +98,9 @@ pub struct GenerateRequest {
     pub tenant: String,
     /// Higher is admitted first.
     pub priority: i32,
+    /// Its latency class: interactive (the default) is admitted first and keeps the
+    /// inter-token target; batch takes what is left.
+    pub class: SloClass,
     /// Which tokens each choice may sample (a JSON schema, a grammar); `None`: any.
     pub constraint: Option<Constraint>,
 }
@@ -96,6 +118,7 @@ impl GenerateRequest {
             prompt_logprobs: None,
             tenant: "default".into(),
             priority: 0,
+            class: SloClass::Interactive,
             constraint: None,
         }
     }
@@ -480,6 +503,21 @@ pub fn start_from_gguf(file: &GgufFile, config: EngineConfig) -> Result<EngineHa
         "KV cache allocated (f16, {BLOCK_TOKENS} tokens per block)"
     );
     let metrics = Arc::new(EngineMetrics::new(&config.model_name));
+    let step_log = match &config.step_log {
+        Some(path) => Some(std::io::BufWriter::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| {
+                    EngineError::Invalid(format!(
+                        "cannot open the step log {}: {e}",
+                        path.display()
+                    ))
+                })?,
+        )),
+        None => None,
+    };
     let (tx, rx) = mpsc::channel(config.max_waiting.max(1));
     let alloc = SharedAllocator::new(n_blocks);
     let sched_cfg = SchedulerConfig {
@@ -498,6 +536,9 @@ pub fn start_from_gguf(file: &GgufFile, config: EngineConfig) -> Result<EngineHa
         next_id: 0,
         in_step: Vec::new(),
         labelled_tenants: Default::default(),
+        steps: StepModel::default(),
+        itl_target: config.itl_target,
+        step_log,
     };
     thread::Builder::new()
         .name("serrano-engine".into())
@@ -587,6 +628,10 @@ struct Worker {
     in_step: Vec<SeqId>,
     /// Tenants that have their own metric label; later ones share `other`.
     labelled_tenants: std::collections::HashSet<String>,
+    /// What a step costs here, learned from every step.
+    steps: StepModel,
+    itl_target: Option<Duration>,
+    step_log: Option<std::io::BufWriter<std::fs::File>>,
 }
 
 impl Worker {
@@ -639,15 +684,15 @@ impl Worker {
         let labels = tenant_label(&mut self.labelled_tenants, &req.tenant);
         let mut payload = Payload::new(req, s.submitted, s.events, s._slot, labels);
         payload.siblings = s.siblings;
-        let (tenant, priority, prompt) = (
+        let (tenant, rank, prompt) = (
             Arc::from(payload.req.tenant.as_str()),
-            payload.req.priority,
+            (payload.req.priority, payload.req.class),
             payload.req.prompt.clone(),
         );
         // Prompt log-probs need logits at every prompt position: no prefix reuse for those.
         let cacheable = self.prefix_caching && payload.prompt_lp.is_none();
         self.sched
-            .add(id, tenant, priority, prompt, max_len, cacheable, payload);
+            .add(id, tenant, rank, prompt, max_len, cacheable, payload);
     }
 
     fn update_gauges(&self) {
@@ -666,14 +711,78 @@ impl Worker {
         });
     }
 
+    /// The most prompt tokens the next step may take beside its decodes, from the step-time
+    /// model; `None` when nothing caps it.
+    fn prefill_cap(&self) -> Option<usize> {
+        let target = self.itl_target?.as_secs_f64() * STEP_SHARE;
+        let (decode, start, interactive) = self.sched.decode_shape();
+        if !interactive {
+            // Only batch sequences decode: throughput first.
+            return None;
+        }
+        self.steps.prefill_budget(decode, start, target)
+    }
+
+    /// Learns from a step that ran `plan` in `seconds`, and logs it.
+    fn learn(&mut self, plan: &[Planned], seconds: f64) {
+        let mut shape = StepShape::default();
+        for p in plan {
+            // A chunk of one token costs what a decode costs, whatever its position.
+            if p.len == 1 {
+                shape.decode_seqs += 1;
+            } else {
+                shape.prefill_tokens += p.len;
+            }
+            shape.kv_tokens += steptime::chunk_kv_tokens(p.start, p.len);
+        }
+        let predicted = self.steps.predict(shape);
+        self.steps.observe(shape, seconds);
+        let m = &self.metrics;
+        m.step_seconds.observe(seconds);
+        if let Some(e) = self.steps.last_error {
+            m.step_time_error_ratio.set(e);
+        }
+        if let Some(c) = self.steps.coefficients() {
+            for (term, v) in ["intercept", "prefill_token", "decode_seq", "kv_kilotoken"]
+                .iter()
+                .zip(c)
+            {
+                m.step_time_model
+                    .get_or_create(&vec![("term".to_string(), term.to_string())])
+                    .set(v);
+            }
+        }
+        if let Some(log) = &mut self.step_log {
+            let line = serde_json::json!({
+                "t": std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64()),
+                "prefill_tokens": shape.prefill_tokens,
+                "decode_seqs": shape.decode_seqs,
+                "kv_tokens": shape.kv_tokens,
+                "seconds": seconds,
+                "predicted": predicted,
+            });
+            if writeln!(log, "{line}").and_then(|()| log.flush()).is_err() {
+                tracing::warn!("cannot write the step log; it stops here");
+                self.step_log = None;
+            }
+        }
+    }
+
     fn step(&mut self) {
         let before = self.sched.stats;
-        let plan = self.sched.schedule();
+        let started = Instant::now();
+        let cap = self.prefill_cap();
+        let plan = self.sched.schedule_within(cap);
         self.in_step = plan.iter().map(|p| p.id).collect();
         let after = self.sched.stats;
         self.metrics
             .num_preemptions
             .inc_by(after.preemptions - before.preemptions);
+        self.metrics
+            .steps_capped
+            .inc_by(after.capped_steps - before.capped_steps);
         self.metrics
             .prefix_cache_queries
             .inc_by(after.prefix_queries - before.prefix_queries);
@@ -769,6 +878,7 @@ impl Worker {
                 self.sample(p.id, &mut last);
             }
         }
+        self.learn(&plan, started.elapsed().as_secs_f64());
     }
 
     /// Prompt log-probs from a chunk's rows: row `i` (position `start + i`) predicts the token
@@ -856,16 +966,29 @@ impl Worker {
         let lp = raw.map(|r| logprobs(&r, token, s.req.logprobs.unwrap_or(0)));
         s.generated += 1;
         let now = Instant::now();
-        match s.last_token {
-            None => self
-                .metrics
-                .time_to_first_token_seconds
-                .get_or_create(&s.labels)
-                .observe((now - s.arrival).as_secs_f64()),
-            Some(prev) => self
-                .metrics
-                .inter_token_latency_seconds
-                .observe((now - prev).as_secs_f64()),
+        let (kind, seconds, target) = match s.last_token {
+            None => {
+                let t = (now - s.arrival).as_secs_f64();
+                self.metrics
+                    .time_to_first_token_seconds
+                    .get_or_create(&s.labels)
+                    .observe(t);
+                ("ttft", t, Some(INTERACTIVE_TTFT_TARGET))
+            }
+            Some(prev) => {
+                let t = (now - prev).as_secs_f64();
+                self.metrics.inter_token_latency_seconds.observe(t);
+                ("itl", t, self.itl_target)
+            }
+        };
+        // Batch has no latency target to miss.
+        if s.req.class == SloClass::Interactive && target.is_some_and(|t| seconds > t.as_secs_f64())
+        {
+            let labels = vec![
+                ("class".to_string(), "interactive".to_string()),
+                ("kind".to_string(), kind.to_string()),
+            ];
+            self.metrics.slo_violations.get_or_create(&labels).inc();
         }
         s.last_token = Some(now);
         let tok = &info.tokenizer;

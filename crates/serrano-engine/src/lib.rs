@@ -5,7 +5,8 @@
 //! [`engine`] runs a thread that batches requests arriving over a bounded channel
 //! ([`scheduler`] plans each step over the [`paged`] KV cache, which the model sees through
 //! [`kv`]), samples ([`sampling`]) and streams events back, counting what it does in
-//! [`metrics`]. Nothing here knows about HTTP.
+//! [`metrics`]; [`steptime`] learns what a step costs, and the scheduler sizes steps by it.
+//! Nothing here knows about HTTP.
 
 pub mod chat;
 pub mod constraint;
@@ -23,6 +24,7 @@ pub mod quant;
 pub mod roofline;
 pub mod sampling;
 pub mod scheduler;
+pub mod steptime;
 pub mod stop;
 /// Test fixtures, for this crate's tests and, through the `testing` feature, other crates'.
 #[cfg(any(test, feature = "testing"))]
@@ -37,3 +39,4 @@ pub use engine::{
 };
 pub use error::{EngineError, Result};
 pub use sampling::{SamplingParams, TokenLogprobs};
+pub use scheduler::SloClass;

@@ -30,6 +30,16 @@ pub struct EngineMetrics {
     pub iteration_tokens_total: Histogram,
     /// Time to compute one constrained sequence's mask of allowed tokens.
     pub constraint_mask_seconds: Histogram,
+    /// Wall time of each step, scheduling and sampling included.
+    pub step_seconds: Histogram,
+    /// The step-time model's coefficients, by term (`steptime`).
+    pub step_time_model: Family<Labels, Gauge<f64, AtomicU64>>,
+    /// The model's relative error on the last step, predicted before it ran.
+    pub step_time_error_ratio: Gauge<f64, AtomicU64>,
+    /// Steps whose prompt tokens were capped to keep the decodes' inter-token target.
+    pub steps_capped: Counter,
+    /// Tokens that missed their class's target, by class and kind (`ttft`, `itl`).
+    pub slo_violations: Family<Labels, Counter>,
 }
 
 const LATENCY_BUCKETS: [f64; 20] = [
@@ -67,6 +77,11 @@ impl EngineMetrics {
             request_queue_time_seconds: latency_family(),
             iteration_tokens_total: Histogram::new(TOKEN_BUCKETS),
             constraint_mask_seconds: Histogram::new(MASK_BUCKETS),
+            step_seconds: Histogram::new(LATENCY_BUCKETS),
+            step_time_model: Family::default(),
+            step_time_error_ratio: Gauge::default(),
+            steps_capped: Counter::default(),
+            slo_violations: Family::default(),
         };
         let mut registry = Registry::default();
         let r =
@@ -150,6 +165,31 @@ impl EngineMetrics {
             "serrano:constraint_mask_seconds",
             "Time to compute a constrained sequence's mask of allowed tokens (structured outputs, tools)",
             m.constraint_mask_seconds.clone(),
+        );
+        r.register(
+            "serrano:step_seconds",
+            "Wall time of each engine step, scheduling and sampling included",
+            m.step_seconds.clone(),
+        );
+        r.register(
+            "serrano:step_time_model",
+            "The learned step-time model: seconds = intercept + prefill_token * prompt tokens + decode_seq * decoding sequences + kv_kilotoken * positions attended / 1000",
+            m.step_time_model.clone(),
+        );
+        r.register(
+            "serrano:step_time_error_ratio",
+            "Relative error of the step-time model on the last step ((predicted - measured) / measured)",
+            m.step_time_error_ratio.clone(),
+        );
+        r.register(
+            "serrano:steps_capped",
+            "Steps whose prompt tokens were cut to keep decoding sequences within the inter-token target",
+            m.steps_capped.clone(),
+        );
+        r.register(
+            "serrano:slo_violations",
+            "Tokens that missed their latency class's target: a first token later than the class's TTFT, a gap longer than its inter-token target (interactive: 2 s, --itl-target-ms)",
+            m.slo_violations.clone(),
         );
         m.registry = registry;
         m

@@ -17,6 +17,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use crate::paged::{block_hash, BlockTable, SharedAllocator, BLOCK_TOKENS};
+use crate::steptime::StepShape;
 
 #[derive(Debug, Clone, Copy)]
 pub struct SchedulerConfig {
@@ -28,11 +29,42 @@ pub struct SchedulerConfig {
 
 pub type SeqId = u64;
 
+/// A sequence's latency class. Interactive sequences are admitted and prefilled first, and
+/// their decodes cap the step's prompt tokens (see `schedule_within`); batch sequences take what
+/// is left, are preempted first, and wait at most [`BATCH_PATIENCE_STEPS`] behind interactive
+/// ones before they are admitted as if interactive: deferred, never starved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub enum SloClass {
+    #[default]
+    Interactive,
+    Batch,
+}
+
+impl SloClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SloClass::Interactive => "interactive",
+            SloClass::Batch => "batch",
+        }
+    }
+}
+
+/// Steps a waiting batch sequence may be passed over by interactive ones (at 30-100 ms a step,
+/// 30 s to a few minutes).
+pub const BATCH_PATIENCE_STEPS: u64 = 1000;
+
+/// Fewest prompt tokens a step under a prefill cap still takes (one KV block): however busy
+/// the decodes, a prompt's prefill advances.
+pub const MIN_PREFILL_CHUNK: usize = BLOCK_TOKENS;
+
 #[derive(Debug)]
 pub struct Entry<P> {
     pub id: SeqId,
     pub tenant: Arc<str>,
     pub priority: i32,
+    pub class: SloClass,
+    /// The step count when it was queued (its wait, for batch patience).
+    queued_at: u64,
     /// Prompt then generated tokens.
     pub tokens: Vec<u32>,
     /// Leading tokens whose KV is in `table`.
@@ -62,6 +94,8 @@ pub struct Planned {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SchedulerStats {
     pub preemptions: u64,
+    /// Steps whose prompt tokens filled a cap (`schedule_within`).
+    pub capped_steps: u64,
     pub prefix_queries: u64,
     pub prefix_hits: u64,
 }
@@ -75,6 +109,8 @@ pub struct Scheduler<P> {
     /// Tokens scheduled per tenant, for fair admission.
     served: HashMap<Arc<str>, u64>,
     next_arrival: u64,
+    /// Steps planned so far: the scheduler's clock.
+    steps: u64,
     pub stats: SchedulerStats,
 }
 
@@ -88,6 +124,7 @@ impl<P> Scheduler<P> {
             waiting: HashMap::new(),
             served: HashMap::new(),
             next_arrival: 0,
+            steps: 0,
             stats: SchedulerStats::default(),
         }
     }
@@ -124,7 +161,7 @@ impl<P> Scheduler<P> {
         &mut self,
         id: SeqId,
         tenant: Arc<str>,
-        priority: i32,
+        (priority, class): (i32, SloClass),
         prompt: Vec<u32>,
         max_len: usize,
         cacheable: bool,
@@ -136,6 +173,8 @@ impl<P> Scheduler<P> {
             id,
             tenant: tenant.clone(),
             priority,
+            class,
+            queued_at: self.steps,
             tokens: prompt,
             computed: 0,
             max_len,
@@ -189,8 +228,41 @@ impl<P> Scheduler<P> {
         out
     }
 
+    /// What the next step's decodes will cost, before it is planned: the sequences ready to
+    /// decode and the positions they attend to; where the next prefill chunk would start (the
+    /// oldest running sequence with prompt left, else a new one's 0); and whether any of the
+    /// decodes is interactive (only those are owed a short step).
+    pub fn decode_shape(&self) -> (StepShape, usize, bool) {
+        let mut shape = StepShape::default();
+        let mut start = None;
+        let mut interactive = false;
+        for e in &self.running {
+            match e.tokens.len() - e.computed {
+                1 => {
+                    shape.decode_seqs += 1;
+                    shape.kv_tokens += e.computed + 1;
+                    interactive |= e.class == SloClass::Interactive;
+                }
+                0 => {}
+                _ => {
+                    start.get_or_insert(e.computed);
+                }
+            }
+        }
+        (shape, start.unwrap_or(0), interactive)
+    }
+
     /// Plans the next step. Chunk tokens are marked computed at once (the step writes them).
     pub fn schedule(&mut self) -> Vec<Planned> {
+        self.schedule_within(None)
+    }
+
+    /// [`schedule`](Self::schedule), with at most `prefill_cap` prompt tokens beside the step's
+    /// decodes (so the decoding sequences' next token is not late), but never fewer than
+    /// [`MIN_PREFILL_CHUNK`]: prompts always advance. Without decodes nothing waits on the
+    /// step and the cap does not apply.
+    pub fn schedule_within(&mut self, prefill_cap: Option<usize>) -> Vec<Planned> {
+        self.steps += 1;
         // Forget tenants with nothing waiting or running, so client-chosen tenant names cannot
         // grow these maps (or the scans over them) without bound.
         self.waiting.retain(|_, q| !q.is_empty());
@@ -212,7 +284,7 @@ impl<P> Scheduler<P> {
                 if self.reclaim_waiting() {
                     continue;
                 }
-                let victim = self.running.len() - 1;
+                let victim = self.victim(i);
                 if victim == i && i == 0 {
                     // Alone and still short: cannot happen (admission checks the pool), but never spin.
                     break;
@@ -231,50 +303,70 @@ impl<P> Scheduler<P> {
             budget -= 1;
             i += 1;
         }
+        let capped = match prefill_cap {
+            Some(cap) if !plan.is_empty() && cap.max(MIN_PREFILL_CHUNK) < budget => {
+                budget = cap.max(MIN_PREFILL_CHUNK);
+                true
+            }
+            _ => false,
+        };
         // 2. Prefill chunks of running sequences, oldest first. If the oldest cannot get a single
         //    block, the newest is preempted (even if it was planned above), so it always advances.
-        //    While others wait for a slot, a quarter of the budget is kept for admitting them, so
-        //    a long prompt never holds a short request's first token hostage.
+        //    While others wait for a slot, a quarter of the budget (of the capped budget, when
+        //    capped) is kept for admitting them, so a long prompt never holds a short request's
+        //    first token hostage.
         let admitting = self.num_waiting() > 0 && self.running.len() < self.cfg.max_num_seqs;
+        let quarter = if capped {
+            budget
+        } else {
+            self.cfg.max_batch_tokens
+        } / 4;
         let reserve = if admitting {
-            (self.cfg.max_batch_tokens / 4).min(budget.saturating_sub(1))
+            quarter.min(budget.saturating_sub(1))
         } else {
             0
         };
-        let mut i = 0;
-        while i < self.running.len() && budget > reserve {
-            let left = self.running[i].tokens.len() - self.running[i].computed;
-            if left == 0 {
-                i += 1;
-                continue;
-            }
-            let n = Self::fit_chunk(&mut self.running[i], left.min(budget - reserve));
-            if n == 0 {
-                if self.reclaim_waiting() {
+        // Interactive sequences' prompts first, then batch ones'.
+        for pass in [SloClass::Interactive, SloClass::Batch] {
+            let mut i = 0;
+            while i < self.running.len() && budget > reserve {
+                if self.running[i].class != pass {
+                    i += 1;
                     continue;
                 }
-                let victim = self.running.len() - 1;
-                if i == 0 && victim > 0 {
-                    let id = self.running[victim].id;
-                    if let Some(at) = plan.iter().position(|p| p.id == id) {
-                        budget += plan.remove(at).len;
+                let left = self.running[i].tokens.len() - self.running[i].computed;
+                if left == 0 {
+                    i += 1;
+                    continue;
+                }
+                let n = Self::fit_chunk(&mut self.running[i], left.min(budget - reserve));
+                if n == 0 {
+                    if self.reclaim_waiting() {
+                        continue;
                     }
-                    self.preempt(victim);
+                    let victim = self.victim(i);
+                    if i == 0 && victim > 0 {
+                        let id = self.running[victim].id;
+                        if let Some(at) = plan.iter().position(|p| p.id == id) {
+                            budget += plan.remove(at).len;
+                        }
+                        self.preempt(victim);
+                        continue;
+                    }
+                    i += 1;
                     continue;
                 }
+                let e = &mut self.running[i];
+                plan.push(Planned {
+                    id: e.id,
+                    start: e.computed,
+                    len: n,
+                    samples: e.computed + n == e.tokens.len(),
+                });
+                e.computed += n;
+                budget -= n;
                 i += 1;
-                continue;
             }
-            let e = &mut self.running[i];
-            plan.push(Planned {
-                id: e.id,
-                start: e.computed,
-                len: n,
-                samples: e.computed + n == e.tokens.len(),
-            });
-            e.computed += n;
-            budget -= n;
-            i += 1;
         }
         // 3. Admit waiting sequences fairly while there is room, and give them a first chunk.
         while budget > 0 && self.running.len() < self.cfg.max_num_seqs {
@@ -307,6 +399,9 @@ impl<P> Scheduler<P> {
             e.computed += n;
             budget -= n;
             self.running.push(e);
+        }
+        if capped && budget == 0 {
+            self.stats.capped_steps += 1;
         }
         for p in &plan {
             if let Some(e) = self.running.iter().find(|e| e.id == p.id) {
@@ -352,6 +447,8 @@ impl<P> Scheduler<P> {
             id,
             tenant: src.tenant.clone(),
             priority: src.priority,
+            class: src.class,
+            queued_at: self.steps,
             computed: shared * BLOCK_TOKENS,
             max_len: max_len.max(tokens.len()),
             tokens,
@@ -426,6 +523,18 @@ impl<P> Scheduler<P> {
         any
     }
 
+    /// The sequence to preempt when the one at `i` needs a block: the newest batch sequence
+    /// after it; else `i` itself if it is batch (and not the oldest, which always advances);
+    /// else the newest of all. Never one before `i`: the caller keeps their places.
+    fn victim(&self, i: usize) -> usize {
+        let last = self.running.len() - 1;
+        let batch = |j: usize| self.running[j].class == SloClass::Batch;
+        (i + 1..=last)
+            .rev()
+            .find(|&j| batch(j))
+            .unwrap_or(if i > 0 && batch(i) { i } else { last })
+    }
+
     fn preempt(&mut self, i: usize) {
         let mut e = self.running.remove(i);
         e.table.clear();
@@ -439,15 +548,21 @@ impl<P> Scheduler<P> {
             .push_front(e);
     }
 
-    /// The tenant to admit from: highest waiting priority, then least served, then fewest
-    /// running sequences, then oldest.
+    /// The tenant to admit from: interactive before batch (a batch sequence waiting past its
+    /// patience counts as interactive), then highest waiting priority, then least served, then
+    /// fewest running sequences, then oldest.
     fn next_tenant(&self) -> Option<Arc<str>> {
         let running = |t: &Arc<str>| self.running.iter().filter(|e| &e.tenant == t).count();
+        let deferred = |e: &Entry<P>| {
+            e.class == SloClass::Batch
+                && self.steps.saturating_sub(e.queued_at) < BATCH_PATIENCE_STEPS
+        };
         self.waiting
             .iter()
             .filter_map(|(t, q)| q.front().map(|e| (t, e)))
             .min_by_key(|(t, e)| {
                 (
+                    deferred(e),
                     -e.priority,
                     self.served.get(*t).copied().unwrap_or(0),
                     running(t),
@@ -465,11 +580,13 @@ mod tests {
     use super::*;
 
     /// Drives the scheduler like the engine does, with a fake model: every sampled token is
-    /// `7`, and a sequence finishes after `gen` tokens.
+    /// `7`, and a sequence finishes after `gen` tokens. With `cap`, every step's prompt tokens
+    /// are capped as the engine caps them for decodes' latency.
     fn run(
         cfg: SchedulerConfig,
         pool_blocks: usize,
         reqs: Vec<(usize, usize, u8, usize)>,
+        cap: Option<usize>,
     ) -> Result<(), TestCaseError> {
         let alloc = SharedAllocator::new(pool_blocks);
         let mut s: Scheduler<usize> = Scheduler::new(cfg, alloc.clone());
@@ -495,10 +612,15 @@ mod tests {
                         to_fork.insert(id as u64, forks);
                     }
                     let toks: Vec<u32> = (0..prompt as u32).map(|t| t % 5).collect();
+                    // Tenant 2 is a batch tenant: batch is deferred, never starved.
+                    let class = match tenant {
+                        2 => SloClass::Batch,
+                        _ => SloClass::Interactive,
+                    };
                     s.add(
                         id as u64,
                         Arc::from(format!("t{tenant}")),
-                        0,
+                        (0, class),
                         toks,
                         prompt + gen,
                         true,
@@ -506,8 +628,14 @@ mod tests {
                     );
                 }
             }
-            let plan = s.schedule();
-            prop_assert!(plan.iter().map(|p| p.len).sum::<usize>() <= cfg.max_batch_tokens);
+            let (decode, ..) = s.decode_shape();
+            let plan = s.schedule_within(cap);
+            let tokens = plan.iter().map(|p| p.len).sum::<usize>();
+            prop_assert!(tokens <= cfg.max_batch_tokens);
+            if let (Some(c), true) = (cap, decode.decode_seqs > 0) {
+                // Beside decodes, no more prompt tokens than the cap (or the floor).
+                prop_assert!(tokens <= decode.decode_seqs + c.max(MIN_PREFILL_CHUNK));
+            }
             prop_assert!(plan.len() <= cfg.max_num_seqs);
             prop_assert!(s.num_running() <= cfg.max_num_seqs);
             let mut ids: Vec<_> = plan.iter().map(|p| p.id).collect();
@@ -558,11 +686,13 @@ mod tests {
             max_num_seqs in 1usize..6,
             max_batch_tokens in 1usize..64,
             reqs in proptest::collection::vec((1usize..70, 1usize..40, 0u8..3, 0usize..3), 1..14),
+            cap in proptest::option::of(0usize..40),
         ) {
             // Pool big enough for the largest single request (as submission guarantees), small
-            // enough that concurrent ones must preempt.
+            // enough that concurrent ones must preempt. Under a cap, liveness holds too: the
+            // floor keeps prompts moving however many sequences decode.
             let need = reqs.iter().map(|(p, g, ..)| (p + g).div_ceil(BLOCK_TOKENS)).max().unwrap();
-            run(SchedulerConfig { max_num_seqs, max_batch_tokens }, need + 1, reqs)?;
+            run(SchedulerConfig { max_num_seqs, max_batch_tokens }, need + 1, reqs, cap)?;
         }
     }
 
@@ -576,7 +706,15 @@ mod tests {
             },
             alloc,
         );
-        s.add(1, Arc::from("a"), 0, vec![1; 4], 100, true, ());
+        s.add(
+            1,
+            Arc::from("a"),
+            (0, SloClass::Interactive),
+            vec![1; 4],
+            100,
+            true,
+            (),
+        );
         let p = s.schedule();
         assert_eq!(
             p,
@@ -588,7 +726,15 @@ mod tests {
             }]
         );
         s.push_token(1, 9);
-        s.add(2, Arc::from("a"), 0, vec![2; 300], 400, true, ());
+        s.add(
+            2,
+            Arc::from("a"),
+            (0, SloClass::Interactive),
+            vec![2; 300],
+            400,
+            true,
+            (),
+        );
         for _ in 0..5 {
             let p = s.schedule();
             assert_eq!(
@@ -619,9 +765,25 @@ mod tests {
             },
             alloc,
         );
-        s.add(1, Arc::from("a"), 0, vec![2; 600], 700, true, ());
+        s.add(
+            1,
+            Arc::from("a"),
+            (0, SloClass::Interactive),
+            vec![2; 600],
+            700,
+            true,
+            (),
+        );
         assert_eq!(s.schedule()[0].len, 64);
-        s.add(2, Arc::from("b"), 0, vec![3; 5], 10, true, ());
+        s.add(
+            2,
+            Arc::from("b"),
+            (0, SloClass::Interactive),
+            vec![3; 5],
+            10,
+            true,
+            (),
+        );
         let p = s.schedule();
         assert_eq!(p.len(), 2, "{p:?}");
         assert_eq!((p[0].id, p[0].len), (1, 48));
@@ -639,11 +801,27 @@ mod tests {
             alloc,
         );
         // "early" is served a little, then goes idle; "busy" is served a lot.
-        s.add(1, Arc::from("early"), 0, vec![1; 4], 8, true, ());
+        s.add(
+            1,
+            Arc::from("early"),
+            (0, SloClass::Interactive),
+            vec![1; 4],
+            8,
+            true,
+            (),
+        );
         s.schedule();
         s.remove(1);
         for i in 0..6 {
-            s.add(10 + i, Arc::from("busy"), 0, vec![1; 40], 48, true, ());
+            s.add(
+                10 + i,
+                Arc::from("busy"),
+                (0, SloClass::Interactive),
+                vec![1; 40],
+                48,
+                true,
+                (),
+            );
         }
         for _ in 0..5 {
             let p = s.schedule();
@@ -656,7 +834,15 @@ mod tests {
         let busy = s.served["busy"];
         assert!(busy >= 200);
         // "early" rejoins level with "busy" (which still has work queued), not ~200 tokens ahead.
-        s.add(21, Arc::from("early"), 0, vec![1; 4], 8, true, ());
+        s.add(
+            21,
+            Arc::from("early"),
+            (0, SloClass::Interactive),
+            vec![1; 4],
+            8,
+            true,
+            (),
+        );
         assert_eq!(s.served["early"], busy);
     }
 
@@ -671,12 +857,28 @@ mod tests {
             alloc,
         );
         let prompt: Vec<u32> = (0..40).collect();
-        s.add(1, Arc::from("a"), 0, prompt.clone(), 50, true, ());
+        s.add(
+            1,
+            Arc::from("a"),
+            (0, SloClass::Interactive),
+            prompt.clone(),
+            50,
+            true,
+            (),
+        );
         s.schedule();
         s.after_step();
         let mut other = prompt.clone();
         other[39] = 999;
-        s.add(2, Arc::from("b"), 0, other, 50, true, ());
+        s.add(
+            2,
+            Arc::from("b"),
+            (0, SloClass::Interactive),
+            other,
+            50,
+            true,
+            (),
+        );
         let p = s.schedule();
         let second = p.iter().find(|p| p.id == 2).unwrap();
         assert_eq!(
@@ -698,7 +900,15 @@ mod tests {
             alloc.clone(),
         );
         // Uncacheable (prefix caching off): the fork shares blocks without the cache.
-        s.add(1, Arc::from("a"), 0, (0..40).collect(), 50, false, ());
+        s.add(
+            1,
+            Arc::from("a"),
+            (0, SloClass::Interactive),
+            (0..40).collect(),
+            50,
+            false,
+            (),
+        );
         assert_eq!(s.schedule()[0].len, 40);
         s.after_step();
         s.fork(1, 2, 50, ());
@@ -743,14 +953,189 @@ mod tests {
             alloc,
         );
         for i in 0..50 {
-            s.add(i, Arc::from("flood"), 0, vec![1; 8], 16, true, ());
+            s.add(
+                i,
+                Arc::from("flood"),
+                (0, SloClass::Interactive),
+                vec![1; 8],
+                16,
+                true,
+                (),
+            );
         }
         s.schedule();
-        s.add(100, Arc::from("quiet"), 0, vec![1; 8], 16, true, ());
+        s.add(
+            100,
+            Arc::from("quiet"),
+            (0, SloClass::Interactive),
+            vec![1; 8],
+            16,
+            true,
+            (),
+        );
         // Free one slot: the quiet tenant, served least, is admitted next despite arriving last.
         let first = s.running[0].id;
         s.remove(first);
         let p = s.schedule();
         assert!(p.iter().any(|p| p.id == 100), "{p:?}");
+    }
+
+    fn with_slots(max_num_seqs: usize) -> Scheduler<()> {
+        Scheduler::new(
+            SchedulerConfig {
+                max_num_seqs,
+                max_batch_tokens: 64,
+            },
+            SharedAllocator::new(256),
+        )
+    }
+
+    #[test]
+    fn interactive_is_admitted_before_batch_and_batch_within_its_patience() {
+        let mut s = with_slots(1);
+        s.add(
+            1,
+            Arc::from("b"),
+            (0, SloClass::Batch),
+            vec![1; 8],
+            9,
+            true,
+            (),
+        );
+        s.add(
+            2,
+            Arc::from("i"),
+            (0, SloClass::Interactive),
+            vec![1; 8],
+            9,
+            true,
+            (),
+        );
+        // The batch request came first; the interactive one is admitted first.
+        assert_eq!(s.schedule()[0].id, 2);
+        s.remove(2);
+        assert_eq!(s.schedule()[0].id, 1);
+        s.remove(1);
+
+        // An interactive flood defers batch, for at most BATCH_PATIENCE_STEPS steps.
+        let mut s = with_slots(1);
+        s.add(
+            1,
+            Arc::from("b"),
+            (0, SloClass::Batch),
+            vec![1; 8],
+            9,
+            true,
+            (),
+        );
+        let mut admitted_at = None;
+        for (step, next) in (0..2 * BATCH_PATIENCE_STEPS).zip(100..) {
+            s.add(
+                next,
+                Arc::from("i"),
+                (0, SloClass::Interactive),
+                vec![1; 8],
+                9,
+                true,
+                (),
+            );
+            let p = s.schedule();
+            if p.iter().any(|p| p.id == 1) {
+                admitted_at = Some(step);
+                break;
+            }
+            // Each interactive request is done in one step, freeing the slot.
+            for planned in p {
+                s.remove(planned.id);
+            }
+        }
+        let at = admitted_at.expect("batch was starved");
+        assert!(
+            at + 1 >= BATCH_PATIENCE_STEPS && at <= BATCH_PATIENCE_STEPS + 1,
+            "{at}"
+        );
+    }
+
+    #[test]
+    fn batch_is_preempted_before_interactive() {
+        // Blocks for three prompts and one more: two of the three decodes find none.
+        let mut s: Scheduler<()> = Scheduler::new(
+            SchedulerConfig {
+                max_num_seqs: 3,
+                max_batch_tokens: 256,
+            },
+            SharedAllocator::new(4),
+        );
+        let prompt = vec![1; BLOCK_TOKENS];
+        s.add(
+            1,
+            Arc::from("i"),
+            (0, SloClass::Interactive),
+            prompt.clone(),
+            3 * BLOCK_TOKENS,
+            true,
+            (),
+        );
+        s.add(
+            2,
+            Arc::from("b"),
+            (0, SloClass::Batch),
+            prompt.clone(),
+            3 * BLOCK_TOKENS,
+            true,
+            (),
+        );
+        s.add(
+            3,
+            Arc::from("j"),
+            (0, SloClass::Interactive),
+            prompt,
+            3 * BLOCK_TOKENS,
+            true,
+            (),
+        );
+        let first = s.schedule();
+        assert_eq!(first.len(), 3, "{first:?}");
+        for id in [1, 2, 3] {
+            s.push_token(id, 7);
+        }
+        // Each decode needs a second block: the batch sequence gives its own back, and the
+        // newest (interactive) one decodes with it.
+        let p = s.schedule();
+        assert!(p.iter().all(|p| p.id != 2), "{p:?}");
+        assert!(p.iter().any(|p| p.id == 3), "{p:?}");
+        assert_eq!(s.num_waiting(), 1);
+    }
+
+    #[test]
+    fn only_interactive_decodes_are_owed_a_short_step() {
+        let mut s = with_slots(4);
+        s.add(
+            1,
+            Arc::from("b"),
+            (0, SloClass::Batch),
+            vec![1; 4],
+            64,
+            true,
+            (),
+        );
+        s.schedule();
+        s.push_token(1, 7);
+        assert!(!s.decode_shape().2);
+        s.add(
+            2,
+            Arc::from("i"),
+            (0, SloClass::Interactive),
+            vec![1; 4],
+            64,
+            true,
+            (),
+        );
+        s.schedule();
+        s.push_token(1, 7);
+        s.push_token(2, 7);
+        let (shape, _, interactive) = s.decode_shape();
+        assert!(interactive);
+        assert_eq!(shape.decode_seqs, 2);
     }
 }

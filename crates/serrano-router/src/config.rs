@@ -50,6 +50,18 @@ pub enum Kind {
     Openai,
 }
 
+/// A tenant's latency class in a local engine's scheduler.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Class {
+    /// Admitted and prefilled first; its decodes keep the inter-token target.
+    #[default]
+    Interactive,
+    /// Throughput first: deferred behind interactive work (within a bounded wait), preempted
+    /// first.
+    Batch,
+}
+
 /// A latency objective, on p95 estimates.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -283,6 +295,8 @@ pub struct Tenant {
     pub regions: Option<Vec<String>>,
     pub tiers: Option<Vec<String>>,
     pub slo: Option<Slo>,
+    /// Its latency class in local engines (default interactive).
+    pub class: Option<Class>,
     /// The tenant's safety filters, applied to the governance store with the config.
     pub filters: Option<serrano_safety::Policy>,
 }

@@ -77,6 +77,8 @@ pub struct Generation {
     pub tenant: String,
     /// Higher is admitted first (admin keys only).
     pub priority: i32,
+    /// Its latency class in the engine's scheduler (the tenant's, or the request's header).
+    pub class: serrano_engine::SloClass,
 }
 
 impl Generation {
@@ -164,6 +166,7 @@ impl Generation {
             stop: params::stops(sampling)?,
             tenant,
             priority,
+            class: serrano_engine::SloClass::default(),
             request,
         })
     }

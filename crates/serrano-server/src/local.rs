@@ -342,6 +342,7 @@ impl LocalBackend {
             prompt,
             tenant: gen.tenant.clone(),
             priority: gen.priority,
+            class: gen.class,
         };
         let calls_tools = tools.as_ref().is_some_and(Tools::active);
         Ok(Work {

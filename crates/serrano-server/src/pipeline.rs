@@ -26,6 +26,9 @@ use crate::state::AppState;
 /// raise itself above others.
 pub const PRIORITY_HEADER: &str = "x-serrano-priority";
 
+/// Header with the request's latency class, `interactive` or `batch` (see `slo_class`).
+pub const SLO_CLASS_HEADER: &str = "x-serrano-slo-class";
+
 /// Runs a chat or legacy completion through the pipeline; the answer, or the error, is audited.
 pub async fn serve(
     st: &Arc<AppState>,
@@ -87,6 +90,7 @@ async fn start(
     let priority = priority(headers, &p)?;
     let (model, plan) = scoped_plan(st, ticket, &p, requested_model(&request))?;
     let mut gen = Generation::new(request, model, p.tenant.clone(), priority)?;
+    gen.class = slo_class(headers, &p, &plan)?;
     gen.request = safety::filter_off_workers(&p, ticket, gen.request).await?;
     let guard = output_guard(&p, &gen)?;
     if ticket.keeps_content() {
@@ -260,6 +264,38 @@ fn priority(headers: &HeaderMap, p: &Principal) -> Result<i32, ApiError> {
                     "{PRIORITY_HEADER} must be an integer from -100 to 100"
                 ))
             }),
+    }
+}
+
+/// The request's latency class: the tenant's (routing config, default interactive), or the
+/// `x-serrano-slo-class` header's. Any key may ask for `batch` (deferring itself harms no
+/// one); only an admin key may ask for `interactive` for a batch tenant.
+fn slo_class(
+    headers: &HeaderMap,
+    p: &Principal,
+    plan: &Plan<Handle>,
+) -> Result<serrano_engine::SloClass, ApiError> {
+    use serrano_engine::SloClass;
+    use serrano_router::config::Class;
+    let tenant = match plan.config.tenants.get(&p.tenant).and_then(|t| t.class) {
+        Some(Class::Batch) => SloClass::Batch,
+        Some(Class::Interactive) | None => SloClass::Interactive,
+    };
+    let Some(v) = headers.get(SLO_CLASS_HEADER) else {
+        return Ok(tenant);
+    };
+    match v.to_str().unwrap_or("") {
+        "batch" => Ok(SloClass::Batch),
+        "interactive" if tenant == SloClass::Interactive || p.role == Role::Admin => {
+            Ok(SloClass::Interactive)
+        }
+        "interactive" => Err(GovError::Forbidden(format!(
+            "{SLO_CLASS_HEADER}: interactive may only be asked for a batch tenant with an admin key"
+        ))
+        .into()),
+        _ => Err(ApiError::invalid(format!(
+            "{SLO_CLASS_HEADER} must be 'interactive' or 'batch'"
+        ))),
     }
 }
 

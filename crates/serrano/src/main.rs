@@ -109,6 +109,15 @@ struct ModelArgs {
     /// replay the same prompts with several tools need this to compare like with like).
     #[arg(long)]
     no_prefix_caching: bool,
+    /// The inter-token latency (ms) decoding sequences are kept within: each step's prompt
+    /// tokens are capped so the step-time model (learned from the steps run) predicts a step
+    /// of at most 75% of it. 0 turns the cap off (every step may take --max-batch-tokens).
+    #[arg(long, default_value_t = 100.0)]
+    itl_target_ms: f64,
+    /// Append one JSON line per engine step to this file: its prompt tokens, decoding
+    /// sequences, positions attended, measured and predicted seconds.
+    #[arg(long)]
+    step_log: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -329,6 +338,9 @@ fn engine_config(m: &ModelArgs, name: String) -> EngineConfig {
         max_context: m.ctx_size,
         model_name: name,
         prefix_caching: !m.no_prefix_caching,
+        itl_target: (m.itl_target_ms > 0.0)
+            .then(|| std::time::Duration::from_secs_f64(m.itl_target_ms / 1000.0)),
+        step_log: m.step_log.clone(),
     }
 }
 

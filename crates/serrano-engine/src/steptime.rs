@@ -1,0 +1,321 @@
+//! The step-time model: how long one engine step takes on the hardware it runs on, as a
+//! function of what the step holds, learned from the steps the engine runs. It is the project's
+//! one step-time model: the scheduler sizes steps with it, `/metrics` shows it, and
+//! `--step-log` writes the observations it learns from.
+//!
+//! ```text
+//! seconds ≈ c0 + c1 · prefill_tokens + c2 · decode_seqs + c3 · kv_tokens / 1000
+//! ```
+//!
+//! `kv_tokens` is the attention work: every token of the step times the positions it attends
+//! to. The fit is least squares over the last [`WINDOW`] steps, kept as running sums of the
+//! normal equations (a step adds its row, the oldest step's row is taken out), so a refit is a
+//! 4x4 solve. A small ridge term keeps a window of identical steps solvable (a server that only
+//! ever decodes learns nothing about prefill, and says so: its prefill cost is 0 until it has
+//! seen one).
+//!
+//! Hand-written: the fit is forty lines of arithmetic, and no crate does online least squares
+//! over a window without pulling in a linear-algebra stack.
+
+use std::collections::VecDeque;
+
+/// Steps the model fits over.
+pub const WINDOW: usize = 512;
+/// Steps before the model predicts anything.
+pub const MIN_STEPS: usize = 16;
+/// Steps with prompt tokens, and steps without, the window must hold for its prompt-token cost
+/// to be trusted for budgets (with only one kind, that cost cannot be told from the
+/// intercept); otherwise the last trusted fit is used.
+pub const MIN_PREFILL_STEPS: usize = 8;
+const TERMS: usize = 4;
+/// Ridge term, relative to the features' scale (seconds of a typical step are ~1e-3..1e-1).
+const RIDGE: f64 = 1e-6;
+
+/// What a step holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepShape {
+    /// Tokens of prompt chunks (and recomputed tokens of preempted sequences).
+    pub prefill_tokens: usize,
+    /// Sequences decoding one token.
+    pub decode_seqs: usize,
+    /// Positions attended to, summed over the step's tokens.
+    pub kv_tokens: usize,
+}
+
+impl StepShape {
+    fn features(&self) -> [f64; TERMS] {
+        [
+            1.0,
+            self.prefill_tokens as f64,
+            self.decode_seqs as f64,
+            self.kv_tokens as f64 / 1000.0,
+        ]
+    }
+}
+
+/// Positions a chunk of `len` tokens starting at `start` attends to (causal: token `start + i`
+/// sees `start + i + 1` positions).
+pub fn chunk_kv_tokens(start: usize, len: usize) -> usize {
+    len * start + len * (len + 1) / 2
+}
+
+/// The model, learned online.
+#[derive(Debug, Clone)]
+pub struct StepModel {
+    window: VecDeque<([f64; TERMS], f64)>,
+    xtx: [[f64; TERMS]; TERMS],
+    xty: [f64; TERMS],
+    coef: Option<[f64; TERMS]>,
+    /// Steps in the window with prompt tokens.
+    prefill_steps: usize,
+    /// The last fit made from a window with [`MIN_PREFILL_STEPS`] steps of either kind.
+    trusted: Option<[f64; TERMS]>,
+    /// Relative error of the last prediction made before its step was observed.
+    pub last_error: Option<f64>,
+}
+
+impl Default for StepModel {
+    fn default() -> Self {
+        StepModel {
+            window: VecDeque::with_capacity(WINDOW),
+            xtx: [[0.0; TERMS]; TERMS],
+            xty: [0.0; TERMS],
+            coef: None,
+            prefill_steps: 0,
+            trusted: None,
+            last_error: None,
+        }
+    }
+}
+
+impl StepModel {
+    /// Learns from one step that took `seconds`.
+    pub fn observe(&mut self, shape: StepShape, seconds: f64) {
+        if !seconds.is_finite() || seconds < 0.0 {
+            return;
+        }
+        if let Some(p) = self.predict(shape) {
+            self.last_error = Some((p - seconds) / seconds.max(1e-9));
+        }
+        let x = shape.features();
+        self.add(&x, seconds, 1.0);
+        self.prefill_steps += usize::from(x[1] > 0.0);
+        self.window.push_back((x, seconds));
+        if self.window.len() > WINDOW {
+            if let Some((old, y)) = self.window.pop_front() {
+                self.add(&old, y, -1.0);
+                self.prefill_steps -= usize::from(old[1] > 0.0);
+            }
+        }
+        if self.window.len() >= MIN_STEPS {
+            self.coef = self.solve();
+            let plain = self.window.len() - self.prefill_steps;
+            if self.prefill_steps.min(plain) >= MIN_PREFILL_STEPS {
+                self.trusted = self.coef;
+            }
+        }
+    }
+
+    fn add(&mut self, x: &[f64; TERMS], y: f64, sign: f64) {
+        for i in 0..TERMS {
+            for j in 0..TERMS {
+                self.xtx[i][j] += sign * x[i] * x[j];
+            }
+            self.xty[i] += sign * x[i] * y;
+        }
+    }
+
+    /// The normal equations with a ridge, by Gaussian elimination with partial pivoting.
+    fn solve(&self) -> Option<[f64; TERMS]> {
+        let mut a = self.xtx;
+        let mut b = self.xty;
+        let n = self.window.len() as f64;
+        for (i, row) in a.iter_mut().enumerate().skip(1) {
+            // The intercept is not shrunk; the other terms are, in proportion to the data.
+            row[i] += RIDGE * n;
+        }
+        for col in 0..TERMS {
+            let pivot =
+                (col..TERMS).max_by(|&r, &s| a[r][col].abs().total_cmp(&a[s][col].abs()))?;
+            if a[pivot][col].abs() < 1e-18 {
+                return None;
+            }
+            a.swap(col, pivot);
+            b.swap(col, pivot);
+            let (pivot_row, pivot_b) = (a[col], b[col]);
+            let others = a.iter_mut().zip(b.iter_mut()).enumerate();
+            for (_, (row, rb)) in others.filter(|(r, _)| *r != col) {
+                let f = row[col] / pivot_row[col];
+                for (v, p) in row.iter_mut().zip(pivot_row).skip(col) {
+                    *v -= f * p;
+                }
+                *rb -= f * pivot_b;
+            }
+        }
+        let mut x = [0.0; TERMS];
+        for i in 0..TERMS {
+            x[i] = b[i] / a[i][i];
+        }
+        x.iter().all(|v| v.is_finite()).then_some(x)
+    }
+
+    /// The fitted coefficients (intercept s, s per prefill token, s per decoding sequence, s per
+    /// thousand positions attended), once enough steps were seen.
+    pub fn coefficients(&self) -> Option<[f64; TERMS]> {
+        self.coef
+    }
+
+    /// Steps the fit covers.
+    pub fn steps(&self) -> usize {
+        self.window.len()
+    }
+
+    /// Predicted seconds for a step of `shape`.
+    pub fn predict(&self, shape: StepShape) -> Option<f64> {
+        let c = self.coef?;
+        let x = shape.features();
+        Some((0..TERMS).map(|i| c[i] * x[i]).sum::<f64>().max(0.0))
+    }
+
+    /// Most prefill tokens that can join `decode` (a step of decodes only) within `target`
+    /// seconds, the prefill starting at position `start`; `None` before the model predicts
+    /// anything (the first steps are not limited). Priced by the last fit whose window held
+    /// enough prompt steps; without one (only decodes seen) it says 0, and the caller's floor
+    /// shows it what prompt tokens cost.
+    pub fn prefill_budget(&self, decode: StepShape, start: usize, target: f64) -> Option<usize> {
+        self.coef?;
+        let Some(c) = self.trusted.filter(|c| c[1] > 0.0) else {
+            return Some(0);
+        };
+        let fits = |n: usize| {
+            let shape = StepShape {
+                prefill_tokens: n,
+                kv_tokens: decode.kv_tokens + chunk_kv_tokens(start, n),
+                ..decode
+            };
+            let x = shape.features();
+            (0..TERMS).map(|i| c[i] * x[i]).sum::<f64>() <= target
+        };
+        // Predicted time grows with n: the largest n that fits, by bisection.
+        let (mut lo, mut hi) = (0usize, 1usize);
+        while fits(hi) {
+            if hi >= 1 << 20 {
+                return Some(hi);
+            }
+            lo = hi;
+            hi *= 2;
+        }
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if fits(mid) {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        Some(lo)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn truth(s: StepShape) -> f64 {
+        0.004
+            + 0.0008 * s.prefill_tokens as f64
+            + 0.0015 * s.decode_seqs as f64
+            + 0.00000002 * s.kv_tokens as f64
+    }
+
+    fn shapes() -> impl Strategy<Value = StepShape> {
+        (0usize..256, 0usize..33, 0usize..2048).prop_map(|(p, d, ctx)| StepShape {
+            prefill_tokens: p,
+            decode_seqs: d,
+            kv_tokens: d * ctx + chunk_kv_tokens(ctx, p),
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn learns_a_linear_cost_from_mixed_steps(steps in prop::collection::vec(shapes(), 64..200)) {
+            let mut m = StepModel::default();
+            for s in &steps {
+                m.observe(*s, truth(*s));
+            }
+            // Only varied enough windows identify every term; the rest still predict the steps
+            // seen.
+            for s in steps.iter().rev().take(8) {
+                let p = m.predict(*s).unwrap();
+                prop_assert!((p - truth(*s)).abs() <= 0.05 * truth(*s) + 1e-4, "{p} vs {}", truth(*s));
+            }
+        }
+    }
+
+    #[test]
+    fn the_budget_is_the_largest_prefill_within_the_target() {
+        let mut m = StepModel::default();
+        let mut k = 0;
+        for p in [0, 0, 16, 64, 128, 256] {
+            for d in [1, 8, 32] {
+                for ctx in [100, 1000] {
+                    let s = StepShape {
+                        prefill_tokens: p,
+                        decode_seqs: d,
+                        kv_tokens: d * ctx + chunk_kv_tokens(k % 500, p),
+                    };
+                    k += 37;
+                    m.observe(s, truth(s));
+                }
+            }
+        }
+        let decode = StepShape {
+            prefill_tokens: 0,
+            decode_seqs: 32,
+            kv_tokens: 32 * 300,
+        };
+        let n = m.prefill_budget(decode, 0, 0.1).unwrap();
+        let at = |n| StepShape {
+            prefill_tokens: n,
+            kv_tokens: decode.kv_tokens + chunk_kv_tokens(0, n),
+            ..decode
+        };
+        assert!(truth(at(n)) <= 0.1 + 1e-3, "{n}");
+        assert!(truth(at(n + 2)) > 0.1 - 1e-3, "{n}");
+        // A target the decodes alone miss leaves no room.
+        assert_eq!(m.prefill_budget(decode, 0, 0.01), Some(0));
+        // Nothing learned yet: no budget.
+        assert_eq!(StepModel::default().prefill_budget(decode, 0, 0.1), None);
+        // Only decodes seen: no prompt token is known to fit.
+        let mut m = StepModel::default();
+        for d in 1..40 {
+            let s = StepShape {
+                prefill_tokens: 0,
+                decode_seqs: d,
+                kv_tokens: d * 100,
+            };
+            m.observe(s, truth(s));
+        }
+        assert_eq!(m.prefill_budget(decode, 0, 1.0), Some(0));
+    }
+
+    #[test]
+    fn the_window_forgets_old_steps() {
+        let mut m = StepModel::default();
+        let s = |p| StepShape {
+            prefill_tokens: p,
+            decode_seqs: 4,
+            kv_tokens: 400,
+        };
+        for i in 0..WINDOW {
+            m.observe(s(i % 64), 0.01 + 0.001 * (i % 64) as f64);
+        }
+        // The hardware got twice as slow: after a window, the model says so.
+        for i in 0..WINDOW {
+            m.observe(s(i % 64), 2.0 * (0.01 + 0.001 * (i % 64) as f64));
+        }
+        let p = m.predict(s(32)).unwrap();
+        assert!((p - 2.0 * 0.042).abs() < 1e-3, "{p}");
+    }
+}

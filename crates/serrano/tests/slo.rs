@@ -1,0 +1,130 @@
+//! Stall-free steps on the real binary: while a sequence decodes, a long prompt arriving is
+//! prefilled in pieces the step-time model says fit the inter-token target, not in
+//! `--max-batch-tokens` chunks. A random-weight model and a target no step can meet (so the
+//! cap is its floor, 16 tokens, on any machine): the test checks the scheduler's arithmetic
+//! from the step log, not a machine's speed.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{wait_until, Server};
+use serde_json::{json, Value};
+
+/// The step log of a run where a 1,200-token prompt arrives while another request decodes.
+fn steps_with_a_long_prompt_during_a_decode(itl_target_ms: &str) -> Vec<Value> {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("steps.jsonl");
+    let log_arg = log.to_string_lossy().to_string();
+    let s = Server::slow(&[
+        "--itl-target-ms",
+        itl_target_ms,
+        "--step-log",
+        &log_arg,
+        "--no-prefix-caching",
+    ]);
+    let lines = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .collect::<Vec<_>>()
+    };
+    std::thread::scope(|scope| {
+        let decode = scope.spawn(|| {
+            s.post(
+                "/v1/completions",
+                &json!({"prompt": [5, 6, 7], "max_tokens": 400, "ignore_eos": true}),
+            )
+        });
+        // Enough steps for the model to predict (it starts after 16).
+        assert!(
+            wait_until(Duration::from_secs(60), || lines().len() >= 40),
+            "the decode did not start"
+        );
+        let prompt: Vec<u32> = (0..1200).map(|i| 5 + (i % 40)).collect();
+        let (st, v) = s.post(
+            "/v1/completions",
+            &json!({"prompt": prompt, "max_tokens": 1}),
+        );
+        assert_eq!(st, 200, "{v}");
+        let (st, v) = decode.join().unwrap();
+        assert_eq!(st, 200, "{v}");
+    });
+    lines()
+}
+
+/// Steps that held both a decode and prompt tokens, once the model was predicting.
+fn mixed(steps: &[Value]) -> Vec<u64> {
+    steps
+        .iter()
+        .filter(|s| !s["predicted"].is_null())
+        .filter(|s| s["decode_seqs"].as_u64().unwrap() >= 1)
+        .map(|s| s["prefill_tokens"].as_u64().unwrap())
+        .filter(|&p| p > 0)
+        .collect()
+}
+
+#[test]
+fn a_long_prompt_is_prefilled_in_pieces_that_keep_decodes_on_time() {
+    let capped = steps_with_a_long_prompt_during_a_decode("0.0001");
+    let pieces = mixed(&capped);
+    // 1,200 prompt tokens in pieces of at most the floor, beside the decode.
+    assert!(pieces.len() >= 1200 / 16 - 2, "{pieces:?}");
+    assert!(pieces.iter().all(|&p| p <= 16), "{pieces:?}");
+    for s in &capped {
+        assert!(s["seconds"].as_f64().unwrap() > 0.0, "{s}");
+    }
+
+    // Without the cap, the same prompt rides along in --max-batch-tokens chunks.
+    let uncapped = steps_with_a_long_prompt_during_a_decode("0");
+    let pieces = mixed(&uncapped);
+    assert!(pieces.iter().any(|&p| p > 200), "{pieces:?}");
+}
+
+/// A tenant's class comes from the routing config; a request may defer itself to `batch`, and
+/// only an admin key may ask `interactive` for a batch tenant. The engine counts interactive
+/// tokens that miss their targets.
+#[test]
+fn latency_classes_come_from_the_tenant_and_the_header() {
+    let s = Server::random_with_config(
+        serrano_engine::testing::TinyModel::default(),
+        "[[backend]]\nname = \"local\"\nkind = \"local\"\nregion = \"here\"\ntier = \"cpu\"\n\n[tenant.acme]\nclass = \"batch\"\n",
+        &["--itl-target-ms", "0.0001"],
+    );
+    s.tenant("acme");
+    s.tenant("web");
+    let key = |t: &str| s.key(t, json!({}))["key"].as_str().unwrap().to_string();
+    let (acme, web) = (key("acme"), key("web"));
+    let ask = |key: &str, class: Option<&str>| {
+        let mut r =
+            ureq::post(&s.url("/v1/completions")).set("Authorization", &format!("Bearer {key}"));
+        if let Some(c) = class {
+            r = r.set("x-serrano-slo-class", c);
+        }
+        match r.send_json(json!({"prompt": "hi", "max_tokens": 4})) {
+            Ok(r) => r.status(),
+            Err(ureq::Error::Status(code, _)) => code,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(ask(&acme, None), 200);
+    assert_eq!(ask(&acme, Some("batch")), 200);
+    assert_eq!(ask(&acme, Some("interactive")), 403);
+    assert_eq!(ask(&web, Some("batch")), 200);
+    assert_eq!(ask(&web, Some("interactive")), 200);
+    assert_eq!(ask(&web, Some("urgent")), 400);
+    // An admin key may lift a batch tenant's request.
+    let r = common::authed_post(&s.url("/v1/completions"))
+        .set("x-serrano-tenant", "acme")
+        .set("x-serrano-slo-class", "interactive")
+        .send_json(json!({"prompt": "hi", "max_tokens": 4}));
+    assert_eq!(r.map(|r| r.status()).unwrap_or(0), 200);
+    // Every interactive gap missed a target of 0.1 µs; batch ones are not counted.
+    let text = s.metrics_text();
+    assert!(
+        common::metric(&text, "serrano:slo_violations_total") > 0.0,
+        "{text}"
+    );
+    assert!(!text.contains("class=\"batch\""), "{text}");
+}
