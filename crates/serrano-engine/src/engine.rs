@@ -166,6 +166,8 @@ pub enum SubmitError {
     QueueFull(usize),
     #[error("tenant '{tenant}' already has {limit} requests in flight")]
     TenantBusy { tenant: String, limit: usize },
+    #[error("batch requests already hold their share of the engine ({0} in flight; interactive requests still get in)")]
+    BatchBusy(usize),
     #[error("the engine has stopped")]
     Stopped,
     #[error("{0}")]
@@ -245,28 +247,46 @@ struct Sibling {
 #[derive(Debug, Default)]
 struct InFlight(std::sync::Mutex<std::collections::HashMap<String, usize>>);
 
-/// One request's claim on its tenant's in-flight count, released on drop (finish, cancel,
-/// error, or a refused submission).
+/// One request's claim on its tenant's in-flight count (and, for a batch request, on the
+/// batch class's), released on drop (finish, cancel, error, or a refused submission).
 #[derive(Debug)]
 struct TenantSlot {
     in_flight: Arc<InFlight>,
-    tenant: String,
+    keys: Vec<String>,
 }
 
+/// The in-flight count of batch requests, beside the tenants' (no tenant name holds a NUL).
+const BATCH_KEY: &str = "\0batch";
+
 impl InFlight {
-    fn claim(self: &Arc<Self>, tenant: &str, limit: usize) -> Result<TenantSlot, SubmitError> {
+    /// Claims a place for a request of `tenant` (at most `limit` in flight) and, for a batch
+    /// request, one of the batch class's `batch_limit`; both or neither.
+    fn claim(
+        self: &Arc<Self>,
+        tenant: &str,
+        limit: usize,
+        batch_limit: Option<usize>,
+    ) -> Result<TenantSlot, SubmitError> {
         let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let n = m.entry(tenant.to_string()).or_insert(0);
-        if *n >= limit {
+        if m.get(tenant).copied().unwrap_or(0) >= limit {
             return Err(SubmitError::TenantBusy {
                 tenant: tenant.to_string(),
                 limit,
             });
         }
-        *n += 1;
+        let mut keys = vec![tenant.to_string()];
+        if let Some(batch) = batch_limit {
+            if m.get(BATCH_KEY).copied().unwrap_or(0) >= batch {
+                return Err(SubmitError::BatchBusy(batch));
+            }
+            keys.push(BATCH_KEY.to_string());
+        }
+        for k in &keys {
+            *m.entry(k.clone()).or_insert(0) += 1;
+        }
         Ok(TenantSlot {
             in_flight: self.clone(),
-            tenant: tenant.to_string(),
+            keys,
         })
     }
 }
@@ -274,11 +294,13 @@ impl InFlight {
 impl Drop for TenantSlot {
     fn drop(&mut self) {
         let mut m = self.in_flight.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = m.get_mut(&self.tenant) {
-            *n -= 1;
-            if *n == 0 {
-                // Keeps the map to the tenants with work: names come from clients.
-                m.remove(&self.tenant);
+        for k in &self.keys {
+            if let Some(n) = m.get_mut(k) {
+                *n -= 1;
+                if *n == 0 {
+                    // Keeps the map to the tenants with work: names come from clients.
+                    m.remove(k);
+                }
             }
         }
     }
@@ -335,7 +357,9 @@ impl EngineHandle {
         let mut rxs = Vec::with_capacity(reqs.len());
         for req in reqs {
             self.validate(&req)?;
-            let slot = self.in_flight.claim(&req.tenant, self.per_tenant_limit)?;
+            let slot =
+                self.in_flight
+                    .claim(&req.tenant, self.per_tenant_limit, self.batch_limit(&req))?;
             // Every event of this request fits: one per token, the prompt log-probs, the end.
             let (tx, rx) = mpsc::channel(req.max_tokens + 3);
             rxs.push(rx);
@@ -400,7 +424,18 @@ impl EngineHandle {
                 limit: self.per_tenant_limit,
             });
         }
+        if let Some(batch) = self.batch_limit(req) {
+            if m.get(BATCH_KEY).copied().unwrap_or(0) + choices > batch {
+                return Err(SubmitError::BatchBusy(batch));
+            }
+        }
         Ok(())
+    }
+
+    /// Most batch requests in flight: half the waiting list, so a batch flood always leaves
+    /// the engine's queue room for interactive requests (which are admitted first).
+    fn batch_limit(&self, req: &GenerateRequest) -> Option<usize> {
+        (req.class == SloClass::Batch).then_some((self.max_waiting / 2).max(1))
     }
 
     fn validate(&self, req: &GenerateRequest) -> Result<(), SubmitError> {
@@ -1081,5 +1116,30 @@ fn tenant_label(
 fn send(s: &mut Payload, e: Event) {
     if s.events.try_send(e).is_err() {
         s.failed = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_requests_hold_at_most_their_share_and_give_it_back() {
+        let f = Arc::new(InFlight::default());
+        let batch: Vec<TenantSlot> = (0..3)
+            .map(|_| f.claim("evals", 100, Some(3)).unwrap())
+            .collect();
+        assert!(matches!(
+            f.claim("other-evals", 100, Some(3)),
+            Err(SubmitError::BatchBusy(3))
+        ));
+        // Interactive requests are not counted against it.
+        let web = f.claim("web", 100, None).unwrap();
+        // A refused claim took nothing: the tenant's count is unchanged.
+        assert_eq!(f.0.lock().unwrap().get("other-evals"), None);
+        drop(batch);
+        drop(web);
+        assert!(f.0.lock().unwrap().is_empty());
+        assert!(f.claim("other-evals", 100, Some(3)).is_ok());
     }
 }

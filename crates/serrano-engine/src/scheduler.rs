@@ -368,8 +368,12 @@ impl<P> Scheduler<P> {
                 i += 1;
             }
         }
-        // 3. Admit waiting sequences fairly while there is room, and give them a first chunk.
-        while budget > 0 && self.running.len() < self.cfg.max_num_seqs {
+        // 3. Admit waiting sequences fairly while there is room, and give them a first chunk. An
+        //    interactive request finding every slot taken takes the newest batch sequence's.
+        while budget > 0
+            && (self.running.len() < self.cfg.max_num_seqs
+                || self.yield_to_interactive(&mut plan, &mut budget))
+        {
             let Some(tenant) = self.next_tenant() else {
                 break;
             };
@@ -521,6 +525,31 @@ impl<P> Scheduler<P> {
             }
         }
         any
+    }
+
+    /// Frees a slot for a waiting interactive request by preempting the newest running batch
+    /// sequence (never the oldest; out of this step's plan if it was in it). False when the
+    /// next to admit is not interactive or no batch sequence can yield.
+    fn yield_to_interactive(&mut self, plan: &mut Vec<Planned>, budget: &mut usize) -> bool {
+        let next_is_interactive = self
+            .next_tenant()
+            .and_then(|t| self.waiting.get(&t)?.front().map(|e| e.class))
+            == Some(SloClass::Interactive);
+        if !next_is_interactive {
+            return false;
+        }
+        let Some(victim) = (1..self.running.len())
+            .rev()
+            .find(|&j| self.running[j].class == SloClass::Batch)
+        else {
+            return false;
+        };
+        let id = self.running[victim].id;
+        if let Some(at) = plan.iter().position(|p| p.id == id) {
+            *budget += plan.remove(at).len;
+        }
+        self.preempt(victim);
+        true
     }
 
     /// The sequence to preempt when the one at `i` needs a block: the newest batch sequence
@@ -1137,5 +1166,64 @@ mod tests {
         let (shape, _, interactive) = s.decode_shape();
         assert!(interactive);
         assert_eq!(shape.decode_seqs, 2);
+    }
+
+    #[test]
+    fn an_interactive_request_takes_a_batch_sequences_slot() {
+        let mut s = with_slots(2);
+        for id in [1, 2] {
+            s.add(
+                id,
+                Arc::from("b"),
+                (0, SloClass::Batch),
+                vec![1; 8],
+                64,
+                true,
+                (),
+            );
+        }
+        s.schedule();
+        for id in [1, 2] {
+            s.push_token(id, 7);
+        }
+        s.add(
+            3,
+            Arc::from("i"),
+            (0, SloClass::Interactive),
+            vec![1; 8],
+            64,
+            true,
+            (),
+        );
+        let p = s.schedule();
+        // The newest batch sequence yields; the oldest keeps its place and decodes.
+        assert!(p.iter().any(|p| p.id == 3), "{p:?}");
+        assert!(p.iter().any(|p| p.id == 1), "{p:?}");
+        assert!(p.iter().all(|p| p.id != 2), "{p:?}");
+        assert_eq!(s.num_waiting(), 1);
+        // Batch does not take batch's slot.
+        let mut s = with_slots(1);
+        s.add(
+            1,
+            Arc::from("b"),
+            (0, SloClass::Batch),
+            vec![1; 8],
+            64,
+            true,
+            (),
+        );
+        s.schedule();
+        s.push_token(1, 7);
+        s.add(
+            2,
+            Arc::from("c"),
+            (0, SloClass::Batch),
+            vec![1; 8],
+            64,
+            true,
+            (),
+        );
+        let p = s.schedule();
+        assert_eq!(p.iter().map(|p| p.id).collect::<Vec<_>>(), vec![1]);
     }
 }

@@ -111,7 +111,7 @@ impl From<SubmitError> for ApiError {
                     format!("Server is busy: {e}. Retry later."),
                 )
             },
-            SubmitError::TenantBusy { .. } => ApiError {
+            SubmitError::TenantBusy { .. } | SubmitError::BatchBusy(_) => ApiError {
                 code: Some("rate_limit_exceeded".into()),
                 retry_after_s: Some(1),
                 ..ApiError::new(

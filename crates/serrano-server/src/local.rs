@@ -357,7 +357,7 @@ impl LocalBackend {
 fn engine_error(e: serrano_engine::SubmitError) -> BackendError {
     use serrano_engine::SubmitError as S;
     match e {
-        S::QueueFull(_) | S::TenantBusy { .. } => BackendError::busy(e.into()),
+        S::QueueFull(_) | S::TenantBusy { .. } | S::BatchBusy(_) => BackendError::busy(e.into()),
         S::Stopped => BackendError::failed(e.into()),
         S::Invalid(_) => BackendError::refused(e.into()),
     }
