@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use crate::calibrate;
 use crate::chat::{ChatMessage, ChatTemplate, CHATML_TEMPLATE};
 use crate::constraint::{Constraint, TokenConstraint};
 use crate::error::{EngineError, Result};
@@ -18,7 +19,7 @@ use crate::metrics::{self, EngineMetrics};
 use crate::model::{LogitsWanted, Model, ModelConfig, SeqStep};
 use crate::paged::{KvStorage, PagedStep, SharedAllocator, BLOCK_TOKENS};
 use crate::sampling::{logprobs, Sampler, SamplingParams, TokenLogprobs};
-use crate::scheduler::{Planned, Scheduler, SchedulerConfig, SeqId, SloClass};
+use crate::scheduler::{Planned, Scheduler, SchedulerConfig, SeqId, SloClass, Urgency};
 use crate::steptime::{self, StepModel, StepShape};
 use crate::stop::StopMatcher;
 use crate::tokenizer::{Tokenizer, Utf8Stream};
@@ -54,11 +55,34 @@ pub struct EngineConfig {
     pub itl_target: Option<Duration>,
     /// Appends one JSON line per step (its shape, measured and predicted seconds) here.
     pub step_log: Option<std::path::PathBuf>,
+    /// Time a few steps of chosen shapes at start-up (at most
+    /// [`CALIBRATION_TIME`](crate::calibrate::CALIBRATION_TIME)), so the step-time model caps
+    /// steps from the first request.
+    pub calibrate: bool,
 }
 
 /// The time to first token an interactive request is owed (counted in
 /// `serrano:slo_violations_total{kind="ttft"}` when missed).
 pub const INTERACTIVE_TTFT_TARGET: Duration = Duration::from_secs(2);
+
+/// How far off a batch request's first token is due, for ordering only: after every
+/// interactive deadline of its time, and no batch request is late by it.
+pub const BATCH_TTFT_HORIZON: Duration = Duration::from_secs(600);
+
+/// A request's latency targets, time to first token and between tokens: its own, else the
+/// defaults (`default_itl` is the engine's `--itl-target-ms`); none for batch requests.
+fn targets(
+    req: &GenerateRequest,
+    default_itl: Option<Duration>,
+) -> (Option<Duration>, Option<Duration>) {
+    match req.class {
+        SloClass::Interactive => (
+            Some(req.ttft_target.unwrap_or(INTERACTIVE_TTFT_TARGET)),
+            req.itl_target.or(default_itl),
+        ),
+        SloClass::Batch => (None, None),
+    }
+}
 
 /// Share of the inter-token target a step is planned to take: the model predicts a mean,
 /// and the target is a tail.
@@ -76,6 +100,7 @@ impl Default for EngineConfig {
             prefix_caching: true,
             itl_target: Some(Duration::from_millis(100)),
             step_log: None,
+            calibrate: true,
         }
     }
 }
@@ -101,6 +126,12 @@ pub struct GenerateRequest {
     /// Its latency class: interactive (the default) is admitted first and keeps the
     /// inter-token target; batch takes what is left.
     pub class: SloClass,
+    /// An interactive request's own latency targets (its tenant's `slo`): the first token by
+    /// `ttft_target` (default [`INTERACTIVE_TTFT_TARGET`]), then tokens at most `itl_target`
+    /// apart (default the engine's `itl_target`), which caps the steps it decodes in. Batch
+    /// requests have none.
+    pub ttft_target: Option<Duration>,
+    pub itl_target: Option<Duration>,
     /// Which tokens each choice may sample (a JSON schema, a grammar); `None`: any.
     pub constraint: Option<Constraint>,
 }
@@ -119,6 +150,8 @@ impl GenerateRequest {
             tenant: "default".into(),
             priority: 0,
             class: SloClass::Interactive,
+            ttft_target: None,
+            itl_target: None,
             constraint: None,
         }
     }
@@ -241,9 +274,10 @@ struct Sibling {
     slot: TenantSlot,
 }
 
-/// Requests in flight per tenant, queued or running. One tenant may hold at most
-/// `max_waiting + max_num_seqs`, so a flood from one tenant leaves the submission queue room for
-/// the others; a single-tenant deployment is unaffected in practice.
+/// Requests in flight per tenant, queued or running. One tenant may hold at most half the
+/// waiting list plus every sequence slot (`max_waiting / 2 + max_num_seqs`), so a flood from one
+/// tenant leaves half the submission queue, and the router's concurrency limit in front of it
+/// (256 by default, under the 288 a tenant could otherwise hold), to the others.
 #[derive(Debug, Default)]
 struct InFlight(std::sync::Mutex<std::collections::HashMap<String, usize>>);
 
@@ -574,6 +608,8 @@ pub fn start_from_gguf(file: &GgufFile, config: EngineConfig) -> Result<EngineHa
         steps: StepModel::default(),
         itl_target: config.itl_target,
         step_log,
+        epoch: Instant::now(),
+        calibrate: config.calibrate,
     };
     thread::Builder::new()
         .name("serrano-engine".into())
@@ -581,7 +617,7 @@ pub fn start_from_gguf(file: &GgufFile, config: EngineConfig) -> Result<EngineHa
         .map_err(|e| EngineError::Invalid(format!("cannot start the engine thread: {e}")))?;
     Ok(EngineHandle {
         in_flight: Arc::default(),
-        per_tenant_limit: config.max_waiting.max(1) + config.max_num_seqs.max(1),
+        per_tenant_limit: (config.max_waiting / 2).max(1) + config.max_num_seqs.max(1),
         tx,
         info,
         metrics,
@@ -667,10 +703,16 @@ struct Worker {
     steps: StepModel,
     itl_target: Option<Duration>,
     step_log: Option<std::io::BufWriter<std::fs::File>>,
+    /// Zero of the scheduler's deadlines (microseconds from here).
+    epoch: Instant,
+    calibrate: bool,
 }
 
 impl Worker {
     fn run(mut self) {
+        if self.calibrate {
+            self.calibrate();
+        }
         loop {
             if self.sched.is_idle() {
                 match self.rx.blocking_recv() {
@@ -719,15 +761,23 @@ impl Worker {
         let labels = tenant_label(&mut self.labelled_tenants, &req.tenant);
         let mut payload = Payload::new(req, s.submitted, s.events, s._slot, labels);
         payload.siblings = s.siblings;
-        let (tenant, rank, prompt) = (
+        let (ttft, itl) = targets(&payload.req, self.itl_target);
+        let due =
+            s.submitted.saturating_duration_since(self.epoch) + ttft.unwrap_or(BATCH_TTFT_HORIZON);
+        let urgency = Urgency {
+            priority: payload.req.priority,
+            class: payload.req.class,
+            deadline: u64::try_from(due.as_micros()).unwrap_or(u64::MAX),
+            itl_target: itl,
+        };
+        let (tenant, prompt) = (
             Arc::from(payload.req.tenant.as_str()),
-            (payload.req.priority, payload.req.class),
             payload.req.prompt.clone(),
         );
         // Prompt log-probs need logits at every prompt position: no prefix reuse for those.
         let cacheable = self.prefix_caching && payload.prompt_lp.is_none();
         self.sched
-            .add(id, tenant, rank, prompt, max_len, cacheable, payload);
+            .add(id, tenant, urgency, prompt, max_len, cacheable, payload);
     }
 
     fn update_gauges(&self) {
@@ -747,19 +797,35 @@ impl Worker {
     }
 
     /// The most prompt tokens the next step may take beside its decodes, from the step-time
-    /// model; `None` when nothing caps it.
+    /// model and the tightest inter-token target among them; `None` when nothing caps it
+    /// (no decode is owed a target: only batch ones decode, or targets are off).
     fn prefill_cap(&self) -> Option<usize> {
-        let target = self.itl_target?.as_secs_f64() * STEP_SHARE;
-        let (decode, start, interactive) = self.sched.decode_shape();
-        if !interactive {
-            // Only batch sequences decode: throughput first.
-            return None;
-        }
+        let (decode, start, owed) = self.sched.decode_shape();
+        let target = owed?.as_secs_f64() * STEP_SHARE;
         self.steps.prefill_budget(decode, start, target)
     }
 
-    /// Learns from a step that ran `plan` in `seconds`, and logs it.
-    fn learn(&mut self, plan: &[Planned], seconds: f64) {
+    /// Teaches the step-time model a few timed steps before the first request (requests
+    /// arriving meanwhile wait in the channel).
+    fn calibrate(&mut self) {
+        let cfg = self.sched.config();
+        let limits = (
+            cfg.max_num_seqs,
+            cfg.max_batch_tokens,
+            self.info.context_length,
+        );
+        let alloc = self.sched.allocator().clone();
+        let steps = calibrate::calibrate(&self.model, &mut self.storage, &alloc, limits);
+        let n = steps.len();
+        for (plan, seconds) in steps {
+            self.learn(&plan, seconds, true);
+        }
+        tracing::info!(steps = n, "step-time model calibrated");
+    }
+
+    /// Learns from a step that ran `plan` in `seconds` (a calibration step, or a real one), and
+    /// logs it.
+    fn learn(&mut self, plan: &[Planned], seconds: f64, calibration: bool) {
         let mut shape = StepShape::default();
         for p in plan {
             // A chunk of one token costs what a decode costs, whatever its position.
@@ -797,6 +863,7 @@ impl Worker {
                 "kv_tokens": shape.kv_tokens,
                 "seconds": seconds,
                 "predicted": predicted,
+                "calibration": calibration,
             });
             if writeln!(log, "{line}").and_then(|()| log.flush()).is_err() {
                 tracing::warn!("cannot write the step log; it stops here");
@@ -818,6 +885,9 @@ impl Worker {
         self.metrics
             .steps_capped
             .inc_by(after.capped_steps - before.capped_steps);
+        self.metrics
+            .batch_decode_sit_outs
+            .inc_by(after.batch_sit_outs - before.batch_sit_outs);
         self.metrics
             .prefix_cache_queries
             .inc_by(after.prefix_queries - before.prefix_queries);
@@ -913,7 +983,7 @@ impl Worker {
                 self.sample(p.id, &mut last);
             }
         }
-        self.learn(&plan, started.elapsed().as_secs_f64());
+        self.learn(&plan, started.elapsed().as_secs_f64(), false);
     }
 
     /// Prompt log-probs from a chunk's rows: row `i` (position `start + i`) predicts the token
@@ -1001,6 +1071,7 @@ impl Worker {
         let lp = raw.map(|r| logprobs(&r, token, s.req.logprobs.unwrap_or(0)));
         s.generated += 1;
         let now = Instant::now();
+        let (ttft_target, itl_target) = targets(&s.req, self.itl_target);
         let (kind, seconds, target) = match s.last_token {
             None => {
                 let t = (now - s.arrival).as_secs_f64();
@@ -1008,17 +1079,16 @@ impl Worker {
                     .time_to_first_token_seconds
                     .get_or_create(&s.labels)
                     .observe(t);
-                ("ttft", t, Some(INTERACTIVE_TTFT_TARGET))
+                ("ttft", t, ttft_target)
             }
             Some(prev) => {
                 let t = (now - prev).as_secs_f64();
                 self.metrics.inter_token_latency_seconds.observe(t);
-                ("itl", t, self.itl_target)
+                ("itl", t, itl_target)
             }
         };
         // Batch has no latency target to miss.
-        if s.req.class == SloClass::Interactive && target.is_some_and(|t| seconds > t.as_secs_f64())
-        {
+        if target.is_some_and(|t| seconds > t.as_secs_f64()) {
             let labels = vec![
                 ("class".to_string(), "interactive".to_string()),
                 ("kind".to_string(), kind.to_string()),

@@ -8,6 +8,7 @@
 //! [`metrics`]; [`steptime`] learns what a step costs, and the scheduler sizes steps by it.
 //! Nothing here knows about HTTP.
 
+pub mod calibrate;
 pub mod chat;
 pub mod constraint;
 pub mod engine;
@@ -39,4 +40,4 @@ pub use engine::{
 };
 pub use error::{EngineError, Result};
 pub use sampling::{SamplingParams, TokenLogprobs};
-pub use scheduler::SloClass;
+pub use scheduler::{SloClass, Urgency};

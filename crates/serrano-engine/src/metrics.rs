@@ -38,6 +38,8 @@ pub struct EngineMetrics {
     pub step_time_error_ratio: Gauge<f64, AtomicU64>,
     /// Steps whose prompt tokens were capped to keep the decodes' inter-token target.
     pub steps_capped: Counter,
+    /// Steps batch decodes sat out so an interactive prompt could be prefilled.
+    pub batch_decode_sit_outs: Counter,
     /// Tokens that missed their class's target, by class and kind (`ttft`, `itl`).
     pub slo_violations: Family<Labels, Counter>,
 }
@@ -81,6 +83,7 @@ impl EngineMetrics {
             step_time_model: Family::default(),
             step_time_error_ratio: Gauge::default(),
             steps_capped: Counter::default(),
+            batch_decode_sit_outs: Counter::default(),
             slo_violations: Family::default(),
         };
         let mut registry = Registry::default();
@@ -187,8 +190,13 @@ impl EngineMetrics {
             m.steps_capped.clone(),
         );
         r.register(
+            "serrano:batch_decode_sit_outs",
+            "Steps in which batch sequences did not decode so an interactive prompt could be prefilled (never two in a row)",
+            m.batch_decode_sit_outs.clone(),
+        );
+        r.register(
             "serrano:slo_violations",
-            "Tokens that missed their latency class's target: a first token later than the class's TTFT, a gap longer than its inter-token target (interactive: 2 s, --itl-target-ms)",
+            "Tokens that missed their latency class's target: a first token later than the class's TTFT, a gap longer than its inter-token target (interactive: the tenant's slo, else 2 s and --itl-target-ms)",
             m.slo_violations.clone(),
         );
         m.registry = registry;

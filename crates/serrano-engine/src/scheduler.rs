@@ -3,9 +3,10 @@
 //! Prefill and decode are one mechanism: a sequence has `tokens` (prompt, then everything it
 //! generated) of which the first `computed` have KV. Each step gives every running sequence a
 //! chunk of its uncomputed tokens (a decode is a chunk of one), decodes first, then prefill
-//! chunks oldest first, all under a token budget and a sequence cap, so a long prompt is
-//! prefilled in chunks and never freezes running decodes. Waiting sequences are admitted fairly
-//! across tenants (lowest served tokens per weight first, higher priority before that). When a
+//! chunks oldest first (interactive sequences' and admissions before batch ones'), all under a
+//! token budget and a sequence cap, so a long prompt is prefilled in chunks and never freezes
+//! running decodes. Waiting sequences are admitted fairly across tenants (lowest served tokens
+//! first, higher priority before that, earliest deadline breaking ties). When a
 //! step needs a block and the pool is dry, the newest running sequence is preempted: its blocks
 //! go back and it is recomputed later (the prefix cache often makes that cheap). The oldest
 //! sequence is never the victim while another runs, so every admitted sequence finishes.
@@ -15,6 +16,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::paged::{block_hash, BlockTable, SharedAllocator, BLOCK_TOKENS};
 use crate::steptime::StepShape;
@@ -49,6 +51,21 @@ impl SloClass {
     }
 }
 
+/// How urgent a sequence is: where it queues and what its decodes are owed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Urgency {
+    /// Higher is admitted first.
+    pub priority: i32,
+    pub class: SloClass,
+    /// When its first token is due, on the caller's clock (any unit, only compared): within a
+    /// tenant's queue the earliest deadline goes first (after priority), and it breaks ties
+    /// between equally served tenants. The scheduler reads no clock, so a simulator can drive
+    /// it with a virtual one.
+    pub deadline: u64,
+    /// The inter-token gap its decodes must keep; `None`: none (batch, or targets off).
+    pub itl_target: Option<Duration>,
+}
+
 /// Steps a waiting batch sequence may be passed over by interactive ones (at 30-100 ms a step,
 /// 30 s to a few minutes).
 pub const BATCH_PATIENCE_STEPS: u64 = 1000;
@@ -63,6 +80,8 @@ pub struct Entry<P> {
     pub tenant: Arc<str>,
     pub priority: i32,
     pub class: SloClass,
+    pub deadline: u64,
+    pub itl_target: Option<Duration>,
     /// The step count when it was queued (its wait, for batch patience).
     queued_at: u64,
     /// Prompt then generated tokens.
@@ -96,6 +115,8 @@ pub struct SchedulerStats {
     pub preemptions: u64,
     /// Steps whose prompt tokens filled a cap (`schedule_within`).
     pub capped_steps: u64,
+    /// Steps in which batch decodes sat out for an interactive prompt.
+    pub batch_sit_outs: u64,
     pub prefix_queries: u64,
     pub prefix_hits: u64,
 }
@@ -111,6 +132,8 @@ pub struct Scheduler<P> {
     next_arrival: u64,
     /// Steps planned so far: the scheduler's clock.
     steps: u64,
+    /// Batch decodes sat out the last step (so they run in this one).
+    batch_sat_out: bool,
     pub stats: SchedulerStats,
 }
 
@@ -125,8 +148,13 @@ impl<P> Scheduler<P> {
             served: HashMap::new(),
             next_arrival: 0,
             steps: 0,
+            batch_sat_out: false,
             stats: SchedulerStats::default(),
         }
+    }
+
+    pub fn config(&self) -> SchedulerConfig {
+        self.cfg
     }
 
     pub fn allocator(&self) -> &SharedAllocator {
@@ -155,13 +183,14 @@ impl<P> Scheduler<P> {
         self.running.is_empty() && self.num_waiting() == 0
     }
 
-    /// Queues a new sequence.
+    /// Queues a new sequence: in its tenant's queue after every sequence of higher priority
+    /// or of the same priority and an earlier (or equal) deadline.
     #[allow(clippy::too_many_arguments)]
     pub fn add(
         &mut self,
         id: SeqId,
         tenant: Arc<str>,
-        (priority, class): (i32, SloClass),
+        urgency: Urgency,
         prompt: Vec<u32>,
         max_len: usize,
         cacheable: bool,
@@ -172,8 +201,10 @@ impl<P> Scheduler<P> {
         let e = Entry {
             id,
             tenant: tenant.clone(),
-            priority,
-            class,
+            priority: urgency.priority,
+            class: urgency.class,
+            deadline: urgency.deadline,
+            itl_target: urgency.itl_target,
             queued_at: self.steps,
             tokens: prompt,
             computed: 0,
@@ -190,7 +221,15 @@ impl<P> Scheduler<P> {
             let floor = self.served.values().copied().min().unwrap_or(0);
             self.served.insert(tenant.clone(), floor);
         }
-        self.waiting.entry(tenant).or_default().push_back(e);
+        let queue = self.waiting.entry(tenant).or_default();
+        let key = |w: &Entry<P>| (-w.priority, w.deadline);
+        // A linear scan, not a binary search: preempted sequences go back to the front whatever
+        // their key, so the queue is sorted only after them.
+        let at = queue
+            .iter()
+            .rposition(|w| key(w) <= key(&e))
+            .map_or(0, |i| i + 1);
+        queue.insert(at, e);
     }
 
     pub fn get_mut(&mut self, id: SeqId) -> Option<&mut Entry<P>> {
@@ -230,18 +269,22 @@ impl<P> Scheduler<P> {
 
     /// What the next step's decodes will cost, before it is planned: the sequences ready to
     /// decode and the positions they attend to; where the next prefill chunk would start (the
-    /// oldest running sequence with prompt left, else a new one's 0); and whether any of the
-    /// decodes is interactive (only those are owed a short step).
-    pub fn decode_shape(&self) -> (StepShape, usize, bool) {
+    /// oldest running sequence with prompt left, else a new one's 0); and the tightest
+    /// inter-token target among the decodes (`None`: no decode is owed a short step).
+    pub fn decode_shape(&self) -> (StepShape, usize, Option<Duration>) {
         let mut shape = StepShape::default();
         let mut start = None;
-        let mut interactive = false;
+        let mut owed: Option<Duration> = None;
+        let sit_out = self.batch_sits_out();
         for e in &self.running {
             match e.tokens.len() - e.computed {
+                1 if sit_out && e.class == SloClass::Batch => {}
                 1 => {
                     shape.decode_seqs += 1;
                     shape.kv_tokens += e.computed + 1;
-                    interactive |= e.class == SloClass::Interactive;
+                    if let Some(t) = e.itl_target {
+                        owed = Some(owed.map_or(t, |o| o.min(t)));
+                    }
                 }
                 0 => {}
                 _ => {
@@ -249,7 +292,7 @@ impl<P> Scheduler<P> {
                 }
             }
         }
-        (shape, start.unwrap_or(0), interactive)
+        (shape, start.unwrap_or(0), owed)
     }
 
     /// Plans the next step. Chunk tokens are marked computed at once (the step writes them).
@@ -262,6 +305,9 @@ impl<P> Scheduler<P> {
     /// [`MIN_PREFILL_CHUNK`]: prompts always advance. Without decodes nothing waits on the
     /// step and the cap does not apply.
     pub fn schedule_within(&mut self, prefill_cap: Option<usize>) -> Vec<Planned> {
+        let sit_out = self.batch_sits_out();
+        self.batch_sat_out = sit_out;
+        self.stats.batch_sit_outs += u64::from(sit_out);
         self.steps += 1;
         // Forget tenants with nothing waiting or running, so client-chosen tenant names cannot
         // grow these maps (or the scans over them) without bound.
@@ -275,7 +321,7 @@ impl<P> Scheduler<P> {
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let e = &self.running[i];
-            if e.tokens.len() - e.computed != 1 {
+            if e.tokens.len() - e.computed != 1 || (sit_out && e.class == SloClass::Batch) {
                 i += 1;
                 continue;
             }
@@ -310,79 +356,123 @@ impl<P> Scheduler<P> {
             }
             _ => false,
         };
-        // 2. Prefill chunks of running sequences, oldest first. If the oldest cannot get a single
-        //    block, the newest is preempted (even if it was planned above), so it always advances.
-        //    While others wait for a slot, a quarter of the budget (of the capped budget, when
-        //    capped) is kept for admitting them, so a long prompt never holds a short request's
-        //    first token hostage.
-        let admitting = self.num_waiting() > 0 && self.running.len() < self.cfg.max_num_seqs;
+        // 2. Prefill chunks of running sequences, oldest first, interactive ones first; then
+        //    admission. If the oldest cannot get a single block, the newest is preempted (even
+        //    if it was planned above), so it always advances. While others wait for a slot, a
+        //    quarter of the budget (of the capped budget, when capped) is kept for admitting
+        //    them, so a long prompt never holds a short request's first token hostage.
+        //    Interactive requests are admitted before batch prompts are prefilled (taking a
+        //    batch sequence's slot if every slot is taken), so a flood of batch prompts never
+        //    holds their first token back.
         let quarter = if capped {
             budget
         } else {
             self.cfg.max_batch_tokens
         } / 4;
+        self.prefill_running(SloClass::Interactive, &mut plan, &mut budget, quarter);
+        self.admit(true, &mut plan, &mut budget);
+        self.prefill_running(SloClass::Batch, &mut plan, &mut budget, quarter);
+        self.admit(false, &mut plan, &mut budget);
+        if capped && budget == 0 {
+            self.stats.capped_steps += 1;
+        }
+        for p in &plan {
+            if let Some(e) = self.running.iter().find(|e| e.id == p.id) {
+                *self.served.entry(e.tenant.clone()).or_insert(0) += p.len as u64;
+            }
+        }
+        // Checked in release builds too: a step past its budget would break every bound above.
+        assert!(plan.iter().map(|p| p.len).sum::<usize>() <= self.cfg.max_batch_tokens);
+        assert!(plan.len() <= self.cfg.max_num_seqs);
+        plan
+    }
+
+    /// Gives running sequences of `class` their next prompt chunks, oldest first, keeping
+    /// `quarter` of the budget back while others wait for a slot.
+    fn prefill_running(
+        &mut self,
+        class: SloClass,
+        plan: &mut Vec<Planned>,
+        budget: &mut usize,
+        quarter: usize,
+    ) {
+        let admitting = self.num_waiting() > 0 && self.running.len() < self.cfg.max_num_seqs;
         let reserve = if admitting {
             quarter.min(budget.saturating_sub(1))
         } else {
             0
         };
-        // Interactive sequences' prompts first, then batch ones'.
-        for pass in [SloClass::Interactive, SloClass::Batch] {
-            let mut i = 0;
-            while i < self.running.len() && budget > reserve {
-                if self.running[i].class != pass {
-                    i += 1;
-                    continue;
-                }
-                let left = self.running[i].tokens.len() - self.running[i].computed;
-                if left == 0 {
-                    i += 1;
-                    continue;
-                }
-                let n = Self::fit_chunk(&mut self.running[i], left.min(budget - reserve));
-                if n == 0 {
-                    if self.reclaim_waiting() {
-                        continue;
-                    }
-                    let victim = self.victim(i);
-                    if i == 0 && victim > 0 {
-                        let id = self.running[victim].id;
-                        if let Some(at) = plan.iter().position(|p| p.id == id) {
-                            budget += plan.remove(at).len;
-                        }
-                        self.preempt(victim);
-                        continue;
-                    }
-                    i += 1;
-                    continue;
-                }
-                let e = &mut self.running[i];
-                plan.push(Planned {
-                    id: e.id,
-                    start: e.computed,
-                    len: n,
-                    samples: e.computed + n == e.tokens.len(),
-                });
-                e.computed += n;
-                budget -= n;
+        let mut i = 0;
+        while i < self.running.len() && *budget > reserve {
+            if self.running[i].class != class {
                 i += 1;
+                continue;
             }
+            let left = self.running[i].tokens.len() - self.running[i].computed;
+            // A sequence with one token left decodes in step 1, or is sitting this step out.
+            if left <= 1 {
+                i += 1;
+                continue;
+            }
+            let n = Self::fit_chunk(&mut self.running[i], left.min(*budget - reserve));
+            if n == 0 {
+                if self.reclaim_waiting() {
+                    continue;
+                }
+                let victim = self.victim(i);
+                if i == 0 && victim > 0 {
+                    let id = self.running[victim].id;
+                    if let Some(at) = plan.iter().position(|p| p.id == id) {
+                        *budget += plan.remove(at).len;
+                    }
+                    self.preempt(victim);
+                    continue;
+                }
+                i += 1;
+                continue;
+            }
+            let e = &mut self.running[i];
+            plan.push(Planned {
+                id: e.id,
+                start: e.computed,
+                len: n,
+                samples: e.computed + n == e.tokens.len(),
+            });
+            e.computed += n;
+            *budget -= n;
+            i += 1;
         }
-        // 3. Admit waiting sequences fairly while there is room, and give them a first chunk. An
-        //    interactive request finding every slot taken takes the newest batch sequence's.
-        while budget > 0
-            && (self.running.len() < self.cfg.max_num_seqs
-                || self.yield_to_interactive(&mut plan, &mut budget))
-        {
+    }
+
+    /// Admits waiting sequences fairly while there is room, and gives them a first chunk;
+    /// with `urgent_only`, only while the next to admit is interactive (or a batch one past
+    /// its patience). An interactive request finding every slot taken takes the newest batch
+    /// sequence's.
+    fn admit(&mut self, urgent_only: bool, plan: &mut Vec<Planned>, budget: &mut usize) {
+        while *budget > 0 {
             let Some(tenant) = self.next_tenant() else {
                 break;
             };
+            if urgent_only
+                && self
+                    .waiting
+                    .get(&tenant)
+                    .and_then(|q| q.front())
+                    .is_some_and(|e| self.deferred(e))
+            {
+                break;
+            }
+            if self.running.len() >= self.cfg.max_num_seqs
+                && !self.yield_to_interactive(plan, budget)
+            {
+                break;
+            }
             let Some(mut e) = self.waiting.get_mut(&tenant).and_then(VecDeque::pop_front) else {
                 break;
             };
             let (queried, hit) = self.reuse_prefix(&mut e);
             let left = e.tokens.len() - e.computed;
-            let n = Self::fit_chunk(&mut e, left.min(budget));
+            let n = Self::fit_chunk(&mut e, left.min(*budget));
             if n == 0 {
                 // The pool cannot hold even a first chunk now: put it back and wait.
                 e.table.clear();
@@ -401,20 +491,9 @@ impl<P> Scheduler<P> {
                 samples: e.computed + n == e.tokens.len(),
             });
             e.computed += n;
-            budget -= n;
+            *budget -= n;
             self.running.push(e);
         }
-        if capped && budget == 0 {
-            self.stats.capped_steps += 1;
-        }
-        for p in &plan {
-            if let Some(e) = self.running.iter().find(|e| e.id == p.id) {
-                *self.served.entry(e.tenant.clone()).or_insert(0) += p.len as u64;
-            }
-        }
-        debug_assert!(plan.iter().map(|p| p.len).sum::<usize>() <= self.cfg.max_batch_tokens);
-        debug_assert!(plan.len() <= self.cfg.max_num_seqs);
-        plan
     }
 
     /// Registers blocks that the last step filled, so later sequences can reuse them.
@@ -452,6 +531,8 @@ impl<P> Scheduler<P> {
             tenant: src.tenant.clone(),
             priority: src.priority,
             class: src.class,
+            deadline: src.deadline,
+            itl_target: src.itl_target,
             queued_at: self.steps,
             computed: shared * BLOCK_TOKENS,
             max_len: max_len.max(tokens.len()),
@@ -577,24 +658,51 @@ impl<P> Scheduler<P> {
             .push_front(e);
     }
 
+    /// Whether batch decodes sit out the next step: when an interactive prompt waits to be
+    /// prefilled (running, or waiting to be admitted), the step's time goes to it rather than
+    /// to a token of each batch sequence; never two steps running, so batch sequences keep at
+    /// least half their decode pace whatever the interactive load.
+    fn batch_sits_out(&self) -> bool {
+        if self.batch_sat_out {
+            return false;
+        }
+        let left = |e: &Entry<P>| e.tokens.len() - e.computed;
+        let batch_decodes = self
+            .running
+            .iter()
+            .any(|e| e.class == SloClass::Batch && left(e) == 1);
+        batch_decodes
+            && (self
+                .running
+                .iter()
+                .any(|e| e.class == SloClass::Interactive && left(e) > 1)
+                || self
+                    .waiting
+                    .values()
+                    .filter_map(VecDeque::front)
+                    .any(|e| e.class == SloClass::Interactive))
+    }
+
+    /// A batch sequence still within its patience: admitted after interactive ones.
+    fn deferred(&self, e: &Entry<P>) -> bool {
+        e.class == SloClass::Batch && self.steps.saturating_sub(e.queued_at) < BATCH_PATIENCE_STEPS
+    }
+
     /// The tenant to admit from: interactive before batch (a batch sequence waiting past its
     /// patience counts as interactive), then highest waiting priority, then least served, then
-    /// fewest running sequences, then oldest.
+    /// fewest running sequences, then earliest deadline, then oldest.
     fn next_tenant(&self) -> Option<Arc<str>> {
         let running = |t: &Arc<str>| self.running.iter().filter(|e| &e.tenant == t).count();
-        let deferred = |e: &Entry<P>| {
-            e.class == SloClass::Batch
-                && self.steps.saturating_sub(e.queued_at) < BATCH_PATIENCE_STEPS
-        };
         self.waiting
             .iter()
             .filter_map(|(t, q)| q.front().map(|e| (t, e)))
             .min_by_key(|(t, e)| {
                 (
-                    deferred(e),
+                    self.deferred(e),
                     -e.priority,
                     self.served.get(*t).copied().unwrap_or(0),
                     running(t),
+                    e.deadline,
                     e.arrival,
                 )
             })
@@ -607,6 +715,14 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    /// Priority 0, deadlines all equal (first come, first served within a tenant).
+    fn urgent(class: SloClass) -> Urgency {
+        Urgency {
+            class,
+            ..Urgency::default()
+        }
+    }
 
     /// Drives the scheduler like the engine does, with a fake model: every sampled token is
     /// `7`, and a sequence finishes after `gen` tokens. With `cap`, every step's prompt tokens
@@ -649,7 +765,7 @@ mod tests {
                     s.add(
                         id as u64,
                         Arc::from(format!("t{tenant}")),
-                        (0, class),
+                        urgent(class),
                         toks,
                         prompt + gen,
                         true,
@@ -738,7 +854,7 @@ mod tests {
         s.add(
             1,
             Arc::from("a"),
-            (0, SloClass::Interactive),
+            urgent(SloClass::Interactive),
             vec![1; 4],
             100,
             true,
@@ -758,7 +874,7 @@ mod tests {
         s.add(
             2,
             Arc::from("a"),
-            (0, SloClass::Interactive),
+            urgent(SloClass::Interactive),
             vec![2; 300],
             400,
             true,
@@ -797,7 +913,7 @@ mod tests {
         s.add(
             1,
             Arc::from("a"),
-            (0, SloClass::Interactive),
+            urgent(SloClass::Interactive),
             vec![2; 600],
             700,
             true,
@@ -807,7 +923,7 @@ mod tests {
         s.add(
             2,
             Arc::from("b"),
-            (0, SloClass::Interactive),
+            urgent(SloClass::Interactive),
             vec![3; 5],
             10,
             true,
@@ -833,7 +949,7 @@ mod tests {
         s.add(
             1,
             Arc::from("early"),
-            (0, SloClass::Interactive),
+            urgent(SloClass::Interactive),
             vec![1; 4],
             8,
             true,
@@ -845,7 +961,7 @@ mod tests {
             s.add(
                 10 + i,
                 Arc::from("busy"),
-                (0, SloClass::Interactive),
+                urgent(SloClass::Interactive),
                 vec![1; 40],
                 48,
                 true,
@@ -866,7 +982,7 @@ mod tests {
         s.add(
             21,
             Arc::from("early"),
-            (0, SloClass::Interactive),
+            urgent(SloClass::Interactive),
             vec![1; 4],
             8,
             true,
@@ -889,7 +1005,7 @@ mod tests {
         s.add(
             1,
             Arc::from("a"),
-            (0, SloClass::Interactive),
+            urgent(SloClass::Interactive),
             prompt.clone(),
             50,
             true,
@@ -902,7 +1018,7 @@ mod tests {
         s.add(
             2,
             Arc::from("b"),
-            (0, SloClass::Interactive),
+            urgent(SloClass::Interactive),
             other,
             50,
             true,
@@ -932,7 +1048,7 @@ mod tests {
         s.add(
             1,
             Arc::from("a"),
-            (0, SloClass::Interactive),
+            urgent(SloClass::Interactive),
             (0..40).collect(),
             50,
             false,
@@ -985,7 +1101,7 @@ mod tests {
             s.add(
                 i,
                 Arc::from("flood"),
-                (0, SloClass::Interactive),
+                urgent(SloClass::Interactive),
                 vec![1; 8],
                 16,
                 true,
@@ -996,7 +1112,7 @@ mod tests {
         s.add(
             100,
             Arc::from("quiet"),
-            (0, SloClass::Interactive),
+            urgent(SloClass::Interactive),
             vec![1; 8],
             16,
             true,
@@ -1025,7 +1141,7 @@ mod tests {
         s.add(
             1,
             Arc::from("b"),
-            (0, SloClass::Batch),
+            urgent(SloClass::Batch),
             vec![1; 8],
             9,
             true,
@@ -1034,7 +1150,7 @@ mod tests {
         s.add(
             2,
             Arc::from("i"),
-            (0, SloClass::Interactive),
+            urgent(SloClass::Interactive),
             vec![1; 8],
             9,
             true,
@@ -1051,7 +1167,7 @@ mod tests {
         s.add(
             1,
             Arc::from("b"),
-            (0, SloClass::Batch),
+            urgent(SloClass::Batch),
             vec![1; 8],
             9,
             true,
@@ -1062,7 +1178,7 @@ mod tests {
             s.add(
                 next,
                 Arc::from("i"),
-                (0, SloClass::Interactive),
+                urgent(SloClass::Interactive),
                 vec![1; 8],
                 9,
                 true,
@@ -1099,7 +1215,7 @@ mod tests {
         s.add(
             1,
             Arc::from("i"),
-            (0, SloClass::Interactive),
+            urgent(SloClass::Interactive),
             prompt.clone(),
             3 * BLOCK_TOKENS,
             true,
@@ -1108,7 +1224,7 @@ mod tests {
         s.add(
             2,
             Arc::from("b"),
-            (0, SloClass::Batch),
+            urgent(SloClass::Batch),
             prompt.clone(),
             3 * BLOCK_TOKENS,
             true,
@@ -1117,7 +1233,7 @@ mod tests {
         s.add(
             3,
             Arc::from("j"),
-            (0, SloClass::Interactive),
+            urgent(SloClass::Interactive),
             prompt,
             3 * BLOCK_TOKENS,
             true,
@@ -1137,12 +1253,16 @@ mod tests {
     }
 
     #[test]
-    fn only_interactive_decodes_are_owed_a_short_step() {
+    fn decodes_are_owed_their_tightest_target() {
         let mut s = with_slots(4);
+        let owed = |ms: u64| Urgency {
+            itl_target: Some(Duration::from_millis(ms)),
+            ..urgent(SloClass::Interactive)
+        };
         s.add(
             1,
             Arc::from("b"),
-            (0, SloClass::Batch),
+            urgent(SloClass::Batch),
             vec![1; 4],
             64,
             true,
@@ -1150,22 +1270,167 @@ mod tests {
         );
         s.schedule();
         s.push_token(1, 7);
-        assert!(!s.decode_shape().2);
+        assert_eq!(s.decode_shape().2, None, "a batch decode is owed nothing");
+        s.add(2, Arc::from("i"), owed(100), vec![1; 4], 64, true, ());
+        s.add(3, Arc::from("j"), owed(40), vec![1; 4], 64, true, ());
+        // Still prefilling: not yet owed anything (and the batch decode sat the step out).
+        let p = s.schedule();
+        assert_eq!(s.decode_shape().2, None);
+        assert!(p.iter().all(|p| p.id != 1), "{p:?}");
+        for id in [2, 3] {
+            s.push_token(id, 7);
+        }
+        let (shape, _, owed) = s.decode_shape();
+        assert_eq!(owed, Some(Duration::from_millis(40)));
+        assert_eq!(shape.decode_seqs, 3);
+    }
+
+    #[test]
+    fn a_tenants_queue_is_served_by_priority_then_earliest_deadline() {
+        let mut s = with_slots(1);
+        let at = |priority: i32, deadline: u64, class: SloClass| Urgency {
+            priority,
+            class,
+            deadline,
+            itl_target: None,
+        };
+        // Arrival order 1..=5; a batch request's deadline is far off, so interactive requests
+        // arriving after it go before it.
+        s.add(
+            1,
+            Arc::from("t"),
+            at(0, 900, SloClass::Batch),
+            vec![1; 4],
+            8,
+            true,
+            (),
+        );
         s.add(
             2,
-            Arc::from("i"),
-            (0, SloClass::Interactive),
+            Arc::from("t"),
+            at(0, 30, SloClass::Interactive),
             vec![1; 4],
-            64,
+            8,
             true,
             (),
         );
+        s.add(
+            3,
+            Arc::from("t"),
+            at(0, 20, SloClass::Interactive),
+            vec![1; 4],
+            8,
+            true,
+            (),
+        );
+        s.add(
+            4,
+            Arc::from("t"),
+            at(1, 50, SloClass::Interactive),
+            vec![1; 4],
+            8,
+            true,
+            (),
+        );
+        s.add(
+            5,
+            Arc::from("t"),
+            at(0, 20, SloClass::Interactive),
+            vec![1; 4],
+            8,
+            true,
+            (),
+        );
+        let mut order = vec![];
+        while !s.is_idle() {
+            let plan = s.schedule();
+            for p in plan {
+                if p.start == 0 {
+                    order.push(p.id);
+                }
+                s.remove(p.id);
+            }
+        }
+        assert_eq!(order, vec![4, 3, 5, 2, 1]);
+    }
+
+    #[test]
+    fn batch_prompts_do_not_hold_back_an_interactive_first_token() {
+        // Every slot is a batch sequence with prompt left, enough to fill any step's budget
+        // (64 tokens); the waiting batch requests keep the slots refilled.
+        let mut s = with_slots(4);
+        for id in 1..=8 {
+            s.add(
+                id,
+                Arc::from("b"),
+                urgent(SloClass::Batch),
+                vec![1; 400],
+                480,
+                true,
+                (),
+            );
+        }
+        while s.num_running() < 4 {
+            s.schedule();
+        }
+        s.add(
+            20,
+            Arc::from("i"),
+            urgent(SloClass::Interactive),
+            vec![1; 40],
+            48,
+            true,
+            (),
+        );
+        let p = s.schedule();
+        // Admitted at once, with its whole prompt before the batch prompts get the rest.
+        let mine = p.iter().find(|p| p.id == 20).copied();
+        assert_eq!(mine.map(|p| (p.len, p.samples)), Some((40, true)), "{p:?}");
+        assert_eq!(p.iter().map(|p| p.len).sum::<usize>(), 64, "{p:?}");
+    }
+
+    #[test]
+    fn batch_decodes_sit_out_one_step_for_an_interactive_prompt_never_two() {
+        let mut s = with_slots(4);
+        for id in [1, 2] {
+            s.add(
+                id,
+                Arc::from("b"),
+                urgent(SloClass::Batch),
+                vec![1; 8],
+                64,
+                true,
+                (),
+            );
+        }
         s.schedule();
-        s.push_token(1, 7);
-        s.push_token(2, 7);
-        let (shape, _, interactive) = s.decode_shape();
-        assert!(interactive);
-        assert_eq!(shape.decode_seqs, 2);
+        for id in [1, 2] {
+            s.push_token(id, 7);
+        }
+        // A 200-token interactive prompt takes four 64-token steps.
+        s.add(
+            3,
+            Arc::from("i"),
+            urgent(SloClass::Interactive),
+            vec![1; 200],
+            256,
+            true,
+            (),
+        );
+        let (shape, ..) = s.decode_shape();
+        assert_eq!(shape.decode_seqs, 0, "the batch decodes sit this step out");
+        let mut batch_decoded = vec![];
+        for _ in 0..4 {
+            let p = s.schedule();
+            let decoded: Vec<u64> = p.iter().filter(|p| p.len == 1).map(|p| p.id).collect();
+            for &id in &decoded {
+                s.push_token(id, 7);
+            }
+            batch_decoded.push(decoded.len());
+        }
+        // Out, in, out, in: half their pace while the prompt is prefilled, never stopped.
+        assert_eq!(batch_decoded, vec![0, 2, 0, 2]);
+        assert_eq!(s.stats.batch_sit_outs, 2);
     }
 
     #[test]
@@ -1175,7 +1440,7 @@ mod tests {
             s.add(
                 id,
                 Arc::from("b"),
-                (0, SloClass::Batch),
+                urgent(SloClass::Batch),
                 vec![1; 8],
                 64,
                 true,
@@ -1189,24 +1454,28 @@ mod tests {
         s.add(
             3,
             Arc::from("i"),
-            (0, SloClass::Interactive),
+            urgent(SloClass::Interactive),
             vec![1; 8],
             64,
             true,
             (),
         );
         let p = s.schedule();
-        // The newest batch sequence yields; the oldest keeps its place and decodes.
+        // The newest batch sequence yields; the oldest keeps its place (sitting this step's
+        // decode out for the interactive prompt) and decodes in the next.
         assert!(p.iter().any(|p| p.id == 3), "{p:?}");
-        assert!(p.iter().any(|p| p.id == 1), "{p:?}");
-        assert!(p.iter().all(|p| p.id != 2), "{p:?}");
+        assert!(p.iter().all(|p| p.id != 2 && p.id != 1), "{p:?}");
         assert_eq!(s.num_waiting(), 1);
+        assert_eq!(s.num_running(), 2);
+        s.push_token(3, 7);
+        let p = s.schedule();
+        assert!(p.iter().any(|p| p.id == 1), "{p:?}");
         // Batch does not take batch's slot.
         let mut s = with_slots(1);
         s.add(
             1,
             Arc::from("b"),
-            (0, SloClass::Batch),
+            urgent(SloClass::Batch),
             vec![1; 8],
             64,
             true,
@@ -1217,7 +1486,7 @@ mod tests {
         s.add(
             2,
             Arc::from("c"),
-            (0, SloClass::Batch),
+            urgent(SloClass::Batch),
             vec![1; 8],
             64,
             true,
@@ -1225,5 +1494,82 @@ mod tests {
         );
         let p = s.schedule();
         assert_eq!(p.iter().map(|p| p.id).collect::<Vec<_>>(), vec![1]);
+    }
+
+    /// Runs `reqs` (tenant, urgency) to completion one at a time (each admitted whole, then
+    /// removed) and returns the admission order.
+    fn admission_order(reqs: &[(u8, Urgency)]) -> Vec<usize> {
+        let mut s = with_slots(1);
+        for (id, (tenant, u)) in reqs.iter().enumerate() {
+            s.add(
+                id as u64,
+                Arc::from(format!("t{tenant}")),
+                *u,
+                vec![1; 4],
+                8,
+                true,
+                (),
+            );
+        }
+        let mut order = vec![];
+        while !s.is_idle() {
+            for p in s.schedule() {
+                order.push(p.id as usize);
+                s.remove(p.id);
+            }
+        }
+        order
+    }
+
+    proptest! {
+        #[test]
+        fn each_tenant_is_served_by_priority_then_earliest_deadline(
+            reqs in proptest::collection::vec((0u8..3, 0i32..2, 0u64..50, any::<bool>()), 1..40)
+        ) {
+            let reqs: Vec<(u8, Urgency)> = reqs
+                .into_iter()
+                .map(|(t, priority, deadline, batch)| {
+                    let class = if batch { SloClass::Batch } else { SloClass::Interactive };
+                    (t, Urgency { priority, class, deadline, itl_target: None })
+                })
+                .collect();
+            let order = admission_order(&reqs);
+            prop_assert_eq!(order.len(), reqs.len());
+            for t in 0..3 {
+                let keys: Vec<(i32, u64)> = order
+                    .iter()
+                    .filter(|&&i| reqs[i].0 == t)
+                    .map(|&i| (-reqs[i].1.priority, reqs[i].1.deadline))
+                    .collect();
+                prop_assert!(keys.windows(2).all(|w| w[0] <= w[1]), "t{}: {:?}", t, keys);
+            }
+        }
+
+        #[test]
+        fn tenants_of_one_class_take_turns_whatever_their_deadlines(
+            reqs in proptest::collection::vec((0u8..3, 0u64..1000), 1..60)
+        ) {
+            let reqs: Vec<(u8, Urgency)> = reqs
+                .into_iter()
+                .map(|(t, deadline)| (t, Urgency { deadline, ..urgent(SloClass::Interactive) }))
+                .collect();
+            let order = admission_order(&reqs);
+            let mut left = [0usize; 3];
+            for (t, _) in &reqs {
+                left[*t as usize] += 1;
+            }
+            let mut served = [0usize; 3];
+            for i in order {
+                let t = reqs[i].0 as usize;
+                // While another tenant still waits, nobody gets two turns ahead of it.
+                for o in 0..3 {
+                    if o != t && left[o] > 0 {
+                        prop_assert!(served[t] <= served[o], "{:?} {:?}", served, left);
+                    }
+                }
+                served[t] += 1;
+                left[t] -= 1;
+            }
+        }
     }
 }

@@ -235,6 +235,9 @@ pub struct Plan<H> {
     /// Why the first candidate was chosen, for the audit record and `x-serrano-route`.
     pub reason: String,
     pub config: Arc<Config>,
+    /// The tenant's latency targets (its own `slo`, else the route's, else `[routing]`'s):
+    /// `cheapest-within-slo` chose by them, and a local engine schedules by them.
+    pub slo: Slo,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -443,6 +446,7 @@ impl<H: Clone> Deployment<H> {
             candidates,
             reason,
             config: self.config.clone(),
+            slo: rules.slo,
         })
     }
 

@@ -79,6 +79,9 @@ pub struct Generation {
     pub priority: i32,
     /// Its latency class in the engine's scheduler (the tenant's, or the request's header).
     pub class: serrano_engine::SloClass,
+    /// Its latency targets in a local engine (its tenant's `slo`; `None`: the engine's own).
+    pub ttft_target: Option<std::time::Duration>,
+    pub itl_target: Option<std::time::Duration>,
 }
 
 impl Generation {
@@ -167,6 +170,8 @@ impl Generation {
             tenant,
             priority,
             class: serrano_engine::SloClass::default(),
+            ttft_target: None,
+            itl_target: None,
             request,
         })
     }

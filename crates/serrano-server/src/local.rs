@@ -343,6 +343,8 @@ impl LocalBackend {
             tenant: gen.tenant.clone(),
             priority: gen.priority,
             class: gen.class,
+            ttft_target: gen.ttft_target,
+            itl_target: gen.itl_target,
         };
         let calls_tools = tools.as_ref().is_some_and(Tools::active);
         Ok(Work {

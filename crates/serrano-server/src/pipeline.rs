@@ -91,6 +91,12 @@ async fn start(
     let (model, plan) = scoped_plan(st, ticket, &p, requested_model(&request))?;
     let mut gen = Generation::new(request, model, p.tenant.clone(), priority)?;
     gen.class = slo_class(headers, &p, &plan)?;
+    // One notion of latency targets: the numbers `cheapest-within-slo` routed by are the ones
+    // a local engine schedules by.
+    let ms =
+        |v: Option<f64>| v.and_then(|ms| std::time::Duration::try_from_secs_f64(ms / 1000.0).ok());
+    gen.ttft_target = ms(plan.slo.ttft_p95_ms);
+    gen.itl_target = ms(plan.slo.itl_p95_ms);
     gen.request = safety::filter_off_workers(&p, ticket, gen.request).await?;
     let guard = output_guard(&p, &gen)?;
     if ticket.keeps_content() {

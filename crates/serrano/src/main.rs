@@ -118,6 +118,10 @@ struct ModelArgs {
     /// sequences, positions attended, measured and predicted seconds.
     #[arg(long)]
     step_log: Option<PathBuf>,
+    /// Skip the step-time model's calibration at start-up (a few timed steps, at most 2 s):
+    /// the model then learns from the first requests' steps only.
+    #[arg(long)]
+    no_calibration: bool,
 }
 
 #[derive(Args)]
@@ -339,8 +343,11 @@ fn engine_config(m: &ModelArgs, name: String) -> EngineConfig {
         model_name: name,
         prefix_caching: !m.no_prefix_caching,
         itl_target: (m.itl_target_ms > 0.0)
-            .then(|| std::time::Duration::from_secs_f64(m.itl_target_ms / 1000.0)),
+            // An hour at most: anything longer caps nothing anyway, and a huge value must not
+            // overflow the duration.
+            .then(|| std::time::Duration::from_secs_f64(m.itl_target_ms.min(3.6e6) / 1000.0)),
         step_log: m.step_log.clone(),
+        calibrate: !m.no_calibration,
     }
 }
 

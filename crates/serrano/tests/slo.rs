@@ -11,18 +11,52 @@ use std::time::Duration;
 use common::{wait_until, Server};
 use serde_json::{json, Value};
 
-/// The step log of a run where a 1,200-token prompt arrives while another request decodes.
-fn steps_with_a_long_prompt_during_a_decode(itl_target_ms: &str) -> Vec<Value> {
+const LOCAL: &str =
+    "[[backend]]\nname = \"local\"\nkind = \"local\"\nregion = \"here\"\ntier = \"cpu\"\n";
+
+/// Where the inter-token target comes from in a run.
+enum Target<'a> {
+    /// `--itl-target-ms`, for every tenant.
+    Flag(&'a str),
+    /// The tenant's `slo` in the routing config (`--itl-target-ms 0`: none by default).
+    TenantSlo(&'a str),
+}
+
+/// The step log of a run where a 1,200-token prompt arrives while another request decodes,
+/// both from tenant `web`; and the server, for its metrics.
+fn steps_with_a_long_prompt_during_a_decode(target: Target) -> (Vec<Value>, Server) {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("steps.jsonl");
     let log_arg = log.to_string_lossy().to_string();
-    let s = Server::slow(&[
-        "--itl-target-ms",
-        itl_target_ms,
+    let mut args = vec![
         "--step-log",
         &log_arg,
         "--no-prefix-caching",
-    ]);
+        "--itl-target-ms",
+    ];
+    let s = match target {
+        Target::Flag(ms) => {
+            args.push(ms);
+            Server::slow(&args)
+        }
+        Target::TenantSlo(ms) => {
+            args.push("0");
+            let config = format!(
+                "{LOCAL}\n[tenant.web]\nslo = {{ itl_p95_ms = {ms}, ttft_p95_ms = {ms} }}\n"
+            );
+            Server::random_with_config(common::slow_model(), &config, &args)
+        }
+    };
+    s.tenant("web");
+    let key = s.key("web", json!({}))["key"].as_str().unwrap().to_string();
+    let post = |body: Value| match ureq::post(&s.url("/v1/completions"))
+        .set("Authorization", &format!("Bearer {key}"))
+        .send_json(body)
+    {
+        Ok(r) => (r.status(), r.into_json::<Value>().unwrap()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or_default()),
+        Err(e) => panic!("{e}"),
+    };
     let lines = || {
         std::fs::read_to_string(&log)
             .unwrap_or_default()
@@ -31,34 +65,34 @@ fn steps_with_a_long_prompt_during_a_decode(itl_target_ms: &str) -> Vec<Value> {
             .collect::<Vec<_>>()
     };
     std::thread::scope(|scope| {
-        let decode = scope.spawn(|| {
-            s.post(
-                "/v1/completions",
-                &json!({"prompt": [5, 6, 7], "max_tokens": 400, "ignore_eos": true}),
-            )
-        });
-        // Enough steps for the model to predict (it starts after 16).
+        let decode = scope
+            .spawn(|| post(json!({"prompt": [5, 6, 7], "max_tokens": 400, "ignore_eos": true})));
+        // The decode is under way (the model predicts from the calibration on).
+        let real = || lines().iter().filter(|s| s["calibration"] == false).count();
         assert!(
-            wait_until(Duration::from_secs(60), || lines().len() >= 40),
+            wait_until(Duration::from_secs(60), || real() >= 8),
             "the decode did not start"
         );
         let prompt: Vec<u32> = (0..1200).map(|i| 5 + (i % 40)).collect();
-        let (st, v) = s.post(
-            "/v1/completions",
-            &json!({"prompt": prompt, "max_tokens": 1}),
-        );
+        let (st, v) = post(json!({"prompt": prompt, "max_tokens": 1}));
         assert_eq!(st, 200, "{v}");
         let (st, v) = decode.join().unwrap();
         assert_eq!(st, 200, "{v}");
     });
-    lines()
+    let steps = lines();
+    (steps, s)
 }
 
-/// Steps that held both a decode and prompt tokens, once the model was predicting.
+/// Steps that held both a decode and prompt tokens, once the model was predicting (after its
+/// start-up calibration, whose steps are marked).
 fn mixed(steps: &[Value]) -> Vec<u64> {
+    assert!(
+        steps.iter().any(|s| s["calibration"] == true),
+        "not calibrated"
+    );
     steps
         .iter()
-        .filter(|s| !s["predicted"].is_null())
+        .filter(|s| s["calibration"] == false && !s["predicted"].is_null())
         .filter(|s| s["decode_seqs"].as_u64().unwrap() >= 1)
         .map(|s| s["prefill_tokens"].as_u64().unwrap())
         .filter(|&p| p > 0)
@@ -67,7 +101,7 @@ fn mixed(steps: &[Value]) -> Vec<u64> {
 
 #[test]
 fn a_long_prompt_is_prefilled_in_pieces_that_keep_decodes_on_time() {
-    let capped = steps_with_a_long_prompt_during_a_decode("0.0001");
+    let (capped, _) = steps_with_a_long_prompt_during_a_decode(Target::Flag("0.0001"));
     let pieces = mixed(&capped);
     // 1,200 prompt tokens in pieces of at most the floor, beside the decode.
     assert!(pieces.len() >= 1200 / 16 - 2, "{pieces:?}");
@@ -77,9 +111,25 @@ fn a_long_prompt_is_prefilled_in_pieces_that_keep_decodes_on_time() {
     }
 
     // Without the cap, the same prompt rides along in --max-batch-tokens chunks.
-    let uncapped = steps_with_a_long_prompt_during_a_decode("0");
+    let (uncapped, _) = steps_with_a_long_prompt_during_a_decode(Target::Flag("0"));
     let pieces = mixed(&uncapped);
     assert!(pieces.iter().any(|&p| p > 200), "{pieces:?}");
+}
+
+/// A tenant's `slo` (the numbers `cheapest-within-slo` routes by) sets its targets in the
+/// engine: with no default target, its decodes still cap the steps, and its first tokens
+/// count against its own TTFT target.
+#[test]
+fn a_tenants_slo_sets_its_latency_targets() {
+    let (steps, s) = steps_with_a_long_prompt_during_a_decode(Target::TenantSlo("0.0001"));
+    let pieces = mixed(&steps);
+    assert!(pieces.len() >= 1200 / 16 - 2, "{pieces:?}");
+    assert!(pieces.iter().all(|&p| p <= 16), "{pieces:?}");
+    let text = s.metrics_text();
+    let ttft = text
+        .lines()
+        .find(|l| l.starts_with("serrano:slo_violations_total") && l.contains("kind=\"ttft\""));
+    assert!(ttft.is_some(), "{text}");
 }
 
 /// A tenant's class comes from the routing config; a request may defer itself to `batch`, and
@@ -89,7 +139,7 @@ fn a_long_prompt_is_prefilled_in_pieces_that_keep_decodes_on_time() {
 fn latency_classes_come_from_the_tenant_and_the_header() {
     let s = Server::random_with_config(
         serrano_engine::testing::TinyModel::default(),
-        "[[backend]]\nname = \"local\"\nkind = \"local\"\nregion = \"here\"\ntier = \"cpu\"\n\n[tenant.acme]\nclass = \"batch\"\n",
+        &format!("{LOCAL}\n[tenant.acme]\nclass = \"batch\"\n"),
         &["--itl-target-ms", "0.0001"],
     );
     s.tenant("acme");

@@ -49,6 +49,17 @@ impl Drop for Server {
     }
 }
 
+/// A random-weight model big enough that 2,000 tokens take seconds.
+pub fn slow_model() -> serrano_engine::testing::TinyModel {
+    serrano_engine::testing::TinyModel {
+        d_model: 256,
+        d_ff: 512,
+        n_layers: 4,
+        context_length: 2048,
+        ..Default::default()
+    }
+}
+
 impl Server {
     /// Starts `serrano serve --model MODEL --port 0 ARGS` and waits until it listens.
     pub fn start(model: &Path, args: &[&str]) -> Server {
@@ -171,14 +182,7 @@ impl Server {
 
     /// Starts a server on a random-weight model big enough that 2,000 tokens take seconds.
     pub fn slow(args: &[&str]) -> Server {
-        let shape = serrano_engine::testing::TinyModel {
-            d_model: 256,
-            d_ff: 512,
-            n_layers: 4,
-            context_length: 2048,
-            ..Default::default()
-        };
-        Server::random(shape, args)
+        Server::random(slow_model(), args)
     }
 
     /// Starts `serrano serve` on a random-weight model of the given shape with the routing
