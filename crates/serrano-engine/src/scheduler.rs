@@ -446,8 +446,7 @@ impl<P> Scheduler<P> {
 
     /// Admits waiting sequences fairly while there is room, and gives them a first chunk;
     /// with `urgent_only`, only while the next to admit is interactive (or a batch one past
-    /// its patience). An interactive request finding every slot taken takes the newest batch
-    /// sequence's.
+    /// its patience). A request finding every slot taken may take one (`make_room`).
     fn admit(&mut self, urgent_only: bool, plan: &mut Vec<Planned>, budget: &mut usize) {
         while *budget > 0 {
             let Some(tenant) = self.next_tenant() else {
@@ -462,8 +461,7 @@ impl<P> Scheduler<P> {
             {
                 break;
             }
-            if self.running.len() >= self.cfg.max_num_seqs
-                && !self.yield_to_interactive(plan, budget)
+            if self.running.len() >= self.cfg.max_num_seqs && !self.make_room(&tenant, plan, budget)
             {
                 break;
             }
@@ -608,21 +606,51 @@ impl<P> Scheduler<P> {
         any
     }
 
-    /// Frees a slot for a waiting interactive request by preempting the newest running batch
-    /// sequence (never the oldest; out of this step's plan if it was in it). False when the
-    /// next to admit is not interactive or no batch sequence can yield.
-    fn yield_to_interactive(&mut self, plan: &mut Vec<Planned>, budget: &mut usize) -> bool {
-        let next_is_interactive = self
-            .next_tenant()
-            .and_then(|t| self.waiting.get(&t)?.front().map(|e| e.class))
-            == Some(SloClass::Interactive);
-        if !next_is_interactive {
-            return false;
-        }
-        let Some(victim) = (1..self.running.len())
-            .rev()
-            .find(|&j| self.running[j].class == SloClass::Batch)
+    /// Frees a slot, when every slot is taken, for the front request of `tenant`'s queue: an
+    /// interactive request takes the newest running batch sequence's; failing that, it takes
+    /// the newest sequence of the tenant holding the most slots if that tenant holds at least
+    /// two more than `tenant` (a batch request only a batch sequence's): slots tend to an even
+    /// split between the tenants with work, however many one of them sends, and never swing
+    /// back (the taker still holds fewer). The preempted sequence goes back to its queue and
+    /// is recomputed later; never the oldest running, and out of this step's plan if it was in
+    /// it. False when nothing may yield.
+    fn make_room(
+        &mut self,
+        tenant: &Arc<str>,
+        plan: &mut Vec<Planned>,
+        budget: &mut usize,
+    ) -> bool {
+        let Some(class) = self
+            .waiting
+            .get(tenant)
+            .and_then(|q| q.front())
+            .map(|e| e.class)
         else {
+            return false;
+        };
+        let newest = |s: &Self, f: &dyn Fn(&Entry<P>) -> bool| {
+            (1..s.running.len()).rev().find(|&j| f(&s.running[j]))
+        };
+        let mut victim = None;
+        if class == SloClass::Interactive {
+            victim = newest(self, &|e| e.class == SloClass::Batch);
+        }
+        if victim.is_none() {
+            let mut held: HashMap<&Arc<str>, usize> = HashMap::new();
+            for e in &self.running {
+                *held.entry(&e.tenant).or_insert(0) += 1;
+            }
+            let mine = held.get(tenant).copied().unwrap_or(0);
+            if let Some((most, n)) = held.into_iter().max_by_key(|&(t, n)| (n, t.clone())) {
+                let most = most.clone();
+                if n >= mine + 2 {
+                    victim = newest(self, &|e| {
+                        e.tenant == most && (class == SloClass::Interactive || e.class == class)
+                    });
+                }
+            }
+        }
+        let Some(victim) = victim else {
             return false;
         };
         let id = self.running[victim].id;
@@ -1431,6 +1459,109 @@ mod tests {
         // Out, in, out, in: half their pace while the prompt is prefilled, never stopped.
         assert_eq!(batch_decoded, vec![0, 2, 0, 2]);
         assert_eq!(s.stats.batch_sit_outs, 2);
+    }
+
+    #[test]
+    fn a_tenant_holding_fewer_slots_takes_one_from_the_tenant_holding_most() {
+        let mut s = with_slots(3);
+        for id in 1..=3 {
+            s.add(
+                id,
+                Arc::from("flood"),
+                urgent(SloClass::Interactive),
+                vec![1; 8],
+                64,
+                true,
+                (),
+            );
+        }
+        s.schedule();
+        for id in 1..=3 {
+            s.push_token(id, 7);
+        }
+        assert_eq!(s.num_running(), 3);
+        // A batch request may not take an interactive sequence's slot.
+        s.add(
+            9,
+            Arc::from("evals"),
+            urgent(SloClass::Batch),
+            vec![1; 8],
+            64,
+            true,
+            (),
+        );
+        let p = s.schedule();
+        assert!(p.iter().all(|p| p.id != 9), "{p:?}");
+        for p in &p {
+            s.push_token(p.id, 7);
+        }
+        // An interactive request of a tenant with nothing running takes the flood's newest slot.
+        s.add(
+            10,
+            Arc::from("web"),
+            urgent(SloClass::Interactive),
+            vec![1; 8],
+            64,
+            true,
+            (),
+        );
+        let p = s.schedule();
+        assert!(p.iter().any(|p| p.id == 10), "{p:?}");
+        assert!(p.iter().all(|p| p.id != 3), "{p:?}");
+        assert_eq!(s.num_running(), 3);
+        for p in &p {
+            s.push_token(p.id, 7);
+        }
+        // Holding one slot against the flood's two, a second request of its tenant waits its
+        // turn: taking another would only swing the split the other way.
+        s.add(
+            11,
+            Arc::from("web"),
+            urgent(SloClass::Interactive),
+            vec![1; 8],
+            64,
+            true,
+            (),
+        );
+        let p = s.schedule();
+        assert!(p.iter().all(|p| p.id != 11), "{p:?}");
+        assert_eq!(s.stats.preemptions, 1);
+    }
+
+    #[test]
+    fn slots_move_toward_an_even_split_and_stop_there() {
+        let mut s = with_slots(4);
+        for id in 1..=4 {
+            s.add(
+                id,
+                Arc::from("flood"),
+                urgent(SloClass::Interactive),
+                vec![1; 8],
+                64,
+                true,
+                (),
+            );
+        }
+        s.schedule();
+        for id in 10..=12 {
+            s.add(
+                id,
+                Arc::from("web"),
+                urgent(SloClass::Interactive),
+                vec![1; 8],
+                64,
+                true,
+                (),
+            );
+        }
+        s.schedule();
+        let held =
+            |s: &Scheduler<()>, t: &str| s.running.iter().filter(|e| &*e.tenant == t).count();
+        // 4-0, then 3-1, then 2-2; the third web request waits for a slot to free.
+        assert_eq!((held(&s, "flood"), held(&s, "web")), (2, 2));
+        assert_eq!(s.stats.preemptions, 2);
+        // The flood's oldest sequence kept its place.
+        assert_eq!(s.running[0].id, 1);
     }
 
     #[test]
