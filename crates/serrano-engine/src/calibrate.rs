@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant};
 
 use crate::model::{LogitsWanted, Model, SeqStep};
-use crate::paged::{BlockTable, KvStorage, PagedStep, SharedAllocator};
+use crate::paged::{BlockTable, KvStorage, SharedAllocator};
 use crate::scheduler::Planned;
 
 /// Wall time calibration may take; it stops after the first step past it (a large model on a
@@ -146,13 +146,8 @@ fn run_step(
         .iter()
         .map(|&(i, _)| seqs[i].table.blocks().to_vec())
         .collect();
-    let mut kv = PagedStep {
-        storage,
-        tables: tables.iter().map(Vec::as_slice).collect(),
-    };
     let t = Instant::now();
-    // On a kernel-pool thread, as the engine runs its steps.
-    rayon::scope(|_| model.forward(&mut kv, &steps)).ok()?;
+    model.forward_paged(storage, &tables, &steps).ok()?;
     let secs = t.elapsed().as_secs_f64();
     for &(i, len) in chunks {
         seqs[i].computed += len;
@@ -186,15 +181,7 @@ mod tests {
         let mut m = StepModel::default();
         for (plan, secs) in &steps {
             assert!(*secs > 0.0);
-            let mut shape = StepShape::default();
-            for p in plan {
-                if p.len == 1 {
-                    shape.decode_seqs += 1;
-                } else {
-                    shape.prefill_tokens += p.len;
-                }
-            }
-            m.observe(shape, *secs);
+            m.observe(crate::scheduler::step_shape(plan), *secs);
         }
         let budget = m.prefill_budget(
             StepShape {

@@ -17,10 +17,10 @@ use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
 use crate::metrics::{self, EngineMetrics};
 use crate::model::{LogitsWanted, Model, ModelConfig, SeqStep};
-use crate::paged::{KvStorage, PagedStep, SharedAllocator, BLOCK_TOKENS};
+use crate::paged::{KvStorage, SharedAllocator, BLOCK_TOKENS};
 use crate::sampling::{logprobs, Sampler, SamplingParams, TokenLogprobs};
-use crate::scheduler::{Planned, Scheduler, SchedulerConfig, SeqId, SloClass, Urgency};
-use crate::steptime::{self, StepModel, StepShape};
+use crate::scheduler::{self, Planned, Scheduler, SchedulerConfig, SeqId, SloClass, Urgency};
+use crate::steptime::StepModel;
 use crate::stop::StopMatcher;
 use crate::tokenizer::{Tokenizer, Utf8Stream};
 
@@ -826,16 +826,7 @@ impl Worker {
     /// Learns from a step that ran `plan` in `seconds` (a calibration step, or a real one), and
     /// logs it.
     fn learn(&mut self, plan: &[Planned], seconds: f64, calibration: bool) {
-        let mut shape = StepShape::default();
-        for p in plan {
-            // A chunk of one token costs what a decode costs, whatever its position.
-            if p.len == 1 {
-                shape.decode_seqs += 1;
-            } else {
-                shape.prefill_tokens += p.len;
-            }
-            shape.kv_tokens += steptime::chunk_kv_tokens(p.start, p.len);
-        }
+        let shape = scheduler::step_shape(plan);
         let predicted = self.steps.predict(shape);
         self.steps.observe(shape, seconds);
         let m = &self.metrics;
@@ -952,15 +943,7 @@ impl Worker {
                     .unwrap_or_default()
             })
             .collect();
-        let mut kv = PagedStep {
-            storage: &mut self.storage,
-            tables: tables.iter().map(Vec::as_slice).collect(),
-        };
-        // On a kernel-pool thread, not this one: every parallel op then forks from a worker
-        // whose peers are still spinning from the last op, instead of waking the pool from
-        // outside and sleeping until it is done (two thread wake-ups per op, ~240 ops a token).
-        let model = &self.model;
-        let result = rayon::scope(|_| model.forward(&mut kv, &steps));
+        let result = self.model.forward_paged(&mut self.storage, &tables, &steps);
         let logits = match result {
             Ok(l) => l,
             Err(e) => {

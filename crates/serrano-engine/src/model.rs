@@ -7,6 +7,7 @@ use crate::error::{EngineError, Result};
 use crate::gguf::{GgufFile, TensorInfo};
 pub use crate::kv::KvCache;
 use crate::ops::{self, matmul, rmsnorm, QMatrix, Rope, RopeStyle};
+use crate::paged::{BlockId, KvStorage, PagedStep};
 use crate::quant::dequantize_row;
 
 /// Element-wise work below this size runs on the calling thread (a fork-join costs more).
@@ -265,6 +266,24 @@ impl Model {
     /// Bytes of weights read per decode step (the memory-bandwidth floor of one token).
     pub fn weight_bytes(&self) -> usize {
         self.weight_bytes
+    }
+
+    /// [`forward`](Self::forward) on the paged KV pool (sequence `i` on block table
+    /// `tables[i]`), run on a kernel-pool thread rather than the caller's: every parallel op
+    /// then forks from a worker whose peers are still spinning from the last op, instead of
+    /// waking the pool from outside and sleeping until it is done (two thread wake-ups per op,
+    /// ~240 ops a token).
+    pub fn forward_paged(
+        &self,
+        storage: &mut KvStorage,
+        tables: &[Vec<BlockId>],
+        seqs: &[SeqStep<'_>],
+    ) -> Result<Vec<Vec<f32>>> {
+        let mut kv = PagedStep {
+            storage,
+            tables: tables.iter().map(Vec::as_slice).collect(),
+        };
+        rayon::scope(|_| self.forward(&mut kv, seqs))
     }
 
     /// Runs one step over all sequences' new tokens and returns, per sequence, the logits it asked

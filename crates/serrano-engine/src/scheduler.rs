@@ -78,10 +78,7 @@ pub const MIN_PREFILL_CHUNK: usize = BLOCK_TOKENS;
 pub struct Entry<P> {
     pub id: SeqId,
     pub tenant: Arc<str>,
-    pub priority: i32,
-    pub class: SloClass,
-    pub deadline: u64,
-    pub itl_target: Option<Duration>,
+    pub urgency: Urgency,
     /// The step count when it was queued (its wait, for batch patience).
     queued_at: u64,
     /// Prompt then generated tokens.
@@ -108,6 +105,21 @@ pub struct Planned {
     pub len: usize,
     /// The chunk reaches the end of `tokens`: the step's logits sample the next token.
     pub samples: bool,
+}
+
+/// What a planned step holds, for the step-time model. A chunk of one token costs what a
+/// decode costs, whatever its position.
+pub fn step_shape(plan: &[Planned]) -> StepShape {
+    let mut shape = StepShape::default();
+    for p in plan {
+        if p.len == 1 {
+            shape.decode_seqs += 1;
+        } else {
+            shape.prefill_tokens += p.len;
+        }
+        shape.kv_tokens += crate::steptime::chunk_kv_tokens(p.start, p.len);
+    }
+    shape
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -201,10 +213,7 @@ impl<P> Scheduler<P> {
         let e = Entry {
             id,
             tenant: tenant.clone(),
-            priority: urgency.priority,
-            class: urgency.class,
-            deadline: urgency.deadline,
-            itl_target: urgency.itl_target,
+            urgency,
             queued_at: self.steps,
             tokens: prompt,
             computed: 0,
@@ -222,7 +231,7 @@ impl<P> Scheduler<P> {
             self.served.insert(tenant.clone(), floor);
         }
         let queue = self.waiting.entry(tenant).or_default();
-        let key = |w: &Entry<P>| (-w.priority, w.deadline);
+        let key = |w: &Entry<P>| (-w.urgency.priority, w.urgency.deadline);
         // A linear scan, not a binary search: preempted sequences go back to the front whatever
         // their key, so the queue is sorted only after them.
         let at = queue
@@ -278,11 +287,11 @@ impl<P> Scheduler<P> {
         let sit_out = self.batch_sits_out();
         for e in &self.running {
             match e.tokens.len() - e.computed {
-                1 if sit_out && e.class == SloClass::Batch => {}
+                1 if sit_out && e.urgency.class == SloClass::Batch => {}
                 1 => {
                     shape.decode_seqs += 1;
                     shape.kv_tokens += e.computed + 1;
-                    if let Some(t) = e.itl_target {
+                    if let Some(t) = e.urgency.itl_target {
                         owed = Some(owed.map_or(t, |o| o.min(t)));
                     }
                 }
@@ -321,7 +330,7 @@ impl<P> Scheduler<P> {
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let e = &self.running[i];
-            if e.tokens.len() - e.computed != 1 || (sit_out && e.class == SloClass::Batch) {
+            if e.tokens.len() - e.computed != 1 || (sit_out && e.urgency.class == SloClass::Batch) {
                 i += 1;
                 continue;
             }
@@ -404,7 +413,7 @@ impl<P> Scheduler<P> {
         };
         let mut i = 0;
         while i < self.running.len() && *budget > reserve {
-            if self.running[i].class != class {
+            if self.running[i].urgency.class != class {
                 i += 1;
                 continue;
             }
@@ -527,10 +536,7 @@ impl<P> Scheduler<P> {
         let e = Entry {
             id,
             tenant: src.tenant.clone(),
-            priority: src.priority,
-            class: src.class,
-            deadline: src.deadline,
-            itl_target: src.itl_target,
+            urgency: src.urgency,
             queued_at: self.steps,
             computed: shared * BLOCK_TOKENS,
             max_len: max_len.max(tokens.len()),
@@ -624,7 +630,7 @@ impl<P> Scheduler<P> {
             .waiting
             .get(tenant)
             .and_then(|q| q.front())
-            .map(|e| e.class)
+            .map(|e| e.urgency.class)
         else {
             return false;
         };
@@ -633,7 +639,7 @@ impl<P> Scheduler<P> {
         };
         let mut victim = None;
         if class == SloClass::Interactive {
-            victim = newest(self, &|e| e.class == SloClass::Batch);
+            victim = newest(self, &|e| e.urgency.class == SloClass::Batch);
         }
         if victim.is_none() {
             let mut held: HashMap<&Arc<str>, usize> = HashMap::new();
@@ -645,7 +651,8 @@ impl<P> Scheduler<P> {
                 let most = most.clone();
                 if n >= mine + 2 {
                     victim = newest(self, &|e| {
-                        e.tenant == most && (class == SloClass::Interactive || e.class == class)
+                        e.tenant == most
+                            && (class == SloClass::Interactive || e.urgency.class == class)
                     });
                 }
             }
@@ -666,7 +673,7 @@ impl<P> Scheduler<P> {
     /// else the newest of all. Never one before `i`: the caller keeps their places.
     fn victim(&self, i: usize) -> usize {
         let last = self.running.len() - 1;
-        let batch = |j: usize| self.running[j].class == SloClass::Batch;
+        let batch = |j: usize| self.running[j].urgency.class == SloClass::Batch;
         (i + 1..=last)
             .rev()
             .find(|&j| batch(j))
@@ -698,22 +705,23 @@ impl<P> Scheduler<P> {
         let batch_decodes = self
             .running
             .iter()
-            .any(|e| e.class == SloClass::Batch && left(e) == 1);
+            .any(|e| e.urgency.class == SloClass::Batch && left(e) == 1);
         batch_decodes
             && (self
                 .running
                 .iter()
-                .any(|e| e.class == SloClass::Interactive && left(e) > 1)
+                .any(|e| e.urgency.class == SloClass::Interactive && left(e) > 1)
                 || self
                     .waiting
                     .values()
                     .filter_map(VecDeque::front)
-                    .any(|e| e.class == SloClass::Interactive))
+                    .any(|e| e.urgency.class == SloClass::Interactive))
     }
 
     /// A batch sequence still within its patience: admitted after interactive ones.
     fn deferred(&self, e: &Entry<P>) -> bool {
-        e.class == SloClass::Batch && self.steps.saturating_sub(e.queued_at) < BATCH_PATIENCE_STEPS
+        e.urgency.class == SloClass::Batch
+            && self.steps.saturating_sub(e.queued_at) < BATCH_PATIENCE_STEPS
     }
 
     /// The tenant to admit from: interactive before batch (a batch sequence waiting past its
@@ -727,10 +735,10 @@ impl<P> Scheduler<P> {
             .min_by_key(|(t, e)| {
                 (
                     self.deferred(e),
-                    -e.priority,
+                    -e.urgency.priority,
                     self.served.get(*t).copied().unwrap_or(0),
                     running(t),
-                    e.deadline,
+                    e.urgency.deadline,
                     e.arrival,
                 )
             })
@@ -1315,71 +1323,25 @@ mod tests {
 
     #[test]
     fn a_tenants_queue_is_served_by_priority_then_earliest_deadline() {
-        let mut s = with_slots(1);
-        let at = |priority: i32, deadline: u64, class: SloClass| Urgency {
-            priority,
-            class,
-            deadline,
-            itl_target: None,
+        let at = |priority: i32, deadline: u64, class: SloClass| {
+            let u = Urgency {
+                priority,
+                class,
+                deadline,
+                itl_target: None,
+            };
+            (0, u)
         };
-        // Arrival order 1..=5; a batch request's deadline is far off, so interactive requests
-        // arriving after it go before it.
-        s.add(
-            1,
-            Arc::from("t"),
+        // One tenant, arrival order 0..=4; a batch request's deadline is far off, so interactive
+        // requests arriving after it go before it.
+        let order = admission_order(&[
             at(0, 900, SloClass::Batch),
-            vec![1; 4],
-            8,
-            true,
-            (),
-        );
-        s.add(
-            2,
-            Arc::from("t"),
             at(0, 30, SloClass::Interactive),
-            vec![1; 4],
-            8,
-            true,
-            (),
-        );
-        s.add(
-            3,
-            Arc::from("t"),
             at(0, 20, SloClass::Interactive),
-            vec![1; 4],
-            8,
-            true,
-            (),
-        );
-        s.add(
-            4,
-            Arc::from("t"),
             at(1, 50, SloClass::Interactive),
-            vec![1; 4],
-            8,
-            true,
-            (),
-        );
-        s.add(
-            5,
-            Arc::from("t"),
             at(0, 20, SloClass::Interactive),
-            vec![1; 4],
-            8,
-            true,
-            (),
-        );
-        let mut order = vec![];
-        while !s.is_idle() {
-            let plan = s.schedule();
-            for p in plan {
-                if p.start == 0 {
-                    order.push(p.id);
-                }
-                s.remove(p.id);
-            }
-        }
-        assert_eq!(order, vec![4, 3, 5, 2, 1]);
+        ]);
+        assert_eq!(order, vec![3, 2, 4, 1, 0]);
     }
 
     #[test]
