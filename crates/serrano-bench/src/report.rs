@@ -97,38 +97,29 @@ pub fn to_json(r: &RunResult, price: Option<&Price>) -> Value {
     );
     put(&mut o, "max_concurrency", json!(r.max_concurrency));
     put(&mut o, "burstiness", json!(r.burstiness));
-    put(&mut o, "duration", json!(s.duration));
-    put(&mut o, "completed", json!(s.completed));
-    put(&mut o, "failed", json!(s.failed));
-    put(&mut o, "error_rate", json!(s.error_rate));
-    put(&mut o, "retried", json!(s.retried));
-    put(&mut o, "total_input_tokens", json!(s.total_input_tokens));
-    put(&mut o, "total_output_tokens", json!(s.total_output_tokens));
-    put(&mut o, "request_throughput", json!(s.request_throughput));
-    put(&mut o, "request_goodput", json!(s.request_goodput));
-    put(&mut o, "output_throughput", json!(s.output_throughput));
-    put(&mut o, "token_goodput", json!(s.token_goodput));
-    put(
-        &mut o,
-        "total_token_throughput",
-        json!(s.total_token_throughput),
-    );
-    put(&mut o, "slo_met", json!(s.slo_met));
     put(
         &mut o,
         "exact_prompt_lengths",
         json!(r.exact_prompt_lengths),
     );
-    stats_fields(&mut o, "ttft", &s.ttft);
-    stats_fields(&mut o, "tpot", &s.tpot);
-    stats_fields(&mut o, "itl", &s.itl);
-    stats_fields(&mut o, "e2el", &s.e2el);
-    stats_fields(&mut o, "client_lag", &s.client_lag);
+    summary_fields(&mut o, s);
     let by_turn = crate::metrics::mean_ttft_ms_by_turn(&r.records);
     if !by_turn.is_empty() {
         put(&mut o, "mean_ttft_ms_by_turn", json!(by_turn));
     }
     put(&mut o, "cost", json!(price.and_then(|p| p.cost(s))));
+    if !r.tenants.is_empty() {
+        let tenants = r.tenants.iter().map(|t| {
+            let mut o = Map::new();
+            o.insert("name".into(), json!(t.name));
+            o.insert("slo".into(), json!(t.slo));
+            summary_fields(&mut o, &t.summary);
+            o.insert("cost".into(), json!(price.and_then(|p| p.cost(&t.summary))));
+            Value::Object(o)
+        });
+        put(&mut o, "tenants", Value::Array(tenants.collect()));
+    }
+    put(&mut o, "energy", json!(r.energy));
     put(&mut o, "energy", json!(r.energy));
     put(&mut o, "gpu_energy", json!(r.gpu_energy));
     let ok = r.records.iter().filter(|x| x.ok());
@@ -162,6 +153,31 @@ pub fn to_json(r: &RunResult, price: Option<&Price>) -> Value {
             .collect::<Vec<_>>()),
     );
     Value::Object(o)
+}
+
+/// A summary's numbers, under vLLM's names: the whole run's, and each tenant's.
+fn summary_fields(o: &mut Map<String, Value>, s: &Summary) {
+    let mut put = |k: &str, v: Value| {
+        o.insert(k.to_string(), v);
+    };
+    put("duration", json!(s.duration));
+    put("completed", json!(s.completed));
+    put("failed", json!(s.failed));
+    put("error_rate", json!(s.error_rate));
+    put("retried", json!(s.retried));
+    put("total_input_tokens", json!(s.total_input_tokens));
+    put("total_output_tokens", json!(s.total_output_tokens));
+    put("request_throughput", json!(s.request_throughput));
+    put("request_goodput", json!(s.request_goodput));
+    put("output_throughput", json!(s.output_throughput));
+    put("token_goodput", json!(s.token_goodput));
+    put("total_token_throughput", json!(s.total_token_throughput));
+    put("slo_met", json!(s.slo_met));
+    stats_fields(o, "ttft", &s.ttft);
+    stats_fields(o, "tpot", &s.tpot);
+    stats_fields(o, "itl", &s.itl);
+    stats_fields(o, "e2el", &s.e2el);
+    stats_fields(o, "client_lag", &s.client_lag);
 }
 
 fn ms(v: f64) -> String {
@@ -242,6 +258,49 @@ pub fn table(runs: &[(&str, &RunResult)], price: Option<&Price>) -> String {
                 .map(ms)
                 .collect::<Vec<_>>()
                 .join(" / ")
+        });
+    }
+    let mut names: Vec<&str> = Vec::new();
+    for (_, r) in runs {
+        for t in &r.tenants {
+            if !names.contains(&t.name.as_str()) {
+                names.push(&t.name);
+            }
+        }
+    }
+    for name in names {
+        let of = |r: &RunResult| {
+            r.tenants
+                .iter()
+                .find(|t| t.name == name)
+                .map(|t| t.summary.clone())
+        };
+        row(&format!("tenant {name}: completed / failed"), &|r| {
+            of(r).map_or("-".into(), |s| format!("{} / {}", s.completed, s.failed))
+        });
+        row(&format!("tenant {name}: output tokens/s"), &|r| {
+            of(r).map_or("-".into(), |s| format!("{:.1}", s.output_throughput))
+        });
+        for (label, get) in [
+            (
+                "TTFT",
+                (|s: &Summary| s.ttft.clone()) as fn(&Summary) -> Stats,
+            ),
+            ("ITL", |s: &Summary| s.itl.clone()),
+            ("TPOT", |s: &Summary| s.tpot.clone()),
+        ] {
+            row(&format!("tenant {name}: {label} p50 / p99 ms"), &|r| {
+                of(r).map_or("-".into(), |s| {
+                    let st = get(&s);
+                    let p = |q| ms(st.p(q).unwrap_or(f64::NAN));
+                    format!("{} / {}", p(50.0), p(99.0))
+                })
+            });
+        }
+        row(&format!("tenant {name}: SLO met"), &|r| {
+            of(r)
+                .and_then(|s| s.slo_met)
+                .map_or("-".into(), |m| if m { "yes" } else { "no" }.into())
         });
     }
     row("client lag p99 ms", &|r| {

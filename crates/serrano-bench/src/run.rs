@@ -41,6 +41,15 @@ struct TenantKey {
     weight: f64,
 }
 
+/// One tenant's share of a run, measured on its own requests.
+#[derive(Debug, Clone, Serialize)]
+pub struct TenantResult {
+    pub name: String,
+    /// Its own SLO, which `summary` was judged by (else the run's).
+    pub slo: Option<String>,
+    pub summary: Summary,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct RunResult {
     pub url: String,
@@ -53,6 +62,8 @@ pub struct RunResult {
     /// Whether prompt lengths are exact (the server tokenized the prompts).
     pub exact_prompt_lengths: bool,
     pub summary: Summary,
+    /// Per tenant, when the workload has tenants.
+    pub tenants: Vec<TenantResult>,
     pub energy: Option<crate::energy::Energy>,
     pub gpu_energy: Option<crate::energy::Energy>,
     #[serde(skip)]
@@ -150,13 +161,18 @@ pub async fn run(
                         tenant: None,
                     };
                     for k in 0..n {
-                        let (p, o) = (
-                            w.prompt_tokens.sample(&mut rng),
-                            w.output_tokens.sample(&mut rng),
-                        );
                         if k == 0 {
                             job.tenant = pick_tenant(&tenants, &mut rng);
                         }
+                        let own = job.tenant.map(|i| &w.tenants[i]);
+                        let (p, o) = (
+                            own.and_then(|t| t.prompt_tokens.as_ref())
+                                .unwrap_or(&w.prompt_tokens)
+                                .sample(&mut rng),
+                            own.and_then(|t| t.output_tokens.as_ref())
+                                .unwrap_or(&w.output_tokens)
+                                .sample(&mut rng),
+                        );
                         let shared = if k == 0 { shared } else { 0 };
                         let lengths = (p, o, shared);
                         job.turns
@@ -219,7 +235,7 @@ pub async fn run(
         b.finish_and_clear();
     }
     records.sort_by(|a, b| a.intended.total_cmp(&b.intended));
-    let summary = summarize(&records, opts.slo.as_ref());
+    let (summary, tenants) = judge(w, &records, opts.slo.as_ref())?;
     let energy = meter.stop(summary.total_output_tokens);
     let gpu_energy = meter.stop_gpu(summary.total_output_tokens);
     Ok(RunResult {
@@ -241,10 +257,56 @@ pub async fn run(
         },
         exact_prompt_lengths: maker.exact,
         summary,
+        tenants,
         energy,
         gpu_energy,
         records,
     })
+}
+
+/// A run's requests summarized, as a whole and per tenant: the run meets its SLO where it meets
+/// `slo` (if given) and each tenant with an SLO of its own meets that.
+pub fn judge(
+    w: &Workload,
+    records: &[RequestRecord],
+    slo: Option<&Slo>,
+) -> Result<(Summary, Vec<TenantResult>), BenchError> {
+    let mut summary = summarize(records, slo);
+    let tenants = tenant_results(w, records, slo)?;
+    if tenants.iter().any(|t| t.slo.is_some()) {
+        summary.slo_met = Some(
+            summary.slo_met != Some(false)
+                && tenants
+                    .iter()
+                    .filter(|t| t.slo.is_some())
+                    .all(|t| t.summary.slo_met == Some(true)),
+        );
+    }
+    Ok((summary, tenants))
+}
+
+/// Each tenant's requests summarized on their own, judged by its SLO (else `slo`).
+fn tenant_results(
+    w: &Workload,
+    records: &[RequestRecord],
+    slo: Option<&Slo>,
+) -> Result<Vec<TenantResult>, BenchError> {
+    w.tenants
+        .iter()
+        .map(|t| {
+            let own = t.parsed_slo().map_err(BenchError::Workload)?;
+            let mine: Vec<RequestRecord> = records
+                .iter()
+                .filter(|r| r.tenant.as_deref() == Some(t.name.as_str()))
+                .cloned()
+                .collect();
+            Ok(TenantResult {
+                name: t.name.clone(),
+                slo: t.slo.clone(),
+                summary: summarize(&mine, own.as_ref().or(slo)),
+            })
+        })
+        .collect()
 }
 
 fn progress_bar(on: bool, n: u64) -> Option<indicatif::ProgressBar> {

@@ -108,15 +108,18 @@ where
     Ok(Some(good))
 }
 
-/// Runs the workload at increasing loads to find the highest that meets `opts.slo`.
+/// Runs the workload at increasing loads to find the highest that meets `opts.slo` and its
+/// tenants' own SLOs.
 pub async fn sweep(
     target: &Target,
     w: &Workload,
     opts: &RunOptions,
     bisections: u32,
 ) -> Result<Sweep, BenchError> {
-    if opts.slo.is_none() {
-        return Err(BenchError::Workload("a sweep needs an SLO (--slo)".into()));
+    if opts.slo.is_none() && w.tenants.iter().all(|t| t.slo.is_none()) {
+        return Err(BenchError::Workload(
+            "a sweep needs an SLO (--slo, or a tenant's own slo in the workload)".into(),
+        ));
     }
     let integer = !w.arrival.is_open();
     let points = std::cell::RefCell::new(Vec::new());

@@ -184,7 +184,8 @@ impl Arrival {
     }
 }
 
-/// One tenant of a multi-tenant mix: its own key and share of the requests.
+/// One tenant of a multi-tenant mix: its own key and share of the requests, and optionally
+/// its own lengths and SLO.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Tenant {
@@ -193,6 +194,24 @@ pub struct Tenant {
     pub key_env: Option<String>,
     #[serde(default = "one_f")]
     pub weight: f64,
+    /// Its prompts' lengths (default: the workload's).
+    pub prompt_tokens: Option<Length>,
+    /// Its outputs' lengths (default: the workload's).
+    pub output_tokens: Option<Length>,
+    /// Its own SLO, as `--slo` writes one (`ttft_p99=2s,itl_p99=150ms`): a run meets its SLO
+    /// only when every tenant with one meets its own, and the whole run meets `--slo` if given.
+    pub slo: Option<String>,
+}
+
+impl Tenant {
+    /// Its SLO, parsed.
+    pub fn parsed_slo(&self) -> Result<Option<crate::metrics::Slo>, String> {
+        self.slo
+            .as_deref()
+            .map(crate::metrics::Slo::parse)
+            .transpose()
+            .map_err(|e| format!("tenant {}: slo: {e}", self.name))
+    }
 }
 
 fn one_f() -> f64 {
@@ -280,6 +299,15 @@ impl Workload {
             .any(|t| !(t.weight.is_finite() && t.weight > 0.0))
         {
             return Err("tenants: weights above 0".into());
+        }
+        for t in &self.tenants {
+            if let Some(l) = &t.prompt_tokens {
+                l.check(&format!("tenant {}: prompt_tokens", t.name))?;
+            }
+            if let Some(l) = &t.output_tokens {
+                l.check(&format!("tenant {}: output_tokens", t.name))?;
+            }
+            t.parsed_slo()?;
         }
         if !(1..=MAX_TURNS).contains(&self.turns) {
             return Err(format!("turns: 1 to {MAX_TURNS}"));

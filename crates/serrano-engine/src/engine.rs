@@ -19,7 +19,9 @@ use crate::metrics::{self, EngineMetrics};
 use crate::model::{LogitsWanted, Model, ModelConfig, SeqStep};
 use crate::paged::{KvStorage, SharedAllocator, BLOCK_TOKENS};
 use crate::sampling::{logprobs, Sampler, SamplingParams, TokenLogprobs};
-use crate::scheduler::{self, Planned, Scheduler, SchedulerConfig, SeqId, SloClass, Urgency};
+use crate::scheduler::{
+    self, Planned, Scheduler, SchedulerConfig, SeqId, SloClass, StepCaps, Urgency,
+};
 use crate::steptime::StepModel;
 use crate::stop::StopMatcher;
 use crate::tokenizer::{Tokenizer, Utf8Stream};
@@ -83,6 +85,13 @@ fn targets(
         SloClass::Batch => (None, None),
     }
 }
+
+/// How long after an interactive request arrives batch prompts are kept to short steps
+/// ([`StepCaps::batch`]): a request arriving mid-step waits for the step's end, so while
+/// interactive traffic is about a batch step costs no more than an interactive decode would
+/// allow. Long enough to span the gaps of a tenant sending a request every few seconds; the
+/// cost is batch prompt throughput, and only then.
+pub const INTERACTIVE_WATCH: Duration = Duration::from_secs(30);
 
 /// Share of the inter-token target a step is planned to take: the model predicts a mean,
 /// and the target is a tail.
@@ -610,6 +619,7 @@ pub fn start_from_gguf(file: &GgufFile, config: EngineConfig) -> Result<EngineHa
         step_log,
         epoch: Instant::now(),
         calibrate: config.calibrate,
+        interactive_seen: None,
     };
     thread::Builder::new()
         .name("serrano-engine".into())
@@ -706,6 +716,9 @@ struct Worker {
     /// Zero of the scheduler's deadlines (microseconds from here).
     epoch: Instant,
     calibrate: bool,
+    /// The last interactive arrival with an inter-token target, and the tightest target
+    /// among those arriving within [`INTERACTIVE_WATCH`] of each other.
+    interactive_seen: Option<(Instant, Duration)>,
 }
 
 impl Worker {
@@ -762,6 +775,14 @@ impl Worker {
         let mut payload = Payload::new(req, s.submitted, s.events, s._slot, labels);
         payload.siblings = s.siblings;
         let (ttft, itl) = targets(&payload.req, self.itl_target);
+        if let Some(t) = itl {
+            let now = Instant::now();
+            let target = match self.interactive_seen {
+                Some((at, was)) if now.duration_since(at) < INTERACTIVE_WATCH => was.min(t),
+                _ => t,
+            };
+            self.interactive_seen = Some((now, target));
+        }
         let due =
             s.submitted.saturating_duration_since(self.epoch) + ttft.unwrap_or(BATCH_TTFT_HORIZON);
         let urgency = Urgency {
@@ -796,13 +817,24 @@ impl Worker {
         });
     }
 
-    /// The most prompt tokens the next step may take beside its decodes, from the step-time
-    /// model and the tightest inter-token target among them; `None` when nothing caps it
-    /// (no decode is owed a target: only batch ones decode, or targets are off).
-    fn prefill_cap(&self) -> Option<usize> {
+    /// The next step's prompt-token caps, from the step-time model: beside decodes owed an
+    /// inter-token target, the tightest target among them; for batch prompts, the tightest
+    /// target of the interactive requests seen within [`INTERACTIVE_WATCH`]. `None` where
+    /// nothing caps (targets off, or no such decode or request).
+    fn step_caps(&self) -> StepCaps {
         let (decode, start, owed) = self.sched.decode_shape();
-        let target = owed?.as_secs_f64() * STEP_SHARE;
-        self.steps.prefill_budget(decode, start, target)
+        let cap = |target: Duration| {
+            self.steps
+                .prefill_budget(decode, start, target.as_secs_f64() * STEP_SHARE)
+        };
+        let watched = self
+            .interactive_seen
+            .filter(|(at, _)| at.elapsed() < INTERACTIVE_WATCH)
+            .map(|(_, target)| target);
+        StepCaps {
+            prefill: owed.and_then(cap),
+            batch: watched.and_then(cap),
+        }
     }
 
     /// Teaches the step-time model a few timed steps before the first request (requests
@@ -866,8 +898,8 @@ impl Worker {
     fn step(&mut self) {
         let before = self.sched.stats;
         let started = Instant::now();
-        let cap = self.prefill_cap();
-        let plan = self.sched.schedule_within(cap);
+        let caps = self.step_caps();
+        let plan = self.sched.schedule_within(caps);
         self.in_step = plan.iter().map(|p| p.id).collect();
         let after = self.sched.stats;
         self.metrics

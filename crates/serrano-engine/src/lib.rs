@@ -40,4 +40,4 @@ pub use engine::{
 };
 pub use error::{EngineError, Result};
 pub use sampling::{SamplingParams, TokenLogprobs};
-pub use scheduler::{SloClass, Urgency};
+pub use scheduler::{SloClass, StepCaps, Urgency};

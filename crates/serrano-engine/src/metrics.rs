@@ -191,7 +191,7 @@ impl EngineMetrics {
         );
         r.register(
             "serrano:batch_decode_sit_outs",
-            "Steps in which batch sequences did not decode so an interactive prompt could be prefilled (never two in a row)",
+            "Steps in which batch sequences did not decode so an interactive prompt could be prefilled (at most three in a row)",
             m.batch_decode_sit_outs.clone(),
         );
         r.register(

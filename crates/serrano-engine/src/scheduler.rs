@@ -70,6 +70,10 @@ pub struct Urgency {
 /// 30 s to a few minutes).
 pub const BATCH_PATIENCE_STEPS: u64 = 1000;
 
+/// Most steps running in which batch decodes sit out for an interactive prompt; then they
+/// decode one step.
+pub const BATCH_SIT_OUT_RUN: u32 = 3;
+
 /// Fewest prompt tokens a step under a prefill cap still takes (one KV block): however busy
 /// the decodes, a prompt's prefill advances.
 pub const MIN_PREFILL_CHUNK: usize = BLOCK_TOKENS;
@@ -122,6 +126,19 @@ pub fn step_shape(plan: &[Planned]) -> StepShape {
     shape
 }
 
+/// Caps on one step's prompt tokens, from the step-time model (the engine sizes them; the
+/// scheduler only counts tokens).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct StepCaps {
+    /// At most this many prompt tokens beside the step's decodes, so the decoding sequences'
+    /// next token is not late. Without decodes nothing waits on the step and it does not apply.
+    pub prefill: Option<usize>,
+    /// Batch prompt tokens only while the step holds fewer prompt tokens than this, decodes or
+    /// not: while interactive requests may arrive, a step spent on batch prompts stays about as
+    /// short as an interactive decode's, since a request arriving mid-step waits for its end.
+    pub batch: Option<usize>,
+}
+
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SchedulerStats {
     pub preemptions: u64,
@@ -144,8 +161,8 @@ pub struct Scheduler<P> {
     next_arrival: u64,
     /// Steps planned so far: the scheduler's clock.
     steps: u64,
-    /// Batch decodes sat out the last step (so they run in this one).
-    batch_sat_out: bool,
+    /// Steps running in which batch decodes sat out (at most [`BATCH_SIT_OUT_RUN`]).
+    batch_sat_out: u32,
     pub stats: SchedulerStats,
 }
 
@@ -160,7 +177,7 @@ impl<P> Scheduler<P> {
             served: HashMap::new(),
             next_arrival: 0,
             steps: 0,
-            batch_sat_out: false,
+            batch_sat_out: 0,
             stats: SchedulerStats::default(),
         }
     }
@@ -306,16 +323,15 @@ impl<P> Scheduler<P> {
 
     /// Plans the next step. Chunk tokens are marked computed at once (the step writes them).
     pub fn schedule(&mut self) -> Vec<Planned> {
-        self.schedule_within(None)
+        self.schedule_within(StepCaps::default())
     }
 
-    /// [`schedule`](Self::schedule), with at most `prefill_cap` prompt tokens beside the step's
-    /// decodes (so the decoding sequences' next token is not late), but never fewer than
-    /// [`MIN_PREFILL_CHUNK`]: prompts always advance. Without decodes nothing waits on the
-    /// step and the cap does not apply.
-    pub fn schedule_within(&mut self, prefill_cap: Option<usize>) -> Vec<Planned> {
+    /// [`schedule`](Self::schedule), within `caps` (see [`StepCaps`]); never fewer than
+    /// [`MIN_PREFILL_CHUNK`] prompt tokens under either cap: prompts always advance.
+    pub fn schedule_within(&mut self, caps: StepCaps) -> Vec<Planned> {
+        let prefill_cap = caps.prefill;
         let sit_out = self.batch_sits_out();
-        self.batch_sat_out = sit_out;
+        self.batch_sat_out = if sit_out { self.batch_sat_out + 1 } else { 0 };
         self.stats.batch_sit_outs += u64::from(sit_out);
         self.steps += 1;
         // Forget tenants with nothing waiting or running, so client-chosen tenant names cannot
@@ -380,9 +396,24 @@ impl<P> Scheduler<P> {
         } / 4;
         self.prefill_running(SloClass::Interactive, &mut plan, &mut budget, quarter);
         self.admit(true, &mut plan, &mut budget);
+        // 3. Batch prompts, within the batch cap counting the prompt tokens already planned.
+        let mut batch_capped = false;
+        if let Some(cap) = caps.batch {
+            let prompt = plan
+                .iter()
+                .filter(|p| p.len > 1)
+                .map(|p| p.len)
+                .sum::<usize>();
+            let batch = cap.saturating_sub(prompt).max(MIN_PREFILL_CHUNK);
+            if batch < budget {
+                budget = batch;
+                batch_capped = true;
+            }
+        }
+        let quarter = if batch_capped { budget / 4 } else { quarter };
         self.prefill_running(SloClass::Batch, &mut plan, &mut budget, quarter);
         self.admit(false, &mut plan, &mut budget);
-        if capped && budget == 0 {
+        if (capped || batch_capped) && budget == 0 {
             self.stats.capped_steps += 1;
         }
         for p in &plan {
@@ -695,10 +726,11 @@ impl<P> Scheduler<P> {
 
     /// Whether batch decodes sit out the next step: when an interactive prompt waits to be
     /// prefilled (running, or waiting to be admitted), the step's time goes to it rather than
-    /// to a token of each batch sequence; never two steps running, so batch sequences keep at
-    /// least half their decode pace whatever the interactive load.
+    /// to a token of each batch sequence; at most [`BATCH_SIT_OUT_RUN`] steps running (a short
+    /// prompt's prefill, in the capped pieces a busy server gives it), so batch sequences keep
+    /// at least a quarter of their decode pace whatever the interactive load.
     fn batch_sits_out(&self) -> bool {
-        if self.batch_sat_out {
+        if self.batch_sat_out >= BATCH_SIT_OUT_RUN {
             return false;
         }
         let left = |e: &Entry<P>| e.tokens.len() - e.computed;
@@ -761,14 +793,15 @@ mod tests {
     }
 
     /// Drives the scheduler like the engine does, with a fake model: every sampled token is
-    /// `7`, and a sequence finishes after `gen` tokens. With `cap`, every step's prompt tokens
-    /// are capped as the engine caps them for decodes' latency.
+    /// `7`, and a sequence finishes after `gen` tokens. Every step is planned within `caps`,
+    /// as the engine caps steps for decodes' latency and while interactive requests are about.
     fn run(
         cfg: SchedulerConfig,
         pool_blocks: usize,
         reqs: Vec<(usize, usize, u8, usize)>,
-        cap: Option<usize>,
+        caps: StepCaps,
     ) -> Result<(), TestCaseError> {
+        let cap = caps.prefill;
         let alloc = SharedAllocator::new(pool_blocks);
         let mut s: Scheduler<usize> = Scheduler::new(cfg, alloc.clone());
         let total: usize = reqs.iter().map(|r| 1 + r.3).sum();
@@ -816,7 +849,7 @@ mod tests {
                 .filter(|e| e.tokens.len() - e.computed == 1)
                 .map(|e| e.id)
                 .collect();
-            let plan = s.schedule_within(cap);
+            let plan = s.schedule_within(caps);
             let tokens = plan.iter().map(|p| p.len).sum::<usize>();
             prop_assert!(tokens <= cfg.max_batch_tokens);
             // The decodes the step holds (some predicted may have been preempted for blocks,
@@ -830,6 +863,16 @@ mod tests {
                 // Beside decodes, no more prompt tokens than the cap (or the floor); a decode
                 // preempted after the cap was set gives its one token back to the step.
                 prop_assert!(tokens <= decode.decode_seqs + c.max(MIN_PREFILL_CHUNK));
+            }
+            if let Some(c) = caps.batch {
+                // Batch prompt tokens only up to the cap, counting the step's other prompt
+                // tokens (or the floor).
+                let mut prompt = [0, 0];
+                for p in plan.iter().filter(|p| p.len > 1) {
+                    let class = s.get_mut(p.id).unwrap().urgency.class;
+                    prompt[usize::from(class == SloClass::Batch)] += p.len;
+                }
+                prop_assert!(prompt[1] <= c.saturating_sub(prompt[0]).max(MIN_PREFILL_CHUNK));
             }
             prop_assert!(plan.len() <= cfg.max_num_seqs);
             prop_assert!(s.num_running() <= cfg.max_num_seqs);
@@ -882,12 +925,14 @@ mod tests {
             max_batch_tokens in 1usize..64,
             reqs in proptest::collection::vec((1usize..70, 1usize..40, 0u8..3, 0usize..3), 1..14),
             cap in proptest::option::of(0usize..40),
+            batch_cap in proptest::option::of(0usize..40),
         ) {
             // Pool big enough for the largest single request (as submission guarantees), small
             // enough that concurrent ones must preempt. Under a cap, liveness holds too: the
             // floor keeps prompts moving however many sequences decode.
             let need = reqs.iter().map(|(p, g, ..)| (p + g).div_ceil(BLOCK_TOKENS)).max().unwrap();
-            run(SchedulerConfig { max_num_seqs, max_batch_tokens }, need + 1, reqs, cap)?;
+            let caps = StepCaps { prefill: cap, batch: batch_cap };
+            run(SchedulerConfig { max_num_seqs, max_batch_tokens }, need + 1, reqs, caps)?;
         }
     }
 
@@ -1394,7 +1439,52 @@ mod tests {
     }
 
     #[test]
-    fn batch_decodes_sit_out_one_step_for_an_interactive_prompt_never_two() {
+    fn the_batch_cap_keeps_batch_prompt_steps_short_and_lets_them_advance() {
+        let mut s = with_slots(4);
+        for id in 1..=4 {
+            s.add(
+                id,
+                Arc::from("b"),
+                urgent(SloClass::Batch),
+                vec![1; 400],
+                480,
+                true,
+                (),
+            );
+        }
+        let caps = StepCaps {
+            prefill: None,
+            batch: Some(24),
+        };
+        // No decodes, no interactive prompt: batch prompts fill the cap, not the budget (64).
+        let p = s.schedule_within(caps);
+        assert_eq!(p.iter().map(|p| p.len).sum::<usize>(), 24, "{p:?}");
+        // An interactive prompt is not capped by it, and it counts against the cap; batch
+        // prompts still advance by the floor.
+        s.add(
+            20,
+            Arc::from("i"),
+            urgent(SloClass::Interactive),
+            vec![1; 40],
+            48,
+            true,
+            (),
+        );
+        let p = s.schedule_within(caps);
+        let mine = p.iter().find(|p| p.id == 20).map(|p| p.len);
+        assert_eq!(mine, Some(40), "{p:?}");
+        assert_eq!(
+            p.iter().map(|p| p.len).sum::<usize>(),
+            40 + MIN_PREFILL_CHUNK,
+            "{p:?}"
+        );
+        // Without the cap the step takes its whole budget.
+        let p = s.schedule();
+        assert_eq!(p.iter().map(|p| p.len).sum::<usize>(), 64, "{p:?}");
+    }
+
+    #[test]
+    fn batch_decodes_sit_out_for_an_interactive_prompt_at_most_three_steps_running() {
         let mut s = with_slots(4);
         for id in [1, 2] {
             s.add(
@@ -1411,20 +1501,20 @@ mod tests {
         for id in [1, 2] {
             s.push_token(id, 7);
         }
-        // A 200-token interactive prompt takes four 64-token steps.
+        // A 300-token interactive prompt takes five 64-token steps.
         s.add(
             3,
             Arc::from("i"),
             urgent(SloClass::Interactive),
-            vec![1; 200],
-            256,
+            vec![1; 300],
+            356,
             true,
             (),
         );
         let (shape, ..) = s.decode_shape();
         assert_eq!(shape.decode_seqs, 0, "the batch decodes sit this step out");
         let mut batch_decoded = vec![];
-        for _ in 0..4 {
+        for _ in 0..6 {
             let p = s.schedule();
             let decoded: Vec<u64> = p.iter().filter(|p| p.len == 1).map(|p| p.id).collect();
             for &id in &decoded {
@@ -1432,9 +1522,10 @@ mod tests {
             }
             batch_decoded.push(decoded.len());
         }
-        // Out, in, out, in: half their pace while the prompt is prefilled, never stopped.
-        assert_eq!(batch_decoded, vec![0, 2, 0, 2]);
-        assert_eq!(s.stats.batch_sit_outs, 2);
+        // Out three steps, in one, out again until the prompt is in: a quarter of their pace
+        // while it is prefilled, never stopped; then every step.
+        assert_eq!(batch_decoded, vec![0, 0, 0, 2, 0, 2]);
+        assert_eq!(s.stats.batch_sit_outs, 4);
     }
 
     #[test]

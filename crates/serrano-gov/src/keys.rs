@@ -51,6 +51,8 @@ pub struct Principal {
     pub role: Role,
     /// Model names this key may use; `None` allows all.
     pub models: Option<Vec<String>>,
+    /// The key may ask for the interactive latency class though its tenant's is batch.
+    pub grant_interactive: bool,
     pub retention: Retention,
     /// The tenant's safety filters, if it has a policy.
     pub filter: Option<std::sync::Arc<serrano_safety::Filter>>,

@@ -88,6 +88,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "tool call limits",
         include_str!("../migrations-pg/0002_tool_call_limits.sql"),
     ),
+    (
+        3,
+        "key interactive grant",
+        include_str!("../migrations-pg/0003_key_interactive_grant.sql"),
+    ),
 ];
 
 fn migrator() -> Migrator {

@@ -151,8 +151,8 @@ impl<S: SqlStore> Store for S {
     async fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<StoredKey>, GovError> {
         let rows = self
             .fetch_all(
-                "SELECT k.id AS key_id, k.hash, k.prefix, k.role, k.models, k.expires_ms,
-                        k.revoked_ms, t.id, t.name, t.retention, t.created_ms, t.policy
+                "SELECT k.id AS key_id, k.hash, k.prefix, k.role, k.models, k.grant_interactive,
+                        k.expires_ms, k.revoked_ms, t.id, t.name, t.retention, t.created_ms, t.policy
                  FROM api_keys k JOIN tenants t ON t.id = k.tenant_id WHERE k.prefix = ?1",
                 &[Arg::Text(prefix)],
             )
@@ -188,12 +188,13 @@ impl<S: SqlStore> Store for S {
             Arg::OptText(models.as_deref()),
             Arg::Int(k.created_ms),
             Arg::OptInt(k.expires_ms),
+            Arg::Int(i64::from(k.grant_interactive)),
         ];
         let rows = self
             .fetch_all(
                 "INSERT INTO api_keys (tenant_id, name, prefix, hash, role, models, created_ms,
-                                       expires_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) RETURNING id",
+                                       expires_ms, grant_interactive)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) RETURNING id",
                 &args,
             )
             .await?;
@@ -203,8 +204,8 @@ impl<S: SqlStore> Store for S {
     async fn keys(&self, tenant: Option<&str>) -> Result<Vec<KeyInfo>, GovError> {
         let rows = self
             .fetch_all(
-                "SELECT k.id, t.name AS tenant, k.name, k.prefix, k.role, k.models, k.created_ms,
-                        k.expires_ms, k.revoked_ms
+                "SELECT k.id, t.name AS tenant, k.name, k.prefix, k.role, k.models,
+                        k.grant_interactive, k.created_ms, k.expires_ms, k.revoked_ms
                  FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
                  WHERE CAST(?1 AS TEXT) IS NULL OR t.name = ?1 ORDER BY k.id",
                 &[Arg::OptText(tenant)],
@@ -578,6 +579,7 @@ fn stored_key_row(r: &impl Cols) -> Result<StoredKey, sqlx::Error> {
         prefix: r.text("prefix")?,
         role: role(r)?,
         models: parse_models(r.opt_text("models")?),
+        grant_interactive: r.int("grant_interactive")? != 0,
         expires_ms: r.opt_int("expires_ms")?,
         revoked_ms: r.opt_int("revoked_ms")?,
         tenant: tenant_row(r)?,
@@ -592,6 +594,7 @@ fn key_info_row(r: &impl Cols) -> Result<KeyInfo, sqlx::Error> {
         prefix: r.text("prefix")?,
         role: role(r)?,
         models: parse_models(r.opt_text("models")?),
+        grant_interactive: r.int("grant_interactive")? != 0,
         created_ms: r.int("created_ms")?,
         expires_ms: r.opt_int("expires_ms")?,
         revoked_ms: r.opt_int("revoked_ms")?,

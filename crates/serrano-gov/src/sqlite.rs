@@ -80,6 +80,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "tool call limits",
         include_str!("../migrations/0008_tool_call_limits.sql"),
     ),
+    (
+        9,
+        "key interactive grant",
+        include_str!("../migrations/0009_key_interactive_grant.sql"),
+    ),
 ];
 
 fn migrator() -> Migrator {

@@ -95,6 +95,7 @@ pub struct StoredKey {
     pub prefix: String,
     pub role: Role,
     pub models: Option<Vec<String>>,
+    pub grant_interactive: bool,
     pub expires_ms: Option<i64>,
     pub revoked_ms: Option<i64>,
     pub tenant: TenantInfo,
@@ -109,6 +110,7 @@ pub struct KeyRow {
     pub hash: Vec<u8>,
     pub role: Role,
     pub models: Option<Vec<String>>,
+    pub grant_interactive: bool,
     pub created_ms: i64,
     pub expires_ms: Option<i64>,
 }
@@ -348,6 +350,7 @@ pub(crate) mod conformance {
             hash: vec![7; 32],
             role: Role::Admin,
             models: Some(vec!["m".into()]),
+            grant_interactive: true,
             created_ms: now,
             expires_ms: None,
         };
@@ -358,6 +361,7 @@ pub(crate) mod conformance {
         let found = s.keys_with_prefix("sk-srn-ab").await.unwrap();
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].hash, vec![7; 32]);
+        assert!(found[0].grant_interactive);
         assert_eq!(found[0].tenant.policy.as_deref(), Some("{}"));
         assert_eq!(found[0].models, Some(vec!["m".to_string()]));
         assert_eq!(s.key_tenant(id).await.unwrap(), Some(t.id));

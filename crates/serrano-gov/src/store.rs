@@ -39,7 +39,21 @@ pub struct NewKey {
     pub name: String,
     pub role: Option<Role>,
     pub models: Option<Vec<String>>,
+    /// May ask for the interactive latency class though its tenant's class is batch.
+    pub grant_interactive: bool,
     pub expires_ms: Option<i64>,
+}
+
+impl NewKey {
+    /// The admin key made at start-up.
+    fn bootstrap() -> NewKey {
+        NewKey {
+            tenant: ADMIN_TENANT.into(),
+            name: "bootstrap".into(),
+            role: Some(Role::Admin),
+            ..NewKey::default()
+        }
+    }
 }
 
 /// The governance store; cheap to clone.
@@ -117,8 +131,7 @@ impl Governance {
                 )));
             }
             if !self.store().key_hash_exists(&keys::hash(key)).await? {
-                self.insert_key(ADMIN_TENANT, "bootstrap", key, Role::Admin, None, None)
-                    .await?;
+                self.insert_key(&NewKey::bootstrap(), key).await?;
             }
             return Ok(None);
         }
@@ -126,8 +139,7 @@ impl Governance {
             return Ok(None);
         }
         let key = keys::generate();
-        self.insert_key(ADMIN_TENANT, "bootstrap", &key, Role::Admin, None, None)
-            .await?;
+        self.insert_key(&NewKey::bootstrap(), &key).await?;
         Ok(Some(key))
     }
 
@@ -144,6 +156,7 @@ impl Governance {
             key_prefix: ANONYMOUS_TENANT.into(),
             role: Role::Inference,
             models: None,
+            grant_interactive: false,
             retention: t.retention,
             filter: self.filter(t.policy.clone()),
         })
@@ -165,6 +178,7 @@ impl Governance {
             key_prefix: format!("jwt:{}", id.subject),
             role: Role::Inference,
             models: None,
+            grant_interactive: false,
             retention: t.retention,
             filter: self.filter(t.policy.clone()),
         })
@@ -245,6 +259,7 @@ impl Governance {
             key_prefix: k.prefix,
             role: k.role,
             models: k.models,
+            grant_interactive: k.grant_interactive,
             retention: k.tenant.retention,
             filter: self.filter(k.tenant.policy),
         };
@@ -354,16 +369,7 @@ impl Governance {
             ));
         }
         let secret = keys::generate();
-        let id = self
-            .insert_key(
-                &k.tenant,
-                &k.name,
-                &secret,
-                k.role.unwrap_or(Role::Inference),
-                k.models,
-                k.expires_ms,
-            )
-            .await?;
+        let id = self.insert_key(&k, &secret).await?;
         let info = self
             .keys(Some(&k.tenant))
             .await?
@@ -373,28 +379,21 @@ impl Governance {
         Ok((info, secret))
     }
 
-    async fn insert_key(
-        &self,
-        tenant: &str,
-        name: &str,
-        secret: &str,
-        role: Role,
-        models: Option<Vec<String>>,
-        expires_ms: Option<i64>,
-    ) -> Result<i64, GovError> {
-        let t = self.tenant(tenant).await?;
+    async fn insert_key(&self, k: &NewKey, secret: &str) -> Result<i64, GovError> {
+        let t = self.tenant(&k.tenant).await?;
         let prefix =
             keys::shown(secret).ok_or_else(|| GovError::Invalid("key too short".into()))?;
         self.store()
             .insert_key(&KeyRow {
                 tenant_id: t.id,
-                name: name.to_string(),
+                name: k.name.clone(),
                 prefix,
                 hash: keys::hash(secret),
-                role,
-                models,
+                role: k.role.unwrap_or(Role::Inference),
+                models: k.models.clone(),
+                grant_interactive: k.grant_interactive,
                 created_ms: now_ms(),
-                expires_ms,
+                expires_ms: k.expires_ms,
             })
             .await
     }

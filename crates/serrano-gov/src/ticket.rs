@@ -521,6 +521,7 @@ mod tests {
             key_prefix: format!("jwt:{huge}"),
             role: Role::Inference,
             models: None,
+            grant_interactive: false,
             retention: Retention::None,
             filter: None,
         });

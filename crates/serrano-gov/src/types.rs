@@ -85,6 +85,8 @@ pub struct KeyInfo {
     pub prefix: String,
     pub role: Role,
     pub models: Option<Vec<String>>,
+    /// May ask for the interactive latency class though its tenant's is batch.
+    pub grant_interactive: bool,
     pub created_ms: i64,
     pub expires_ms: Option<i64>,
     pub revoked_ms: Option<i64>,

@@ -61,6 +61,9 @@ pub struct KeyRequest {
     name: String,
     role: Option<Role>,
     models: Option<Vec<String>>,
+    /// May ask for the interactive latency class though its tenant's is batch.
+    #[serde(default)]
+    grant_interactive: bool,
     /// Seconds from now until the key stops working.
     expires_in: Option<u64>,
 }
@@ -80,6 +83,7 @@ pub async fn create_key(
             name: k.name,
             role: k.role,
             models: k.models,
+            grant_interactive: k.grant_interactive,
             expires_ms,
         })
         .await?;

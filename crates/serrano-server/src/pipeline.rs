@@ -275,7 +275,8 @@ fn priority(headers: &HeaderMap, p: &Principal) -> Result<i32, ApiError> {
 
 /// The request's latency class: the tenant's (routing config, default interactive), or the
 /// `x-serrano-slo-class` header's. Any key may ask for `batch` (deferring itself harms no
-/// one); only an admin key may ask for `interactive` for a batch tenant.
+/// one); only an admin key or a key granted it (`grant_interactive`) may ask for `interactive`
+/// for a batch tenant.
 fn slo_class(
     headers: &HeaderMap,
     p: &Principal,
@@ -292,11 +293,13 @@ fn slo_class(
     };
     match v.to_str().unwrap_or("") {
         "batch" => Ok(SloClass::Batch),
-        "interactive" if tenant == SloClass::Interactive || p.role == Role::Admin => {
+        "interactive"
+            if tenant == SloClass::Interactive || p.role == Role::Admin || p.grant_interactive =>
+        {
             Ok(SloClass::Interactive)
         }
         "interactive" => Err(GovError::Forbidden(format!(
-            "{SLO_CLASS_HEADER}: interactive may only be asked for a batch tenant with an admin key"
+            "{SLO_CLASS_HEADER}: interactive may only be asked for a batch tenant by an admin key or a key granted it (grant_interactive)"
         ))
         .into()),
         _ => Err(ApiError::invalid(format!(

@@ -91,9 +91,10 @@ pub struct BenchArgs {
     price_per_1m_input: Option<f64>,
     #[arg(long)]
     price_per_1m_output: Option<f64>,
-    /// Find the highest rate (or concurrency) that meets --slo: double from --rate (or
-    /// --concurrency) until it fails, then bisect; every point is reported.
-    #[arg(long, requires = "slo")]
+    /// Find the highest rate (or concurrency) that meets --slo and the workload tenants' own
+    /// SLOs: double from --rate (or --concurrency) until it fails, then bisect; every point is
+    /// reported.
+    #[arg(long)]
     sweep: bool,
     /// Bisection steps after the doubling.
     #[arg(long, default_value_t = 3)]
@@ -175,8 +176,10 @@ fn workload(a: &BenchArgs) -> Result<Workload> {
 }
 
 /// Several rounds of one endpoint as one run: each round's timeline is shifted past the last.
-fn merge(mut rounds: Vec<RunResult>, slo: Option<&Slo>) -> Option<RunResult> {
-    let mut first = rounds.drain(..1).next()?;
+fn merge(w: &Workload, mut rounds: Vec<RunResult>, slo: Option<&Slo>) -> Result<Option<RunResult>> {
+    let Some(mut first) = (!rounds.is_empty()).then(|| rounds.remove(0)) else {
+        return Ok(None);
+    };
     for r in rounds {
         let offset = first.records.iter().map(|x| x.end).fold(0.0, f64::max);
         first.records.extend(r.records.into_iter().map(|mut x| {
@@ -187,8 +190,8 @@ fn merge(mut rounds: Vec<RunResult>, slo: Option<&Slo>) -> Option<RunResult> {
             x
         }));
     }
-    first.summary = serrano_bench::metrics::summarize(&first.records, slo);
-    Some(first)
+    (first.summary, first.tenants) = serrano_bench::run::judge(w, &first.records, slo)?;
+    Ok(Some(first))
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -272,10 +275,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
         anyhow::Ok(())
     })?;
-    let results: Vec<RunResult> = per_target
-        .into_iter()
-        .filter_map(|r| merge(r, a.slo.as_ref()))
-        .collect();
+    let mut results: Vec<RunResult> = Vec::new();
+    for r in per_target {
+        results.extend(merge(&w, r, a.slo.as_ref())?);
+    }
     let names: Vec<String> = (0..results.len())
         .map(|i| {
             if i == 0 {
@@ -352,6 +355,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
 }
 
 /// One endpoint's sweep as a terminal table.
+fn met(slo_met: Option<bool>) -> &'static str {
+    if slo_met == Some(true) {
+        "met"
+    } else {
+        "missed"
+    }
+}
+
 fn sweep_table(url: &str, s: &Sweep) -> String {
     let mut out = format!("sweep of {url} by {}:\n", s.load_kind);
     out.push_str("      load    req/s  out tok/s  TTFT p50  TTFT p99  TPOT p99  goodput  SLO\n");
@@ -365,12 +376,24 @@ fn sweep_table(url: &str, s: &Sweep) -> String {
             m.ttft.p(99.0).unwrap_or(f64::NAN),
             m.tpot.p(99.0).unwrap_or(f64::NAN),
             m.request_goodput.unwrap_or(0.0),
-            if m.slo_met == Some(true) {
-                "met"
-            } else {
-                "missed"
-            }
+            met(m.slo_met)
         ));
+        for t in &r.tenants {
+            let m = &t.summary;
+            out.push_str(&format!(
+                "           tenant {}: {} requests, TTFT p99 {:.0}, ITL p99 {:.1}, TPOT p99 {:.1} ms, {}\n",
+                t.name,
+                m.completed + m.failed,
+                m.ttft.p(99.0).unwrap_or(f64::NAN),
+                m.itl.p(99.0).unwrap_or(f64::NAN),
+                m.tpot.p(99.0).unwrap_or(f64::NAN),
+                match (&t.slo, m.slo_met) {
+                    (Some(slo), met_) => format!("own SLO {slo} {}", met(met_)),
+                    (None, None) => "no SLO".into(),
+                    (None, met_) => met(met_).to_string(),
+                }
+            ));
+        }
     }
     out.push_str(&match s.best {
         Some(b) => format!("highest {} meeting the SLO: {b:.2}\n\n", s.load_kind),

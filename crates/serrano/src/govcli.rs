@@ -120,6 +120,10 @@ pub enum KeyCommand {
         /// A model the key may use (repeatable); default: all.
         #[arg(long = "model")]
         models: Vec<String>,
+        /// Let the key ask for the interactive latency class (header `x-serrano-slo-class:
+        /// interactive`) though its tenant's class is batch.
+        #[arg(long)]
+        grant_interactive: bool,
         /// Days until the key stops working; default: never.
         #[arg(long)]
         expires_in_days: Option<f64>,
@@ -284,6 +288,7 @@ pub fn admin(db: &DbArgs, cmd: AdminCommand) -> Result<()> {
             name,
             role,
             models,
+            grant_interactive,
             expires_in_days,
         }) => {
             let expires_ms =
@@ -294,6 +299,7 @@ pub fn admin(db: &DbArgs, cmd: AdminCommand) -> Result<()> {
                     name,
                     role: Some(role),
                     models: (!models.is_empty()).then_some(models),
+                    grant_interactive,
                     expires_ms,
                 })
                 .await?;

@@ -359,3 +359,59 @@ fn a_trace_is_replayed_with_its_lengths() {
         "3 requests over 0.3 s"
     );
 }
+
+/// Tenants of a workload with their own lengths and SLOs are measured on their own; the run
+/// meets its SLO only when each tenant with one meets its own.
+#[test]
+fn tenants_have_their_own_lengths_slos_and_numbers() {
+    let s = Server::tiny(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let fixed = |n: u32| format!("{{ dist = \"fixed\", value = {n} }}");
+    let workload = |evals_slo: &str| {
+        let path = dir.path().join(format!("w{}.toml", evals_slo.len()));
+        std::fs::write(
+            &path,
+            format!(
+                "endpoint = \"completions\"\nrequests = 16\nprompt_tokens = {}\n\
+                 output_tokens = {}\narrival = {{ kind = \"closed\", concurrency = 4 }}\n\
+                 [[tenants]]\nname = \"web\"\nprompt_tokens = {}\noutput_tokens = {}\n\
+                 slo = \"ttft_p99=60s\"\n\
+                 [[tenants]]\nname = \"evals\"\nprompt_tokens = {}\noutput_tokens = {}\n\
+                 {evals_slo}",
+                fixed(10),
+                fixed(2),
+                fixed(20),
+                fixed(3),
+                fixed(40),
+                fixed(5)
+            ),
+        )
+        .unwrap();
+        bench(&[
+            "--url",
+            &format!("{}/v1", s.base),
+            "--workload",
+            path.to_str().unwrap(),
+        ])
+    };
+    let v = workload("slo = \"ttft_p99=1us\"\n");
+    let tenants = v["tenants"].as_array().unwrap();
+    assert_eq!(tenants.len(), 2, "{v}");
+    let (web, evals) = (&tenants[0], &tenants[1]);
+    assert_eq!(web["name"], "web");
+    let n = |t: &Value| t["completed"].as_u64().unwrap();
+    assert_eq!(n(web) + n(evals), 16, "{v}");
+    assert!(n(web) > 0 && n(evals) > 0, "{v}");
+    assert_eq!(web["total_input_tokens"].as_u64(), Some(20 * n(web)));
+    assert_eq!(web["total_output_tokens"].as_u64(), Some(3 * n(web)));
+    assert_eq!(evals["total_input_tokens"].as_u64(), Some(40 * n(evals)));
+    assert_eq!(
+        (&web["slo_met"], &evals["slo_met"]),
+        (&Value::Bool(true), &Value::Bool(false))
+    );
+    assert_eq!(v["slo_met"], false, "one tenant missed its own SLO: {v}");
+    // A tenant without an SLO of its own is not judged.
+    let v = workload("");
+    assert_eq!(v["tenants"][1]["slo_met"], Value::Null, "{v}");
+    assert_eq!(v["slo_met"], true, "{v}");
+}

@@ -133,7 +133,7 @@ fn a_tenants_slo_sets_its_latency_targets() {
 }
 
 /// A tenant's class comes from the routing config; a request may defer itself to `batch`, and
-/// only an admin key may ask `interactive` for a batch tenant. The engine counts interactive
+/// only an admin key or a key granted it may ask `interactive` for a batch tenant. The engine counts interactive
 /// tokens that miss their targets.
 #[test]
 fn latency_classes_come_from_the_tenant_and_the_header() {
@@ -146,6 +146,9 @@ fn latency_classes_come_from_the_tenant_and_the_header() {
     s.tenant("web");
     let key = |t: &str| s.key(t, json!({}))["key"].as_str().unwrap().to_string();
     let (acme, web) = (key("acme"), key("web"));
+    let granted = s.key("acme", json!({"grant_interactive": true}));
+    assert_eq!(granted["grant_interactive"], true, "{granted}");
+    let granted = granted["key"].as_str().unwrap().to_string();
     let ask = |key: &str, class: Option<&str>| {
         let mut r =
             ureq::post(&s.url("/v1/completions")).set("Authorization", &format!("Bearer {key}"));
@@ -161,6 +164,7 @@ fn latency_classes_come_from_the_tenant_and_the_header() {
     assert_eq!(ask(&acme, None), 200);
     assert_eq!(ask(&acme, Some("batch")), 200);
     assert_eq!(ask(&acme, Some("interactive")), 403);
+    assert_eq!(ask(&granted, Some("interactive")), 200);
     assert_eq!(ask(&web, Some("batch")), 200);
     assert_eq!(ask(&web, Some("interactive")), 200);
     assert_eq!(ask(&web, Some("urgent")), 400);
@@ -177,4 +181,163 @@ fn latency_classes_come_from_the_tenant_and_the_header() {
         "{text}"
     );
     assert!(!text.contains("class=\"batch\""), "{text}");
+}
+
+/// The step log lines of `log` (JSON).
+fn step_lines(log: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .collect()
+}
+
+/// Seconds since the Unix epoch, the step log's clock.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// Once an interactive request has arrived, batch prompts advance in steps no longer than an
+/// interactive decode is allowed (a request arriving mid-step waits for its end): with a target
+/// no step can meet, the floor, 16 prompt tokens. Before one arrives, batch prompts take whole
+/// `--max-batch-tokens` chunks. The scheduler's arithmetic, from the step log.
+#[test]
+fn batch_prompts_take_short_steps_once_an_interactive_request_arrives() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("steps.jsonl");
+    let log_arg = log.to_string_lossy().to_string();
+    let s = Server::random_with_config(
+        common::slow_model(),
+        &format!("{LOCAL}\n[tenant.evals]\nclass = \"batch\"\n"),
+        &[
+            "--step-log",
+            &log_arg,
+            "--no-prefix-caching",
+            "--itl-target-ms",
+            "0.0001",
+        ],
+    );
+    s.tenant("evals");
+    s.tenant("web");
+    let key = |t: &str| s.key(t, json!({}))["key"].as_str().unwrap().to_string();
+    let (evals, web) = (key("evals"), key("web"));
+    let post = |key: &str, body: Value| {
+        let r = ureq::post(&s.url("/v1/completions"))
+            .set("Authorization", &format!("Bearer {key}"))
+            .send_json(body);
+        assert_eq!(r.map(|r| r.status()).unwrap_or(0), 200);
+    };
+    let prompt = |n: u32, salt: u32| (0..n).map(|i| 5 + (i * 7 + salt) % 40).collect::<Vec<_>>();
+    std::thread::scope(|scope| {
+        let batch =
+            scope.spawn(|| post(&evals, json!({"prompt": prompt(1600, 1), "max_tokens": 1})));
+        // Batch prompt tokens are under way in whole chunks.
+        let real = || {
+            step_lines(&log)
+                .iter()
+                .filter(|s| s["calibration"] == false)
+                .count()
+        };
+        assert!(
+            wait_until(Duration::from_secs(60), || real() >= 2),
+            "the batch prompt did not start"
+        );
+        post(&web, json!({"prompt": prompt(40, 2), "max_tokens": 1}));
+        let answered = unix_now();
+        batch.join().unwrap();
+        let steps = step_lines(&log);
+        let real: Vec<&Value> = steps.iter().filter(|s| s["calibration"] == false).collect();
+        let prefill = |s: &&Value| s["prefill_tokens"].as_u64().unwrap();
+        assert!(prefill(&real[0]) > 200, "{:?}", real[0]);
+        // Steps logged from 0.1 s after the interactive answer (its own step may be logged
+        // just after the client has it) hold batch prompt tokens only, at most the floor each.
+        let after: Vec<u64> = real
+            .iter()
+            .filter(|s| s["t"].as_f64().unwrap() > answered + 0.1)
+            .map(prefill)
+            .collect();
+        assert!(!after.is_empty());
+        assert!(after.iter().all(|&p| p <= 16), "{after:?}");
+    });
+}
+
+/// The real default model under a batch tenant flooding the server far past its sequence slots:
+/// an interactive tenant's requests still get their first token within their 2 s target (they
+/// are admitted ahead of batch prompts, take a batch sequence's slot, and the batch steps around
+/// them are short). A bound on wall time: 5-10x what the scheduler needs on 2 vCPUs.
+#[test]
+fn a_batch_flood_keeps_interactive_first_tokens_within_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("routing.toml");
+    std::fs::write(
+        &config,
+        format!("{LOCAL}\n[tenant.evals]\nclass = \"batch\"\n"),
+    )
+    .unwrap();
+    let config_arg = config.to_string_lossy().to_string();
+    let s = Server::start(
+        &common::real_model(),
+        &[
+            "--config",
+            &config_arg,
+            "--no-prefix-caching",
+            "--max-num-seqs",
+            "8",
+        ],
+    );
+    s.tenant("evals");
+    s.tenant("web");
+    let key = |t: &str| s.key(t, json!({}))["key"].as_str().unwrap().to_string();
+    let (evals, web) = (key("evals"), key("web"));
+    let post = |key: &str, body: Value| {
+        ureq::post(&s.url("/v1/completions"))
+            .set("Authorization", &format!("Bearer {key}"))
+            .send_json(body)
+            .map(|r| r.status())
+            .unwrap_or_else(|e| match e {
+                ureq::Error::Status(code, _) => code,
+                e => panic!("{e}"),
+            })
+    };
+    let prompt = |n: u32, salt: u32| {
+        (0..n)
+            .map(|i| 100 + (i * 31 + salt) % 5000)
+            .collect::<Vec<_>>()
+    };
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let served = std::sync::atomic::AtomicUsize::new(0);
+    let mut latencies = Vec::new();
+    std::thread::scope(|scope| {
+        // 24 clients of the batch tenant, three times the slots: batch prompts always wait.
+        for c in 0..24 {
+            let (stop, served, evals, post) = (&stop, &served, &evals, &post);
+            scope.spawn(move || {
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let body = json!({"prompt": prompt(400, c * 1000 + i), "max_tokens": 32,
+                                      "ignore_eos": true});
+                    if post(evals, body) == 200 {
+                        served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    i += 1;
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_secs(5));
+        for i in 0..10 {
+            let started = std::time::Instant::now();
+            let st = post(&web, json!({"prompt": prompt(100, 7 + i), "max_tokens": 1}));
+            assert_eq!(st, 200);
+            latencies.push(started.elapsed());
+            std::thread::sleep(Duration::from_millis(700));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    eprintln!("interactive first tokens beside the flood: {latencies:?}");
+    assert!(served.into_inner() > 0, "the flood was not served");
+    let worst = latencies.iter().max().copied().unwrap_or_default();
+    assert!(worst <= Duration::from_secs(2), "{latencies:?}");
 }
