@@ -48,6 +48,9 @@ struct State {
     more_verdicts: usize,
     claimed: bool,
     done: bool,
+    /// The request's trace span (disabled unless traces are exported): `finish` records the
+    /// audited outcome on it and ends it.
+    span: Option<tracing::Span>,
 }
 
 /// Where the request's reservation stands; it decides what the settlement charges.
@@ -354,6 +357,20 @@ impl Ticket {
         }
     }
 
+    /// Gives the ticket the request's trace span. The span must declare the fields `finish`
+    /// records (see [`record_outcome`]).
+    pub fn set_span(&self, span: tracing::Span) {
+        self.state().span = Some(span);
+    }
+
+    /// The request's trace span (a disabled one if it has none, or has finished).
+    pub fn span(&self) -> tracing::Span {
+        self.state()
+            .span
+            .clone()
+            .unwrap_or_else(tracing::Span::none)
+    }
+
     /// The caller takes over the ticket: it will `finish` it itself (the inference pipeline,
     /// whose streams write their record before their last event), so whoever returns the
     /// response must not. Called once, where the hand-over happens.
@@ -374,12 +391,22 @@ impl Ticket {
                 cost_nusd: 0,
             });
         };
+        let span = self.state().span.take();
+        if let Some(span) = &span {
+            record_outcome(span, &op.record);
+        }
         // A task of its own, so a cancelled caller cannot drop the record while it waits for
         // room in the writer's queue.
         let gov = self.0.gov.clone();
-        tokio::spawn(async move { gov.finish(op).await })
+        let finished = tokio::spawn(async move { gov.finish(op).await })
             .await
-            .map_err(|e| GovError::Unavailable(format!("the audit task failed: {e}")))?
+            .map_err(|e| GovError::Unavailable(format!("the audit task failed: {e}")))?;
+        if let (Some(span), Ok(f)) = (&span, &finished) {
+            span.record("serrano.audit.seq", f.seq);
+            span.record("serrano.cost_usd", f.cost_nusd as f64 / 1e9);
+        }
+        // Dropping the last handle ends the span: a request's span lasts until its record.
+        finished
     }
 
     fn take(&self, status: u16, error: Option<String>) -> Option<FinishOp> {
@@ -389,6 +416,50 @@ impl Ticket {
         }
         s.done = true;
         Some(build(&mut s, self.0.started, status, error))
+    }
+}
+
+/// Records a request's audited outcome on its trace span, under OpenTelemetry's GenAI and HTTP
+/// attribute names and serrano's own (`serrano.*`); the span declares these fields.
+fn record_outcome(span: &tracing::Span, r: &AuditRecord) {
+    if span.is_disabled() {
+        return;
+    }
+    span.record("http.response.status_code", r.status);
+    span.record("gen_ai.response.id", r.request_id.as_str());
+    span.record("gen_ai.usage.input_tokens", r.prompt_tokens);
+    span.record("gen_ai.usage.output_tokens", r.completion_tokens);
+    if let Some(v) = &r.model {
+        span.record("gen_ai.response.model", v.as_str());
+    }
+    if let Some(v) = &r.finish_reason {
+        span.record("gen_ai.response.finish_reasons", v.as_str());
+    }
+    if let Some(v) = &r.tenant {
+        span.record("serrano.tenant", v.as_str());
+    }
+    if let Some(v) = &r.key {
+        span.record("serrano.key_prefix", v.as_str());
+    }
+    if let Some(v) = &r.backend {
+        span.record("serrano.backend", v.as_str());
+    }
+    if let Some(v) = &r.route {
+        span.record("serrano.route.reason", v.as_str());
+    }
+    if let Some(v) = &r.region {
+        span.record("serrano.region", v.as_str());
+    }
+    if let Some(v) = r.config_version {
+        span.record("serrano.config_version", v);
+    }
+    if !r.filters.is_empty() {
+        let verdicts = serde_json::to_string(&r.filters).unwrap_or_default();
+        span.record("serrano.filters", verdicts.as_str());
+    }
+    if r.status >= 400 {
+        span.record("otel.status_code", "ERROR");
+        span.record("error.type", r.status.to_string().as_str());
     }
 }
 

@@ -10,6 +10,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serrano_gov::{GovError, JwtVerifier, Principal, RateInfo, Role, Ticket};
+use tracing::Instrument;
 
 use crate::error::{ApiError, ErrorNote};
 use crate::state::AppState;
@@ -47,13 +48,15 @@ pub async fn gate(State(st): State<Arc<AppState>>, mut req: Request, next: Next)
         }
     };
     let ticket = Ticket::new(&st.gov, id.clone(), req.method().as_str(), req.uri().path());
+    let span = crate::trace::request_span(req.method().as_str(), req.uri().path(), req.headers());
+    ticket.set_span(span.clone());
     // The record names the key even when the key may not do what it asked.
     ticket.set_principal(p.clone());
     let resp = match admit(&st, req.headers(), req.uri().path(), p).await {
         Ok(p) => {
             ticket.set_principal(p);
             req.extensions_mut().insert(ticket.clone());
-            next.run(req).await
+            next.run(req).instrument(span).await
         }
         Err(e) => e.into_response(),
     };

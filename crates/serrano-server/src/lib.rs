@@ -26,6 +26,7 @@ pub mod safety;
 pub mod shield;
 mod state;
 mod tools;
+pub mod trace;
 pub mod upstream;
 
 pub use admin::budget_amount;

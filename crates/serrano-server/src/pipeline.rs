@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use serrano_api as api;
 use serrano_gov::{GovError, Principal, Role, Ticket};
 use serrano_router::{Candidate, Plan};
+use tracing::Instrument;
 
 use crate::backend::{AttemptCtx, BackendError, EventStream, Fault, Generation, Prepared, Request};
 use crate::error::ApiError;
@@ -21,6 +22,7 @@ use crate::relay::{self, Relay};
 use crate::routing::Handle;
 use crate::safety::{self, OutputGuard};
 use crate::state::AppState;
+use crate::trace;
 
 /// Header with an integer priority; higher is admitted first. Admin keys only: a tenant must not
 /// raise itself above others.
@@ -88,16 +90,21 @@ async fn start(
 ) -> Result<(Relay, Generation, EventStream), ApiError> {
     let p = principal(ticket)?;
     let priority = priority(headers, &p)?;
-    let (model, plan) = scoped_plan(st, ticket, &p, requested_model(&request))?;
+    let span = ticket.span();
+    let (model, plan) = trace::step(&span, "plan")
+        .in_scope(|| scoped_plan(st, ticket, &p, requested_model(&request)))?;
     let mut gen = Generation::new(request, model, p.tenant.clone(), priority)?;
     gen.class = slo_class(headers, &p, &plan)?;
+    record_request(&span, &gen);
     // One notion of latency targets: the numbers `cheapest-within-slo` routed by are the ones
     // a local engine schedules by.
     let ms =
         |v: Option<f64>| v.and_then(|ms| std::time::Duration::try_from_secs_f64(ms / 1000.0).ok());
     gen.ttft_target = ms(plan.slo.ttft_p95_ms);
     gen.itl_target = ms(plan.slo.itl_p95_ms);
-    gen.request = safety::filter_off_workers(&p, ticket, gen.request).await?;
+    gen.request = safety::filter_off_workers(&p, ticket, gen.request)
+        .instrument(trace::step(&span, "filters"))
+        .await?;
     let guard = output_guard(&p, &gen)?;
     if ticket.keeps_content() {
         ticket.set_prompt_text(prompt_text(&gen.request));
@@ -124,12 +131,15 @@ async fn start(
             .map(|(c, _)| c.name.clone())
             .collect(),
     );
+    let reserved = worst_completion.saturating_mul(gen.choices as u64);
     let reservation = ticket
-        .reserve(
-            worst_prompt,
-            worst_completion.saturating_mul(gen.choices as u64),
-        )
+        .reserve(worst_prompt, reserved)
+        .instrument(trace::step(&span, "reserve"))
         .await?;
+    span.record(
+        "serrano.budget.reserved_tokens",
+        worst_prompt.saturating_add(reserved),
+    );
     let ctx = AttemptCtx { deadline };
     let metrics = &st.routing.metrics;
     let backoff = Duration::from_millis(plan.config.routing.backoff_ms);
@@ -153,7 +163,22 @@ async fn start(
         };
         set_route(ticket, &plan, &cand, &tried);
         let sent = Instant::now();
-        match cand.handle.generate(&gen, work, &ctx).await {
+        let operation = if gen.request.is_chat() {
+            "chat"
+        } else {
+            "text_completion"
+        };
+        let attempt_span = trace::attempt(&span, operation, &gen.model, &cand.name);
+        let generated = cand
+            .handle
+            .generate(&gen, work, &ctx)
+            .instrument(attempt_span.clone())
+            .await;
+        if let Err(e) = &generated {
+            attempt_span.record("otel.status_code", "ERROR");
+            attempt_span.record("error.type", fault_word(e.fault));
+        }
+        match generated {
             Ok(events) => {
                 reservation.accept(cand.handle.exact_tally());
                 // Time in the gateway since the request arrived, less failed attempts and backoff.
@@ -184,6 +209,32 @@ async fn start(
     }
     drop(reservation);
     Err(last_error.unwrap_or_else(|| no_backend(&tried)))
+}
+
+/// What the request asked for, on its trace span (GenAI request attributes).
+fn record_request(span: &tracing::Span, gen: &Generation) {
+    if span.is_disabled() {
+        return;
+    }
+    let operation = if gen.request.is_chat() {
+        "chat"
+    } else {
+        "text_completion"
+    };
+    span.record("gen_ai.operation.name", operation);
+    span.record("gen_ai.request.model", gen.model.as_str());
+    if let Some(n) = gen.max_tokens {
+        span.record("gen_ai.request.max_tokens", n);
+    }
+    span.record(
+        "gen_ai.request.temperature",
+        f64::from(gen.sampling.temperature),
+    );
+    span.record("gen_ai.request.top_p", f64::from(gen.sampling.top_p));
+    if let Some(seed) = gen.sampling.seed {
+        span.record("gen_ai.request.seed", seed);
+    }
+    span.record("serrano.slo_class", gen.class.as_str());
 }
 
 fn fault_word(fault: Fault) -> &'static str {

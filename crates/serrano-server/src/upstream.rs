@@ -259,8 +259,12 @@ impl Backend for Upstream {
         let left = ctx
             .deadline
             .saturating_duration_since(tokio::time::Instant::now());
+        // The attempt's trace context, so the upstream's spans join the request's trace.
+        let mut trace = axum::http::HeaderMap::new();
+        crate::trace::inject(&mut trace);
         let resp = self
             .authorized(self.client.post(format!("{}{path}", self.base)))
+            .headers(trace)
             .json(&body)
             .timeout(self.timeout.map_or(left, |t| t.min(left)))
             .send()

@@ -8,6 +8,7 @@ mod benchcli;
 mod configcli;
 mod govcli;
 mod roofline;
+mod telemetry;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -175,6 +176,8 @@ struct ServerArgs {
     config: Option<PathBuf>,
     #[command(flatten)]
     upstream: UpstreamArgs,
+    #[command(flatten)]
+    otlp: telemetry::OtlpArgs,
     /// Largest request body accepted; larger ones get 413.
     #[arg(long, default_value_t = 4 << 20)]
     max_body_bytes: usize,
@@ -291,13 +294,15 @@ struct GenerateArgs {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let otlp = match &cli.command {
+        Command::Serve(a) => Some(a.server.otlp.clone()),
+        Command::Gateway(a) => Some(a.server.otlp.clone()),
+        _ => None,
+    };
+    // Held to the end: dropping it sends the last spans.
+    let _telemetry = telemetry::init(otlp.as_ref())?;
+    match cli.command {
         Command::Serve(a) => serve(*a),
         Command::Gateway(a) => {
             if a.server.upstream.upstream.is_none() && a.server.config.is_none() {

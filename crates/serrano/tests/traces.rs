@@ -1,0 +1,206 @@
+//! Traces over OTLP to a real receiver (the OpenTelemetry project's protocol definitions and
+//! gRPC's Python server, `otlp_receiver.py`), over HTTP/protobuf and gRPC: one span per request
+//! with GenAI and serrano attributes, children for the pipeline's steps, the client's
+//! `traceparent` honoured, and the trace carried on to an upstream serrano.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{wait_until, Server};
+use serde_json::{json, Value};
+
+/// The receiver, its two ports and its output; killed on drop.
+struct Receiver {
+    child: Child,
+    grpc: u16,
+    http: u16,
+    out: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Receiver {
+    fn start() -> Receiver {
+        // Once for all tests (two installing one venv at once would break it).
+        static PYTHON: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+        let py = PYTHON.get_or_init(|| {
+            common::python_venv(
+                "otelenv",
+                &[
+                    "opentelemetry-proto==1.45.2",
+                    "grpcio==1.85.4",
+                    "protobuf==7.36.2",
+                ],
+                "import grpc, opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc",
+            )
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("spans.jsonl");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/otlp_receiver.py");
+        let mut child = Command::new(py)
+            .arg(script)
+            .arg("--out")
+            .arg(&out)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = |name: &str| -> u16 {
+            line.split_whitespace()
+                .find_map(|p| p.strip_prefix(&format!("{name}=")))
+                .and_then(|p| p.parse().ok())
+                .unwrap_or_else(|| panic!("receiver said {line:?}"))
+        };
+        Receiver {
+            grpc: port("grpc"),
+            http: port("http"),
+            child,
+            out,
+            _dir: dir,
+        }
+    }
+
+    /// The spans of `trace_id` received so far.
+    fn spans(&self, trace_id: &str) -> Vec<Value> {
+        std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|s| s["trace_id"] == trace_id)
+            .collect()
+    }
+
+    /// Waits (the exporter sends every 5 s) until `trace_id` has a span named `name`.
+    fn wait_for(&self, trace_id: &str, name: &str) -> Vec<Value> {
+        assert!(
+            wait_until(Duration::from_secs(30), || self
+                .spans(trace_id)
+                .iter()
+                .any(|s| s["name"] == name)),
+            "no span {name:?} in trace {trace_id}: {:?}",
+            self.spans(trace_id)
+        );
+        self.spans(trace_id)
+    }
+}
+
+fn named<'a>(spans: &'a [Value], name: &str) -> &'a Value {
+    spans
+        .iter()
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("no span {name:?} in {spans:?}"))
+}
+
+/// A completion sent with a `traceparent` naming `trace_id` and parent span `parent`.
+fn complete(s: &Server, trace_id: &str, parent: &str) {
+    let r = common::authed_post(&s.url("/v1/completions"))
+        .set("traceparent", &format!("00-{trace_id}-{parent}-01"))
+        .send_json(json!({"prompt": "hello", "max_tokens": 4, "ignore_eos": true}))
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// The request span and its children, over each protocol.
+#[test]
+fn a_request_is_a_trace_with_genai_attributes_over_http_and_grpc() {
+    let rx = Receiver::start();
+    for (protocol, port, trace_id) in [
+        ("http", rx.http, "0af7651916cd43dd8448eb211c80319c"),
+        ("grpc", rx.grpc, "4bf92f3577b34da6a3ce929d0e0e4736"),
+    ] {
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let s = Server::tiny(&["--otlp-endpoint", &endpoint, "--otlp-protocol", protocol]);
+        complete(&s, trace_id, "b7ad6b7169203331");
+        let spans = rx.wait_for(trace_id, "POST /v1/completions");
+        let root = named(&spans, "POST /v1/completions");
+        assert_eq!(root["transport"], protocol);
+        assert_eq!(root["service"], "serrano");
+        assert_eq!(root["parent_span_id"], "b7ad6b7169203331", "{root}");
+        assert_eq!(root["kind"], 2, "a server span: {root}");
+        let a = &root["attributes"];
+        assert_eq!(a["gen_ai.operation.name"], "text_completion", "{root}");
+        assert_eq!(a["gen_ai.request.model"], "tiny", "{root}");
+        assert_eq!(a["gen_ai.request.max_tokens"], "4", "{root}");
+        assert_eq!(a["gen_ai.usage.output_tokens"], "4", "{root}");
+        assert_eq!(a["gen_ai.response.finish_reasons"], "length", "{root}");
+        assert_eq!(a["http.response.status_code"], "200", "{root}");
+        assert_eq!(a["serrano.tenant"], "admin", "{root}");
+        assert_eq!(a["serrano.backend"], "local", "{root}");
+        assert_eq!(a["serrano.slo_class"], "interactive", "{root}");
+        assert!(a["serrano.audit.seq"].as_str().is_some(), "{root}");
+        assert!(a["serrano.key_prefix"].as_str().is_some(), "{root}");
+        // The pipeline's steps and the attempt at the backend are its children.
+        let spans = rx.wait_for(trace_id, "text_completion tiny");
+        for step in ["plan", "filters", "reserve", "text_completion tiny"] {
+            assert_eq!(
+                named(&spans, step)["parent_span_id"],
+                root["span_id"],
+                "{step}: {spans:?}"
+            );
+        }
+        assert_eq!(
+            named(&spans, "text_completion tiny")["kind"],
+            3,
+            "a client span"
+        );
+        // Only the span's own attributes, not the source line or thread.
+        assert!(root["attributes"].get("code.file.path").is_none(), "{root}");
+    }
+}
+
+/// A gateway passes the trace on: the upstream serrano's request span is a child of the
+/// gateway's attempt span, in the same trace.
+#[test]
+fn a_gateway_carries_the_trace_to_its_upstream() {
+    let rx = Receiver::start();
+    let endpoint = format!("http://127.0.0.1:{}", rx.http);
+    let upstream = Server::tiny(&["--otlp-endpoint", &endpoint, "--allow-anonymous"]);
+    let gateway = Server::gateway(
+        &format!("{}/v1", upstream.base),
+        &["--otlp-endpoint", &endpoint],
+    );
+    let trace_id = "5b8efff798038103d269b633813fc60c";
+    let r = common::authed_post(&gateway.url("/v1/completions"))
+        .set("traceparent", &format!("00-{trace_id}-eee19b7ec3c1b174-01"))
+        .send_json(json!({"model": "tiny", "prompt": "hello", "max_tokens": 2}))
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // The gateway's attempt at its upstream (the upstream's own attempt, at its engine, is
+    // in the trace too).
+    let attempt = || {
+        rx.spans(trace_id).into_iter().find(|s| {
+            s["name"] == "text_completion tiny" && s["attributes"]["serrano.backend"] == "upstream"
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || attempt().is_some()),
+        "{:?}",
+        rx.spans(trace_id)
+    );
+    let attempt = attempt().unwrap();
+    let upstream_span = || {
+        rx.spans(trace_id).into_iter().any(|s| {
+            s["name"] == "POST /v1/completions"
+                && s["parent_span_id"] == attempt["span_id"]
+                && s["attributes"]["serrano.backend"] == "local"
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), upstream_span),
+        "the upstream's span is not the attempt's child: {:?}",
+        rx.spans(trace_id)
+    );
+}
