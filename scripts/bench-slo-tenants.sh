@@ -35,13 +35,16 @@ key() {
     -d "{\"tenant\": \"$1\"}" http://127.0.0.1:18831/admin/v1/keys | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])'
 }
 WEB_KEY=$(key web) EVALS_KEY=$(key evals)
-export WEB_KEY EVALS_KEY
+# The bench's own key (model listing, prompt lengths) is web's.
+SERRANO_API_KEY=$WEB_KEY
+export WEB_KEY EVALS_KEY SERRANO_API_KEY
 echo "== serrano $($B --version 2>/dev/null | head -1)"
 sweep http://127.0.0.1:18831 serrano
 kill $S; wait $S 2>/dev/null || true
 
 # llama-server reads no keys; slots of 1,600 tokens hold the longest request (1,024 + 512).
-../shared/peers/llama-server.sh "$model" 18832 -np 32 -c $((32 * 1600)) >/dev/null 2>&1 &
-wait_up http://127.0.0.1:18832
+../shared/peers/llama-server.sh "$model" 18832 -np 32 -c $((32 * 1600)) >"$DIR/llama.log" 2>&1 &
+wait_up http://127.0.0.1:18832 || { tail "$DIR/llama.log"; exit 1; }
+for _ in $(seq 1 300); do curl -sf http://127.0.0.1:18832/v1/models >/dev/null && break; sleep 0.2; done
 echo "== llama-server -np 32"
 sweep http://127.0.0.1:18832 llama-server

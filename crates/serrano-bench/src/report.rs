@@ -120,7 +120,6 @@ pub fn to_json(r: &RunResult, price: Option<&Price>) -> Value {
         put(&mut o, "tenants", Value::Array(tenants.collect()));
     }
     put(&mut o, "energy", json!(r.energy));
-    put(&mut o, "energy", json!(r.energy));
     put(&mut o, "gpu_energy", json!(r.gpu_energy));
     let ok = r.records.iter().filter(|x| x.ok());
     put(

@@ -273,7 +273,7 @@ pub fn judge(
 ) -> Result<(Summary, Vec<TenantResult>), BenchError> {
     let mut summary = summarize(records, slo);
     let tenants = tenant_results(w, records, slo)?;
-    if tenants.iter().any(|t| t.slo.is_some()) {
+    if tenants.iter().any(|t| t.slo.is_some()) && !records.is_empty() {
         summary.slo_met = Some(
             summary.slo_met != Some(false)
                 && tenants
@@ -281,6 +281,26 @@ pub fn judge(
                     .filter(|t| t.slo.is_some())
                     .all(|t| t.summary.slo_met == Some(true)),
         );
+        // Goodput over the whole run: each request judged by its tenant's SLO (else `slo`).
+        let own: Vec<(String, Option<Slo>)> = w
+            .tenants
+            .iter()
+            .map(|t| Ok((t.name.clone(), t.parsed_slo()?)))
+            .collect::<Result<_, String>>()
+            .map_err(BenchError::Workload)?;
+        let judge_of = |r: &RequestRecord| {
+            own.iter()
+                .find(|(name, _)| r.tenant.as_deref() == Some(name.as_str()))
+                .and_then(|(_, s)| s.as_ref())
+                .or(slo)
+        };
+        let good: Vec<&RequestRecord> = records
+            .iter()
+            .filter(|r| judge_of(r).map_or(r.ok(), |s| s.request_ok(r)))
+            .collect();
+        summary.request_goodput = Some(good.len() as f64 / summary.duration);
+        summary.token_goodput =
+            Some(good.iter().map(|r| r.output_tokens).sum::<u64>() as f64 / summary.duration);
     }
     Ok((summary, tenants))
 }

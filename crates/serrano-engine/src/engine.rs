@@ -198,8 +198,25 @@ pub enum Event {
         reason: FinishReason,
         prompt_tokens: usize,
         completion_tokens: usize,
+        timing: Timing,
     },
     Error(String),
+}
+
+/// When a finished sequence's phases began and ended, on the engine's clock (for traces: queue,
+/// prefill, decode).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Timing {
+    /// Submitted.
+    pub arrival: Instant,
+    /// The first step that held it began (its wait in the queue ends).
+    pub scheduled: Option<Instant>,
+    /// Its first token was sampled (its prefill ends).
+    pub first_token: Option<Instant>,
+    /// Its last token was sampled.
+    pub finished: Instant,
+    /// Steps that computed part of its prompt (chunks, and any recomputed after preemption).
+    pub prefill_steps: u32,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -650,7 +667,9 @@ struct Payload {
     prompt_lp: Option<Vec<Option<TokenLogprobs>>>,
     arrival: Instant,
     first_scheduled: Option<Instant>,
+    first_token: Option<Instant>,
     last_token: Option<Instant>,
+    prefill_steps: u32,
     failed: bool,
     /// Choices that start from this sequence's prompt once it is computed.
     siblings: Vec<Sibling>,
@@ -675,7 +694,9 @@ impl Payload {
             prompt_lp: req.prompt_logprobs.map(|_| vec![None]),
             arrival,
             first_scheduled: None,
+            first_token: None,
             last_token: None,
+            prefill_steps: 0,
             failed: false,
             events,
             _slot: slot,
@@ -947,6 +968,9 @@ impl Worker {
                     .inc_by(pl.req.prompt.len() as u64);
             }
             let in_prompt = p.start < pl.req.prompt.len();
+            if in_prompt {
+                pl.prefill_steps += 1;
+            }
             wants.push(if pl.prompt_lp.is_some() && in_prompt {
                 LogitsWanted::All
             } else if p.samples {
@@ -1110,6 +1134,7 @@ impl Worker {
             ];
             self.metrics.slo_violations.get_or_create(&labels).inc();
         }
+        s.first_token.get_or_insert(now);
         s.last_token = Some(now);
         let tok = &info.tokenizer;
         let eog = !s.req.ignore_eos && tok.eog.contains(&token);
@@ -1162,6 +1187,13 @@ impl Worker {
                         reason,
                         prompt_tokens: s.req.prompt.len(),
                         completion_tokens: s.generated,
+                        timing: Timing {
+                            arrival: s.arrival,
+                            scheduled: s.first_scheduled,
+                            first_token: s.first_token,
+                            finished: now,
+                            prefill_steps: s.prefill_steps,
+                        },
                     },
                 );
                 self.metrics

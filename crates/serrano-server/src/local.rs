@@ -488,6 +488,8 @@ struct Translator {
     completion_tokens: u64,
     /// Per choice, when the model may call a tool: what its answer has turned out to be.
     answers: Option<Vec<Answer>>,
+    /// The attempt's trace span: each choice's queue, prefill and decode become its children.
+    span: tracing::Span,
 }
 
 /// What a choice's answer is, when it may be a tool call: the grammar makes a call start with
@@ -623,7 +625,9 @@ impl Translator {
                 reason,
                 prompt_tokens,
                 completion_tokens,
+                timing,
             }) => {
+                crate::trace::engine_phases(&self.span, i, &timing, completion_tokens);
                 self.finished[i] = true;
                 self.prompt_tokens = prompt_tokens as u64;
                 self.completion_tokens += completion_tokens as u64;
@@ -691,6 +695,7 @@ fn events(
         prompt_tokens: 0,
         completion_tokens: 0,
         answers: work.calls_tools.then(|| vec![Answer::Undecided; n]),
+        span: tracing::Span::current(),
     };
     // Without prompt log-probs the echo goes out at once; with them, when they arrive.
     let first: Vec<Event> = if work.echo && work.req.prompt_logprobs.is_none() {

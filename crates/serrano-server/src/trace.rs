@@ -8,6 +8,8 @@
 //! recording on them costs a branch. The request span lives on the request's `Ticket`, which
 //! records the audited outcome on it and ends it when the record is written.
 
+use std::time::{Instant, SystemTime};
+
 use axum::http::HeaderMap;
 use opentelemetry_http::{HeaderExtractor, HeaderInjector};
 use tracing::field::Empty;
@@ -82,6 +84,41 @@ pub fn attempt(parent: &Span, operation: &str, model: &str, backend: &str) -> Sp
         gen_ai.request.model = %model,
         serrano.backend = %backend,
     )
+}
+
+/// A finished engine sequence's phases as children of `parent` (the attempt span): `queue`
+/// (submitted until its first step), `prefill` (until its first token; `serrano.prefill_steps`
+/// chunks) and `decode` (until its last token). They are measured on the engine's clock, so they
+/// are built with the OpenTelemetry API, which takes explicit times, not as `tracing` spans.
+pub fn engine_phases(parent: &Span, choice: usize, t: &serrano_engine::Timing, tokens: usize) {
+    use opentelemetry::trace::{Span as _, Tracer as _};
+    use opentelemetry::KeyValue;
+    if parent.is_disabled() {
+        return;
+    }
+    let cx = parent.context();
+    let tracer = opentelemetry::global::tracer("serrano");
+    // The engine's instants as wall-clock times.
+    let (now, wall_now) = (Instant::now(), SystemTime::now());
+    let wall = |i: Instant| wall_now - now.saturating_duration_since(i);
+    let choice = KeyValue::new("serrano.choice", choice as i64);
+    let phase = |name: &'static str, from: Instant, to: Instant, extra: Option<KeyValue>| {
+        let mut attributes = vec![choice.clone()];
+        attributes.extend(extra);
+        let mut span = tracer
+            .span_builder(name)
+            .with_start_time(wall(from))
+            .with_attributes(attributes)
+            .start_with_context(&tracer, &cx);
+        span.end_with_timestamp(wall(to));
+    };
+    let scheduled = t.scheduled.unwrap_or(t.finished);
+    let first = t.first_token.unwrap_or(t.finished);
+    phase("queue", t.arrival, scheduled, None);
+    let steps = KeyValue::new("serrano.prefill_steps", i64::from(t.prefill_steps));
+    phase("prefill", scheduled, first, Some(steps));
+    let tokens = KeyValue::new("gen_ai.usage.output_tokens", tokens as i64);
+    phase("decode", first, t.finished, Some(tokens));
 }
 
 /// The W3C trace context of the current span, for a request to an upstream (nothing when

@@ -170,6 +170,8 @@ pub fn init(otlp: Option<&OtlpArgs>) -> Result<Telemetry> {
         .with_batch_exporter(exporter)
         .build();
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    // The engine's phases are built on the global tracer (they carry their own times).
+    opentelemetry::global::set_tracer_provider(provider.clone());
     // Spans carry their own attributes only (not the source line, thread or busy time).
     let traces = tracing_opentelemetry::layer()
         .with_location(false)

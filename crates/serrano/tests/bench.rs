@@ -410,6 +410,13 @@ fn tenants_have_their_own_lengths_slos_and_numbers() {
         (&Value::Bool(true), &Value::Bool(false))
     );
     assert_eq!(v["slo_met"], false, "one tenant missed its own SLO: {v}");
+    // Goodput counts each request against its own tenant's SLO: web's all, evals' none.
+    let web_rate = n(web) as f64 / v["duration"].as_f64().unwrap();
+    let goodput = v["request_goodput"].as_f64().unwrap();
+    assert!(
+        (goodput - web_rate).abs() < 1e-6,
+        "{goodput} vs {web_rate}: {v}"
+    );
     // A tenant without an SLO of its own is not judged.
     let v = workload("");
     assert_eq!(v["tenants"][1]["slo_met"], Value::Null, "{v}");

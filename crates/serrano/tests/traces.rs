@@ -1,6 +1,7 @@
 //! Traces over OTLP to a real receiver (the OpenTelemetry project's protocol definitions and
 //! gRPC's Python server, `otlp_receiver.py`), over HTTP/protobuf and gRPC: one span per request
-//! with GenAI and serrano attributes, children for the pipeline's steps, the client's
+//! with GenAI and serrano attributes, children for the pipeline's steps and the engine's
+//! queue, prefill and decode, the client's
 //! `traceparent` honoured, and the trace carried on to an upstream serrano.
 
 mod common;
@@ -151,11 +152,27 @@ fn a_request_is_a_trace_with_genai_attributes_over_http_and_grpc() {
                 "{step}: {spans:?}"
             );
         }
-        assert_eq!(
-            named(&spans, "text_completion tiny")["kind"],
-            3,
-            "a client span"
-        );
+        let attempt = named(&spans, "text_completion tiny");
+        assert_eq!(attempt["kind"], 3, "a client span");
+        // The engine's phases, children of the attempt, one after another within the request.
+        let spans = rx.wait_for(trace_id, "decode");
+        let time = |s: &Value, k: &str| s[k].as_u64().unwrap();
+        let mut last = time(root, "start_ns");
+        for phase in ["queue", "prefill", "decode"] {
+            let p = named(&spans, phase);
+            assert_eq!(p["parent_span_id"], attempt["span_id"], "{phase}: {p}");
+            assert!(
+                time(p, "start_ns") >= last,
+                "{phase} starts early: {spans:?}"
+            );
+            assert!(time(p, "end_ns") >= time(p, "start_ns"), "{p}");
+            last = time(p, "end_ns");
+        }
+        assert!(last <= time(root, "end_ns"), "{spans:?}");
+        let decode = named(&spans, "decode");
+        assert_eq!(decode["attributes"]["gen_ai.usage.output_tokens"], "4");
+        let steps = &named(&spans, "prefill")["attributes"]["serrano.prefill_steps"];
+        assert_eq!(steps, "1", "{spans:?}");
         // Only the span's own attributes, not the source line or thread.
         assert!(root["attributes"].get("code.file.path").is_none(), "{root}");
     }
