@@ -59,7 +59,7 @@ pub use storage::{
 };
 pub use store::{usage_csv, Governance, NewKey, ADMIN_TENANT, ANONYMOUS_TENANT};
 pub use ticket::{Reservation, Ticket};
-pub use ticket::{CLIENT_CLOSED, LOCAL_BACKEND};
+pub use ticket::{CLIENT_CLOSED, LOCAL_BACKEND, TRACE_TARGET};
 pub use time::{day_key, month_key, now_ms};
 pub use types::{
     BudgetInfo, BudgetPeriod, BudgetUnit, ConfigEvent, ConfigVersion, KeyInfo, LedgerState,

@@ -9,6 +9,8 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use tracing::Instrument;
+
 use crate::audit::{AuditRecord, Retention, MAX_FIELD_BYTES, MAX_TOOL_CALLS, MAX_VERDICTS};
 use crate::error::GovError;
 use crate::keys::Principal;
@@ -16,6 +18,9 @@ use crate::rate::RateInfo;
 use crate::storage::{Content, FinishOp, Finished, ReserveOp, Settlement};
 use crate::store::Governance;
 use crate::time::now_ms;
+
+/// The `tracing` target of request trace spans: only the trace exporter's layer enables it.
+pub const TRACE_TARGET: &str = "serrano::trace";
 
 /// Status recorded when the client went away before the response completed (nginx's 499).
 pub const CLIENT_CLOSED: u16 = 499;
@@ -395,10 +400,18 @@ impl Ticket {
         if let Some(span) = &span {
             record_outcome(span, &op.record);
         }
+        // The audit write as a step of the request's trace.
+        let writing = match &span {
+            Some(s) => {
+                tracing::trace_span!(target: TRACE_TARGET, parent: s, "step", otel.name = "finish")
+            }
+            None => tracing::Span::none(),
+        };
         // A task of its own, so a cancelled caller cannot drop the record while it waits for
         // room in the writer's queue.
         let gov = self.0.gov.clone();
         let finished = tokio::spawn(async move { gov.finish(op).await })
+            .instrument(writing)
             .await
             .map_err(|e| GovError::Unavailable(format!("the audit task failed: {e}")))?;
         if let (Some(span), Ok(f)) = (&span, &finished) {

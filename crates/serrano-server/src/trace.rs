@@ -17,7 +17,7 @@ use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// The one target of serrano's trace spans.
-pub const TARGET: &str = "serrano::trace";
+pub const TARGET: &str = serrano_gov::TRACE_TARGET;
 
 /// The span of one authenticated request, a child of the client's `traceparent` if it sent
 /// one. Fields left empty are recorded as the request learns them.

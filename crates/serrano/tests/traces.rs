@@ -145,7 +145,13 @@ fn a_request_is_a_trace_with_genai_attributes_over_http_and_grpc() {
         assert!(a["serrano.key_prefix"].as_str().is_some(), "{root}");
         // The pipeline's steps and the attempt at the backend are its children.
         let spans = rx.wait_for(trace_id, "text_completion tiny");
-        for step in ["plan", "filters", "reserve", "text_completion tiny"] {
+        for step in [
+            "plan",
+            "filters",
+            "reserve",
+            "text_completion tiny",
+            "finish",
+        ] {
             assert_eq!(
                 named(&spans, step)["parent_span_id"],
                 root["span_id"],
