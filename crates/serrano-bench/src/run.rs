@@ -271,9 +271,32 @@ pub fn judge(
     records: &[RequestRecord],
     slo: Option<&Slo>,
 ) -> Result<(Summary, Vec<TenantResult>), BenchError> {
+    // Each tenant's own SLO, parsed once (the workload's check has validated them).
+    let own: Vec<Option<Slo>> = w
+        .tenants
+        .iter()
+        .map(|t| t.parsed_slo())
+        .collect::<Result<_, String>>()
+        .map_err(BenchError::Workload)?;
     let mut summary = summarize(records, slo);
-    let tenants = tenant_results(w, records, slo)?;
-    if tenants.iter().any(|t| t.slo.is_some()) && !records.is_empty() {
+    let tenants: Vec<TenantResult> = w
+        .tenants
+        .iter()
+        .zip(&own)
+        .map(|(t, own)| {
+            let mine: Vec<RequestRecord> = records
+                .iter()
+                .filter(|r| r.tenant.as_deref() == Some(t.name.as_str()))
+                .cloned()
+                .collect();
+            TenantResult {
+                name: t.name.clone(),
+                slo: t.slo.clone(),
+                summary: summarize(&mine, own.as_ref().or(slo)),
+            }
+        })
+        .collect();
+    if own.iter().any(Option::is_some) && !records.is_empty() {
         summary.slo_met = Some(
             summary.slo_met != Some(false)
                 && tenants
@@ -282,15 +305,11 @@ pub fn judge(
                     .all(|t| t.summary.slo_met == Some(true)),
         );
         // Goodput over the whole run: each request judged by its tenant's SLO (else `slo`).
-        let own: Vec<(String, Option<Slo>)> = w
-            .tenants
-            .iter()
-            .map(|t| Ok((t.name.clone(), t.parsed_slo()?)))
-            .collect::<Result<_, String>>()
-            .map_err(BenchError::Workload)?;
         let judge_of = |r: &RequestRecord| {
-            own.iter()
-                .find(|(name, _)| r.tenant.as_deref() == Some(name.as_str()))
+            w.tenants
+                .iter()
+                .zip(&own)
+                .find(|(t, _)| r.tenant.as_deref() == Some(t.name.as_str()))
                 .and_then(|(_, s)| s.as_ref())
                 .or(slo)
         };
@@ -303,30 +322,6 @@ pub fn judge(
             Some(good.iter().map(|r| r.output_tokens).sum::<u64>() as f64 / summary.duration);
     }
     Ok((summary, tenants))
-}
-
-/// Each tenant's requests summarized on their own, judged by its SLO (else `slo`).
-fn tenant_results(
-    w: &Workload,
-    records: &[RequestRecord],
-    slo: Option<&Slo>,
-) -> Result<Vec<TenantResult>, BenchError> {
-    w.tenants
-        .iter()
-        .map(|t| {
-            let own = t.parsed_slo().map_err(BenchError::Workload)?;
-            let mine: Vec<RequestRecord> = records
-                .iter()
-                .filter(|r| r.tenant.as_deref() == Some(t.name.as_str()))
-                .cloned()
-                .collect();
-            Ok(TenantResult {
-                name: t.name.clone(),
-                slo: t.slo.clone(),
-                summary: summarize(&mine, own.as_ref().or(slo)),
-            })
-        })
-        .collect()
 }
 
 fn progress_bar(on: bool, n: u64) -> Option<indicatif::ProgressBar> {

@@ -936,6 +936,27 @@ mod tests {
         }
     }
 
+    /// Queues sequence `id` of `tenant`: a prompt of `prompt` tokens (all `1`), at most
+    /// `max_len` tokens in all, default urgency of `class`.
+    fn add(
+        s: &mut Scheduler<()>,
+        id: SeqId,
+        tenant: &str,
+        class: SloClass,
+        prompt: usize,
+        max_len: usize,
+    ) {
+        s.add(
+            id,
+            Arc::from(tenant),
+            urgent(class),
+            vec![1; prompt],
+            max_len,
+            true,
+            (),
+        );
+    }
+
     #[test]
     fn long_prefill_is_chunked_and_decodes_keep_running() {
         let alloc = SharedAllocator::new(64);
@@ -946,15 +967,7 @@ mod tests {
             },
             alloc,
         );
-        s.add(
-            1,
-            Arc::from("a"),
-            urgent(SloClass::Interactive),
-            vec![1; 4],
-            100,
-            true,
-            (),
-        );
+        add(&mut s, 1, "a", SloClass::Interactive, 4, 100);
         let p = s.schedule();
         assert_eq!(
             p,
@@ -1041,15 +1054,7 @@ mod tests {
             alloc,
         );
         // "early" is served a little, then goes idle; "busy" is served a lot.
-        s.add(
-            1,
-            Arc::from("early"),
-            urgent(SloClass::Interactive),
-            vec![1; 4],
-            8,
-            true,
-            (),
-        );
+        add(&mut s, 1, "early", SloClass::Interactive, 4, 8);
         s.schedule();
         s.remove(1);
         for i in 0..6 {
@@ -1074,15 +1079,7 @@ mod tests {
         let busy = s.served["busy"];
         assert!(busy >= 200);
         // "early" rejoins level with "busy" (which still has work queued), not ~200 tokens ahead.
-        s.add(
-            21,
-            Arc::from("early"),
-            urgent(SloClass::Interactive),
-            vec![1; 4],
-            8,
-            true,
-            (),
-        );
+        add(&mut s, 21, "early", SloClass::Interactive, 4, 8);
         assert_eq!(s.served["early"], busy);
     }
 
@@ -1193,26 +1190,10 @@ mod tests {
             alloc,
         );
         for i in 0..50 {
-            s.add(
-                i,
-                Arc::from("flood"),
-                urgent(SloClass::Interactive),
-                vec![1; 8],
-                16,
-                true,
-                (),
-            );
+            add(&mut s, i, "flood", SloClass::Interactive, 8, 16);
         }
         s.schedule();
-        s.add(
-            100,
-            Arc::from("quiet"),
-            urgent(SloClass::Interactive),
-            vec![1; 8],
-            16,
-            true,
-            (),
-        );
+        add(&mut s, 100, "quiet", SloClass::Interactive, 8, 16);
         // Free one slot: the quiet tenant, served least, is admitted next despite arriving last.
         let first = s.running[0].id;
         s.remove(first);
@@ -1233,24 +1214,8 @@ mod tests {
     #[test]
     fn interactive_is_admitted_before_batch_and_batch_within_its_patience() {
         let mut s = with_slots(1);
-        s.add(
-            1,
-            Arc::from("b"),
-            urgent(SloClass::Batch),
-            vec![1; 8],
-            9,
-            true,
-            (),
-        );
-        s.add(
-            2,
-            Arc::from("i"),
-            urgent(SloClass::Interactive),
-            vec![1; 8],
-            9,
-            true,
-            (),
-        );
+        add(&mut s, 1, "b", SloClass::Batch, 8, 9);
+        add(&mut s, 2, "i", SloClass::Interactive, 8, 9);
         // The batch request came first; the interactive one is admitted first.
         assert_eq!(s.schedule()[0].id, 2);
         s.remove(2);
@@ -1259,26 +1224,10 @@ mod tests {
 
         // An interactive flood defers batch, for at most BATCH_PATIENCE_STEPS steps.
         let mut s = with_slots(1);
-        s.add(
-            1,
-            Arc::from("b"),
-            urgent(SloClass::Batch),
-            vec![1; 8],
-            9,
-            true,
-            (),
-        );
+        add(&mut s, 1, "b", SloClass::Batch, 8, 9);
         let mut admitted_at = None;
         for (step, next) in (0..2 * BATCH_PATIENCE_STEPS).zip(100..) {
-            s.add(
-                next,
-                Arc::from("i"),
-                urgent(SloClass::Interactive),
-                vec![1; 8],
-                9,
-                true,
-                (),
-            );
+            add(&mut s, next, "i", SloClass::Interactive, 8, 9);
             let p = s.schedule();
             if p.iter().any(|p| p.id == 1) {
                 admitted_at = Some(step);
@@ -1354,15 +1303,7 @@ mod tests {
             itl_target: Some(Duration::from_millis(ms)),
             ..urgent(SloClass::Interactive)
         };
-        s.add(
-            1,
-            Arc::from("b"),
-            urgent(SloClass::Batch),
-            vec![1; 4],
-            64,
-            true,
-            (),
-        );
+        add(&mut s, 1, "b", SloClass::Batch, 4, 64);
         s.schedule();
         s.push_token(1, 7);
         assert_eq!(s.decode_shape().2, None, "a batch decode is owed nothing");
@@ -1409,28 +1350,12 @@ mod tests {
         // (64 tokens); the waiting batch requests keep the slots refilled.
         let mut s = with_slots(4);
         for id in 1..=8 {
-            s.add(
-                id,
-                Arc::from("b"),
-                urgent(SloClass::Batch),
-                vec![1; 400],
-                480,
-                true,
-                (),
-            );
+            add(&mut s, id, "b", SloClass::Batch, 400, 480);
         }
         while s.num_running() < 4 {
             s.schedule();
         }
-        s.add(
-            20,
-            Arc::from("i"),
-            urgent(SloClass::Interactive),
-            vec![1; 40],
-            48,
-            true,
-            (),
-        );
+        add(&mut s, 20, "i", SloClass::Interactive, 40, 48);
         let p = s.schedule();
         // Admitted at once, with its whole prompt before the batch prompts get the rest.
         let mine = p.iter().find(|p| p.id == 20).copied();
@@ -1442,15 +1367,7 @@ mod tests {
     fn the_batch_cap_keeps_batch_prompt_steps_short_and_lets_them_advance() {
         let mut s = with_slots(4);
         for id in 1..=4 {
-            s.add(
-                id,
-                Arc::from("b"),
-                urgent(SloClass::Batch),
-                vec![1; 400],
-                480,
-                true,
-                (),
-            );
+            add(&mut s, id, "b", SloClass::Batch, 400, 480);
         }
         let caps = StepCaps {
             prefill: None,
@@ -1461,15 +1378,7 @@ mod tests {
         assert_eq!(p.iter().map(|p| p.len).sum::<usize>(), 24, "{p:?}");
         // An interactive prompt is not capped by it, and it counts against the cap; batch
         // prompts still advance by the floor.
-        s.add(
-            20,
-            Arc::from("i"),
-            urgent(SloClass::Interactive),
-            vec![1; 40],
-            48,
-            true,
-            (),
-        );
+        add(&mut s, 20, "i", SloClass::Interactive, 40, 48);
         let p = s.schedule_within(caps);
         let mine = p.iter().find(|p| p.id == 20).map(|p| p.len);
         assert_eq!(mine, Some(40), "{p:?}");
@@ -1487,30 +1396,14 @@ mod tests {
     fn batch_decodes_sit_out_for_an_interactive_prompt_at_most_three_steps_running() {
         let mut s = with_slots(4);
         for id in [1, 2] {
-            s.add(
-                id,
-                Arc::from("b"),
-                urgent(SloClass::Batch),
-                vec![1; 8],
-                64,
-                true,
-                (),
-            );
+            add(&mut s, id, "b", SloClass::Batch, 8, 64);
         }
         s.schedule();
         for id in [1, 2] {
             s.push_token(id, 7);
         }
         // A 300-token interactive prompt takes five 64-token steps.
-        s.add(
-            3,
-            Arc::from("i"),
-            urgent(SloClass::Interactive),
-            vec![1; 300],
-            356,
-            true,
-            (),
-        );
+        add(&mut s, 3, "i", SloClass::Interactive, 300, 356);
         let (shape, ..) = s.decode_shape();
         assert_eq!(shape.decode_seqs, 0, "the batch decodes sit this step out");
         let mut batch_decoded = vec![];
@@ -1532,15 +1425,7 @@ mod tests {
     fn a_tenant_holding_fewer_slots_takes_one_from_the_tenant_holding_most() {
         let mut s = with_slots(3);
         for id in 1..=3 {
-            s.add(
-                id,
-                Arc::from("flood"),
-                urgent(SloClass::Interactive),
-                vec![1; 8],
-                64,
-                true,
-                (),
-            );
+            add(&mut s, id, "flood", SloClass::Interactive, 8, 64);
         }
         s.schedule();
         for id in 1..=3 {
@@ -1548,30 +1433,14 @@ mod tests {
         }
         assert_eq!(s.num_running(), 3);
         // A batch request may not take an interactive sequence's slot.
-        s.add(
-            9,
-            Arc::from("evals"),
-            urgent(SloClass::Batch),
-            vec![1; 8],
-            64,
-            true,
-            (),
-        );
+        add(&mut s, 9, "evals", SloClass::Batch, 8, 64);
         let p = s.schedule();
         assert!(p.iter().all(|p| p.id != 9), "{p:?}");
         for p in &p {
             s.push_token(p.id, 7);
         }
         // An interactive request of a tenant with nothing running takes the flood's newest slot.
-        s.add(
-            10,
-            Arc::from("web"),
-            urgent(SloClass::Interactive),
-            vec![1; 8],
-            64,
-            true,
-            (),
-        );
+        add(&mut s, 10, "web", SloClass::Interactive, 8, 64);
         let p = s.schedule();
         assert!(p.iter().any(|p| p.id == 10), "{p:?}");
         assert!(p.iter().all(|p| p.id != 3), "{p:?}");
@@ -1581,15 +1450,7 @@ mod tests {
         }
         // Holding one slot against the flood's two, a second request of its tenant waits its
         // turn: taking another would only swing the split the other way.
-        s.add(
-            11,
-            Arc::from("web"),
-            urgent(SloClass::Interactive),
-            vec![1; 8],
-            64,
-            true,
-            (),
-        );
+        add(&mut s, 11, "web", SloClass::Interactive, 8, 64);
         let p = s.schedule();
         assert!(p.iter().all(|p| p.id != 11), "{p:?}");
         assert_eq!(s.stats.preemptions, 1);
@@ -1599,27 +1460,11 @@ mod tests {
     fn slots_move_toward_an_even_split_and_stop_there() {
         let mut s = with_slots(4);
         for id in 1..=4 {
-            s.add(
-                id,
-                Arc::from("flood"),
-                urgent(SloClass::Interactive),
-                vec![1; 8],
-                64,
-                true,
-                (),
-            );
+            add(&mut s, id, "flood", SloClass::Interactive, 8, 64);
         }
         s.schedule();
         for id in 10..=12 {
-            s.add(
-                id,
-                Arc::from("web"),
-                urgent(SloClass::Interactive),
-                vec![1; 8],
-                64,
-                true,
-                (),
-            );
+            add(&mut s, id, "web", SloClass::Interactive, 8, 64);
         }
         s.schedule();
         let held =
@@ -1635,29 +1480,13 @@ mod tests {
     fn an_interactive_request_takes_a_batch_sequences_slot() {
         let mut s = with_slots(2);
         for id in [1, 2] {
-            s.add(
-                id,
-                Arc::from("b"),
-                urgent(SloClass::Batch),
-                vec![1; 8],
-                64,
-                true,
-                (),
-            );
+            add(&mut s, id, "b", SloClass::Batch, 8, 64);
         }
         s.schedule();
         for id in [1, 2] {
             s.push_token(id, 7);
         }
-        s.add(
-            3,
-            Arc::from("i"),
-            urgent(SloClass::Interactive),
-            vec![1; 8],
-            64,
-            true,
-            (),
-        );
+        add(&mut s, 3, "i", SloClass::Interactive, 8, 64);
         let p = s.schedule();
         // The newest batch sequence yields; the oldest keeps its place (sitting this step's
         // decode out for the interactive prompt) and decodes in the next.
@@ -1670,26 +1499,10 @@ mod tests {
         assert!(p.iter().any(|p| p.id == 1), "{p:?}");
         // Batch does not take batch's slot.
         let mut s = with_slots(1);
-        s.add(
-            1,
-            Arc::from("b"),
-            urgent(SloClass::Batch),
-            vec![1; 8],
-            64,
-            true,
-            (),
-        );
+        add(&mut s, 1, "b", SloClass::Batch, 8, 64);
         s.schedule();
         s.push_token(1, 7);
-        s.add(
-            2,
-            Arc::from("c"),
-            urgent(SloClass::Batch),
-            vec![1; 8],
-            64,
-            true,
-            (),
-        );
+        add(&mut s, 2, "c", SloClass::Batch, 8, 64);
         let p = s.schedule();
         assert_eq!(p.iter().map(|p| p.id).collect::<Vec<_>>(), vec![1]);
     }

@@ -163,12 +163,7 @@ async fn start(
         };
         set_route(ticket, &plan, &cand, &tried);
         let sent = Instant::now();
-        let operation = if gen.request.is_chat() {
-            "chat"
-        } else {
-            "text_completion"
-        };
-        let attempt_span = trace::attempt(&span, operation, &gen.model, &cand.name);
+        let attempt_span = trace::attempt(&span, operation(&gen), &gen.model, &cand.name);
         let generated = cand
             .handle
             .generate(&gen, work, &ctx)
@@ -211,17 +206,21 @@ async fn start(
     Err(last_error.unwrap_or_else(|| no_backend(&tried)))
 }
 
+/// The request's GenAI operation name.
+fn operation(gen: &Generation) -> &'static str {
+    if gen.request.is_chat() {
+        "chat"
+    } else {
+        "text_completion"
+    }
+}
+
 /// What the request asked for, on its trace span (GenAI request attributes).
 fn record_request(span: &tracing::Span, gen: &Generation) {
     if span.is_disabled() {
         return;
     }
-    let operation = if gen.request.is_chat() {
-        "chat"
-    } else {
-        "text_completion"
-    };
-    span.record("gen_ai.operation.name", operation);
+    span.record("gen_ai.operation.name", operation(gen));
     span.record("gen_ai.request.model", gen.model.as_str());
     if let Some(n) = gen.max_tokens {
         span.record("gen_ai.request.max_tokens", n);

@@ -177,9 +177,10 @@ fn workload(a: &BenchArgs) -> Result<Workload> {
 
 /// Several rounds of one endpoint as one run: each round's timeline is shifted past the last.
 fn merge(w: &Workload, mut rounds: Vec<RunResult>, slo: Option<&Slo>) -> Result<Option<RunResult>> {
-    let Some(mut first) = (!rounds.is_empty()).then(|| rounds.remove(0)) else {
+    if rounds.is_empty() {
         return Ok(None);
-    };
+    }
+    let mut first = rounds.remove(0);
     for r in rounds {
         let offset = first.records.iter().map(|x| x.end).fold(0.0, f64::max);
         first.records.extend(r.records.into_iter().map(|mut x| {

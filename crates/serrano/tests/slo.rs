@@ -142,25 +142,11 @@ fn latency_classes_come_from_the_tenant_and_the_header() {
         &format!("{LOCAL}\n[tenant.acme]\nclass = \"batch\"\n"),
         &["--itl-target-ms", "0.0001"],
     );
-    s.tenant("acme");
-    s.tenant("web");
-    let key = |t: &str| s.key(t, json!({}))["key"].as_str().unwrap().to_string();
-    let (acme, web) = (key("acme"), key("web"));
+    let [acme, web] = tenant_keys(&s, ["acme", "web"]);
     let granted = s.key("acme", json!({"grant_interactive": true}));
     assert_eq!(granted["grant_interactive"], true, "{granted}");
     let granted = granted["key"].as_str().unwrap().to_string();
-    let ask = |key: &str, class: Option<&str>| {
-        let mut r =
-            ureq::post(&s.url("/v1/completions")).set("Authorization", &format!("Bearer {key}"));
-        if let Some(c) = class {
-            r = r.set("x-serrano-slo-class", c);
-        }
-        match r.send_json(json!({"prompt": "hi", "max_tokens": 4})) {
-            Ok(r) => r.status(),
-            Err(ureq::Error::Status(code, _)) => code,
-            Err(e) => panic!("{e}"),
-        }
-    };
+    let ask = |key: &str, class| complete(&s, key, class, json!({"prompt": "hi", "max_tokens": 4}));
     assert_eq!(ask(&acme, None), 200);
     assert_eq!(ask(&acme, Some("batch")), 200);
     assert_eq!(ask(&acme, Some("interactive")), 403);
@@ -181,6 +167,29 @@ fn latency_classes_come_from_the_tenant_and_the_header() {
         "{text}"
     );
     assert!(!text.contains("class=\"batch\""), "{text}");
+}
+
+/// Creates each tenant and a key of its own; returns the keys' secrets in order.
+fn tenant_keys<const N: usize>(s: &Server, tenants: [&str; N]) -> [String; N] {
+    tenants.map(|t| {
+        s.tenant(t);
+        s.key(t, json!({}))["key"].as_str().unwrap().to_string()
+    })
+}
+
+/// POSTs a completion `body` with `key` (and the request's latency class header, if any);
+/// returns the status.
+fn complete(s: &Server, key: &str, class: Option<&str>, body: Value) -> u16 {
+    let mut r =
+        ureq::post(&s.url("/v1/completions")).set("Authorization", &format!("Bearer {key}"));
+    if let Some(c) = class {
+        r = r.set("x-serrano-slo-class", c);
+    }
+    match r.send_json(body) {
+        Ok(r) => r.status(),
+        Err(ureq::Error::Status(code, _)) => code,
+        Err(e) => panic!("{e}"),
+    }
 }
 
 /// The step log lines of `log` (JSON).
@@ -220,16 +229,8 @@ fn batch_prompts_take_short_steps_once_an_interactive_request_arrives() {
             "0.0001",
         ],
     );
-    s.tenant("evals");
-    s.tenant("web");
-    let key = |t: &str| s.key(t, json!({}))["key"].as_str().unwrap().to_string();
-    let (evals, web) = (key("evals"), key("web"));
-    let post = |key: &str, body: Value| {
-        let r = ureq::post(&s.url("/v1/completions"))
-            .set("Authorization", &format!("Bearer {key}"))
-            .send_json(body);
-        assert_eq!(r.map(|r| r.status()).unwrap_or(0), 200);
-    };
+    let [evals, web] = tenant_keys(&s, ["evals", "web"]);
+    let post = |key: &str, body: Value| assert_eq!(complete(&s, key, None, body), 200);
     let prompt = |n: u32, salt: u32| (0..n).map(|i| 5 + (i * 7 + salt) % 40).collect::<Vec<_>>();
     std::thread::scope(|scope| {
         let batch =
@@ -288,20 +289,8 @@ fn a_batch_flood_keeps_interactive_first_tokens_within_target() {
             "8",
         ],
     );
-    s.tenant("evals");
-    s.tenant("web");
-    let key = |t: &str| s.key(t, json!({}))["key"].as_str().unwrap().to_string();
-    let (evals, web) = (key("evals"), key("web"));
-    let post = |key: &str, body: Value| {
-        ureq::post(&s.url("/v1/completions"))
-            .set("Authorization", &format!("Bearer {key}"))
-            .send_json(body)
-            .map(|r| r.status())
-            .unwrap_or_else(|e| match e {
-                ureq::Error::Status(code, _) => code,
-                e => panic!("{e}"),
-            })
-    };
+    let [evals, web] = tenant_keys(&s, ["evals", "web"]);
+    let post = |key: &str, body: Value| complete(&s, key, None, body);
     let prompt = |n: u32, salt: u32| {
         (0..n)
             .map(|i| 100 + (i * 31 + salt) % 5000)
