@@ -163,6 +163,8 @@ pub struct Scheduler<P> {
     steps: u64,
     /// Steps running in which batch decodes sat out (at most [`BATCH_SIT_OUT_RUN`]).
     batch_sat_out: u32,
+    /// The batch phase of a step under [`StepCaps::batch`] is being planned.
+    batch_cap_in_force: bool,
     pub stats: SchedulerStats,
 }
 
@@ -178,6 +180,7 @@ impl<P> Scheduler<P> {
             next_arrival: 0,
             steps: 0,
             batch_sat_out: 0,
+            batch_cap_in_force: false,
             stats: SchedulerStats::default(),
         }
     }
@@ -411,8 +414,10 @@ impl<P> Scheduler<P> {
             }
         }
         let quarter = if batch_capped { budget / 4 } else { quarter };
+        self.batch_cap_in_force = batch_capped;
         self.prefill_running(SloClass::Batch, &mut plan, &mut budget, quarter);
         self.admit(false, &mut plan, &mut budget);
+        self.batch_cap_in_force = false;
         if (capped || batch_capped) && budget == 0 {
             self.stats.capped_steps += 1;
         }
@@ -461,10 +466,7 @@ impl<P> Scheduler<P> {
                 }
                 let victim = self.victim(i);
                 if i == 0 && victim > 0 {
-                    let id = self.running[victim].id;
-                    if let Some(at) = plan.iter().position(|p| p.id == id) {
-                        *budget += plan.remove(at).len;
-                    }
+                    self.unplan(victim, plan, budget);
                     self.preempt(victim);
                     continue;
                 }
@@ -691,12 +693,22 @@ impl<P> Scheduler<P> {
         let Some(victim) = victim else {
             return false;
         };
-        let id = self.running[victim].id;
-        if let Some(at) = plan.iter().position(|p| p.id == id) {
-            *budget += plan.remove(at).len;
-        }
+        self.unplan(victim, plan, budget);
         self.preempt(victim);
         true
+    }
+
+    /// Takes running sequence `i`'s part out of the step being planned (it is about to be
+    /// preempted); its tokens go back to the budget unless the batch cap is in force, whose
+    /// allowance was counted from the prompt tokens planned before it.
+    fn unplan(&self, i: usize, plan: &mut Vec<Planned>, budget: &mut usize) {
+        let id = self.running[i].id;
+        if let Some(at) = plan.iter().position(|p| p.id == id) {
+            let len = plan.remove(at).len;
+            if !self.batch_cap_in_force {
+                *budget += len;
+            }
+        }
     }
 
     /// The sequence to preempt when the one at `i` needs a block: the newest batch sequence
