@@ -78,6 +78,10 @@ pub struct AuditRecord {
     /// written before it existed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tool_args_sha256: Vec<String>,
+    /// An admin change (`changes.rs`: its id, actor, action, kind, target, before and after);
+    /// absent from request records and from records written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change: Option<serde_json::Value>,
 }
 
 /// Longest text of a string field of a record, in bytes as its JSON writes them (an escaped

@@ -15,6 +15,7 @@
 
 mod audit;
 mod budget;
+mod changes;
 mod checkpoint;
 mod config;
 mod error;
@@ -44,6 +45,7 @@ pub use audit::{
     chain_hash, verify_chain, AuditRecord, ChainError, ChainRow, ChainVerifier, Retention,
     VerifyReport, GENESIS,
 };
+pub use changes::{price_value, Changed, Target, MAX_CHANGES_PAGE};
 pub use checkpoint::{generate_signing_key, parse_public_key, read_signing_key, Checkpoint};
 pub use config::{default_db_path, GovConfig};
 pub use ed25519_dalek::{SigningKey, VerifyingKey};
@@ -62,8 +64,8 @@ pub use ticket::{Reservation, Ticket};
 pub use ticket::{CLIENT_CLOSED, LOCAL_BACKEND, TRACE_TARGET};
 pub use time::{day_key, month_key, now_ms};
 pub use types::{
-    BudgetInfo, BudgetPeriod, BudgetUnit, ConfigEvent, ConfigVersion, KeyInfo, LedgerState,
-    LimitInfo, Limits, TenantInfo, UsageRow,
+    BudgetInfo, BudgetPeriod, BudgetUnit, ChangeRecord, ConfigEvent, ConfigVersion, KeyInfo,
+    LedgerState, LimitInfo, Limits, TenantInfo, UsageRow,
 };
 
 /// Nano-dollars per dollar: money is kept in integer nano-dollars so sums are exact.

@@ -1,13 +1,18 @@
-//! Latency of the store on the request path, for `/metrics`: how long a request waited for its
-//! reservation and for its settlement and durable audit record. These are most of what
-//! governance adds to a request (BENCHMARKS.md, governance overhead).
+//! Governance on `/metrics`: how long a request waited for its reservation and for its
+//! settlement and durable audit record (most of what governance adds to a request:
+//! BENCHMARKS.md, governance overhead), the writer's queue, and each budget's use (what the
+//! alert rules in `deploy/prometheus/` watch).
 
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+
+use crate::types::BudgetInfo;
 
 type Labels = Vec<(String, String)>;
 
@@ -16,7 +21,13 @@ pub(crate) struct StoreMetrics {
     /// The two label sets, made once: observing allocates nothing per request.
     reserve: Histogram,
     finish: Histogram,
+    /// Set when encoded, where the store has a write queue.
+    queue: Gauge,
+    queue_capacity: Gauge,
 }
+
+/// Most budgets `/metrics` reports a series for (the first by id).
+pub const MAX_BUDGET_SERIES: usize = 256;
 
 /// The store operation a request waits for.
 #[derive(Debug, Clone, Copy)]
@@ -50,9 +61,12 @@ impl StoreMetrics {
             ];
             seconds.get_or_create(&labels).clone()
         };
+        let (queue, queue_capacity) = (Gauge::default(), Gauge::default());
         StoreMetrics {
             reserve: series("reserve"),
             finish: series("finish"),
+            queue,
+            queue_capacity,
             registry,
         }
     }
@@ -65,12 +79,62 @@ impl StoreMetrics {
         h.observe(took.as_secs_f64());
     }
 
-    /// Prometheus text, without the `# EOF` line.
-    pub(crate) fn encode(&self) -> String {
-        let mut out = String::new();
-        if encode(&mut out, &self.registry).is_err() {
-            return String::new();
+    /// Prometheus text, without the `# EOF` line; `write_queue` is the store's
+    /// [`Store::write_queue`](crate::Store::write_queue).
+    pub(crate) fn encode(&self, write_queue: Option<(usize, usize)>) -> String {
+        let mut out = text(&self.registry);
+        if let Some((queued, capacity)) = write_queue {
+            let mut registry = Registry::with_prefix("serrano");
+            self.queue.set(queued as i64);
+            self.queue_capacity.set(capacity as i64);
+            registry.register(
+                "gov_write_queue",
+                "Ledger and audit writes waiting for the store's writer thread",
+                self.queue.clone(),
+            );
+            registry.register(
+                "gov_write_queue_capacity",
+                "Writes that may wait for the writer; past it requests wait --db-busy-timeout, \
+                 then fail closed",
+                self.queue_capacity.clone(),
+            );
+            out.push_str(&text(&registry));
         }
-        out.trim_end_matches("# EOF\n").to_string()
+        out
     }
+}
+
+/// Each budget's use of its current window, `(spent + reserved) / limit` (1 when the limit is
+/// 0), for the first [`MAX_BUDGET_SERIES`] budgets.
+pub(crate) fn encode_budgets(budgets: &[BudgetInfo]) -> String {
+    let mut registry = Registry::with_prefix("serrano");
+    let used: Family<Labels, Gauge<f64, AtomicU64>> = Family::default();
+    registry.register(
+        "budget_used_ratio",
+        "Spent plus reserved over the limit, of each budget's current window (1: exhausted)",
+        used.clone(),
+    );
+    for b in budgets.iter().take(MAX_BUDGET_SERIES) {
+        let labels = vec![
+            ("tenant".to_string(), b.tenant.clone()),
+            ("key_id".to_string(), b.key_id.to_string()),
+            ("unit".to_string(), b.unit.as_str().to_string()),
+            ("period".to_string(), b.period.as_str().to_string()),
+        ];
+        let ratio = match b.limit {
+            0 => 1.0,
+            limit => (b.spent + b.reserved) as f64 / limit as f64,
+        };
+        used.get_or_create(&labels).set(ratio);
+    }
+    text(&registry)
+}
+
+/// A registry's text without its `# EOF` line (the caller ends the whole scrape).
+fn text(registry: &Registry) -> String {
+    let mut out = String::new();
+    if encode(&mut out, registry).is_err() {
+        return String::new();
+    }
+    out.trim_end_matches("# EOF\n").to_string()
 }

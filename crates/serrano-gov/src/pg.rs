@@ -93,6 +93,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "key interactive grant",
         include_str!("../migrations-pg/0003_key_interactive_grant.sql"),
     ),
+    (
+        4,
+        "admin changes",
+        include_str!("../migrations-pg/0004_admin_changes.sql"),
+    ),
 ];
 
 fn migrator() -> Migrator {

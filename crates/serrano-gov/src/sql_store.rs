@@ -16,11 +16,11 @@ use crate::keys::Role;
 use crate::rate::RateInfo;
 use crate::sql::{parse_models, usage_sql, Arg, Cols, Db};
 use crate::storage::{
-    AuditHead, FinishOp, Finished, KeyRow, ReserveOp, Store, StoredKey, UsageKey,
+    AuditHead, ChangeFilter, FinishOp, Finished, KeyRow, ReserveOp, Store, StoredKey, UsageKey,
 };
 use crate::types::{
-    BudgetInfo, BudgetPeriod, BudgetUnit, ConfigEvent, ConfigVersion, KeyInfo, LedgerState,
-    LimitInfo, Limits, TenantInfo, UsageRow,
+    BudgetInfo, BudgetPeriod, BudgetUnit, ChangeRecord, ConfigEvent, ConfigVersion, KeyInfo,
+    LedgerState, LimitInfo, Limits, NewChange, TenantInfo, UsageRow,
 };
 
 /// A config text the first time it is recorded; the store numbers it.
@@ -51,6 +51,10 @@ pub trait SqlStore: Send + Sync + 'static {
     async fn finish_request(&self, op: FinishOp) -> Result<Finished, GovError>;
     /// [`Store::flush`].
     async fn flush_writes(&self);
+    /// [`Store::write_queue`].
+    fn write_queue(&self) -> Option<(usize, usize)> {
+        None
+    }
     /// The version of `config` (found by its hash, or newly numbered and stored) inside the
     /// transaction that then records the switch to it.
     async fn config_version_of(
@@ -359,6 +363,27 @@ impl<S: SqlStore> Store for S {
         Ok(())
     }
 
+    async fn price(&self, model: &str, backend: &str) -> Result<Option<(i64, i64)>, GovError> {
+        let row = self
+            .fetch_optional(
+                "SELECT input_nusd, output_nusd FROM prices WHERE model = ?1 AND backend = ?2",
+                &[Arg::Text(model), Arg::Text(backend)],
+            )
+            .await?;
+        let pair = |r: Row<S>| Ok::<_, sqlx::Error>((r.int("input_nusd")?, r.int("output_nusd")?));
+        Ok(row.map(pair).transpose()?)
+    }
+
+    async fn delete_price(&self, model: &str, backend: &str) -> Result<bool, GovError> {
+        let n = self
+            .execute(
+                "DELETE FROM prices WHERE model = ?1 AND backend = ?2",
+                &[Arg::Text(model), Arg::Text(backend)],
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
     async fn reserve(&self, op: ReserveOp) -> Result<Option<RateInfo>, GovError> {
         self.reserve_request(op).await
     }
@@ -369,6 +394,10 @@ impl<S: SqlStore> Store for S {
 
     async fn flush(&self) {
         self.flush_writes().await
+    }
+
+    fn write_queue(&self) -> Option<(usize, usize)> {
+        SqlStore::write_queue(self)
     }
 
     async fn usage(&self, group_by: &[UsageKey]) -> Result<Vec<UsageRow>, GovError> {
@@ -536,6 +565,94 @@ impl<S: SqlStore> Store for S {
             .await?;
         Ok(row.as_ref().map(|r| version_row(r, true)).transpose()?)
     }
+    async fn insert_change(&self, c: &NewChange<'_>) -> Result<i64, GovError> {
+        let args = [
+            Arg::Int(c.time_ms),
+            Arg::Text(c.actor),
+            Arg::Text(c.action),
+            Arg::Text(c.kind),
+            Arg::Text(c.target),
+            Arg::Text(c.before),
+            Arg::Text(c.after),
+        ];
+        let rows = self
+            .fetch_all(
+                "INSERT INTO admin_changes (time_ms, actor, action, kind, target, before_value,
+                                            after_value)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) RETURNING id",
+                &args,
+            )
+            .await?;
+        returned_id(&rows)
+    }
+
+    async fn mark_change_audited(&self, id: i64, seq: u64) -> Result<(), GovError> {
+        let seq = i64::try_from(seq).unwrap_or(i64::MAX);
+        self.execute(
+            "UPDATE admin_changes SET audit_seq = ?2 WHERE id = ?1",
+            &[Arg::Int(id), Arg::Int(seq)],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn delete_pending_change(&self, id: i64) -> Result<(), GovError> {
+        self.execute(
+            "DELETE FROM admin_changes WHERE id = ?1 AND audit_seq IS NULL",
+            &[Arg::Int(id)],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn change(&self, id: i64) -> Result<Option<ChangeRecord>, GovError> {
+        let sql = format!("{CHANGE_COLUMNS} WHERE id = ?1");
+        let row = self.fetch_optional(&sql, &[Arg::Int(id)]).await?;
+        row.as_ref().map(change_row).transpose()
+    }
+
+    async fn changes(&self, f: ChangeFilter<'_>) -> Result<Vec<ChangeRecord>, GovError> {
+        let sql = format!(
+            "{CHANGE_COLUMNS}
+             WHERE (CAST(?1 AS TEXT) IS NULL OR kind = ?1)
+               AND (CAST(?2 AS TEXT) IS NULL OR target = ?2)
+               AND (CAST(?3 AS BIGINT) IS NULL OR (audit_seq IS NULL AND time_ms < ?3))
+             ORDER BY id DESC LIMIT ?4"
+        );
+        let args = [
+            Arg::OptText(f.kind),
+            Arg::OptText(f.target),
+            Arg::OptInt(f.pending_before_ms),
+            Arg::Int(f.limit),
+        ];
+        let rows = self.fetch_all(&sql, &args).await?;
+        rows.iter().map(change_row).collect()
+    }
+}
+
+const CHANGE_COLUMNS: &str = "SELECT id, time_ms, actor, action, kind, target, before_value,
+                                     after_value, audit_seq
+                              FROM admin_changes";
+
+/// A stored change; its JSON columns were written by `Governance` and parse, or the row is
+/// reported as damaged.
+fn change_row(r: &impl Cols) -> Result<ChangeRecord, GovError> {
+    let json = |col: &str| -> Result<serde_json::Value, GovError> {
+        let text = r.text(col)?;
+        serde_json::from_str(&text)
+            .map_err(|e| GovError::Unavailable(format!("admin change column {col}: {e}")))
+    };
+    Ok(ChangeRecord {
+        id: r.int("id")?,
+        time_ms: r.int("time_ms")?,
+        actor: r.text("actor")?,
+        action: r.text("action")?,
+        kind: r.text("kind")?,
+        target: json("target")?,
+        before: json("before_value")?,
+        after: json("after_value")?,
+        audit_seq: r.opt_int("audit_seq")?.map(|s| s as u64),
+    })
 }
 
 /// The chain's head, `None` while the chain is empty (SQLite has no row then, PostgreSQL's

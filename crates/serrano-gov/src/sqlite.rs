@@ -85,6 +85,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "key interactive grant",
         include_str!("../migrations/0009_key_interactive_grant.sql"),
     ),
+    (
+        10,
+        "admin changes",
+        include_str!("../migrations/0010_admin_changes.sql"),
+    ),
 ];
 
 fn migrator() -> Migrator {
@@ -180,6 +185,10 @@ impl SqlStore for SqliteStore {
 
     fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+
+    fn write_queue(&self) -> Option<(usize, usize)> {
+        Some((self.writer.len(), WRITER_QUEUE))
     }
 
     async fn reserve_request(&self, op: ReserveOp) -> Result<Option<RateInfo>, GovError> {

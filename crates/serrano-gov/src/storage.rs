@@ -26,8 +26,8 @@ use crate::error::GovError;
 use crate::keys::Role;
 use crate::rate::RateInfo;
 use crate::types::{
-    BudgetInfo, BudgetPeriod, BudgetUnit, ConfigEvent, ConfigVersion, KeyInfo, LedgerState,
-    LimitInfo, Limits, TenantInfo, UsageRow,
+    BudgetInfo, BudgetPeriod, BudgetUnit, ChangeRecord, ConfigEvent, ConfigVersion, KeyInfo,
+    LedgerState, LimitInfo, Limits, NewChange, TenantInfo, UsageRow,
 };
 
 /// A request's worst case, to reserve before it runs.
@@ -208,6 +208,10 @@ pub trait Store: Send + Sync + 'static {
         input_nusd: i64,
         output_nusd: i64,
     ) -> Result<(), GovError>;
+    /// (input, output) nano-dollars per token of a model on a backend, if set.
+    async fn price(&self, model: &str, backend: &str) -> Result<Option<(i64, i64)>, GovError>;
+    /// Whether there was a price to delete.
+    async fn delete_price(&self, model: &str, backend: &str) -> Result<bool, GovError>;
 
     // The ledger: the request path.
     /// See the module's invariants. `Some` carries the rate-limit state for the headers.
@@ -216,6 +220,9 @@ pub trait Store: Send + Sync + 'static {
     async fn finish(&self, op: FinishOp) -> Result<Finished, GovError>;
     /// Returns once every write started before the call is durable (or has failed).
     async fn flush(&self);
+    /// Ledger and audit writes waiting for the store's writer, and how many may wait, where the
+    /// store queues them (SQLite's writer thread; PostgreSQL's requests write on their own).
+    fn write_queue(&self) -> Option<(usize, usize)>;
     /// Settled usage grouped by the given columns (none: one total row), ordered by them.
     async fn usage(&self, group_by: &[UsageKey]) -> Result<Vec<UsageRow>, GovError>;
     async fn ledger_state(&self) -> Result<LedgerState, GovError>;
@@ -273,6 +280,28 @@ pub trait Store: Send + Sync + 'static {
     async fn config_events(&self) -> Result<Vec<ConfigEvent>, GovError>;
     /// With its text.
     async fn config_version(&self, version: u64) -> Result<Option<ConfigVersion>, GovError>;
+
+    // Admin changes (see `changes.rs`).
+    /// Stores a change before it is applied, not yet audited; returns its id.
+    async fn insert_change(&self, change: &NewChange<'_>) -> Result<i64, GovError>;
+    /// Notes the audit chain record of a change.
+    async fn mark_change_audited(&self, id: i64, seq: u64) -> Result<(), GovError>;
+    /// Forgets a change that could not be applied (only while it is not audited).
+    async fn delete_pending_change(&self, id: i64) -> Result<(), GovError>;
+    async fn change(&self, id: i64) -> Result<Option<ChangeRecord>, GovError>;
+    /// Changes by id, newest first, at most `limit`: of one kind, and of one target (JSON
+    /// text), when given; only those not yet audited and older than `pending_before_ms`,
+    /// when that is given.
+    async fn changes(&self, filter: ChangeFilter<'_>) -> Result<Vec<ChangeRecord>, GovError>;
+}
+
+/// Which changes [`Store::changes`] lists.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ChangeFilter<'a> {
+    pub kind: Option<&'a str>,
+    pub target: Option<&'a str>,
+    pub pending_before_ms: Option<i64>,
+    pub limit: i64,
 }
 
 /// The behaviour every [`Store`] must show, as one test over a fresh, empty store: run it from
@@ -424,6 +453,61 @@ pub(crate) mod conformance {
         assert_eq!(s.limits(None).await.unwrap()[0].limits, l);
         s.set_price("m", "local", 3, 4).await.unwrap();
         s.set_price("m", "local", 5, 6).await.unwrap();
+        assert_eq!(s.price("m", "local").await.unwrap(), Some((5, 6)));
+        s.set_price("m", "gone", 1, 1).await.unwrap();
+        assert!(s.delete_price("m", "gone").await.unwrap());
+        assert!(!s.delete_price("m", "gone").await.unwrap());
+        assert_eq!(s.price("m", "gone").await.unwrap(), None);
+
+        // Admin changes: pending until audited, listed newest first, filtered.
+        let change = |target: &'static str, after: &'static str| NewChange {
+            time_ms: now,
+            actor: "cli:root@host",
+            action: "set",
+            kind: "price",
+            target,
+            before: "null",
+            after,
+        };
+        let c1 = s.insert_change(&change("{\"m\":1}", "1")).await.unwrap();
+        let c2 = s.insert_change(&change("{\"m\":2}", "2")).await.unwrap();
+        let c3 = s.insert_change(&change("{\"m\":1}", "3")).await.unwrap();
+        assert!(c1 < c2 && c2 < c3);
+        s.mark_change_audited(c1, 7).await.unwrap();
+        s.delete_pending_change(c1).await.unwrap();
+        s.delete_pending_change(c2).await.unwrap();
+        let all = |f: ChangeFilter<'static>| async move {
+            let ids = s.changes(ChangeFilter { limit: 10, ..f }).await.unwrap();
+            ids.iter().map(|c| c.id).collect::<Vec<_>>()
+        };
+        assert_eq!(
+            all(ChangeFilter::default()).await,
+            [c3, c1],
+            "an audited change stays"
+        );
+        let one = ChangeFilter {
+            target: Some("{\"m\":1}"),
+            kind: Some("price"),
+            ..Default::default()
+        };
+        assert_eq!(all(one).await, [c3, c1]);
+        let pending = ChangeFilter {
+            pending_before_ms: Some(now + 1),
+            ..Default::default()
+        };
+        assert_eq!(all(pending).await, [c3]);
+        let stored = s.change(c1).await.unwrap().unwrap();
+        assert_eq!(
+            (
+                stored.audit_seq,
+                stored.after.clone(),
+                stored.actor.as_str()
+            ),
+            (Some(7), serde_json::json!(1), "cli:root@host")
+        );
+        assert_eq!(stored.target, serde_json::json!({"m": 1}));
+        assert_eq!(s.change(c2).await.unwrap(), None);
+        s.mark_change_audited(c3, 8).await.unwrap();
 
         // The audit chain: three records, linked, with the head at the last.
         let (rows, head) = s.audit_chain().await.unwrap();

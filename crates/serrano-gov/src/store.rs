@@ -216,7 +216,7 @@ impl Governance {
 
     /// Forgets every checked key, after a change that may affect them. The generation bump
     /// keeps a lookup that started before the change from caching what it read.
-    fn forget_keys(&self) {
+    pub(crate) fn forget_keys(&self) {
         let mut cache = self
             .inner
             .auth_cache
@@ -460,7 +460,11 @@ impl Governance {
         self.store().limits(tenant).await
     }
 
-    async fn check_key_owner(&self, t: &TenantInfo, key_id: Option<i64>) -> Result<(), GovError> {
+    pub(crate) async fn check_key_owner(
+        &self,
+        t: &TenantInfo,
+        key_id: Option<i64>,
+    ) -> Result<(), GovError> {
         if let Some(k) = key_id {
             if self.store().key_tenant(k).await? != Some(t.id) {
                 return Err(GovError::NotFound(format!(
@@ -656,7 +660,13 @@ impl Governance {
 
     /// Prometheus text of the store's latency (`serrano:gov_store_seconds`), without `# EOF`.
     pub fn encode_metrics(&self) -> String {
-        self.inner.metrics.encode()
+        self.inner.metrics.encode(self.store().write_queue())
+    }
+
+    /// Prometheus text of each budget's use (`serrano_budget_used_ratio`), without `# EOF`:
+    /// read from the store at each scrape.
+    pub async fn encode_budget_metrics(&self) -> Result<String, GovError> {
+        Ok(crate::metrics::encode_budgets(&self.budgets(None).await?))
     }
 
     /// Returns once every write queued before the call is committed (or has failed): call at

@@ -172,3 +172,32 @@ pub struct ConfigEvent {
     pub author: String,
     pub action: String,
 }
+
+/// One admin change as stored: who made it, what it applied to, the values before and after
+/// (JSON; `null` where there was none), and the audit chain record that holds it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ChangeRecord {
+    pub id: i64,
+    pub time_ms: i64,
+    pub actor: String,
+    pub action: String,
+    pub kind: String,
+    pub target: serde_json::Value,
+    pub before: serde_json::Value,
+    pub after: serde_json::Value,
+    /// `None` while the change is being applied (or was interrupted before its record).
+    pub audit_seq: Option<u64>,
+}
+
+/// A change to store before it is applied.
+#[derive(Debug, Clone)]
+pub struct NewChange<'a> {
+    pub time_ms: i64,
+    pub actor: &'a str,
+    pub action: &'a str,
+    pub kind: &'a str,
+    /// JSON texts.
+    pub target: &'a str,
+    pub before: &'a str,
+    pub after: &'a str,
+}

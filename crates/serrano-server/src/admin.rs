@@ -1,5 +1,8 @@
 //! `/admin/v1/...`: tenants, keys, budgets, prices, usage and audit, for admin-scoped keys (the
 //! gate refuses other keys with 403). The same operations back `serrano admin` on the CLI.
+//! Every change is an admin change of `serrano-gov` (`changes`): stored with who made it and the
+//! values before and after, and audited; budgets, limits, prices and policies are versions that
+//! `/admin/v1/changes/{id}/rollback` and `.../undo` restore.
 
 use std::sync::Arc;
 
@@ -9,13 +12,17 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use serrano_gov::{BudgetPeriod, BudgetUnit, GovError, NewKey, Retention, Role};
+use serrano_gov::{
+    BudgetPeriod, BudgetUnit, Changed, GovError, NewKey, Retention, Role, Target, Ticket,
+};
 
 use crate::error::ApiError;
 use crate::extract::{JsonBody, TextBody};
 use crate::state::AppState;
 
 type St = State<Arc<AppState>>;
+/// The request's ticket, whose principal is the change's actor.
+type Actor = axum::Extension<Ticket>;
 
 /// Most audit records one listing returns.
 const MAX_AUDIT_PAGE: i64 = 1000;
@@ -30,9 +37,20 @@ pub struct NewTenant {
 
 pub async fn create_tenant(
     State(st): St,
+    axum::Extension(ticket): Actor,
     JsonBody(t): JsonBody<NewTenant>,
 ) -> Result<Response, ApiError> {
     let info = st.gov.create_tenant(&t.name, t.retention).await?;
+    let after = json!({"retention": info.retention});
+    st.gov
+        .record_event(
+            &author(&ticket),
+            "create",
+            "tenant",
+            json!({"tenant": info.name}),
+            after,
+        )
+        .await?;
     Ok((StatusCode::CREATED, Json(info)).into_response())
 }
 
@@ -45,12 +63,25 @@ pub async fn tenants(State(st): St) -> Result<Json<Value>, ApiError> {
 /// Sets a tenant's safety-filter policy (the body is the policy; `null` removes it).
 pub async fn set_policy(
     State(st): St,
+    axum::Extension(ticket): Actor,
     Path(name): Path<String>,
     JsonBody(policy): JsonBody<Value>,
 ) -> Result<Json<Value>, ApiError> {
-    let text = (!policy.is_null()).then(|| policy.to_string());
-    st.gov.set_policy(&name, text.as_deref()).await?;
-    Ok(Json(json!({"tenant": name, "policy": policy})))
+    let target = Target::Policy {
+        tenant: name.clone(),
+    };
+    let c = st.gov.change(&author(&ticket), target, policy).await?;
+    Ok(Json(changed(
+        &c,
+        json!({"tenant": name, "policy": c.record.after}),
+    )))
+}
+
+/// A change's answer: `fields`, with the change's id and the audit record's sequence number.
+fn changed(c: &Changed, mut fields: Value) -> Value {
+    fields["change"] = json!(c.record.id);
+    fields["audit_seq"] = json!(c.record.audit_seq);
+    fields
 }
 
 #[derive(Deserialize)]
@@ -71,6 +102,7 @@ pub struct KeyRequest {
 /// Creates a key; the response is the only place its secret ever appears.
 pub async fn create_key(
     State(st): St,
+    axum::Extension(ticket): Actor,
     JsonBody(k): JsonBody<KeyRequest>,
 ) -> Result<Response, ApiError> {
     let expires_ms = k
@@ -88,6 +120,10 @@ pub async fn create_key(
         })
         .await?;
     let mut body = serde_json::to_value(info).map_err(ApiError::internal)?;
+    let target = json!({"tenant": body["tenant"], "key_id": body["id"]});
+    st.gov
+        .record_event(&author(&ticket), "create", "key", target, body.clone())
+        .await?;
     body["key"] = Value::String(secret);
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
@@ -103,8 +139,16 @@ pub async fn keys(State(st): St, Query(f): Query<TenantFilter>) -> Result<Json<V
     ))
 }
 
-pub async fn revoke_key(State(st): St, Path(id): Path<i64>) -> Result<Json<Value>, ApiError> {
+pub async fn revoke_key(
+    State(st): St,
+    axum::Extension(ticket): Actor,
+    Path(id): Path<i64>,
+) -> Result<Json<Value>, ApiError> {
     st.gov.revoke_key(id).await?;
+    let (target, after) = (json!({"key_id": id}), json!({"revoked": true}));
+    st.gov
+        .record_event(&author(&ticket), "revoke", "key", target, after)
+        .await?;
     Ok(Json(json!({"id": id, "revoked": true})))
 }
 
@@ -121,14 +165,21 @@ pub struct BudgetRequest {
 
 pub async fn set_budget(
     State(st): St,
+    axum::Extension(ticket): Actor,
     JsonBody(b): JsonBody<BudgetRequest>,
 ) -> Result<Json<Value>, ApiError> {
     let limit = budget_amount(b.unit, b.limit)?;
-    let id = st
+    let target = Target::Budget {
+        tenant: b.tenant,
+        key_id: b.key_id,
+        unit: b.unit,
+        period: b.period,
+    };
+    let c = st
         .gov
-        .set_budget(&b.tenant, b.key_id, b.unit, b.period, limit)
+        .change(&author(&ticket), target, json!(limit))
         .await?;
-    Ok(Json(json!({"id": id, "limit": limit})))
+    Ok(Json(changed(&c, json!({"id": c.row_id, "limit": limit}))))
 }
 
 /// A budget limit in ledger units: whole tokens, or nano-dollars.
@@ -169,6 +220,7 @@ pub struct LimitRequest {
 
 pub async fn set_limits(
     State(st): St,
+    axum::Extension(ticket): Actor,
     JsonBody(l): JsonBody<LimitRequest>,
 ) -> Result<Json<Value>, ApiError> {
     let limits = serrano_gov::Limits {
@@ -178,8 +230,15 @@ pub async fn set_limits(
         tool_calls_per_minute: l.tool_calls_per_minute,
         tool_calls_per_day: l.tool_calls_per_day,
     };
-    let id = st.gov.set_limits(&l.tenant, l.key_id, limits).await?;
-    Ok(Json(json!({"id": id})))
+    let target = Target::Limits {
+        tenant: l.tenant,
+        key_id: l.key_id,
+    };
+    let c = st
+        .gov
+        .change(&author(&ticket), target, json!(limits))
+        .await?;
+    Ok(Json(changed(&c, json!({"id": c.row_id}))))
 }
 
 pub async fn limits(State(st): St, Query(f): Query<TenantFilter>) -> Result<Json<Value>, ApiError> {
@@ -206,17 +265,33 @@ fn local() -> String {
 
 pub async fn set_price(
     State(st): St,
+    axum::Extension(ticket): Actor,
     JsonBody(p): JsonBody<PriceRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    st.gov
-        .set_price(
-            &p.model,
-            &p.backend,
-            p.input_per_million,
-            p.output_per_million,
-        )
-        .await?;
-    Ok(Json(json!({"model": p.model, "backend": p.backend})))
+    let value = price_nusd(p.input_per_million, p.output_per_million)?;
+    let target = Target::Price {
+        model: p.model.clone(),
+        backend: p.backend.clone(),
+    };
+    let c = st.gov.change(&author(&ticket), target, value).await?;
+    Ok(Json(changed(
+        &c,
+        json!({"model": p.model, "backend": p.backend}),
+    )))
+}
+
+/// A price in dollars per million tokens as its stored value (nano-dollars per token).
+pub fn price_nusd(input_per_million: f64, output_per_million: f64) -> Result<Value, GovError> {
+    let ok = |p: f64| (0.0..=1e6).contains(&p);
+    if !ok(input_per_million) || !ok(output_per_million) {
+        return Err(GovError::Invalid(
+            "prices must be between 0 and 1,000,000 dollars per million tokens".into(),
+        ));
+    }
+    Ok(serrano_gov::price_value(
+        serrano_gov::nusd_per_token(input_per_million),
+        serrano_gov::nusd_per_token(output_per_million),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -287,9 +362,14 @@ pub struct EraseRequest {
 
 pub async fn erase(
     State(st): St,
+    axum::Extension(ticket): Actor,
     JsonBody(e): JsonBody<EraseRequest>,
 ) -> Result<Json<Value>, ApiError> {
     let n = st.gov.erase_content(&e.tenant).await?;
+    let (target, after) = (json!({"tenant": e.tenant}), json!({"erased_records": n}));
+    st.gov
+        .record_event(&author(&ticket), "erase", "content", target, after)
+        .await?;
     Ok(Json(json!({"tenant": e.tenant, "erased_records": n})))
 }
 
@@ -313,8 +393,8 @@ pub async fn config(State(st): St) -> Json<Value> {
     }))
 }
 
-/// Who applied a config: the admin key's shown prefix.
-fn author(ticket: &serrano_gov::Ticket) -> String {
+/// Who made a change: the admin key's shown prefix.
+fn author(ticket: &Ticket) -> String {
     ticket
         .principal()
         .map_or_else(|| "unknown".into(), |p| p.key_prefix)
@@ -324,10 +404,14 @@ fn author(ticket: &serrano_gov::Ticket) -> String {
 /// field at fault, and the active config keeps serving.
 pub async fn apply_config(
     State(st): St,
-    axum::Extension(ticket): axum::Extension<serrano_gov::Ticket>,
+    axum::Extension(ticket): Actor,
     TextBody(body): TextBody,
 ) -> Result<Json<Value>, ApiError> {
     let version = st.routing.apply(&body, &author(&ticket), "apply").await?;
+    let after = json!({"version": version});
+    st.gov
+        .record_event(&author(&ticket), "apply", "config", json!({}), after)
+        .await?;
     Ok(Json(json!({"version": version})))
 }
 
@@ -340,10 +424,14 @@ pub struct Rollback {
 /// Applies a stored version again.
 pub async fn rollback_config(
     State(st): St,
-    axum::Extension(ticket): axum::Extension<serrano_gov::Ticket>,
+    axum::Extension(ticket): Actor,
     JsonBody(r): JsonBody<Rollback>,
 ) -> Result<Json<Value>, ApiError> {
     let version = st.routing.rollback(r.version, &author(&ticket)).await?;
+    let after = json!({"version": version});
+    st.gov
+        .record_event(&author(&ticket), "rollback", "config", json!({}), after)
+        .await?;
     Ok(Json(json!({"version": version})))
 }
 
@@ -381,4 +469,73 @@ pub async fn config_diff(State(st): St, Query(q): Query<DiffQuery>) -> Result<Re
         &format!("version {}", q.to),
     );
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], diff).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangeQuery {
+    /// Only changes of this kind (policy, budget, limits, price, tenant, key, content, config).
+    kind: Option<String>,
+    /// Most changes returned, newest first (at most `MAX_CHANGES_PAGE`).
+    limit: Option<i64>,
+}
+
+/// Admin changes, newest first.
+pub async fn changes(State(st): St, Query(q): Query<ChangeQuery>) -> Result<Json<Value>, ApiError> {
+    let limit = q.limit.unwrap_or(100);
+    let data = st.gov.changes(q.kind.as_deref(), None, limit).await?;
+    Ok(Json(json!({"object": "list", "data": data})))
+}
+
+pub async fn change(State(st): St, Path(id): Path<i64>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(json!(st.gov.change_record(id).await?)))
+}
+
+/// Applies again what change `id` set.
+pub async fn rollback_change(
+    State(st): St,
+    axum::Extension(ticket): Actor,
+    Path(id): Path<i64>,
+) -> Result<Json<Value>, ApiError> {
+    let c = st.gov.rollback_change(&author(&ticket), id).await?;
+    Ok(Json(json!(c.record)))
+}
+
+/// Restores what change `id` replaced.
+pub async fn undo_change(
+    State(st): St,
+    axum::Extension(ticket): Actor,
+    Path(id): Path<i64>,
+) -> Result<Json<Value>, ApiError> {
+    let c = st.gov.undo_change(&author(&ticket), id).await?;
+    Ok(Json(json!(c.record)))
+}
+
+/// A unified diff between the values two changes set (pretty JSON), e.g. two versions of a
+/// policy.
+pub async fn change_diff_route(
+    State(st): St,
+    Query(q): Query<DiffQuery>,
+) -> Result<Response, ApiError> {
+    let from = i64::try_from(q.from).unwrap_or(i64::MAX);
+    let to = i64::try_from(q.to).unwrap_or(i64::MAX);
+    let diff = change_diff(&st.gov, from, to).await?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], diff).into_response())
+}
+
+/// The diff `/admin/v1/changes/diff` and `serrano admin change diff` show.
+pub async fn change_diff(
+    gov: &serrano_gov::Governance,
+    from: i64,
+    to: i64,
+) -> Result<String, GovError> {
+    let text = |v: &Value| serde_json::to_string_pretty(v).unwrap_or_default() + "\n";
+    let a = gov.change_record(from).await?;
+    let b = gov.change_record(to).await?;
+    Ok(serrano_router::config::diff(
+        &text(&a.after),
+        &text(&b.after),
+        &format!("change {from}"),
+        &format!("change {to}"),
+    ))
 }

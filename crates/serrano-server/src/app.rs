@@ -50,6 +50,11 @@ pub const ROUTES: &[(&str, &[&str])] = &[
     ("/admin/v1/config/versions/{version}", &["GET"]),
     ("/admin/v1/config/diff", &["GET"]),
     ("/admin/v1/config/rollback", &["POST"]),
+    ("/admin/v1/changes", &["GET"]),
+    ("/admin/v1/changes/diff", &["GET"]),
+    ("/admin/v1/changes/{id}", &["GET"]),
+    ("/admin/v1/changes/{id}/rollback", &["POST"]),
+    ("/admin/v1/changes/{id}/undo", &["POST"]),
 ];
 
 fn route(path: &str, gateway: &Gateway) -> axum::routing::MethodRouter<Arc<AppState>> {
@@ -89,6 +94,11 @@ fn route(path: &str, gateway: &Gateway) -> axum::routing::MethodRouter<Arc<AppSt
         "/admin/v1/config/versions/{version}" => get(admin::config_version),
         "/admin/v1/config/diff" => get(admin::config_diff),
         "/admin/v1/config/rollback" => post(admin::rollback_config),
+        "/admin/v1/changes" => get(admin::changes),
+        "/admin/v1/changes/diff" => get(admin::change_diff_route),
+        "/admin/v1/changes/{id}" => get(admin::change),
+        "/admin/v1/changes/{id}/rollback" => post(admin::rollback_change),
+        "/admin/v1/changes/{id}/undo" => post(admin::undo_change),
         // Unreachable while ROUTES and this match agree; a test keeps them so.
         _ => axum::routing::any(not_found),
     }
@@ -193,6 +203,10 @@ async fn health() -> Json<serde_json::Value> {
 async fn metrics(
     axum::extract::State(st): axum::extract::State<Arc<AppState>>,
 ) -> impl axum::response::IntoResponse {
+    let budgets = st.gov.encode_budget_metrics().await.unwrap_or_else(|e| {
+        tracing::warn!("/metrics without budgets: {e}");
+        String::new()
+    });
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -206,7 +220,7 @@ async fn metrics(
                 .map(|e| e.metrics().encode())
                 .collect();
             format!(
-                "{}{}{}{}# EOF\n",
+                "{}{}{}{}{budgets}# EOF\n",
                 merge_families(&engines),
                 st.routing.encode_metrics(),
                 st.shield.metrics.encode(),

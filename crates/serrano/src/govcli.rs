@@ -6,7 +6,10 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use serrano_gov::{BudgetPeriod, BudgetUnit, GovConfig, Governance, NewKey, Retention, Role};
+use serde_json::json;
+use serrano_gov::{
+    BudgetPeriod, BudgetUnit, Changed, GovConfig, Governance, NewKey, Retention, Role, Target,
+};
 
 #[derive(Args, Clone)]
 pub struct DbArgs {
@@ -46,6 +49,31 @@ pub enum AdminCommand {
     /// Prices per model and backend, in dollars per million tokens.
     #[command(subcommand)]
     Price(PriceCommand),
+    /// The history of admin changes (API and CLI): who, what, before and after; roll a
+    /// budget, limit, price or policy back to any version, or undo a change.
+    #[command(subcommand)]
+    Change(ChangeCommand),
+}
+
+#[derive(Subcommand)]
+pub enum ChangeCommand {
+    /// Changes, newest first, as JSON.
+    List {
+        /// Only this kind: policy, budget, limits, price, tenant, key, retention, content,
+        /// config.
+        #[arg(long)]
+        kind: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// One change, as JSON.
+    Show { id: i64 },
+    /// Set again what change ID set (a new change).
+    Rollback { id: i64 },
+    /// Restore what change ID replaced (a new change).
+    Undo { id: i64 },
+    /// A unified diff between the values two changes set.
+    Diff { from: i64, to: i64 },
 }
 
 #[derive(Subcommand)]
@@ -262,24 +290,47 @@ pub fn print_json(v: &impl serde::Serialize) -> Result<()> {
     Ok(())
 }
 
+/// Who a change made here is attributed to: the operating-system user and host.
+pub fn cli_actor() -> String {
+    let host = whoami::fallible::hostname().unwrap_or_else(|_| "unknown-host".into());
+    format!("cli:{}@{host}", whoami::username())
+}
+
+/// Reports a change on stderr.
+fn report(c: &Changed) {
+    let seq = c.record.audit_seq.unwrap_or(0);
+    eprintln!(
+        "change {} ({} {}) by {}, audit record {seq}",
+        c.record.id, c.record.action, c.record.kind, c.record.actor
+    );
+}
+
 pub fn admin(db: &DbArgs, cmd: AdminCommand) -> Result<()> {
+    let actor = cli_actor();
+    let actor = actor.as_str();
     with_gov(db, async |gov| match cmd {
         AdminCommand::Tenant(TenantCommand::Create { name, retention }) => {
-            print_json(&gov.create_tenant(&name, retention).await?)
+            let info = gov.create_tenant(&name, retention).await?;
+            let after = json!({"retention": info.retention});
+            gov.record_event(actor, "create", "tenant", json!({"tenant": name}), after)
+                .await?;
+            print_json(&info)
         }
         AdminCommand::Tenant(TenantCommand::Retention { name, retention }) => {
             gov.set_retention(&name, retention).await?;
+            let after = json!({"retention": retention});
+            gov.record_event(actor, "set", "retention", json!({"tenant": name}), after)
+                .await?;
             Ok(())
         }
         AdminCommand::Tenant(TenantCommand::Policy { name, json, clear }) => {
-            if json.is_none() && !clear {
-                bail!("give --json POLICY or --clear");
-            }
-            gov.set_policy(&name, json.as_deref()).await?;
-            eprintln!(
-                "policy of tenant '{name}' {}",
-                if clear { "removed" } else { "set" }
-            );
+            let policy: serde_json::Value = match (json, clear) {
+                (Some(text), _) => serde_json::from_str(&text).context("--json")?,
+                (None, true) => serde_json::Value::Null,
+                (None, false) => bail!("give --json POLICY or --clear"),
+            };
+            let target = Target::Policy { tenant: name };
+            report(&gov.change(actor, target, policy).await?);
             Ok(())
         }
         AdminCommand::Tenant(TenantCommand::List) => print_json(&gov.tenants().await?),
@@ -303,6 +354,9 @@ pub fn admin(db: &DbArgs, cmd: AdminCommand) -> Result<()> {
                     expires_ms,
                 })
                 .await?;
+            let target = json!({"tenant": info.tenant, "key_id": info.id});
+            gov.record_event(actor, "create", "key", target, json!(info))
+                .await?;
             eprintln!(
                 "created key {} ({}) for tenant '{}'; the secret is shown only now:",
                 info.id, info.prefix, info.tenant
@@ -315,6 +369,9 @@ pub fn admin(db: &DbArgs, cmd: AdminCommand) -> Result<()> {
         }
         AdminCommand::Key(KeyCommand::Revoke { id }) => {
             gov.revoke_key(id).await?;
+            let (target, after) = (json!({"key_id": id}), json!({"revoked": true}));
+            gov.record_event(actor, "revoke", "key", target, after)
+                .await?;
             eprintln!("revoked key {id}");
             Ok(())
         }
@@ -326,8 +383,13 @@ pub fn admin(db: &DbArgs, cmd: AdminCommand) -> Result<()> {
             limit,
         }) => {
             let amount = serrano_server::budget_amount(unit, limit)?;
-            let id = gov.set_budget(&tenant, key, unit, period, amount).await?;
-            eprintln!("budget {id} set");
+            let target = Target::Budget {
+                tenant,
+                key_id: key,
+                unit,
+                period,
+            };
+            report(&gov.change(actor, target, json!(amount)).await?);
             Ok(())
         }
         AdminCommand::Budget(BudgetCommand::List { tenant }) => {
@@ -349,8 +411,11 @@ pub fn admin(db: &DbArgs, cmd: AdminCommand) -> Result<()> {
                 tool_calls_per_minute,
                 tool_calls_per_day,
             };
-            let id = gov.set_limits(&tenant, key, limits).await?;
-            eprintln!("limits {id} set");
+            let target = Target::Limits {
+                tenant,
+                key_id: key,
+            };
+            report(&gov.change(actor, target, json!(limits)).await?);
             Ok(())
         }
         AdminCommand::Limit(LimitCommand::List { tenant }) => {
@@ -362,10 +427,34 @@ pub fn admin(db: &DbArgs, cmd: AdminCommand) -> Result<()> {
             input,
             output,
         }) => {
-            gov.set_price(&model, &backend, input, output).await?;
+            let value = serrano_server::price_nusd(input, output)?;
+            let target = Target::Price { model, backend };
+            report(&gov.change(actor, target, value).await?);
             Ok(())
         }
+        AdminCommand::Change(cmd) => change(&gov, actor, cmd).await,
     })
+}
+
+async fn change(gov: &Governance, actor: &str, cmd: ChangeCommand) -> Result<()> {
+    match cmd {
+        ChangeCommand::List { kind, limit } => {
+            print_json(&gov.changes(kind.as_deref(), None, limit).await?)
+        }
+        ChangeCommand::Show { id } => print_json(&gov.change_record(id).await?),
+        ChangeCommand::Rollback { id } => {
+            report(&gov.rollback_change(actor, id).await?);
+            Ok(())
+        }
+        ChangeCommand::Undo { id } => {
+            report(&gov.undo_change(actor, id).await?);
+            Ok(())
+        }
+        ChangeCommand::Diff { from, to } => {
+            print!("{}", serrano_server::change_diff(gov, from, to).await?);
+            Ok(())
+        }
+    }
 }
 
 pub fn usage(a: UsageArgs) -> Result<()> {
@@ -504,6 +593,9 @@ pub fn audit(db: &DbArgs, cmd: AuditCommand) -> Result<()> {
         }
         AuditCommand::Erase { tenant } => {
             let n = gov.erase_content(&tenant).await?;
+            let (target, after) = (json!({"tenant": tenant}), json!({"erased_records": n}));
+            gov.record_event(&cli_actor(), "erase", "content", target, after)
+                .await?;
             eprintln!("erased the stored content of {n} records of tenant '{tenant}'");
             Ok(())
         }

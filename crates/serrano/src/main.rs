@@ -517,6 +517,8 @@ fn run_server(engines: serrano_server::engines::LocalEngines, a: ServerArgs) -> 
         if let Some(key) = gov.bootstrap(a.admin_key.as_deref()).await? {
             show_first_admin_key(&db, &key)?;
         }
+        // Admin changes a process died in the middle of: applied and audited before serving.
+        gov.finish_interrupted_changes().await?;
         tracing::info!(db = %a.db.shown(), "governance on: every request needs an API key");
         if let Some(path) = &a.audit_signing_key {
             let key = serrano_gov::read_signing_key(path)?;

@@ -89,6 +89,13 @@ fn least_loaded_spreads_streams_over_the_local_engine_and_a_remote_node() {
         &config("least-loaded", &remote, false),
         &["--served-model-name", "tiny"],
     );
+    // One short stream to each first (ties go round robin), so neither backend's first
+    // request (the engine's start-up calibration, a new upstream connection) is in the burst:
+    // a backend slow to start keeps its first streams in flight and is passed over.
+    let warm: Vec<String> = (0..2)
+        .map(|_| stream(s.url("/v1/chat/completions"), 1))
+        .collect();
+    assert!(warm.contains(&"local".to_string()) && warm.contains(&"remote".to_string()));
     // All 16 start together and run long enough to overlap even on a loaded machine (each
     // pick then sees the others in flight, which is what least-loaded balances).
     let start = std::sync::Arc::new(std::sync::Barrier::new(16));
