@@ -193,6 +193,8 @@ pub enum Event {
         id: u32,
         text: String,
         logprobs: Option<TokenLogprobs>,
+        /// When it was sampled and what the step that computed it held.
+        step: TokenStep,
     },
     Finished {
         reason: FinishReason,
@@ -201,6 +203,23 @@ pub enum Event {
         timing: Timing,
     },
     Error(String),
+}
+
+/// The engine step a token came from, so a trace can show where an inter-token gap came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenStep {
+    /// When the token was sampled.
+    pub at: Instant,
+    /// The engine's step number (counted from its start).
+    pub index: u64,
+    /// When the step began.
+    pub started: Instant,
+    /// Sequences in the step.
+    pub seqs: u32,
+    /// Of them, those decoding one token.
+    pub decode_seqs: u32,
+    /// Prompt tokens computed in the step (chunks of prompts, recomputed preempted tokens).
+    pub prefill_tokens: u32,
 }
 
 /// When a finished sequence's phases began and ended, on the engine's clock (for traces: queue,
@@ -384,6 +403,33 @@ impl EngineHandle {
 
     pub fn metrics(&self) -> &Arc<EngineMetrics> {
         &self.metrics
+    }
+
+    /// Checks that the engine answers: one token of a one-token prompt, greedy, whose
+    /// log-probability must be finite (weights that load but compute NaN fail here). Blocks the
+    /// calling thread (call it off async workers), for one prefill step of the model.
+    pub fn verify(&self) -> Result<(), String> {
+        let mut req = GenerateRequest::new(vec![0], 1);
+        req.ignore_eos = true;
+        req.logprobs = Some(0);
+        req.sampling.temperature = 0.0;
+        let mut rx = self.submit(req).map_err(|e| e.to_string())?;
+        let mut answered = false;
+        while let Some(event) = rx.blocking_recv() {
+            match event {
+                Event::Token { logprobs, .. } => {
+                    let lp = logprobs.map_or(f32::NAN, |l| l.logprob);
+                    if !lp.is_finite() {
+                        return Err(format!("the model's first token has log-probability {lp}"));
+                    }
+                    answered = true;
+                }
+                Event::Error(e) => return Err(e),
+                Event::Finished { .. } if answered => return Ok(()),
+                _ => {}
+            }
+        }
+        Err("the engine stopped before it answered".into())
     }
 
     /// Queues a request; fails at once (never blocks) when the queue is full.
@@ -637,6 +683,9 @@ pub fn start_from_gguf(file: &GgufFile, config: EngineConfig) -> Result<EngineHa
         epoch: Instant::now(),
         calibrate: config.calibrate,
         interactive_seen: None,
+        step_count: 0,
+        this_step: None,
+        model_name: config.model_name.clone(),
     };
     thread::Builder::new()
         .name("serrano-engine".into())
@@ -740,6 +789,11 @@ struct Worker {
     /// The last interactive arrival with an inter-token target, and the tightest target
     /// among those arriving within [`INTERACTIVE_WATCH`] of each other.
     interactive_seen: Option<(Instant, Duration)>,
+    /// Steps run so far; the step in progress, for the tokens it samples.
+    step_count: u64,
+    this_step: Option<TokenStep>,
+    /// Its `model_name`, for the log.
+    model_name: String,
 }
 
 impl Worker {
@@ -751,7 +805,12 @@ impl Worker {
             if self.sched.is_idle() {
                 match self.rx.blocking_recv() {
                     Some(s) => self.admit(s),
-                    None => return,
+                    None => {
+                        // Every handle is gone (a config stopped naming this model and its
+                        // last requests ended): the weights and KV pool are freed on return.
+                        tracing::info!(model = %self.model_name, "engine stopped");
+                        return;
+                    }
                 }
             }
             // Take new requests only while the engine's own queue has room: the channel stays
@@ -947,6 +1006,16 @@ impl Worker {
         self.metrics
             .iteration_tokens_total
             .observe(plan.iter().map(|p| p.len).sum::<usize>() as f64);
+        let shape = scheduler::step_shape(&plan);
+        self.step_count += 1;
+        self.this_step = Some(TokenStep {
+            at: started,
+            index: self.step_count,
+            started,
+            seqs: plan.len() as u32,
+            decode_seqs: shape.decode_seqs as u32,
+            prefill_tokens: shape.prefill_tokens as u32,
+        });
         let now = Instant::now();
         let mut inputs: Vec<Vec<u32>> = Vec::with_capacity(plan.len());
         let mut wants = Vec::with_capacity(plan.len());
@@ -1165,12 +1234,24 @@ impl Worker {
             text.push_str(&emit);
             text.push_str(&s.stop.flush());
         }
+        let step = TokenStep {
+            at: now,
+            ..self.this_step.unwrap_or(TokenStep {
+                at: now,
+                index: 0,
+                started: now,
+                seqs: 0,
+                decode_seqs: 0,
+                prefill_tokens: 0,
+            })
+        };
         send(
             s,
             Event::Token {
                 id: token,
                 text,
                 logprobs: lp,
+                step,
             },
         );
         // Counted as generated, not when the request ends: a cancelled request's tokens were

@@ -36,7 +36,7 @@ pub use chat::ChatMessage;
 pub use constraint::{Constraint, ConstraintFactory, TokenConstraint, TokenMask};
 pub use engine::{
     start, start_from_gguf, EngineConfig, EngineHandle, Event, FinishReason, GenerateRequest,
-    ModelInfo, SubmitError, Timing, MAX_LOGPROBS,
+    ModelInfo, SubmitError, Timing, TokenStep, MAX_LOGPROBS,
 };
 pub use error::{EngineError, Result};
 pub use sampling::{SamplingParams, TokenLogprobs};

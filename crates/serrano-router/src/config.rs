@@ -299,6 +299,9 @@ pub struct Tenant {
     pub class: Option<Class>,
     /// The tenant's safety filters, applied to the governance store with the config.
     pub filters: Option<serrano_safety::Policy>,
+    /// Each traced request of the tenant on a local engine gets an event per token (default
+    /// false; a request can ask with `x-serrano-trace-tokens: true`).
+    pub trace_tokens: Option<bool>,
 }
 
 /// `[[price]]`: a price for one model on one backend, overriding the backend's `price`.

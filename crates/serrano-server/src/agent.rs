@@ -105,6 +105,10 @@ async fn run(
         };
         req.extra.insert("tool_choice".into(), choice);
         let step = ticket.child(&format!("step{round}"));
+        step.set_span(crate::trace::sub_request(
+            &ticket.span(),
+            &format!("tool use step {round}"),
+        ));
         let mut answer = pipeline::step(st, &step, headers, req.clone(), deadline).await?;
         ticket.set_model(&answer.model);
         if let Some(u) = &answer.usage {
@@ -355,6 +359,10 @@ async fn execute(
     let f = &call.function;
     ticket.add_tool_call(&f.name, &f.arguments);
     let record = ticket.child(suffix);
+    record.set_span(crate::trace::sub_request(
+        &ticket.span(),
+        &format!("tool call {}", f.name),
+    ));
     let output = match serde_json::from_str::<Value>(&f.arguments) {
         Ok(args @ Value::Object(_)) => st
             .mcp

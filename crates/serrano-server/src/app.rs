@@ -55,6 +55,11 @@ pub const ROUTES: &[(&str, &[&str])] = &[
     ("/admin/v1/changes/{id}", &["GET"]),
     ("/admin/v1/changes/{id}/rollback", &["POST"]),
     ("/admin/v1/changes/{id}/undo", &["POST"]),
+    ("/ui", &["GET"]),
+    ("/ui/console.js", &["GET"]),
+    ("/ui/console.css", &["GET"]),
+    ("/ui/uPlot.iife.min.js", &["GET"]),
+    ("/ui/uPlot.min.css", &["GET"]),
 ];
 
 fn route(path: &str, gateway: &Gateway) -> axum::routing::MethodRouter<Arc<AppState>> {
@@ -99,6 +104,11 @@ fn route(path: &str, gateway: &Gateway) -> axum::routing::MethodRouter<Arc<AppSt
         "/admin/v1/changes/{id}" => get(admin::change),
         "/admin/v1/changes/{id}/rollback" => post(admin::rollback_change),
         "/admin/v1/changes/{id}/undo" => post(admin::undo_change),
+        "/ui"
+        | "/ui/console.js"
+        | "/ui/console.css"
+        | "/ui/uPlot.iife.min.js"
+        | "/ui/uPlot.min.css" => get(crate::console::file),
         // Unreachable while ROUTES and this match agree; a test keeps them so.
         _ => axum::routing::any(not_found),
     }

@@ -82,6 +82,9 @@ pub struct Generation {
     /// Its latency targets in a local engine (its tenant's `slo`; `None`: the engine's own).
     pub ttft_target: Option<std::time::Duration>,
     pub itl_target: Option<std::time::Duration>,
+    /// A traced request's local engine adds an event per token to its decode span (the
+    /// tenant's `trace_tokens`, or the `x-serrano-trace-tokens` header).
+    pub token_events: bool,
 }
 
 impl Generation {
@@ -172,6 +175,7 @@ impl Generation {
             class: serrano_engine::SloClass::default(),
             ttft_target: None,
             itl_target: None,
+            token_events: false,
             request,
         })
     }

@@ -15,8 +15,16 @@ use tracing::Instrument;
 use crate::error::{ApiError, ErrorNote};
 use crate::state::AppState;
 
-/// Routes anyone may call without a key. Everything else, unknown paths included, needs one.
-pub const PUBLIC_ROUTES: &[&str] = &["/health"];
+/// Routes anyone may call without a key: the health check and the console's files (which hold
+/// no data; see `console`). Everything else, unknown paths included, needs one.
+pub const PUBLIC_ROUTES: &[&str] = &[
+    "/health",
+    "/ui",
+    "/ui/console.js",
+    "/ui/console.css",
+    "/ui/uPlot.iife.min.js",
+    "/ui/uPlot.min.css",
+];
 /// A client-chosen request id; a replayed one is refused (409) and never charged twice.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// Lets an admin key act for a tenant (a gateway forwarding its caller); others get 403.
@@ -27,6 +35,7 @@ pub async fn gate(State(st): State<Arc<AppState>>, mut req: Request, next: Next)
     if req.method() == Method::GET && PUBLIC_ROUTES.contains(&req.uri().path()) {
         return next.run(req).await;
     }
+    let started = std::time::Instant::now();
     let addr = crate::shield::client_addr(&req);
     let (id, bad_id) = request_id(req.headers());
     // Before authentication nothing durable is written: a refusal is counted, and summarized
@@ -52,7 +61,9 @@ pub async fn gate(State(st): State<Arc<AppState>>, mut req: Request, next: Next)
     ticket.set_span(span.clone());
     // The record names the key even when the key may not do what it asked.
     ticket.set_principal(p.clone());
-    let resp = match admit(&st, req.headers(), req.uri().path(), p).await {
+    let admitted = admit(&st, req.headers(), req.uri().path(), p).await;
+    crate::trace::gate(&span, started);
+    let resp = match admitted {
         Ok(p) => {
             ticket.set_principal(p);
             req.extensions_mut().insert(ticket.clone());

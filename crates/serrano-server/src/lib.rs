@@ -9,6 +9,7 @@ mod admin;
 mod agent;
 mod app;
 pub mod backend;
+mod console;
 pub mod engines;
 mod error;
 mod extract;

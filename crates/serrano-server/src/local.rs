@@ -128,6 +128,8 @@ struct Work {
     as_ids: bool,
     /// The model may answer with a tool call (an envelope the relay reports as `tool_calls`).
     calls_tools: bool,
+    /// Each token's step goes into the trace.
+    token_events: bool,
 }
 
 /// What a constraint is built from.
@@ -352,6 +354,7 @@ impl LocalBackend {
             echo,
             as_ids,
             calls_tools,
+            token_events: gen.token_events,
         })
     }
 }
@@ -490,6 +493,9 @@ struct Translator {
     answers: Option<Vec<Answer>>,
     /// The attempt's trace span: each choice's queue, prefill and decode become its children.
     span: tracing::Span,
+    /// Per choice, the steps of its tokens, kept for the trace when the request asked for token
+    /// events and is traced (at most [`crate::trace::MAX_TOKEN_EVENTS`]; the rest are counted).
+    token_steps: Option<Vec<crate::trace::TokenSteps>>,
 }
 
 /// What a choice's answer is, when it may be a tool call: the grammar makes a call start with
@@ -615,7 +621,15 @@ impl Translator {
                 vec![self.echo(i, Some(&p))]
             }
             Some(EngineEvent::PromptLogprobs(_)) => vec![],
-            Some(EngineEvent::Token { id, text, logprobs }) => {
+            Some(EngineEvent::Token {
+                id,
+                text,
+                logprobs,
+                step,
+            }) => {
+                if let Some(steps) = &mut self.token_steps {
+                    steps[i].push(step);
+                }
                 let (shown, call) = self.answer(i, text);
                 let mut out = vec![self.token(i, id, shown, logprobs)];
                 out.extend(call);
@@ -627,7 +641,8 @@ impl Translator {
                 completion_tokens,
                 timing,
             }) => {
-                crate::trace::engine_phases(&self.span, i, &timing, completion_tokens);
+                let steps = self.token_steps.as_mut().map(|s| std::mem::take(&mut s[i]));
+                crate::trace::engine_phases(&self.span, i, &timing, completion_tokens, steps);
                 self.finished[i] = true;
                 self.prompt_tokens = prompt_tokens as u64;
                 self.completion_tokens += completion_tokens as u64;
@@ -696,7 +711,11 @@ fn events(
         completion_tokens: 0,
         answers: work.calls_tools.then(|| vec![Answer::Undecided; n]),
         span: tracing::Span::current(),
+        token_steps: None,
     };
+    if work.token_events && !t.span.is_disabled() {
+        t.token_steps = Some(vec![crate::trace::TokenSteps::default(); n]);
+    }
     // Without prompt log-probs the echo goes out at once; with them, when they arrive.
     let first: Vec<Event> = if work.echo && work.req.prompt_logprobs.is_none() {
         (0..n).map(|i| t.echo(i, None)).collect()

@@ -89,8 +89,17 @@ impl Conn {
     async fn peer(&self) -> Result<Peer<RoleClient>, String> {
         let mut service = self.service.lock().await;
         if service.is_none() {
-            // Bounded: callers of this server wait on the lock meanwhile.
-            let opened = tokio::time::timeout(CONNECT_TIMEOUT, connect(&self.spec)).await;
+            // Bounded: callers of this server wait on the lock meanwhile. On a task of its own,
+            // outside the caller's trace span: the SDK's connection tasks take the current span
+            // and outlive the request, whose span would then never end (nor be exported).
+            let spec = self.spec.clone();
+            let opening =
+                tokio::spawn(
+                    async move { tokio::time::timeout(CONNECT_TIMEOUT, connect(&spec)).await },
+                );
+            let opened = opening
+                .await
+                .map_err(|e| format!("connecting to '{}' failed: {e}", self.spec.name))?;
             *service = Some(opened.map_err(|_| {
                 format!(
                     "MCP server '{}' did not answer within {} s",
@@ -361,19 +370,29 @@ impl Gateway {
                 return Ok(refused(&ticket, "tool_unreachable", message));
             }
         };
+        let span = crate::trace::mcp_call(&ticket.span(), &server.name, tool);
         let mut params = CallToolRequestParams::new(tool.to_string());
         params.arguments = args.as_object().cloned();
+        params.meta = crate::trace::mcp_meta(&span);
         // Sent: charged from here on, whatever comes back (the server may have done the work).
         counted.accept(true);
-        let result = match tokio::time::timeout(CALL_TIMEOUT, peer.call_tool(params)).await {
+        let call = tokio::time::timeout(CALL_TIMEOUT, peer.call_tool(params));
+        let answered = tracing::Instrument::instrument(call, span.clone()).await;
+        let failed = |kind: &str| {
+            span.record("otel.status_code", "ERROR");
+            span.record("error.type", kind);
+        };
+        let result = match answered {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
                 tracing::warn!(server = %server.name, "MCP tools/call failed: {e}");
+                failed("tool_failed");
                 conn.reset().await;
                 let message = format!("the MCP server '{}' failed", server.name);
                 return Ok(refused(&ticket, "tool_failed", message));
             }
             Err(_) => {
+                failed("tool_timeout");
                 let message = format!(
                     "the tool did not answer within {} s",
                     CALL_TIMEOUT.as_secs()

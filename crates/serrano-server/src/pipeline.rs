@@ -30,6 +30,8 @@ pub const PRIORITY_HEADER: &str = "x-serrano-priority";
 
 /// Header with the request's latency class, `interactive` or `batch` (see `slo_class`).
 pub const SLO_CLASS_HEADER: &str = "x-serrano-slo-class";
+/// Header asking for an event per token in the request's trace (see `token_events`).
+pub const TRACE_TOKENS_HEADER: &str = "x-serrano-trace-tokens";
 
 /// Runs a chat or legacy completion through the pipeline; the answer, or the error, is audited.
 pub async fn serve(
@@ -95,6 +97,7 @@ async fn start(
         .in_scope(|| scoped_plan(st, ticket, &p, requested_model(&request)))?;
     let mut gen = Generation::new(request, model, p.tenant.clone(), priority)?;
     gen.class = slo_class(headers, &p, &plan)?;
+    gen.token_events = token_events(headers, &p, &plan)?;
     record_request(&span, &gen);
     // One notion of latency targets: the numbers `cheapest-within-slo` routed by are the ones
     // a local engine schedules by.
@@ -320,6 +323,28 @@ fn priority(headers: &HeaderMap, p: &Principal) -> Result<i32, ApiError> {
                     "{PRIORITY_HEADER} must be an integer from -100 to 100"
                 ))
             }),
+    }
+}
+
+/// Whether a traced request gets an event per token: the `x-serrano-trace-tokens` header's
+/// answer (`true` or `false`; any key may ask, the events are in its own trace), else the
+/// tenant's `trace_tokens`.
+fn token_events(headers: &HeaderMap, p: &Principal, plan: &Plan<Handle>) -> Result<bool, ApiError> {
+    match headers
+        .get(TRACE_TOKENS_HEADER)
+        .map(|v| v.to_str().unwrap_or(""))
+    {
+        Some("true") => Ok(true),
+        Some("false") => Ok(false),
+        Some(_) => Err(ApiError::invalid(format!(
+            "{TRACE_TOKENS_HEADER} must be 'true' or 'false'"
+        ))),
+        None => Ok(plan
+            .config
+            .tenants
+            .get(&p.tenant)
+            .and_then(|t| t.trace_tokens)
+            .unwrap_or(false)),
     }
 }
 

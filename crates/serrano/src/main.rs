@@ -412,7 +412,13 @@ fn serve(a: ServeArgs) -> Result<()> {
             model_name: model_stem(p),
             ..template.clone()
         };
-        load_engine(p, cfg).map_err(|e| format!("{e:#}"))
+        let engine = load_engine(p, cfg).map_err(|e| format!("{e:#}"))?;
+        // Verified before any config can route to it: a model that loads but does not answer
+        // is refused with the config, and the old one keeps serving.
+        engine
+            .verify()
+            .map_err(|e| format!("{} loaded but failed its check: {e}", p.display()))?;
+        Ok(engine)
     });
     let engines = serrano_server::engines::LocalEngines::new(Some((engine, names)), Some(loader));
     run_server(engines, a.server)

@@ -5,8 +5,13 @@
 
 With TOKEN, every HTTP request must carry `Authorization: Bearer TOKEN` (a 401 otherwise), so a
 test sees that the gateway sends the key its config names.
+
+With OTEL_EXPORTER_OTLP_ENDPOINT set (and the OpenTelemetry SDK and OTLP/HTTP exporter
+installed), the SDK's own spans (one per request, a child of the trace context the request's
+`_meta` carries) are exported there as service `mcp-NAME`.
 """
 
+import os
 import sys
 
 from mcp.server.mcpserver import MCPServer
@@ -45,7 +50,22 @@ def big() -> str:
     return "x" * (2 << 20)
 
 
+def export_traces() -> None:
+    if not os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        return
+    from opentelemetry import trace
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    provider = TracerProvider(resource=Resource.create({"service.name": f"mcp-{name}"}))
+    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+
+
 def main() -> None:
+    export_traces()
     if sys.argv[2] == "stdio":
         server.run()
         return

@@ -48,6 +48,11 @@ def write(request, transport, out):
                     "end_ns": s.end_time_unix_nano,
                     "status": s.status.code,
                     "attributes": values(s.attributes),
+                    "events": [{
+                        "name": e.name,
+                        "time_ns": e.time_unix_nano,
+                        "attributes": values(e.attributes),
+                    } for e in s.events],
                 }))
     with LOCK:
         out.write("".join(line + "\n" for line in lines))
