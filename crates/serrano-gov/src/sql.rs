@@ -179,6 +179,7 @@ pub(crate) fn usage_sql(group_by: &[UsageKey]) -> String {
             UsageKey::Key => "key_prefix",
             UsageKey::Model => "model",
             UsageKey::Day => "day",
+            UsageKey::Backend => "backend",
         };
         if !cols.contains(&col) {
             cols.push(col);
@@ -198,7 +199,7 @@ pub(crate) fn usage_sql(group_by: &[UsageKey]) -> String {
     };
     // Column names come from the fixed list above, never from the caller.
     format!(
-        "SELECT {}, {}, {}, {}, COUNT(*) AS requests,
+        "SELECT {}, {}, {}, {}, {}, COUNT(*) AS requests,
                 CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT) AS p,
                 CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT) AS c,
                 CAST(COALESCE(SUM(cost_nusd), 0) AS BIGINT) AS cost
@@ -207,6 +208,7 @@ pub(crate) fn usage_sql(group_by: &[UsageKey]) -> String {
         select("key_prefix"),
         select("model"),
         select("day"),
+        select("backend"),
     )
 }
 

@@ -739,6 +739,7 @@ fn usage_row(r: &impl Cols) -> Result<UsageRow, sqlx::Error> {
         key: r.opt_text("key_prefix")?,
         model: r.opt_text("model")?,
         day: r.opt_text("day")?,
+        backend: r.opt_text("backend")?,
         requests: r.int("requests")?,
         prompt_tokens: r.int("p")?,
         completion_tokens: r.int("c")?,

@@ -122,6 +122,7 @@ pub enum UsageKey {
     Key,
     Model,
     Day,
+    Backend,
 }
 
 impl UsageKey {
@@ -131,6 +132,7 @@ impl UsageKey {
             "key" => Some(UsageKey::Key),
             "model" => Some(UsageKey::Model),
             "day" => Some(UsageKey::Day),
+            "backend" => Some(UsageKey::Backend),
             _ => None,
         }
     }
@@ -440,6 +442,12 @@ pub(crate) mod conformance {
         let by = s.usage(&[UsageKey::Tenant, UsageKey::Model]).await.unwrap();
         assert_eq!(by[0].tenant.as_deref(), Some("t"));
         assert_eq!(by[0].key, None);
+        let by = s.usage(&[UsageKey::Backend]).await.unwrap();
+        assert_eq!(by.len(), 1);
+        assert_eq!(
+            (by[0].backend.as_deref(), by[0].tenant.as_deref()),
+            (Some("local"), None)
+        );
 
         // Limits and prices.
         let l = Limits {

@@ -512,7 +512,7 @@ impl Governance {
             .map(|g| {
                 UsageKey::parse(g).ok_or_else(|| {
                     GovError::Invalid(format!(
-                        "cannot group usage by '{g}' (use tenant, key, model, day)"
+                        "cannot group usage by '{g}' (use tenant, key, model, day, backend)"
                     ))
                 })
             })
@@ -743,15 +743,17 @@ pub fn usage_csv(rows: &[UsageRow]) -> String {
         Some(s) => format!("\"{}\"", s.replace('"', "\"\"")),
         None => String::new(),
     };
-    let mut out =
-        String::from("tenant,key,model,day,requests,prompt_tokens,completion_tokens,cost_usd\n");
+    let mut out = String::from(
+        "tenant,key,model,day,backend,requests,prompt_tokens,completion_tokens,cost_usd\n",
+    );
     for r in rows {
         out.push_str(&format!(
-            "{},{},{},{},{},{},{},{:.9}\n",
+            "{},{},{},{},{},{},{},{},{:.9}\n",
             q(&r.tenant),
             q(&r.key),
             q(&r.model),
             q(&r.day),
+            q(&r.backend),
             r.requests,
             r.prompt_tokens,
             r.completion_tokens,

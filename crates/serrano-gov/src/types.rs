@@ -117,6 +117,9 @@ pub struct UsageRow {
     pub model: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub day: Option<String>,
+    /// The backend that served the requests.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
     pub requests: i64,
     pub prompt_tokens: i64,
     pub completion_tokens: i64,

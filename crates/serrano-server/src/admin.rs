@@ -296,7 +296,7 @@ pub fn price_nusd(input_per_million: f64, output_per_million: f64) -> Result<Val
 
 #[derive(Deserialize)]
 pub struct UsageQuery {
-    /// Comma-separated: tenant, key, model, day.
+    /// Comma-separated: tenant, key, model, day, backend.
     group_by: Option<String>,
     /// `json` (default) or `csv`.
     format: Option<String>,

@@ -209,7 +209,7 @@ pub enum PriceCommand {
 pub struct UsageArgs {
     #[command(flatten)]
     pub db: DbArgs,
-    /// Group by any of tenant, key, model, day (comma-separated).
+    /// Group by any of tenant, key, model, day, backend (comma-separated).
     #[arg(long, default_value = "tenant,model,day")]
     pub group_by: String,
     /// table, json or csv.
@@ -474,17 +474,26 @@ pub fn usage(a: UsageArgs) -> Result<()> {
             }
             "table" => {
                 println!(
-                    "{:<16} {:<16} {:<24} {:<10} {:>9} {:>12} {:>12} {:>12}",
-                    "tenant", "key", "model", "day", "requests", "prompt", "completion", "cost_usd"
+                    "{:<16} {:<16} {:<24} {:<10} {:<16} {:>9} {:>12} {:>12} {:>12}",
+                    "tenant",
+                    "key",
+                    "model",
+                    "day",
+                    "backend",
+                    "requests",
+                    "prompt",
+                    "completion",
+                    "cost_usd"
                 );
                 let d = |s: &Option<String>| s.clone().unwrap_or_else(|| "*".into());
                 for r in rows {
                     println!(
-                        "{:<16} {:<16} {:<24} {:<10} {:>9} {:>12} {:>12} {:>12.6}",
+                        "{:<16} {:<16} {:<24} {:<10} {:<16} {:>9} {:>12} {:>12} {:>12.6}",
                         d(&r.tenant),
                         d(&r.key),
                         d(&r.model),
                         d(&r.day),
+                        d(&r.backend),
                         r.requests,
                         r.prompt_tokens,
                         r.completion_tokens,

@@ -15,7 +15,7 @@ from playwright.sync_api import sync_playwright
 
 base, key, shot, version = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 CHARTS = ["chart-ttft", "chart-itl", "chart-e2e", "chart-throughput", "chart-load"]
-TABLES = ["budgets", "tenant-cost", "backend-spend", "backends", "config-versions", "changes", "audit"]
+TABLES = ["budgets", "tenant-cost", "backend-cost", "backend-spend", "backends", "config-versions", "changes", "audit"]
 
 with sync_playwright() as p:
     browser = p.chromium.launch(

@@ -439,7 +439,8 @@ fn cli_reports_verifies_and_detects_tampering() {
     let csv = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
     assert!(
-        csv.lines().any(|l| l.starts_with("\"acme\",,\"tiny\",,3,")),
+        csv.lines()
+            .any(|l| l.starts_with("\"acme\",,\"tiny\",,,3,")),
         "{csv}"
     );
     // The server signs checkpoints; export them and verify against the public key.

@@ -192,13 +192,15 @@ async function pollBudgets() {
     return [b.tenant, b.key_id || "all", b.unit + " / " + b.period, num(used, b.unit === "usd" ? 4 : 0),
       el("td", {}, bar(limit > 0 ? used / limit : 1)), num(limit, b.unit === "usd" ? 4 : 0)];
   }));
-  const usage = (await api("/admin/v1/usage?group_by=tenant")).data;
-  table("tenant-cost", ["tenant", "requests", "prompt", "completion", "cost ($)", "$ / 1M tokens"],
-    usage.map(u => {
-      const tokens = u.prompt_tokens + u.completion_tokens;
-      return [u.tenant, num(u.requests, 0), num(u.prompt_tokens, 0), num(u.completion_tokens, 0),
-        num(u.cost_usd, 6), num(tokens ? u.cost_usd / tokens * 1e6 : null, 4)];
-    }));
+  for (const by of ["tenant", "backend"]) {
+    const usage = (await api("/admin/v1/usage?group_by=" + by)).data;
+    table(by + "-cost", [by, "requests", "prompt", "completion", "cost ($)", "$ / 1M tokens"],
+      usage.map(u => {
+        const tokens = u.prompt_tokens + u.completion_tokens;
+        return [u[by], num(u.requests, 0), num(u.prompt_tokens, 0), num(u.completion_tokens, 0),
+          num(u.cost_usd, 6), num(tokens ? u.cost_usd / tokens * 1e6 : null, 4)];
+      }));
+  }
 }
 
 async function pollBackends() {
