@@ -97,6 +97,8 @@ pub struct Entry<P> {
     /// Full blocks already registered in the prefix cache.
     registered: usize,
     arrival: u64,
+    /// The step in which it was last preempted: it is not readmitted in that same step.
+    preempted_in: Option<u64>,
     pub payload: P,
 }
 
@@ -163,8 +165,11 @@ pub struct Scheduler<P> {
     steps: u64,
     /// Steps running in which batch decodes sat out (at most [`BATCH_SIT_OUT_RUN`]).
     batch_sat_out: u32,
-    /// The batch phase of a step under [`StepCaps::batch`] is being planned.
+    /// The batch phase of a step under [`StepCaps::batch`] is being planned: a preempted
+    /// sequence's tokens go back to the budget only as far as the batch cap allows.
     batch_cap_in_force: bool,
+    /// The step's batch cap while it is planned (see [`StepCaps::batch`]).
+    batch_cap: Option<usize>,
     pub stats: SchedulerStats,
 }
 
@@ -181,6 +186,7 @@ impl<P> Scheduler<P> {
             steps: 0,
             batch_sat_out: 0,
             batch_cap_in_force: false,
+            batch_cap: None,
             stats: SchedulerStats::default(),
         }
     }
@@ -235,6 +241,7 @@ impl<P> Scheduler<P> {
             tenant: tenant.clone(),
             urgency,
             queued_at: self.steps,
+            preempted_in: None,
             tokens: prompt,
             computed: 0,
             max_len,
@@ -345,6 +352,12 @@ impl<P> Scheduler<P> {
             .retain(|t, _| waiting.contains_key(t) || running.iter().any(|e| &e.tenant == t));
         let mut plan: Vec<Planned> = Vec::new();
         let mut budget = self.cfg.max_batch_tokens;
+        // Whether a client waits on this step for a token (what `decode_shape` predicts): a
+        // decode preempted below for blocks may be readmitted from its cached prefix and sample
+        // in this same step, so the prefill cap holds whether or not one is planned here.
+        let decoding = self.running.iter().any(|e| {
+            e.tokens.len() - e.computed == 1 && !(sit_out && e.urgency.class == SloClass::Batch)
+        });
         // 1. Decodes (one token each), oldest first; preempt the newest when blocks run out.
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
@@ -378,7 +391,7 @@ impl<P> Scheduler<P> {
             i += 1;
         }
         let capped = match prefill_cap {
-            Some(cap) if !plan.is_empty() && cap.max(MIN_PREFILL_CHUNK) < budget => {
+            Some(cap) if decoding && cap.max(MIN_PREFILL_CHUNK) < budget => {
                 budget = cap.max(MIN_PREFILL_CHUNK);
                 true
             }
@@ -397,27 +410,24 @@ impl<P> Scheduler<P> {
         } else {
             self.cfg.max_batch_tokens
         } / 4;
+        self.batch_cap = caps.batch;
         self.prefill_running(SloClass::Interactive, &mut plan, &mut budget, quarter);
         self.admit(true, &mut plan, &mut budget);
         // 3. Batch prompts, within the batch cap counting the prompt tokens already planned.
         let mut batch_capped = false;
         if let Some(cap) = caps.batch {
-            let prompt = plan
-                .iter()
-                .filter(|p| p.len > 1)
-                .map(|p| p.len)
-                .sum::<usize>();
-            let batch = cap.saturating_sub(prompt).max(MIN_PREFILL_CHUNK);
+            let batch = self.batch_room(cap, &plan);
             if batch < budget {
                 budget = batch;
                 batch_capped = true;
             }
         }
         let quarter = if batch_capped { budget / 4 } else { quarter };
-        self.batch_cap_in_force = batch_capped;
+        self.batch_cap_in_force = caps.batch.is_some();
         self.prefill_running(SloClass::Batch, &mut plan, &mut budget, quarter);
         self.admit(false, &mut plan, &mut budget);
         self.batch_cap_in_force = false;
+        self.batch_cap = None;
         if (capped || batch_capped) && budget == 0 {
             self.stats.capped_steps += 1;
         }
@@ -510,15 +520,38 @@ impl<P> Scheduler<P> {
             let Some(mut e) = self.waiting.get_mut(&tenant).and_then(VecDeque::pop_front) else {
                 break;
             };
+            // Preempted to free blocks in this step: taking them back at once (its blocks are
+            // still in the prefix cache) would undo that, and run a decode the step's plan
+            // (`decode_shape`) left out. Next step.
+            if e.preempted_in == Some(self.steps) {
+                self.waiting.entry(tenant).or_default().push_front(e);
+                break;
+            }
+            // A batch sequence admitted with interactive ones (its patience ran out) still
+            // counts against the batch cap.
+            let room = match (e.urgency.class, self.batch_cap) {
+                (SloClass::Batch, Some(cap)) => self.batch_room(cap, plan),
+                _ => usize::MAX,
+            };
+            if room == 0 {
+                self.waiting.entry(tenant).or_default().push_front(e);
+                break;
+            }
             let (queried, hit) = self.reuse_prefix(&mut e);
             let left = e.tokens.len() - e.computed;
-            let n = Self::fit_chunk(&mut e, left.min(*budget));
+            let n = Self::fit_chunk(&mut e, left.min(*budget).min(room));
             if n == 0 {
-                // The pool cannot hold even a first chunk now: put it back and wait.
+                // The pool cannot hold even a first chunk now: put it back. Waiting sequences
+                // may be what holds the pool (forked choices keep their leader's prompt
+                // blocks): release theirs and try again, or with nothing running, nothing
+                // would ever free a block (found by the liveness property).
                 e.table.clear();
                 e.computed = 0;
                 e.registered = 0;
                 self.waiting.entry(tenant).or_default().push_front(e);
+                if self.reclaim_waiting() {
+                    continue;
+                }
                 break;
             }
             // Counted only now: a retried admission must not count its lookups twice.
@@ -571,6 +604,7 @@ impl<P> Scheduler<P> {
             tenant: src.tenant.clone(),
             urgency: src.urgency,
             queued_at: self.steps,
+            preempted_in: None,
             computed: shared * BLOCK_TOKENS,
             max_len: max_len.max(tokens.len()),
             tokens,
@@ -699,14 +733,14 @@ impl<P> Scheduler<P> {
     }
 
     /// Takes running sequence `i`'s part out of the step being planned (it is about to be
-    /// preempted); its tokens go back to the budget unless the batch cap is in force, whose
-    /// allowance was counted from the prompt tokens planned before it.
+    /// preempted); its tokens go back to the budget, in the batch phase under a batch cap only
+    /// up to the batch room that is left without it.
     fn unplan(&self, i: usize, plan: &mut Vec<Planned>, budget: &mut usize) {
         let id = self.running[i].id;
         if let Some(at) = plan.iter().position(|p| p.id == id) {
-            let len = plan.remove(at).len;
-            if !self.batch_cap_in_force {
-                *budget += len;
+            *budget += plan.remove(at).len;
+            if let (true, Some(cap)) = (self.batch_cap_in_force, self.batch_cap) {
+                *budget = (*budget).min(self.batch_room(cap, plan));
             }
         }
     }
@@ -725,6 +759,7 @@ impl<P> Scheduler<P> {
 
     fn preempt(&mut self, i: usize) {
         let mut e = self.running.remove(i);
+        e.preempted_in = Some(self.steps);
         e.table.clear();
         e.computed = 0;
         e.registered = 0;
@@ -760,6 +795,24 @@ impl<P> Scheduler<P> {
                     .values()
                     .filter_map(VecDeque::front)
                     .any(|e| e.urgency.class == SloClass::Interactive))
+    }
+
+    /// Batch prompt tokens the step may still take under the batch cap `cap`: the cap less
+    /// the step's other prompt tokens, at least [`MIN_PREFILL_CHUNK`], less the batch prompt
+    /// tokens already planned (so the floor is granted once a step, not once a phase).
+    fn batch_room(&self, cap: usize, plan: &[Planned]) -> usize {
+        let mut prompt = [0usize; 2];
+        for p in plan.iter().filter(|p| p.len > 1) {
+            let batch = self
+                .running
+                .iter()
+                .find(|e| e.id == p.id)
+                .is_some_and(|e| e.urgency.class == SloClass::Batch);
+            prompt[usize::from(batch)] += p.len;
+        }
+        cap.saturating_sub(prompt[0])
+            .max(MIN_PREFILL_CHUNK)
+            .saturating_sub(prompt[1])
     }
 
     /// A batch sequence still within its patience: admitted after interactive ones.
@@ -865,10 +918,12 @@ mod tests {
             let tokens = plan.iter().map(|p| p.len).sum::<usize>();
             prop_assert!(tokens <= cfg.max_batch_tokens);
             // The decodes the step holds (some predicted may have been preempted for blocks,
-            // and with none left nothing waits on the step, so nothing caps it).
+            // and with none left nothing waits on the step, so nothing caps it). A sequence
+            // preempted and readmitted in the same step recomputes from its start: a one-token
+            // chunk of that samples nothing and is not a decode.
             let decodes = plan
                 .iter()
-                .filter(|p| p.len == 1 && ready.contains(&p.id))
+                .filter(|p| p.len == 1 && p.samples && ready.contains(&p.id))
                 .count();
             prop_assert!(decodes <= decode.decode_seqs);
             if let (Some(c), true) = (cap, decodes > 0) {
