@@ -8,6 +8,7 @@ mod benchcli;
 mod configcli;
 mod govcli;
 mod roofline;
+mod simcli;
 mod telemetry;
 
 use anyhow::{bail, Context, Result};
@@ -63,6 +64,10 @@ enum Command {
     /// Measure this machine's memory bandwidth and FMA throughput, the decode and prefill
     /// ceilings they put on the model, and how close the engine gets to them.
     Roofline(Box<roofline::RooflineArgs>),
+    /// Inference hardware you may not own: a model's roofline on catalog devices (H100, H200,
+    /// A100, L4, MI300X, an inference ASIC, this CPU), with cost and energy per 1M tokens.
+    #[command(subcommand)]
+    Sim(simcli::SimCommand),
     /// Routing config: check a file; list, show and diff versions; apply or roll back at runtime.
     #[command(subcommand)]
     Config(configcli::ConfigCommand),
@@ -321,6 +326,7 @@ fn main() -> Result<()> {
         }
         Command::Generate(a) => generate(a),
         Command::Roofline(a) => roofline::run(*a),
+        Command::Sim(c) => simcli::run(c),
         Command::Admin { db, command } => govcli::admin(&db, command),
         Command::Usage(a) => govcli::usage(a),
         Command::Audit { db, command } => govcli::audit(&db, command),

@@ -146,3 +146,37 @@ fn roofline_reports_ceilings_and_measured_speeds() {
         );
     }
 }
+
+/// `serrano sim roofline` on a model file: one row per device asked for, ceilings that follow
+/// the datasheets (the H200's bandwidth beats the H100's on single-stream decode), and an
+/// unknown device refused with the catalog's names.
+#[test]
+fn sim_roofline_prints_each_devices_ceilings() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    serrano_engine::testing::TinyModel::default()
+        .write(&path)
+        .unwrap();
+    let model = path.to_str().unwrap();
+    let o = serrano(
+        &[
+            "sim", "roofline", "--model", model, "--device", "h100-sxm", "--device", "h200-sxm",
+            "--json",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let rows = v["devices"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    let tok_s = |i: usize| rows[i]["decode_tok_s"].as_f64().unwrap();
+    assert!(tok_s(1) > tok_s(0) && tok_s(0) > 0.0, "{v}");
+    assert!(rows[0]["usd_per_1m_output_tokens"].as_f64().unwrap() > 0.0);
+    assert!(rows[0]["source"].as_str().unwrap().contains("datasheet"));
+    let o = serrano(
+        &["sim", "roofline", "--model", model, "--device", "tpu-v9"],
+        None,
+    );
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("h100-sxm"), "{}", stderr(&o));
+}
