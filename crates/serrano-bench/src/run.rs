@@ -340,17 +340,7 @@ fn progress_bar(on: bool, n: u64) -> Option<indicatif::ProgressBar> {
 
 /// A tenant drawn by weight, when the workload has tenants.
 fn pick_tenant(tenants: &[TenantKey], rng: &mut impl Rng) -> Option<usize> {
-    (!tenants.is_empty()).then(|| {
-        let total: f64 = tenants.iter().map(|t| t.weight).sum();
-        let mut x = rng.random_range(0.0..total);
-        tenants
-            .iter()
-            .position(|t| {
-                x -= t.weight;
-                x < 0.0
-            })
-            .unwrap_or(tenants.len() - 1)
-    })
+    crate::workload::pick_weighted(tenants.iter().map(|t| t.weight), rng)
 }
 
 /// A request with this (prompt tokens, output tokens, shared prefix tokens).

@@ -214,6 +214,26 @@ impl Tenant {
     }
 }
 
+/// The index of an item drawn with probability proportional to its weight (all above 0);
+/// `None` for no items. The bench and the simulator draw tenants with it.
+pub fn pick_weighted(
+    weights: impl Iterator<Item = f64> + Clone,
+    rng: &mut impl Rng,
+) -> Option<usize> {
+    let total: f64 = weights.clone().sum();
+    let n = weights.clone().count();
+    (n > 0).then(|| {
+        let mut x = rng.random_range(0.0..total);
+        weights
+            .clone()
+            .position(|w| {
+                x -= w;
+                x < 0.0
+            })
+            .unwrap_or(n - 1)
+    })
+}
+
 fn one_f() -> f64 {
     1.0
 }

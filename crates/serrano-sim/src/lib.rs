@@ -1,10 +1,11 @@
 //! `serrano sim` and `serrano plan`: what inference hardware you may not own would do with your
-//! traffic. This first part is the performance model of a device from its datasheet
-//! ([`catalog`]) and the roofline step time of a model on it ([`roofline`]); the simulator that
-//! drives the engine's own scheduler with it comes next.
+//! traffic: the performance model of a device from its datasheet ([`catalog`]), the roofline
+//! step time of a model on it ([`roofline`]), and one backend simulated with the engine's own
+//! scheduler on a virtual clock ([`sim`]).
 
 pub mod catalog;
 pub mod roofline;
+pub mod sim;
 
 pub use catalog::{Catalog, CatalogError, Device};
 pub use roofline::{ModelShape, Precision, StepTime};

@@ -1,5 +1,5 @@
-//! `serrano sim`: performance models of inference devices you may not own (`serrano-sim`).
-//! This first command prints a model's roofline on catalog devices.
+//! `serrano sim`: performance models of inference devices you may not own (`serrano-sim`): a
+//! model's roofline on catalog devices, and a workload simulated on one of them.
 
 use std::path::PathBuf;
 
@@ -17,6 +17,41 @@ pub enum SimCommand {
     /// efficiency factors): decode and prefill speed ceilings, KV capacity, and cost and
     /// energy per 1M output tokens at a batch's ceiling.
     Roofline(RooflineArgs),
+    /// Simulate a `serrano bench` workload file (open loop) on one catalog device: the
+    /// engine's own scheduler plans every step, the device's roofline times it. Prints the
+    /// load generator's table (or its JSON with --json), cost at the device's price.
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// The workload (`serrano bench --workload`'s TOML).
+    #[arg(long)]
+    workload: PathBuf,
+    /// The catalog device to run it on.
+    #[arg(long)]
+    device: String,
+    /// A GGUF to take the model's shape from; default: the default model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Weights and arithmetic: bf16 or int8.
+    #[arg(long, default_value = "bf16", value_parser = parse_precision)]
+    precision: Precision,
+    /// Sequences per step (the engine's --max-num-seqs).
+    #[arg(long, default_value_t = 32)]
+    max_num_seqs: usize,
+    /// Tokens per step (the engine's --max-batch-tokens).
+    #[arg(long, default_value_t = 256)]
+    max_batch_tokens: usize,
+    /// An SLO to judge goodput by, as `serrano bench --slo` takes it.
+    #[arg(long)]
+    slo: Option<String>,
+    /// A catalog file instead of the built-in catalog.
+    #[arg(long)]
+    catalog: Option<PathBuf>,
+    /// Write the result as JSON (`serrano bench --json`'s fields) to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -55,16 +90,91 @@ fn parse_precision(s: &str) -> Result<Precision, String> {
 pub fn run(cmd: SimCommand) -> Result<()> {
     match cmd {
         SimCommand::Roofline(a) => roofline(a),
+        SimCommand::Run(a) => simulate(a),
     }
 }
 
-fn roofline(a: RooflineArgs) -> Result<()> {
-    let catalog = match &a.catalog {
+fn load_catalog(path: Option<&PathBuf>) -> Result<Catalog> {
+    Ok(match path {
         Some(p) => Catalog::parse(
             &std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?,
         )?,
         None => Catalog::builtin()?,
+    })
+}
+
+/// The model's path and shape (default: the default model).
+fn model_shape(model: Option<&PathBuf>) -> Result<(PathBuf, ModelShape)> {
+    let path = match model {
+        Some(p) => p.clone(),
+        None => serrano_models::ensure_default_model(true)?,
     };
+    let gguf = serrano_engine::gguf::GgufFile::open(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let config = ModelConfig::from_gguf(&gguf)?;
+    let shape = ModelShape::from_config(&config, gguf.tensors.contains_key("output.weight"));
+    Ok((path, shape))
+}
+
+fn simulate(a: RunArgs) -> Result<()> {
+    let catalog = load_catalog(a.catalog.as_ref())?;
+    let device = catalog.device(&a.device)?.clone();
+    let (path, model) = model_shape(a.model.as_ref())?;
+    let text = std::fs::read_to_string(&a.workload)
+        .with_context(|| format!("cannot read {}", a.workload.display()))?;
+    let workload = serrano_bench::Workload::parse(&text, false)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", a.workload.display()))?;
+    let slo = a
+        .slo
+        .as_deref()
+        .map(serrano_bench::Slo::parse)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--slo: {e}"))?;
+    let backend = serrano_sim::sim::Backend {
+        device: device.clone(),
+        model,
+        precision: a.precision,
+        scheduler: serrano_engine::scheduler::SchedulerConfig {
+            max_num_seqs: a.max_num_seqs.max(1),
+            max_batch_tokens: a.max_batch_tokens.max(1),
+        },
+    };
+    let name = path
+        .file_name()
+        .map_or_else(|| "model".to_string(), |f| f.to_string_lossy().into_owned());
+    let started = std::time::Instant::now();
+    let result = serrano_sim::sim::run(&backend, &workload, slo.as_ref(), &name)?;
+    let price = serrano_bench::report::Price {
+        per_hour: Some(device.price_per_hour),
+        ..Default::default()
+    };
+    if let Some(out) = &a.json {
+        let v = serrano_bench::report::to_json(&result, Some(&price));
+        std::fs::write(out, serde_json::to_string_pretty(&v)?)
+            .with_context(|| format!("cannot write {}", out.display()))?;
+    }
+    print!(
+        "{}",
+        serrano_bench::report::table(&[(device.name.as_str(), &result)], Some(&price))
+    );
+    println!(
+        "Simulated {} requests in {:.2} s of this machine's time. Assumptions: {} {} at the \
+         catalog's efficiencies (compute {}, memory {}, {} us a step) and ${}/h; the engine's \
+         scheduler without its latency-class step caps; open loop only.",
+        result.records.len(),
+        started.elapsed().as_secs_f64(),
+        device.name,
+        a.precision.as_str(),
+        device.compute_efficiency,
+        device.memory_efficiency,
+        device.step_overhead_us,
+        device.price_per_hour,
+    );
+    Ok(())
+}
+
+fn roofline(a: RooflineArgs) -> Result<()> {
+    let catalog = load_catalog(a.catalog.as_ref())?;
     let devices: Vec<&Device> = if a.devices.is_empty() {
         catalog.devices.iter().collect()
     } else {
@@ -73,14 +183,7 @@ fn roofline(a: RooflineArgs) -> Result<()> {
             .map(|n| catalog.device(n))
             .collect::<Result<_, _>>()?
     };
-    let path = match &a.model {
-        Some(p) => p.clone(),
-        None => serrano_models::ensure_default_model(true)?,
-    };
-    let gguf = serrano_engine::gguf::GgufFile::open(&path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    let config = ModelConfig::from_gguf(&gguf)?;
-    let shape = ModelShape::from_config(&config, gguf.tensors.contains_key("output.weight"));
+    let (path, shape) = model_shape(a.model.as_ref())?;
     let rows: Vec<serde_json::Value> = devices.iter().map(|d| row(d, &shape, &a)).collect();
     if a.json {
         let out = json!({

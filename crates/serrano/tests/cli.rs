@@ -180,3 +180,51 @@ fn sim_roofline_prints_each_devices_ceilings() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("h100-sxm"), "{}", stderr(&o));
 }
+
+/// `serrano sim run` simulates a workload file on a catalog device and writes `serrano bench
+/// --json`'s fields; the same seed gives the same numbers.
+#[test]
+fn sim_run_writes_the_load_generators_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    serrano_engine::testing::TinyModel::default()
+        .write(&model)
+        .unwrap();
+    let workload = dir.path().join("w.toml");
+    std::fs::write(
+        &workload,
+        "requests = 50\nwarmup_requests = 5\nseed = 9\n\
+         prompt_tokens = { dist = \"uniform\", min = 8, max = 64 }\n\
+         output_tokens = { dist = \"fixed\", value = 16 }\n\
+         arrival = { kind = \"poisson\", rate = 20.0 }\n",
+    )
+    .unwrap();
+    let json = |name: &str| -> serde_json::Value {
+        let out = dir.path().join(name);
+        let o = serrano(
+            &[
+                "sim",
+                "run",
+                "--workload",
+                workload.to_str().unwrap(),
+                "--device",
+                "l4",
+                "--model",
+                model.to_str().unwrap(),
+                "--slo",
+                "ttft_p99=1s",
+                "--json",
+                out.to_str().unwrap(),
+            ],
+            None,
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap()
+    };
+    let v = json("a.json");
+    assert_eq!(v["completed"], 50, "{v}");
+    assert_eq!(v["total_output_tokens"], 50 * 16, "{v}");
+    assert!(v["p99_ttft_ms"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["cost"]["usd_per_1m_output_tokens"].as_f64().unwrap() > 0.0);
+    assert_eq!(json("b.json")["p99_ttft_ms"], v["p99_ttft_ms"]);
+}

@@ -1,0 +1,357 @@
+//! One backend simulated on a virtual clock: the engine's own scheduler and block allocator
+//! (`serrano-engine::scheduler`, `paged`) plan every step exactly as in a server, and a
+//! performance model (the roofline of a catalog device, [`crate::roofline`]) says how long the
+//! step takes instead of running the model. Requests come from a `serrano bench` workload file
+//! (open-loop arrivals, lengths, tenants, a shared prefix), and come out as the load generator's
+//! records, so the summary has `serrano bench --json`'s fields. Deterministic for a seed.
+//!
+//! Not modelled yet (stated with every result): the engine's step caps for latency classes
+//! (steps are planned without `StepCaps`), closed-loop and multi-turn workloads, and fleets.
+
+use std::sync::Arc;
+
+use rand::SeedableRng;
+use serrano_bench::metrics::{RequestRecord, Slo};
+use serrano_bench::run::RunResult;
+use serrano_bench::workload::{pick_weighted, Arrival, Workload};
+use serrano_engine::kv::BLOCK_TOKENS;
+use serrano_engine::paged::SharedAllocator;
+use serrano_engine::scheduler::{step_shape, Scheduler, SchedulerConfig};
+use serrano_engine::{StepCaps, Urgency};
+
+use crate::catalog::Device;
+use crate::roofline::{step_time, ModelShape, Precision};
+
+/// Most KV blocks one simulated backend gets (16 million positions): the allocator keeps a
+/// record per block, and no single device here holds more.
+pub const MAX_BLOCKS: usize = 1 << 20;
+/// Most steps one simulation runs: a workload that cannot finish within this is an error, not a
+/// hang.
+pub const MAX_STEPS: u64 = 50_000_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error("{0}")]
+    Workload(String),
+    #[error("the model's weights ({weights_gb:.1} GB) do not fit the device's {memory_gb} GB")]
+    DoesNotFit { weights_gb: f64, memory_gb: f64 },
+    #[error("request {0} needs more KV cache than the device holds")]
+    TooLong(usize),
+    #[error("the simulation stopped making progress at {0:.3} s (nothing runnable)")]
+    Stuck(f64),
+}
+
+/// What is simulated: a device running a model, planned like the engine.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    pub device: Device,
+    pub model: ModelShape,
+    pub precision: Precision,
+    pub scheduler: SchedulerConfig,
+}
+
+/// One request to simulate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    /// Seconds from the start.
+    pub arrival: f64,
+    pub tenant: Option<String>,
+    pub prompt_tokens: usize,
+    pub output_tokens: usize,
+    /// Leading prompt tokens every request shares (prefix caching sees them).
+    pub shared_prefix: usize,
+}
+
+/// The requests of an open-loop workload (warm-up first): arrivals, lengths and tenants drawn
+/// from its distributions with its seed.
+pub fn requests(w: &Workload) -> Result<Vec<Request>, SimError> {
+    w.check().map_err(SimError::Workload)?;
+    if matches!(w.arrival, Arrival::Closed { .. }) {
+        return Err(SimError::Workload(
+            "closed-loop workloads (arrival kind \"closed\") are not simulated yet".into(),
+        ));
+    }
+    if w.turns > 1 {
+        return Err(SimError::Workload(
+            "conversations (turns > 1) are not simulated yet".into(),
+        ));
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(w.seed);
+    let n = w.warmup_requests + w.requests;
+    let duration = w.duration_s.map(std::time::Duration::from_secs_f64);
+    let times = w.arrival.schedule(n, duration, &mut rng);
+    let mut out = Vec::with_capacity(times.len());
+    for t in times {
+        if duration.is_some_and(|d| t > d) {
+            break;
+        }
+        let tenant = pick_weighted(w.tenants.iter().map(|t| t.weight), &mut rng);
+        let own = tenant.map(|i| &w.tenants[i]);
+        let prompt = own
+            .and_then(|t| t.prompt_tokens.as_ref())
+            .unwrap_or(&w.prompt_tokens)
+            .sample(&mut rng)
+            .max(1);
+        let output = own
+            .and_then(|t| t.output_tokens.as_ref())
+            .unwrap_or(&w.output_tokens)
+            .sample(&mut rng)
+            .max(1);
+        out.push(Request {
+            arrival: t.as_secs_f64(),
+            tenant: own.map(|t| t.name.clone()),
+            prompt_tokens: prompt as usize,
+            output_tokens: output as usize,
+            shared_prefix: (w.shared_prefix_tokens as usize).min(prompt as usize),
+        });
+    }
+    Ok(out)
+}
+
+/// A request's prompt as token ids: the shared prefix is the same for all, the rest unique to
+/// the request (so the prefix cache finds what a server's would, and nothing more).
+fn prompt(i: usize, r: &Request) -> Vec<u32> {
+    (0..r.prompt_tokens)
+        .map(|k| {
+            if k < r.shared_prefix {
+                k as u32
+            } else {
+                (1_000_003u64
+                    .wrapping_mul(i as u64 + 1)
+                    .wrapping_add(k as u64)
+                    % 4_000_000_000) as u32
+            }
+        })
+        .collect()
+}
+
+/// Runs `reqs` through the backend; one record per request, in request order, each with its
+/// tokens' times.
+pub fn simulate(b: &Backend, reqs: &[Request]) -> Result<Vec<RequestRecord>, SimError> {
+    let weights = b.model.weight_bytes(b.precision);
+    let Some(kv_tokens) = b.model.kv_capacity_tokens(&b.device, b.precision) else {
+        return Err(SimError::DoesNotFit {
+            weights_gb: weights / 1e9,
+            memory_gb: b.device.memory_gb,
+        });
+    };
+    let blocks = ((kv_tokens / BLOCK_TOKENS as f64) as usize).clamp(1, MAX_BLOCKS);
+    if let Some(i) = reqs
+        .iter()
+        .position(|r| (r.prompt_tokens + r.output_tokens).div_ceil(BLOCK_TOKENS) > blocks)
+    {
+        return Err(SimError::TooLong(i));
+    }
+    let mut s: Scheduler<usize> = Scheduler::new(b.scheduler, SharedAllocator::new(blocks));
+    let mut records: Vec<RequestRecord> = reqs
+        .iter()
+        .map(|r| RequestRecord {
+            tenant: r.tenant.clone(),
+            intended: r.arrival,
+            sent: r.arrival,
+            prompt_tokens: r.prompt_tokens as u64,
+            ..Default::default()
+        })
+        .collect();
+    let mut generated = vec![0usize; reqs.len()];
+    let (mut t, mut next, mut steps) = (0.0f64, 0usize, 0u64);
+    while next < reqs.len() || !s.is_idle() {
+        while next < reqs.len() && reqs[next].arrival <= t {
+            let r = &reqs[next];
+            let tenant: Arc<str> = Arc::from(r.tenant.as_deref().unwrap_or(""));
+            let max_len = r.prompt_tokens + r.output_tokens;
+            s.add(
+                next as u64,
+                tenant,
+                Urgency::default(),
+                prompt(next, r),
+                max_len,
+                true,
+                next,
+            );
+            next += 1;
+        }
+        if s.is_idle() {
+            t = reqs[next].arrival;
+            continue;
+        }
+        steps += 1;
+        if steps > MAX_STEPS {
+            return Err(SimError::Stuck(t));
+        }
+        let plan = s.schedule_within(StepCaps::default());
+        if plan.is_empty() {
+            // Nothing runnable until a request arrives (the engine would wait for one).
+            match reqs.get(next) {
+                Some(r) => t = t.max(r.arrival),
+                None => return Err(SimError::Stuck(t)),
+            }
+            continue;
+        }
+        let sampled = plan.iter().filter(|p| p.samples).count();
+        t += step_time(&b.device, &b.model, b.precision, step_shape(&plan), sampled).seconds;
+        s.after_step();
+        for p in plan.iter().filter(|p| p.samples) {
+            let i = p.id as usize;
+            generated[i] += 1;
+            records[i].chunks.push(t);
+            if generated[i] >= reqs[i].output_tokens {
+                s.remove(p.id);
+                records[i].end = t;
+                records[i].output_tokens = generated[i] as u64;
+            } else {
+                s.push_token(p.id, 7);
+            }
+        }
+    }
+    Ok(records)
+}
+
+/// A whole simulated run of a workload, summarized as `serrano bench` summarizes a measured
+/// one (the warm-up requests left out).
+pub fn run(
+    b: &Backend,
+    w: &Workload,
+    slo: Option<&Slo>,
+    name: &str,
+) -> Result<RunResult, SimError> {
+    let reqs = requests(w)?;
+    let mut records = simulate(b, &reqs)?;
+    let measured = records.split_off((w.warmup_requests as usize).min(records.len()));
+    let (summary, tenants) = serrano_bench::run::judge(w, &measured, slo)
+        .map_err(|e| SimError::Workload(e.to_string()))?;
+    let burstiness = match w.arrival {
+        Arrival::Gamma { cv, .. } => Some(1.0 / (cv * cv)),
+        _ => None,
+    };
+    Ok(RunResult {
+        url: format!("sim://{}", b.device.name),
+        model: name.to_string(),
+        workload: w.name.clone(),
+        request_rate: w.arrival.rate(),
+        max_concurrency: None,
+        burstiness,
+        exact_prompt_lengths: true,
+        summary,
+        tenants,
+        energy: None,
+        gpu_energy: None,
+        records: measured,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every step memory-bound at exactly 2 ms: 2 GB of weights at 1 TB/s, no overhead,
+    /// compute far from the roof for these sizes.
+    fn backend(max_num_seqs: usize) -> Backend {
+        Backend {
+            device: Device {
+                name: "toy".into(),
+                source: "test".into(),
+                bf16_tflops: 1e6,
+                int8_tops: 1e6,
+                memory_gbs: 1000.0,
+                memory_gb: 100.0,
+                interconnect_gbs: 1.0,
+                power_w: 100.0,
+                price_per_hour: 1.0,
+                compute_efficiency: 1.0,
+                memory_efficiency: 1.0,
+                step_overhead_us: 0.0,
+            },
+            model: ModelShape {
+                layer_params: 1e9,
+                head_params: 0.0,
+                total_params: 1e9,
+                n_layers: 1,
+                attn_width: 0,
+                kv_bytes_per_token: 1.0,
+            },
+            precision: Precision::Bf16,
+            scheduler: SchedulerConfig {
+                max_num_seqs,
+                max_batch_tokens: 256,
+            },
+        }
+    }
+
+    fn req(arrival: f64, prompt: usize, output: usize) -> Request {
+        Request {
+            arrival,
+            tenant: None,
+            prompt_tokens: prompt,
+            output_tokens: output,
+            shared_prefix: 0,
+        }
+    }
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 1e-6
+    }
+
+    #[test]
+    fn one_request_takes_a_step_per_token() {
+        let r = simulate(&backend(4), &[req(0.5, 100, 10)]).unwrap();
+        // The prompt in one step (its first token), then nine decodes: 2 ms each (plus the KV
+        // bytes, a byte a position here).
+        assert_eq!(r[0].chunks.len(), 10);
+        assert!(close(r[0].ttft().unwrap(), 0.002), "{:?}", r[0]);
+        assert!(close(r[0].e2e(), 0.020), "{:?}", r[0]);
+        assert!(close(r[0].tpot().unwrap(), 0.002), "{:?}", r[0]);
+        assert_eq!(r[0].output_tokens, 10);
+    }
+
+    #[test]
+    fn a_request_waits_for_a_slot_and_batches_share_a_step() {
+        // One slot: the second request starts when the first ends.
+        let r = simulate(&backend(1), &[req(0.0, 16, 5), req(0.0, 16, 5)]).unwrap();
+        assert!(
+            close(r[0].end, 0.010) && close(r[1].ttft().unwrap(), 0.012),
+            "{r:?}"
+        );
+        // Two slots: both in every step, done together.
+        let r = simulate(&backend(2), &[req(0.0, 16, 5), req(0.0, 16, 5)]).unwrap();
+        assert!(close(r[0].end, 0.010) && close(r[1].end, 0.010), "{r:?}");
+    }
+
+    #[test]
+    fn a_workload_is_simulated_the_same_for_the_same_seed() {
+        let w = Workload::parse(
+            "requests = 200\nprompt_tokens = { dist = \"uniform\", min = 16, max = 256 }\n\
+             output_tokens = { dist = \"uniform\", min = 8, max = 64 }\n\
+             arrival = { kind = \"gamma\", rate = 50.0, cv = 2.0 }\nseed = 3\n",
+            false,
+        )
+        .unwrap();
+        let b = backend(8);
+        let a = run(&b, &w, None, "m").unwrap();
+        let again = run(&b, &w, None, "m").unwrap();
+        assert_eq!(a.records, again.records);
+        assert_eq!(a.summary.completed, 200);
+        let other = Workload { seed: 4, ..w };
+        assert_ne!(run(&b, &other, None, "m").unwrap().records, a.records);
+    }
+
+    #[test]
+    fn what_cannot_be_simulated_is_refused() {
+        let mut b = backend(1);
+        b.device.memory_gb = 1.0;
+        assert!(matches!(
+            simulate(&b, &[req(0.0, 1, 1)]),
+            Err(SimError::DoesNotFit { .. })
+        ));
+        let closed = Workload::parse(
+            "requests = 2\nprompt_tokens = { dist = \"fixed\", value = 8 }\noutput_tokens = { dist = \"fixed\", value = 8 }\n\
+             arrival = { kind = \"closed\", concurrency = 1 }\n",
+            false,
+        )
+        .unwrap();
+        assert!(requests(&closed)
+            .unwrap_err()
+            .to_string()
+            .contains("closed"));
+    }
+}
