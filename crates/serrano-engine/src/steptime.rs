@@ -159,6 +159,17 @@ impl StepModel {
         x.iter().all(|v| v.is_finite()).then_some(x)
     }
 
+    /// A model with these coefficients, as if fitted from enough steps of both kinds: a real
+    /// engine's fit (`coefficients`, which `/metrics` reports) replayed by the simulator, so
+    /// there is one step-time model in the project, not a second fit.
+    pub fn from_coefficients(c: [f64; TERMS]) -> StepModel {
+        StepModel {
+            coef: Some(c),
+            trusted: Some(c),
+            ..StepModel::default()
+        }
+    }
+
     /// The fitted coefficients (intercept s, s per prefill token, s per decoding sequence, s per
     /// thousand positions attended), once enough steps were seen.
     pub fn coefficients(&self) -> Option<[f64; TERMS]> {

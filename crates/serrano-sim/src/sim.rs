@@ -17,6 +17,7 @@ use serrano_bench::workload::{pick_weighted, Arrival, Workload};
 use serrano_engine::kv::BLOCK_TOKENS;
 use serrano_engine::paged::SharedAllocator;
 use serrano_engine::scheduler::{step_shape, Scheduler, SchedulerConfig};
+use serrano_engine::steptime::StepModel;
 use serrano_engine::{StepCaps, Urgency};
 
 use crate::catalog::Device;
@@ -41,12 +42,65 @@ pub enum SimError {
     Stuck(f64),
 }
 
-/// What is simulated: a device running a model, planned like the engine.
+/// How long a step takes.
+#[derive(Debug, Clone)]
+pub enum Timing {
+    /// A catalog device's roofline for a model.
+    Roofline {
+        device: Device,
+        model: ModelShape,
+        precision: Precision,
+    },
+    /// A real engine's own step-time model (`serrano sim calibrate`), with its KV cache size.
+    Calibrated { steps: StepModel, kv_tokens: usize },
+}
+
+impl Timing {
+    fn seconds(&self, plan: &[serrano_engine::scheduler::Planned]) -> f64 {
+        let shape = step_shape(plan);
+        match self {
+            Timing::Roofline {
+                device,
+                model,
+                precision,
+            } => {
+                let sampled = plan.iter().filter(|p| p.samples).count();
+                step_time(device, model, *precision, shape, sampled).seconds
+            }
+            Timing::Calibrated { steps, .. } => steps.predict(shape).unwrap_or(0.0),
+        }
+    }
+
+    /// KV cache positions the backend holds.
+    fn kv_tokens(&self) -> Result<f64, SimError> {
+        match self {
+            Timing::Roofline {
+                device,
+                model,
+                precision,
+            } => model
+                .kv_capacity_tokens(device, *precision)
+                .ok_or_else(|| SimError::DoesNotFit {
+                    weights_gb: model.weight_bytes(*precision) / 1e9,
+                    memory_gb: device.memory_gb,
+                }),
+            Timing::Calibrated { kv_tokens, .. } => Ok(*kv_tokens as f64),
+        }
+    }
+
+    /// What the results are labelled with.
+    pub fn name(&self) -> &str {
+        match self {
+            Timing::Roofline { device, .. } => &device.name,
+            Timing::Calibrated { .. } => "calibrated",
+        }
+    }
+}
+
+/// What is simulated: a backend's step timing, planned like the engine.
 #[derive(Debug, Clone)]
 pub struct Backend {
-    pub device: Device,
-    pub model: ModelShape,
-    pub precision: Precision,
+    pub timing: Timing,
     pub scheduler: SchedulerConfig,
 }
 
@@ -128,13 +182,7 @@ fn prompt(i: usize, r: &Request) -> Vec<u32> {
 /// Runs `reqs` through the backend; one record per request, in request order, each with its
 /// tokens' times.
 pub fn simulate(b: &Backend, reqs: &[Request]) -> Result<Vec<RequestRecord>, SimError> {
-    let weights = b.model.weight_bytes(b.precision);
-    let Some(kv_tokens) = b.model.kv_capacity_tokens(&b.device, b.precision) else {
-        return Err(SimError::DoesNotFit {
-            weights_gb: weights / 1e9,
-            memory_gb: b.device.memory_gb,
-        });
-    };
+    let kv_tokens = b.timing.kv_tokens()?;
     let blocks = ((kv_tokens / BLOCK_TOKENS as f64) as usize).clamp(1, MAX_BLOCKS);
     if let Some(i) = reqs
         .iter()
@@ -188,8 +236,7 @@ pub fn simulate(b: &Backend, reqs: &[Request]) -> Result<Vec<RequestRecord>, Sim
             }
             continue;
         }
-        let sampled = plan.iter().filter(|p| p.samples).count();
-        t += step_time(&b.device, &b.model, b.precision, step_shape(&plan), sampled).seconds;
+        t += b.timing.seconds(&plan);
         s.after_step();
         for p in plan.iter().filter(|p| p.samples) {
             let i = p.id as usize;
@@ -225,7 +272,7 @@ pub fn run(
         _ => None,
     };
     Ok(RunResult {
-        url: format!("sim://{}", b.device.name),
+        url: format!("sim://{}", b.timing.name()),
         model: name.to_string(),
         workload: w.name.clone(),
         request_rate: w.arrival.rate(),
@@ -247,30 +294,34 @@ mod tests {
     /// Every step memory-bound at exactly 2 ms: 2 GB of weights at 1 TB/s, no overhead,
     /// compute far from the roof for these sizes.
     fn backend(max_num_seqs: usize) -> Backend {
+        let device = Device {
+            name: "toy".into(),
+            source: "test".into(),
+            bf16_tflops: 1e6,
+            int8_tops: 1e6,
+            memory_gbs: 1000.0,
+            memory_gb: 100.0,
+            interconnect_gbs: 1.0,
+            power_w: 100.0,
+            price_per_hour: 1.0,
+            compute_efficiency: 1.0,
+            memory_efficiency: 1.0,
+            step_overhead_us: 0.0,
+        };
+        let model = ModelShape {
+            layer_params: 1e9,
+            head_params: 0.0,
+            total_params: 1e9,
+            n_layers: 1,
+            attn_width: 0,
+            kv_bytes_per_token: 1.0,
+        };
         Backend {
-            device: Device {
-                name: "toy".into(),
-                source: "test".into(),
-                bf16_tflops: 1e6,
-                int8_tops: 1e6,
-                memory_gbs: 1000.0,
-                memory_gb: 100.0,
-                interconnect_gbs: 1.0,
-                power_w: 100.0,
-                price_per_hour: 1.0,
-                compute_efficiency: 1.0,
-                memory_efficiency: 1.0,
-                step_overhead_us: 0.0,
+            timing: Timing::Roofline {
+                device,
+                model,
+                precision: Precision::Bf16,
             },
-            model: ModelShape {
-                layer_params: 1e9,
-                head_params: 0.0,
-                total_params: 1e9,
-                n_layers: 1,
-                attn_width: 0,
-                kv_bytes_per_token: 1.0,
-            },
-            precision: Precision::Bf16,
             scheduler: SchedulerConfig {
                 max_num_seqs,
                 max_batch_tokens: 256,
@@ -318,6 +369,22 @@ mod tests {
     }
 
     #[test]
+    fn a_calibrated_engines_own_step_model_times_the_steps() {
+        // 1 ms a step, 0.1 ms a prompt token, 0.5 ms a decoding sequence.
+        let b = Backend {
+            timing: Timing::Calibrated {
+                steps: StepModel::from_coefficients([1e-3, 1e-4, 5e-4, 0.0]),
+                kv_tokens: 4096,
+            },
+            ..backend(4)
+        };
+        let r = simulate(&b, &[req(0.0, 100, 3)]).unwrap();
+        // Prefill: 1 + 100 x 0.1 = 11 ms; each decode 1 + 0.5 = 1.5 ms.
+        assert!(close(r[0].ttft().unwrap(), 0.011), "{:?}", r[0]);
+        assert!(close(r[0].e2e(), 0.014), "{:?}", r[0]);
+    }
+
+    #[test]
     fn a_workload_is_simulated_the_same_for_the_same_seed() {
         let w = Workload::parse(
             "requests = 200\nprompt_tokens = { dist = \"uniform\", min = 16, max = 256 }\n\
@@ -338,7 +405,9 @@ mod tests {
     #[test]
     fn what_cannot_be_simulated_is_refused() {
         let mut b = backend(1);
-        b.device.memory_gb = 1.0;
+        if let Timing::Roofline { device, .. } = &mut b.timing {
+            device.memory_gb = 1.0;
+        }
         assert!(matches!(
             simulate(&b, &[req(0.0, 1, 1)]),
             Err(SimError::DoesNotFit { .. })

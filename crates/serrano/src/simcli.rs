@@ -21,6 +21,51 @@ pub enum SimCommand {
     /// engine's own scheduler plans every step, the device's roofline times it. Prints the
     /// load generator's table (or its JSON with --json), cost at the device's price.
     Run(RunArgs),
+    /// Read a running serrano's own step-time model (its `/metrics`, calibrated at start-up and
+    /// refitted on every step) into a profile file that `sim run --profile` replays.
+    Calibrate(CalibrateArgs),
+}
+
+#[derive(Args)]
+pub struct CalibrateArgs {
+    /// The server, e.g. http://127.0.0.1:8080.
+    #[arg(long)]
+    url: String,
+    /// Environment variable holding an admin key (`/metrics` needs one).
+    #[arg(long, default_value = "SERRANO_ADMIN_KEY")]
+    api_key_env: String,
+    /// The engine model to read (its `model_name` label); default: the only one.
+    #[arg(long)]
+    model_name: Option<String>,
+    /// KV cache positions of the server's engine (its log's `KV cache allocated`).
+    #[arg(long, default_value_t = 46_592)]
+    kv_tokens: usize,
+    /// The server's --max-num-seqs and --max-batch-tokens.
+    #[arg(long, default_value_t = 32)]
+    max_num_seqs: usize,
+    #[arg(long, default_value_t = 256)]
+    max_batch_tokens: usize,
+    /// What the server's machine costs, dollars per hour.
+    #[arg(long, default_value_t = 0.10)]
+    price_per_hour: f64,
+    /// Where to write the profile (TOML).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// A backend calibrated on a real serrano: its engine's step-time coefficients and sizes.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Profile {
+    name: String,
+    intercept_s: f64,
+    prefill_token_s: f64,
+    decode_seq_s: f64,
+    kv_kilotoken_s: f64,
+    kv_tokens: usize,
+    max_num_seqs: usize,
+    max_batch_tokens: usize,
+    price_per_hour: f64,
 }
 
 #[derive(Args)]
@@ -29,8 +74,12 @@ pub struct RunArgs {
     #[arg(long)]
     workload: PathBuf,
     /// The catalog device to run it on.
+    #[arg(long, required_unless_present = "profile", conflicts_with = "profile")]
+    device: Option<String>,
+    /// A profile from `serrano sim calibrate` instead of a device (its step-time model, KV
+    /// size, step limits and price).
     #[arg(long)]
-    device: String,
+    profile: Option<PathBuf>,
     /// A GGUF to take the model's shape from; default: the default model.
     #[arg(long)]
     model: Option<PathBuf>,
@@ -91,6 +140,7 @@ pub fn run(cmd: SimCommand) -> Result<()> {
     match cmd {
         SimCommand::Roofline(a) => roofline(a),
         SimCommand::Run(a) => simulate(a),
+        SimCommand::Calibrate(a) => calibrate(a),
     }
 }
 
@@ -116,10 +166,161 @@ fn model_shape(model: Option<&PathBuf>) -> Result<(PathBuf, ModelShape)> {
     Ok((path, shape))
 }
 
+/// The coefficients of `serrano:step_time_model{model_name,term}` in a `/metrics` text.
+fn coefficients(text: &str, model_name: Option<&str>) -> Result<[f64; 4]> {
+    let mut out = [None; 4];
+    let terms = ["intercept", "prefill_token", "decode_seq", "kv_kilotoken"];
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("serrano:step_time_model{"))
+    {
+        if model_name.is_some_and(|m| !line.contains(&format!("model_name=\"{m}\""))) {
+            continue;
+        }
+        let Some(i) = terms
+            .iter()
+            .position(|t| line.contains(&format!("term=\"{t}\"")))
+        else {
+            continue;
+        };
+        let value = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
+        if out[i].is_some() {
+            anyhow::bail!("/metrics reports several engines: name one with --model-name");
+        }
+        out[i] = value;
+    }
+    let mut c = [0.0; 4];
+    for (i, v) in out.iter().enumerate() {
+        c[i] = v.with_context(|| {
+            format!(
+                "/metrics has no step-time coefficient '{}' (is the server's engine calibrated? \
+                 it is at start-up unless --no-calibration)",
+                terms[i]
+            )
+        })?;
+    }
+    Ok(c)
+}
+
+fn calibrate(a: CalibrateArgs) -> Result<()> {
+    let key = std::env::var(&a.api_key_env)
+        .with_context(|| format!("${} is not set (an admin key)", a.api_key_env))?;
+    let url = format!("{}/metrics", a.url.trim_end_matches('/'));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let text = rt
+        .block_on(async {
+            let r = reqwest::Client::new()
+                .get(&url)
+                .bearer_auth(key)
+                .send()
+                .await?;
+            r.error_for_status()?.text().await
+        })
+        .with_context(|| format!("cannot read {url}"))?;
+    let c = coefficients(&text, a.model_name.as_deref())?;
+    let profile = Profile {
+        name: format!("serrano at {}", a.url),
+        intercept_s: c[0],
+        prefill_token_s: c[1],
+        decode_seq_s: c[2],
+        kv_kilotoken_s: c[3],
+        kv_tokens: a.kv_tokens,
+        max_num_seqs: a.max_num_seqs,
+        max_batch_tokens: a.max_batch_tokens,
+        price_per_hour: a.price_per_hour,
+    };
+    let text = format!(
+        "# `serrano sim calibrate` of {}: the engine's own step-time model (seconds: intercept, \
+         per prompt token, per decoding sequence, per thousand positions attended)\n{}",
+        a.url,
+        toml::to_string(&profile)?
+    );
+    std::fs::write(&a.out, text).with_context(|| format!("cannot write {}", a.out.display()))?;
+    eprintln!(
+        "step = {:.3} ms + {:.4} ms/prompt token + {:.3} ms/decode + {:.4} ms/1k positions -> {}",
+        c[0] * 1e3,
+        c[1] * 1e3,
+        c[2] * 1e3,
+        c[3] * 1e3,
+        a.out.display()
+    );
+    Ok(())
+}
+
 fn simulate(a: RunArgs) -> Result<()> {
+    if let Some(p) = &a.profile {
+        let text =
+            std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+        let profile: Profile =
+            toml::from_str(&text).with_context(|| format!("{} is not a profile", p.display()))?;
+        let steps = serrano_engine::steptime::StepModel::from_coefficients([
+            profile.intercept_s,
+            profile.prefill_token_s,
+            profile.decode_seq_s,
+            profile.kv_kilotoken_s,
+        ]);
+        let backend = serrano_sim::sim::Backend {
+            timing: serrano_sim::sim::Timing::Calibrated {
+                steps,
+                kv_tokens: profile.kv_tokens,
+            },
+            scheduler: serrano_engine::scheduler::SchedulerConfig {
+                max_num_seqs: profile.max_num_seqs.max(1),
+                max_batch_tokens: profile.max_batch_tokens.max(1),
+            },
+        };
+        let assumptions = format!(
+            "the step-time model of {} and ${}/h",
+            profile.name, profile.price_per_hour
+        );
+        return report(
+            &a,
+            &backend,
+            &profile.name,
+            profile.price_per_hour,
+            &assumptions,
+        );
+    }
     let catalog = load_catalog(a.catalog.as_ref())?;
-    let device = catalog.device(&a.device)?.clone();
+    let name = a.device.as_deref().unwrap_or_default();
+    let device = catalog.device(name)?.clone();
     let (path, model) = model_shape(a.model.as_ref())?;
+    let backend = serrano_sim::sim::Backend {
+        timing: serrano_sim::sim::Timing::Roofline {
+            device: device.clone(),
+            model,
+            precision: a.precision,
+        },
+        scheduler: serrano_engine::scheduler::SchedulerConfig {
+            max_num_seqs: a.max_num_seqs.max(1),
+            max_batch_tokens: a.max_batch_tokens.max(1),
+        },
+    };
+    let name = path
+        .file_name()
+        .map_or_else(|| "model".to_string(), |f| f.to_string_lossy().into_owned());
+    let assumptions = format!(
+        "{} {} at the catalog's efficiencies (compute {}, memory {}, {} us a step) and ${}/h",
+        device.name,
+        a.precision.as_str(),
+        device.compute_efficiency,
+        device.memory_efficiency,
+        device.step_overhead_us,
+        device.price_per_hour,
+    );
+    report(&a, &backend, &name, device.price_per_hour, &assumptions)
+}
+
+/// Runs the simulation and prints (and writes) its result.
+fn report(
+    a: &RunArgs,
+    backend: &serrano_sim::sim::Backend,
+    name: &str,
+    price_per_hour: f64,
+    assumptions: &str,
+) -> Result<()> {
     let text = std::fs::read_to_string(&a.workload)
         .with_context(|| format!("cannot read {}", a.workload.display()))?;
     let workload = serrano_bench::Workload::parse(&text, false)
@@ -130,22 +331,10 @@ fn simulate(a: RunArgs) -> Result<()> {
         .map(serrano_bench::Slo::parse)
         .transpose()
         .map_err(|e| anyhow::anyhow!("--slo: {e}"))?;
-    let backend = serrano_sim::sim::Backend {
-        device: device.clone(),
-        model,
-        precision: a.precision,
-        scheduler: serrano_engine::scheduler::SchedulerConfig {
-            max_num_seqs: a.max_num_seqs.max(1),
-            max_batch_tokens: a.max_batch_tokens.max(1),
-        },
-    };
-    let name = path
-        .file_name()
-        .map_or_else(|| "model".to_string(), |f| f.to_string_lossy().into_owned());
     let started = std::time::Instant::now();
-    let result = serrano_sim::sim::run(&backend, &workload, slo.as_ref(), &name)?;
+    let result = serrano_sim::sim::run(backend, &workload, slo.as_ref(), name)?;
     let price = serrano_bench::report::Price {
-        per_hour: Some(device.price_per_hour),
+        per_hour: Some(price_per_hour),
         ..Default::default()
     };
     if let Some(out) = &a.json {
@@ -155,20 +344,13 @@ fn simulate(a: RunArgs) -> Result<()> {
     }
     print!(
         "{}",
-        serrano_bench::report::table(&[(device.name.as_str(), &result)], Some(&price))
+        serrano_bench::report::table(&[(backend.timing.name(), &result)], Some(&price))
     );
     println!(
-        "Simulated {} requests in {:.2} s of this machine's time. Assumptions: {} {} at the \
-         catalog's efficiencies (compute {}, memory {}, {} us a step) and ${}/h; the engine's \
-         scheduler without its latency-class step caps; open loop only.",
+        "Simulated {} requests in {:.2} s of this machine's time. Assumptions: {assumptions}; \
+         the engine's scheduler without its latency-class step caps; open loop only.",
         result.records.len(),
         started.elapsed().as_secs_f64(),
-        device.name,
-        a.precision.as_str(),
-        device.compute_efficiency,
-        device.memory_efficiency,
-        device.step_overhead_us,
-        device.price_per_hour,
     );
     Ok(())
 }

@@ -228,3 +228,67 @@ fn sim_run_writes_the_load_generators_json() {
     assert!(v["cost"]["usd_per_1m_output_tokens"].as_f64().unwrap() > 0.0);
     assert_eq!(json("b.json")["p99_ttft_ms"], v["p99_ttft_ms"]);
 }
+
+/// `serrano sim calibrate` reads a running server's own step-time model into a profile that
+/// `serrano sim run --profile` replays.
+#[test]
+fn sim_calibrate_reads_the_servers_step_model_and_run_replays_it() {
+    let s = common::Server::tiny(&[]);
+    // Requests wait for the engine's start-up calibration, and their steps add to its fit (a
+    // tiny model's context allows fewer calibration shapes than the fit needs).
+    let body = serde_json::json!({"prompt": "hi there", "max_tokens": 16, "ignore_eos": true});
+    for _ in 0..3 {
+        assert_eq!(s.post("/v1/completions", &body).0, 200);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let profile = dir.path().join("p.toml");
+    let o = Command::new(env!("CARGO_BIN_EXE_serrano"))
+        .args(["sim", "calibrate", "--url", &s.base, "--out"])
+        .arg(&profile)
+        .args(["--kv-tokens", "4096"])
+        .env("SERRANO_ADMIN_KEY", common::ADMIN_KEY)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = std::fs::read_to_string(&profile).unwrap();
+    assert!(
+        text.contains("prefill_token_s") && text.contains("kv_tokens = 4096"),
+        "{text}"
+    );
+    let workload = dir.path().join("w.toml");
+    std::fs::write(
+        &workload,
+        "requests = 20\nprompt_tokens = { dist = \"fixed\", value = 32 }\n\
+         output_tokens = { dist = \"fixed\", value = 8 }\n\
+         arrival = { kind = \"poisson\", rate = 10.0 }\n",
+    )
+    .unwrap();
+    let out = dir.path().join("r.json");
+    let o = serrano(
+        &[
+            "sim",
+            "run",
+            "--workload",
+            workload.to_str().unwrap(),
+            "--profile",
+            profile.to_str().unwrap(),
+            "--json",
+            out.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(v["completed"], 20, "{v}");
+    assert!(v["p50_ttft_ms"].as_f64().unwrap() > 0.0, "{v}");
+    // Without a key the server refuses, and so does calibrate, saying why.
+    let o = Command::new(env!("CARGO_BIN_EXE_serrano"))
+        .args(["sim", "calibrate", "--url", &s.base, "--out"])
+        .arg(dir.path().join("q.toml"))
+        .env_remove("SERRANO_ADMIN_KEY")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("SERRANO_ADMIN_KEY"), "{}", stderr(&o));
+}
