@@ -17,11 +17,10 @@ use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
 use crate::metrics::{self, EngineMetrics};
 use crate::model::{LogitsWanted, Model, ModelConfig, SeqStep};
+use crate::pacing::{Asks, Pacing};
 use crate::paged::{KvStorage, SharedAllocator, BLOCK_TOKENS};
 use crate::sampling::{logprobs, Sampler, SamplingParams, TokenLogprobs};
-use crate::scheduler::{
-    self, Planned, Scheduler, SchedulerConfig, SeqId, SloClass, StepCaps, Urgency,
-};
+use crate::scheduler::{self, Planned, Scheduler, SchedulerConfig, SeqId, SloClass, StepCaps};
 use crate::steptime::StepModel;
 use crate::stop::StopMatcher;
 use crate::tokenizer::{Tokenizer, Utf8Stream};
@@ -51,7 +50,7 @@ pub struct EngineConfig {
     /// Reuse the KV blocks of earlier prompts' shared prefixes (automatic prefix caching).
     pub prefix_caching: bool,
     /// The inter-token latency decoding sequences are kept within: each step's prompt tokens
-    /// are capped so the step-time model predicts a step of at most [`STEP_SHARE`] of it
+    /// are capped so the step-time model predicts a step of at most [`STEP_SHARE`](crate::pacing::STEP_SHARE) of it
     /// (Sarathi-Serve's stall-free batching). `None`: steps take `max_batch_tokens` whatever
     /// the decodes wait.
     pub itl_target: Option<Duration>,
@@ -63,39 +62,15 @@ pub struct EngineConfig {
     pub calibrate: bool,
 }
 
-/// The time to first token an interactive request is owed (counted in
-/// `serrano:slo_violations_total{kind="ttft"}` when missed).
-pub const INTERACTIVE_TTFT_TARGET: Duration = Duration::from_secs(2);
-
-/// How far off a batch request's first token is due, for ordering only: after every
-/// interactive deadline of its time, and no batch request is late by it.
-pub const BATCH_TTFT_HORIZON: Duration = Duration::from_secs(600);
-
-/// A request's latency targets, time to first token and between tokens: its own, else the
-/// defaults (`default_itl` is the engine's `--itl-target-ms`); none for batch requests.
-fn targets(
-    req: &GenerateRequest,
-    default_itl: Option<Duration>,
-) -> (Option<Duration>, Option<Duration>) {
-    match req.class {
-        SloClass::Interactive => (
-            Some(req.ttft_target.unwrap_or(INTERACTIVE_TTFT_TARGET)),
-            req.itl_target.or(default_itl),
-        ),
-        SloClass::Batch => (None, None),
+/// What a request asks of pacing.
+fn asks(req: &GenerateRequest) -> Asks {
+    Asks {
+        class: req.class,
+        priority: req.priority,
+        ttft_target: req.ttft_target,
+        itl_target: req.itl_target,
     }
 }
-
-/// How long after an interactive request arrives batch prompts are kept to short steps
-/// ([`StepCaps::batch`]): a request arriving mid-step waits for the step's end, so while
-/// interactive traffic is about a batch step costs no more than an interactive decode would
-/// allow. Long enough to span the gaps of a tenant sending a request every few seconds; the
-/// cost is batch prompt throughput, and only then.
-pub const INTERACTIVE_WATCH: Duration = Duration::from_secs(30);
-
-/// Share of the inter-token target a step is planned to take: the model predicts a mean,
-/// and the target is a tail.
-pub const STEP_SHARE: f64 = 0.75;
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -136,7 +111,7 @@ pub struct GenerateRequest {
     /// inter-token target; batch takes what is left.
     pub class: SloClass,
     /// An interactive request's own latency targets (its tenant's `slo`): the first token by
-    /// `ttft_target` (default [`INTERACTIVE_TTFT_TARGET`]), then tokens at most `itl_target`
+    /// `ttft_target` (default [`INTERACTIVE_TTFT_TARGET`](crate::pacing::INTERACTIVE_TTFT_TARGET)), then tokens at most `itl_target`
     /// apart (default the engine's `itl_target`), which caps the steps it decodes in. Batch
     /// requests have none.
     pub ttft_target: Option<Duration>,
@@ -678,11 +653,10 @@ pub fn start_from_gguf(file: &GgufFile, config: EngineConfig) -> Result<EngineHa
         in_step: Vec::new(),
         labelled_tenants: Default::default(),
         steps: StepModel::default(),
-        itl_target: config.itl_target,
+        pacing: Pacing::new(config.itl_target),
         step_log,
         epoch: Instant::now(),
         calibrate: config.calibrate,
-        interactive_seen: None,
         step_count: 0,
         this_step: None,
         model_name: config.model_name.clone(),
@@ -781,14 +755,12 @@ struct Worker {
     labelled_tenants: std::collections::HashSet<String>,
     /// What a step costs here, learned from every step.
     steps: StepModel,
-    itl_target: Option<Duration>,
+    /// Requests' urgency and steps' caps (shared with the simulator).
+    pacing: Pacing,
     step_log: Option<std::io::BufWriter<std::fs::File>>,
     /// Zero of the scheduler's deadlines (microseconds from here).
     epoch: Instant,
     calibrate: bool,
-    /// The last interactive arrival with an inter-token target, and the tightest target
-    /// among those arriving within [`INTERACTIVE_WATCH`] of each other.
-    interactive_seen: Option<(Instant, Duration)>,
     /// Steps run so far; the step in progress, for the tokens it samples.
     step_count: u64,
     this_step: Option<TokenStep>,
@@ -854,23 +826,11 @@ impl Worker {
         let labels = tenant_label(&mut self.labelled_tenants, &req.tenant);
         let mut payload = Payload::new(req, s.submitted, s.events, s._slot, labels);
         payload.siblings = s.siblings;
-        let (ttft, itl) = targets(&payload.req, self.itl_target);
-        if let Some(t) = itl {
-            let now = Instant::now();
-            let target = match self.interactive_seen {
-                Some((at, was)) if now.duration_since(at) < INTERACTIVE_WATCH => was.min(t),
-                _ => t,
-            };
-            self.interactive_seen = Some((now, target));
-        }
-        let due =
-            s.submitted.saturating_duration_since(self.epoch) + ttft.unwrap_or(BATCH_TTFT_HORIZON);
-        let urgency = Urgency {
-            priority: payload.req.priority,
-            class: payload.req.class,
-            deadline: u64::try_from(due.as_micros()).unwrap_or(u64::MAX),
-            itl_target: itl,
-        };
+        let urgency = self.pacing.urgency(
+            &asks(&payload.req),
+            s.submitted.saturating_duration_since(self.epoch),
+            self.epoch.elapsed(),
+        );
         let (tenant, prompt) = (
             Arc::from(payload.req.tenant.as_str()),
             payload.req.prompt.clone(),
@@ -897,24 +857,11 @@ impl Worker {
         });
     }
 
-    /// The next step's prompt-token caps, from the step-time model: beside decodes owed an
-    /// inter-token target, the tightest target among them; for batch prompts, the tightest
-    /// target of the interactive requests seen within [`INTERACTIVE_WATCH`]. `None` where
-    /// nothing caps (targets off, or no such decode or request).
+    /// The next step's prompt-token caps ([`Pacing::caps`]), priced by this engine's
+    /// step-time model, on its clock.
     fn step_caps(&self) -> StepCaps {
-        let (decode, start, owed) = self.sched.decode_shape();
-        let cap = |target: Duration| {
-            self.steps
-                .prefill_budget(decode, start, target.as_secs_f64() * STEP_SHARE)
-        };
-        let watched = self
-            .interactive_seen
-            .filter(|(at, _)| at.elapsed() < INTERACTIVE_WATCH)
-            .map(|(_, target)| target);
-        StepCaps {
-            prefill: owed.and_then(cap),
-            batch: watched.and_then(cap),
-        }
+        self.pacing
+            .caps(&self.sched, &self.steps, self.epoch.elapsed())
     }
 
     /// Teaches the step-time model a few timed steps before the first request (requests
@@ -1179,7 +1126,7 @@ impl Worker {
         let lp = raw.map(|r| logprobs(&r, token, s.req.logprobs.unwrap_or(0)));
         s.generated += 1;
         let now = Instant::now();
-        let (ttft_target, itl_target) = targets(&s.req, self.itl_target);
+        let (ttft_target, itl_target) = self.pacing.targets(&asks(&s.req));
         let (kind, seconds, target) = match s.last_token {
             None => {
                 let t = (now - s.arrival).as_secs_f64();

@@ -19,6 +19,7 @@ pub mod kv;
 pub mod metrics;
 pub mod model;
 pub mod ops;
+pub mod pacing;
 pub mod packed;
 pub mod paged;
 pub mod quant;

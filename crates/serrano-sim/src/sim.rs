@@ -5,8 +5,14 @@
 //! (open-loop arrivals, lengths, tenants, a shared prefix), and come out as the load generator's
 //! records, so the summary has `serrano bench --json`'s fields. Deterministic for a seed.
 //!
-//! Not modelled yet (stated with every result): the engine's step caps for latency classes
-//! (steps are planned without `StepCaps`), closed-loop and multi-turn workloads, and fleets.
+//! Requests are planned with the engine's own pacing (`serrano-engine::pacing`: urgency at
+//! admission, the step caps that keep a decode's step within its inter-token target), every
+//! request interactive with the engine's default targets, as a default server treats them; the
+//! caps price steps with a step-time model: the calibrated engine's own, or one the engine's
+//! learner fits to the roofline's times.
+//!
+//! Not modelled yet (stated with every result): batch tenants, closed-loop and multi-turn
+//! workloads, and fleets.
 
 use std::sync::Arc;
 
@@ -15,10 +21,12 @@ use serrano_bench::metrics::{RequestRecord, Slo};
 use serrano_bench::run::RunResult;
 use serrano_bench::workload::{pick_weighted, Arrival, Workload};
 use serrano_engine::kv::BLOCK_TOKENS;
+use serrano_engine::pacing::{Asks, Pacing};
 use serrano_engine::paged::SharedAllocator;
 use serrano_engine::scheduler::{step_shape, Scheduler, SchedulerConfig};
 use serrano_engine::steptime::StepModel;
-use serrano_engine::{StepCaps, Urgency};
+use serrano_engine::steptime::{chunk_kv_tokens, StepShape};
+use serrano_engine::SloClass;
 
 use crate::catalog::Device;
 use crate::roofline::{step_time, ModelShape, Precision};
@@ -57,18 +65,8 @@ pub enum Timing {
 
 impl Timing {
     fn seconds(&self, plan: &[serrano_engine::scheduler::Planned]) -> f64 {
-        let shape = step_shape(plan);
-        match self {
-            Timing::Roofline {
-                device,
-                model,
-                precision,
-            } => {
-                let sampled = plan.iter().filter(|p| p.samples).count();
-                step_time(device, model, *precision, shape, sampled).seconds
-            }
-            Timing::Calibrated { steps, .. } => steps.predict(shape).unwrap_or(0.0),
-        }
+        let sampled = plan.iter().filter(|p| p.samples).count();
+        self.shape_seconds(step_shape(plan), sampled)
     }
 
     /// KV cache positions the backend holds.
@@ -85,6 +83,46 @@ impl Timing {
                     memory_gb: device.memory_gb,
                 }),
             Timing::Calibrated { kv_tokens, .. } => Ok(*kv_tokens as f64),
+        }
+    }
+
+    /// The step-time model the engine's caps price steps with: the calibrated one, or the
+    /// engine's learner fitted to the roofline's times over decode-only and prompt shapes.
+    pub fn step_model(&self) -> StepModel {
+        match self {
+            Timing::Calibrated { steps, .. } => steps.clone(),
+            Timing::Roofline { .. } => {
+                let mut m = StepModel::default();
+                for k in 0..8 {
+                    let n = 1usize << k;
+                    let decode = StepShape {
+                        prefill_tokens: 0,
+                        decode_seqs: n,
+                        kv_tokens: n * 512,
+                    };
+                    let p = 16usize << k;
+                    let prefill = StepShape {
+                        prefill_tokens: p,
+                        decode_seqs: 0,
+                        kv_tokens: chunk_kv_tokens(0, p),
+                    };
+                    for (shape, sampled) in [(decode, n), (prefill, 1)] {
+                        m.observe(shape, self.shape_seconds(shape, sampled));
+                    }
+                }
+                m
+            }
+        }
+    }
+
+    fn shape_seconds(&self, shape: StepShape, sampled: usize) -> f64 {
+        match self {
+            Timing::Roofline {
+                device,
+                model,
+                precision,
+            } => step_time(device, model, *precision, shape, sampled).seconds,
+            Timing::Calibrated { steps, .. } => steps.predict(shape).unwrap_or(0.0),
         }
     }
 
@@ -202,16 +240,26 @@ pub fn simulate(b: &Backend, reqs: &[Request]) -> Result<Vec<RequestRecord>, Sim
         })
         .collect();
     let mut generated = vec![0usize; reqs.len()];
+    let mut pacing = Pacing::new(serrano_engine::EngineConfig::default().itl_target);
+    let steps_model = b.timing.step_model();
+    let asks = Asks {
+        class: SloClass::Interactive,
+        priority: 0,
+        ttft_target: None,
+        itl_target: None,
+    };
+    let clock = |t: f64| std::time::Duration::from_secs_f64(t.max(0.0));
     let (mut t, mut next, mut steps) = (0.0f64, 0usize, 0u64);
     while next < reqs.len() || !s.is_idle() {
         while next < reqs.len() && reqs[next].arrival <= t {
             let r = &reqs[next];
             let tenant: Arc<str> = Arc::from(r.tenant.as_deref().unwrap_or(""));
             let max_len = r.prompt_tokens + r.output_tokens;
+            let urgency = pacing.urgency(&asks, clock(r.arrival), clock(t));
             s.add(
                 next as u64,
                 tenant,
-                Urgency::default(),
+                urgency,
                 prompt(next, r),
                 max_len,
                 true,
@@ -227,7 +275,7 @@ pub fn simulate(b: &Backend, reqs: &[Request]) -> Result<Vec<RequestRecord>, Sim
         if steps > MAX_STEPS {
             return Err(SimError::Stuck(t));
         }
-        let plan = s.schedule_within(StepCaps::default());
+        let plan = s.schedule_within(pacing.caps(&s, &steps_model, clock(t)));
         if plan.is_empty() {
             // Nothing runnable until a request arrives (the engine would wait for one).
             match reqs.get(next) {

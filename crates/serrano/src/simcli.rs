@@ -348,7 +348,8 @@ fn report(
     );
     println!(
         "Simulated {} requests in {:.2} s of this machine's time. Assumptions: {assumptions}; \
-         the engine's scheduler without its latency-class step caps; open loop only.",
+         the engine's scheduler and pacing (every request interactive, default targets); open \
+         loop only.",
         result.records.len(),
         started.elapsed().as_secs_f64(),
     );
