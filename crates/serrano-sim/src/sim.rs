@@ -19,7 +19,7 @@ use std::sync::Arc;
 use rand::SeedableRng;
 use serrano_bench::metrics::{RequestRecord, Slo};
 use serrano_bench::run::RunResult;
-use serrano_bench::workload::{pick_weighted, Arrival, Workload};
+use serrano_bench::workload::{pick_weighted, Arrival, TraceEntry, Workload};
 use serrano_engine::kv::BLOCK_TOKENS;
 use serrano_engine::pacing::{Asks, Pacing};
 use serrano_engine::paged::SharedAllocator;
@@ -200,6 +200,26 @@ pub fn requests(w: &Workload) -> Result<Vec<Request>, SimError> {
     Ok(out)
 }
 
+/// The requests of a trace (`serrano bench --trace`'s JSON lines), in time order: exactly the
+/// arrivals and lengths a measured run replayed, `shared_prefix` tokens of each prompt shared.
+pub fn requests_from_trace(entries: &[TraceEntry], shared_prefix: usize) -> Vec<Request> {
+    let mut out: Vec<Request> = entries
+        .iter()
+        .map(|e| {
+            let prompt = (e.prompt_tokens as usize).max(1);
+            Request {
+                arrival: e.time.max(0.0),
+                tenant: e.tenant.clone(),
+                prompt_tokens: prompt,
+                output_tokens: (e.output_tokens as usize).max(1),
+                shared_prefix: shared_prefix.min(prompt),
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| a.arrival.total_cmp(&b.arrival));
+    out
+}
+
 /// A request's prompt as token ids: the shared prefix is the same for all, the rest unique to
 /// the request (so the prefix cache finds what a server's would, and nothing more).
 fn prompt(i: usize, r: &Request) -> Vec<u32> {
@@ -303,16 +323,21 @@ pub fn simulate(b: &Backend, reqs: &[Request]) -> Result<Vec<RequestRecord>, Sim
 }
 
 /// A whole simulated run of a workload, summarized as `serrano bench` summarizes a measured
-/// one (the warm-up requests left out).
+/// one (the warm-up requests left out); with a trace, its requests (no warm-up), the workload
+/// giving the tenants' SLOs and the shared prefix.
 pub fn run(
     b: &Backend,
     w: &Workload,
+    trace: Option<&[TraceEntry]>,
     slo: Option<&Slo>,
     name: &str,
 ) -> Result<RunResult, SimError> {
-    let reqs = requests(w)?;
+    let (reqs, warmup) = match trace {
+        Some(t) => (requests_from_trace(t, w.shared_prefix_tokens as usize), 0),
+        None => (requests(w)?, w.warmup_requests as usize),
+    };
     let mut records = simulate(b, &reqs)?;
-    let measured = records.split_off((w.warmup_requests as usize).min(records.len()));
+    let measured = records.split_off(warmup.min(records.len()));
     let (summary, tenants) = serrano_bench::run::judge(w, &measured, slo)
         .map_err(|e| SimError::Workload(e.to_string()))?;
     let burstiness = match w.arrival {
@@ -442,12 +467,26 @@ mod tests {
         )
         .unwrap();
         let b = backend(8);
-        let a = run(&b, &w, None, "m").unwrap();
-        let again = run(&b, &w, None, "m").unwrap();
+        let a = run(&b, &w, None, None, "m").unwrap();
+        let again = run(&b, &w, None, None, "m").unwrap();
         assert_eq!(a.records, again.records);
         assert_eq!(a.summary.completed, 200);
-        let other = Workload { seed: 4, ..w };
-        assert_ne!(run(&b, &other, None, "m").unwrap().records, a.records);
+        let other = Workload {
+            seed: 4,
+            ..w.clone()
+        };
+        assert_ne!(run(&b, &other, None, None, "m").unwrap().records, a.records);
+        // A trace is replayed as written: its arrivals and lengths, in time order.
+        let trace = serrano_bench::workload::parse_trace(
+            "{\"time\": 0.5, \"prompt_tokens\": 20, \"output_tokens\": 3}\n\
+             {\"time\": 0.1, \"prompt_tokens\": 40, \"output_tokens\": 5}\n",
+        )
+        .unwrap();
+        let r = run(&b, &w, Some(&trace), None, "m").unwrap();
+        let sent: Vec<f64> = r.records.iter().map(|r| r.sent).collect();
+        assert_eq!(sent, [0.1, 0.5]);
+        let lens: Vec<u64> = r.records.iter().map(|r| r.output_tokens).collect();
+        assert_eq!(lens, [5, 3]);
     }
 
     #[test]

@@ -95,6 +95,11 @@ pub struct RunArgs {
     /// An SLO to judge goodput by, as `serrano bench --slo` takes it.
     #[arg(long)]
     slo: Option<String>,
+    /// Replay a trace (`serrano bench --trace`'s JSON lines: time, tenant, prompt_tokens,
+    /// output_tokens) instead of drawing from the workload: the same requests a measured run
+    /// replayed.
+    #[arg(long)]
+    trace: Option<PathBuf>,
     /// A catalog file instead of the built-in catalog.
     #[arg(long)]
     catalog: Option<PathBuf>,
@@ -331,8 +336,18 @@ fn report(
         .map(serrano_bench::Slo::parse)
         .transpose()
         .map_err(|e| anyhow::anyhow!("--slo: {e}"))?;
+    let trace = match &a.trace {
+        Some(p) => Some(
+            serrano_bench::workload::parse_trace(
+                &std::fs::read_to_string(p)
+                    .with_context(|| format!("cannot read {}", p.display()))?,
+            )
+            .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?,
+        ),
+        None => None,
+    };
     let started = std::time::Instant::now();
-    let result = serrano_sim::sim::run(backend, &workload, slo.as_ref(), name)?;
+    let result = serrano_sim::sim::run(backend, &workload, trace.as_deref(), slo.as_ref(), name)?;
     let price = serrano_bench::report::Price {
         per_hour: Some(price_per_hour),
         ..Default::default()
