@@ -21,7 +21,7 @@ use crate::pacing::{Asks, Pacing};
 use crate::paged::{KvStorage, SharedAllocator, BLOCK_TOKENS};
 use crate::sampling::{logprobs, Sampler, SamplingParams, TokenLogprobs};
 use crate::scheduler::{self, Planned, Scheduler, SchedulerConfig, SeqId, SloClass, StepCaps};
-use crate::steptime::StepModel;
+use crate::steptime::{StepModel, StepShape};
 use crate::stop::StopMatcher;
 use crate::tokenizer::{Tokenizer, Utf8Stream};
 
@@ -877,15 +877,14 @@ impl Worker {
         let steps = calibrate::calibrate(&self.model, &mut self.storage, &alloc, limits);
         let n = steps.len();
         for (plan, seconds) in steps {
-            self.learn(&plan, seconds, true);
+            self.learn(scheduler::step_shape(&plan), seconds, true);
         }
         tracing::info!(steps = n, "step-time model calibrated");
     }
 
-    /// Learns from a step that ran `plan` in `seconds` (a calibration step, or a real one), and
+    /// Learns from a step of `shape` that took `seconds` (a calibration step, or a real one), and
     /// logs it.
-    fn learn(&mut self, plan: &[Planned], seconds: f64, calibration: bool) {
-        let shape = scheduler::step_shape(plan);
+    fn learn(&mut self, shape: StepShape, seconds: f64, calibration: bool) {
         let predicted = self.steps.predict(shape);
         self.steps.observe(shape, seconds);
         let m = &self.metrics;
@@ -1038,7 +1037,7 @@ impl Worker {
                 self.sample(p.id, &mut last);
             }
         }
-        self.learn(&plan, started.elapsed().as_secs_f64(), false);
+        self.learn(shape, started.elapsed().as_secs_f64(), false);
     }
 
     /// Prompt log-probs from a chunk's rows: row `i` (position `start + i`) predicts the token

@@ -45,7 +45,7 @@ pub use audit::{
     chain_hash, verify_chain, AuditRecord, ChainError, ChainRow, ChainVerifier, Retention,
     VerifyReport, GENESIS,
 };
-pub use changes::{price_value, Changed, Target, MAX_CHANGES_PAGE};
+pub use changes::{price_from_usd, price_value, Changed, Target, MAX_CHANGES_PAGE};
 pub use checkpoint::{generate_signing_key, parse_public_key, read_signing_key, Checkpoint};
 pub use config::{default_db_path, GovConfig};
 pub use ed25519_dalek::{SigningKey, VerifyingKey};

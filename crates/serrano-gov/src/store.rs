@@ -15,10 +15,7 @@ use crate::rate::RateInfo;
 use crate::sqlite::SqliteStore;
 use crate::storage::{FinishOp, Finished, KeyRow, ReserveOp, Store, UsageKey, AUDIT_PAGE_RECORDS};
 use crate::time::now_ms;
-use crate::types::{
-    BudgetInfo, BudgetPeriod, BudgetUnit, KeyInfo, LedgerState, LimitInfo, Limits, TenantInfo,
-    UsageRow,
-};
+use crate::types::{BudgetInfo, KeyInfo, LedgerState, LimitInfo, TenantInfo, UsageRow};
 use ed25519_dalek::{SigningKey, VerifyingKey};
 
 type AuthCache = std::collections::HashMap<Vec<u8>, (std::time::Instant, Principal, Option<i64>)>;
@@ -411,51 +408,6 @@ impl Governance {
         Ok(())
     }
 
-    /// Sets (or replaces) a budget of a tenant, or of one of its keys; `limit` is in tokens, or
-    /// in nano-dollars for `usd`.
-    pub async fn set_budget(
-        &self,
-        tenant: &str,
-        key_id: Option<i64>,
-        unit: BudgetUnit,
-        period: BudgetPeriod,
-        limit: i64,
-    ) -> Result<i64, GovError> {
-        if limit < 0 {
-            return Err(GovError::Invalid(
-                "a budget limit cannot be negative".into(),
-            ));
-        }
-        let t = self.tenant(tenant).await?;
-        self.check_key_owner(&t, key_id).await?;
-        self.store()
-            .set_budget(t.id, key_id.unwrap_or(0), unit, period, limit)
-            .await
-    }
-
-    /// Sets (or replaces) the rate limits of a tenant, or of one of its keys; `None` means no
-    /// limit of that kind.
-    pub async fn set_limits(
-        &self,
-        tenant: &str,
-        key_id: Option<i64>,
-        l: Limits,
-    ) -> Result<i64, GovError> {
-        let all = [
-            l.rpm,
-            l.tpm,
-            l.max_concurrent,
-            l.tool_calls_per_minute,
-            l.tool_calls_per_day,
-        ];
-        if all.iter().flatten().any(|v| *v < 0) {
-            return Err(GovError::Invalid("limits cannot be negative".into()));
-        }
-        let t = self.tenant(tenant).await?;
-        self.check_key_owner(&t, key_id).await?;
-        self.store().set_limits(t.id, key_id.unwrap_or(0), l).await
-    }
-
     pub async fn limits(&self, tenant: Option<&str>) -> Result<Vec<LimitInfo>, GovError> {
         self.store().limits(tenant).await
     }
@@ -489,20 +441,8 @@ impl Governance {
         input_usd_per_m: f64,
         output_usd_per_m: f64,
     ) -> Result<(), GovError> {
-        let ok = |p: f64| (0.0..1e6).contains(&p);
-        if !ok(input_usd_per_m) || !ok(output_usd_per_m) {
-            return Err(GovError::Invalid(
-                "prices must be between 0 and 1,000,000 dollars per million tokens".into(),
-            ));
-        }
-        self.store()
-            .set_price(
-                model,
-                backend,
-                crate::nusd_per_token(input_usd_per_m),
-                crate::nusd_per_token(output_usd_per_m),
-            )
-            .await
+        let (input, output) = crate::changes::nusd_prices(input_usd_per_m, output_usd_per_m)?;
+        self.store().set_price(model, backend, input, output).await
     }
 
     /// Tokens and cost grouped by any of `tenant`, `key`, `model`, `day`.

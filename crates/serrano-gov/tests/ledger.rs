@@ -14,6 +14,37 @@ async fn open(dir: &tempfile::TempDir) -> Governance {
     gov
 }
 
+/// Sets a budget as an admin change would (`limit` in tokens, or nano-dollars for `usd`).
+async fn budget(
+    gov: &Governance,
+    tenant: &str,
+    key_id: Option<i64>,
+    unit: BudgetUnit,
+    period: BudgetPeriod,
+    limit: i64,
+) {
+    let target = serrano_gov::Target::Budget {
+        tenant: tenant.into(),
+        key_id,
+        unit,
+        period,
+    };
+    gov.change("test", target, serde_json::json!(limit))
+        .await
+        .unwrap();
+}
+
+/// Sets rate limits as an admin change would.
+async fn limits(gov: &Governance, tenant: &str, key_id: Option<i64>, l: serrano_gov::Limits) {
+    let target = serrano_gov::Target::Limits {
+        tenant: tenant.into(),
+        key_id,
+    };
+    gov.change("test", target, serde_json::to_value(l).unwrap())
+        .await
+        .unwrap();
+}
+
 async fn tenant_key(gov: &Governance, name: &str) -> Principal {
     gov.create_tenant(name, Retention::None).await.unwrap();
     let (_, secret) = gov
@@ -83,9 +114,15 @@ async fn concurrent_requests_never_overspend_a_token_budget() {
     let gov = open(&dir).await;
     let p = tenant_key(&gov, "acme").await;
     const BUDGET: i64 = 5_000;
-    gov.set_budget("acme", None, BudgetUnit::Tokens, BudgetPeriod::Day, BUDGET)
-        .await
-        .unwrap();
+    budget(
+        &gov,
+        "acme",
+        None,
+        BudgetUnit::Tokens,
+        BudgetPeriod::Day,
+        BUDGET,
+    )
+    .await;
     let ok = burst(std::slice::from_ref(&gov), &p).await;
     let state = gov.ledger_state().await.unwrap();
     assert_eq!(state.open_requests, 0);
@@ -109,7 +146,10 @@ async fn concurrent_requests_never_overspend_a_token_budget() {
     assert_eq!(state.spent_total as u64, audited);
     let v = gov.verify_audit().await.unwrap();
     assert!(v.ok, "{v:?}");
-    assert_eq!(v.records, 200);
+    assert_eq!(
+        v.records, 201,
+        "the 200 requests and the budget's admin change"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -119,17 +159,17 @@ async fn concurrent_requests_never_overspend_a_money_budget() {
     let p = tenant_key(&gov, "acme").await;
     // $1 per million input tokens, $4 per million output: 1,000 and 4,000 nano-dollars a token.
     gov.set_price("m", "local", 1.0, 4.0).await.unwrap();
-    let budget =
+    let limit =
         serrano_gov::nusd_per_token(1.0) * 10 * 30 + serrano_gov::nusd_per_token(4.0) * 90 * 30;
-    gov.set_budget(
+    budget(
+        &gov,
         "acme",
         Some(p.key_id),
         BudgetUnit::Usd,
         BudgetPeriod::Month,
-        budget,
+        limit,
     )
-    .await
-    .unwrap();
+    .await;
     let tasks: Vec<_> = (0..200)
         .map(|i| {
             let (gov, p) = (gov.clone(), p.clone());
@@ -145,9 +185,9 @@ async fn concurrent_requests_never_overspend_a_money_budget() {
     assert_eq!(ok, 30);
     let state = gov.ledger_state().await.unwrap();
     assert_eq!((state.open_requests, state.reserved_total), (0, 0));
-    assert_eq!(state.spent_total, budget);
+    assert_eq!(state.spent_total, limit);
     let cost: f64 = gov.usage(&["key"]).await.unwrap()[0].cost_usd;
-    assert!((cost - budget as f64 / 1e9).abs() < 1e-9);
+    assert!((cost - limit as f64 / 1e9).abs() < 1e-9);
 }
 
 #[tokio::test]
@@ -155,9 +195,15 @@ async fn a_replayed_request_id_is_not_charged_twice() {
     let dir = tempfile::tempdir().unwrap();
     let gov = open(&dir).await;
     let p = tenant_key(&gov, "acme").await;
-    gov.set_budget("acme", None, BudgetUnit::Tokens, BudgetPeriod::Total, 1_000)
-        .await
-        .unwrap();
+    budget(
+        &gov,
+        "acme",
+        None,
+        BudgetUnit::Tokens,
+        BudgetPeriod::Total,
+        1_000,
+    )
+    .await;
     request(&gov, &p, "same".into(), 10, 10, 10).await.unwrap();
     let e = request(&gov, &p, "same".into(), 10, 10, 10)
         .await
@@ -171,9 +217,15 @@ async fn a_dropped_ticket_is_audited_and_released() {
     let dir = tempfile::tempdir().unwrap();
     let gov = open(&dir).await;
     let p = tenant_key(&gov, "acme").await;
-    gov.set_budget("acme", None, BudgetUnit::Tokens, BudgetPeriod::Total, 1_000)
-        .await
-        .unwrap();
+    budget(
+        &gov,
+        "acme",
+        None,
+        BudgetUnit::Tokens,
+        BudgetPeriod::Total,
+        1_000,
+    )
+    .await;
     let t = Ticket::new(&gov, "gone".into(), "POST", "/v1/completions");
     t.set_principal(p);
     t.set_model("m");
@@ -205,15 +257,15 @@ async fn a_reservation_charges_only_once_a_backend_accepted_it() {
     let dir = tempfile::tempdir().unwrap();
     let gov = open(&dir).await;
     let p = tenant_key(&gov, "acme").await;
-    gov.set_budget(
+    budget(
+        &gov,
         "acme",
         None,
         BudgetUnit::Tokens,
         BudgetPeriod::Total,
         1_000_000,
     )
-    .await
-    .unwrap();
+    .await;
     let spent = |gov: Governance| async move { gov.ledger_state().await.unwrap().spent_total };
     let ticket = |id: &str| {
         let t = Ticket::new(&gov, id.into(), "POST", "/v1/completions");
@@ -253,7 +305,7 @@ async fn a_reservation_charges_only_once_a_backend_accepted_it() {
     let recs = gov.audit_records(0, 10).await.unwrap();
     let charged: Vec<(u64, u64)> = recs
         .iter()
-        .filter(|r| r.tenant.as_deref() == Some("acme"))
+        .filter(|r| r.tenant.as_deref() == Some("acme") && r.change.is_none())
         .map(|r| (r.prompt_tokens, r.completion_tokens))
         .collect();
     assert_eq!(charged, [(0, 0), (10, 100), (7, 3), (10, 2)]);
@@ -266,9 +318,15 @@ async fn expired_reservations_are_released() {
     cfg.reservation_ttl = Duration::from_millis(1);
     let gov = Governance::open(cfg).await.unwrap();
     let p = tenant_key(&gov, "acme").await;
-    gov.set_budget("acme", None, BudgetUnit::Tokens, BudgetPeriod::Total, 1_000)
-        .await
-        .unwrap();
+    budget(
+        &gov,
+        "acme",
+        None,
+        BudgetUnit::Tokens,
+        BudgetPeriod::Total,
+        1_000,
+    )
+    .await;
     let t = Ticket::new(&gov, "crashed".into(), "POST", "/v1/completions");
     t.set_principal(p);
     t.set_model("m");
@@ -447,9 +505,15 @@ async fn replicas_on_one_file_share_budgets_and_limits() {
         .unwrap();
     let p = tenant_key(&a, "acme").await;
     const BUDGET: i64 = 5_000;
-    a.set_budget("acme", None, BudgetUnit::Tokens, BudgetPeriod::Day, BUDGET)
-        .await
-        .unwrap();
+    budget(
+        &a,
+        "acme",
+        None,
+        BudgetUnit::Tokens,
+        BudgetPeriod::Day,
+        BUDGET,
+    )
+    .await;
     let ok = burst(&[a.clone(), b.clone()], &p).await;
     let state = b.ledger_state().await.unwrap();
     assert_eq!((state.open_requests, state.reserved_total), (0, 0));
@@ -457,7 +521,8 @@ async fn replicas_on_one_file_share_budgets_and_limits() {
     assert!(ok >= 50, "only {ok} requests were admitted");
 
     // One request open on replica a fills the tenant's one concurrent slot for replica b.
-    a.set_limits(
+    limits(
+        &a,
         "acme",
         None,
         serrano_gov::Limits {
@@ -465,17 +530,16 @@ async fn replicas_on_one_file_share_budgets_and_limits() {
             ..Default::default()
         },
     )
-    .await
-    .unwrap();
-    a.set_budget(
+    .await;
+    budget(
+        &a,
         "acme",
         None,
         BudgetUnit::Tokens,
         BudgetPeriod::Day,
         i64::MAX / 4,
     )
-    .await
-    .unwrap();
+    .await;
     let held = Ticket::new(&a, "held".into(), "POST", "/v1/completions");
     held.set_principal(p.clone());
     held.set_model("m");
@@ -490,9 +554,7 @@ async fn replicas_on_one_file_share_budgets_and_limits() {
     request(&a, &p, "on-a".into(), 1, 1, 1).await.unwrap();
 
     // A budget lowered by an admin applies to the very next reservation on both replicas.
-    a.set_budget("acme", None, BudgetUnit::Tokens, BudgetPeriod::Day, 0)
-        .await
-        .unwrap();
+    budget(&a, "acme", None, BudgetUnit::Tokens, BudgetPeriod::Day, 0).await;
     for (gov, id) in [(&a, "after-a"), (&b, "after-b")] {
         let r = request(gov, &p, id.into(), 1, 1, 1).await;
         assert!(matches!(r, Err(GovError::OverBudget(_))), "{r:?}");

@@ -268,7 +268,7 @@ pub async fn set_price(
     axum::Extension(ticket): Actor,
     JsonBody(p): JsonBody<PriceRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    let value = price_nusd(p.input_per_million, p.output_per_million)?;
+    let value = serrano_gov::price_from_usd(p.input_per_million, p.output_per_million)?;
     let target = Target::Price {
         model: p.model.clone(),
         backend: p.backend.clone(),
@@ -278,20 +278,6 @@ pub async fn set_price(
         &c,
         json!({"model": p.model, "backend": p.backend}),
     )))
-}
-
-/// A price in dollars per million tokens as its stored value (nano-dollars per token).
-pub fn price_nusd(input_per_million: f64, output_per_million: f64) -> Result<Value, GovError> {
-    let ok = |p: f64| (0.0..=1e6).contains(&p);
-    if !ok(input_per_million) || !ok(output_per_million) {
-        return Err(GovError::Invalid(
-            "prices must be between 0 and 1,000,000 dollars per million tokens".into(),
-        ));
-    }
-    Ok(serrano_gov::price_value(
-        serrano_gov::nusd_per_token(input_per_million),
-        serrano_gov::nusd_per_token(output_per_million),
-    ))
 }
 
 #[derive(Deserialize)]

@@ -30,7 +30,7 @@ mod tools;
 pub mod trace;
 pub mod upstream;
 
-pub use admin::{budget_amount, change_diff, price_nusd};
+pub use admin::{budget_amount, change_diff};
 pub use app::{router, ROUTES};
 pub use backend::Backend;
 pub use error::ApiError;

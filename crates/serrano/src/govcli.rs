@@ -427,7 +427,7 @@ pub fn admin(db: &DbArgs, cmd: AdminCommand) -> Result<()> {
             input,
             output,
         }) => {
-            let value = serrano_server::price_nusd(input, output)?;
+            let value = serrano_gov::price_from_usd(input, output)?;
             let target = Target::Price { model, backend };
             report(&gov.change(actor, target, value).await?);
             Ok(())
