@@ -403,24 +403,9 @@ impl Governance {
     }
 }
 
-/// Prices in dollars per million tokens as nano-dollars per token, each below $1,000,000 per
-/// million tokens.
-pub(crate) fn nusd_prices(input_per_m: f64, output_per_m: f64) -> Result<(i64, i64), GovError> {
-    let ok = |p: f64| (0.0..1e6).contains(&p);
-    if !ok(input_per_m) || !ok(output_per_m) {
-        return Err(GovError::Invalid(
-            "prices must be between 0 and 1,000,000 dollars per million tokens".into(),
-        ));
-    }
-    Ok((
-        crate::nusd_per_token(input_per_m),
-        crate::nusd_per_token(output_per_m),
-    ))
-}
-
 /// A price given in dollars per million tokens as the value a [`Target::Price`] change sets.
 pub fn price_from_usd(input_per_m: f64, output_per_m: f64) -> Result<Value, GovError> {
-    let (input, output) = nusd_prices(input_per_m, output_per_m)?;
+    let (input, output) = crate::nusd_prices(input_per_m, output_per_m)?;
     Ok(price_value(input, output))
 }
 

@@ -75,3 +75,15 @@ pub const NUSD_PER_USD: f64 = 1e9;
 pub fn nusd_per_token(usd_per_million: f64) -> i64 {
     (usd_per_million * NUSD_PER_USD / 1e6).round() as i64
 }
+
+/// Prices in dollars per million tokens as nano-dollars per token, each below $1,000,000 per
+/// million tokens: the one conversion for admin changes and config prices.
+pub(crate) fn nusd_prices(input_per_m: f64, output_per_m: f64) -> Result<(i64, i64), GovError> {
+    let ok = |p: f64| (0.0..1e6).contains(&p);
+    if !ok(input_per_m) || !ok(output_per_m) {
+        return Err(GovError::Invalid(
+            "prices must be between 0 and 1,000,000 dollars per million tokens".into(),
+        ));
+    }
+    Ok((nusd_per_token(input_per_m), nusd_per_token(output_per_m)))
+}

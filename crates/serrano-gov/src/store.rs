@@ -441,7 +441,7 @@ impl Governance {
         input_usd_per_m: f64,
         output_usd_per_m: f64,
     ) -> Result<(), GovError> {
-        let (input, output) = crate::changes::nusd_prices(input_usd_per_m, output_usd_per_m)?;
+        let (input, output) = crate::nusd_prices(input_usd_per_m, output_usd_per_m)?;
         self.store().set_price(model, backend, input, output).await
     }
 
