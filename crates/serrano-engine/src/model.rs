@@ -324,6 +324,7 @@ impl Model {
             sel,
             logits,
             angles,
+            tiles,
         } = buffers;
         seq_of.clear();
         pos_of.clear();
@@ -375,6 +376,7 @@ impl Model {
         for (t, a) in angles.chunks_exact_mut(half.max(1)).enumerate() {
             self.rope.angles(pos_of[t], a);
         }
+        attention_tiles(seq_of, pos_of, tiles);
         for (li, layer) in self.layers.iter().enumerate() {
             rmsnorm(x, &layer.attn_norm, c.rms_eps, h);
             ops::matmul_many(
@@ -403,25 +405,48 @@ impl Model {
                 );
             }
             // Causal attention: token t attends to its own sequence's positions 0..=pos_of[t].
-            // One task per (token, KV head) serves the query heads of its group, so each cached
-            // key and value is read once per task.
+            // One task per (tile, KV head) serves the query heads of its group for every token
+            // of the tile, so each cached key and value is converted once per task.
             let kv_ro: &dyn KvCache = kv;
-            att.par_chunks_mut(group * hd)
-                .enumerate()
-                .for_each(|(i, out)| {
-                    let (t, kvh) = (i / nkv, i % nkv);
-                    let qg = &q[t * qw + kvh * group * hd..t * qw + (kvh + 1) * group * hd];
-                    let task = Attend {
-                        kv: kv_ro,
-                        seq: seq_of[t],
-                        layer: li,
-                        n_pos: pos_of[t] + 1,
-                        kv_head: kvh,
-                        head_dim: hd,
-                        scale,
-                    };
-                    attend(&task, qg, out);
+            let out = ops::Scatter::new(att, qw);
+            let (q_ro, tiles_ro) = (&*q, &*tiles);
+            (0..tiles.len() * nkv).into_par_iter().for_each(|i| {
+                let ((t0, len), kvh) = (tiles_ro[i / nkv], i % nkv);
+                let cols = kvh * group * hd..(kvh + 1) * group * hd;
+                let task = Attend {
+                    kv: kv_ro,
+                    seq: seq_of[t0],
+                    layer: li,
+                    n_pos: pos_of[t0] + 1,
+                    tokens: len,
+                    kv_head: kvh,
+                    head_dim: hd,
+                    scale,
+                };
+                let dst = |t: usize| {
+                    let p = out.span((t, cols.start), cols.len());
+                    // SAFETY: `span` checked the row against `att`; this task alone writes
+                    // columns `cols` of its tile's tokens (tasks' (tile, head) pairs are
+                    // disjoint), and `att` is not read until every task has returned.
+                    unsafe { std::slice::from_raw_parts_mut(p, cols.len()) }
+                };
+                if len == 1 {
+                    attend(&task, &q_ro[t0 * qw..][cols.clone()], dst(t0));
+                    return;
+                }
+                ops::with_scratch(&TILE_IO, |(qs, os)| {
+                    qs.clear();
+                    for t in t0..t0 + len {
+                        qs.extend_from_slice(&q_ro[t * qw..][cols.clone()]);
+                    }
+                    os.clear();
+                    os.resize(qs.len(), 0.0);
+                    attend(&task, qs, os);
+                    for (k, o) in os.chunks_exact(cols.len()).enumerate() {
+                        dst(t0 + k).copy_from_slice(o);
+                    }
                 });
+            });
             matmul(&layer.wo, att, n, o);
             x.iter_mut().zip(&*o).for_each(|(a, b)| *a += b);
             rmsnorm(x, &layer.ffn_norm, c.rms_eps, h);
@@ -504,6 +529,8 @@ struct Buffers {
     logits: Vec<f32>,
     /// Rotary `(sin, cos)` per token and rotated pair.
     angles: Vec<(f32, f32)>,
+    /// Attention tiles: (first token, tokens).
+    tiles: Vec<(usize, usize)>,
 }
 
 impl Buffers {
@@ -525,6 +552,7 @@ impl Buffers {
             + (self.seq_of.capacity() + self.pos_of.capacity() + self.rows.capacity()) * 8
             + self.ids.capacity() * 4
             + self.angles.capacity() * 8
+            + self.tiles.capacity() * 16
     }
 }
 
@@ -542,13 +570,40 @@ fn sized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
     v
 }
 
-/// One (token, KV head) attention task: the query heads of the group attend to positions
-/// `0..n_pos` of the sequence.
+/// Most tokens of one sequence whose queries attend together: the tile's query heads (12 for
+/// a group of three) keep their scores and outputs in registers while a block of keys and
+/// values is converted from f16 once for all of them. Long prompts spend most of their time in
+/// attention, and one token's three heads left that conversion a third of the work.
+const ATTN_TILE: usize = 4;
+
+/// Splits the step's tokens into attention tiles: runs of at most [`ATTN_TILE`] consecutive
+/// positions of one sequence (a decode step's tokens are tiles of one).
+fn attention_tiles(seq_of: &[usize], pos_of: &[usize], tiles: &mut Vec<(usize, usize)>) {
+    tiles.clear();
+    let mut t0 = 0;
+    while t0 < seq_of.len() {
+        let mut t = t0 + 1;
+        while t < seq_of.len()
+            && t - t0 < ATTN_TILE
+            && seq_of[t] == seq_of[t0]
+            && pos_of[t] == pos_of[t - 1] + 1
+        {
+            t += 1;
+        }
+        tiles.push((t0, t - t0));
+        t0 = t;
+    }
+}
+
+/// One (tile, KV head) attention task: the query heads of the group, for each of `tokens`
+/// consecutive positions of one sequence, attend causally: token `k` of the tile to positions
+/// `0..n_pos + k`.
 struct Attend<'a> {
     kv: &'a dyn KvCache,
     seq: usize,
     layer: usize,
     n_pos: usize,
+    tokens: usize,
     kv_head: usize,
     head_dim: usize,
     scale: f32,
@@ -556,7 +611,8 @@ struct Attend<'a> {
 
 /// Dispatches to a build for the widest vector unit the CPU has (AVX-512, or AVX2 with FMA).
 /// Every build does the same operations in the same order (fused multiply-adds lane by lane,
-/// the same softmax), so they agree bit for bit with the portable reference.
+/// the same softmax), so they agree bit for bit with the portable reference. `q` and `out`
+/// hold the tile's tokens one after another, each token's group of heads together.
 fn attend(task: &Attend<'_>, q: &[f32], out: &mut [f32]) {
     use vector::{Avx2, Avx512, Portable};
     ops::with_scratch(&SCORES, |s| {
@@ -579,11 +635,13 @@ fn attend(task: &Attend<'_>, q: &[f32], out: &mut [f32]) {
     })
 }
 
-/// Attention of one KV head's query group over the cached positions, a block at a time: the
+/// Attention of one KV head's query groups over the cached positions, a block at a time: the
 /// block's keys (stored transposed, a row of 16 positions per dimension) and values are
-/// converted from f16 once for the whole group, every query head of the group is scored
-/// against the block's 16 positions at once, then the values are summed with each head's
-/// output held in registers.
+/// converted from f16 once for the whole tile, every query head is scored against the block's
+/// 16 positions at once, then the values are summed with each head's output held in
+/// registers. Each head's operations are those it gets alone, in the same order (its own
+/// softmax length; values position by position), so a token's result does not depend on its
+/// tile.
 ///
 /// # Safety
 /// The CPU must have `K`'s features.
@@ -594,31 +652,50 @@ unsafe fn attend_with<K: vector::Isa>(
     scratch: &mut AttnScratch,
 ) {
     use vector::BT;
-    let (hd, n_pos) = (task.head_dim, task.n_pos);
-    let group = q.len() / hd;
+    let hd = task.head_dim;
+    let heads = q.len() / hd;
+    let group = heads / task.tokens;
+    assert!(group * task.tokens * hd == q.len() && out.len() == q.len());
     debug_assert_eq!(task.kv.block_tokens(), BT);
-    let n_blocks = n_pos.div_ceil(BT);
-    // Each head's scores over whole blocks: the lanes past `n_pos` are computed from stale
-    // slots and never read.
+    // Positions head `h` attends to: its token's.
+    let n_of = |h: usize| task.n_pos + h / group;
+    let n_blocks = n_of(heads - 1).div_ceil(BT);
+    // Each head's scores over whole blocks: the lanes past its positions are computed from
+    // stale slots or later tokens' keys and never read.
     let stride = n_blocks * BT;
+    // Every element is written by the scores kernel before it is read: grow, never clear
+    // (zeroing it was 2% of a long prompt).
     let scores = &mut scratch.scores;
-    scores.clear();
-    scores.resize(group * stride, 0.0);
+    if scores.len() < heads * stride {
+        scores.resize(heads * stride, 0.0);
+    }
     for b in 0..n_blocks {
         let keys = task.kv.block(task.seq, task.layer, false, b);
         let kt = &keys[task.kv_head * hd * BT..(task.kv_head + 1) * hd * BT];
         K::scores(q, hd, kt, task.scale, &mut scores[b * BT..], stride);
     }
-    for h in 0..group {
-        K::softmax(&mut scores[h * stride..h * stride + n_pos]);
+    for h in 0..heads {
+        K::softmax(&mut scores[h * stride..h * stride + n_of(h)]);
     }
     out.fill(0.0);
     for b in 0..n_blocks {
-        let n = BT.min(n_pos - b * BT);
+        let lo = b * BT;
+        let in_block = |h: usize| n_of(h).saturating_sub(lo).min(BT);
         let values = task.kv.block(task.seq, task.layer, true, b);
         let width = values.len() / BT;
         let v = &values[task.kv_head * hd..];
-        K::values(&scores[b * BT..], stride, n, v, width, hd, out);
+        // Every head has the first token's positions; later tokens' heads then take their
+        // few more, in order, so each output element still sums its positions in order.
+        let common = in_block(0);
+        K::values(&scores[lo..], stride, common, v, width, hd, out);
+        for h in group..heads {
+            let n = in_block(h);
+            if n > common {
+                let p = &scores[h * stride + lo + common..];
+                let o = &mut out[h * hd..(h + 1) * hd];
+                K::values(p, stride, n - common, &v[common * width..], width, hd, o);
+            }
+        }
     }
 }
 
@@ -630,6 +707,8 @@ struct AttnScratch {
 
 thread_local! {
     static SCORES: std::cell::RefCell<AttnScratch> = Default::default();
+    /// A tile's queries gathered and its outputs before they are scattered to their tokens.
+    static TILE_IO: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = Default::default();
 }
 
 /// The forward pass's f32 vector kernels: attention and the SiLU gate.
@@ -781,7 +860,7 @@ mod vector {
         Avx512,
         x86::scores_avx512,
         x86::values_avx512,
-        x86::softmax_avx2
+        x86::softmax_avx512
     );
     #[cfg(not(target_arch = "x86_64"))]
     build!(Avx2, Portable::scores, Portable::values, Portable::softmax);
@@ -885,8 +964,9 @@ mod vector {
 
         use super::*;
 
-        /// Most query heads scored together against one block of keys.
-        const MAX_HEADS: usize = 4;
+        /// Most query heads scored together against one block of keys: two chains each,
+        /// 24 of the 32 registers (an attention tile's four tokens of a group of three).
+        const MAX_HEADS: usize = 12;
 
         /// Sixteen f16 values as f32.
         #[inline(always)]
@@ -914,13 +994,20 @@ mod vector {
             let mut h = 0;
             while h < heads {
                 let (qp, op) = (q.as_ptr().add(h * hd), out.as_mut_ptr().add(h * stride));
-                match (heads - h).min(MAX_HEADS) {
+                let take = match heads - h {
+                    r if r >= MAX_HEADS => MAX_HEADS,
+                    r if r >= 8 => 8,
+                    r => r.min(4),
+                };
+                match take {
+                    MAX_HEADS => scores512::<MAX_HEADS>(qp, hd, k.as_ptr(), scale, op, stride),
+                    8 => scores512::<8>(qp, hd, k.as_ptr(), scale, op, stride),
                     4 => scores512::<4>(qp, hd, k.as_ptr(), scale, op, stride),
                     3 => scores512::<3>(qp, hd, k.as_ptr(), scale, op, stride),
                     2 => scores512::<2>(qp, hd, k.as_ptr(), scale, op, stride),
                     _ => scores512::<1>(qp, hd, k.as_ptr(), scale, op, stride),
                 }
-                h += MAX_HEADS;
+                h += take;
             }
         }
 
@@ -974,9 +1061,11 @@ mod vector {
             assert!(p.len() >= (heads.max(1) - 1) * stride + n);
             let (pp, vp, op) = (p.as_ptr(), v.as_ptr(), out.as_mut_ptr());
             // The usual head sizes keep every head's output in registers across the block
-            // (`H` heads of `C` vectors); others go a vector at a time.
+            // (`H` heads of `C` vectors); an attention tile's many heads go 12 at a time,
+            // two vectors of each per pass; other sizes a vector at a time.
             let args = (pp, stride, n, vp, width, hd, op);
             match hd {
+                64 | 128 if heads >= WIDE_HEADS => values_wide(args, heads),
                 64 => values_tiled::<3, 4>(args, heads),
                 128 => values_tiled::<2, 8>(args, heads),
                 _ => {
@@ -1006,6 +1095,65 @@ mod vector {
         /// Where [`values512`] reads and writes: probabilities, their stride, positions, value
         /// rows, their width, head size, outputs.
         type ValueArgs = (*const f32, usize, usize, *const u16, usize, usize, *mut f32);
+
+        /// Heads summed together by [`values_wide`]: two vectors of each in registers.
+        const WIDE_HEADS: usize = 12;
+
+        /// [`values512`] over `heads` heads, [`WIDE_HEADS`] at a time and 32 columns per
+        /// pass, then the rest as [`values_tiled`] does; a head size a multiple of 32.
+        #[inline(always)]
+        unsafe fn values_wide(a: ValueArgs, heads: usize) {
+            let (p, stride, n, v, width, hd, out) = a;
+            let mut h = 0;
+            while h + WIDE_HEADS <= heads {
+                for c in (0..hd).step_by(32) {
+                    let (pv, po) = (v.add(c), out.add(h * hd + c));
+                    values_pair512::<WIDE_HEADS>(p.add(h * stride), stride, n, pv, width, hd, po);
+                }
+                h += WIDE_HEADS;
+            }
+            let rest = (p.add(h * stride), stride, n, v, width, hd, out.add(h * hd));
+            match hd {
+                64 => values_tiled::<3, 4>(rest, heads - h),
+                _ => values_tiled::<2, 8>(rest, heads - h),
+            }
+        }
+
+        /// [`values512`] of two vectors (32 columns) of `H` heads, each position's two value
+        /// vectors converted first and each head's probability broadcast once for both: the
+        /// `2 H` sums, two values and one probability fill 27 registers (converting per
+        /// vector, as [`values512`] does, kept all `H` probabilities live and spilled).
+        #[inline(always)]
+        unsafe fn values_pair512<const H: usize>(
+            p: *const f32,
+            stride: usize,
+            n: usize,
+            v: *const u16,
+            width: usize,
+            hd: usize,
+            out: *mut f32,
+        ) {
+            let mut acc = [[_mm512_setzero_ps(); 2]; H];
+            for i in 0..H {
+                for c in 0..2 {
+                    acc[i][c] = _mm512_loadu_ps(out.add(i * hd + 16 * c));
+                }
+            }
+            for j in 0..n {
+                let row = v.add(j * width);
+                let x = [h16(row), h16(row.add(16))];
+                for i in 0..H {
+                    let w = _mm512_set1_ps(*p.add(i * stride + j));
+                    acc[i][0] = _mm512_fmadd_ps(w, x[0], acc[i][0]);
+                    acc[i][1] = _mm512_fmadd_ps(w, x[1], acc[i][1]);
+                }
+            }
+            for i in 0..H {
+                for c in 0..2 {
+                    _mm512_storeu_ps(out.add(i * hd + 16 * c), acc[i][c]);
+                }
+            }
+        }
 
         /// [`values512`] over `heads` heads, `H` at a time, then one at a time.
         #[inline(always)]
@@ -1233,6 +1381,81 @@ mod vector {
             x[n8..].iter_mut().for_each(|v| *v *= inv);
         }
 
+        /// [`super::softmax`], sixteen lanes at a time: each 16-lane exponential's two halves
+        /// go into the eight-lane sum one after the other, as two eight-lane steps would, so
+        /// the bits are [`softmax_avx2`]'s (a long prompt's attention spent a tenth of its
+        /// time here).
+        #[target_feature(enable = "avx512f,avx2,f16c")]
+        pub unsafe fn softmax_avx512(x: &mut [f32]) {
+            let (n16, n8) = (x.len() / 16 * 16, x.len() / 8 * 8);
+            let p = x.as_mut_ptr();
+            let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+            for i in (0..n16).step_by(16) {
+                m = _mm512_max_ps(m, _mm512_loadu_ps(p.add(i)));
+            }
+            let max = x[n16..]
+                .iter()
+                .copied()
+                .fold(_mm512_reduce_max_ps(m), f32::max);
+            let mut acc = _mm256_setzero_ps();
+            let maxv = _mm512_set1_ps(max);
+            for i in (0..n16).step_by(16) {
+                let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), maxv));
+                _mm512_storeu_ps(p.add(i), e);
+                acc = _mm256_add_ps(acc, _mm512_castps512_ps256(e));
+                let hi = _mm512_extractf64x4_pd::<1>(_mm512_castps_pd(e));
+                acc = _mm256_add_ps(acc, _mm256_castpd_ps(hi));
+            }
+            if n8 > n16 {
+                let e = exp8(_mm256_sub_ps(
+                    _mm256_loadu_ps(p.add(n16)),
+                    _mm256_set1_ps(max),
+                ));
+                _mm256_storeu_ps(p.add(n16), e);
+                acc = _mm256_add_ps(acc, e);
+            }
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+            let mut sum = sum_lanes(lanes);
+            for v in &mut x[n8..] {
+                *v = exp_nonpositive(*v - max);
+                sum += *v;
+            }
+            let inv = 1.0 / sum;
+            let invv = _mm512_set1_ps(inv);
+            for i in (0..n16).step_by(16) {
+                _mm512_storeu_ps(p.add(i), _mm512_mul_ps(_mm512_loadu_ps(p.add(i)), invv));
+            }
+            x[n16..].iter_mut().for_each(|v| *v *= inv);
+        }
+
+        /// [`exp8`] of sixteen lanes, operation for operation.
+        #[inline(always)]
+        unsafe fn exp16(x: __m512) -> __m512 {
+            let tiny = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_set1_ps(EXP_MIN));
+            let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(
+                _mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(LOG2E)), _mm512_set1_ps(0.5)),
+            );
+            let r = _mm512_sub_ps(
+                _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(LN2_HI))),
+                _mm512_mul_ps(n, _mm512_set1_ps(LN2_LO)),
+            );
+            let mut p = _mm512_set1_ps(POLY[0]);
+            for c in &POLY[1..] {
+                p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(*c));
+            }
+            let y = _mm512_add_ps(
+                _mm512_add_ps(_mm512_mul_ps(p, _mm512_mul_ps(r, r)), r),
+                _mm512_set1_ps(1.0),
+            );
+            let e = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+                _mm512_cvttps_epi32(n),
+                _mm512_set1_epi32(127),
+            ));
+            let y = _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+            _mm512_maskz_mov_ps(!tiny, y)
+        }
+
         /// [`exp_nonpositive`] of eight lanes, operation for operation.
         #[inline(always)]
         unsafe fn exp8(x: __m256) -> __m256 {
@@ -1311,6 +1534,11 @@ mod vector {
             for (heads, hd, n) in [
                 (1, 64, 16),
                 (3, 64, 5),
+                (12, 64, 16),
+                (12, 64, 3),
+                (14, 64, 9),
+                (16, 128, 11),
+                (8, 128, 16),
                 (4, 128, 16),
                 (3, 128, 7),
                 (7, 6, 1),
@@ -1402,8 +1630,8 @@ mod vector {
         }
 
         #[test]
-        fn softmax_matches_libm_and_its_avx2_build_bit_for_bit() {
-            for n in [1, 3, 8, 17, 300] {
+        fn softmax_matches_libm_and_its_vector_builds_bit_for_bit() {
+            for n in [1, 3, 8, 16, 17, 24, 31, 300, 4099] {
                 let x: Vec<f32> = crate::testing::random_vec(n, n as u64)
                     .iter()
                     .map(|v| v * 40.0)
@@ -1427,6 +1655,16 @@ mod vector {
                     // SAFETY: the features were detected just above.
                     unsafe { x86::softmax_avx2(&mut q) };
                     assert_eq!(q, p, "n={n}");
+                }
+                #[cfg(target_arch = "x86_64")]
+                if std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("f16c")
+                {
+                    let mut q = x.clone();
+                    // SAFETY: the features were detected just above.
+                    unsafe { x86::softmax_avx512(&mut q) };
+                    assert_eq!(q, p, "avx512 n={n}");
                 }
             }
             // Far below the maximum is exactly zero, not a denormal or NaN.
@@ -1456,5 +1694,102 @@ fn add_bias(x: &mut [f32], bias: Option<&[f32]>) {
         for row in x.chunks_exact_mut(b.len()) {
             row.iter_mut().zip(b).for_each(|(a, b)| *a += b);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::random_vec;
+
+    /// Every token of an attention tile gets exactly the bits it gets alone through the
+    /// portable reference, whatever the tile's length and wherever its positions fall against
+    /// the KV blocks, for head sizes the vector builds special-case and one they do not.
+    #[test]
+    fn attention_tiles_give_each_token_its_bits_alone() {
+        use vector::BT;
+        for (nkv, group, hd, start) in [
+            (3, 3, 64, 0),
+            (3, 3, 64, 29),
+            (1, 4, 128, 13),
+            (2, 2, 16, 40),
+            (1, 3, 64, 15),
+        ] {
+            let kvw = nkv * hd;
+            let end = start + 2 * ATTN_TILE + 1;
+            let blocks = end.div_ceil(BT);
+            let mut storage = KvStorage::new(1, kvw, blocks);
+            let table: Vec<BlockId> = (0..blocks as BlockId).collect();
+            let mut kv = PagedStep {
+                storage: &mut storage,
+                tables: vec![&table],
+            };
+            for pos in 0..end {
+                let (k, v) = (
+                    random_vec(kvw, pos as u64),
+                    random_vec(kvw, 5000 + pos as u64),
+                );
+                kv.write(0, 0, pos, &k, &v);
+            }
+            let cols = group * hd;
+            let q = random_vec(end * nkv * cols, 7);
+            let query = |t: usize, kvh: usize| &q[(t * nkv + kvh) * cols..][..cols];
+            let task = |t0: usize, tokens: usize, kvh: usize| Attend {
+                kv: &kv,
+                seq: 0,
+                layer: 0,
+                n_pos: t0 + 1,
+                tokens,
+                kv_head: kvh,
+                head_dim: hd,
+                scale: 0.125,
+            };
+            for kvh in 0..nkv {
+                let alone = |t: usize| {
+                    let mut out = vec![0f32; cols];
+                    let mut s = AttnScratch::default();
+                    // SAFETY: the portable build needs no feature.
+                    unsafe {
+                        attend_with::<vector::Portable>(
+                            &task(t, 1, kvh),
+                            query(t, kvh),
+                            &mut out,
+                            &mut s,
+                        )
+                    };
+                    out
+                };
+                for tokens in 1..=ATTN_TILE {
+                    for t0 in (start..=end - tokens).step_by(tokens) {
+                        let qs: Vec<f32> = (t0..t0 + tokens)
+                            .flat_map(|t| query(t, kvh).to_vec())
+                            .collect();
+                        let mut out = vec![0f32; qs.len()];
+                        attend(&task(t0, tokens, kvh), &qs, &mut out);
+                        for (k, got) in out.chunks_exact(cols).enumerate() {
+                            let want = alone(t0 + k);
+                            let bits =
+                                |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                            assert_eq!(
+                                bits(got),
+                                bits(&want),
+                                "hd {hd} group {group} head {kvh}: token {} of a tile of {tokens} at {t0}",
+                                t0 + k
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tiles_are_runs_of_consecutive_positions_of_one_sequence() {
+        let mut tiles = Vec::new();
+        // A 6-token prompt chunk, a decode, a 2-token chunk with a gap.
+        let seq_of = [0, 0, 0, 0, 0, 0, 1, 2, 2, 2];
+        let pos_of = [10, 11, 12, 13, 14, 15, 7, 0, 1, 5];
+        attention_tiles(&seq_of, &pos_of, &mut tiles);
+        assert_eq!(tiles, [(0, 4), (4, 2), (6, 1), (7, 2), (9, 1)]);
     }
 }

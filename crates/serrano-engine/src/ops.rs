@@ -411,7 +411,7 @@ fn run_bands<const R: usize>(
 
 /// The output of a multi-token matmul, `y[t * rows + r]`, written from parallel tasks that each
 /// own a band of rows `r`: their writes never overlap, and the borrow of `y` outlives them.
-struct Scatter {
+pub(crate) struct Scatter {
     ptr: *mut f32,
     len: usize,
     rows: usize,
@@ -423,7 +423,7 @@ unsafe impl Send for Scatter {}
 unsafe impl Sync for Scatter {}
 
 impl Scatter {
-    fn new(y: &mut [f32], rows: usize) -> Self {
+    pub(crate) fn new(y: &mut [f32], rows: usize) -> Self {
         Scatter {
             ptr: y.as_mut_ptr(),
             len: y.len(),
@@ -442,7 +442,7 @@ impl Scatter {
     /// Where elements (`t`, `r0..r0 + k`) go, checked to lie in row `t` of the output.
     /// Writing through it is the caller's to make exclusive.
     #[inline]
-    fn span(&self, (t, r0): (usize, usize), k: usize) -> *mut f32 {
+    pub(crate) fn span(&self, (t, r0): (usize, usize), k: usize) -> *mut f32 {
         let i = t * self.rows + r0;
         assert!(r0 + k <= self.rows && i + k <= self.len);
         self.ptr.wrapping_add(i)
