@@ -1,9 +1,11 @@
 //! `serrano sim` and `serrano plan`: what inference hardware you may not own would do with your
 //! traffic: the performance model of a device from its datasheet ([`catalog`]), the roofline
 //! step time of a model on it ([`roofline`]), and one backend simulated with the engine's own
-//! scheduler on a virtual clock ([`sim`]).
+//! scheduler on a virtual clock ([`sim`]), and a fleet of them behind the router's own
+//! strategies ([`fleet`]).
 
 pub mod catalog;
+pub mod fleet;
 pub mod roofline;
 pub mod sim;
 

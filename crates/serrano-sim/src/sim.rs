@@ -12,7 +12,7 @@
 //! learner fits to the roofline's times.
 //!
 //! Not modelled yet (stated with every result): batch tenants, closed-loop and multi-turn
-//! workloads, and fleets.
+//! workloads. Several backends behind the router: [`crate::fleet`].
 
 use std::sync::Arc;
 
@@ -23,7 +23,7 @@ use serrano_bench::workload::{pick_weighted, Arrival, TraceEntry, Workload};
 use serrano_engine::kv::BLOCK_TOKENS;
 use serrano_engine::pacing::{Asks, Pacing};
 use serrano_engine::paged::SharedAllocator;
-use serrano_engine::scheduler::{step_shape, Scheduler, SchedulerConfig};
+use serrano_engine::scheduler::{step_shape, Planned, Scheduler, SchedulerConfig};
 use serrano_engine::steptime::StepModel;
 use serrano_engine::steptime::{chunk_kv_tokens, StepShape};
 use serrano_engine::SloClass;
@@ -64,7 +64,7 @@ pub enum Timing {
 }
 
 impl Timing {
-    fn seconds(&self, plan: &[serrano_engine::scheduler::Planned]) -> f64 {
+    fn seconds(&self, plan: &[Planned]) -> f64 {
         let sampled = plan.iter().filter(|p| p.samples).count();
         self.shape_seconds(step_shape(plan), sampled)
     }
@@ -237,20 +237,122 @@ fn prompt(i: usize, r: &Request) -> Vec<u32> {
         .collect()
 }
 
-/// Runs `reqs` through the backend; one record per request, in request order, each with its
-/// tokens' times.
-pub fn simulate(b: &Backend, reqs: &[Request]) -> Result<Vec<RequestRecord>, SimError> {
-    let kv_tokens = b.timing.kv_tokens()?;
-    let blocks = ((kv_tokens / BLOCK_TOKENS as f64) as usize).clamp(1, MAX_BLOCKS);
-    if let Some(i) = reqs
-        .iter()
-        .position(|r| (r.prompt_tokens + r.output_tokens).div_ceil(BLOCK_TOKENS) > blocks)
-    {
-        return Err(SimError::TooLong(i));
+/// One simulated backend between and during its steps: the engine's scheduler and block
+/// allocator, its pacing, and the step in flight. [`simulate`] runs one; [`crate::fleet`] runs
+/// several behind the router.
+pub(crate) struct Node<'a> {
+    backend: &'a Backend,
+    blocks: usize,
+    s: Scheduler<usize>,
+    pacing: Pacing,
+    steps_model: StepModel,
+    /// Requests that reached the backend during a step: the engine takes them between steps.
+    pending: Vec<usize>,
+    /// The step in flight: when it ends, and what it runs.
+    step: Option<(f64, Vec<Planned>)>,
+}
+
+impl<'a> Node<'a> {
+    pub(crate) fn new(backend: &'a Backend) -> Result<Node<'a>, SimError> {
+        let kv_tokens = backend.timing.kv_tokens()?;
+        let blocks = ((kv_tokens / BLOCK_TOKENS as f64) as usize).clamp(1, MAX_BLOCKS);
+        Ok(Node {
+            backend,
+            blocks,
+            s: Scheduler::new(backend.scheduler, SharedAllocator::new(blocks)),
+            pacing: Pacing::new(serrano_engine::EngineConfig::default().itl_target),
+            steps_model: backend.timing.step_model(),
+            pending: Vec::new(),
+            step: None,
+        })
     }
-    let mut s: Scheduler<usize> = Scheduler::new(b.scheduler, SharedAllocator::new(blocks));
-    let mut records: Vec<RequestRecord> = reqs
-        .iter()
+
+    /// Whether the request could ever fit the backend's KV cache.
+    pub(crate) fn fits(&self, r: &Request) -> bool {
+        (r.prompt_tokens + r.output_tokens).div_ceil(BLOCK_TOKENS) <= self.blocks
+    }
+
+    /// Request `i` reaches the backend.
+    pub(crate) fn arrive(&mut self, i: usize) {
+        self.pending.push(i);
+    }
+
+    /// When the step in flight ends.
+    pub(crate) fn step_end(&self) -> Option<f64> {
+        self.step.as_ref().map(|(end, _)| *end)
+    }
+
+    /// Nothing waiting, running or in flight.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.pending.is_empty() && self.s.is_idle() && self.step.is_none()
+    }
+
+    /// At `t`, with no step in flight: takes the arrived requests and starts the next step,
+    /// if anything can run (otherwise the engine waits for an arrival).
+    pub(crate) fn start(&mut self, t: f64, reqs: &[Request]) {
+        assert!(self.step.is_none(), "a backend runs one step at a time");
+        let asks = Asks {
+            class: SloClass::Interactive,
+            priority: 0,
+            ttft_target: None,
+            itl_target: None,
+        };
+        for i in self.pending.drain(..) {
+            let r = &reqs[i];
+            let tenant: Arc<str> = Arc::from(r.tenant.as_deref().unwrap_or(""));
+            let urgency = self.pacing.urgency(&asks, clock(r.arrival), clock(t));
+            let max_len = r.prompt_tokens + r.output_tokens;
+            self.s
+                .add(i as u64, tenant, urgency, prompt(i, r), max_len, true, i);
+        }
+        if self.s.is_idle() {
+            return;
+        }
+        let plan = self
+            .s
+            .schedule_within(self.pacing.caps(&self.s, &self.steps_model, clock(t)));
+        if !plan.is_empty() {
+            self.step = Some((t + self.backend.timing.seconds(&plan), plan));
+        }
+    }
+
+    /// Ends the step in flight: each sampled token's time goes to its request's record.
+    /// Returns the step's end and the requests it finished.
+    pub(crate) fn finish(
+        &mut self,
+        reqs: &[Request],
+        records: &mut [RequestRecord],
+        generated: &mut [usize],
+    ) -> (f64, Vec<usize>) {
+        let Some((t, plan)) = self.step.take() else {
+            return (0.0, Vec::new());
+        };
+        self.s.after_step();
+        let mut done = Vec::new();
+        for p in plan.iter().filter(|p| p.samples) {
+            let i = p.id as usize;
+            generated[i] += 1;
+            records[i].chunks.push(t);
+            if generated[i] >= reqs[i].output_tokens {
+                self.s.remove(p.id);
+                records[i].end = t;
+                records[i].output_tokens = generated[i] as u64;
+                done.push(i);
+            } else {
+                self.s.push_token(p.id, 7);
+            }
+        }
+        (t, done)
+    }
+}
+
+fn clock(t: f64) -> std::time::Duration {
+    std::time::Duration::from_secs_f64(t.max(0.0))
+}
+
+/// An empty record per request: its tenant, arrival and prompt length.
+pub(crate) fn new_records(reqs: &[Request]) -> Vec<RequestRecord> {
+    reqs.iter()
         .map(|r| RequestRecord {
             tenant: r.tenant.clone(),
             intended: r.arrival,
@@ -258,68 +360,47 @@ pub fn simulate(b: &Backend, reqs: &[Request]) -> Result<Vec<RequestRecord>, Sim
             prompt_tokens: r.prompt_tokens as u64,
             ..Default::default()
         })
-        .collect();
+        .collect()
+}
+
+/// Runs `reqs` through the backend; one record per request, in request order, each with its
+/// tokens' times.
+pub fn simulate(b: &Backend, reqs: &[Request]) -> Result<Vec<RequestRecord>, SimError> {
+    let mut node = Node::new(b)?;
+    if let Some(i) = reqs.iter().position(|r| !node.fits(r)) {
+        return Err(SimError::TooLong(i));
+    }
+    let mut records = new_records(reqs);
     let mut generated = vec![0usize; reqs.len()];
-    let mut pacing = Pacing::new(serrano_engine::EngineConfig::default().itl_target);
-    let steps_model = b.timing.step_model();
-    let asks = Asks {
-        class: SloClass::Interactive,
-        priority: 0,
-        ttft_target: None,
-        itl_target: None,
-    };
-    let clock = |t: f64| std::time::Duration::from_secs_f64(t.max(0.0));
-    let (mut t, mut next, mut steps) = (0.0f64, 0usize, 0u64);
-    while next < reqs.len() || !s.is_idle() {
-        while next < reqs.len() && reqs[next].arrival <= t {
-            let r = &reqs[next];
-            let tenant: Arc<str> = Arc::from(r.tenant.as_deref().unwrap_or(""));
-            let max_len = r.prompt_tokens + r.output_tokens;
-            let urgency = pacing.urgency(&asks, clock(r.arrival), clock(t));
-            s.add(
-                next as u64,
-                tenant,
-                urgency,
-                prompt(next, r),
-                max_len,
-                true,
-                next,
-            );
-            next += 1;
-        }
-        if s.is_idle() {
-            t = reqs[next].arrival;
-            continue;
-        }
-        steps += 1;
-        if steps > MAX_STEPS {
-            return Err(SimError::Stuck(t));
-        }
-        let plan = s.schedule_within(pacing.caps(&s, &steps_model, clock(t)));
-        if plan.is_empty() {
-            // Nothing runnable until a request arrives (the engine would wait for one).
-            match reqs.get(next) {
-                Some(r) => t = t.max(r.arrival),
-                None => return Err(SimError::Stuck(t)),
+    let (mut next, mut steps) = (0usize, 0u64);
+    loop {
+        let end = node.step_end();
+        // Arrivals up to a step's end reach the engine before it plans the next step.
+        let arrival = reqs.get(next).map(|r| r.arrival);
+        if let Some(ta) = arrival.filter(|&ta| end.is_none_or(|e| ta <= e)) {
+            while reqs.get(next).is_some_and(|r| r.arrival <= ta) {
+                node.arrive(next);
+                next += 1;
             }
-            continue;
-        }
-        t += b.timing.seconds(&plan);
-        s.after_step();
-        for p in plan.iter().filter(|p| p.samples) {
-            let i = p.id as usize;
-            generated[i] += 1;
-            records[i].chunks.push(t);
-            if generated[i] >= reqs[i].output_tokens {
-                s.remove(p.id);
-                records[i].end = t;
-                records[i].output_tokens = generated[i] as u64;
-            } else {
-                s.push_token(p.id, 7);
+            if end.is_none() {
+                node.start(ta, reqs);
             }
+        } else if let Some(e) = end {
+            steps += 1;
+            if steps > MAX_STEPS {
+                return Err(SimError::Stuck(e));
+            }
+            node.finish(reqs, &mut records, &mut generated);
+            node.start(e, reqs);
+        } else if node.is_idle() {
+            return Ok(records);
+        } else {
+            // Requests wait, nothing can run, and none will arrive.
+            return Err(SimError::Stuck(
+                records.iter().map(|r| r.end).fold(0.0, f64::max),
+            ));
         }
     }
-    Ok(records)
 }
 
 /// A whole simulated run of a workload, summarized as `serrano bench` summarizes a measured
@@ -332,11 +413,39 @@ pub fn run(
     slo: Option<&Slo>,
     name: &str,
 ) -> Result<RunResult, SimError> {
-    let (reqs, warmup) = match trace {
+    let (reqs, warmup) = run_requests(w, trace)?;
+    let records = simulate(b, &reqs)?;
+    summarize(
+        w,
+        records,
+        warmup,
+        slo,
+        name,
+        format!("sim://{}", b.timing.name()),
+    )
+}
+
+/// The requests a run replays: a trace's (no warm-up), or the workload's own draw.
+pub(crate) fn run_requests(
+    w: &Workload,
+    trace: Option<&[TraceEntry]>,
+) -> Result<(Vec<Request>, usize), SimError> {
+    Ok(match trace {
         Some(t) => (requests_from_trace(t, w.shared_prefix_tokens as usize), 0),
         None => (requests(w)?, w.warmup_requests as usize),
-    };
-    let mut records = simulate(b, &reqs)?;
+    })
+}
+
+/// A simulated run's records summarized as `serrano bench` summarizes a measured run's, the
+/// first `warmup` left out.
+pub(crate) fn summarize(
+    w: &Workload,
+    mut records: Vec<RequestRecord>,
+    warmup: usize,
+    slo: Option<&Slo>,
+    name: &str,
+    url: String,
+) -> Result<RunResult, SimError> {
     let measured = records.split_off(warmup.min(records.len()));
     let (summary, tenants) = serrano_bench::run::judge(w, &measured, slo)
         .map_err(|e| SimError::Workload(e.to_string()))?;
@@ -345,7 +454,7 @@ pub fn run(
         _ => None,
     };
     Ok(RunResult {
-        url: format!("sim://{}", b.timing.name()),
+        url,
         model: name.to_string(),
         workload: w.name.clone(),
         request_rate: w.arrival.rate(),
@@ -361,12 +470,12 @@ pub fn run(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Every step memory-bound at exactly 2 ms: 2 GB of weights at 1 TB/s, no overhead,
     /// compute far from the roof for these sizes.
-    fn backend(max_num_seqs: usize) -> Backend {
+    pub(crate) fn backend(max_num_seqs: usize) -> Backend {
         let device = Device {
             name: "toy".into(),
             source: "test".into(),
@@ -402,7 +511,7 @@ mod tests {
         }
     }
 
-    fn req(arrival: f64, prompt: usize, output: usize) -> Request {
+    pub(crate) fn req(arrival: f64, prompt: usize, output: usize) -> Request {
         Request {
             arrival,
             tenant: None,

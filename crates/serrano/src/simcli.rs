@@ -1,7 +1,7 @@
 //! `serrano sim`: performance models of inference devices you may not own (`serrano-sim`): a
 //! model's roofline on catalog devices, and a workload simulated on one of them.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
@@ -74,8 +74,14 @@ pub struct RunArgs {
     #[arg(long)]
     workload: PathBuf,
     /// The catalog device to run it on.
-    #[arg(long, required_unless_present = "profile", conflicts_with = "profile")]
+    #[arg(long, required_unless_present_any = ["profile", "fleet"], conflicts_with_all = ["profile", "fleet"])]
     device: Option<String>,
+    /// A fleet instead of one backend: a routing config (`serrano gateway --config`'s
+    /// `[routing]`, `[[backend]]`, `[tenant.*]`) whose every backend has a `sim` table
+    /// (`device`; optional `count`, `precision`, `max_num_seqs`, `max_batch_tokens`,
+    /// `price_per_hour`) in place of a `url`. Requests go through the router's own strategy.
+    #[arg(long, conflicts_with = "profile")]
+    fleet: Option<PathBuf>,
     /// A profile from `serrano sim calibrate` instead of a device (its step-time model, KV
     /// size, step limits and price).
     #[arg(long)]
@@ -289,6 +295,9 @@ fn simulate(a: RunArgs) -> Result<()> {
         );
     }
     let catalog = load_catalog(a.catalog.as_ref())?;
+    if let Some(path) = &a.fleet {
+        return simulate_fleet(&a, path, &catalog);
+    }
     let name = a.device.as_deref().unwrap_or_default();
     let device = catalog.device(name)?.clone();
     let (path, model) = model_shape(a.model.as_ref())?;
@@ -318,14 +327,82 @@ fn simulate(a: RunArgs) -> Result<()> {
     report(&a, &backend, &name, device.price_per_hour, &assumptions)
 }
 
-/// Runs the simulation and prints (and writes) its result.
-fn report(
-    a: &RunArgs,
-    backend: &serrano_sim::sim::Backend,
-    name: &str,
-    price_per_hour: f64,
-    assumptions: &str,
-) -> Result<()> {
+/// `sim run --fleet`: the fleet behind its router, one table for the whole fleet, and the
+/// requests each backend took.
+fn simulate_fleet(a: &RunArgs, path: &Path, catalog: &Catalog) -> Result<()> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let (model_path, shape) = model_shape(a.model.as_ref())?;
+    let fleet = serrano_sim::fleet::Fleet::parse(&text, catalog, &shape)?;
+    let (workload, slo, trace) = run_inputs(a)?;
+    let name = model_path
+        .file_name()
+        .map_or_else(|| "model".to_string(), |f| f.to_string_lossy().into_owned());
+    let started = std::time::Instant::now();
+    let (result, taken) =
+        serrano_sim::fleet::run(&fleet, &workload, trace.as_deref(), slo.as_ref(), &name)?;
+    let price = serrano_bench::report::Price {
+        per_hour: Some(fleet.price_per_hour()),
+        ..Default::default()
+    };
+    let backends: Vec<serde_json::Value> = fleet
+        .config
+        .backends
+        .iter()
+        .zip(&fleet.backends)
+        .zip(taken.iter().zip(&fleet.prices))
+        .map(|((b, sim), (n, price))| {
+            json!({ "name": b.name, "device": sim.timing.name(), "requests": n, "price_per_hour": price })
+        })
+        .collect();
+    if let Some(out) = &a.json {
+        let mut v = serrano_bench::report::to_json(&result, Some(&price));
+        v["fleet"] = json!({
+            "strategy": fleet.config.routing.strategy.as_str(),
+            "backends": backends,
+        });
+        std::fs::write(out, serde_json::to_string_pretty(&v)?)
+            .with_context(|| format!("cannot write {}", out.display()))?;
+    }
+    let label = format!("fleet of {}", fleet.backends.len());
+    print!(
+        "{}",
+        serrano_bench::report::table(&[(label.as_str(), &result)], Some(&price))
+    );
+    println!(
+        "Routed by {} ({}):",
+        fleet.config.routing.strategy.as_str(),
+        path.display()
+    );
+    for b in &backends {
+        println!(
+            "  {:<24} {:<16} {:>7} requests  ${:.2}/h",
+            b["name"].as_str().unwrap_or(""),
+            b["device"].as_str().unwrap_or(""),
+            b["requests"].as_u64().unwrap_or(0),
+            b["price_per_hour"].as_f64().unwrap_or(0.0)
+        );
+    }
+    println!(
+        "Simulated {} requests in {:.2} s of this machine's time. Assumptions: each device's \
+         roofline at the catalog's efficiencies, ${:.2}/h for the fleet; the engine's scheduler \
+         and pacing on every backend (every request interactive, default targets); the \
+         router's own plans and concurrency limits; open loop only.",
+        result.records.len(),
+        started.elapsed().as_secs_f64(),
+        fleet.price_per_hour(),
+    );
+    Ok(())
+}
+
+/// The workload, SLO and trace a `sim run` reads.
+type RunInputs = (
+    serrano_bench::Workload,
+    Option<serrano_bench::Slo>,
+    Option<Vec<serrano_bench::workload::TraceEntry>>,
+);
+
+fn run_inputs(a: &RunArgs) -> Result<RunInputs> {
     let text = std::fs::read_to_string(&a.workload)
         .with_context(|| format!("cannot read {}", a.workload.display()))?;
     let workload = serrano_bench::Workload::parse(&text, false)
@@ -346,6 +423,18 @@ fn report(
         ),
         None => None,
     };
+    Ok((workload, slo, trace))
+}
+
+/// Runs the simulation and prints (and writes) its result.
+fn report(
+    a: &RunArgs,
+    backend: &serrano_sim::sim::Backend,
+    name: &str,
+    price_per_hour: f64,
+    assumptions: &str,
+) -> Result<()> {
+    let (workload, slo, trace) = run_inputs(a)?;
     let started = std::time::Instant::now();
     let result = serrano_sim::sim::run(backend, &workload, trace.as_deref(), slo.as_ref(), name)?;
     let price = serrano_bench::report::Price {

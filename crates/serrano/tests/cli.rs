@@ -229,6 +229,94 @@ fn sim_run_writes_the_load_generators_json() {
     assert_eq!(json("b.json")["p99_ttft_ms"], v["p99_ttft_ms"]);
 }
 
+/// `serrano sim run --fleet` sends the workload through the router's own strategy over a
+/// fleet file's backends: least-loaded spreads it over both copies of a device, the fleet's
+/// price is the sum of its backends', and the JSON says which backend took how many.
+#[test]
+fn sim_run_routes_a_workload_over_a_fleet() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    serrano_engine::testing::TinyModel::default()
+        .write(&model)
+        .unwrap();
+    let workload = dir.path().join("w.toml");
+    std::fs::write(
+        &workload,
+        "requests = 40\nseed = 3\n\
+         prompt_tokens = { dist = \"fixed\", value = 32 }\n\
+         output_tokens = { dist = \"fixed\", value = 8 }\n\
+         arrival = { kind = \"poisson\", rate = 400.0 }\n",
+    )
+    .unwrap();
+    let fleet = dir.path().join("fleet.toml");
+    std::fs::write(
+        &fleet,
+        "[routing]\nstrategy = \"least-loaded\"\n\n[[backend]]\nname = \"l4\"\n\
+         region = \"eu\"\ntier = \"gpu\"\nmodels = [\"tiny\"]\n\
+         sim = { device = \"l4\", count = 2, price_per_hour = 0.5 }\n",
+    )
+    .unwrap();
+    let out = dir.path().join("fleet.json");
+    let o = serrano(
+        &[
+            "sim",
+            "run",
+            "--workload",
+            workload.to_str().unwrap(),
+            "--fleet",
+            fleet.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+            "--json",
+            out.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("Routed by least-loaded"), "{text}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(v["completed"], 40, "{v}");
+    assert_eq!(v["fleet"]["strategy"], "least-loaded");
+    let taken: Vec<u64> = v["fleet"]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["requests"].as_u64().unwrap())
+        .collect();
+    assert_eq!(taken.iter().sum::<u64>(), 40, "{v}");
+    assert!(
+        taken.iter().all(|&n| n >= 10),
+        "least-loaded spread them: {taken:?}"
+    );
+    assert_eq!(v["fleet"]["backends"][1]["name"], "l4-2");
+    // Two backends at $0.50/h: $1/h over the run's duration, per million output tokens.
+    let usd = v["duration"].as_f64().unwrap() / 3600.0 / 320.0 * 1e6;
+    let got = v["cost"]["usd_per_1m_output_tokens"].as_f64().unwrap();
+    assert!((got - usd).abs() < 1e-9 * usd.max(1.0), "{got} vs {usd}");
+    // A fleet file that is not a routing config is refused with its reason.
+    std::fs::write(&fleet, "[routing]\nstrategy = \"fastest\"\n").unwrap();
+    let o = serrano(
+        &[
+            "sim",
+            "run",
+            "--workload",
+            workload.to_str().unwrap(),
+            "--fleet",
+            fleet.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(
+        !o.status.success() && stderr(&o).contains("fleet file"),
+        "{}",
+        stderr(&o)
+    );
+}
+
 /// `serrano sim calibrate` reads a running server's own step-time model into a profile that
 /// `serrano sim run --profile` replays.
 #[test]

@@ -1,0 +1,459 @@
+//! A fleet on one virtual clock: the router's own plans (`serrano-router`: the strategy, the
+//! residency and tier rules, the concurrency limits and the live latency estimates a gateway
+//! uses) send each arriving request to one of several simulated backends, each planning its
+//! steps with the engine's scheduler as [`crate::sim::simulate`] does. No second copy of the
+//! routing logic: the router is handed the virtual time as its `Instant`s.
+
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use serrano_bench::metrics::{RequestRecord, Slo};
+use serrano_bench::run::RunResult;
+use serrano_bench::workload::{TraceEntry, Workload};
+use serrano_engine::scheduler::SchedulerConfig;
+use serrano_router::{Attempt, Config, Outcome, Router};
+
+use crate::catalog::Catalog;
+use crate::roofline::{ModelShape, Precision};
+use crate::sim::{
+    new_records, run_requests, summarize, Backend, Node, Request, SimError, Timing, MAX_STEPS,
+};
+
+/// Most simulated backends in one fleet file (the routing config's own limit).
+pub const MAX_FLEET_BACKENDS: usize = serrano_router::config::MAX_BACKENDS;
+
+/// Backends behind one routing config.
+pub struct Fleet {
+    /// The routing config as a gateway reads it (`serrano gateway --config`).
+    pub config: Config,
+    /// The simulated backend of each of `config.backends`, in order.
+    pub backends: Vec<Backend>,
+    /// The price per hour of each backend (its device's, or the fleet file's `price_per_hour`).
+    pub prices: Vec<f64>,
+}
+
+/// A backend's `sim` table in a fleet file: what it is simulated on.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SimSpec {
+    /// A catalog device.
+    device: String,
+    /// Identical backends of this spec (named `NAME-1`..`NAME-N` when more than one).
+    #[serde(default = "one")]
+    count: usize,
+    #[serde(default)]
+    precision: Option<String>,
+    #[serde(default = "max_num_seqs")]
+    max_num_seqs: usize,
+    #[serde(default = "max_batch_tokens")]
+    max_batch_tokens: usize,
+    /// Overrides the device's price per hour.
+    #[serde(default)]
+    price_per_hour: Option<f64>,
+}
+
+fn one() -> usize {
+    1
+}
+fn max_num_seqs() -> usize {
+    256
+}
+fn max_batch_tokens() -> usize {
+    8192
+}
+
+impl Fleet {
+    /// A fleet file: a routing config (`[routing]`, `[[backend]]`, `[tenant.*]`, as `serrano
+    /// gateway --config` reads it) whose every backend has a `sim` table (`device`, and
+    /// optionally `count`, `precision`, `max_num_seqs`, `max_batch_tokens`,
+    /// `price_per_hour`) instead of a `url`; each backend runs `model` on its device.
+    pub fn parse(text: &str, catalog: &Catalog, model: &ModelShape) -> Result<Fleet, SimError> {
+        let bad = |m: String| SimError::Workload(format!("fleet file: {m}"));
+        let mut doc: toml::Table = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
+        let declared = match doc.remove("backend") {
+            Some(toml::Value::Array(a)) => a,
+            _ => return Err(bad("no [[backend]]".into())),
+        };
+        let (mut expanded, mut backends, mut prices) = (Vec::new(), Vec::new(), Vec::new());
+        for b in declared {
+            let toml::Value::Table(mut b) = b else {
+                return Err(bad("a [[backend]] is not a table".into()));
+            };
+            let name = b
+                .get("name")
+                .and_then(|n| n.as_str())
+                .unwrap_or("")
+                .to_string();
+            let spec: SimSpec = b
+                .remove("sim")
+                .ok_or_else(|| bad(format!("backend '{name}' has no sim table")))?
+                .try_into()
+                .map_err(|e| bad(format!("backend '{name}': sim: {e}")))?;
+            if spec.count == 0 || expanded.len() + spec.count > MAX_FLEET_BACKENDS {
+                return Err(bad(format!(
+                    "backend '{name}': count must be 1 or more, at most {MAX_FLEET_BACKENDS} in all"
+                )));
+            }
+            let device = catalog
+                .device(&spec.device)
+                .map_err(|e| bad(format!("backend '{name}': {e}")))?;
+            let precision = match spec.precision.as_deref() {
+                None => Precision::Bf16,
+                Some(p) => Precision::parse(p).ok_or_else(|| {
+                    bad(format!(
+                        "backend '{name}': precision '{p}': use bf16 or int8"
+                    ))
+                })?,
+            };
+            let price = spec.price_per_hour.unwrap_or(device.price_per_hour);
+            if !(price.is_finite() && price >= 0.0) {
+                return Err(bad(format!("backend '{name}': price_per_hour {price}")));
+            }
+            // The router needs an address for a remote backend; a simulated one has none.
+            b.insert("url".into(), "http://sim.invalid/v1".into());
+            for i in 1..=spec.count {
+                let mut copy = b.clone();
+                if spec.count > 1 {
+                    copy.insert("name".into(), format!("{name}-{i}").into());
+                }
+                expanded.push(toml::Value::Table(copy));
+                backends.push(Backend {
+                    timing: Timing::Roofline {
+                        device: device.clone(),
+                        model: model.clone(),
+                        precision,
+                    },
+                    scheduler: SchedulerConfig {
+                        max_num_seqs: spec.max_num_seqs.max(1),
+                        max_batch_tokens: spec.max_batch_tokens.max(1),
+                    },
+                });
+                prices.push(price);
+            }
+        }
+        doc.insert("backend".into(), toml::Value::Array(expanded));
+        let routing = toml::to_string(&doc).map_err(|e| bad(e.to_string()))?;
+        let config = Config::parse(&routing).map_err(|e| bad(e.to_string()))?;
+        Ok(Fleet {
+            config,
+            backends,
+            prices,
+        })
+    }
+
+    /// The model requests ask for: the first model the first backend serves.
+    pub fn model(&self) -> Option<&str> {
+        let b = self.config.backends.first()?;
+        b.models
+            .first()
+            .or_else(|| b.aliases.keys().next())
+            .map(String::as_str)
+    }
+
+    /// The whole fleet's price per hour.
+    pub fn price_per_hour(&self) -> f64 {
+        self.prices.iter().sum()
+    }
+}
+
+/// A fleet's simulated run.
+#[derive(Debug)]
+pub struct FleetRun {
+    /// One per request, in request order; a request the router could place nowhere has its
+    /// error, as the gateway would answer it.
+    pub records: Vec<RequestRecord>,
+    /// The backend each request was sent to.
+    pub backend_of: Vec<Option<usize>>,
+}
+
+/// Runs `reqs` (asking for `model`) through the fleet. Deterministic: ties between backends'
+/// step ends go to the lower index, and the router's own tie-breaking is deterministic.
+pub fn simulate_fleet(f: &Fleet, model: &str, reqs: &[Request]) -> Result<FleetRun, SimError> {
+    if f.backends.len() != f.config.backends.len() {
+        return Err(SimError::Workload(format!(
+            "the fleet simulates {} backends but its routing config names {}",
+            f.backends.len(),
+            f.config.backends.len()
+        )));
+    }
+    let router = Router::new(1, f.config.clone(), (0..f.backends.len()).collect());
+    let mut nodes = f
+        .backends
+        .iter()
+        .map(Node::new)
+        .collect::<Result<Vec<_>, _>>()?;
+    let base = Instant::now();
+    let at = |t: f64| base + Duration::from_secs_f64(t.max(0.0));
+    let mut records = new_records(reqs);
+    let mut generated = vec![0usize; reqs.len()];
+    let mut attempts: Vec<Option<Attempt>> = (0..reqs.len()).map(|_| None).collect();
+    let mut backend_of = vec![None; reqs.len()];
+    let (mut next, mut steps) = (0usize, 0u64);
+    loop {
+        let first_end = nodes
+            .iter()
+            .enumerate()
+            .filter_map(|(k, n)| n.step_end().map(|e| (e, k)))
+            .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        // Arrivals up to a step's end are routed, and reach their engines, before it ends.
+        let arrival = reqs.get(next).map(|r| r.arrival);
+        if let Some(ta) = arrival.filter(|&ta| first_end.is_none_or(|(e, _)| ta <= e)) {
+            let mut reached = Vec::new();
+            while reqs.get(next).is_some_and(|r| r.arrival <= ta) {
+                let i = next;
+                next += 1;
+                match route(&router, model, &reqs[i], at(ta), &nodes) {
+                    Ok((k, attempt)) => {
+                        nodes[k].arrive(i);
+                        attempts[i] = Some(attempt);
+                        backend_of[i] = Some(k);
+                        reached.push(k);
+                    }
+                    Err(e) => {
+                        records[i].error = Some(e);
+                        records[i].end = ta;
+                    }
+                }
+            }
+            for k in reached {
+                if nodes[k].step_end().is_none() {
+                    nodes[k].start(ta, reqs);
+                }
+            }
+        } else if let Some((e, k)) = first_end {
+            steps += 1;
+            if steps > MAX_STEPS {
+                return Err(SimError::Stuck(e));
+            }
+            let (t, done) = nodes[k].finish(reqs, &mut records, &mut generated);
+            for i in done {
+                if let Some(a) = attempts[i].take() {
+                    a.finish(at(t), outcome(&records[i]));
+                }
+            }
+            nodes[k].start(t, reqs);
+        } else if nodes.iter().all(Node::is_idle) {
+            return Ok(FleetRun {
+                records,
+                backend_of,
+            });
+        } else {
+            let t = records.iter().map(|r| r.end).fold(0.0, f64::max);
+            return Err(SimError::Stuck(t));
+        }
+    }
+}
+
+/// A whole simulated run of a workload on the fleet, summarized as `serrano bench` summarizes
+/// a measured one, with the requests each backend took.
+pub fn run(
+    f: &Fleet,
+    w: &Workload,
+    trace: Option<&[TraceEntry]>,
+    slo: Option<&Slo>,
+    name: &str,
+) -> Result<(RunResult, Vec<usize>), SimError> {
+    let model = f
+        .model()
+        .ok_or_else(|| SimError::Workload("fleet file: the first backend serves no model".into()))?
+        .to_string();
+    let (reqs, warmup) = run_requests(w, trace)?;
+    let run = simulate_fleet(f, &model, &reqs)?;
+    let mut taken = vec![0usize; f.backends.len()];
+    for k in run.backend_of.iter().skip(warmup).flatten() {
+        taken[*k] += 1;
+    }
+    let strategy = f.config.routing.strategy.as_str();
+    let url = format!("sim://fleet/{strategy}/{}", f.backends.len());
+    Ok((summarize(w, run.records, warmup, slo, name, url)?, taken))
+}
+
+/// The router's plan for one request, and the first candidate that takes it: one whose KV
+/// cache can hold it and that has a free concurrency slot (as the gateway tries candidates in
+/// the plan's order). Otherwise the error the client would see.
+fn route(
+    router: &Router<usize>,
+    model: &str,
+    r: &Request,
+    now: Instant,
+    nodes: &[Node<'_>],
+) -> Result<(usize, Attempt), String> {
+    let plan = router
+        .plan(model, r.tenant.as_deref().unwrap_or(""), now)
+        .map_err(|e| e.to_string())?;
+    for c in plan.candidates.iter().filter(|c| nodes[c.handle].fits(r)) {
+        if let Some(a) = c.state.begin(now) {
+            return Ok((c.handle, a));
+        }
+    }
+    Err(format!(
+        "no backend could take the request: every candidate was full or too small ({})",
+        plan.reason
+    ))
+}
+
+/// What the gateway reports to the router when a stream ends: its TTFT and mean token gap.
+fn outcome(r: &RequestRecord) -> Outcome {
+    let first = r.chunks.first().copied().unwrap_or(r.end);
+    let gaps = r.chunks.len().saturating_sub(1);
+    Outcome::Ok {
+        ttft_ms: (first - r.sent) * 1000.0,
+        itl_ms: (gaps > 0).then(|| (r.end - first) * 1000.0 / gaps as f64),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::simulate;
+    use crate::sim::tests::{backend, req};
+
+    /// A routing config of `n` backends serving model `m` with the strategy and each
+    /// backend's concurrency limit.
+    fn fleet(strategy: &str, limits: &[u32]) -> Fleet {
+        let mut text = format!("[routing]\nstrategy = \"{strategy}\"\n");
+        for (k, limit) in limits.iter().enumerate() {
+            text += &format!(
+                "\n[[backend]]\nname = \"b{k}\"\nurl = \"http://127.0.0.1:{}/v1\"\nregion = \"eu\"\n\
+                 tier = \"gpu\"\nmodels = [\"m\"]\nmax_concurrency = {limit}\n",
+                k + 1
+            );
+        }
+        Fleet {
+            config: Config::parse(&text).unwrap(),
+            backends: limits.iter().map(|_| backend(8)).collect(),
+            prices: vec![1.0; limits.len()],
+        }
+    }
+
+    fn counts(run: &FleetRun, n: usize) -> Vec<usize> {
+        (0..n)
+            .map(|k| run.backend_of.iter().filter(|b| **b == Some(k)).count())
+            .collect()
+    }
+
+    /// A burst over two idle backends is split by least-loaded, and each half runs exactly
+    /// as two requests on one backend alone do.
+    #[test]
+    fn least_loaded_splits_a_burst_and_each_backend_runs_as_alone() {
+        let reqs: Vec<Request> = (0..4).map(|_| req(0.0, 100, 10)).collect();
+        let run = simulate_fleet(&fleet("least-loaded", &[64, 64]), "m", &reqs).unwrap();
+        assert_eq!(counts(&run, 2), [2, 2]);
+        let alone = simulate(&backend(8), &reqs[..2]).unwrap();
+        for r in &run.records {
+            assert!(r.error.is_none());
+            assert_eq!(r.chunks, alone[0].chunks);
+        }
+    }
+
+    /// Priority fills the first backend to its limit, spills to the next, returns to the
+    /// first once a slot frees, and a request nobody can take gets the gateway's error.
+    #[test]
+    fn priority_spills_at_the_concurrency_limit_and_comes_back() {
+        let f = fleet("priority", &[1, 1]);
+        let reqs = [
+            req(0.0, 100, 10),
+            req(0.0, 100, 10),
+            req(0.0, 100, 10),
+            req(1.0, 100, 10),
+        ];
+        let run = simulate_fleet(&f, "m", &reqs).unwrap();
+        assert_eq!(run.backend_of, [Some(0), Some(1), None, Some(0)]);
+        let refused = run.records[2].error.as_deref().unwrap_or("");
+        assert!(refused.contains("at its concurrency limit"), "{refused}");
+        assert_eq!(run.records[3].chunks.len(), 10);
+    }
+
+    fn shape() -> ModelShape {
+        ModelShape {
+            layer_params: 1e9,
+            head_params: 0.0,
+            total_params: 1e9,
+            n_layers: 1,
+            attn_width: 0,
+            kv_bytes_per_token: 1.0,
+        }
+    }
+
+    const FILE: &str = r#"
+[routing]
+strategy = "least-loaded"
+
+[[backend]]
+name = "gpu"
+region = "eu"
+tier = "gpu"
+models = ["m"]
+sim = { device = "h100-sxm", count = 2, price_per_hour = 3.5 }
+
+[[backend]]
+name = "small"
+region = "eu"
+tier = "gpu"
+models = ["m"]
+max_concurrency = 8
+sim = { device = "l4", precision = "int8", max_num_seqs = 16 }
+"#;
+
+    /// A fleet file is a routing config whose backends say what they run on: counts expand
+    /// into named copies, prices and step limits come through, and the router reads the rest.
+    #[test]
+    fn a_fleet_file_expands_counts_into_routed_backends() {
+        let catalog = Catalog::builtin().unwrap();
+        let f = Fleet::parse(FILE, &catalog, &shape()).unwrap();
+        let names: Vec<&str> = f.config.backends.iter().map(|b| b.name.as_str()).collect();
+        assert_eq!(names, ["gpu-1", "gpu-2", "small"]);
+        assert_eq!(f.config.routing.strategy.as_str(), "least-loaded");
+        assert_eq!(f.config.backends[2].max_concurrency, 8);
+        let l4 = catalog.device("l4").unwrap().price_per_hour;
+        assert!((f.price_per_hour() - (7.0 + l4)).abs() < 1e-9);
+        assert_eq!(f.backends[2].scheduler.max_num_seqs, 16);
+        assert!(matches!(
+            &f.backends[2].timing,
+            Timing::Roofline { device, precision: Precision::Int8, .. } if device.name == "l4"
+        ));
+        assert_eq!(f.model(), Some("m"));
+    }
+
+    #[test]
+    fn a_fleet_file_without_what_it_needs_is_refused_with_the_reason() {
+        let catalog = Catalog::builtin().unwrap();
+        for (broken, why) in [
+            (
+                FILE.replace(
+                    "sim = { device = \"h100-sxm\", count = 2, price_per_hour = 3.5 }",
+                    "",
+                ),
+                "no sim table",
+            ),
+            (FILE.replace("\"l4\"", "\"tpu-9\""), "tpu-9"),
+            (FILE.replace("count = 2", "count = 0"), "count"),
+            (
+                FILE.replace("max_num_seqs = 16", "max_seqs = 16"),
+                "max_seqs",
+            ),
+            (FILE.replace("\"int8\"", "\"fp4\""), "fp4"),
+            (FILE.replace("least-loaded", "fastest"), "fastest"),
+        ] {
+            let e = Fleet::parse(&broken, &catalog, &shape())
+                .err()
+                .map(|e| e.to_string());
+            assert!(
+                e.as_deref().is_some_and(|e| e.contains(why)),
+                "{why}: {e:?}"
+            );
+        }
+    }
+
+    /// An unknown model is the router's own error, and a fleet whose backends do not match
+    /// its config is refused.
+    #[test]
+    fn what_the_router_refuses_and_a_mismatched_fleet() {
+        let run = simulate_fleet(&fleet("priority", &[4]), "other", &[req(0.0, 8, 2)]).unwrap();
+        let e = run.records[0].error.as_deref().unwrap_or("");
+        assert!(e.contains("no backend serves the model 'other'"), "{e}");
+        let mut f = fleet("priority", &[4, 4]);
+        f.backends.pop();
+        assert!(simulate_fleet(&f, "m", &[]).is_err());
+    }
+}
