@@ -674,10 +674,10 @@ impl<P> Scheduler<P> {
         let hit = e.table.adopt_cached(&hashes);
         e.computed = hit * BLOCK_TOKENS;
         e.registered = hit;
-        e.hashed = match hit {
-            0 => (0, 0),
-            _ => (hit, hashes[hit - 1]),
-        };
+        e.hashed = hit
+            .checked_sub(1)
+            .and_then(|i| hashes.get(i))
+            .map_or((0, 0), |&h| (hit, h));
         (full * BLOCK_TOKENS, hit * BLOCK_TOKENS)
     }
 
