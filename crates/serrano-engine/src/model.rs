@@ -946,13 +946,20 @@ mod vector {
                 *a += *v;
             }
         }
-        let mut sum = sum_lanes(acc);
-        for v in &mut x[n8..] {
+        let inv = finish_sum(&mut x[n8..], max, acc);
+        x.iter_mut().for_each(|v| *v *= inv);
+    }
+
+    /// The end of every build's softmax sum: the eight lanes added pairwise, then the
+    /// exponentials of the elements past the last whole vector, in order; returns 1 / sum.
+    #[inline(always)]
+    fn finish_sum(tail: &mut [f32], max: f32, lanes: [f32; 8]) -> f32 {
+        let mut sum = sum_lanes(lanes);
+        for v in tail {
             *v = exp_nonpositive(*v - max);
             sum += *v;
         }
-        let inv = 1.0 / sum;
-        x.iter_mut().for_each(|v| *v *= inv);
+        1.0 / sum
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -1368,12 +1375,7 @@ mod vector {
                 acc = _mm256_add_ps(acc, e);
             }
             _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-            let mut sum = sum_lanes(lanes);
-            for v in &mut x[n8..] {
-                *v = exp_nonpositive(*v - max);
-                sum += *v;
-            }
-            let inv = 1.0 / sum;
+            let inv = finish_sum(&mut x[n8..], max, lanes);
             let invv = _mm256_set1_ps(inv);
             for i in (0..n8).step_by(8) {
                 _mm256_storeu_ps(p.add(i), _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), invv));
@@ -1416,12 +1418,7 @@ mod vector {
             }
             let mut lanes = [0f32; 8];
             _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-            let mut sum = sum_lanes(lanes);
-            for v in &mut x[n8..] {
-                *v = exp_nonpositive(*v - max);
-                sum += *v;
-            }
-            let inv = 1.0 / sum;
+            let inv = finish_sum(&mut x[n8..], max, lanes);
             let invv = _mm512_set1_ps(inv);
             for i in (0..n16).step_by(16) {
                 _mm512_storeu_ps(p.add(i), _mm512_mul_ps(_mm512_loadu_ps(p.add(i)), invv));

@@ -140,10 +140,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_builtin_catalog_holds_the_datasheet_figures() {
-        let c = Catalog::builtin().unwrap();
-        let d = |n: &str| c.device(n).unwrap().clone();
-        let h100 = d("h100-sxm");
+    fn the_builtin_catalog_holds_the_datasheet_figures() -> Result<(), CatalogError> {
+        let c = Catalog::builtin()?;
+        let d = |n: &str| c.device(n).cloned();
+        let h100 = d("h100-sxm")?;
         assert_eq!(
             (
                 h100.bf16_tflops,
@@ -153,19 +153,19 @@ mod tests {
             ),
             (989.0, 3350.0, 80.0, 700.0)
         );
-        let h200 = d("h200-sxm");
+        let h200 = d("h200-sxm")?;
         assert_eq!(
             (h200.bf16_tflops, h200.memory_gbs, h200.memory_gb),
             (989.0, 4800.0, 141.0)
         );
-        let a100 = d("a100-sxm-80gb");
+        let a100 = d("a100-sxm-80gb")?;
         assert_eq!((a100.bf16_tflops, a100.power_w), (312.0, 400.0));
-        let l4 = d("l4");
+        let l4 = d("l4")?;
         assert_eq!(
             (l4.bf16_tflops, l4.memory_gbs, l4.memory_gb, l4.power_w),
             (121.0, 300.0, 24.0, 72.0)
         );
-        let mi = d("mi300x");
+        let mi = d("mi300x")?;
         assert_eq!(
             (mi.bf16_tflops, mi.memory_gbs, mi.memory_gb, mi.power_w),
             (1307.4, 5300.0, 192.0, 750.0)
@@ -175,6 +175,7 @@ mod tests {
         assert!(c.devices.iter().all(|d| !d.source.is_empty()));
         let err = c.device("tpu").unwrap_err().to_string();
         assert!(err.contains("h100-sxm"), "{err}");
+        Ok(())
     }
 
     #[test]

@@ -15,9 +15,7 @@ use serrano_router::{Attempt, Config, Outcome, Router};
 
 use crate::catalog::Catalog;
 use crate::roofline::{ModelShape, Precision};
-use crate::sim::{
-    new_records, run_requests, summarize, Backend, Node, Request, SimError, Timing, MAX_STEPS,
-};
+use crate::sim::{run_nodes, run_requests, summarize, Backend, Node, Request, SimError, Timing};
 
 /// Most simulated backends in one fleet file (the routing config's own limit).
 pub const MAX_FLEET_BACKENDS: usize = serrano_router::config::MAX_BACKENDS;
@@ -184,64 +182,16 @@ pub fn simulate_fleet(f: &Fleet, model: &str, reqs: &[Request]) -> Result<FleetR
         .collect::<Result<Vec<_>, _>>()?;
     let base = Instant::now();
     let at = |t: f64| base + Duration::from_secs_f64(t.max(0.0));
-    let mut records = new_records(reqs);
-    let mut generated = vec![0usize; reqs.len()];
-    let mut attempts: Vec<Option<Attempt>> = (0..reqs.len()).map(|_| None).collect();
-    let mut backend_of = vec![None; reqs.len()];
-    let (mut next, mut steps) = (0usize, 0u64);
-    loop {
-        let first_end = nodes
-            .iter()
-            .enumerate()
-            .filter_map(|(k, n)| n.step_end().map(|e| (e, k)))
-            .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-        // Arrivals up to a step's end are routed, and reach their engines, before it ends.
-        let arrival = reqs.get(next).map(|r| r.arrival);
-        if let Some(ta) = arrival.filter(|&ta| first_end.is_none_or(|(e, _)| ta <= e)) {
-            let mut reached = Vec::new();
-            while reqs.get(next).is_some_and(|r| r.arrival <= ta) {
-                let i = next;
-                next += 1;
-                match route(&router, model, &reqs[i], at(ta), &nodes) {
-                    Ok((k, attempt)) => {
-                        nodes[k].arrive(i);
-                        attempts[i] = Some(attempt);
-                        backend_of[i] = Some(k);
-                        reached.push(k);
-                    }
-                    Err(e) => {
-                        records[i].error = Some(e);
-                        records[i].end = ta;
-                    }
-                }
-            }
-            for k in reached {
-                if nodes[k].step_end().is_none() {
-                    nodes[k].start(ta, reqs);
-                }
-            }
-        } else if let Some((e, k)) = first_end {
-            steps += 1;
-            if steps > MAX_STEPS {
-                return Err(SimError::Stuck(e));
-            }
-            let (t, done) = nodes[k].finish(reqs, &mut records, &mut generated);
-            for i in done {
-                if let Some(a) = attempts[i].take() {
-                    a.finish(at(t), outcome(&records[i]));
-                }
-            }
-            nodes[k].start(t, reqs);
-        } else if nodes.iter().all(Node::is_idle) {
-            return Ok(FleetRun {
-                records,
-                backend_of,
-            });
-        } else {
-            let t = records.iter().map(|r| r.end).fold(0.0, f64::max);
-            return Err(SimError::Stuck(t));
-        }
-    }
+    let (records, backend_of) = run_nodes(
+        &mut nodes,
+        reqs,
+        |r, t, nodes| route(&router, model, r, at(t), nodes),
+        |attempt: Attempt, t, record| attempt.finish(at(t), outcome(record)),
+    )?;
+    Ok(FleetRun {
+        records,
+        backend_of,
+    })
 }
 
 /// A whole simulated run of a workload on the fleet, summarized as `serrano bench` summarizes
@@ -306,7 +256,7 @@ fn outcome(r: &RequestRecord) -> Outcome {
 mod tests {
     use super::*;
     use crate::sim::simulate;
-    use crate::sim::tests::{backend, req};
+    use crate::sim::tests::{backend, req, toy_model};
 
     /// A routing config of `n` backends serving model `m` with the strategy and each
     /// backend's concurrency limit.
@@ -364,17 +314,6 @@ mod tests {
         assert_eq!(run.records[3].chunks.len(), 10);
     }
 
-    fn shape() -> ModelShape {
-        ModelShape {
-            layer_params: 1e9,
-            head_params: 0.0,
-            total_params: 1e9,
-            n_layers: 1,
-            attn_width: 0,
-            kv_bytes_per_token: 1.0,
-        }
-    }
-
     const FILE: &str = r#"
 [routing]
 strategy = "least-loaded"
@@ -400,7 +339,7 @@ sim = { device = "l4", precision = "int8", max_num_seqs = 16 }
     #[test]
     fn a_fleet_file_expands_counts_into_routed_backends() {
         let catalog = Catalog::builtin().unwrap();
-        let f = Fleet::parse(FILE, &catalog, &shape()).unwrap();
+        let f = Fleet::parse(FILE, &catalog, &toy_model()).unwrap();
         let names: Vec<&str> = f.config.backends.iter().map(|b| b.name.as_str()).collect();
         assert_eq!(names, ["gpu-1", "gpu-2", "small"]);
         assert_eq!(f.config.routing.strategy.as_str(), "least-loaded");
@@ -435,7 +374,7 @@ sim = { device = "l4", precision = "int8", max_num_seqs = 16 }
             (FILE.replace("\"int8\"", "\"fp4\""), "fp4"),
             (FILE.replace("least-loaded", "fastest"), "fastest"),
         ] {
-            let e = Fleet::parse(&broken, &catalog, &shape())
+            let e = Fleet::parse(&broken, &catalog, &toy_model())
                 .err()
                 .map(|e| e.to_string());
             assert!(

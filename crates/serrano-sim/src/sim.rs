@@ -351,7 +351,7 @@ fn clock(t: f64) -> std::time::Duration {
 }
 
 /// An empty record per request: its tenant, arrival and prompt length.
-pub(crate) fn new_records(reqs: &[Request]) -> Vec<RequestRecord> {
+fn new_records(reqs: &[Request]) -> Vec<RequestRecord> {
     reqs.iter()
         .map(|r| RequestRecord {
             tenant: r.tenant.clone(),
@@ -366,39 +366,81 @@ pub(crate) fn new_records(reqs: &[Request]) -> Vec<RequestRecord> {
 /// Runs `reqs` through the backend; one record per request, in request order, each with its
 /// tokens' times.
 pub fn simulate(b: &Backend, reqs: &[Request]) -> Result<Vec<RequestRecord>, SimError> {
-    let mut node = Node::new(b)?;
-    if let Some(i) = reqs.iter().position(|r| !node.fits(r)) {
+    let mut nodes = [Node::new(b)?];
+    if let Some(i) = reqs.iter().position(|r| !nodes[0].fits(r)) {
         return Err(SimError::TooLong(i));
     }
+    let (records, _) = run_nodes(&mut nodes, reqs, |_, _, _| Ok((0, ())), |_, _, _| {})?;
+    Ok(records)
+}
+
+/// A run of several backends, request by request: its record, and the backend that took it.
+pub(crate) type NodesRun = (Vec<RequestRecord>, Vec<Option<usize>>);
+
+/// Steps `nodes` on one virtual clock over `reqs` (in arrival order). Each arrival goes to the
+/// backend `route` names (with a token that `done` gets back when the request finishes), or
+/// gets the error `route` gives, as its client would; arrivals up to a step's end reach their
+/// engines before that step ends, as the engine's worker takes requests between steps. Ties
+/// between backends' step ends go to the lower index, so a run is deterministic.
+pub(crate) fn run_nodes<A>(
+    nodes: &mut [Node<'_>],
+    reqs: &[Request],
+    mut route: impl FnMut(&Request, f64, &[Node<'_>]) -> Result<(usize, A), String>,
+    mut done: impl FnMut(A, f64, &RequestRecord),
+) -> Result<NodesRun, SimError> {
     let mut records = new_records(reqs);
     let mut generated = vec![0usize; reqs.len()];
+    let mut tokens: Vec<Option<A>> = (0..reqs.len()).map(|_| None).collect();
+    let mut node_of = vec![None; reqs.len()];
     let (mut next, mut steps) = (0usize, 0u64);
     loop {
-        let end = node.step_end();
-        // Arrivals up to a step's end reach the engine before it plans the next step.
+        let first_end = nodes
+            .iter()
+            .enumerate()
+            .filter_map(|(k, n)| n.step_end().map(|e| (e, k)))
+            .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
         let arrival = reqs.get(next).map(|r| r.arrival);
-        if let Some(ta) = arrival.filter(|&ta| end.is_none_or(|e| ta <= e)) {
+        if let Some(ta) = arrival.filter(|&ta| first_end.is_none_or(|(e, _)| ta <= e)) {
+            let mut reached = Vec::new();
             while reqs.get(next).is_some_and(|r| r.arrival <= ta) {
-                node.arrive(next);
+                let i = next;
                 next += 1;
+                match route(&reqs[i], ta, nodes) {
+                    Ok((k, token)) => {
+                        nodes[k].arrive(i);
+                        tokens[i] = Some(token);
+                        node_of[i] = Some(k);
+                        reached.push(k);
+                    }
+                    Err(e) => {
+                        records[i].error = Some(e);
+                        records[i].end = ta;
+                    }
+                }
             }
-            if end.is_none() {
-                node.start(ta, reqs);
+            for k in reached {
+                if nodes[k].step_end().is_none() {
+                    nodes[k].start(ta, reqs);
+                }
             }
-        } else if let Some(e) = end {
+        } else if let Some((e, k)) = first_end {
             steps += 1;
             if steps > MAX_STEPS {
                 return Err(SimError::Stuck(e));
             }
-            node.finish(reqs, &mut records, &mut generated);
-            node.start(e, reqs);
-        } else if node.is_idle() {
-            return Ok(records);
+            let (t, finished) = nodes[k].finish(reqs, &mut records, &mut generated);
+            for i in finished {
+                if let Some(token) = tokens[i].take() {
+                    done(token, t, &records[i]);
+                }
+            }
+            nodes[k].start(t, reqs);
+        } else if nodes.iter().all(Node::is_idle) {
+            return Ok((records, node_of));
         } else {
             // Requests wait, nothing can run, and none will arrive.
-            return Err(SimError::Stuck(
-                records.iter().map(|r| r.end).fold(0.0, f64::max),
-            ));
+            let t = records.iter().map(|r| r.end).fold(0.0, f64::max);
+            return Err(SimError::Stuck(t));
         }
     }
 }
@@ -490,24 +532,28 @@ pub(crate) mod tests {
             memory_efficiency: 1.0,
             step_overhead_us: 0.0,
         };
-        let model = ModelShape {
-            layer_params: 1e9,
-            head_params: 0.0,
-            total_params: 1e9,
-            n_layers: 1,
-            attn_width: 0,
-            kv_bytes_per_token: 1.0,
-        };
         Backend {
             timing: Timing::Roofline {
                 device,
-                model,
+                model: toy_model(),
                 precision: Precision::Bf16,
             },
             scheduler: SchedulerConfig {
                 max_num_seqs,
                 max_batch_tokens: 256,
             },
+        }
+    }
+
+    /// A billion weights read once a step, a byte of KV per position.
+    pub(crate) fn toy_model() -> ModelShape {
+        ModelShape {
+            layer_params: 1e9,
+            head_params: 0.0,
+            total_params: 1e9,
+            n_layers: 1,
+            attn_width: 0,
+            kv_bytes_per_token: 1.0,
         }
     }
 
