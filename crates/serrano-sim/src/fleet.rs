@@ -15,10 +15,16 @@ use serrano_router::{Attempt, Config, Outcome, Router};
 
 use crate::catalog::Catalog;
 use crate::roofline::{ModelShape, Precision};
-use crate::sim::{run_nodes, run_requests, summarize, Backend, Node, Request, SimError, Timing};
+use crate::sim::{
+    run_nodes, run_requests, summarize, Backend, LateBound, Node, Request, SimError, Timing,
+};
 
 /// Most simulated backends in one fleet file (the routing config's own limit).
 pub const MAX_FLEET_BACKENDS: usize = serrano_router::config::MAX_BACKENDS;
+/// A datacenter device's scheduler unless a fleet file says otherwise: vLLM's default
+/// sequences per step, and tokens per step as its chunked prefill sizes them.
+pub const DEFAULT_MAX_NUM_SEQS: usize = 256;
+pub const DEFAULT_MAX_BATCH_TOKENS: usize = 8192;
 
 /// Backends behind one routing config.
 pub struct Fleet {
@@ -54,10 +60,10 @@ fn one() -> usize {
     1
 }
 fn max_num_seqs() -> usize {
-    256
+    DEFAULT_MAX_NUM_SEQS
 }
 fn max_batch_tokens() -> usize {
-    8192
+    DEFAULT_MAX_BATCH_TOKENS
 }
 
 impl Fleet {
@@ -165,8 +171,14 @@ pub struct FleetRun {
 }
 
 /// Runs `reqs` (asking for `model`) through the fleet. Deterministic: ties between backends'
-/// step ends go to the lower index, and the router's own tie-breaking is deterministic.
-pub fn simulate_fleet(f: &Fleet, model: &str, reqs: &[Request]) -> Result<FleetRun, SimError> {
+/// step ends go to the lower index, and the router's own tie-breaking is deterministic. With a
+/// `late` bound, stops with [`SimError::Late`] once it is passed.
+pub fn simulate_fleet(
+    f: &Fleet,
+    model: &str,
+    reqs: &[Request],
+    late: Option<LateBound>,
+) -> Result<FleetRun, SimError> {
     if f.backends.len() != f.config.backends.len() {
         return Err(SimError::Workload(format!(
             "the fleet simulates {} backends but its routing config names {}",
@@ -185,6 +197,7 @@ pub fn simulate_fleet(f: &Fleet, model: &str, reqs: &[Request]) -> Result<FleetR
     let (records, backend_of) = run_nodes(
         &mut nodes,
         reqs,
+        late,
         |r, t, nodes| route(&router, model, r, at(t), nodes),
         |attempt: Attempt, t, record| attempt.finish(at(t), outcome(record)),
     )?;
@@ -195,20 +208,24 @@ pub fn simulate_fleet(f: &Fleet, model: &str, reqs: &[Request]) -> Result<FleetR
 }
 
 /// A whole simulated run of a workload on the fleet, summarized as `serrano bench` summarizes
-/// a measured one, with the requests each backend took.
+/// a measured one, with the requests each backend took. `late` (a TTFT percentile and
+/// threshold in seconds) ends a run early with [`SimError::Late`] once more first tokens are
+/// late than that percentile allows.
 pub fn run(
     f: &Fleet,
     w: &Workload,
     trace: Option<&[TraceEntry]>,
     slo: Option<&Slo>,
     name: &str,
+    late: Option<(f64, f64)>,
 ) -> Result<(RunResult, Vec<usize>), SimError> {
     let model = f
         .model()
         .ok_or_else(|| SimError::Workload("fleet file: the first backend serves no model".into()))?
         .to_string();
     let (reqs, warmup) = run_requests(w, trace)?;
-    let run = simulate_fleet(f, &model, &reqs)?;
+    let late = late.map(|(pct, s)| LateBound::for_percentile(s, pct, warmup, reqs.len()));
+    let run = simulate_fleet(f, &model, &reqs, late)?;
     let mut taken = vec![0usize; f.backends.len()];
     for k in run.backend_of.iter().skip(warmup).flatten() {
         taken[*k] += 1;
@@ -287,7 +304,7 @@ mod tests {
     #[test]
     fn least_loaded_splits_a_burst_and_each_backend_runs_as_alone() {
         let reqs: Vec<Request> = (0..4).map(|_| req(0.0, 100, 10)).collect();
-        let run = simulate_fleet(&fleet("least-loaded", &[64, 64]), "m", &reqs).unwrap();
+        let run = simulate_fleet(&fleet("least-loaded", &[64, 64]), "m", &reqs, None).unwrap();
         assert_eq!(counts(&run, 2), [2, 2]);
         let alone = simulate(&backend(8), &reqs[..2]).unwrap();
         for r in &run.records {
@@ -307,7 +324,7 @@ mod tests {
             req(0.0, 100, 10),
             req(1.0, 100, 10),
         ];
-        let run = simulate_fleet(&f, "m", &reqs).unwrap();
+        let run = simulate_fleet(&f, "m", &reqs, None).unwrap();
         assert_eq!(run.backend_of, [Some(0), Some(1), None, Some(0)]);
         let refused = run.records[2].error.as_deref().unwrap_or("");
         assert!(refused.contains("at its concurrency limit"), "{refused}");
@@ -388,11 +405,12 @@ sim = { device = "l4", precision = "int8", max_num_seqs = 16 }
     /// its config is refused.
     #[test]
     fn what_the_router_refuses_and_a_mismatched_fleet() {
-        let run = simulate_fleet(&fleet("priority", &[4]), "other", &[req(0.0, 8, 2)]).unwrap();
+        let run =
+            simulate_fleet(&fleet("priority", &[4]), "other", &[req(0.0, 8, 2)], None).unwrap();
         let e = run.records[0].error.as_deref().unwrap_or("");
         assert!(e.contains("no backend serves the model 'other'"), "{e}");
         let mut f = fleet("priority", &[4, 4]);
         f.backends.pop();
-        assert!(simulate_fleet(&f, "m", &[]).is_err());
+        assert!(simulate_fleet(&f, "m", &[], None).is_err());
     }
 }

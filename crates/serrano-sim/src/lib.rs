@@ -2,12 +2,13 @@
 //! traffic: the performance model of a device from its datasheet ([`catalog`]), the roofline
 //! step time of a model on it ([`roofline`]), and one backend simulated with the engine's own
 //! scheduler on a virtual clock ([`sim`]), and a fleet of them behind the router's own
-//! strategies ([`fleet`]).
+//! strategies ([`fleet`]); and the cheapest fleet for a traffic forecast at its SLO ([`plan`]).
 
 pub mod catalog;
 pub mod fleet;
+pub mod plan;
 pub mod roofline;
 pub mod sim;
 
-pub use catalog::{Catalog, CatalogError, Device};
+pub use catalog::{Catalog, CatalogError, Device, ModelSpec};
 pub use roofline::{ModelShape, Precision, StepTime};

@@ -13,7 +13,7 @@
 use serrano_engine::model::ModelConfig;
 use serrano_engine::steptime::StepShape;
 
-use crate::catalog::Device;
+use crate::catalog::{Device, ModelSpec};
 
 /// Bytes of one cached K or V element (the engine keeps f16).
 const KV_ELEMENT_BYTES: f64 = 2.0;
@@ -79,6 +79,22 @@ impl ModelShape {
     /// The shape of a Llama-family model (grouped-query attention, gated MLP, output head
     /// tied to the embedding unless `untied_head`).
     pub fn from_config(c: &ModelConfig, untied_head: bool) -> ModelShape {
+        ModelShape::from_spec(&ModelSpec {
+            name: c.architecture.clone(),
+            source: "its GGUF".into(),
+            n_layers: c.n_layers,
+            d_model: c.d_model,
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+            d_ff: c.d_ff,
+            vocab_size: c.vocab_size,
+            tied_head: !untied_head,
+        })
+    }
+
+    /// The shape of a catalog model (its published dimensions, no weights needed).
+    pub fn from_spec(c: &ModelSpec) -> ModelShape {
         let (d, q, kv) = (
             c.d_model as f64,
             (c.n_heads * c.head_dim) as f64,
@@ -88,7 +104,7 @@ impl ModelShape {
         let layer_params = per_layer * c.n_layers as f64;
         let head_params = d * c.vocab_size as f64;
         let norms = d * (2 * c.n_layers + 1) as f64;
-        let embeddings = if untied_head { 2.0 } else { 1.0 } * head_params;
+        let embeddings = if c.tied_head { 1.0 } else { 2.0 } * head_params;
         ModelShape {
             layer_params,
             head_params,
@@ -264,5 +280,21 @@ mod tests {
             .clone();
         let cap = m.kv_capacity_tokens(&h100, Precision::Bf16).unwrap();
         assert!(cap > 3e6, "{cap}");
+    }
+
+    /// The catalog's model shapes count the parameters their published configs do: the
+    /// default model's as its GGUF gives them, Llama 3.1 8B's 8,030,261,248.
+    #[test]
+    fn catalog_models_count_their_published_parameters() {
+        let c = crate::Catalog::builtin().unwrap();
+        let shape = |n: &str| ModelShape::from_spec(c.model(n).unwrap());
+        assert_eq!(shape("smollm2-135m").total_params, 134_515_008.0);
+        let m = shape("llama-3.1-8b");
+        assert_eq!(m.total_params, 8_030_261_248.0);
+        // K and V: 2 x 32 layers x 8 heads x 128 x 2 bytes.
+        assert_eq!(m.kv_bytes_per_token, 131_072.0);
+        assert!(shape("llama-3.1-70b").total_params > 70e9);
+        let e = c.model("gpt-5").unwrap_err().to_string();
+        assert!(e.contains("llama-3.1-8b"), "{e}");
     }
 }

@@ -48,6 +48,59 @@ pub enum SimError {
     TooLong(usize),
     #[error("the simulation stopped making progress at {0:.3} s (nothing runnable)")]
     Stuck(f64),
+    #[error("stopped at {0:.3} s: too many first tokens late for the TTFT bound to be met")]
+    Late(f64),
+}
+
+/// When a run may stop early because its TTFT percentile is already lost: more than
+/// `allowed` of the requests from `from` on got (or will get) their first token over
+/// `ttft_s` after arriving. A search over fleets only asks whether an SLO holds; an overloaded
+/// fleet would otherwise be simulated to the end of a queue that only grows.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LateBound {
+    pub ttft_s: f64,
+    pub allowed: usize,
+    /// Requests before this index (the warm-up) are not judged.
+    pub from: usize,
+}
+
+impl LateBound {
+    /// The bound for a `pct` percentile TTFT threshold over requests `from..n`: past it, the
+    /// percentile (linear between ranks) is over the threshold whatever the rest do. Two
+    /// requests more than the share above the percentile, for the interpolation's margin.
+    pub fn for_percentile(ttft_s: f64, pct: f64, from: usize, n: usize) -> LateBound {
+        let judged = n.saturating_sub(from) as f64;
+        LateBound {
+            ttft_s,
+            allowed: (judged * (1.0 - pct / 100.0)).floor() as usize + 2,
+            from,
+        }
+    }
+}
+
+/// Counts requests whose first token is late, in arrival order, as the clock passes each
+/// one's deadline.
+struct LateCount {
+    bound: LateBound,
+    next: usize,
+    late: usize,
+}
+
+impl LateCount {
+    /// At `t`: whether too many are late.
+    fn exceeded(&mut self, t: f64, reqs: &[Request], records: &[RequestRecord]) -> bool {
+        let b = self.bound;
+        while let Some(r) = reqs.get(self.next).filter(|r| r.arrival + b.ttft_s < t) {
+            let deadline = r.arrival + b.ttft_s;
+            let rec = &records[self.next];
+            let late = rec.error.is_some() || rec.chunks.first().is_none_or(|&c| c > deadline);
+            if late && self.next >= b.from {
+                self.late += 1;
+            }
+            self.next += 1;
+        }
+        self.late > b.allowed
+    }
 }
 
 /// How long a step takes.
@@ -370,7 +423,7 @@ pub fn simulate(b: &Backend, reqs: &[Request]) -> Result<Vec<RequestRecord>, Sim
     if let Some(i) = reqs.iter().position(|r| !nodes[0].fits(r)) {
         return Err(SimError::TooLong(i));
     }
-    let (records, _) = run_nodes(&mut nodes, reqs, |_, _, _| Ok((0, ())), |_, _, _| {})?;
+    let (records, _) = run_nodes(&mut nodes, reqs, None, |_, _, _| Ok((0, ())), |_, _, _| {})?;
     Ok(records)
 }
 
@@ -381,10 +434,12 @@ pub(crate) type NodesRun = (Vec<RequestRecord>, Vec<Option<usize>>);
 /// backend `route` names (with a token that `done` gets back when the request finishes), or
 /// gets the error `route` gives, as its client would; arrivals up to a step's end reach their
 /// engines before that step ends, as the engine's worker takes requests between steps. Ties
-/// between backends' step ends go to the lower index, so a run is deterministic.
+/// between backends' step ends go to the lower index, so a run is deterministic. With a
+/// `late` bound, the run ends with [`SimError::Late`] once the bound is passed.
 pub(crate) fn run_nodes<A>(
     nodes: &mut [Node<'_>],
     reqs: &[Request],
+    late: Option<LateBound>,
     mut route: impl FnMut(&Request, f64, &[Node<'_>]) -> Result<(usize, A), String>,
     mut done: impl FnMut(A, f64, &RequestRecord),
 ) -> Result<NodesRun, SimError> {
@@ -393,6 +448,11 @@ pub(crate) fn run_nodes<A>(
     let mut tokens: Vec<Option<A>> = (0..reqs.len()).map(|_| None).collect();
     let mut node_of = vec![None; reqs.len()];
     let (mut next, mut steps) = (0usize, 0u64);
+    let mut late = late.map(|bound| LateCount {
+        bound,
+        next: 0,
+        late: 0,
+    });
     loop {
         let first_end = nodes
             .iter()
@@ -429,6 +489,9 @@ pub(crate) fn run_nodes<A>(
                 return Err(SimError::Stuck(e));
             }
             let (t, finished) = nodes[k].finish(reqs, &mut records, &mut generated);
+            if late.as_mut().is_some_and(|l| l.exceeded(t, reqs, &records)) {
+                return Err(SimError::Late(t));
+            }
             for i in finished {
                 if let Some(token) = tokens[i].take() {
                     done(token, t, &records[i]);

@@ -7,6 +7,7 @@ use std::time::Instant;
 mod benchcli;
 mod configcli;
 mod govcli;
+mod plancli;
 mod roofline;
 mod simcli;
 mod telemetry;
@@ -68,6 +69,13 @@ enum Command {
     /// A100, L4, MI300X, an inference ASIC, this CPU), with cost and energy per 1M tokens.
     #[command(subcommand)]
     Sim(simcli::SimCommand),
+    /// The cheapest fleet of catalog (or what-if) devices that serves a traffic forecast within
+    /// its SLO: each device type alone and mixed, cost against burst headroom, what
+    /// over-provisioning costs, and which spec moves cost per token most; assumptions printed.
+    /// E.g. `serrano plan --workload bench/workloads/bursty-chat.toml --model-shape
+    /// llama-3.1-8b --rate 20 --slo ttft_p99=1s --device h100-sxm --device
+    /// 'asic=h100-sxm,memory_gbs=x2'`.
+    Plan(Box<plancli::PlanArgs>),
     /// Routing config: check a file; list, show and diff versions; apply or roll back at runtime.
     #[command(subcommand)]
     Config(configcli::ConfigCommand),
@@ -327,6 +335,7 @@ fn main() -> Result<()> {
         Command::Generate(a) => generate(a),
         Command::Roofline(a) => roofline::run(*a),
         Command::Sim(c) => simcli::run(c),
+        Command::Plan(a) => plancli::run(*a),
         Command::Admin { db, command } => govcli::admin(&db, command),
         Command::Usage(a) => govcli::usage(a),
         Command::Audit { db, command } => govcli::audit(&db, command),

@@ -143,7 +143,7 @@ pub struct RooflineArgs {
     json: bool,
 }
 
-fn parse_precision(s: &str) -> Result<Precision, String> {
+pub(crate) fn parse_precision(s: &str) -> Result<Precision, String> {
     Precision::parse(s).ok_or_else(|| format!("'{s}': use bf16 or int8"))
 }
 
@@ -155,7 +155,7 @@ pub fn run(cmd: SimCommand) -> Result<()> {
     }
 }
 
-fn load_catalog(path: Option<&PathBuf>) -> Result<Catalog> {
+pub(crate) fn load_catalog(path: Option<&PathBuf>) -> Result<Catalog> {
     Ok(match path {
         Some(p) => Catalog::parse(
             &std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?,
@@ -165,7 +165,7 @@ fn load_catalog(path: Option<&PathBuf>) -> Result<Catalog> {
 }
 
 /// The model's path and shape (default: the default model).
-fn model_shape(model: Option<&PathBuf>) -> Result<(PathBuf, ModelShape)> {
+pub(crate) fn model_shape(model: Option<&PathBuf>) -> Result<(PathBuf, ModelShape)> {
     let path = match model {
         Some(p) => p.clone(),
         None => serrano_models::ensure_default_model(true)?,
@@ -339,8 +339,14 @@ fn simulate_fleet(a: &RunArgs, path: &Path, catalog: &Catalog) -> Result<()> {
         .file_name()
         .map_or_else(|| "model".to_string(), |f| f.to_string_lossy().into_owned());
     let started = std::time::Instant::now();
-    let (result, taken) =
-        serrano_sim::fleet::run(&fleet, &workload, trace.as_deref(), slo.as_ref(), &name)?;
+    let (result, taken) = serrano_sim::fleet::run(
+        &fleet,
+        &workload,
+        trace.as_deref(),
+        slo.as_ref(),
+        &name,
+        None,
+    )?;
     let price = serrano_bench::report::Price {
         per_hour: Some(fleet.price_per_hour()),
         ..Default::default()

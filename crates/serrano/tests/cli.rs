@@ -317,6 +317,86 @@ fn sim_run_routes_a_workload_over_a_fleet() {
     );
 }
 
+/// `serrano plan` answers "what does this traffic cost at this SLO on these devices" in one
+/// command: the cheapest fleet per device (a what-if device included), the frontier, and its
+/// assumptions, as text and as JSON.
+#[test]
+fn plan_prices_the_cheapest_fleet_with_its_assumptions() {
+    let dir = tempfile::tempdir().unwrap();
+    let workload = dir.path().join("w.toml");
+    std::fs::write(
+        &workload,
+        "requests = 40\nwarmup_requests = 0\nseed = 4\n\
+         prompt_tokens = { dist = \"uniform\", min = 64, max = 256 }\n\
+         output_tokens = { dist = \"fixed\", value = 32 }\n\
+         arrival = { kind = \"poisson\", rate = 1.0 }\n",
+    )
+    .unwrap();
+    let out = dir.path().join("plan.json");
+    let args = |slo: &[&'static str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "plan",
+            "--workload",
+            workload.to_str().unwrap(),
+            "--model-shape",
+            "llama-3.1-8b",
+            "--rate",
+            "12",
+            "--headroom",
+            "1.5",
+            "--duration",
+            "5",
+            "--max-count",
+            "16",
+            "--device",
+            "l4",
+            "--device",
+            "fast-l4=l4,memory_gbs=x2,bf16_tflops=x2",
+            "--json",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(slo.iter().map(|s| s.to_string()));
+        v
+    };
+    let run = |slo: &[&'static str]| {
+        let a = args(slo);
+        serrano(&a.iter().map(String::as_str).collect::<Vec<_>>(), None)
+    };
+    let o = run(&["--slo", "ttft_p99=1s,tpot_p99=120ms"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    for needed in [
+        "Cheapest fleet:",
+        "Cost against headroom",
+        "Assumptions:",
+        "what-if: l4 with",
+    ] {
+        assert!(text.contains(needed), "{needed}: {text}");
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let count = |d: usize| v["devices"][d]["fleet"][0]["count"].as_u64().unwrap();
+    assert!(count(0) >= 1 && count(1) >= 1, "{v}");
+    // Twice the bandwidth and compute at the same price needs fewer cards (one L4 serves
+    // about 10 requests/s of this within the SLO; 18 are asked).
+    assert!(count(1) < count(0), "{v}");
+    assert_eq!(v["best"]["fleet"][0]["device"], "fast-l4", "{v}");
+    let price = v["best"]["price_per_hour"].as_f64().unwrap();
+    assert!((price - count(1) as f64 * 0.8).abs() < 1e-9, "{v}");
+    assert!(v["frontier"].as_array().unwrap().len() >= 5, "{v}");
+    assert!(v["assumptions"].as_array().unwrap().len() >= 8, "{v}");
+    // Without an SLO there is nothing to plan for: a clear refusal, not a guess.
+    let o = run(&[]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("needs an SLO"),
+        "{}",
+        stderr(&o)
+    );
+}
+
 /// `serrano sim calibrate` reads a running server's own step-time model into a profile that
 /// `serrano sim run --profile` replays.
 #[test]
