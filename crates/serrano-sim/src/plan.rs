@@ -15,6 +15,7 @@ use std::future::Future;
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 
+use rayon::prelude::*;
 use serrano_bench::metrics::{Slo, Summary};
 use serrano_bench::sweep::{at_load, search};
 use serrano_bench::workload::Workload;
@@ -202,22 +203,25 @@ pub fn plan(offers: &[Offer], f: &Forecast) -> Result<Plan, SimError> {
     // Each offer's column of the frontier, lowest headroom first: a higher rate never needs
     // fewer backends, so each search starts above the last answer (the first search, at the
     // lowest rate, pays for the overloaded small fleets once).
-    let mut columns: Vec<Vec<Result<Choice, String>>> = Vec::new();
-    for i in 0..offers.len() {
-        let mut column = Vec::new();
-        let mut below = 0;
-        for &h in &headrooms {
-            let c = match column.last() {
-                Some(Err(why)) => Err(String::clone(why)),
-                _ => cheapest_alone(offers, i, f, f.rate * h, below)?,
-            };
-            if let Ok(c) = &c {
-                below = c.mix[0].1 - 1;
+    // Offers are independent: their columns run in parallel (rayon keeps their order).
+    let columns: Vec<Vec<Result<Choice, String>>> = (0..offers.len())
+        .into_par_iter()
+        .map(|i| {
+            let mut column: Vec<Result<Choice, String>> = Vec::new();
+            let mut below = 0;
+            for &h in &headrooms {
+                let c = match column.last() {
+                    Some(Err(why)) => Err(String::clone(why)),
+                    _ => cheapest_alone(offers, i, f, f.rate * h, below)?,
+                };
+                if let Ok(c) = &c {
+                    below = c.mix[0].1 - 1;
+                }
+                column.push(c);
             }
-            column.push(c);
-        }
-        columns.push(column);
-    }
+            Ok(column)
+        })
+        .collect::<Result<_, SimError>>()?;
     // The asked headroom is one of `headrooms` by construction.
     let asked = headrooms
         .iter()
@@ -242,7 +246,7 @@ pub fn plan(offers: &[Offer], f: &Forecast) -> Result<Plan, SimError> {
     // One backend's capacity: searched from the load each backend of the lowest headroom's
     // fleet carries, near the answer.
     let capacity = columns
-        .iter()
+        .par_iter()
         .enumerate()
         .map(|(i, column)| match &column[0] {
             Ok(c) => capacity(
@@ -736,16 +740,20 @@ fn sensitivity(
     let Some(base) = at_capacity(device)? else {
         return Ok(Vec::new());
     };
-    let mut out = Vec::new();
-    for (change, d) in variations(device, *precision) {
-        if let Some(usd) = at_capacity(&d)? {
-            out.push(Sensitivity {
-                change,
-                usd_per_1m_output_tokens: usd,
-                change_pct: (usd / base - 1.0) * 100.0,
-            });
-        }
-    }
+    // Each variation's search is independent: they run in parallel.
+    let found: Vec<Option<(String, f64)>> = variations(device, *precision)
+        .into_par_iter()
+        .map(|(change, d)| Ok(at_capacity(&d)?.map(|usd| (change, usd))))
+        .collect::<Result<_, SimError>>()?;
+    let mut out: Vec<Sensitivity> = found
+        .into_iter()
+        .flatten()
+        .map(|(change, usd)| Sensitivity {
+            change,
+            usd_per_1m_output_tokens: usd,
+            change_pct: (usd / base - 1.0) * 100.0,
+        })
+        .collect();
     out.sort_by(|a, b| a.change_pct.total_cmp(&b.change_pct));
     Ok(out)
 }

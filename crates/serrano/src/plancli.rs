@@ -365,6 +365,10 @@ fn assumptions(
         "cost per 1M output tokens is the fleet's hourly price over the peak rate's output \
          tokens for an hour: a lower traffic average (a diurnal trough) costs more per token"
             .into(),
+        "how far to trust the simulator: BENCHMARKS.md, \"The simulator's validation\" \
+         (scripts/sim-validate.sh: a calibrated engine against measured runs of held-out loads); \
+         the datasheet devices' efficiency factors are assumptions no run here has checked"
+            .into(),
     ];
     for d in devices {
         out.push(format!(
