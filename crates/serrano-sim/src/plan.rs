@@ -200,28 +200,7 @@ pub fn plan(offers: &[Offer], f: &Forecast) -> Result<Plan, SimError> {
     let mut headrooms: Vec<f64> = FRONTIER.iter().copied().chain([f.headroom]).collect();
     headrooms.sort_by(f64::total_cmp);
     headrooms.dedup();
-    // Each offer's column of the frontier, lowest headroom first: a higher rate never needs
-    // fewer backends, so each search starts above the last answer (the first search, at the
-    // lowest rate, pays for the overloaded small fleets once).
-    // Offers are independent: their columns run in parallel (rayon keeps their order).
-    let columns: Vec<Vec<Result<Choice, String>>> = (0..offers.len())
-        .into_par_iter()
-        .map(|i| {
-            let mut column: Vec<Result<Choice, String>> = Vec::new();
-            let mut below = 0;
-            for &h in &headrooms {
-                let c = match column.last() {
-                    Some(Err(why)) => Err(String::clone(why)),
-                    _ => cheapest_alone(offers, i, f, f.rate * h, below)?,
-                };
-                if let Ok(c) = &c {
-                    below = c.mix[0].1 - 1;
-                }
-                column.push(c);
-            }
-            Ok(column)
-        })
-        .collect::<Result<_, SimError>>()?;
+    let columns = columns(offers, f, &headrooms)?;
     // The asked headroom is one of `headrooms` by construction.
     let asked = headrooms
         .iter()
@@ -280,6 +259,35 @@ pub fn plan(offers: &[Offer], f: &Forecast) -> Result<Plan, SimError> {
         }
     }
     Ok(out)
+}
+
+/// Each offer's column of the frontier: its cheapest fleet alone at each headroom, lowest
+/// first. A higher rate never needs fewer backends, so each search starts above the last
+/// answer (the first search, at the lowest rate, pays for the overloaded small fleets once).
+/// Offers are independent: their columns run in parallel (rayon keeps their order).
+fn columns(
+    offers: &[Offer],
+    f: &Forecast,
+    headrooms: &[f64],
+) -> Result<Vec<Vec<Result<Choice, String>>>, SimError> {
+    (0..offers.len())
+        .into_par_iter()
+        .map(|i| {
+            let mut column: Vec<Result<Choice, String>> = Vec::new();
+            let mut below = 0;
+            for &h in headrooms {
+                let c = match column.last() {
+                    Some(Err(why)) => Err(String::clone(why)),
+                    _ => cheapest_alone(offers, i, f, f.rate * h, below)?,
+                };
+                if let Ok(c) = &c {
+                    below = c.mix[0].1 - 1;
+                }
+                column.push(c);
+            }
+            Ok(column)
+        })
+        .collect()
 }
 
 /// The day of `curve` on offer `i`: the fixed fleet of `peak_count` every hour, against the
@@ -785,6 +793,26 @@ mod tests {
         }
     }
 
+    /// A forecast of `w` simulating 10 s a point.
+    fn forecast<'a>(
+        w: &'a Workload,
+        slo: Option<&'a Slo>,
+        rate: f64,
+        headroom: f64,
+        max_count: usize,
+        diurnal: Option<&'a [f64]>,
+    ) -> Forecast<'a> {
+        Forecast {
+            workload: w,
+            slo,
+            rate,
+            headroom,
+            duration_s: 10.0,
+            max_count,
+            diurnal,
+        }
+    }
+
     pub(super) fn workload() -> Workload {
         Workload::parse(
             "requests = 60\nwarmup_requests = 0\nseed = 5\n\
@@ -854,15 +882,7 @@ mod tests {
         let offers = [offer(&catalog, "l4")];
         let w = workload();
         let slo = Slo::parse("ttft_p99=1s,tpot_p99=120ms").unwrap();
-        let f = Forecast {
-            workload: &w,
-            slo: Some(&slo),
-            rate: 6.0,
-            headroom: 1.5,
-            duration_s: 10.0,
-            max_count: 64,
-            diurnal: None,
-        };
+        let f = forecast(&w, Some(&slo), 6.0, 1.5, 64, None);
         let p = plan(&offers, &f).unwrap();
         let c = p.single[0].as_ref().unwrap();
         let n = c.mix[0].1;
@@ -907,15 +927,7 @@ mod tests {
         let o = offer(&catalog, "l4");
         let w = workload();
         let slo = Slo::parse("ttft_p99=1s,tpot_p99=120ms").unwrap();
-        let f = Forecast {
-            workload: &w,
-            slo: Some(&slo),
-            rate: 2.0,
-            headroom: 1.0,
-            duration_s: 10.0,
-            max_count: 8,
-            diurnal: None,
-        };
+        let f = forecast(&w, Some(&slo), 2.0, 1.0, 8, None);
         let c1 = capacity(&[(&o, 1)], &f, 2.0).unwrap().unwrap();
         let s = sensitivity(&o, &f, c1, 64.0).unwrap();
         let pct = |label: &str| {
@@ -935,15 +947,7 @@ mod tests {
     fn a_plan_without_an_slo_or_a_fitting_device_says_why() {
         let catalog = Catalog::builtin().unwrap();
         let w = workload();
-        let f = Forecast {
-            workload: &w,
-            slo: None,
-            rate: 1.0,
-            headroom: 1.5,
-            duration_s: 10.0,
-            max_count: 4,
-            diurnal: None,
-        };
+        let f = forecast(&w, None, 1.0, 1.5, 4, None);
         let e = plan(&[offer(&catalog, "l4")], &f).unwrap_err().to_string();
         assert!(e.contains("needs an SLO"), "{e}");
         let slo = Slo::parse("ttft_p99=1s").unwrap();
@@ -972,15 +976,7 @@ mod tests {
         let offers = [offer(&catalog, "l4"), offer(&catalog, "a100-sxm-80gb")];
         let w = workload();
         let slo = Slo::parse("ttft_p99=500ms").unwrap();
-        let f = Forecast {
-            workload: &w,
-            slo: Some(&slo),
-            rate: 12.0,
-            headroom: 1.0,
-            duration_s: 10.0,
-            max_count: 16,
-            diurnal: None,
-        };
+        let f = forecast(&w, Some(&slo), 12.0, 1.0, 16, None);
         let a = plan(&offers, &f).unwrap();
         let b = plan(&offers, &f).unwrap();
         assert_eq!(format!("{:?}", a.single), format!("{:?}", b.single));
@@ -998,15 +994,7 @@ mod tests {
         let w = workload();
         let slo = Slo::parse("ttft_p99=1s,tpot_p99=120ms").unwrap();
         let curve = [0.0, 0.3, 0.3, 0.6, 1.0, 1.0, 0.6];
-        let f = Forecast {
-            workload: &w,
-            slo: Some(&slo),
-            rate: 12.0,
-            headroom: 1.5,
-            duration_s: 10.0,
-            max_count: 16,
-            diurnal: Some(&curve),
-        };
+        let f = forecast(&w, Some(&slo), 12.0, 1.5, 16, Some(&curve));
         let p = plan(&offers, &f).unwrap();
         let d = p.day.unwrap();
         let peak = p.single[0].as_ref().unwrap().mix[0].1;
@@ -1045,15 +1033,7 @@ mod tests {
         let o = offer(&catalog, "l4");
         let w = workload();
         let slo = Slo::parse("ttft_p99=1s,tpot_p99=120ms").unwrap();
-        let f = Forecast {
-            workload: &w,
-            slo: Some(&slo),
-            rate: 1.0,
-            headroom: 1.0,
-            duration_s: 10.0,
-            max_count: 4,
-            diurnal: None,
-        };
+        let f = forecast(&w, Some(&slo), 1.0, 1.0, 4, None);
         assert_eq!(late_bound(&f), Some((99.0, 1.0)));
         let mut stopped = 0;
         for rate in [2.0, 5.0, 8.0, 10.0, 11.0, 12.0, 14.0, 20.0, 50.0] {

@@ -11,7 +11,7 @@ use serrano_sim::plan::{Choice, Forecast, Offer, Plan};
 use serrano_sim::sim::{Backend, Timing};
 use serrano_sim::{Catalog, Device, ModelShape, Precision};
 
-use crate::simcli::{load_catalog, model_shape, parse_precision};
+use crate::simcli::{load_catalog, model_shape, parse_precision, workload_and_slo};
 
 #[derive(Args)]
 pub struct PlanArgs {
@@ -83,16 +83,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
     };
     let devices = devices(&catalog, &a.devices)?;
     let offers: Vec<Offer> = devices.iter().map(|d| offer(d, &model, &a)).collect();
-    let text = std::fs::read_to_string(&a.workload)
-        .with_context(|| format!("cannot read {}", a.workload.display()))?;
-    let workload = serrano_bench::Workload::parse(&text, false)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", a.workload.display()))?;
-    let slo = a
-        .slo
-        .as_deref()
-        .map(serrano_bench::Slo::parse)
-        .transpose()
-        .map_err(|e| anyhow::anyhow!("--slo: {e}"))?;
+    let (workload, slo) = workload_and_slo(&a.workload, a.slo.as_deref())?;
     let curve = a.diurnal.as_deref().map(diurnal).transpose()?;
     let forecast = Forecast {
         workload: &workload,

@@ -408,17 +408,24 @@ type RunInputs = (
     Option<Vec<serrano_bench::workload::TraceEntry>>,
 );
 
-fn run_inputs(a: &RunArgs) -> Result<RunInputs> {
-    let text = std::fs::read_to_string(&a.workload)
-        .with_context(|| format!("cannot read {}", a.workload.display()))?;
+/// A workload file (TOML) and an `--slo`, as `sim run` and `plan` read them.
+pub(crate) fn workload_and_slo(
+    path: &Path,
+    slo: Option<&str>,
+) -> Result<(serrano_bench::Workload, Option<serrano_bench::Slo>)> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let workload = serrano_bench::Workload::parse(&text, false)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", a.workload.display()))?;
-    let slo = a
-        .slo
-        .as_deref()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let slo = slo
         .map(serrano_bench::Slo::parse)
         .transpose()
         .map_err(|e| anyhow::anyhow!("--slo: {e}"))?;
+    Ok((workload, slo))
+}
+
+fn run_inputs(a: &RunArgs) -> Result<RunInputs> {
+    let (workload, slo) = workload_and_slo(&a.workload, a.slo.as_deref())?;
     let trace = match &a.trace {
         Some(p) => Some(
             serrano_bench::workload::parse_trace(
