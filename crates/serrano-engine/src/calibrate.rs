@@ -1,8 +1,9 @@
 //! A short calibration at start-up: forward passes of chosen shapes (prompt chunks alone,
 //! decodes of growing batches, both together), timed, so the step-time model can size steps from
-//! the first request rather than after a few dozen real ones. Real steps refine it: the
-//! calibration's steps leave the model's window after [`WINDOW`](crate::steptime::WINDOW)
-//! real ones.
+//! the first request rather than after a few dozen real ones. Real steps refine it; the
+//! calibration's steps stay in the fit (`StepModel::observe_pinned`), and its last steps are
+//! prompt chunks deep into the context, so the attention term is measured where real traffic
+//! of short prompts cannot tell it from the prompt-token cost.
 //!
 //! The passes run on blocks of the real KV pool, taken before any request and given back after,
 //! and on throwaway tokens; nothing is registered in the prefix cache.
@@ -21,11 +22,12 @@ pub const CALIBRATION_TIME: Duration = Duration::from_secs(2);
 const MAX_DECODES: usize = 8;
 
 /// The calibration's steps in order, as (decoding sequences, prompt tokens): prompt chunks
-/// alone at growing positions, then decodes of 1 to 8 sequences (twice), then both together.
+/// alone at growing positions, then decodes of 1 to 8 sequences (twice), then both together,
+/// then 128-token chunks from position 480 to 1,248.
 /// Nine steps with prompt tokens (counting the one that starts the decoding sequences) and
 /// eight without: enough of each for the model to trust its prompt-token cost
 /// ([`MIN_PREFILL_STEPS`](crate::steptime::MIN_PREFILL_STEPS)).
-const STEPS: [(usize, usize); 16] = [
+const STEPS: [(usize, usize); 22] = [
     (0, 16),
     (0, 32),
     (0, 64),
@@ -42,6 +44,15 @@ const STEPS: [(usize, usize); 16] = [
     (8, 48),
     (8, 96),
     (1, 64),
+    // Deep into the context (sequence 0 is at 480 positions here): attention's share grows
+    // with each chunk while the chunk stays the same size. A short context or a small step
+    // budget ends the calibration before these (the model then learns attention from traffic).
+    (0, 128),
+    (0, 128),
+    (0, 128),
+    (0, 128),
+    (0, 128),
+    (0, 128),
 ];
 
 /// Where the calibration's sequences are.
@@ -166,17 +177,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tiny.gguf");
         TinyModel {
-            context_length: 512,
+            context_length: 2048,
             ..TinyModel::default()
         }
         .write(&path)
         .unwrap();
         let model = Model::load(&crate::gguf::GgufFile::open(&path).unwrap()).unwrap();
         let (layers, width) = (model.config.n_layers, model.config.kv_width());
-        let mut storage = KvStorage::new(layers, width, 64);
-        let alloc = SharedAllocator::new(64);
-        let steps = calibrate(&model, &mut storage, &alloc, (32, 256, 512));
+        let mut storage = KvStorage::new(layers, width, 128);
+        let alloc = SharedAllocator::new(128);
+        let steps = calibrate(&model, &mut storage, &alloc, (32, 256, 2048));
         assert_eq!(steps.len(), STEPS.len() + 1, "every step ran");
+        // The last chunks are deep into the context.
+        let last = &steps[steps.len() - 1].0;
+        assert_eq!((last[0].start, last[0].len), (480 + 5 * 128, 128));
         assert_eq!(alloc.lock().used(), 0, "the calibration's blocks went back");
         let mut m = StepModel::default();
         for (plan, secs) in &steps {

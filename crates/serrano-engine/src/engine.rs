@@ -886,7 +886,11 @@ impl Worker {
     /// logs it.
     fn learn(&mut self, shape: StepShape, seconds: f64, calibration: bool) {
         let predicted = self.steps.predict(shape);
-        self.steps.observe(shape, seconds);
+        if calibration {
+            self.steps.observe_pinned(shape, seconds);
+        } else {
+            self.steps.observe(shape, seconds);
+        }
         let m = &self.metrics;
         m.step_seconds.observe(seconds);
         if let Some(e) = self.steps.last_error {

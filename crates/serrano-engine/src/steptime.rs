@@ -8,9 +8,13 @@
 //! ```
 //!
 //! `kv_tokens` is the attention work: every token of the step times the positions it attends
-//! to. The fit is least squares over the last [`WINDOW`] steps, kept as running sums of the
-//! normal equations (a step adds its row, the oldest step's row is taken out), so a refit is a
-//! 4x4 solve. A small ridge term keeps a window of identical steps solvable (a server that only
+//! to. The fit is least squares over the last [`WINDOW`] steps and the start-up calibration's
+//! steps, kept as running sums of the normal equations (a step adds its row, the oldest step's
+//! row is taken out; calibration rows stay), so a refit is a 4x4 solve. The calibration rows
+//! stay because real traffic seldom tells attention from prompt tokens (they grow together in
+//! every prompt chunk): fitted on short prompts alone, the attention term came out 2-3x high
+//! and long prompts were priced at twice their time (BENCHMARKS.md, the simulator's
+//! validation); the calibration's long-context chunks pin it. A small ridge term keeps a window of identical steps solvable (a server that only
 //! ever decodes learns nothing about prefill, and says so: its prefill cost is 0 until it has
 //! seen one).
 //!
@@ -72,6 +76,9 @@ pub struct StepModel {
     trusted: Option<[f64; TERMS]>,
     /// Relative error of the last prediction made before its step was observed.
     pub last_error: Option<f64>,
+    /// Calibration rows in the sums, outside the window, and those with prompt tokens.
+    pinned: usize,
+    pinned_prefill: usize,
 }
 
 impl Default for StepModel {
@@ -84,11 +91,26 @@ impl Default for StepModel {
             prefill_steps: 0,
             trusted: None,
             last_error: None,
+            pinned: 0,
+            pinned_prefill: 0,
         }
     }
 }
 
 impl StepModel {
+    /// Learns from a calibration step that took `seconds`: its row stays in the fit for good
+    /// (real steps come and go with the window).
+    pub fn observe_pinned(&mut self, shape: StepShape, seconds: f64) {
+        if !seconds.is_finite() || seconds < 0.0 {
+            return;
+        }
+        let x = shape.features();
+        self.add(&x, seconds, 1.0);
+        self.pinned += 1;
+        self.pinned_prefill += usize::from(x[1] > 0.0);
+        self.refit();
+    }
+
     /// Learns from one step that took `seconds`.
     pub fn observe(&mut self, shape: StepShape, seconds: f64) {
         if !seconds.is_finite() || seconds < 0.0 {
@@ -107,10 +129,15 @@ impl StepModel {
                 self.prefill_steps -= usize::from(old[1] > 0.0);
             }
         }
-        if self.window.len() >= MIN_STEPS {
+        self.refit();
+    }
+
+    fn refit(&mut self) {
+        if self.window.len() + self.pinned >= MIN_STEPS {
             self.coef = self.solve();
-            let plain = self.window.len() - self.prefill_steps;
-            if self.prefill_steps.min(plain) >= MIN_PREFILL_STEPS {
+            let prefill = self.prefill_steps + self.pinned_prefill;
+            let plain = self.window.len() + self.pinned - prefill;
+            if prefill.min(plain) >= MIN_PREFILL_STEPS {
                 self.trusted = self.coef;
             }
         }
@@ -129,7 +156,7 @@ impl StepModel {
     fn solve(&self) -> Option<[f64; TERMS]> {
         let mut a = self.xtx;
         let mut b = self.xty;
-        let n = self.window.len() as f64;
+        let n = (self.window.len() + self.pinned) as f64;
         for (i, row) in a.iter_mut().enumerate().skip(1) {
             // The intercept is not shrunk; the other terms are, in proportion to the data.
             row[i] += RIDGE * n;
@@ -420,5 +447,50 @@ mod tests {
         }
         let p = m.predict(s(32)).unwrap();
         assert!((p - 2.0 * 0.042).abs() < 1e-3, "{p}");
+    }
+
+    /// Calibration rows outlive the window: after two windows of decode-only traffic (which
+    /// cannot tell what prompt tokens or attention cost), the model still prices a long prompt
+    /// chunk as the calibration measured it.
+    #[test]
+    fn pinned_rows_stay_after_the_window_turns_over() {
+        let mut m = StepModel::default();
+        for k in 0..8 {
+            let chunk = StepShape {
+                prefill_tokens: 128,
+                decode_seqs: 0,
+                kv_tokens: chunk_kv_tokens(128 * k, 128),
+            };
+            let decode = StepShape {
+                prefill_tokens: 0,
+                decode_seqs: 1 + k,
+                kv_tokens: (1 + k) * 100,
+            };
+            for s in [chunk, decode] {
+                m.observe_pinned(s, truth(s));
+            }
+        }
+        for i in 0..2 * WINDOW {
+            let s = StepShape {
+                prefill_tokens: 0,
+                decode_seqs: 1 + i % 8,
+                kv_tokens: (1 + i % 8) * 300,
+            };
+            m.observe(s, truth(s));
+        }
+        let deep = StepShape {
+            prefill_tokens: 128,
+            decode_seqs: 0,
+            kv_tokens: chunk_kv_tokens(2048, 128),
+        };
+        let p = m.predict(deep).unwrap();
+        assert!(
+            (p / truth(deep) - 1.0).abs() < 1e-3,
+            "{p} vs {}",
+            truth(deep)
+        );
+        assert!(m
+            .prefill_budget(StepShape::default(), 0, 0.05)
+            .is_some_and(|b| b > 0));
     }
 }
