@@ -73,8 +73,8 @@ enum Command {
     /// its SLO: each device type alone and mixed, cost against burst headroom, what
     /// over-provisioning costs, and which spec moves cost per token most; assumptions printed.
     /// E.g. `serrano plan --workload bench/workloads/bursty-chat.toml --model-shape
-    /// llama-3.1-8b --rate 20 --slo ttft_p99=1s --device h100-sxm --device
-    /// 'asic=h100-sxm,memory_gbs=x2'`.
+    /// llama-3.1-8b --rate 400 --slo ttft_p99=1s,tpot_p99=50ms --device h100-sxm --device
+    /// 'asic=h100-sxm,memory_gbs=x2'` (about 1.5 minutes).
     Plan(Box<plancli::PlanArgs>),
     /// Routing config: check a file; list, show and diff versions; apply or roll back at runtime.
     #[command(subcommand)]

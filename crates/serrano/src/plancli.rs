@@ -45,9 +45,10 @@ pub struct PlanArgs {
     /// Weights and arithmetic on every device: bf16 or int8.
     #[arg(long, default_value = "bf16", value_parser = parse_precision)]
     precision: Precision,
-    /// Each backend's scheduler: sequences and tokens per step.
+    /// Each backend's scheduler: most sequences in one step (vLLM's default).
     #[arg(long, default_value_t = DEFAULT_MAX_NUM_SEQS)]
     max_num_seqs: usize,
+    /// Each backend's scheduler: most tokens in one step (prompt chunks plus decodes).
     #[arg(long, default_value_t = DEFAULT_MAX_BATCH_TOKENS)]
     max_batch_tokens: usize,
     /// Seconds of traffic simulated at each point: the rate times this many requests (at
