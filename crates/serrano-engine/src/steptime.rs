@@ -203,11 +203,6 @@ impl StepModel {
         self.coef
     }
 
-    /// Steps the fit covers.
-    pub fn steps(&self) -> usize {
-        self.window.len()
-    }
-
     /// Predicted seconds for a step of `shape`.
     pub fn predict(&self, shape: StepShape) -> Option<f64> {
         let c = self.coef?;

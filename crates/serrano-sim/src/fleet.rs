@@ -17,6 +17,7 @@ use crate::catalog::Catalog;
 use crate::roofline::{ModelShape, Precision};
 use crate::sim::{
     run_nodes, run_requests, summarize, Backend, LateBound, Node, Request, SimError, Timing,
+    TtftTarget,
 };
 
 /// Most simulated backends in one fleet file (the routing config's own limit).
@@ -208,23 +209,22 @@ pub fn simulate_fleet(
 }
 
 /// A whole simulated run of a workload on the fleet, summarized as `serrano bench` summarizes
-/// a measured one, with the requests each backend took. `late` (a TTFT percentile and
-/// threshold in seconds) ends a run early with [`SimError::Late`] once more first tokens are
-/// late than that percentile allows.
+/// a measured one, with the requests each backend took. `late` (a TTFT target) ends a run
+/// early with [`SimError::Late`] once more first tokens are late than its percentile allows.
 pub fn run(
     f: &Fleet,
     w: &Workload,
     trace: Option<&[TraceEntry]>,
     slo: Option<&Slo>,
     name: &str,
-    late: Option<(f64, f64)>,
+    late: Option<TtftTarget>,
 ) -> Result<(RunResult, Vec<usize>), SimError> {
     let model = f
         .model()
         .ok_or_else(|| SimError::Workload("fleet file: the first backend serves no model".into()))?
         .to_string();
     let (reqs, warmup) = run_requests(w, trace)?;
-    let late = late.map(|(pct, s)| LateBound::for_percentile(s, pct, warmup, reqs.len()));
+    let late = late.map(|t| LateBound::for_target(t, warmup, reqs.len()));
     let run = simulate_fleet(f, &model, &reqs, late)?;
     let mut taken = vec![0usize; f.backends.len()];
     for k in run.backend_of.iter().skip(warmup).flatten() {

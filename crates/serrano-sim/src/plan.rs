@@ -25,7 +25,7 @@ use serrano_router::Config;
 use crate::catalog::Device;
 use crate::fleet::{self, Fleet, MAX_FLEET_BACKENDS};
 use crate::roofline::Precision;
-use crate::sim::{Backend, SimError, Timing};
+use crate::sim::{Backend, SimError, Timing, TtftTarget};
 
 /// Most requests one simulated point runs (a rate times the forecast's duration is capped
 /// here: about 3 s of this machine's time).
@@ -510,7 +510,7 @@ fn trial(mix: &[(&Offer, usize)], f: &Forecast, rate: f64) -> Result<Option<Summ
 
 /// The run SLO's tightest TTFT target as (percentile, seconds), when no tenant has an SLO of
 /// its own (a tenant's could be looser).
-fn late_bound(f: &Forecast) -> Option<(f64, f64)> {
+fn late_bound(f: &Forecast) -> Option<TtftTarget> {
     if f.workload.tenants.iter().any(|t| t.slo.is_some()) {
         return None;
     }
@@ -518,8 +518,11 @@ fn late_bound(f: &Forecast) -> Option<(f64, f64)> {
         .targets
         .iter()
         .filter(|(metric, _, _)| metric == "ttft")
-        .map(|(_, pct, ms)| (*pct, ms / 1e3))
-        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(_, pct, ms)| TtftTarget {
+            percentile: *pct,
+            seconds: ms / 1e3,
+        })
+        .min_by(|a, b| a.seconds.total_cmp(&b.seconds))
 }
 
 fn met(s: &Option<Summary>) -> bool {
@@ -1034,7 +1037,11 @@ mod tests {
         let w = workload();
         let slo = Slo::parse("ttft_p99=1s,tpot_p99=120ms").unwrap();
         let f = forecast(&w, Some(&slo), 1.0, 1.0, 4, None);
-        assert_eq!(late_bound(&f), Some((99.0, 1.0)));
+        let target = TtftTarget {
+            percentile: 99.0,
+            seconds: 1.0,
+        };
+        assert_eq!(late_bound(&f), Some(target));
         let mut stopped = 0;
         for rate in [2.0, 5.0, 8.0, 10.0, 11.0, 12.0, 14.0, 20.0, 50.0] {
             let fleet = fleet_of(&[(&o, 1)]).unwrap();

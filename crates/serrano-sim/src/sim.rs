@@ -64,15 +64,22 @@ pub struct LateBound {
     pub from: usize,
 }
 
+/// A TTFT target: this percentile of first-token times within this many seconds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TtftTarget {
+    pub percentile: f64,
+    pub seconds: f64,
+}
+
 impl LateBound {
-    /// The bound for a `pct` percentile TTFT threshold over requests `from..n`: past it, the
-    /// percentile (linear between ranks) is over the threshold whatever the rest do. Two
-    /// requests more than the share above the percentile, for the interpolation's margin.
-    pub fn for_percentile(ttft_s: f64, pct: f64, from: usize, n: usize) -> LateBound {
+    /// The bound for a TTFT target over requests `from..n`: past it, the percentile (linear
+    /// between ranks) is over the threshold whatever the rest do. Two requests more than the
+    /// share above the percentile, for the interpolation's margin.
+    pub fn for_target(t: TtftTarget, from: usize, n: usize) -> LateBound {
         let judged = n.saturating_sub(from) as f64;
         LateBound {
-            ttft_s,
-            allowed: (judged * (1.0 - pct / 100.0)).floor() as usize + 2,
+            ttft_s: t.seconds,
+            allowed: (judged * (1.0 - t.percentile / 100.0)).floor() as usize + 2,
             from,
         }
     }
