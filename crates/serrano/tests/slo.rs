@@ -201,23 +201,21 @@ fn step_lines(log: &std::path::Path) -> Vec<Value> {
         .collect()
 }
 
-/// Seconds since the Unix epoch, the step log's clock.
-fn unix_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64()
-}
-
 /// Once an interactive request has arrived, batch prompts advance in steps no longer than an
 /// interactive decode is allowed (a request arriving mid-step waits for its end): with a target
 /// no step can meet, the floor, 16 prompt tokens. Before one arrives, batch prompts take whole
-/// `--max-batch-tokens` chunks. The scheduler's arithmetic, from the step log.
+/// `--max-batch-tokens` chunks. The scheduler's arithmetic, from the step log: the steps are
+/// told apart by what they hold, not by wall-clock margins (a 16-token step of this model takes
+/// about a millisecond, so the batch prompt's tail may end within a few milliseconds of the
+/// interactive answer).
 #[test]
 fn batch_prompts_take_short_steps_once_an_interactive_request_arrives() {
+    const CHUNK: u64 = 128;
+    const INTERACTIVE: u64 = 40;
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("steps.jsonl");
     let log_arg = log.to_string_lossy().to_string();
+    let chunk_arg = CHUNK.to_string();
     let s = Server::random_with_config(
         common::slow_model(),
         &format!("{LOCAL}\n[tenant.evals]\nclass = \"batch\"\n"),
@@ -225,17 +223,20 @@ fn batch_prompts_take_short_steps_once_an_interactive_request_arrives() {
             "--step-log",
             &log_arg,
             "--no-prefix-caching",
+            "--max-batch-tokens",
+            &chunk_arg,
             "--itl-target-ms",
             "0.0001",
         ],
     );
     let [evals, web] = tenant_keys(&s, ["evals", "web"]);
     let post = |key: &str, body: Value| assert_eq!(complete(&s, key, None, body), 200);
-    let prompt = |n: u32, salt: u32| (0..n).map(|i| 5 + (i * 7 + salt) % 40).collect::<Vec<_>>();
+    let prompt = |n: u64, salt: u64| (0..n).map(|i| 5 + (i * 7 + salt) % 40).collect::<Vec<_>>();
     std::thread::scope(|scope| {
+        // 2,000 tokens: ~16 whole chunks, most of them still to come when the interactive
+        // request arrives two chunks in.
         let batch =
-            scope.spawn(|| post(&evals, json!({"prompt": prompt(1600, 1), "max_tokens": 1})));
-        // Batch prompt tokens are under way in whole chunks.
+            scope.spawn(|| post(&evals, json!({"prompt": prompt(2000, 1), "max_tokens": 1})));
         let real = || {
             step_lines(&log)
                 .iter()
@@ -246,22 +247,32 @@ fn batch_prompts_take_short_steps_once_an_interactive_request_arrives() {
             wait_until(Duration::from_secs(60), || real() >= 2),
             "the batch prompt did not start"
         );
-        post(&web, json!({"prompt": prompt(40, 2), "max_tokens": 1}));
-        let answered = unix_now();
+        post(
+            &web,
+            json!({"prompt": prompt(INTERACTIVE, 2), "max_tokens": 1}),
+        );
         batch.join().unwrap();
         let steps = step_lines(&log);
-        let real: Vec<&Value> = steps.iter().filter(|s| s["calibration"] == false).collect();
-        let prefill = |s: &&Value| s["prefill_tokens"].as_u64().unwrap();
-        assert!(prefill(&real[0]) > 200, "{:?}", real[0]);
-        // Steps logged from 0.1 s after the interactive answer (its own step may be logged
-        // just after the client has it) hold batch prompt tokens only, at most the floor each.
-        let after: Vec<u64> = real
+        let prefill: Vec<u64> = steps
             .iter()
-            .filter(|s| s["t"].as_f64().unwrap() > answered + 0.1)
-            .map(prefill)
+            .filter(|s| s["calibration"] == false)
+            .map(|s| s["prefill_tokens"].as_u64().unwrap())
             .collect();
-        assert!(!after.is_empty());
-        assert!(after.iter().all(|&p| p <= 16), "{after:?}");
+        // Whole chunks until the interactive prompt's step (the first that is not one), which
+        // holds that prompt and at most the floor of the batch prompt; the floor after it.
+        let switch = prefill
+            .iter()
+            .position(|&p| p != CHUNK)
+            .unwrap_or(prefill.len());
+        assert!(switch >= 2, "{prefill:?}");
+        assert!(
+            (INTERACTIVE..=INTERACTIVE + 16).contains(&prefill[switch]),
+            "{prefill:?}"
+        );
+        let after = &prefill[switch + 1..];
+        assert!(!after.is_empty(), "{prefill:?}");
+        assert!(after.iter().all(|&p| p <= 16), "{prefill:?}");
+        assert_eq!(prefill.iter().sum::<u64>(), 2000 + INTERACTIVE);
     });
 }
 
