@@ -24,6 +24,9 @@ pub struct Target {
     /// Base URL including `/v1`.
     pub base: String,
     pub key: Option<String>,
+    /// Another server's root to tokenize at (the same model), for a target without the
+    /// routes, such as a gateway in front of servers that have them.
+    tokenizer: Option<String>,
     client: reqwest::Client,
 }
 
@@ -41,13 +44,25 @@ impl Target {
         Ok(Target {
             base: base.trim_end_matches('/').to_string(),
             key,
+            tokenizer: None,
             client,
         })
     }
 
-    /// The server root (tokenize routes live beside `/v1`, not under it).
+    /// Tokenize at `url` (a base URL, with or without `/v1`) instead of the target.
+    pub fn tokenize_at(mut self, url: &str) -> Target {
+        let url = url.trim_end_matches('/');
+        self.tokenizer = Some(url.strip_suffix("/v1").unwrap_or(url).to_string());
+        self
+    }
+
+    /// The root of the server that tokenizes (tokenize routes live beside `/v1`, not under
+    /// it): the target's, unless [`Target::tokenize_at`] named another.
     fn root(&self) -> &str {
-        self.base.strip_suffix("/v1").unwrap_or(&self.base)
+        match &self.tokenizer {
+            Some(t) => t,
+            None => self.base.strip_suffix("/v1").unwrap_or(&self.base),
+        }
     }
 
     fn request(

@@ -190,12 +190,14 @@ fn cdf_chart(
     line_chart(title, "milliseconds", "fraction of samples", &series)
 }
 
-/// The whole report: summary table, latency CDFs, and for sweeps the load curves.
+/// The whole report: summary table, latency CDFs, for sweeps the load curves, then `extra`
+/// (HTML of the caller's own sections, e.g. a simulation's timeline).
 pub fn report(
     title: &str,
     runs: &[(&str, &RunResult)],
     sweeps: &[(&str, &Sweep)],
     price: Option<&Price>,
+    extra: &str,
 ) -> String {
     let mut body = String::new();
     let _ = write!(body, "<h1>{}</h1>", esc(title));
@@ -286,6 +288,7 @@ pub fn report(
         }
         body.push_str("</table>");
     }
+    body.push_str(extra);
     format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{}</title><style>body{{font-family:sans-serif;margin:24px;color:#222}}pre{{background:#f6f6f6;padding:12px;overflow-x:auto}}.charts{{display:flex;flex-wrap:wrap;gap:16px}}svg{{border:1px solid #ddd}}table{{border-collapse:collapse;margin-top:12px}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}</style></head><body>{body}<p><small>serrano bench: TTFT and E2E count from each request's intended send time (no coordinated omission); definitions in serrano's README.</small></p></body></html>",
         esc(title)

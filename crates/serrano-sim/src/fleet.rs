@@ -4,21 +4,23 @@
 //! steps with the engine's scheduler as [`crate::sim::simulate`] does. No second copy of the
 //! routing logic: the router is handed the virtual time as its `Instant`s.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serrano_bench::metrics::{RequestRecord, Slo};
-use serrano_bench::run::RunResult;
 use serrano_bench::workload::{TraceEntry, Workload};
 use serrano_engine::scheduler::SchedulerConfig;
 use serrano_router::{Attempt, Config, Outcome, Router};
 
 use crate::catalog::Catalog;
+use crate::profile::{Profile, MAX_PROFILE_BYTES};
 use crate::roofline::{ModelShape, Precision};
 use crate::sim::{
-    run_nodes, run_requests, summarize, Backend, LateBound, Node, Request, SimError, Timing,
-    TtftTarget,
+    run_nodes, run_requests, summarize, Backend, LateBound, Node, Request, SimError, SimRun,
+    Timing, TtftTarget,
 };
+use crate::timeline::Timeline;
 
 /// Most simulated backends in one fleet file (the routing config's own limit).
 pub const MAX_FLEET_BACKENDS: usize = serrano_router::config::MAX_BACKENDS;
@@ -41,18 +43,25 @@ pub struct Fleet {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SimSpec {
-    /// A catalog device.
-    device: String,
+    /// A catalog device (its roofline for the model).
+    #[serde(default)]
+    device: Option<String>,
+    /// Or a `serrano sim calibrate` profile file (a real server's step-time model), relative
+    /// to the fleet file.
+    #[serde(default)]
+    profile: Option<String>,
     /// Identical backends of this spec (named `NAME-1`..`NAME-N` when more than one).
     #[serde(default = "one")]
     count: usize,
+    /// A device's weights and arithmetic (bf16 when not given; a profile has its own).
     #[serde(default)]
     precision: Option<String>,
-    #[serde(default = "max_num_seqs")]
-    max_num_seqs: usize,
-    #[serde(default = "max_batch_tokens")]
-    max_batch_tokens: usize,
-    /// Overrides the device's price per hour.
+    /// Step limits: a device's default the datacenter's, a profile's the server's.
+    #[serde(default)]
+    max_num_seqs: Option<usize>,
+    #[serde(default)]
+    max_batch_tokens: Option<usize>,
+    /// Overrides the device's or profile's price per hour.
     #[serde(default)]
     price_per_hour: Option<f64>,
 }
@@ -60,19 +69,85 @@ struct SimSpec {
 fn one() -> usize {
     1
 }
-fn max_num_seqs() -> usize {
-    DEFAULT_MAX_NUM_SEQS
+
+impl SimSpec {
+    /// The simulated backend and its price: a catalog device's roofline, or a profile read
+    /// from `dir` (the fleet file's folder).
+    fn backend(
+        &self,
+        catalog: &Catalog,
+        model: &ModelShape,
+        dir: &Path,
+    ) -> Result<(Backend, f64), String> {
+        let limits = |seqs: usize, tokens: usize| SchedulerConfig {
+            max_num_seqs: self.max_num_seqs.unwrap_or(seqs).max(1),
+            max_batch_tokens: self.max_batch_tokens.unwrap_or(tokens).max(1),
+        };
+        let (backend, price) = match (&self.device, &self.profile) {
+            (Some(device), None) => {
+                let device = catalog.device(device).map_err(|e| e.to_string())?;
+                let precision = match self.precision.as_deref() {
+                    None => Precision::Bf16,
+                    Some(p) => Precision::parse(p)
+                        .ok_or_else(|| format!("precision '{p}': use bf16 or int8"))?,
+                };
+                let backend = Backend {
+                    timing: Timing::Roofline {
+                        device: device.clone(),
+                        model: model.clone(),
+                        precision,
+                    },
+                    scheduler: limits(DEFAULT_MAX_NUM_SEQS, DEFAULT_MAX_BATCH_TOKENS),
+                };
+                (backend, device.price_per_hour)
+            }
+            (None, Some(file)) => {
+                if self.precision.is_some() {
+                    return Err("a profile has its own precision".into());
+                }
+                let path = dir.join(file);
+                let text = read_bounded(&path, MAX_PROFILE_BYTES)
+                    .map_err(|e| format!("profile {}: {e}", path.display()))?;
+                let profile =
+                    Profile::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+                let scheduler = limits(profile.max_num_seqs, profile.max_batch_tokens);
+                (profile.backend(Some(scheduler)), profile.price_per_hour)
+            }
+            _ => return Err("give one of device or profile".into()),
+        };
+        let price = self.price_per_hour.unwrap_or(price);
+        if !(price.is_finite() && price >= 0.0) {
+            return Err(format!("price_per_hour {price}"));
+        }
+        Ok((backend, price))
+    }
 }
-fn max_batch_tokens() -> usize {
-    DEFAULT_MAX_BATCH_TOKENS
+
+/// A file's text, refused when over `max` bytes (read no further than that).
+fn read_bounded(path: &Path, max: usize) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(max as u64 + 1)
+        .read_to_string(&mut text)?;
+    if text.len() > max {
+        return Err(std::io::Error::other(format!("over {max} bytes")));
+    }
+    Ok(text)
 }
 
 impl Fleet {
     /// A fleet file: a routing config (`[routing]`, `[[backend]]`, `[tenant.*]`, as `serrano
-    /// gateway --config` reads it) whose every backend has a `sim` table (`device`, and
-    /// optionally `count`, `precision`, `max_num_seqs`, `max_batch_tokens`,
-    /// `price_per_hour`) instead of a `url`; each backend runs `model` on its device.
-    pub fn parse(text: &str, catalog: &Catalog, model: &ModelShape) -> Result<Fleet, SimError> {
+    /// gateway --config` reads it) whose every backend has a `sim` table (`device` or
+    /// `profile`, and optionally `count`, `precision`, `max_num_seqs`, `max_batch_tokens`,
+    /// `price_per_hour`) instead of a `url`; each device backend runs `model`, each profile
+    /// (a path relative to `dir`, the fleet file's folder) the model it was calibrated on.
+    pub fn parse(
+        text: &str,
+        catalog: &Catalog,
+        model: &ModelShape,
+        dir: &Path,
+    ) -> Result<Fleet, SimError> {
         let bad = |m: String| SimError::Workload(format!("fleet file: {m}"));
         let mut doc: toml::Table = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
         let declared = match doc.remove("backend") {
@@ -99,21 +174,9 @@ impl Fleet {
                     "backend '{name}': count must be 1 or more, at most {MAX_FLEET_BACKENDS} in all"
                 )));
             }
-            let device = catalog
-                .device(&spec.device)
+            let (backend, price) = spec
+                .backend(catalog, model, dir)
                 .map_err(|e| bad(format!("backend '{name}': {e}")))?;
-            let precision = match spec.precision.as_deref() {
-                None => Precision::Bf16,
-                Some(p) => Precision::parse(p).ok_or_else(|| {
-                    bad(format!(
-                        "backend '{name}': precision '{p}': use bf16 or int8"
-                    ))
-                })?,
-            };
-            let price = spec.price_per_hour.unwrap_or(device.price_per_hour);
-            if !(price.is_finite() && price >= 0.0) {
-                return Err(bad(format!("backend '{name}': price_per_hour {price}")));
-            }
             // The router needs an address for a remote backend; a simulated one has none.
             b.insert("url".into(), "http://sim.invalid/v1".into());
             for i in 1..=spec.count {
@@ -122,17 +185,7 @@ impl Fleet {
                     copy.insert("name".into(), format!("{name}-{i}").into());
                 }
                 expanded.push(toml::Value::Table(copy));
-                backends.push(Backend {
-                    timing: Timing::Roofline {
-                        device: device.clone(),
-                        model: model.clone(),
-                        precision,
-                    },
-                    scheduler: SchedulerConfig {
-                        max_num_seqs: spec.max_num_seqs.max(1),
-                        max_batch_tokens: spec.max_batch_tokens.max(1),
-                    },
-                });
+                backends.push(backend.clone());
                 prices.push(price);
             }
         }
@@ -169,6 +222,8 @@ pub struct FleetRun {
     pub records: Vec<RequestRecord>,
     /// The backend each request was sent to.
     pub backend_of: Vec<Option<usize>>,
+    /// What each backend was doing over the run.
+    pub timeline: Timeline,
 }
 
 /// Runs `reqs` (asking for `model`) through the fleet. Deterministic: ties between backends'
@@ -195,7 +250,7 @@ pub fn simulate_fleet(
         .collect::<Result<Vec<_>, _>>()?;
     let base = Instant::now();
     let at = |t: f64| base + Duration::from_secs_f64(t.max(0.0));
-    let (records, backend_of) = run_nodes(
+    let run = run_nodes(
         &mut nodes,
         reqs,
         late,
@@ -203,8 +258,9 @@ pub fn simulate_fleet(
         |attempt: Attempt, t, record| attempt.finish(at(t), outcome(record)),
     )?;
     Ok(FleetRun {
-        records,
-        backend_of,
+        records: run.records,
+        backend_of: run.node_of,
+        timeline: run.timeline,
     })
 }
 
@@ -218,7 +274,7 @@ pub fn run(
     slo: Option<&Slo>,
     name: &str,
     late: Option<TtftTarget>,
-) -> Result<(RunResult, Vec<usize>), SimError> {
+) -> Result<SimRun, SimError> {
     let model = f
         .model()
         .ok_or_else(|| SimError::Workload("fleet file: the first backend serves no model".into()))?
@@ -232,7 +288,11 @@ pub fn run(
     }
     let strategy = f.config.routing.strategy.as_str();
     let url = format!("sim://fleet/{strategy}/{}", f.backends.len());
-    Ok((summarize(w, run.records, warmup, slo, name, url)?, taken))
+    Ok(SimRun {
+        result: summarize(w, run.records, warmup, slo, name, url)?,
+        taken,
+        timeline: run.timeline,
+    })
 }
 
 /// The router's plan for one request, and the first candidate that takes it: one whose KV
@@ -306,7 +366,7 @@ mod tests {
         let reqs: Vec<Request> = (0..4).map(|_| req(0.0, 100, 10)).collect();
         let run = simulate_fleet(&fleet("least-loaded", &[64, 64]), "m", &reqs, None).unwrap();
         assert_eq!(counts(&run, 2), [2, 2]);
-        let alone = simulate(&backend(8), &reqs[..2]).unwrap();
+        let (alone, _) = simulate(&backend(8), &reqs[..2]).unwrap();
         for r in &run.records {
             assert!(r.error.is_none());
             assert_eq!(r.chunks, alone[0].chunks);
@@ -356,7 +416,7 @@ sim = { device = "l4", precision = "int8", max_num_seqs = 16 }
     #[test]
     fn a_fleet_file_expands_counts_into_routed_backends() {
         let catalog = Catalog::builtin().unwrap();
-        let f = Fleet::parse(FILE, &catalog, &toy_model()).unwrap();
+        let f = Fleet::parse(FILE, &catalog, &toy_model(), Path::new(".")).unwrap();
         let names: Vec<&str> = f.config.backends.iter().map(|b| b.name.as_str()).collect();
         assert_eq!(names, ["gpu-1", "gpu-2", "small"]);
         assert_eq!(f.config.routing.strategy.as_str(), "least-loaded");
@@ -390,8 +450,19 @@ sim = { device = "l4", precision = "int8", max_num_seqs = 16 }
             ),
             (FILE.replace("\"int8\"", "\"fp4\""), "fp4"),
             (FILE.replace("least-loaded", "fastest"), "fastest"),
+            (
+                FILE.replace("device = \"l4\"", "device = \"l4\", profile = \"p.toml\""),
+                "one of device or profile",
+            ),
+            (
+                FILE.replace(
+                    "device = \"l4\", precision = \"int8\",",
+                    "profile = \"absent.toml\",",
+                ),
+                "absent.toml",
+            ),
         ] {
-            let e = Fleet::parse(&broken, &catalog, &toy_model())
+            let e = Fleet::parse(&broken, &catalog, &toy_model(), Path::new("."))
                 .err()
                 .map(|e| e.to_string());
             assert!(
@@ -399,6 +470,49 @@ sim = { device = "l4", precision = "int8", max_num_seqs = 16 }
                 "{why}: {e:?}"
             );
         }
+    }
+
+    /// A backend may be a real server's calibrated profile (a path relative to the fleet
+    /// file): its step model, KV size, limits and price, unless the sim table overrides them.
+    #[test]
+    fn a_fleet_backend_may_be_a_calibrated_profile() {
+        let dir = tempfile::tempdir().unwrap();
+        let profile = crate::profile::Profile {
+            name: "node".into(),
+            intercept_s: 0.002,
+            prefill_token_s: 0.0006,
+            decode_seq_s: 0.001,
+            kv_kilotoken_s: 0.0006,
+            kv_tokens: 4096,
+            max_num_seqs: 32,
+            max_batch_tokens: 256,
+            price_per_hour: 0.05,
+        };
+        std::fs::write(dir.path().join("node.toml"), profile.to_file().unwrap()).unwrap();
+        let file = FILE.replace(
+            "device = \"l4\", precision = \"int8\", max_num_seqs = 16",
+            "profile = \"node.toml\", count = 2, max_num_seqs = 16",
+        );
+        let f = Fleet::parse(
+            &file,
+            &Catalog::builtin().unwrap(),
+            &toy_model(),
+            dir.path(),
+        )
+        .unwrap();
+        assert_eq!(f.backends.len(), 4);
+        for b in &f.backends[2..] {
+            assert!(matches!(
+                b.timing,
+                Timing::Calibrated {
+                    kv_tokens: 4096,
+                    ..
+                }
+            ));
+            assert_eq!(b.scheduler.max_num_seqs, 16);
+            assert_eq!(b.scheduler.max_batch_tokens, 256);
+        }
+        assert!((f.price_per_hour() - (7.0 + 0.1)).abs() < 1e-9);
     }
 
     /// An unknown model is the router's own error, and a fleet whose backends do not match

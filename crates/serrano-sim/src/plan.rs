@@ -502,7 +502,7 @@ fn least(
 fn trial(mix: &[(&Offer, usize)], f: &Forecast, rate: f64) -> Result<Option<Summary>, SimError> {
     let fleet = fleet_of(mix)?;
     match fleet::run(&fleet, &f.at(rate), None, f.slo, "plan", late_bound(f)) {
-        Ok((result, _)) => Ok(Some(result.summary)),
+        Ok(run) => Ok(Some(run.result.summary)),
         Err(SimError::Late(_)) => Ok(None),
         Err(e) => Err(e),
     }
@@ -1045,7 +1045,9 @@ mod tests {
         let mut stopped = 0;
         for rate in [2.0, 5.0, 8.0, 10.0, 11.0, 12.0, 14.0, 20.0, 50.0] {
             let fleet = fleet_of(&[(&o, 1)]).unwrap();
-            let (full, _) = fleet::run(&fleet, &f.at(rate), None, f.slo, "t", None).unwrap();
+            let full = fleet::run(&fleet, &f.at(rate), None, f.slo, "t", None)
+                .unwrap()
+                .result;
             let early = trial(&[(&o, 1)], &f, rate).unwrap();
             assert_eq!(met(&early), full.summary.slo_met == Some(true), "{rate}");
             stopped += usize::from(early.is_none());

@@ -30,6 +30,7 @@ use serrano_engine::SloClass;
 
 use crate::catalog::Device;
 use crate::roofline::{step_time, ModelShape, Precision};
+use crate::timeline::Timeline;
 
 /// Most KV blocks one simulated backend gets (16 million positions): the allocator keeps a
 /// record per block, and no single device here holds more.
@@ -342,6 +343,20 @@ impl<'a> Node<'a> {
         self.step.as_ref().map(|(end, _)| *end)
     }
 
+    /// KV cache blocks.
+    pub(crate) fn blocks(&self) -> usize {
+        self.blocks
+    }
+
+    /// The step in flight (started at `t`) into backend `k`'s series: its span, the KV blocks
+    /// its sequences hold and the requests still waiting for admission.
+    fn record(&self, k: usize, t: f64, timeline: &mut Timeline) {
+        if let Some((end, _)) = &self.step {
+            let used = self.s.allocator().lock().used();
+            timeline.step(k, t, *end, used, self.s.num_waiting());
+        }
+    }
+
     /// Nothing waiting, running or in flight.
     pub(crate) fn is_idle(&self) -> bool {
         self.pending.is_empty() && self.s.is_idle() && self.step.is_none()
@@ -424,18 +439,24 @@ fn new_records(reqs: &[Request]) -> Vec<RequestRecord> {
 }
 
 /// Runs `reqs` through the backend; one record per request, in request order, each with its
-/// tokens' times.
-pub fn simulate(b: &Backend, reqs: &[Request]) -> Result<Vec<RequestRecord>, SimError> {
+/// tokens' times, and the backend's timeline.
+pub fn simulate(b: &Backend, reqs: &[Request]) -> Result<(Vec<RequestRecord>, Timeline), SimError> {
     let mut nodes = [Node::new(b)?];
     if let Some(i) = reqs.iter().position(|r| !nodes[0].fits(r)) {
         return Err(SimError::TooLong(i));
     }
-    let (records, _) = run_nodes(&mut nodes, reqs, None, |_, _, _| Ok((0, ())), |_, _, _| {})?;
-    Ok(records)
+    let run = run_nodes(&mut nodes, reqs, None, |_, _, _| Ok((0, ())), |_, _, _| {})?;
+    Ok((run.records, run.timeline))
 }
 
-/// A run of several backends, request by request: its record, and the backend that took it.
-pub(crate) type NodesRun = (Vec<RequestRecord>, Vec<Option<usize>>);
+/// A run of several backends.
+pub(crate) struct NodesRun {
+    /// Request by request, its record and the backend that took it.
+    pub records: Vec<RequestRecord>,
+    pub node_of: Vec<Option<usize>>,
+    /// What each backend was doing over the run.
+    pub timeline: Timeline,
+}
 
 /// Steps `nodes` on one virtual clock over `reqs` (in arrival order). Each arrival goes to the
 /// backend `route` names (with a token that `done` gets back when the request finishes), or
@@ -454,6 +475,8 @@ pub(crate) fn run_nodes<A>(
     let mut generated = vec![0usize; reqs.len()];
     let mut tokens: Vec<Option<A>> = (0..reqs.len()).map(|_| None).collect();
     let mut node_of = vec![None; reqs.len()];
+    let span = reqs.last().map_or(0.0, |r| r.arrival);
+    let mut timeline = Timeline::new(nodes.iter().map(Node::blocks).collect(), span);
     let (mut next, mut steps) = (0usize, 0u64);
     let mut late = late.map(|bound| LateCount {
         bound,
@@ -488,6 +511,7 @@ pub(crate) fn run_nodes<A>(
             for k in reached {
                 if nodes[k].step_end().is_none() {
                     nodes[k].start(ta, reqs);
+                    nodes[k].record(k, ta, &mut timeline);
                 }
             }
         } else if let Some((e, k)) = first_end {
@@ -505,8 +529,13 @@ pub(crate) fn run_nodes<A>(
                 }
             }
             nodes[k].start(t, reqs);
+            nodes[k].record(k, t, &mut timeline);
         } else if nodes.iter().all(Node::is_idle) {
-            return Ok((records, node_of));
+            return Ok(NodesRun {
+                records,
+                node_of,
+                timeline,
+            });
         } else {
             // Requests wait, nothing can run, and none will arrive.
             let t = records.iter().map(|r| r.end).fold(0.0, f64::max);
@@ -524,17 +553,26 @@ pub fn run(
     trace: Option<&[TraceEntry]>,
     slo: Option<&Slo>,
     name: &str,
-) -> Result<RunResult, SimError> {
+) -> Result<SimRun, SimError> {
     let (reqs, warmup) = run_requests(w, trace)?;
-    let records = simulate(b, &reqs)?;
-    summarize(
-        w,
-        records,
-        warmup,
-        slo,
-        name,
-        format!("sim://{}", b.timing.name()),
-    )
+    let (records, timeline) = simulate(b, &reqs)?;
+    let taken = vec![records.len().saturating_sub(warmup)];
+    let url = format!("sim://{}", b.timing.name());
+    Ok(SimRun {
+        result: summarize(w, records, warmup, slo, name, url)?,
+        taken,
+        timeline,
+    })
+}
+
+/// A simulated run: summarized as `serrano bench` summarizes a measured one, with the requests
+/// each backend took (the warm-up left out) and what each backend was doing over the run (the
+/// warm-up in).
+#[derive(Debug)]
+pub struct SimRun {
+    pub result: RunResult,
+    pub taken: Vec<usize>,
+    pub timeline: Timeline,
 }
 
 /// The requests a run replays: a trace's (no warm-up), or the workload's own draw.
@@ -643,7 +681,7 @@ pub(crate) mod tests {
 
     #[test]
     fn one_request_takes_a_step_per_token() {
-        let r = simulate(&backend(4), &[req(0.5, 100, 10)]).unwrap();
+        let (r, _) = simulate(&backend(4), &[req(0.5, 100, 10)]).unwrap();
         // The prompt in one step (its first token), then nine decodes: 2 ms each (plus the KV
         // bytes, a byte a position here).
         assert_eq!(r[0].chunks.len(), 10);
@@ -656,14 +694,20 @@ pub(crate) mod tests {
     #[test]
     fn a_request_waits_for_a_slot_and_batches_share_a_step() {
         // One slot: the second request starts when the first ends.
-        let r = simulate(&backend(1), &[req(0.0, 16, 5), req(0.0, 16, 5)]).unwrap();
+        let (r, timeline) = simulate(&backend(1), &[req(0.0, 16, 5), req(0.0, 16, 5)]).unwrap();
         assert!(
             close(r[0].end, 0.010) && close(r[1].ttft().unwrap(), 0.012),
             "{r:?}"
         );
+        // Busy throughout (ten 2 ms steps in two 10 ms bins), the second request waiting
+        // through the first bin.
+        let a = timeline.averages(0);
+        assert!(a.utilization.iter().all(|&u| close(u, 1.0)), "{a:?}");
+        assert!(close(a.queue[0], 1.0) && close(a.queue[1], 0.0), "{a:?}");
         // Two slots: both in every step, done together.
-        let r = simulate(&backend(2), &[req(0.0, 16, 5), req(0.0, 16, 5)]).unwrap();
+        let (r, timeline) = simulate(&backend(2), &[req(0.0, 16, 5), req(0.0, 16, 5)]).unwrap();
         assert!(close(r[0].end, 0.010) && close(r[1].end, 0.010), "{r:?}");
+        assert!(close(timeline.overall(0).2, 0.0), "{timeline:?}");
     }
 
     #[test]
@@ -676,7 +720,7 @@ pub(crate) mod tests {
             },
             ..backend(4)
         };
-        let r = simulate(&b, &[req(0.0, 100, 3)]).unwrap();
+        let (r, _) = simulate(&b, &[req(0.0, 100, 3)]).unwrap();
         // Prefill: 1 + 100 x 0.1 = 11 ms; each decode 1 + 0.5 = 1.5 ms.
         assert!(close(r[0].ttft().unwrap(), 0.011), "{:?}", r[0]);
         assert!(close(r[0].e2e(), 0.014), "{:?}", r[0]);
@@ -694,20 +738,25 @@ pub(crate) mod tests {
         let b = backend(8);
         let a = run(&b, &w, None, None, "m").unwrap();
         let again = run(&b, &w, None, None, "m").unwrap();
-        assert_eq!(a.records, again.records);
+        assert_eq!(a.timeline, again.timeline);
+        let a = a.result;
+        assert_eq!(a.records, again.result.records);
         assert_eq!(a.summary.completed, 200);
         let other = Workload {
             seed: 4,
             ..w.clone()
         };
-        assert_ne!(run(&b, &other, None, None, "m").unwrap().records, a.records);
+        assert_ne!(
+            run(&b, &other, None, None, "m").unwrap().result.records,
+            a.records
+        );
         // A trace is replayed as written: its arrivals and lengths, in time order.
         let trace = serrano_bench::workload::parse_trace(
             "{\"time\": 0.5, \"prompt_tokens\": 20, \"output_tokens\": 3}\n\
              {\"time\": 0.1, \"prompt_tokens\": 40, \"output_tokens\": 5}\n",
         )
         .unwrap();
-        let r = run(&b, &w, Some(&trace), None, "m").unwrap();
+        let r = run(&b, &w, Some(&trace), None, "m").unwrap().result;
         let sent: Vec<f64> = r.records.iter().map(|r| r.sent).collect();
         assert_eq!(sent, [0.1, 0.5]);
         let lens: Vec<u64> = r.records.iter().map(|r| r.output_tokens).collect();

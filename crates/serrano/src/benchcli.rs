@@ -20,6 +20,12 @@ pub struct BenchArgs {
     /// Environment variable holding the endpoint's API key.
     #[arg(long, default_value = "SERRANO_API_KEY")]
     api_key_env: String,
+    /// A server with the same model to make exact-length prompts with (its /tokenize and
+    /// /detokenize), for an endpoint without those routes, e.g. `serrano gateway` in front of
+    /// serrano or vLLM nodes: give one node's URL. Without it (and without the routes) prompt
+    /// lengths are approximate, one word per token.
+    #[arg(long)]
+    tokenizer_url: Option<String>,
     /// A second endpoint, run with the same workload, interleaved; ratios are printed.
     #[arg(long)]
     vs: Option<String>,
@@ -206,6 +212,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         };
         targets.push(Target::new(vs, key)?);
     }
+    if let Some(url) = &a.tokenizer_url {
+        targets = targets.into_iter().map(|t| t.tokenize_at(url)).collect();
+    }
     let trace = match &a.trace {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -323,7 +332,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let title = format!("serrano bench: {}", w.name);
         std::fs::write(
             path,
-            serrano_bench::html::report(&title, &cols, &sw, price.as_ref()),
+            serrano_bench::html::report(&title, &cols, &sw, price.as_ref(), ""),
         )
         .with_context(|| format!("cannot write {}", path.display()))?;
     }

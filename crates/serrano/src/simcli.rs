@@ -8,7 +8,9 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 use serrano_engine::model::ModelConfig;
 use serrano_engine::steptime::StepShape;
+use serrano_sim::profile::Profile;
 use serrano_sim::roofline::step_time;
+use serrano_sim::timeline::{Averages, Timeline};
 use serrano_sim::{Catalog, Device, ModelShape, Precision};
 
 #[derive(Subcommand)]
@@ -53,21 +55,6 @@ pub struct CalibrateArgs {
     out: PathBuf,
 }
 
-/// A backend calibrated on a real serrano: its engine's step-time coefficients and sizes.
-#[derive(serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Profile {
-    name: String,
-    intercept_s: f64,
-    prefill_token_s: f64,
-    decode_seq_s: f64,
-    kv_kilotoken_s: f64,
-    kv_tokens: usize,
-    max_num_seqs: usize,
-    max_batch_tokens: usize,
-    price_per_hour: f64,
-}
-
 #[derive(Args)]
 pub struct RunArgs {
     /// The workload (`serrano bench --workload`'s TOML).
@@ -78,8 +65,9 @@ pub struct RunArgs {
     device: Option<String>,
     /// A fleet instead of one backend: a routing config (`serrano gateway --config`'s
     /// `[routing]`, `[[backend]]`, `[tenant.*]`) whose every backend has a `sim` table
-    /// (`device`; optional `count`, `precision`, `max_num_seqs`, `max_batch_tokens`,
-    /// `price_per_hour`) in place of a `url`. Requests go through the router's own strategy.
+    /// (`device`, or `profile` = a `sim calibrate` file relative to the fleet file; optional
+    /// `count`, `precision`, `max_num_seqs`, `max_batch_tokens`, `price_per_hour`) in place of
+    /// a `url`. Requests go through the router's own strategy.
     #[arg(long, conflicts_with = "profile")]
     fleet: Option<PathBuf>,
     /// A profile from `serrano sim calibrate` instead of a device (its step-time model, KV
@@ -109,9 +97,14 @@ pub struct RunArgs {
     /// A catalog file instead of the built-in catalog.
     #[arg(long)]
     catalog: Option<PathBuf>,
-    /// Write the result as JSON (`serrano bench --json`'s fields) to this file.
+    /// Write the result as JSON (`serrano bench --json`'s fields, plus `timeline`: each
+    /// backend's utilization, KV usage and queue length per bin of time) to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Write an HTML report (the bench report's summary and latency charts, and utilization,
+    /// KV usage and queue length over time) to this file.
+    #[arg(long)]
+    html: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -242,13 +235,8 @@ fn calibrate(a: CalibrateArgs) -> Result<()> {
         max_batch_tokens: a.max_batch_tokens,
         price_per_hour: a.price_per_hour,
     };
-    let text = format!(
-        "# `serrano sim calibrate` of {}: the engine's own step-time model (seconds: intercept, \
-         per prompt token, per decoding sequence, per thousand positions attended)\n{}",
-        a.url,
-        toml::to_string(&profile)?
-    );
-    std::fs::write(&a.out, text).with_context(|| format!("cannot write {}", a.out.display()))?;
+    std::fs::write(&a.out, profile.to_file()?)
+        .with_context(|| format!("cannot write {}", a.out.display()))?;
     eprintln!(
         "step = {:.3} ms + {:.4} ms/prompt token + {:.3} ms/decode + {:.4} ms/1k positions -> {}",
         c[0] * 1e3,
@@ -264,24 +252,8 @@ fn simulate(a: RunArgs) -> Result<()> {
     if let Some(p) = &a.profile {
         let text =
             std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
-        let profile: Profile =
-            toml::from_str(&text).with_context(|| format!("{} is not a profile", p.display()))?;
-        let steps = serrano_engine::steptime::StepModel::from_coefficients([
-            profile.intercept_s,
-            profile.prefill_token_s,
-            profile.decode_seq_s,
-            profile.kv_kilotoken_s,
-        ]);
-        let backend = serrano_sim::sim::Backend {
-            timing: serrano_sim::sim::Timing::Calibrated {
-                steps,
-                kv_tokens: profile.kv_tokens,
-            },
-            scheduler: serrano_engine::scheduler::SchedulerConfig {
-                max_num_seqs: profile.max_num_seqs.max(1),
-                max_batch_tokens: profile.max_batch_tokens.max(1),
-            },
-        };
+        let profile = Profile::parse(&text).with_context(|| p.display().to_string())?;
+        let backend = profile.backend(None);
         let assumptions = format!(
             "the step-time model of {} and ${}/h",
             profile.name, profile.price_per_hour
@@ -333,13 +305,14 @@ fn simulate_fleet(a: &RunArgs, path: &Path, catalog: &Catalog) -> Result<()> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let (model_path, shape) = model_shape(a.model.as_ref())?;
-    let fleet = serrano_sim::fleet::Fleet::parse(&text, catalog, &shape)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let fleet = serrano_sim::fleet::Fleet::parse(&text, catalog, &shape, dir)?;
     let (workload, slo, trace) = run_inputs(a)?;
     let name = model_path
         .file_name()
         .map_or_else(|| "model".to_string(), |f| f.to_string_lossy().into_owned());
     let started = std::time::Instant::now();
-    let (result, taken) = serrano_sim::fleet::run(
+    let run = serrano_sim::fleet::run(
         &fleet,
         &workload,
         trace.as_deref(),
@@ -351,50 +324,56 @@ fn simulate_fleet(a: &RunArgs, path: &Path, catalog: &Catalog) -> Result<()> {
         per_hour: Some(fleet.price_per_hour()),
         ..Default::default()
     };
-    let backends: Vec<serde_json::Value> = fleet
+    let names: Vec<String> = fleet
         .config
         .backends
         .iter()
+        .map(|b| b.name.clone())
+        .collect();
+    let backends: Vec<serde_json::Value> = names
+        .iter()
         .zip(&fleet.backends)
-        .zip(taken.iter().zip(&fleet.prices))
-        .map(|((b, sim), (n, price))| {
-            json!({ "name": b.name, "device": sim.timing.name(), "requests": n, "price_per_hour": price })
+        .zip(run.taken.iter().zip(&fleet.prices))
+        .map(|((name, sim), (n, price))| {
+            json!({ "name": name, "device": sim.timing.name(), "requests": n, "price_per_hour": price })
         })
         .collect();
-    if let Some(out) = &a.json {
-        let mut v = serrano_bench::report::to_json(&result, Some(&price));
-        v["fleet"] = json!({
-            "strategy": fleet.config.routing.strategy.as_str(),
-            "backends": backends,
-        });
-        std::fs::write(out, serde_json::to_string_pretty(&v)?)
-            .with_context(|| format!("cannot write {}", out.display()))?;
-    }
     let label = format!("fleet of {}", fleet.backends.len());
+    let about = json!({
+        "strategy": fleet.config.routing.strategy.as_str(),
+        "backends": backends,
+    });
+    write_outputs(a, &label, &run, &names, &price, Some(("fleet", about)))?;
     print!(
         "{}",
-        serrano_bench::report::table(&[(label.as_str(), &result)], Some(&price))
+        serrano_bench::report::table(&[(label.as_str(), &run.result)], Some(&price))
     );
     println!(
-        "Routed by {} ({}):",
+        "Routed by {} ({}); busy is the share of the run a step was in flight, the peaks the \
+         highest bin's ({:.3} s; --json and --html have every bin):",
         fleet.config.routing.strategy.as_str(),
-        path.display()
+        path.display(),
+        run.timeline.bin_s(),
     );
-    for b in &backends {
+    for (k, b) in backends.iter().enumerate() {
+        let (busy, kv, queue) = run.timeline.overall(k);
         println!(
-            "  {:<24} {:<16} {:>7} requests  ${:.2}/h",
+            "  {:<24} {:<16} {:>7} requests  ${:.2}/h  busy {:>5.1}%  KV peak {:>5.1}%  queue peak {queue:>6.1}",
             b["name"].as_str().unwrap_or(""),
             b["device"].as_str().unwrap_or(""),
             b["requests"].as_u64().unwrap_or(0),
-            b["price_per_hour"].as_f64().unwrap_or(0.0)
+            b["price_per_hour"].as_f64().unwrap_or(0.0),
+            busy * 100.0,
+            kv * 100.0,
         );
     }
     println!(
         "Simulated {} requests in {:.2} s of this machine's time. Assumptions: each device's \
-         roofline at the catalog's efficiencies, ${:.2}/h for the fleet; the engine's scheduler \
-         and pacing on every backend (every request interactive, default targets); the \
-         router's own plans and concurrency limits; open loop only.",
-        result.records.len(),
+         roofline at the catalog's efficiencies or each profile's calibrated step model, \
+         ${:.2}/h for the fleet; the engine's scheduler and pacing on every backend (every \
+         request interactive, default targets); the router's own plans and concurrency limits; \
+         open loop only.",
+        run.result.records.len(),
         started.elapsed().as_secs_f64(),
         fleet.price_per_hour(),
     );
@@ -449,28 +428,159 @@ fn report(
 ) -> Result<()> {
     let (workload, slo, trace) = run_inputs(a)?;
     let started = std::time::Instant::now();
-    let result = serrano_sim::sim::run(backend, &workload, trace.as_deref(), slo.as_ref(), name)?;
+    let run = serrano_sim::sim::run(backend, &workload, trace.as_deref(), slo.as_ref(), name)?;
     let price = serrano_bench::report::Price {
         per_hour: Some(price_per_hour),
         ..Default::default()
     };
-    if let Some(out) = &a.json {
-        let v = serrano_bench::report::to_json(&result, Some(&price));
-        std::fs::write(out, serde_json::to_string_pretty(&v)?)
-            .with_context(|| format!("cannot write {}", out.display()))?;
-    }
+    let label = backend.timing.name();
+    write_outputs(a, label, &run, &[label.to_string()], &price, None)?;
     print!(
         "{}",
-        serrano_bench::report::table(&[(backend.timing.name(), &result)], Some(&price))
+        serrano_bench::report::table(&[(label, &run.result)], Some(&price))
     );
+    print_timeline(&run.timeline, &[label.to_string()]);
     println!(
         "Simulated {} requests in {:.2} s of this machine's time. Assumptions: {assumptions}; \
          the engine's scheduler and pacing (every request interactive, default targets); open \
          loop only.",
-        result.records.len(),
+        run.result.records.len(),
         started.elapsed().as_secs_f64(),
     );
     Ok(())
+}
+
+/// `--json` (`serrano bench --json`'s fields, the timeline, and `extra`'s fields) and `--html`
+/// (the bench report's summary and charts, and the timeline's).
+fn write_outputs(
+    a: &RunArgs,
+    label: &str,
+    run: &serrano_sim::sim::SimRun,
+    names: &[String],
+    price: &serrano_bench::report::Price,
+    extra: Option<(&str, serde_json::Value)>,
+) -> Result<()> {
+    if let Some(out) = &a.json {
+        let mut v = serrano_bench::report::to_json(&run.result, Some(price));
+        v["timeline"] = timeline_json(&run.timeline, names);
+        if let Some((key, value)) = extra {
+            v[key] = value;
+        }
+        std::fs::write(out, serde_json::to_string_pretty(&v)?)
+            .with_context(|| format!("cannot write {}", out.display()))?;
+    }
+    if let Some(out) = &a.html {
+        let title = format!("serrano sim: {} on {label}", run.result.workload);
+        let html = serrano_bench::html::report(
+            &title,
+            &[(label, &run.result)],
+            &[],
+            Some(price),
+            &timeline_html(&run.timeline, names),
+        );
+        std::fs::write(out, html).with_context(|| format!("cannot write {}", out.display()))?;
+    }
+    Ok(())
+}
+
+/// The timeline as JSON: the bin width and each backend's averages per bin.
+fn timeline_json(t: &Timeline, names: &[String]) -> serde_json::Value {
+    let backends: Vec<serde_json::Value> = names
+        .iter()
+        .enumerate()
+        .map(|(k, name)| {
+            let a = t.averages(k);
+            json!({
+                "name": name,
+                "utilization": a.utilization,
+                "kv_usage": a.kv_usage,
+                "queue": a.queue,
+            })
+        })
+        .collect();
+    json!({ "bin_s": t.bin_s(), "backends": backends })
+}
+
+/// Most backends drawn one line each in the HTML charts; a bigger fleet is drawn as its mean
+/// (utilization, KV) and total (queue), so the charts stay readable.
+const MAX_CHART_SERIES: usize = 8;
+
+/// Utilization, KV usage and queue length over time as the bench report's line charts.
+fn timeline_html(t: &Timeline, names: &[String]) -> String {
+    let bin = t.bin_s();
+    let points = |v: &[f64], scale: f64| -> Vec<(f64, f64)> {
+        v.iter()
+            .enumerate()
+            .map(|(b, y)| ((b as f64 + 0.5) * bin, y * scale))
+            .collect()
+    };
+    let all: Vec<_> = (0..names.len()).map(|k| t.averages(k)).collect();
+    let series = |f: fn(&Averages) -> &Vec<f64>, scale: f64, total: bool| {
+        if all.len() <= MAX_CHART_SERIES {
+            return names
+                .iter()
+                .zip(&all)
+                .map(|(n, a)| (n.clone(), points(f(a), scale)))
+                .collect::<Vec<_>>();
+        }
+        let bins = all.iter().map(|a| f(a).len()).max().unwrap_or(0);
+        let combined: Vec<f64> = (0..bins)
+            .map(|b| {
+                let sum: f64 = all
+                    .iter()
+                    .map(|a| f(a).get(b).copied().unwrap_or(0.0))
+                    .sum();
+                if total {
+                    sum
+                } else {
+                    sum / all.len() as f64
+                }
+            })
+            .collect();
+        let label = if total { "fleet total" } else { "fleet mean" };
+        vec![(
+            format!("{label} of {}", all.len()),
+            points(&combined, scale),
+        )]
+    };
+    let chart = serrano_bench::html::line_chart;
+    format!(
+        "<h2>Over time (bins of {bin:.3} s)</h2><div class=\"charts\">{}{}{}</div>",
+        chart(
+            "Utilization",
+            "seconds",
+            "% of the time a step is in flight",
+            &series(|a| &a.utilization, 100.0, false),
+        ),
+        chart(
+            "KV cache in use",
+            "seconds",
+            "% of blocks",
+            &series(|a| &a.kv_usage, 100.0, false),
+        ),
+        chart(
+            "Queue",
+            "seconds",
+            "requests waiting for admission",
+            &series(|a| &a.queue, 1.0, true),
+        ),
+    )
+}
+
+/// A line per backend: busy share, and the highest bin's KV usage and queue.
+fn print_timeline(t: &Timeline, names: &[String]) {
+    println!(
+        "Over the run (bins of {:.3} s; --json and --html have every bin):",
+        t.bin_s()
+    );
+    for (k, name) in names.iter().enumerate() {
+        let (busy, kv, queue) = t.overall(k);
+        println!(
+            "  {name:<24} busy {:>5.1}%  KV peak {:>5.1}%  queue peak {queue:>6.1}",
+            busy * 100.0,
+            kv * 100.0
+        );
+    }
 }
 
 fn roofline(a: RooflineArgs) -> Result<()> {

@@ -231,7 +231,8 @@ fn sim_run_writes_the_load_generators_json() {
 
 /// `serrano sim run --fleet` sends the workload through the router's own strategy over a
 /// fleet file's backends: least-loaded spreads it over both copies of a device, the fleet's
-/// price is the sum of its backends', and the JSON says which backend took how many.
+/// price is the sum of its backends', and the JSON says which backend took how many and what
+/// each was doing over time (as does the HTML report).
 #[test]
 fn sim_run_routes_a_workload_over_a_fleet() {
     let dir = tempfile::tempdir().unwrap();
@@ -257,6 +258,7 @@ fn sim_run_routes_a_workload_over_a_fleet() {
     )
     .unwrap();
     let out = dir.path().join("fleet.json");
+    let html = dir.path().join("fleet.html");
     let o = serrano(
         &[
             "sim",
@@ -269,12 +271,25 @@ fn sim_run_routes_a_workload_over_a_fleet() {
             model.to_str().unwrap(),
             "--json",
             out.to_str().unwrap(),
+            "--html",
+            html.to_str().unwrap(),
         ],
         None,
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("Routed by least-loaded"), "{text}");
+    assert!(text.contains("KV peak"), "{text}");
+    let page = std::fs::read_to_string(&html).unwrap();
+    for needed in [
+        "TTFT CDF",
+        "Utilization",
+        "KV cache in use",
+        "Queue",
+        "l4-2",
+    ] {
+        assert!(page.contains(needed), "{needed}");
+    }
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     assert_eq!(v["completed"], 40, "{v}");
@@ -291,6 +306,28 @@ fn sim_run_routes_a_workload_over_a_fleet() {
         "least-loaded spread them: {taken:?}"
     );
     assert_eq!(v["fleet"]["backends"][1]["name"], "l4-2");
+    // Both backends worked, within their capacity, and their KV caches held the sequences.
+    let timeline = v["timeline"]["backends"].as_array().unwrap();
+    assert_eq!(timeline.len(), 2, "{v}");
+    for b in timeline {
+        let series = |k: &str| -> Vec<f64> {
+            b[k].as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        };
+        let (busy, kv) = (series("utilization"), series("kv_usage"));
+        assert!(
+            !busy.is_empty() && busy.iter().all(|u| (0.0..=1.0 + 1e-9).contains(u)),
+            "{b}"
+        );
+        assert!(
+            busy.iter().any(|&u| u > 0.0) && kv.iter().any(|&u| u > 0.0),
+            "{b}"
+        );
+        assert_eq!(series("queue").len(), busy.len());
+    }
     // Two backends at $0.50/h: $1/h over the run's duration, per million output tokens.
     let usd = v["duration"].as_f64().unwrap() / 3600.0 / 320.0 * 1e6;
     let got = v["cost"]["usd_per_1m_output_tokens"].as_f64().unwrap();
@@ -450,6 +487,33 @@ fn sim_calibrate_reads_the_servers_step_model_and_run_replays_it() {
         serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     assert_eq!(v["completed"], 20, "{v}");
     assert!(v["p50_ttft_ms"].as_f64().unwrap() > 0.0, "{v}");
+    // The profile behind the router: a fleet of two copies of the server, the file named
+    // relative to the fleet file.
+    let fleet = dir.path().join("fleet.toml");
+    std::fs::write(
+        &fleet,
+        "[routing]\nstrategy = \"least-loaded\"\n\n[[backend]]\nname = \"node\"\n\
+         region = \"eu\"\ntier = \"cpu\"\nmodels = [\"m\"]\nsim = { profile = \"p.toml\", count = 2 }\n",
+    )
+    .unwrap();
+    let o = serrano(
+        &[
+            "sim",
+            "run",
+            "--workload",
+            workload.to_str().unwrap(),
+            "--fleet",
+            fleet.to_str().unwrap(),
+            "--json",
+            out.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(v["completed"], 20, "{v}");
+    assert_eq!(v["fleet"]["backends"][1]["device"], "calibrated", "{v}");
     // Without a key the server refuses, and so does calibrate, saying why.
     let o = Command::new(env!("CARGO_BIN_EXE_serrano"))
         .args(["sim", "calibrate", "--url", &s.base, "--out"])
