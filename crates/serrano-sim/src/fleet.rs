@@ -11,6 +11,8 @@ use serde::Deserialize;
 use serrano_bench::metrics::{RequestRecord, Slo};
 use serrano_bench::workload::{TraceEntry, Workload};
 use serrano_engine::scheduler::SchedulerConfig;
+use serrano_engine::SloClass;
+use serrano_router::config::Class;
 use serrano_router::{Attempt, Config, Outcome, Router};
 
 use crate::catalog::Catalog;
@@ -279,7 +281,8 @@ pub fn run(
         .model()
         .ok_or_else(|| SimError::Workload("fleet file: the first backend serves no model".into()))?
         .to_string();
-    let (reqs, warmup) = run_requests(w, trace)?;
+    let (mut reqs, warmup) = run_requests(w, trace)?;
+    classify(&mut reqs, &f.config);
     let late = late.map(|t| LateBound::for_target(t, warmup, reqs.len()));
     let run = simulate_fleet(f, &model, &reqs, late)?;
     let mut taken = vec![0usize; f.backends.len()];
@@ -293,6 +296,23 @@ pub fn run(
         taken,
         timeline: run.timeline,
     })
+}
+
+/// Each request's latency class in the engines' schedulers: its tenant's in the fleet file
+/// (`[tenant.NAME] class = "batch"`), as a serrano server takes it from its routing config;
+/// interactive otherwise.
+pub fn classify(reqs: &mut [Request], config: &Config) {
+    for r in reqs {
+        let class = r
+            .tenant
+            .as_deref()
+            .and_then(|t| config.tenants.get(t))
+            .and_then(|t| t.class);
+        r.class = match class {
+            Some(Class::Batch) => SloClass::Batch,
+            Some(Class::Interactive) | None => SloClass::Interactive,
+        };
+    }
 }
 
 /// The router's plan for one request, and the first candidate that takes it: one whose KV
@@ -513,6 +533,48 @@ sim = { device = "l4", precision = "int8", max_num_seqs = 16 }
             assert_eq!(b.scheduler.max_batch_tokens, 256);
         }
         assert!((f.price_per_hour() - (7.0 + 0.1)).abs() < 1e-9);
+    }
+
+    /// A fleet file's batch tenant is scheduled as a serrano server schedules one: with every
+    /// slot taken, half of them by the interactive tenant itself (so fairness takes no slot
+    /// for it), a new interactive request takes a batch sequence's slot instead of waiting
+    /// for one to finish.
+    #[test]
+    fn a_batch_tenant_of_the_fleet_file_yields_to_interactive_requests() {
+        let of = |tenant: &str, r: Request| Request {
+            tenant: Some(tenant.into()),
+            ..r
+        };
+        let mut reqs = vec![
+            of("web", req(0.0, 16, 100)),
+            of("web", req(0.0, 16, 100)),
+            of("evals", req(0.0, 256, 100)),
+            of("evals", req(0.0, 256, 100)),
+        ];
+        reqs.extend((0..4).map(|_| of("evals", req(0.01, 256, 100))));
+        reqs.push(of("web", req(0.02, 16, 5)));
+        let mut f = fleet("least-loaded", &[64]);
+        f.backends[0].scheduler.max_num_seqs = 4;
+        let web_ttft = |f: &Fleet, reqs: &mut Vec<Request>| {
+            classify(reqs, &f.config);
+            let run = simulate_fleet(f, "m", reqs, None).unwrap();
+            assert!(run.records.iter().all(|r| r.error.is_none()));
+            run.records[8].ttft().unwrap()
+        };
+        let fifo = web_ttft(&f, &mut reqs);
+        assert!(reqs.iter().all(|r| r.class == SloClass::Interactive));
+        let batch = serrano_router::config::Tenant {
+            class: Some(Class::Batch),
+            ..Default::default()
+        };
+        f.config.tenants.insert("evals".into(), batch);
+        let yielded = web_ttft(&f, &mut reqs);
+        assert_eq!(reqs[2].class, SloClass::Batch);
+        assert_eq!(reqs[8].class, SloClass::Interactive);
+        // Waiting for a slot: until the first 100-token sequence ends (2 ms steps), ~0.18 s;
+        // taking a batch sequence's, the next step.
+        assert!(fifo > 0.15, "{fifo}");
+        assert!(yielded < 0.01, "{yielded} vs {fifo}");
     }
 
     /// An unknown model is the router's own error, and a fleet whose backends do not match

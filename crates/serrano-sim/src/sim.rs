@@ -6,13 +6,13 @@
 //! records, so the summary has `serrano bench --json`'s fields. Deterministic for a seed.
 //!
 //! Requests are planned with the engine's own pacing (`serrano-engine::pacing`: urgency at
-//! admission, the step caps that keep a decode's step within its inter-token target), every
-//! request interactive with the engine's default targets, as a default server treats them; the
+//! admission, the step caps that keep a decode's step within its inter-token target), each
+//! request in its class (interactive unless a fleet file makes its tenant batch) with the
+//! engine's default targets, as a server treats them; the
 //! caps price steps with a step-time model: the calibrated engine's own, or one the engine's
 //! learner fits to the roofline's times.
 //!
-//! Not modelled yet (stated with every result): batch tenants, closed-loop and multi-turn
-//! workloads. Several backends behind the router: [`crate::fleet`].
+//! Not modelled yet (stated with every result): closed-loop and multi-turn workloads. Several backends behind the router: [`crate::fleet`].
 
 use std::sync::Arc;
 
@@ -213,6 +213,8 @@ pub struct Request {
     pub output_tokens: usize,
     /// Leading prompt tokens every request shares (prefix caching sees them).
     pub shared_prefix: usize,
+    /// Its latency class in the engine's scheduler (a fleet file's `[tenant.NAME] class`).
+    pub class: SloClass,
 }
 
 /// The requests of an open-loop workload (warm-up first): arrivals, lengths and tenants drawn
@@ -256,6 +258,7 @@ pub fn requests(w: &Workload) -> Result<Vec<Request>, SimError> {
             prompt_tokens: prompt as usize,
             output_tokens: output as usize,
             shared_prefix: (w.shared_prefix_tokens as usize).min(prompt as usize),
+            class: SloClass::Interactive,
         });
     }
     Ok(out)
@@ -274,6 +277,7 @@ pub fn requests_from_trace(entries: &[TraceEntry], shared_prefix: usize) -> Vec<
                 prompt_tokens: prompt,
                 output_tokens: (e.output_tokens as usize).max(1),
                 shared_prefix: shared_prefix.min(prompt),
+                class: SloClass::Interactive,
             }
         })
         .collect();
@@ -366,14 +370,14 @@ impl<'a> Node<'a> {
     /// if anything can run (otherwise the engine waits for an arrival).
     pub(crate) fn start(&mut self, t: f64, reqs: &[Request]) {
         assert!(self.step.is_none(), "a backend runs one step at a time");
-        let asks = Asks {
-            class: SloClass::Interactive,
-            priority: 0,
-            ttft_target: None,
-            itl_target: None,
-        };
         for i in self.pending.drain(..) {
             let r = &reqs[i];
+            let asks = Asks {
+                class: r.class,
+                priority: 0,
+                ttft_target: None,
+                itl_target: None,
+            };
             let tenant: Arc<str> = Arc::from(r.tenant.as_deref().unwrap_or(""));
             let urgency = self.pacing.urgency(&asks, clock(r.arrival), clock(t));
             let max_len = r.prompt_tokens + r.output_tokens;
@@ -672,6 +676,7 @@ pub(crate) mod tests {
             prompt_tokens: prompt,
             output_tokens: output,
             shared_prefix: 0,
+            class: SloClass::Interactive,
         }
     }
 

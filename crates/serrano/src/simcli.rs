@@ -370,9 +370,9 @@ fn simulate_fleet(a: &RunArgs, path: &Path, catalog: &Catalog) -> Result<()> {
     println!(
         "Simulated {} requests in {:.2} s of this machine's time. Assumptions: each device's \
          roofline at the catalog's efficiencies or each profile's calibrated step model, \
-         ${:.2}/h for the fleet; the engine's scheduler and pacing on every backend (every \
-         request interactive, default targets); the router's own plans and concurrency limits; \
-         open loop only.",
+         ${:.2}/h for the fleet; the engine's scheduler and pacing on every backend (each \
+         request in its tenant's class, interactive unless the fleet file says batch; default \
+         targets); the router's own plans and concurrency limits; open loop only.",
         run.result.records.len(),
         started.elapsed().as_secs_f64(),
         fleet.price_per_hour(),
