@@ -106,7 +106,9 @@ impl Stats {
         if v.is_empty() {
             return Stats::default();
         }
-        v.sort_by(f64::total_cmp);
+        // Unstable: a total order leaves equal keys bitwise equal, so the result is the same
+        // and pdqsort is about twice as fast on the tens of millions of gaps of a long run.
+        v.sort_unstable_by(f64::total_cmp);
         let n = v.len() as f64;
         let mean = v.iter().sum::<f64>() / n;
         let std = (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt();

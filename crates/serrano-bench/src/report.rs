@@ -74,8 +74,13 @@ pub fn summary_json(r: &RunResult, price: Option<&Price>) -> Value {
     v
 }
 
+/// Most successful requests whose per-request arrays (`input_lens`, `output_lens`, `ttfts`,
+/// `itls`) a JSON result holds, and most `errors` listed: an hour of simulated traffic at 100 req/s would write every
+/// token's gap, over a gigabyte. Past it they are left out and `per_request_omitted` says so.
+pub const MAX_DETAILED_REQUESTS: usize = 20_000;
+
 /// One run as JSON: vLLM's names, plus serrano's extras (errors, confidence intervals, client
-/// lag, goodput, cost, energy).
+/// lag, goodput, cost, energy); per-request arrays up to [`MAX_DETAILED_REQUESTS`].
 pub fn to_json(r: &RunResult, price: Option<&Price>) -> Value {
     let s = &r.summary;
     let mut o = Map::new();
@@ -122,26 +127,38 @@ pub fn to_json(r: &RunResult, price: Option<&Price>) -> Value {
     put(&mut o, "energy", json!(r.energy));
     put(&mut o, "gpu_energy", json!(r.gpu_energy));
     let ok = r.records.iter().filter(|x| x.ok());
-    put(
-        &mut o,
-        "input_lens",
-        json!(ok.clone().map(|x| x.prompt_tokens).collect::<Vec<_>>()),
-    );
-    put(
-        &mut o,
-        "output_lens",
-        json!(ok.clone().map(|x| x.output_tokens).collect::<Vec<_>>()),
-    );
-    put(
-        &mut o,
-        "ttfts",
-        json!(ok.clone().map(|x| x.ttft()).collect::<Vec<_>>()),
-    );
-    put(
-        &mut o,
-        "itls",
-        json!(ok.map(|x| x.itls().collect::<Vec<_>>()).collect::<Vec<_>>()),
-    );
+    let n = ok.clone().count();
+    if n <= MAX_DETAILED_REQUESTS {
+        put(
+            &mut o,
+            "input_lens",
+            json!(ok.clone().map(|x| x.prompt_tokens).collect::<Vec<_>>()),
+        );
+        put(
+            &mut o,
+            "output_lens",
+            json!(ok.clone().map(|x| x.output_tokens).collect::<Vec<_>>()),
+        );
+        put(
+            &mut o,
+            "ttfts",
+            json!(ok.clone().map(|x| x.ttft()).collect::<Vec<_>>()),
+        );
+        put(
+            &mut o,
+            "itls",
+            json!(ok.map(|x| x.itls().collect::<Vec<_>>()).collect::<Vec<_>>()),
+        );
+    } else {
+        put(
+            &mut o,
+            "per_request_omitted",
+            json!(format!(
+                "{n} requests: over {MAX_DETAILED_REQUESTS}, so no input_lens, output_lens, \
+                 ttfts or itls arrays (the summary above covers every request)"
+            )),
+        );
+    }
     put(
         &mut o,
         "errors",
@@ -149,6 +166,7 @@ pub fn to_json(r: &RunResult, price: Option<&Price>) -> Value {
             .records
             .iter()
             .filter_map(|x| x.error.clone())
+            .take(MAX_DETAILED_REQUESTS)
             .collect::<Vec<_>>()),
     );
     Value::Object(o)
@@ -399,6 +417,7 @@ pub fn ratios(a: &RunResult, b: &RunResult) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::RequestRecord;
 
     #[test]
     fn cost_per_million_from_an_hourly_price_and_from_token_prices() {
@@ -428,5 +447,46 @@ mod tests {
         .unwrap();
         assert!((c.usd_per_1m_output_tokens - 4.0).abs() < 1e-9);
         assert_eq!(Price::default().cost(&s), None);
+    }
+
+    /// A run's JSON lists each request's lengths and latencies up to the limit; past it the
+    /// arrays are left out, saying so, and the summary still counts every request.
+    #[test]
+    fn per_request_arrays_stop_at_the_limit() {
+        let record = RequestRecord {
+            intended: 0.0,
+            sent: 0.0,
+            end: 0.5,
+            chunks: vec![0.1, 0.2, 0.3],
+            prompt_tokens: 8,
+            output_tokens: 3,
+            ..Default::default()
+        };
+        let run = |n: usize| RunResult {
+            url: "http://x/v1".into(),
+            model: "m".into(),
+            workload: "w".into(),
+            request_rate: 1.0,
+            max_concurrency: None,
+            burstiness: None,
+            exact_prompt_lengths: true,
+            summary: Summary::default(),
+            tenants: Vec::new(),
+            energy: None,
+            gpu_energy: None,
+            records: vec![record.clone(); n],
+        };
+        let small = to_json(&run(3), None);
+        assert_eq!(small["itls"].as_array().map(Vec::len), Some(3));
+        assert_eq!(small["input_lens"][2], 8);
+        assert!(small.get("per_request_omitted").is_none());
+        let big = to_json(&run(MAX_DETAILED_REQUESTS + 1), None);
+        for k in ["input_lens", "output_lens", "ttfts", "itls"] {
+            assert!(big.get(k).is_none(), "{k}");
+        }
+        assert!(big["per_request_omitted"]
+            .as_str()
+            .unwrap()
+            .contains("20001"));
     }
 }

@@ -90,8 +90,13 @@ impl Pacing {
     /// The next step's prompt-token caps at `now`, from the step-time model: beside decodes
     /// owed an inter-token target, prompt tokens fit in [`STEP_SHARE`] of the tightest one;
     /// batch prompt tokens likewise, by the tightest target of the interactive requests seen
-    /// within [`INTERACTIVE_WATCH`]. `None` where nothing asks for a cap.
+    /// within [`INTERACTIVE_WATCH`]. `None` where nothing asks for a cap, and both `None` when
+    /// no prompt tokens could run (the caps bound nothing then, and pricing them is most of a
+    /// decode-only step's planning in the simulator).
     pub fn caps<P>(&self, sched: &Scheduler<P>, steps: &StepModel, now: Duration) -> StepCaps {
+        if !sched.has_prompt_work() {
+            return StepCaps::default();
+        }
         let (decode, start, owed) = sched.decode_shape();
         let cap = |target: Duration| {
             steps.prefill_budget(decode, start, target.as_secs_f64() * STEP_SHARE)
@@ -132,7 +137,7 @@ mod tests {
             batch.deadline,
             (ms(5) + BATCH_TTFT_HORIZON).as_micros() as u64
         );
-        let sched: Scheduler<()> = Scheduler::new(
+        let mut sched: Scheduler<()> = Scheduler::new(
             SchedulerConfig {
                 max_num_seqs: 4,
                 max_batch_tokens: 64,
@@ -141,6 +146,12 @@ mod tests {
         );
         // 1 ms a step and 1 ms a prompt token: 75 ms of a 100 ms target holds 74 tokens.
         let steps = StepModel::from_coefficients([1e-3, 1e-3, 1e-3, 0.0]);
+        // Caps bound prompt tokens: with none to run there is nothing to price.
+        let _ = p.urgency(&asks(SloClass::Interactive), ms(1), ms(1));
+        assert_eq!(p.caps(&sched, &steps, ms(2)), StepCaps::default());
+        let mut p = Pacing::new(Some(ms(100)));
+        let _ = p.urgency(&asks(SloClass::Batch), ms(5), ms(5));
+        sched.add(1, "t".into(), batch, vec![1; 40], 48, true, ());
         assert_eq!(
             p.caps(&sched, &steps, ms(10)).batch,
             None,

@@ -6,12 +6,13 @@
 //! parallel during attention, the metadata changes only between steps. Blocks go back to the pool
 //! when their [`BlockTable`] is dropped, on every path (finish, stop, error, cancel, preemption).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use half::f16;
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+use rustc_hash::FxHashMap;
 
 use crate::kv::KvCache;
 pub use crate::kv::BLOCK_TOKENS;
@@ -35,7 +36,9 @@ pub struct BlockAllocator {
     free: Vec<BlockId>,
     /// Hash of a registered (full, immutable) block.
     hash_of: Vec<Option<u64>>,
-    by_hash: HashMap<u64, BlockId>,
+    /// The keys are already keyed hashes ([`block_hash`]: no client can choose them), so the
+    /// map needs no second keyed hash over them: FxHash's one multiply spreads them.
+    by_hash: FxHashMap<u64, BlockId>,
     /// Cached blocks nobody references, by last-use tick: evicted oldest first.
     evictable: BTreeMap<u64, BlockId>,
     last_use: Vec<u64>,
@@ -49,7 +52,7 @@ impl BlockAllocator {
             // Reversed so block 0 is handed out first (only cosmetic).
             free: (0..n_blocks as BlockId).rev().collect(),
             hash_of: vec![None; n_blocks],
-            by_hash: HashMap::new(),
+            by_hash: FxHashMap::default(),
             evictable: BTreeMap::new(),
             last_use: vec![0; n_blocks],
             tick: 0,
@@ -360,6 +363,8 @@ impl KvCache for PagedStep<'_> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use proptest::prelude::*;
 
     use super::*;

@@ -14,9 +14,11 @@
 //! The scheduler is generic over a payload `P` (the engine's sampler and channels), so its
 //! invariants are property-tested without a model.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
+
+use rustc_hash::FxHashMap;
 
 use crate::paged::{block_hash, BlockTable, SharedAllocator, BLOCK_TOKENS};
 use crate::steptime::StepShape;
@@ -160,9 +162,11 @@ pub struct Scheduler<P> {
     alloc: SharedAllocator,
     /// Running sequences in admission order (oldest first).
     running: Vec<Entry<P>>,
-    waiting: HashMap<Arc<str>, VecDeque<Entry<P>>>,
+    // Tenant-keyed maps hash with FxHash: tenant names are set by admins, never by clients,
+    // and are hashed several times a step.
+    waiting: FxHashMap<Arc<str>, VecDeque<Entry<P>>>,
     /// Tokens scheduled per tenant, for fair admission.
-    served: HashMap<Arc<str>, u64>,
+    served: FxHashMap<Arc<str>, u64>,
     next_arrival: u64,
     /// Steps planned so far: the scheduler's clock.
     steps: u64,
@@ -183,8 +187,8 @@ impl<P> Scheduler<P> {
             cfg,
             alloc,
             running: Vec::new(),
-            waiting: HashMap::new(),
-            served: HashMap::new(),
+            waiting: FxHashMap::default(),
+            served: FxHashMap::default(),
             next_arrival: 0,
             steps: 0,
             batch_sat_out: 0,
@@ -335,6 +339,13 @@ impl<P> Scheduler<P> {
         (shape, start.unwrap_or(0), owed)
     }
 
+    /// Whether the next step could hold prompt tokens: a request waits for admission, or a
+    /// running sequence has prompt left. Without, step caps (which only bound prompt tokens)
+    /// change nothing.
+    pub fn has_prompt_work(&self) -> bool {
+        self.num_waiting() > 0 || self.running.iter().any(|e| e.tokens.len() - e.computed > 1)
+    }
+
     /// Plans the next step. Chunk tokens are marked computed at once (the step writes them).
     pub fn schedule(&mut self) -> Vec<Planned> {
         self.schedule_within(StepCaps::default())
@@ -435,15 +446,41 @@ impl<P> Scheduler<P> {
         if (capped || batch_capped) && budget == 0 {
             self.stats.capped_steps += 1;
         }
-        for p in &plan {
-            if let Some(e) = self.running.iter().find(|e| e.id == p.id) {
-                *self.served.entry(e.tenant.clone()).or_insert(0) += p.len as u64;
-            }
-        }
+        self.count_served(&plan);
         // Checked in release builds too: a step past its budget would break every bound above.
         assert!(plan.iter().map(|p| p.len).sum::<usize>() <= self.cfg.max_batch_tokens);
         assert!(plan.len() <= self.cfg.max_num_seqs);
         plan
+    }
+
+    /// Adds each planned token to its tenant's served count. The plan mostly follows the
+    /// running order (decodes, then prompt chunks, then admissions at the end), so each entry
+    /// is looked for from the last one's place, and a tenant's count is updated once per run
+    /// of its entries: a step of hundreds of sequences costs a pass, not a search per entry.
+    fn count_served(&mut self, plan: &[Planned]) {
+        let mut at = 0;
+        let mut run: Option<(Arc<str>, u64)> = None;
+        for p in plan {
+            let found = (at..self.running.len())
+                .chain(0..at)
+                .find(|&j| self.running[j].id == p.id);
+            let Some(j) = found else {
+                continue;
+            };
+            at = j + 1;
+            let tenant = &self.running[j].tenant;
+            match &mut run {
+                Some((t, n)) if t == tenant => *n += p.len as u64,
+                _ => {
+                    if let Some((t, n)) = run.replace((tenant.clone(), p.len as u64)) {
+                        *self.served.entry(t).or_insert(0) += n;
+                    }
+                }
+            }
+        }
+        if let Some((t, n)) = run {
+            *self.served.entry(t).or_insert(0) += n;
+        }
     }
 
     /// Gives running sequences of `class` their next prompt chunks, oldest first, keeping
@@ -727,7 +764,7 @@ impl<P> Scheduler<P> {
             victim = newest(self, &|e| e.urgency.class == SloClass::Batch);
         }
         if victim.is_none() {
-            let mut held: HashMap<&Arc<str>, usize> = HashMap::new();
+            let mut held: FxHashMap<&Arc<str>, usize> = FxHashMap::default();
             for e in &self.running {
                 *held.entry(&e.tenant).or_insert(0) += 1;
             }
@@ -863,6 +900,8 @@ impl<P> Scheduler<P> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use proptest::prelude::*;
 
     use super::*;

@@ -14,6 +14,7 @@
 //!
 //! Not modelled yet (stated with every result): closed-loop and multi-turn workloads. Several backends behind the router: [`crate::fleet`].
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use rand::SeedableRng;
@@ -315,6 +316,9 @@ pub(crate) struct Node<'a> {
     pending: Vec<usize>,
     /// The step in flight: when it ends, and what it runs.
     step: Option<(f64, Vec<Planned>)>,
+    /// One shared name per tenant: the scheduler compares and hashes tenants every step, and
+    /// equal `Arc`s compare by pointer first.
+    tenants: HashMap<String, Arc<str>>,
 }
 
 impl<'a> Node<'a> {
@@ -329,6 +333,7 @@ impl<'a> Node<'a> {
             steps_model: backend.timing.step_model(),
             pending: Vec::new(),
             step: None,
+            tenants: HashMap::new(),
         })
     }
 
@@ -378,7 +383,15 @@ impl<'a> Node<'a> {
                 ttft_target: None,
                 itl_target: None,
             };
-            let tenant: Arc<str> = Arc::from(r.tenant.as_deref().unwrap_or(""));
+            let name = r.tenant.as_deref().unwrap_or("");
+            let tenant = match self.tenants.get(name) {
+                Some(t) => t.clone(),
+                None => {
+                    let t: Arc<str> = Arc::from(name);
+                    self.tenants.insert(name.to_string(), t.clone());
+                    t
+                }
+            };
             let urgency = self.pacing.urgency(&asks, clock(r.arrival), clock(t));
             let max_len = r.prompt_tokens + r.output_tokens;
             self.s
@@ -411,6 +424,11 @@ impl<'a> Node<'a> {
         for p in plan.iter().filter(|p| p.samples) {
             let i = p.id as usize;
             generated[i] += 1;
+            if records[i].chunks.is_empty() {
+                // Every token's time is kept: room for all of them at once, not a doubling
+                // reallocation every few tokens.
+                records[i].chunks.reserve_exact(reqs[i].output_tokens);
+            }
             records[i].chunks.push(t);
             if generated[i] >= reqs[i].output_tokens {
                 self.s.remove(p.id);
