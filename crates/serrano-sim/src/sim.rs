@@ -12,8 +12,12 @@
 //! caps price steps with a step-time model: the calibrated engine's own, or one the engine's
 //! learner fits to the roofline's times.
 //!
-//! Not modelled yet (stated with every result): closed-loop and multi-turn workloads. Several backends behind the router: [`crate::fleet`].
+//! Arrivals are open loop (the workload's process, or a trace), or a closed loop of
+//! `concurrency` clients each sending its next request when its last one ends. Not modelled
+//! yet: multi-turn conversations, and a closed loop bounded by `duration_s`. Several backends
+//! behind the router: [`crate::fleet`].
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -204,6 +208,10 @@ pub struct Backend {
     pub scheduler: SchedulerConfig,
 }
 
+/// The arrival of a closed-loop request no client has sent yet: it arrives when an earlier
+/// request ends (see [`run_nodes`]).
+pub const WAITS_FOR_A_CLIENT: f64 = f64::INFINITY;
+
 /// One request to simulate.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Request {
@@ -222,9 +230,9 @@ pub struct Request {
 /// from its distributions with its seed.
 pub fn requests(w: &Workload) -> Result<Vec<Request>, SimError> {
     w.check().map_err(SimError::Workload)?;
-    if matches!(w.arrival, Arrival::Closed { .. }) {
+    if matches!(w.arrival, Arrival::Closed { .. }) && w.duration_s.is_some() {
         return Err(SimError::Workload(
-            "closed-loop workloads (arrival kind \"closed\") are not simulated yet".into(),
+            "a closed-loop workload with duration_s is not simulated yet (give requests)".into(),
         ));
     }
     if w.turns > 1 {
@@ -235,7 +243,21 @@ pub fn requests(w: &Workload) -> Result<Vec<Request>, SimError> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(w.seed);
     let n = w.warmup_requests + w.requests;
     let duration = w.duration_s.map(std::time::Duration::from_secs_f64);
-    let times = w.arrival.schedule(n, duration, &mut rng);
+    let times = match w.arrival {
+        // Closed loop: `concurrency` clients send at once, and each sends its next request
+        // when its last one ends (no think time), as `serrano bench --concurrency` does; the
+        // run gives a waiting request its arrival (`WAITS_FOR_A_CLIENT` until then).
+        Arrival::Closed { concurrency } => (0..n as usize)
+            .map(|i| {
+                if i < concurrency as usize {
+                    std::time::Duration::ZERO
+                } else {
+                    std::time::Duration::MAX
+                }
+            })
+            .collect(),
+        _ => w.arrival.schedule(n, duration, &mut rng),
+    };
     let mut out = Vec::with_capacity(times.len());
     for t in times {
         if duration.is_some_and(|d| t > d) {
@@ -254,7 +276,11 @@ pub fn requests(w: &Workload) -> Result<Vec<Request>, SimError> {
             .sample(&mut rng)
             .max(1);
         out.push(Request {
-            arrival: t.as_secs_f64(),
+            arrival: if t == std::time::Duration::MAX {
+                WAITS_FOR_A_CLIENT
+            } else {
+                t.as_secs_f64()
+            },
             tenant: own.map(|t| t.name.clone()),
             prompt_tokens: prompt as usize,
             output_tokens: output as usize,
@@ -497,7 +523,16 @@ pub(crate) fn run_nodes<A>(
     let mut generated = vec![0usize; reqs.len()];
     let mut tokens: Vec<Option<A>> = (0..reqs.len()).map(|_| None).collect();
     let mut node_of = vec![None; reqs.len()];
-    let span = reqs.last().map_or(0.0, |r| r.arrival);
+    let span = reqs
+        .iter()
+        .rev()
+        .map(|r| r.arrival)
+        .find(|a| a.is_finite())
+        .unwrap_or(0.0);
+    // Closed-loop requests get their arrival when an earlier one ends (a copy of the requests
+    // is made only for such a run).
+    let mut unsent = reqs.iter().position(|r| r.arrival == WAITS_FOR_A_CLIENT);
+    let mut reqs: Cow<'_, [Request]> = Cow::Borrowed(reqs);
     let mut timeline = Timeline::new(nodes.iter().map(Node::blocks).collect(), span);
     let (mut next, mut steps) = (0usize, 0u64);
     let mut late = late.map(|bound| LateCount {
@@ -527,12 +562,13 @@ pub(crate) fn run_nodes<A>(
                     Err(e) => {
                         records[i].error = Some(e);
                         records[i].end = ta;
+                        send_next(&mut unsent, &mut reqs, &mut records, ta);
                     }
                 }
             }
             for k in reached {
                 if nodes[k].step_end().is_none() {
-                    nodes[k].start(ta, reqs);
+                    nodes[k].start(ta, &reqs);
                     nodes[k].record(k, ta, &mut timeline);
                 }
             }
@@ -541,16 +577,20 @@ pub(crate) fn run_nodes<A>(
             if steps > MAX_STEPS {
                 return Err(SimError::Stuck(e));
             }
-            let (t, finished) = nodes[k].finish(reqs, &mut records, &mut generated);
-            if late.as_mut().is_some_and(|l| l.exceeded(t, reqs, &records)) {
+            let (t, finished) = nodes[k].finish(&reqs, &mut records, &mut generated);
+            if late
+                .as_mut()
+                .is_some_and(|l| l.exceeded(t, &reqs, &records))
+            {
                 return Err(SimError::Late(t));
             }
             for i in finished {
                 if let Some(token) = tokens[i].take() {
                     done(token, t, &records[i]);
                 }
+                send_next(&mut unsent, &mut reqs, &mut records, t);
             }
-            nodes[k].start(t, reqs);
+            nodes[k].start(t, &reqs);
             nodes[k].record(k, t, &mut timeline);
         } else if nodes.iter().all(Node::is_idle) {
             return Ok(NodesRun {
@@ -564,6 +604,26 @@ pub(crate) fn run_nodes<A>(
             return Err(SimError::Stuck(t));
         }
     }
+}
+
+/// A closed-loop client whose request ended (or was refused) at `t` sends the next request
+/// no client has sent yet, then.
+fn send_next(
+    unsent: &mut Option<usize>,
+    reqs: &mut Cow<'_, [Request]>,
+    records: &mut [RequestRecord],
+    t: f64,
+) {
+    let Some(j) = *unsent else {
+        return;
+    };
+    reqs.to_mut()[j].arrival = t;
+    records[j].intended = t;
+    records[j].sent = t;
+    *unsent = reqs
+        .get(j + 1)
+        .filter(|r| r.arrival == WAITS_FOR_A_CLIENT)
+        .map(|_| j + 1);
 }
 
 /// A whole simulated run of a workload, summarized as `serrano bench` summarizes a measured
@@ -797,7 +857,8 @@ pub(crate) mod tests {
             Err(SimError::DoesNotFit { .. })
         ));
         let closed = Workload::parse(
-            "requests = 2\nprompt_tokens = { dist = \"fixed\", value = 8 }\noutput_tokens = { dist = \"fixed\", value = 8 }\n\
+            "requests = 2\nduration_s = 5\nprompt_tokens = { dist = \"fixed\", value = 8 }\n\
+             output_tokens = { dist = \"fixed\", value = 8 }\n\
              arrival = { kind = \"closed\", concurrency = 1 }\n",
             false,
         )
@@ -805,6 +866,33 @@ pub(crate) mod tests {
         assert!(requests(&closed)
             .unwrap_err()
             .to_string()
-            .contains("closed"));
+            .contains("closed-loop workload with duration_s"));
+    }
+
+    /// A closed loop of two clients over six requests: two at once from the start, and each
+    /// next one sent the moment an earlier one ends, so never more than two in flight.
+    #[test]
+    fn a_closed_loop_sends_each_request_when_a_client_is_free() {
+        let w = Workload::parse(
+            "requests = 6\nwarmup_requests = 0\nprompt_tokens = { dist = \"fixed\", value = 16 }\n\
+             output_tokens = { dist = \"fixed\", value = 5 }\n\
+             arrival = { kind = \"closed\", concurrency = 2 }\n",
+            false,
+        )
+        .unwrap();
+        let reqs = requests(&w).unwrap();
+        assert_eq!(reqs[1].arrival, 0.0);
+        assert_eq!(reqs[2].arrival, WAITS_FOR_A_CLIENT);
+        let r = run(&backend(8), &w, None, None, "m").unwrap().result;
+        assert_eq!(r.summary.completed, 6);
+        // Each pair shares its five 2 ms steps: sent at 0, 10 and 20 ms, done 10 ms later.
+        for (i, rec) in r.records.iter().enumerate() {
+            let round = (i / 2) as f64 * 0.010;
+            assert!(
+                close(rec.sent, round) && close(rec.end, round + 0.010),
+                "{i}: {rec:?}"
+            );
+        }
+        assert!(r.request_rate.is_infinite());
     }
 }

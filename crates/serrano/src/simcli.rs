@@ -19,7 +19,7 @@ pub enum SimCommand {
     /// efficiency factors): decode and prefill speed ceilings, KV capacity, and cost and
     /// energy per 1M output tokens at a batch's ceiling.
     Roofline(RooflineArgs),
-    /// Simulate a `serrano bench` workload file (open loop) on one catalog device: the
+    /// Simulate a `serrano bench` workload file (open or closed loop) on one catalog device: the
     /// engine's own scheduler plans every step, the device's roofline times it. Prints the
     /// load generator's table (or its JSON with --json), cost at the device's price.
     Run(RunArgs),
@@ -372,7 +372,7 @@ fn simulate_fleet(a: &RunArgs, path: &Path, catalog: &Catalog) -> Result<()> {
          roofline at the catalog's efficiencies or each profile's calibrated step model, \
          ${:.2}/h for the fleet; the engine's scheduler and pacing on every backend (each \
          request in its tenant's class, interactive unless the fleet file says batch; default \
-         targets); the router's own plans and concurrency limits; open loop only.",
+         targets); the router's own plans and concurrency limits.",
         run.result.records.len(),
         started.elapsed().as_secs_f64(),
         fleet.price_per_hour(),
@@ -442,8 +442,7 @@ fn report(
     print_timeline(&run.timeline, &[label.to_string()]);
     println!(
         "Simulated {} requests in {:.2} s of this machine's time. Assumptions: {assumptions}; \
-         the engine's scheduler and pacing (every request interactive, default targets); open \
-         loop only.",
+         the engine's scheduler and pacing (every request interactive, default targets).",
         run.result.records.len(),
         started.elapsed().as_secs_f64(),
     );
