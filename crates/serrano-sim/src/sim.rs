@@ -13,12 +13,14 @@
 //! learner fits to the roofline's times.
 //!
 //! Arrivals are open loop (the workload's process, or a trace), or a closed loop of
-//! `concurrency` clients each sending its next request when its last one ends. Not modelled
-//! yet: multi-turn conversations, and a closed loop bounded by `duration_s`. Several backends
+//! `concurrency` clients each sending its next request when its last one ends; a
+//! conversation's later turns follow the reply before them, sending it back as their prefix.
+//! Not modelled yet: a closed loop bounded by `duration_s` or made of conversations. Several backends
 //! behind the router: [`crate::fleet`].
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 
 use rand::SeedableRng;
@@ -224,69 +226,95 @@ pub struct Request {
     pub shared_prefix: usize,
     /// Its latency class in the engine's scheduler (a fleet file's `[tenant.NAME] class`).
     pub class: SloClass,
+    /// A conversation's later turn: sent this many seconds after request `.0` (the turn
+    /// before it) ends, its prompt that request's prompt and reply, then its own tokens.
+    pub after: Option<(usize, f64)>,
 }
 
-/// The requests of an open-loop workload (warm-up first): arrivals, lengths and tenants drawn
-/// from its distributions with its seed.
+/// The requests of a workload (warm-up first): arrivals, lengths and tenants drawn from its
+/// distributions with its seed. A closed loop's requests past its clients wait for one
+/// ([`WAITS_FOR_A_CLIENT`]); a conversation's later turns wait for the turn before them.
 pub fn requests(w: &Workload) -> Result<Vec<Request>, SimError> {
     w.check().map_err(SimError::Workload)?;
-    if matches!(w.arrival, Arrival::Closed { .. }) && w.duration_s.is_some() {
+    let closed = matches!(w.arrival, Arrival::Closed { .. });
+    if closed && (w.duration_s.is_some() || w.turns > 1) {
         return Err(SimError::Workload(
-            "a closed-loop workload with duration_s is not simulated yet (give requests)".into(),
-        ));
-    }
-    if w.turns > 1 {
-        return Err(SimError::Workload(
-            "conversations (turns > 1) are not simulated yet".into(),
+            "a closed-loop workload with duration_s or turns > 1 is not simulated yet".into(),
         ));
     }
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(w.seed);
-    let n = w.warmup_requests + w.requests;
+    // Conversations of `turns` requests (the last of the warm-up's or the run's may be
+    // shorter), as the load generator splits them; one request each without turns.
+    let mut sizes = Vec::new();
+    for total in [w.warmup_requests, w.requests] {
+        let mut left = total;
+        while left > 0 {
+            let n = left.min(u64::from(w.turns));
+            sizes.push(n as usize);
+            left -= n;
+        }
+    }
     let duration = w.duration_s.map(std::time::Duration::from_secs_f64);
-    let times = match w.arrival {
+    let starts: Vec<f64> = match w.arrival {
         // Closed loop: `concurrency` clients send at once, and each sends its next request
-        // when its last one ends (no think time), as `serrano bench --concurrency` does; the
-        // run gives a waiting request its arrival (`WAITS_FOR_A_CLIENT` until then).
-        Arrival::Closed { concurrency } => (0..n as usize)
+        // when its last one ends (no think time), as `serrano bench --concurrency` does.
+        Arrival::Closed { concurrency } => (0..sizes.len())
             .map(|i| {
                 if i < concurrency as usize {
-                    std::time::Duration::ZERO
+                    0.0
                 } else {
-                    std::time::Duration::MAX
+                    WAITS_FOR_A_CLIENT
                 }
             })
             .collect(),
-        _ => w.arrival.schedule(n, duration, &mut rng),
+        _ => w
+            .arrival
+            .schedule(sizes.len() as u64, duration, &mut rng)
+            .into_iter()
+            .take_while(|t| duration.is_none_or(|d| *t <= d))
+            .map(|t| t.as_secs_f64())
+            .collect(),
     };
-    let mut out = Vec::with_capacity(times.len());
-    for t in times {
-        if duration.is_some_and(|d| t > d) {
-            break;
-        }
+    let mut out = Vec::with_capacity(sizes.iter().sum());
+    for (&start, &turns) in starts.iter().zip(&sizes) {
         let tenant = pick_weighted(w.tenants.iter().map(|t| t.weight), &mut rng);
         let own = tenant.map(|i| &w.tenants[i]);
-        let prompt = own
-            .and_then(|t| t.prompt_tokens.as_ref())
-            .unwrap_or(&w.prompt_tokens)
-            .sample(&mut rng)
-            .max(1);
-        let output = own
-            .and_then(|t| t.output_tokens.as_ref())
-            .unwrap_or(&w.output_tokens)
-            .sample(&mut rng)
-            .max(1);
-        out.push(Request {
-            arrival: if t == std::time::Duration::MAX {
-                WAITS_FOR_A_CLIENT
-            } else {
-                t.as_secs_f64()
-            },
-            tenant: own.map(|t| t.name.clone()),
-            prompt_tokens: prompt as usize,
-            output_tokens: output as usize,
-            shared_prefix: (w.shared_prefix_tokens as usize).min(prompt as usize),
-            class: SloClass::Interactive,
-        });
+        for k in 0..turns {
+            let new = own
+                .and_then(|t| t.prompt_tokens.as_ref())
+                .unwrap_or(&w.prompt_tokens)
+                .sample(&mut rng)
+                .max(1) as usize;
+            let output = own
+                .and_then(|t| t.output_tokens.as_ref())
+                .unwrap_or(&w.output_tokens)
+                .sample(&mut rng)
+                .max(1) as usize;
+            // A later turn sends the earlier turns and their replies again, then its own
+            // message, when the reply before it is in plus the think time.
+            let (arrival, history, after) = match (k, out.last()) {
+                (1.., Some(prev)) => {
+                    let prev: &Request = prev;
+                    let history = prev.prompt_tokens + prev.output_tokens;
+                    let after = Some((out.len() - 1, w.think_time_s));
+                    (WAITS_FOR_A_CLIENT, history, after)
+                }
+                _ => (start, 0, None),
+            };
+            out.push(Request {
+                arrival,
+                tenant: own.map(|t| t.name.clone()),
+                prompt_tokens: history + new,
+                output_tokens: output,
+                shared_prefix: if k == 0 {
+                    (w.shared_prefix_tokens as usize).min(new)
+                } else {
+                    0
+                },
+                class: SloClass::Interactive,
+                after,
+            });
+        }
     }
     Ok(out)
 }
@@ -305,6 +333,7 @@ pub fn requests_from_trace(entries: &[TraceEntry], shared_prefix: usize) -> Vec<
                 output_tokens: (e.output_tokens as usize).max(1),
                 shared_prefix: shared_prefix.min(prompt),
                 class: SloClass::Interactive,
+                after: None,
             }
         })
         .collect();
@@ -312,21 +341,35 @@ pub fn requests_from_trace(entries: &[TraceEntry], shared_prefix: usize) -> Vec<
     out
 }
 
-/// A request's prompt as token ids: the shared prefix is the same for all, the rest unique to
-/// the request (so the prefix cache finds what a server's would, and nothing more).
-fn prompt(i: usize, r: &Request) -> Vec<u32> {
-    (0..r.prompt_tokens)
-        .map(|k| {
-            if k < r.shared_prefix {
-                k as u32
-            } else {
-                (1_000_003u64
-                    .wrapping_mul(i as u64 + 1)
-                    .wrapping_add(k as u64)
-                    % 4_000_000_000) as u32
-            }
-        })
-        .collect()
+/// The token every simulated sequence generates (what a conversation's next turn sends back).
+const GENERATED: u32 = 7;
+
+/// Request `i`'s prompt as token ids: the shared prefix is the same for all, the rest unique to
+/// the request (so the prefix cache finds what a server's would, and nothing more); a later
+/// turn's starts with the turn before it and that turn's reply.
+fn prompt(i: usize, reqs: &[Request]) -> Vec<u32> {
+    let r = &reqs[i];
+    let mut out = match r.after {
+        Some((prev, _)) => {
+            let mut v = prompt(prev, reqs);
+            v.extend(std::iter::repeat_n(GENERATED, reqs[prev].output_tokens));
+            v.truncate(r.prompt_tokens);
+            v
+        }
+        None => Vec::with_capacity(r.prompt_tokens),
+    };
+    let own = out.len();
+    out.extend((own..r.prompt_tokens).map(|k| {
+        if k < r.shared_prefix {
+            k as u32
+        } else {
+            (1_000_003u64
+                .wrapping_mul(i as u64 + 1)
+                .wrapping_add(k as u64)
+                % 4_000_000_000) as u32
+        }
+    }));
+    out
 }
 
 /// One simulated backend between and during its steps: the engine's scheduler and block
@@ -421,7 +464,7 @@ impl<'a> Node<'a> {
             let urgency = self.pacing.urgency(&asks, clock(r.arrival), clock(t));
             let max_len = r.prompt_tokens + r.output_tokens;
             self.s
-                .add(i as u64, tenant, urgency, prompt(i, r), max_len, true, i);
+                .add(i as u64, tenant, urgency, prompt(i, reqs), max_len, true, i);
         }
         if self.s.is_idle() {
             return;
@@ -462,7 +505,7 @@ impl<'a> Node<'a> {
                 records[i].output_tokens = generated[i] as u64;
                 done.push(i);
             } else {
-                self.s.push_token(p.id, 7);
+                self.s.push_token(p.id, GENERATED);
             }
         }
         (t, done)
@@ -506,12 +549,15 @@ pub(crate) struct NodesRun {
     pub timeline: Timeline,
 }
 
-/// Steps `nodes` on one virtual clock over `reqs` (in arrival order). Each arrival goes to the
-/// backend `route` names (with a token that `done` gets back when the request finishes), or
-/// gets the error `route` gives, as its client would; arrivals up to a step's end reach their
-/// engines before that step ends, as the engine's worker takes requests between steps. Ties
-/// between backends' step ends go to the lower index, so a run is deterministic. With a
-/// `late` bound, the run ends with [`SimError::Late`] once the bound is passed.
+/// Steps `nodes` on one virtual clock over `reqs`. Each arrival goes to the backend `route`
+/// names (with a token that `done` gets back when the request finishes), or gets the error
+/// `route` gives, as its client would; arrivals up to a step's end reach their engines before
+/// that step ends, as the engine's worker takes requests between steps. A request that waits
+/// for a client arrives when one is free: a closed loop's next request when any request ends,
+/// a conversation's next turn when the turn before it ends (plus the think time; a failed turn
+/// fails the rest of its conversation). Ties go to the lower index (arrivals and backends'
+/// step ends alike), so a run is deterministic. With a `late` bound, the run ends with
+/// [`SimError::Late`] once the bound is passed.
 pub(crate) fn run_nodes<A>(
     nodes: &mut [Node<'_>],
     reqs: &[Request],
@@ -525,16 +571,12 @@ pub(crate) fn run_nodes<A>(
     let mut node_of = vec![None; reqs.len()];
     let span = reqs
         .iter()
-        .rev()
         .map(|r| r.arrival)
-        .find(|a| a.is_finite())
-        .unwrap_or(0.0);
-    // Closed-loop requests get their arrival when an earlier one ends (a copy of the requests
-    // is made only for such a run).
-    let mut unsent = reqs.iter().position(|r| r.arrival == WAITS_FOR_A_CLIENT);
-    let mut reqs: Cow<'_, [Request]> = Cow::Borrowed(reqs);
+        .filter(|a| a.is_finite())
+        .fold(0.0, f64::max);
     let mut timeline = Timeline::new(nodes.iter().map(Node::blocks).collect(), span);
-    let (mut next, mut steps) = (0usize, 0u64);
+    let mut clients = Clients::new(reqs);
+    let mut steps = 0u64;
     let mut late = late.map(|bound| LateCount {
         bound,
         next: 0,
@@ -546,13 +588,11 @@ pub(crate) fn run_nodes<A>(
             .enumerate()
             .filter_map(|(k, n)| n.step_end().map(|e| (e, k)))
             .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-        let arrival = reqs.get(next).map(|r| r.arrival);
+        let arrival = clients.next_arrival();
         if let Some(ta) = arrival.filter(|&ta| first_end.is_none_or(|(e, _)| ta <= e)) {
             let mut reached = Vec::new();
-            while reqs.get(next).is_some_and(|r| r.arrival <= ta) {
-                let i = next;
-                next += 1;
-                match route(&reqs[i], ta, nodes) {
+            while let Some(i) = clients.pop_arrived(ta) {
+                match route(&clients.reqs[i], ta, nodes) {
                     Ok((k, token)) => {
                         nodes[k].arrive(i);
                         tokens[i] = Some(token);
@@ -562,13 +602,13 @@ pub(crate) fn run_nodes<A>(
                     Err(e) => {
                         records[i].error = Some(e);
                         records[i].end = ta;
-                        send_next(&mut unsent, &mut reqs, &mut records, ta);
+                        clients.ended(i, ta, false, &mut records);
                     }
                 }
             }
             for k in reached {
                 if nodes[k].step_end().is_none() {
-                    nodes[k].start(ta, &reqs);
+                    nodes[k].start(ta, &clients.reqs);
                     nodes[k].record(k, ta, &mut timeline);
                 }
             }
@@ -577,10 +617,10 @@ pub(crate) fn run_nodes<A>(
             if steps > MAX_STEPS {
                 return Err(SimError::Stuck(e));
             }
-            let (t, finished) = nodes[k].finish(&reqs, &mut records, &mut generated);
+            let (t, finished) = nodes[k].finish(&clients.reqs, &mut records, &mut generated);
             if late
                 .as_mut()
-                .is_some_and(|l| l.exceeded(t, &reqs, &records))
+                .is_some_and(|l| l.exceeded(t, &clients.reqs, &records))
             {
                 return Err(SimError::Late(t));
             }
@@ -588,9 +628,9 @@ pub(crate) fn run_nodes<A>(
                 if let Some(token) = tokens[i].take() {
                     done(token, t, &records[i]);
                 }
-                send_next(&mut unsent, &mut reqs, &mut records, t);
+                clients.ended(i, t, true, &mut records);
             }
-            nodes[k].start(t, &reqs);
+            nodes[k].start(t, &clients.reqs);
             nodes[k].record(k, t, &mut timeline);
         } else if nodes.iter().all(Node::is_idle) {
             return Ok(NodesRun {
@@ -606,24 +646,93 @@ pub(crate) fn run_nodes<A>(
     }
 }
 
-/// A closed-loop client whose request ended (or was refused) at `t` sends the next request
-/// no client has sent yet, then.
-fn send_next(
-    unsent: &mut Option<usize>,
-    reqs: &mut Cow<'_, [Request]>,
-    records: &mut [RequestRecord],
-    t: f64,
-) {
-    let Some(j) = *unsent else {
-        return;
-    };
-    reqs.to_mut()[j].arrival = t;
-    records[j].intended = t;
-    records[j].sent = t;
-    *unsent = reqs
-        .get(j + 1)
-        .filter(|r| r.arrival == WAITS_FOR_A_CLIENT)
-        .map(|_| j + 1);
+/// The run's arrivals in time order (ties by index), and the clients that send a request only
+/// once an earlier one has ended: a closed loop's, a conversation's.
+struct Clients<'r> {
+    /// The requests, copied only when a client gives one its arrival.
+    reqs: Cow<'r, [Request]>,
+    /// Arrival times (the bits of a non-negative `f64` order as the number does) and indices.
+    arrivals: BinaryHeap<Reverse<(u64, usize)>>,
+    /// The closed loop's next unsent request.
+    unsent: Option<usize>,
+    /// Each request's next turn.
+    next_turn: Vec<Option<usize>>,
+}
+
+impl<'r> Clients<'r> {
+    fn new(reqs: &'r [Request]) -> Clients<'r> {
+        let arrivals = reqs
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.arrival.is_finite())
+            .map(|(i, r)| Reverse((r.arrival.max(0.0).to_bits(), i)))
+            .collect();
+        let mut next_turn = vec![None; reqs.len()];
+        for (j, r) in reqs.iter().enumerate() {
+            if let Some((prev, _)) = r.after {
+                next_turn[prev] = Some(j);
+            }
+        }
+        let unsent = reqs
+            .iter()
+            .position(|r| r.arrival == WAITS_FOR_A_CLIENT && r.after.is_none());
+        Clients {
+            reqs: Cow::Borrowed(reqs),
+            arrivals,
+            unsent,
+            next_turn,
+        }
+    }
+
+    fn next_arrival(&self) -> Option<f64> {
+        self.arrivals
+            .peek()
+            .map(|Reverse((t, _))| f64::from_bits(*t))
+    }
+
+    /// The next request arriving by `t`.
+    fn pop_arrived(&mut self, t: f64) -> Option<usize> {
+        let Reverse((at, i)) = *self.arrivals.peek()?;
+        (f64::from_bits(at) <= t).then(|| {
+            self.arrivals.pop();
+            i
+        })
+    }
+
+    /// Request `i` ended at `t` (`ok`: answered, else refused): its client sends what waits
+    /// for it.
+    fn ended(&mut self, i: usize, t: f64, ok: bool, records: &mut [RequestRecord]) {
+        if let Some(j) = self.unsent {
+            self.unsent = self
+                .reqs
+                .get(j + 1)
+                .filter(|r| r.arrival == WAITS_FOR_A_CLIENT && r.after.is_none())
+                .map(|_| j + 1);
+            self.send(j, t, records);
+        }
+        let Some(j) = self.next_turn[i] else {
+            return;
+        };
+        if ok {
+            let think = self.reqs[j].after.map_or(0.0, |(_, s)| s);
+            self.send(j, t + think, records);
+        } else {
+            // As the load generator does, a conversation ends at its first failed turn; here
+            // its later turns are recorded as failed with it.
+            records[j].error = Some("an earlier turn of the conversation failed".into());
+            records[j].intended = t;
+            records[j].sent = t;
+            records[j].end = t;
+            self.ended(j, t, false, records);
+        }
+    }
+
+    fn send(&mut self, j: usize, t: f64, records: &mut [RequestRecord]) {
+        self.reqs.to_mut()[j].arrival = t;
+        records[j].intended = t;
+        records[j].sent = t;
+        self.arrivals.push(Reverse((t.max(0.0).to_bits(), j)));
+    }
 }
 
 /// A whole simulated run of a workload, summarized as `serrano bench` summarizes a measured
@@ -755,6 +864,7 @@ pub(crate) mod tests {
             output_tokens: output,
             shared_prefix: 0,
             class: SloClass::Interactive,
+            after: None,
         }
     }
 
@@ -894,5 +1004,38 @@ pub(crate) mod tests {
             );
         }
         assert!(r.request_rate.is_infinite());
+    }
+
+    /// A conversation's next turn goes the think time after the reply before it, its prompt
+    /// that turn's prompt and reply then its own message, so the prefix cache serves the
+    /// history: 420 prompt tokens take one 256-token step, not two.
+    #[test]
+    fn a_conversations_next_turn_follows_the_reply_and_reuses_its_prefix() {
+        let w = Workload::parse(
+            "endpoint = \"chat\"\nrequests = 4\nwarmup_requests = 0\nturns = 2\n\
+             think_time_s = 0.5\nprompt_tokens = { dist = \"fixed\", value = 200 }\n\
+             output_tokens = { dist = \"fixed\", value = 20 }\n\
+             arrival = { kind = \"poisson\", rate = 0.5 }\nseed = 2\n",
+            false,
+        )
+        .unwrap();
+        let reqs = requests(&w).unwrap();
+        assert_eq!(reqs.len(), 4);
+        assert_eq!(
+            (reqs[1].after, reqs[1].prompt_tokens),
+            (Some((0, 0.5)), 420)
+        );
+        assert_eq!(reqs[3].after, Some((2, 0.5)));
+        let (first, second) = (prompt(0, &reqs), prompt(1, &reqs));
+        assert_eq!(second[..200], first[..]);
+        assert!(second[200..220].iter().all(|&t| t == GENERATED));
+        assert!(second[220..].iter().all(|t| !first.contains(t)));
+        let r = run(&backend(8), &w, None, None, "m").unwrap().result;
+        assert_eq!(r.summary.completed, 4);
+        for (turn, next) in [(0, 1), (2, 3)] {
+            let (a, b) = (&r.records[turn], &r.records[next]);
+            assert!(close(b.sent, a.end + 0.5), "{a:?} {b:?}");
+            assert!(b.ttft().unwrap() < 0.003, "{b:?}");
+        }
     }
 }
