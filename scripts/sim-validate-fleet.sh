@@ -15,6 +15,7 @@
 set -euo pipefail
 B=${1:-target/release/serrano}
 OUT=${2:-$(mktemp -d)}
+HERE=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$OUT"
 export SERRANO_ADMIN_KEY=${SERRANO_ADMIN_KEY:-sk-sim-validate-admin-0123456789abcdef01}
 DIR=$(mktemp -d)
@@ -126,24 +127,11 @@ for c in "${cases[@]}"; do
     --json "$OUT/$name.sim.json" >"$OUT/$name.sim.txt"
 done
 
+python3 "$HERE/scripts/sim-table.py" "$OUT" fleet-poisson fleet-gamma-cv2
 python3 - "$OUT" <<'PY'
-import json, sys, os
+import os, sys
 out = sys.argv[1]
 cpu = {l.split()[0]: [float(x) for x in l.split()[1:]] for l in open(os.path.join(out, "cpu.txt"))}
-print("| case | metric | measured p50 / p99 ms | simulated p50 / p99 ms | error p50 / p99 |")
-print("| --- | --- | ---: | ---: | ---: |")
-worst = {"50": 0.0, "99": 0.0}
-for name in ["fleet-poisson", "fleet-gamma-cv2"]:
-    m = json.load(open(os.path.join(out, name + ".measured.json")))
-    s = json.load(open(os.path.join(out, name + ".sim.json")))
-    for metric in ["ttft", "tpot", "e2el"]:
-        mv = [m[f"p{p}_{metric}_ms"] for p in ("50", "99")]
-        sv = [s[f"p{p}_{metric}_ms"] for p in ("50", "99")]
-        err = [(b / a - 1) * 100 for a, b in zip(mv, sv)]
-        for p, e in zip(("50", "99"), err):
-            worst[p] = max(worst[p], abs(e))
-        print(f"| {name} | {metric.upper()} | {mv[0]:.1f} / {mv[1]:.1f} | {sv[0]:.1f} / {sv[1]:.1f} | {err[0]:+.0f}% / {err[1]:+.0f}% |")
-print(f"\nWorst error: p50 {worst['50']:.0f}% (target 10%), p99 {worst['99']:.0f}% (target 20%).")
 print("\nCPU over each measured run (seconds of one core; share of the run's wall time):")
 for name, (bu, bs, g1, g0, a1, a0, b1, b0, t0, t1) in cpu.items():
     wall = t1 - t0

@@ -100,21 +100,4 @@ measure $PREFIX_PORT "$prefix" "$OUT/prefix-sharing.jsonl" "$OUT/prefix-sharing.
 $B sim run --workload "$prefix" --trace "$OUT/prefix-sharing.jsonl" --profile "$OUT/profile.toml" \
   --json "$OUT/prefix-sharing.sim.json" >/dev/null
 
-python3 - "$OUT" <<'PY'
-import json, sys, os
-out = sys.argv[1]
-print("| case | metric | measured p50 / p99 ms | simulated p50 / p99 ms | error p50 / p99 |")
-print("| --- | --- | ---: | ---: | ---: |")
-worst = {"50": 0.0, "99": 0.0}
-for name in ["rate-2", "gamma-cv2", "long-prompts", "two-tenants", "prefix-sharing"]:
-    m = json.load(open(os.path.join(out, name + ".measured.json")))
-    s = json.load(open(os.path.join(out, name + ".sim.json")))
-    for metric in ["ttft", "tpot", "e2el"]:
-        mv = [m[f"p{p}_{metric}_ms"] for p in ("50", "99")]
-        sv = [s[f"p{p}_{metric}_ms"] for p in ("50", "99")]
-        err = [(b / a - 1) * 100 for a, b in zip(mv, sv)]
-        for p, e in zip(("50", "99"), err):
-            worst[p] = max(worst[p], abs(e))
-        print(f"| {name} | {metric.upper()} | {mv[0]:.1f} / {mv[1]:.1f} | {sv[0]:.1f} / {sv[1]:.1f} | {err[0]:+.0f}% / {err[1]:+.0f}% |")
-print(f"\nWorst error: p50 {worst['50']:.0f}% (target 10%), p99 {worst['99']:.0f}% (target 20%).")
-PY
+python3 "$HERE/scripts/sim-table.py" "$OUT" rate-2 gamma-cv2 long-prompts two-tenants prefix-sharing
