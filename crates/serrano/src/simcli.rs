@@ -24,7 +24,9 @@ pub enum SimCommand {
     /// load generator's table (or its JSON with --json), cost at the device's price.
     Run(RunArgs),
     /// Read a running serrano's own step-time model (its `/metrics`, calibrated at start-up and
-    /// refitted on every step) into a profile file that `sim run --profile` replays.
+    /// refitted on every step) into a profile file that `sim run --profile` replays; or, with
+    /// --measure, fit the engine's step-time model to any OpenAI-compatible server's measured
+    /// latencies (a short sweep through the load generator).
     Calibrate(CalibrateArgs),
 }
 
@@ -33,9 +35,20 @@ pub struct CalibrateArgs {
     /// The server, e.g. http://127.0.0.1:8080.
     #[arg(long)]
     url: String,
-    /// Environment variable holding an admin key (`/metrics` needs one).
+    /// Environment variable holding an admin key (`/metrics` needs one; with --measure, any
+    /// key the server takes, or none).
     #[arg(long, default_value = "SERRANO_ADMIN_KEY")]
     api_key_env: String,
+    /// Measure instead of reading `/metrics`, for a server that is not serrano (vLLM,
+    /// llama-server, a hosted API): one request at a time with prompts of 16 to
+    /// --max-prompt tokens and one output token (each time to first token a prefill step),
+    /// then batches of 1 to 16 streams of 64 tokens (each median gap a decode step), fitted
+    /// with the engine's own step-time model. About a minute on a small model.
+    #[arg(long)]
+    measure: bool,
+    /// The longest prompt --measure sends (within the server's context).
+    #[arg(long, default_value_t = 1024)]
+    max_prompt: u64,
     /// The engine model to read (its `model_name` label); default: the only one.
     #[arg(long)]
     model_name: Option<String>,
@@ -207,25 +220,34 @@ fn coefficients(text: &str, model_name: Option<&str>) -> Result<[f64; 4]> {
 }
 
 fn calibrate(a: CalibrateArgs) -> Result<()> {
-    let key = std::env::var(&a.api_key_env)
-        .with_context(|| format!("${} is not set (an admin key)", a.api_key_env))?;
-    let url = format!("{}/metrics", a.url.trim_end_matches('/'));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let text = rt
-        .block_on(async {
-            let r = reqwest::Client::new()
-                .get(&url)
-                .bearer_auth(key)
-                .send()
-                .await?;
-            r.error_for_status()?.text().await
-        })
-        .with_context(|| format!("cannot read {url}"))?;
-    let c = coefficients(&text, a.model_name.as_deref())?;
+    let (c, name) = if a.measure {
+        let key = std::env::var(&a.api_key_env).ok();
+        let c = rt.block_on(measure(&a.url, key, a.max_prompt))?;
+        (c, format!("measured at {}", a.url))
+    } else {
+        let key = std::env::var(&a.api_key_env)
+            .with_context(|| format!("${} is not set (an admin key)", a.api_key_env))?;
+        let url = format!("{}/metrics", a.url.trim_end_matches('/'));
+        let text = rt
+            .block_on(async {
+                let r = reqwest::Client::new()
+                    .get(&url)
+                    .bearer_auth(key)
+                    .send()
+                    .await?;
+                r.error_for_status()?.text().await
+            })
+            .with_context(|| format!("cannot read {url}"))?;
+        (
+            coefficients(&text, a.model_name.as_deref())?,
+            format!("serrano at {}", a.url),
+        )
+    };
     let profile = Profile {
-        name: format!("serrano at {}", a.url),
+        name,
         intercept_s: c[0],
         prefill_token_s: c[1],
         decode_seq_s: c[2],
@@ -246,6 +268,69 @@ fn calibrate(a: CalibrateArgs) -> Result<()> {
         a.out.display()
     );
     Ok(())
+}
+
+/// Concurrent streams of `calibrate --measure`'s decode runs: eight batch sizes, as many
+/// decode-only rows as the step-time model needs to trust its fit.
+const MEASURED_BATCHES: [u64; 8] = [1, 2, 3, 4, 6, 8, 12, 16];
+
+/// `calibrate --measure`: the engine's step-time model fitted to a server's measured latencies.
+/// A request of one output token is one prefill step of its prompt (its time to first token,
+/// with the HTTP round trip in it); the median gap of B streams decoding together is one decode
+/// step of B sequences. The coefficients are the model's own fit of those rows.
+async fn measure(url: &str, key: Option<String>, max_prompt: u64) -> Result<[f64; 4]> {
+    use serrano_engine::steptime::{chunk_kv_tokens, StepModel, StepShape};
+    let base = format!("{}/v1", url.trim_end_matches('/').trim_end_matches("/v1"));
+    let target = serrano_bench::Target::new(&base, key)?;
+    let opts = serrano_bench::RunOptions::default();
+    let workload = |requests: u64, prompt: &str, output: u64, clients: u64| {
+        serrano_bench::Workload::parse(
+            &format!(
+                "name = \"calibrate\"\nendpoint = \"completions\"\nstream = true\n\
+                 requests = {requests}\nwarmup_requests = 1\nseed = 1\nprompt_tokens = {prompt}\n\
+                 output_tokens = {{ dist = \"fixed\", value = {output} }}\n\
+                 arrival = {{ kind = \"closed\", concurrency = {clients} }}\n"
+            ),
+            false,
+        )
+        .map_err(|e| anyhow::anyhow!("calibration workload: {e}"))
+    };
+    let mut model = StepModel::default();
+    let prompts = format!(
+        "{{ dist = \"uniform\", min = 16, max = {} }}",
+        max_prompt.max(17)
+    );
+    let prefill = serrano_bench::run::run(&target, &workload(32, &prompts, 1, 1)?, &opts).await?;
+    for r in prefill.records.iter().filter(|r| r.ok()) {
+        let (Some(ttft), n) = (r.ttft(), r.prompt_tokens as usize) else {
+            continue;
+        };
+        let shape = StepShape {
+            prefill_tokens: n,
+            decode_seqs: 0,
+            kv_tokens: chunk_kv_tokens(0, n),
+        };
+        model.observe(shape, ttft);
+    }
+    let fixed = "{ dist = \"fixed\", value = 16 }";
+    for b in MEASURED_BATCHES {
+        let run = serrano_bench::run::run(&target, &workload(b, fixed, 64, b)?, &opts).await?;
+        let Some(gap) = run.summary.itl.p(50.0) else {
+            continue;
+        };
+        // 16 prompt tokens and 64 generated: positions 16 to 79, 48 on average.
+        let shape = StepShape {
+            prefill_tokens: 0,
+            decode_seqs: b as usize,
+            kv_tokens: b as usize * 48,
+        };
+        model.observe(shape, gap / 1e3);
+    }
+    model.coefficients().ok_or_else(|| {
+        anyhow::anyhow!(
+            "the measurements did not fit a step-time model (too few answered requests from {base})"
+        )
+    })
 }
 
 fn simulate(a: RunArgs) -> Result<()> {

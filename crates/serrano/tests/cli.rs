@@ -514,6 +514,34 @@ fn sim_calibrate_reads_the_servers_step_model_and_run_replays_it() {
         serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     assert_eq!(v["completed"], 20, "{v}");
     assert_eq!(v["fleet"]["backends"][1]["device"], "calibrated", "{v}");
+    // Measured instead (as for a server that is not serrano): the engine's model fitted to
+    // the server's latencies, a profile `sim run` replays.
+    let measured = dir.path().join("m.toml");
+    let o = Command::new(env!("CARGO_BIN_EXE_serrano"))
+        .args(["sim", "calibrate", "--measure", "--max-prompt", "128"])
+        .args(["--url", &s.base, "--out"])
+        .arg(&measured)
+        .env("SERRANO_ADMIN_KEY", common::ADMIN_KEY)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = std::fs::read_to_string(&measured).unwrap();
+    let profile: toml::Table = toml::from_str(&text).unwrap();
+    assert!(profile["name"].as_str().unwrap().starts_with("measured at"));
+    // Every step costs something: at least the HTTP round trip is in its intercept.
+    assert!(profile["intercept_s"].as_float().unwrap() > 0.0, "{text}");
+    let o = serrano(
+        &[
+            "sim",
+            "run",
+            "--workload",
+            workload.to_str().unwrap(),
+            "--profile",
+            measured.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
     // Without a key the server refuses, and so does calibrate, saying why.
     let o = Command::new(env!("CARGO_BIN_EXE_serrano"))
         .args(["sim", "calibrate", "--url", &s.base, "--out"])
