@@ -33,8 +33,13 @@ pub enum SimCommand {
 #[derive(Args)]
 pub struct CalibrateArgs {
     /// The server, e.g. http://127.0.0.1:8080.
-    #[arg(long)]
-    url: String,
+    #[arg(long, required_unless_present = "step_log")]
+    url: Option<String>,
+    /// Replay a serrano's `--step-log` (one server run's, from its start) through the engine's
+    /// step-time model instead of reading `/metrics`: the same rows in the same order, so the
+    /// same fit, without the server running.
+    #[arg(long, conflicts_with_all = ["url", "measure"])]
+    step_log: Option<PathBuf>,
     /// Environment variable holding an admin key (`/metrics` needs one; with --measure, any
     /// key the server takes, or none).
     #[arg(long, default_value = "SERRANO_ADMIN_KEY")]
@@ -223,27 +228,33 @@ fn calibrate(a: CalibrateArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let (c, name) = if a.measure {
+    let url = a.url.clone().unwrap_or_default();
+    let (c, name) = if let Some(path) = &a.step_log {
+        (
+            replay_step_log(path)?,
+            format!("the step log {}", path.display()),
+        )
+    } else if a.measure {
         let key = std::env::var(&a.api_key_env).ok();
-        let c = rt.block_on(measure(&a.url, key, a.max_prompt))?;
-        (c, format!("measured at {}", a.url))
+        let c = rt.block_on(measure(&url, key, a.max_prompt))?;
+        (c, format!("measured at {url}"))
     } else {
         let key = std::env::var(&a.api_key_env)
             .with_context(|| format!("${} is not set (an admin key)", a.api_key_env))?;
-        let url = format!("{}/metrics", a.url.trim_end_matches('/'));
+        let metrics = format!("{}/metrics", url.trim_end_matches('/'));
         let text = rt
             .block_on(async {
                 let r = reqwest::Client::new()
-                    .get(&url)
+                    .get(&metrics)
                     .bearer_auth(key)
                     .send()
                     .await?;
                 r.error_for_status()?.text().await
             })
-            .with_context(|| format!("cannot read {url}"))?;
+            .with_context(|| format!("cannot read {metrics}"))?;
         (
             coefficients(&text, a.model_name.as_deref())?,
-            format!("serrano at {}", a.url),
+            format!("serrano at {url}"),
         )
     };
     let profile = Profile {
@@ -268,6 +279,59 @@ fn calibrate(a: CalibrateArgs) -> Result<()> {
         a.out.display()
     );
     Ok(())
+}
+
+/// Longest step-log line read (a line is about 150 bytes; a longer one is not the engine's).
+const MAX_STEP_LOG_LINE: u64 = 4096;
+
+/// The engine's step-time model after the steps of a `--step-log`: calibration rows pinned and
+/// real steps in the window, as the engine learned them (`Engine::learn`), so the coefficients
+/// are the ones its `/metrics` showed after the last logged step.
+fn replay_step_log(path: &Path) -> Result<[f64; 4]> {
+    use serrano_engine::steptime::{StepModel, StepShape};
+    use std::io::{BufRead, Read};
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut lines = std::io::BufReader::new(file);
+    let mut model = StepModel::default();
+    let mut line = String::new();
+    for n in 1.. {
+        line.clear();
+        let read = (&mut lines)
+            .take(MAX_STEP_LOG_LINE + 1)
+            .read_line(&mut line)
+            .with_context(|| format!("{}: line {n}", path.display()))?;
+        if read == 0 {
+            break;
+        }
+        if read as u64 > MAX_STEP_LOG_LINE {
+            anyhow::bail!(
+                "{}: line {n} is over {MAX_STEP_LOG_LINE} bytes",
+                path.display()
+            );
+        }
+        let bad = || anyhow::anyhow!("{}: line {n} is not a step-log line", path.display());
+        let v: serde_json::Value = serde_json::from_str(&line).map_err(|_| bad())?;
+        let count = |k: &str| v[k].as_u64().map(|x| x as usize).ok_or_else(bad);
+        let shape = StepShape {
+            prefill_tokens: count("prefill_tokens")?,
+            decode_seqs: count("decode_seqs")?,
+            kv_tokens: count("kv_tokens")?,
+        };
+        let seconds = v["seconds"].as_f64().ok_or_else(bad)?;
+        if v["calibration"].as_bool() == Some(true) {
+            model.observe_pinned(shape, seconds);
+        } else {
+            model.observe(shape, seconds);
+        }
+    }
+    model.coefficients().ok_or_else(|| {
+        anyhow::anyhow!(
+            "{}: too few steps for a step-time model ({} needed)",
+            path.display(),
+            serrano_engine::steptime::MIN_STEPS
+        )
+    })
 }
 
 /// Concurrent streams of `calibrate --measure`'s decode runs: eight batch sizes, as many

@@ -438,14 +438,15 @@ fn plan_prices_the_cheapest_fleet_with_its_assumptions() {
 /// `serrano sim run --profile` replays.
 #[test]
 fn sim_calibrate_reads_the_servers_step_model_and_run_replays_it() {
-    let s = common::Server::tiny(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("steps.jsonl");
+    let s = common::Server::tiny(&["--step-log", log.to_str().unwrap()]);
     // Requests wait for the engine's start-up calibration, and their steps add to its fit (a
     // tiny model's context allows fewer calibration shapes than the fit needs).
     let body = serde_json::json!({"prompt": "hi there", "max_tokens": 16, "ignore_eos": true});
     for _ in 0..3 {
         assert_eq!(s.post("/v1/completions", &body).0, 200);
     }
-    let dir = tempfile::tempdir().unwrap();
     let profile = dir.path().join("p.toml");
     let o = Command::new(env!("CARGO_BIN_EXE_serrano"))
         .args(["sim", "calibrate", "--url", &s.base, "--out"])
@@ -460,6 +461,33 @@ fn sim_calibrate_reads_the_servers_step_model_and_run_replays_it() {
         text.contains("prefill_token_s") && text.contains("kv_tokens = 4096"),
         "{text}"
     );
+    // The server's step log, replayed through the same model, gives the same fit.
+    let replayed = dir.path().join("s.toml");
+    let o = serrano(
+        &[
+            "sim",
+            "calibrate",
+            "--step-log",
+            log.to_str().unwrap(),
+            "--out",
+            replayed.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let read = |p: &std::path::Path| -> toml::Table {
+        toml::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let (live, logged) = (read(&profile), read(&replayed));
+    for k in [
+        "intercept_s",
+        "prefill_token_s",
+        "decode_seq_s",
+        "kv_kilotoken_s",
+    ] {
+        let (a, b) = (live[k].as_float().unwrap(), logged[k].as_float().unwrap());
+        assert!((a - b).abs() <= 1e-9 * a.abs().max(1e-6), "{k}: {a} vs {b}");
+    }
     let workload = dir.path().join("w.toml");
     std::fs::write(
         &workload,
