@@ -78,7 +78,7 @@ impl SimSpec {
     fn backend(
         &self,
         catalog: &Catalog,
-        model: &ModelShape,
+        model: &mut dyn FnMut() -> Result<ModelShape, String>,
         dir: &Path,
     ) -> Result<(Backend, f64), String> {
         let limits = |seqs: usize, tokens: usize| SchedulerConfig {
@@ -96,7 +96,7 @@ impl SimSpec {
                 let backend = Backend {
                     timing: Timing::Roofline {
                         device: device.clone(),
-                        model: model.clone(),
+                        model: model()?,
                         precision,
                     },
                     scheduler: limits(DEFAULT_MAX_NUM_SEQS, DEFAULT_MAX_BATCH_TOKENS),
@@ -142,12 +142,13 @@ impl Fleet {
     /// A fleet file: a routing config (`[routing]`, `[[backend]]`, `[tenant.*]`, as `serrano
     /// gateway --config` reads it) whose every backend has a `sim` table (`device` or
     /// `profile`, and optionally `count`, `precision`, `max_num_seqs`, `max_batch_tokens`,
-    /// `price_per_hour`) instead of a `url`; each device backend runs `model`, each profile
-    /// (a path relative to `dir`, the fleet file's folder) the model it was calibrated on.
+    /// `price_per_hour`) instead of a `url`; each device backend runs the shape `model` gives
+    /// (asked only when a device backend needs it: a fleet of profiles needs no weights), each
+    /// profile (a path relative to `dir`, the fleet file's folder) the model it was calibrated on.
     pub fn parse(
         text: &str,
         catalog: &Catalog,
-        model: &ModelShape,
+        model: &mut dyn FnMut() -> Result<ModelShape, String>,
         dir: &Path,
     ) -> Result<Fleet, SimError> {
         let bad = |m: String| SimError::Workload(format!("fleet file: {m}"));
@@ -436,7 +437,7 @@ sim = { device = "l4", precision = "int8", max_num_seqs = 16 }
     #[test]
     fn a_fleet_file_expands_counts_into_routed_backends() {
         let catalog = Catalog::builtin().unwrap();
-        let f = Fleet::parse(FILE, &catalog, &toy_model(), Path::new(".")).unwrap();
+        let f = Fleet::parse(FILE, &catalog, &mut || Ok(toy_model()), Path::new(".")).unwrap();
         let names: Vec<&str> = f.config.backends.iter().map(|b| b.name.as_str()).collect();
         assert_eq!(names, ["gpu-1", "gpu-2", "small"]);
         assert_eq!(f.config.routing.strategy.as_str(), "least-loaded");
@@ -482,7 +483,7 @@ sim = { device = "l4", precision = "int8", max_num_seqs = 16 }
                 "absent.toml",
             ),
         ] {
-            let e = Fleet::parse(&broken, &catalog, &toy_model(), Path::new("."))
+            let e = Fleet::parse(&broken, &catalog, &mut || Ok(toy_model()), Path::new("."))
                 .err()
                 .map(|e| e.to_string());
             assert!(
@@ -513,13 +514,8 @@ sim = { device = "l4", precision = "int8", max_num_seqs = 16 }
             "device = \"l4\", precision = \"int8\", max_num_seqs = 16",
             "profile = \"node.toml\", count = 2, max_num_seqs = 16",
         );
-        let f = Fleet::parse(
-            &file,
-            &Catalog::builtin().unwrap(),
-            &toy_model(),
-            dir.path(),
-        )
-        .unwrap();
+        let catalog = Catalog::builtin().unwrap();
+        let f = Fleet::parse(&file, &catalog, &mut || Ok(toy_model()), dir.path()).unwrap();
         assert_eq!(f.backends.len(), 4);
         for b in &f.backends[2..] {
             assert!(matches!(
@@ -533,6 +529,15 @@ sim = { device = "l4", precision = "int8", max_num_seqs = 16 }
             assert_eq!(b.scheduler.max_batch_tokens, 256);
         }
         assert!((f.price_per_hour() - (7.0 + 0.1)).abs() < 1e-9);
+        // A fleet of profiles only never asks for a model's shape (no weights needed).
+        let profiles_only = "[routing]\nstrategy = \"least-loaded\"\n\n[[backend]]\n\
+             name = \"node\"\nregion = \"eu\"\ntier = \"cpu\"\nmodels = [\"m\"]\n\
+             sim = { profile = \"node.toml\" }\n";
+        let mut no_model = || Err("no model here".to_string());
+        let f = Fleet::parse(profiles_only, &catalog, &mut no_model, dir.path()).unwrap();
+        assert_eq!(f.backends.len(), 1);
+        let e = Fleet::parse(FILE, &catalog, &mut no_model, dir.path()).err();
+        assert!(e.is_some_and(|e| e.to_string().contains("no model here")));
     }
 
     /// A fleet file's batch tenant is scheduled as a serrano server schedules one: with every

@@ -453,12 +453,25 @@ fn simulate(a: RunArgs) -> Result<()> {
 fn simulate_fleet(a: &RunArgs, path: &Path, catalog: &Catalog) -> Result<()> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let (model_path, shape) = model_shape(a.model.as_ref())?;
     let dir = path.parent().unwrap_or(Path::new("."));
-    let fleet = serrano_sim::fleet::Fleet::parse(&text, catalog, &shape, dir)?;
+    // The model's shape only if a catalog device needs it (a fleet of calibrated profiles
+    // needs no weights).
+    let mut loaded: Option<(PathBuf, ModelShape)> = None;
+    let mut shape = || {
+        if let Some((_, shape)) = &loaded {
+            return Ok(shape.clone());
+        }
+        let (path, shape) = model_shape(a.model.as_ref()).map_err(|e| format!("{e:#}"))?;
+        loaded = Some((path, shape.clone()));
+        Ok(shape)
+    };
+    let fleet = serrano_sim::fleet::Fleet::parse(&text, catalog, &mut shape, dir)?;
     let (workload, slo, trace) = run_inputs(a)?;
-    let name = model_path
-        .file_name()
+    let name = loaded
+        .as_ref()
+        .map(|(path, _)| path.as_path())
+        .or(a.model.as_deref())
+        .and_then(|p| p.file_name())
         .map_or_else(|| "model".to_string(), |f| f.to_string_lossy().into_owned());
     let started = std::time::Instant::now();
     let run = serrano_sim::fleet::run(
