@@ -1,6 +1,6 @@
 #!/bin/bash
-# The simulator's fleet check (issue 33; BENCHMARKS.md, "The simulator's validation"):
-#   scripts/sim-validate-fleet.sh [BINARY] [OUT_DIR]     (about 10 minutes on 2 vCPUs)
+# The simulator's fleet check (issue 33; BENCHMARKS.md, "The simulator's fleet check"):
+#   scripts/sim-validate-fleet.sh [BINARY] [OUT_DIR]     (about 7 minutes on 2 vCPUs)
 # Two real `serrano serve` nodes on the default model, `--threads 1` each, pinned to one core
 # each (taskset: node A on CPU 0, node B on CPU 1), behind `serrano gateway` (least-loaded
 # routing), against the simulated fleet of two: a fleet file whose backends are the two nodes'
