@@ -64,9 +64,11 @@ impl Length {
             Length::Fixed { value } => value,
             Length::Uniform { min, max } => rng.random_range(min..=max.max(min)),
             Length::Normal { mean, sd, min, max } => {
-                let d = Normal::new(mean, sd.max(0.0))
-                    .unwrap_or_else(|_| Normal::new(mean, 0.0).expect("sd 0"));
-                clamp(d.sample(rng), min, max)
+                // Parameters rand_distr refuses (a non-finite mean) draw the mean itself.
+                match Normal::new(mean, sd.max(0.0)) {
+                    Ok(d) => clamp(d.sample(rng), min, max),
+                    Err(_) => clamp(mean, min, max),
+                }
             }
             Length::Lognormal { mean, sd, min, max } => {
                 // The underlying normal's parameters for a lognormal with this mean and sd.
@@ -74,9 +76,10 @@ impl Length {
                 let v = sd.max(0.0).powi(2);
                 let sigma2 = (1.0 + v / (m * m)).ln();
                 let mu = m.ln() - sigma2 / 2.0;
-                let d = LogNormal::new(mu, sigma2.sqrt())
-                    .unwrap_or_else(|_| LogNormal::new(mu, 0.0).expect("sigma 0"));
-                clamp(d.sample(rng), min, max)
+                match LogNormal::new(mu, sigma2.sqrt()) {
+                    Ok(d) => clamp(d.sample(rng), min, max),
+                    Err(_) => clamp(m, min, max),
+                }
             }
         }
     }

@@ -16,7 +16,7 @@ use serrano_router::config::Class;
 use serrano_router::{Attempt, Config, Outcome, Router};
 
 use crate::catalog::Catalog;
-use crate::profile::{Profile, MAX_PROFILE_BYTES};
+use crate::profile::Profile;
 use crate::roofline::{ModelShape, Precision};
 use crate::sim::{
     run_nodes, run_requests, summarize, Backend, LateBound, Node, Request, SimError, SimRun,
@@ -107,11 +107,7 @@ impl SimSpec {
                 if self.precision.is_some() {
                     return Err("a profile has its own precision".into());
                 }
-                let path = dir.join(file);
-                let text = read_bounded(&path, MAX_PROFILE_BYTES)
-                    .map_err(|e| format!("profile {}: {e}", path.display()))?;
-                let profile =
-                    Profile::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+                let profile = Profile::load(&dir.join(file)).map_err(|e| e.to_string())?;
                 let scheduler = limits(profile.max_num_seqs, profile.max_batch_tokens);
                 (profile.backend(Some(scheduler)), profile.price_per_hour)
             }
@@ -123,19 +119,6 @@ impl SimSpec {
         }
         Ok((backend, price))
     }
-}
-
-/// A file's text, refused when over `max` bytes (read no further than that).
-fn read_bounded(path: &Path, max: usize) -> std::io::Result<String> {
-    use std::io::Read;
-    let mut text = String::new();
-    std::fs::File::open(path)?
-        .take(max as u64 + 1)
-        .read_to_string(&mut text)?;
-    if text.len() > max {
-        return Err(std::io::Error::other(format!("over {max} bytes")));
-    }
-    Ok(text)
 }
 
 impl Fleet {

@@ -4,6 +4,7 @@
 //! scheduler on a virtual clock ([`sim`]), and a fleet of them behind the router's own
 //! strategies ([`fleet`]), with what each backend was doing over the run ([`timeline`]); and the cheapest fleet for a traffic forecast at its SLO ([`plan`]).
 
+pub mod calibrate;
 pub mod catalog;
 pub mod fleet;
 pub mod plan;

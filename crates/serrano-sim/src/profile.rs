@@ -3,6 +3,9 @@
 //! server it was read from. `sim run --profile` replays one; a fleet file's `sim = { profile =
 //! FILE }` puts one behind the router.
 
+use std::io::Read;
+use std::path::Path;
+
 use serde::{Deserialize, Serialize};
 use serrano_engine::scheduler::SchedulerConfig;
 use serrano_engine::steptime::StepModel;
@@ -54,6 +57,19 @@ impl Profile {
             return Err(bad(format!("price_per_hour {}", p.price_per_hour)));
         }
         Ok(p)
+    }
+
+    /// A profile file, read no further than [`MAX_PROFILE_BYTES`].
+    pub fn load(path: &Path) -> Result<Profile, SimError> {
+        let bad = |m: String| SimError::Workload(format!("profile {}: {m}", path.display()));
+        let mut text = String::new();
+        std::fs::File::open(path)
+            .and_then(|f| {
+                f.take(MAX_PROFILE_BYTES as u64 + 1)
+                    .read_to_string(&mut text)
+            })
+            .map_err(|e| bad(e.to_string()))?;
+        Profile::parse(&text).map_err(|e| bad(e.to_string()))
     }
 
     /// The profile as a file, with a comment saying what the numbers are.

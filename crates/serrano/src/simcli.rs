@@ -230,13 +230,16 @@ fn calibrate(a: CalibrateArgs) -> Result<()> {
         .build()?;
     let url = a.url.clone().unwrap_or_default();
     let (c, name) = if let Some(path) = &a.step_log {
-        (
-            replay_step_log(path)?,
-            format!("the step log {}", path.display()),
-        )
+        let file =
+            std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let c = serrano_sim::calibrate::from_step_log(std::io::BufReader::new(file))
+            .with_context(|| path.display().to_string())?;
+        (c, format!("the step log {}", path.display()))
     } else if a.measure {
         let key = std::env::var(&a.api_key_env).ok();
-        let c = rt.block_on(measure(&url, key, a.max_prompt))?;
+        let base = format!("{}/v1", url.trim_end_matches('/').trim_end_matches("/v1"));
+        let target = serrano_bench::Target::new(&base, key)?;
+        let c = rt.block_on(serrano_sim::calibrate::measure(&target, a.max_prompt))?;
         (c, format!("measured at {url}"))
     } else {
         let key = std::env::var(&a.api_key_env)
@@ -281,127 +284,9 @@ fn calibrate(a: CalibrateArgs) -> Result<()> {
     Ok(())
 }
 
-/// Longest step-log line read (a line is about 150 bytes; a longer one is not the engine's).
-const MAX_STEP_LOG_LINE: u64 = 4096;
-
-/// The engine's step-time model after the steps of a `--step-log`: calibration rows pinned and
-/// real steps in the window, as the engine learned them (`Engine::learn`), so the coefficients
-/// are the ones its `/metrics` showed after the last logged step.
-fn replay_step_log(path: &Path) -> Result<[f64; 4]> {
-    use serrano_engine::steptime::{StepModel, StepShape};
-    use std::io::{BufRead, Read};
-    let file =
-        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut lines = std::io::BufReader::new(file);
-    let mut model = StepModel::default();
-    let mut line = String::new();
-    for n in 1.. {
-        line.clear();
-        let read = (&mut lines)
-            .take(MAX_STEP_LOG_LINE + 1)
-            .read_line(&mut line)
-            .with_context(|| format!("{}: line {n}", path.display()))?;
-        if read == 0 {
-            break;
-        }
-        if read as u64 > MAX_STEP_LOG_LINE {
-            anyhow::bail!(
-                "{}: line {n} is over {MAX_STEP_LOG_LINE} bytes",
-                path.display()
-            );
-        }
-        let bad = || anyhow::anyhow!("{}: line {n} is not a step-log line", path.display());
-        let v: serde_json::Value = serde_json::from_str(&line).map_err(|_| bad())?;
-        let count = |k: &str| v[k].as_u64().map(|x| x as usize).ok_or_else(bad);
-        let shape = StepShape {
-            prefill_tokens: count("prefill_tokens")?,
-            decode_seqs: count("decode_seqs")?,
-            kv_tokens: count("kv_tokens")?,
-        };
-        let seconds = v["seconds"].as_f64().ok_or_else(bad)?;
-        if v["calibration"].as_bool() == Some(true) {
-            model.observe_pinned(shape, seconds);
-        } else {
-            model.observe(shape, seconds);
-        }
-    }
-    model.coefficients().ok_or_else(|| {
-        anyhow::anyhow!(
-            "{}: too few steps for a step-time model ({} needed)",
-            path.display(),
-            serrano_engine::steptime::MIN_STEPS
-        )
-    })
-}
-
-/// Concurrent streams of `calibrate --measure`'s decode runs: eight batch sizes, as many
-/// decode-only rows as the step-time model needs to trust its fit.
-const MEASURED_BATCHES: [u64; 8] = [1, 2, 3, 4, 6, 8, 12, 16];
-
-/// `calibrate --measure`: the engine's step-time model fitted to a server's measured latencies.
-/// A request of one output token is one prefill step of its prompt (its time to first token,
-/// with the HTTP round trip in it); the median gap of B streams decoding together is one decode
-/// step of B sequences. The coefficients are the model's own fit of those rows.
-async fn measure(url: &str, key: Option<String>, max_prompt: u64) -> Result<[f64; 4]> {
-    use serrano_engine::steptime::{chunk_kv_tokens, StepModel, StepShape};
-    let base = format!("{}/v1", url.trim_end_matches('/').trim_end_matches("/v1"));
-    let target = serrano_bench::Target::new(&base, key)?;
-    let opts = serrano_bench::RunOptions::default();
-    let workload = |requests: u64, prompt: &str, output: u64, clients: u64| {
-        serrano_bench::Workload::parse(
-            &format!(
-                "name = \"calibrate\"\nendpoint = \"completions\"\nstream = true\n\
-                 requests = {requests}\nwarmup_requests = 1\nseed = 1\nprompt_tokens = {prompt}\n\
-                 output_tokens = {{ dist = \"fixed\", value = {output} }}\n\
-                 arrival = {{ kind = \"closed\", concurrency = {clients} }}\n"
-            ),
-            false,
-        )
-        .map_err(|e| anyhow::anyhow!("calibration workload: {e}"))
-    };
-    let mut model = StepModel::default();
-    let prompts = format!(
-        "{{ dist = \"uniform\", min = 16, max = {} }}",
-        max_prompt.max(17)
-    );
-    let prefill = serrano_bench::run::run(&target, &workload(32, &prompts, 1, 1)?, &opts).await?;
-    for r in prefill.records.iter().filter(|r| r.ok()) {
-        let (Some(ttft), n) = (r.ttft(), r.prompt_tokens as usize) else {
-            continue;
-        };
-        let shape = StepShape {
-            prefill_tokens: n,
-            decode_seqs: 0,
-            kv_tokens: chunk_kv_tokens(0, n),
-        };
-        model.observe(shape, ttft);
-    }
-    let fixed = "{ dist = \"fixed\", value = 16 }";
-    for b in MEASURED_BATCHES {
-        let run = serrano_bench::run::run(&target, &workload(b, fixed, 64, b)?, &opts).await?;
-        let Some(gap) = run.summary.itl.p(50.0) else {
-            continue;
-        };
-        // 16 prompt tokens and 64 generated: positions 16 to 79, 48 on average.
-        let shape = StepShape {
-            prefill_tokens: 0,
-            decode_seqs: b as usize,
-            kv_tokens: b as usize * 48,
-        };
-        model.observe(shape, gap / 1e3);
-    }
-    model.coefficients().ok_or_else(|| {
-        anyhow::anyhow!(
-            "the measurements did not fit a step-time model (too few answered requests from {base})"
-        )
-    })
-}
-
 fn simulate(a: RunArgs) -> Result<()> {
     if let Some(p) = &a.profile {
-        let text =
-            std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
-        let profile = Profile::parse(&text).with_context(|| p.display().to_string())?;
+        let profile = Profile::load(p)?;
         let backend = profile.backend(None);
         let assumptions = format!(
             "the step-time model of {} and ${}/h",
