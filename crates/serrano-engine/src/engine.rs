@@ -236,6 +236,10 @@ pub struct ModelInfo {
     pub chat_template: ChatTemplate,
     pub context_length: usize,
     pub weight_bytes: usize,
+    /// The output head is a matrix of its own (its bytes count in `weight_bytes`).
+    pub untied_head: bool,
+    /// Whether prompts go through the prefix cache (`--no-prefix-caching` turns it off).
+    pub prefix_caching: bool,
 }
 
 impl ModelInfo {
@@ -519,7 +523,9 @@ impl EngineHandle {
         (req.class == SloClass::Batch).then_some((self.max_waiting / 2).max(1))
     }
 
-    fn validate(&self, req: &GenerateRequest) -> Result<(), SubmitError> {
+    /// What [`check`](Self::check) checks of the request itself (prompt, context, KV cache,
+    /// vocabulary), without the queue room.
+    pub fn validate(&self, req: &GenerateRequest) -> Result<(), SubmitError> {
         let ctx = self.info.context_length;
         if req.prompt.is_empty() {
             return Err(SubmitError::Invalid("the prompt is empty".into()));
@@ -611,6 +617,8 @@ pub fn start_from_gguf(file: &GgufFile, config: EngineConfig) -> Result<EngineHa
         chat_template,
         context_length,
         weight_bytes: model.weight_bytes(),
+        untied_head: model.untied_head(),
+        prefix_caching: config.prefix_caching,
     });
     tracing::info!(
         blocks = n_blocks,

@@ -120,6 +120,8 @@ pub struct Model {
     output: QMatrix,
     rope: Rope,
     weight_bytes: usize,
+    /// The output head is a matrix of its own, not the token embeddings.
+    untied_head: bool,
 }
 
 impl std::fmt::Debug for Model {
@@ -260,7 +262,13 @@ impl Model {
             output,
             rope,
             weight_bytes,
+            untied_head: !tied,
         })
+    }
+
+    /// Whether the output head is a matrix of its own (not the token embeddings).
+    pub fn untied_head(&self) -> bool {
+        self.untied_head
     }
 
     /// Bytes of weights read per decode step (the memory-bandwidth floor of one token).

@@ -48,7 +48,56 @@ pub enum Kind {
     Local,
     /// Any OpenAI-compatible server.
     Openai,
+    /// A device that may not exist: its pace modelled (`sim`, see [`SimTier`]), its tokens
+    /// from this process's engine.
+    Sim,
 }
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Local => "local",
+            Kind::Openai => "openai",
+            Kind::Sim => "sim",
+        }
+    }
+}
+
+/// A `sim` backend's `sim = { ... }`: what its pace is modelled on (serrano-sim reads it).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimTier {
+    /// A catalog device (`serrano sim devices`), or a what-if variant (`NEW=BASE,FIELD=xK`).
+    pub device: Option<String>,
+    /// Or a `serrano sim calibrate` profile file: a real server's step-time model.
+    pub profile: Option<String>,
+    /// The model the device is modelled running (a catalog model); default: the shape of
+    /// the model that makes the tokens.
+    pub model_shape: Option<String>,
+    /// A device's weights and arithmetic (bf16 when not given).
+    pub precision: Option<String>,
+    /// Step limits (a device's default the datacenter's, a profile's the server's).
+    pub max_num_seqs: Option<usize>,
+    pub max_batch_tokens: Option<usize>,
+    #[serde(default)]
+    pub tokens: SimTokens,
+}
+
+/// Where a `sim` backend's tokens come from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SimTokens {
+    /// The engine generates them; each is released no sooner than the device would have it.
+    #[default]
+    Engine,
+    /// No model runs: every token is filler text, as many as `max_tokens` asks, released at
+    /// the device's pace (a tier far faster than this machine, many streams at once).
+    Synthetic,
+}
+
+/// Most sequences or tokens a `sim` backend's step may be given (the simulated device's own
+/// limit on sequences is `serrano_sim::live::MAX_SEQUENCES`).
+pub const MAX_SIM_STEP: usize = 1 << 20;
 
 /// A tenant's latency class in a local engine's scheduler.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -169,9 +218,11 @@ pub struct Backend {
     pub kind: Kind,
     /// Base URL including `/v1` (openai backends only).
     pub url: Option<String>,
-    /// A GGUF file this process runs an engine of its own for (local backends only; without
-    /// it, a local backend is the engine of `serrano serve --model`).
+    /// A GGUF file this process runs an engine of its own for (local and sim backends only;
+    /// without it, the engine of `serrano serve --model`).
     pub model: Option<String>,
+    /// What a `sim` backend's pace is modelled on (sim backends only).
+    pub sim: Option<SimTier>,
     pub region: String,
     /// e.g. gpu, asic, cpu.
     pub tier: String,
@@ -201,6 +252,37 @@ pub struct Backend {
     pub default_max_tokens: u64,
 }
 
+/// What is wrong with a sim table, and in which field: its names and sizes (the device, the
+/// profile and the precision are checked where the backend is built, against the catalog).
+fn check_sim(t: &SimTier) -> Result<(), (&'static str, String)> {
+    match (&t.device, &t.profile) {
+        (Some(_), Some(_)) | (None, None) => {
+            return Err(("device", "give one of device or profile".into()))
+        }
+        _ => {}
+    }
+    let strings = [
+        ("device", &t.device),
+        ("profile", &t.profile),
+        ("model_shape", &t.model_shape),
+        ("precision", &t.precision),
+    ];
+    for (field, v) in strings {
+        if v.as_ref().is_some_and(|v| v.is_empty() || v.len() > 4096) {
+            return Err((field, "1 to 4,096 bytes".into()));
+        }
+    }
+    for (field, v) in [
+        ("max_num_seqs", t.max_num_seqs),
+        ("max_batch_tokens", t.max_batch_tokens),
+    ] {
+        if v.is_some_and(|v| v == 0 || v > MAX_SIM_STEP) {
+            return Err((field, format!("from 1 to {MAX_SIM_STEP}")));
+        }
+    }
+    Ok(())
+}
+
 fn openai() -> Kind {
     Kind::Openai
 }
@@ -225,6 +307,7 @@ impl Backend {
             kind: Kind::Local,
             url: None,
             model: None,
+            sim: None,
             region: region.into(),
             tier: "cpu".into(),
             models: vec![],
@@ -248,6 +331,17 @@ impl Backend {
             url: Some(url.into()),
             tier: "remote".into(),
             models,
+            ..Backend::local(region)
+        }
+    }
+
+    /// A simulated device in front of the in-process engine.
+    pub fn sim(name: &str, region: &str, sim: SimTier) -> Backend {
+        Backend {
+            name: name.into(),
+            kind: Kind::Sim,
+            tier: "sim".into(),
+            sim: Some(sim),
             ..Backend::local(region)
         }
     }
@@ -713,6 +807,8 @@ impl Validator<'_> {
                 return Err(self.err(span, f("name"), format!("'{}' is declared twice", b.name)));
             }
             locals += usize::from(b.kind == Kind::Local && b.model.is_none());
+            // A sim backend shares the engine of its model path with any other backend.
+            let own_model = b.model.as_ref().filter(|_| b.kind == Kind::Local);
             if locals > 1 {
                 return Err(self.err(
                     span,
@@ -720,7 +816,7 @@ impl Validator<'_> {
                     "at most one local backend without a model (the --model engine); give the others a model path".into(),
                 ));
             }
-            if let Some(p) = &b.model {
+            if let Some(p) = own_model {
                 if !paths.insert(p.as_str()) {
                     return Err(self.err(
                         span,
@@ -888,28 +984,47 @@ impl Validator<'_> {
             (Kind::Openai, Some(u)) if !(u.starts_with("http://") || u.starts_with("https://")) => {
                 return e("url", format!("'{u}' is not an http(s) URL"))
             }
-            (Kind::Local, Some(_)) => return e("url", "a local backend has no url".into()),
+            (Kind::Local | Kind::Sim, Some(_)) => {
+                return e("url", format!("a {} backend has no url", b.kind.as_str()))
+            }
             _ => {}
         }
         match (b.kind, &b.model) {
-            (Kind::Openai, Some(_)) => {
-                return e(
-                    "model",
-                    "only a local backend runs a model file; an openai backend lists `models`"
-                        .into(),
-                )
-            }
-            (Kind::Local, Some(p)) if p.is_empty() || p.len() > 4096 => {
+            (Kind::Openai, Some(_)) => return e(
+                "model",
+                "only a local or sim backend runs a model file; an openai backend lists `models`"
+                    .into(),
+            ),
+            (Kind::Local | Kind::Sim, Some(p)) if p.is_empty() || p.len() > 4096 => {
                 return e("model", "a path to a GGUF file".into())
             }
             _ => {}
+        }
+        match (b.kind, &b.sim) {
+            (Kind::Sim, None) => {
+                return e(
+                    "sim",
+                    "a sim backend needs sim = { device = \"...\" } or { profile = \"...\" }"
+                        .into(),
+                )
+            }
+            (Kind::Sim, Some(t)) => {
+                if let Err((field, m)) = check_sim(t) {
+                    return e(&format!("sim.{field}"), m);
+                }
+            }
+            (_, Some(_)) => return e("sim", "only a sim backend has a sim table".into()),
+            (_, None) => {}
         }
         if b.kind == Kind::Openai && b.models.is_empty() && b.aliases.is_empty() {
             return e("models", "list the models this backend serves".into());
         }
         if let Some(v) = &b.api_key_env {
-            if b.kind == Kind::Local {
-                return e("api_key_env", "a local backend has no key".into());
+            if b.kind != Kind::Openai {
+                return e(
+                    "api_key_env",
+                    format!("a {} backend has no key", b.kind.as_str()),
+                );
             }
             if !valid_env_name(v) {
                 return e(
@@ -1070,6 +1185,71 @@ filters = { pii = "redact" }
 
         let e = error_of(&GOOD.replace("\"weighted\"", "\"fastest\""));
         assert_eq!(e.field.as_deref(), Some("route[0].strategy"), "{e}");
+    }
+
+    #[test]
+    fn a_sim_backend_needs_one_device_or_profile_and_nothing_remote() {
+        let sim = |table: &str| {
+            format!(
+                "[[backend]]\nname = \"asic\"\nkind = \"sim\"\nregion = \"eu\"\ntier = \"asic\"\n{table}\n"
+            )
+        };
+        let c = Config::parse(&sim(
+            "sim = { device = \"inference-asic\", model_shape = \"llama-3.1-8b\", tokens = \"synthetic\" }",
+        ))
+        .unwrap();
+        let t = c.backends[0].sim.as_ref().unwrap();
+        assert_eq!(t.device.as_deref(), Some("inference-asic"));
+        assert_eq!(t.tokens, SimTokens::Synthetic);
+        assert_eq!(c.backends[0].kind.as_str(), "sim");
+        // A rendered config of a sim backend reads back the same.
+        let back = Config::parse(&render(&c.backends)).unwrap();
+        assert_eq!(back.backends, c.backends);
+
+        let refused = [
+            ("", "backend[0].sim", "needs sim"),
+            (
+                "sim = {}",
+                "backend[0].sim.device",
+                "one of device or profile",
+            ),
+            (
+                "sim = { device = \"a\", profile = \"p.toml\" }",
+                "backend[0].sim.device",
+                "one of device or profile",
+            ),
+            (
+                "sim = { device = \"a\", max_num_seqs = 0 }",
+                "backend[0].sim.max_num_seqs",
+                "from 1",
+            ),
+            (
+                "sim = { device = \"a\" }\nurl = \"http://x/v1\"",
+                "backend[0].url",
+                "no url",
+            ),
+            (
+                "sim = { device = \"a\" }\napi_key_env = \"K\"",
+                "backend[0].api_key_env",
+                "no key",
+            ),
+            (
+                "sim = { device = \"a\", tokens = \"random\" }",
+                "backend[0].sim",
+                "unknown variant",
+            ),
+        ];
+        for (table, field, message) in refused {
+            let e = error_of(&sim(table));
+            assert_eq!(e.field.as_deref(), Some(field), "{table}: {e}");
+            assert!(e.message.contains(message), "{table}: {e}");
+        }
+        let e = error_of(&GOOD.replace(
+            "tier = \"gpu\"",
+            "tier = \"gpu\"\nsim = { device = \"h100-sxm\" }",
+        ));
+        assert_eq!(e.field.as_deref(), Some("backend[0].sim"), "{e}");
+        assert!(e.message.contains("only a sim backend"), "{e}");
     }
 
     #[test]

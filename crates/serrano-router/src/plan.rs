@@ -574,10 +574,7 @@ impl<H: Clone> Deployment<H> {
                 let (breaker, healthy, last_check, opened, ttft, itl) = s.view(now, stale);
                 BackendView {
                     name: b.name.clone(),
-                    kind: match b.kind {
-                        Kind::Local => "local",
-                        Kind::Openai => "openai",
-                    },
+                    kind: b.kind.as_str(),
                     url: b.url.clone(),
                     region: b.region.clone(),
                     tier: b.tier.clone(),

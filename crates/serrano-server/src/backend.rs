@@ -200,6 +200,11 @@ impl Prepared {
         }
     }
 
+    /// The rendering `prepare` made, to read; `None` if it is of another type.
+    pub fn work<T: Any>(&self) -> Option<&T> {
+        self.work.downcast_ref::<T>()
+    }
+
     /// The rendering `prepare` made; `Err` if it came from another backend's `prepare` (a bug).
     pub fn into_work<T: Any>(self) -> Result<T, BackendError> {
         self.work

@@ -1,8 +1,8 @@
 //! serrano's OpenAI-compatible HTTP server (axum) in front of every backend.
 //!
 //! Requests are parsed into the wire types of `serrano-api`, validated once, and run through one
-//! pipeline whatever serves them: the in-process engine, an OpenAI-compatible upstream, or any
-//! other [`Backend`]. Every body has a size limit, every error is an OpenAI-style JSON object,
+//! pipeline whatever serves them: the in-process engine, an OpenAI-compatible upstream, a simulated device
+//! (`simulated`), or any other [`Backend`]. Every body has a size limit, every error is an OpenAI-style JSON object,
 //! and accepted connections have TCP_NODELAY set.
 
 mod admin;
@@ -25,6 +25,7 @@ mod relay;
 pub mod routing;
 pub mod safety;
 pub mod shield;
+pub mod simulated;
 mod state;
 mod tools;
 pub mod trace;

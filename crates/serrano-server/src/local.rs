@@ -116,6 +116,24 @@ impl LocalBackend {
         .map(Some)
     }
 
+    pub(crate) fn engine_handle(&self) -> &EngineHandle {
+        &self.engine
+    }
+
+    /// The prompt's token ids of a generation this backend rendered.
+    pub(crate) fn prompt_of(p: &Prepared) -> Option<&[u32]> {
+        p.work::<Work>().map(|w| w.req.prompt.as_slice())
+    }
+
+    /// Renders and checks a generation as `prepare` does (context, vocabulary, fields), but
+    /// asks the engine for no queue room: for a backend that uses only the rendering.
+    pub(crate) async fn render_only(&self, gen: &Generation) -> Result<Prepared, BackendError> {
+        let work = self.render(gen).await.map_err(BackendError::refused)?;
+        self.engine.validate(&work.req).map_err(engine_error)?;
+        let (prompt, max) = (work.req.prompt.len() as u64, work.req.max_tokens as u64);
+        Ok(Prepared::new(prompt, max, work))
+    }
+
     fn info(&self) -> &Arc<ModelInfo> {
         self.engine.info()
     }

@@ -333,9 +333,38 @@ async fn prepare(
                 let up = Upstream::from_backend(b, request_timeout).map_err(invalid)?;
                 handles.push(Arc::new(up));
             }
+            Kind::Sim => {
+                let engine = local_engine(b, engines).await.map_err(invalid)?;
+                handles.push(sim_backend(b, engine).map_err(invalid)?);
+            }
         }
     }
     Ok((config, handles))
+}
+
+/// A sim backend: its device (the built-in catalog's, running the engine's model unless the
+/// table names a `model_shape`; or a profile file, relative to the working directory) started
+/// on its own thread, the engine rendering and making its tokens.
+fn sim_backend(
+    b: &serrano_router::config::Backend,
+    engine: serrano_engine::EngineHandle,
+) -> Result<Handle, String> {
+    let tier = b.sim.clone().unwrap_or_default();
+    let catalog = serrano_sim::Catalog::builtin().map_err(|e| e.to_string())?;
+    let info = engine.info().clone();
+    let mut shape = || {
+        Ok(serrano_sim::ModelShape::from_config(
+            &info.config,
+            info.untied_head,
+        ))
+    };
+    let (device, _) =
+        serrano_sim::fleet::tier_backend(&tier, &catalog, &mut shape, std::path::Path::new("."))?;
+    let device = serrano_sim::live::Device::start(&b.name, device).map_err(|e| e.to_string())?;
+    let synthetic = tier.tokens == serrano_router::config::SimTokens::Synthetic;
+    Ok(Arc::new(crate::simulated::SimBackend::new(
+        &b.name, engine, device, synthetic,
+    )))
 }
 
 /// The engine of a local backend, whose model names it fills in when the config gives none.

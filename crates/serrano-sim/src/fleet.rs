@@ -12,7 +12,7 @@ use serrano_bench::metrics::{RequestRecord, Slo};
 use serrano_bench::workload::{TraceEntry, Workload};
 use serrano_engine::scheduler::SchedulerConfig;
 use serrano_engine::SloClass;
-use serrano_router::config::Class;
+use serrano_router::config::{Class, SimTier, SimTokens};
 use serrano_router::{Attempt, Config, Outcome, Router};
 
 use crate::catalog::Catalog;
@@ -81,43 +81,73 @@ impl SimSpec {
         model: &mut dyn FnMut() -> Result<ModelShape, String>,
         dir: &Path,
     ) -> Result<(Backend, f64), String> {
-        let limits = |seqs: usize, tokens: usize| SchedulerConfig {
-            max_num_seqs: self.max_num_seqs.unwrap_or(seqs).max(1),
-            max_batch_tokens: self.max_batch_tokens.unwrap_or(tokens).max(1),
+        let tier = SimTier {
+            device: self.device.clone(),
+            profile: self.profile.clone(),
+            model_shape: None,
+            precision: self.precision.clone(),
+            max_num_seqs: self.max_num_seqs,
+            max_batch_tokens: self.max_batch_tokens,
+            tokens: SimTokens::default(),
         };
-        let (backend, price) = match (&self.device, &self.profile) {
-            (Some(device), None) => {
-                let device = catalog.device(device).map_err(|e| e.to_string())?;
-                let precision = match self.precision.as_deref() {
-                    None => Precision::Bf16,
-                    Some(p) => Precision::parse(p)
-                        .ok_or_else(|| format!("precision '{p}': use bf16 or int8"))?,
-                };
-                let backend = Backend {
-                    timing: Timing::Roofline {
-                        device: device.clone(),
-                        model: model()?,
-                        precision,
-                    },
-                    scheduler: limits(DEFAULT_MAX_NUM_SEQS, DEFAULT_MAX_BATCH_TOKENS),
-                };
-                (backend, device.price_per_hour)
-            }
-            (None, Some(file)) => {
-                if self.precision.is_some() {
-                    return Err("a profile has its own precision".into());
-                }
-                let profile = Profile::load(&dir.join(file)).map_err(|e| e.to_string())?;
-                let scheduler = limits(profile.max_num_seqs, profile.max_batch_tokens);
-                (profile.backend(Some(scheduler)), profile.price_per_hour)
-            }
-            _ => return Err("give one of device or profile".into()),
-        };
+        let (backend, price) = tier_backend(&tier, catalog, model, dir)?;
         let price = self.price_per_hour.unwrap_or(price);
         if !(price.is_finite() && price >= 0.0) {
             return Err(format!("price_per_hour {price}"));
         }
         Ok((backend, price))
+    }
+}
+
+/// The simulated backend a sim table describes (a fleet file's, or a server's `kind = "sim"`
+/// backend's), and its price per hour: a catalog device (or what-if variant) running the
+/// table's `model_shape`, else the shape `model` gives (asked only then), with the
+/// datacenter's step limits unless the table sets them; or a `serrano sim calibrate` profile
+/// read relative to `dir`, with the server's step limits unless the table sets them.
+pub fn tier_backend(
+    t: &SimTier,
+    catalog: &Catalog,
+    model: &mut dyn FnMut() -> Result<ModelShape, String>,
+    dir: &Path,
+) -> Result<(Backend, f64), String> {
+    let limits = |seqs: usize, tokens: usize| SchedulerConfig {
+        max_num_seqs: t.max_num_seqs.unwrap_or(seqs).max(1),
+        max_batch_tokens: t.max_batch_tokens.unwrap_or(tokens).max(1),
+    };
+    match (&t.device, &t.profile) {
+        (Some(device), None) => {
+            let device = catalog.variant(device).map_err(|e| e.to_string())?;
+            let precision = match t.precision.as_deref() {
+                None => Precision::Bf16,
+                Some(p) => Precision::parse(p)
+                    .ok_or_else(|| format!("precision '{p}': use bf16 or int8"))?,
+            };
+            let shape = match &t.model_shape {
+                Some(name) => {
+                    ModelShape::from_spec(catalog.model(name).map_err(|e| e.to_string())?)
+                }
+                None => model()?,
+            };
+            let price = device.price_per_hour;
+            let backend = Backend {
+                timing: Timing::Roofline {
+                    device,
+                    model: shape,
+                    precision,
+                },
+                scheduler: limits(DEFAULT_MAX_NUM_SEQS, DEFAULT_MAX_BATCH_TOKENS),
+            };
+            Ok((backend, price))
+        }
+        (None, Some(file)) => {
+            if t.precision.is_some() || t.model_shape.is_some() {
+                return Err("a profile has its own model and precision".into());
+            }
+            let profile = Profile::load(&dir.join(file)).map_err(|e| e.to_string())?;
+            let scheduler = limits(profile.max_num_seqs, profile.max_batch_tokens);
+            Ok((profile.backend(Some(scheduler)), profile.price_per_hour))
+        }
+        _ => Err("give one of device or profile".into()),
     }
 }
 

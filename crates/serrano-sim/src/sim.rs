@@ -13,10 +13,11 @@
 //! learner fits to the roofline's times.
 //!
 //! Arrivals are open loop (the workload's process, or a trace), or a closed loop of
-//! `concurrency` clients each sending its next request when its last one ends; a
+//! `concurrency` clients each sending its next conversation when its last one ends; a
 //! conversation's later turns follow the reply before them, sending it back as their prefix.
-//! Not modelled yet: a closed loop bounded by `duration_s` or made of conversations. Several backends
-//! behind the router: [`crate::fleet`].
+//! A `duration_s` ends the run as the load generator ends it: nothing is sent after it (a
+//! later turn whose think time ends past it is dropped, and its client stops). Several
+//! backends behind the router: [`crate::fleet`].
 
 use std::borrow::Cow;
 use std::cmp::Reverse;
@@ -229,6 +230,10 @@ pub struct Request {
     /// A conversation's later turn: sent this many seconds after request `.0` (the turn
     /// before it) ends, its prompt that request's prompt and reply, then its own tokens.
     pub after: Option<(usize, f64)>,
+    /// A client sends it only before this time (the workload's `duration_s`); a request
+    /// whose client comes later is never sent, and not in the results, as the load generator
+    /// leaves it.
+    pub until: f64,
 }
 
 /// The requests of a workload (warm-up first): arrivals, lengths and tenants drawn from its
@@ -236,12 +241,6 @@ pub struct Request {
 /// ([`WAITS_FOR_A_CLIENT`]); a conversation's later turns wait for the turn before them.
 pub fn requests(w: &Workload) -> Result<Vec<Request>, SimError> {
     w.check().map_err(SimError::Workload)?;
-    let closed = matches!(w.arrival, Arrival::Closed { .. });
-    if closed && (w.duration_s.is_some() || w.turns > 1) {
-        return Err(SimError::Workload(
-            "a closed-loop workload with duration_s or turns > 1 is not simulated yet".into(),
-        ));
-    }
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(w.seed);
     // Conversations of `turns` requests (the last of the warm-up's or the run's may be
     // shorter), as the load generator splits them; one request each without turns.
@@ -256,8 +255,9 @@ pub fn requests(w: &Workload) -> Result<Vec<Request>, SimError> {
     }
     let duration = w.duration_s.map(std::time::Duration::from_secs_f64);
     let starts: Vec<f64> = match w.arrival {
-        // Closed loop: `concurrency` clients send at once, and each sends its next request
-        // when its last one ends (no think time), as `serrano bench --concurrency` does.
+        // Closed loop: `concurrency` clients send their first conversations at once, and each
+        // sends its next one when its last one ends (no think time), as `serrano bench
+        // --concurrency` does.
         Arrival::Closed { concurrency } => (0..sizes.len())
             .map(|i| {
                 if i < concurrency as usize {
@@ -313,6 +313,7 @@ pub fn requests(w: &Workload) -> Result<Vec<Request>, SimError> {
                 },
                 class: SloClass::Interactive,
                 after,
+                until: w.duration_s.unwrap_or(f64::INFINITY),
             });
         }
     }
@@ -334,6 +335,7 @@ pub fn requests_from_trace(entries: &[TraceEntry], shared_prefix: usize) -> Vec<
                 shared_prefix: shared_prefix.min(prompt),
                 class: SloClass::Interactive,
                 after: None,
+                until: f64::INFINITY,
             }
         })
         .collect();
@@ -456,36 +458,60 @@ impl<'a> Node<'a> {
     /// At `t`, with no step in flight: takes the arrived requests and starts the next step,
     /// if anything can run (otherwise the engine waits for an arrival).
     pub(crate) fn start(&mut self, t: f64, reqs: &[Request]) {
-        assert!(self.step.is_none(), "a backend runs one step at a time");
-        for i in self.pending.drain(..) {
+        let pending = std::mem::take(&mut self.pending);
+        for &i in &pending {
             let r = &reqs[i];
-            let asks = Asks {
-                class: r.class,
-                priority: 0,
-                ttft_target: None,
-                itl_target: None,
-            };
-            let name = r.tenant.as_deref().unwrap_or("");
-            let tenant = match self.tenants.get(name) {
-                Some(t) => t.clone(),
-                None => {
-                    let t: Arc<str> = Arc::from(name);
-                    self.tenants.insert(name.to_string(), t.clone());
-                    t
-                }
-            };
-            let urgency = self.pacing.urgency(&asks, clock(r.arrival), clock(t));
-            let max_len = r.prompt_tokens + r.output_tokens;
-            self.s.add(
-                i as u64,
-                tenant,
-                urgency,
-                prompt(i, reqs),
-                max_len,
-                cacheable(i, reqs),
-                i,
+            self.admit(
+                t,
+                Admission {
+                    id: i as u64,
+                    tenant: r.tenant.as_deref().unwrap_or(""),
+                    class: r.class,
+                    arrival: r.arrival,
+                    prompt: prompt(i, reqs),
+                    max_len: r.prompt_tokens + r.output_tokens,
+                    cacheable: cacheable(i, reqs),
+                },
             );
         }
+        // The vector's room is kept for the next step's arrivals.
+        self.pending = pending;
+        self.pending.clear();
+        self.plan(t);
+    }
+
+    /// At `t`, between steps: a request enters the engine's scheduler, its urgency priced by
+    /// the engine's pacing as the server's worker prices it.
+    pub(crate) fn admit(&mut self, t: f64, a: Admission<'_>) {
+        let asks = Asks {
+            class: a.class,
+            priority: 0,
+            ttft_target: None,
+            itl_target: None,
+        };
+        let tenant = match self.tenants.get(a.tenant) {
+            Some(t) => t.clone(),
+            None => {
+                let t: Arc<str> = Arc::from(a.tenant);
+                self.tenants.insert(a.tenant.to_string(), t.clone());
+                t
+            }
+        };
+        let urgency = self.pacing.urgency(&asks, clock(a.arrival), clock(t));
+        self.s.add(
+            a.id,
+            tenant,
+            urgency,
+            a.prompt,
+            a.max_len,
+            a.cacheable,
+            a.id as usize,
+        );
+    }
+
+    /// At `t`, with no step in flight: plans the next step, if anything can run.
+    pub(crate) fn plan(&mut self, t: f64) {
+        assert!(self.step.is_none(), "a backend runs one step at a time");
         if self.s.is_idle() {
             return;
         }
@@ -497,6 +523,24 @@ impl<'a> Node<'a> {
         }
     }
 
+    /// Ends the step in flight: its end and the sequences that sampled a token in it, each of
+    /// which the caller then either continues ([`Node::push_token`]) or removes.
+    pub(crate) fn end_step(&mut self) -> Option<(f64, Vec<u64>)> {
+        let (t, plan) = self.step.take()?;
+        self.s.after_step();
+        Some((t, plan.iter().filter(|p| p.samples).map(|p| p.id).collect()))
+    }
+
+    /// Sequence `id` goes on with the token it sampled.
+    pub(crate) fn push_token(&mut self, id: u64) {
+        self.s.push_token(id, GENERATED);
+    }
+
+    /// Sequence `id` leaves: its blocks return to the pool.
+    pub(crate) fn remove(&mut self, id: u64) {
+        self.s.remove(id);
+    }
+
     /// Ends the step in flight: each sampled token's time goes to its request's record.
     /// Returns the step's end and the requests it finished.
     pub(crate) fn finish(
@@ -505,13 +549,12 @@ impl<'a> Node<'a> {
         records: &mut [RequestRecord],
         generated: &mut [usize],
     ) -> (f64, Vec<usize>) {
-        let Some((t, plan)) = self.step.take() else {
+        let Some((t, sampled)) = self.end_step() else {
             return (0.0, Vec::new());
         };
-        self.s.after_step();
         let mut done = Vec::new();
-        for p in plan.iter().filter(|p| p.samples) {
-            let i = p.id as usize;
+        for id in sampled {
+            let i = id as usize;
             generated[i] += 1;
             if records[i].chunks.is_empty() {
                 // Every token's time is kept: room for all of them at once, not a doubling
@@ -520,16 +563,31 @@ impl<'a> Node<'a> {
             }
             records[i].chunks.push(t);
             if generated[i] >= reqs[i].output_tokens {
-                self.s.remove(p.id);
+                self.remove(id);
                 records[i].end = t;
                 records[i].output_tokens = generated[i] as u64;
                 done.push(i);
             } else {
-                self.s.push_token(p.id, GENERATED);
+                self.push_token(id);
             }
         }
         (t, done)
     }
+}
+
+/// A request entering a backend's scheduler.
+pub(crate) struct Admission<'t> {
+    /// Its sequence id (unique among the backend's live sequences).
+    pub id: u64,
+    pub tenant: &'t str,
+    pub class: SloClass,
+    /// When it arrived (its first-token deadline counts from here).
+    pub arrival: f64,
+    pub prompt: Vec<u32>,
+    /// Prompt and output tokens: the KV positions it may need.
+    pub max_len: usize,
+    /// Whether its blocks go through the prefix cache.
+    pub cacheable: bool,
 }
 
 fn clock(t: f64) -> std::time::Duration {
@@ -720,31 +778,47 @@ impl<'r> Clients<'r> {
     }
 
     /// Request `i` ended at `t` (`ok`: answered, else refused): its client sends what waits
-    /// for it.
+    /// for it. A conversation's next turn goes the think time later, while the run's time
+    /// lasts; once the conversation is over (its last turn, a failed turn, or time up), a
+    /// closed loop's client sends the next conversation, while the time lasts.
     fn ended(&mut self, i: usize, t: f64, ok: bool, records: &mut [RequestRecord]) {
-        if let Some(j) = self.unsent {
-            self.unsent = self
-                .reqs
-                .get(j + 1)
-                .filter(|r| r.arrival == WAITS_FOR_A_CLIENT && r.after.is_none())
-                .map(|_| j + 1);
-            self.send(j, t, records);
+        // When the client is free for its next conversation.
+        let mut free = t;
+        if let Some(j) = self.next_turn[i] {
+            let at = t + self.reqs[j].after.map_or(0.0, |(_, s)| s);
+            if !ok {
+                // As the load generator does, a conversation ends at its first failed turn;
+                // here its later turns are recorded as failed with it.
+                records[j].error = Some("an earlier turn of the conversation failed".into());
+                records[j].intended = t;
+                records[j].sent = t;
+                records[j].end = t;
+                self.ended(j, t, false, records);
+                return;
+            }
+            if at < self.reqs[j].until {
+                self.send(j, at, records);
+                return;
+            }
+            // The client waited the think time to find the run over: the later turns are
+            // never sent, and neither is anything else of this client's.
+            free = at;
         }
-        let Some(j) = self.next_turn[i] else {
+        let Some(j) = self.unsent else {
             return;
         };
-        if ok {
-            let think = self.reqs[j].after.map_or(0.0, |(_, s)| s);
-            self.send(j, t + think, records);
-        } else {
-            // As the load generator does, a conversation ends at its first failed turn; here
-            // its later turns are recorded as failed with it.
-            records[j].error = Some("an earlier turn of the conversation failed".into());
-            records[j].intended = t;
-            records[j].sent = t;
-            records[j].end = t;
-            self.ended(j, t, false, records);
+        if free >= self.reqs[j].until {
+            return;
         }
+        self.unsent = self
+            .reqs
+            .iter()
+            .enumerate()
+            .skip(j + 1)
+            .find(|(_, r)| r.after.is_none())
+            .filter(|(_, r)| r.arrival == WAITS_FOR_A_CLIENT)
+            .map(|(k, _)| k);
+        self.send(j, free, records);
     }
 
     fn send(&mut self, j: usize, t: f64, records: &mut [RequestRecord]) {
@@ -767,7 +841,8 @@ pub fn run(
 ) -> Result<SimRun, SimError> {
     let (reqs, warmup) = run_requests(w, trace)?;
     let (records, timeline) = simulate(b, &reqs)?;
-    let taken = vec![records.len().saturating_sub(warmup)];
+    let sent = records.iter().skip(warmup);
+    let taken = vec![sent.filter(|r| r.intended.is_finite()).count()];
     let url = format!("sim://{}", b.timing.name());
     Ok(SimRun {
         result: summarize(w, records, warmup, slo, name, url)?,
@@ -807,7 +882,9 @@ pub(crate) fn summarize(
     name: &str,
     url: String,
 ) -> Result<RunResult, SimError> {
-    let measured = records.split_off(warmup.min(records.len()));
+    let mut measured = records.split_off(warmup.min(records.len()));
+    // Requests no client sent before the run's end (`duration_s`) are not the run's.
+    measured.retain(|r| r.intended.is_finite());
     let (summary, tenants) = serrano_bench::run::judge(w, &measured, slo)
         .map_err(|e| SimError::Workload(e.to_string()))?;
     let burstiness = match w.arrival {
@@ -885,6 +962,7 @@ pub(crate) mod tests {
             shared_prefix: 0,
             class: SloClass::Interactive,
             after: None,
+            until: f64::INFINITY,
         }
     }
 
@@ -986,17 +1064,6 @@ pub(crate) mod tests {
             simulate(&b, &[req(0.0, 1, 1)]),
             Err(SimError::DoesNotFit { .. })
         ));
-        let closed = Workload::parse(
-            "requests = 2\nduration_s = 5\nprompt_tokens = { dist = \"fixed\", value = 8 }\n\
-             output_tokens = { dist = \"fixed\", value = 8 }\n\
-             arrival = { kind = \"closed\", concurrency = 1 }\n",
-            false,
-        )
-        .unwrap();
-        assert!(requests(&closed)
-            .unwrap_err()
-            .to_string()
-            .contains("closed-loop workload with duration_s"));
     }
 
     /// A closed loop of two clients over six requests: two at once from the start, and each
@@ -1057,5 +1124,33 @@ pub(crate) mod tests {
             assert!(close(b.sent, a.end + 0.5), "{a:?} {b:?}");
             assert!(b.ttft().unwrap() < 0.003, "{b:?}");
         }
+    }
+
+    /// One client, conversations of two turns half a second apart, a run of one second: the
+    /// first conversation whole (turns at 0 and 0.51 s), the second's first turn (sent at
+    /// 0.52 s, when the first conversation ends); its second turn would go at 1.03 s, past the
+    /// end, so the client stops there, and the third conversation is never sent, nor counted.
+    #[test]
+    fn a_closed_loop_of_conversations_stops_at_the_runs_end() {
+        let w = Workload::parse(
+            "endpoint = \"chat\"\nrequests = 6\nwarmup_requests = 0\nturns = 2\n\
+             think_time_s = 0.5\nduration_s = 1.0\nprompt_tokens = { dist = \"fixed\", value = 16 }\n\
+             output_tokens = { dist = \"fixed\", value = 5 }\n\
+             arrival = { kind = \"closed\", concurrency = 1 }\n",
+            false,
+        )
+        .unwrap();
+        let reqs = requests(&w).unwrap();
+        assert_eq!(reqs.len(), 6);
+        assert_eq!(reqs[0].arrival, 0.0);
+        assert_eq!(reqs[2].arrival, WAITS_FOR_A_CLIENT);
+        let r = run(&backend(8), &w, None, None, "m").unwrap();
+        let sent: Vec<f64> = r.result.records.iter().map(|r| r.sent).collect();
+        assert_eq!(sent.len(), 3, "{sent:?}");
+        for (got, want) in sent.iter().zip([0.0, 0.51, 0.52]) {
+            assert!((got - want).abs() < 1e-3, "{sent:?}");
+        }
+        assert_eq!(r.result.summary.completed, 3);
+        assert_eq!(r.taken, [3]);
     }
 }

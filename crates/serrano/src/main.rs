@@ -189,6 +189,18 @@ struct ServerArgs {
     config: Option<PathBuf>,
     #[command(flatten)]
     upstream: UpstreamArgs,
+    /// Without --config: serve the model at the pace of a device this machine is not.
+    /// `sim:DEVICE` is a catalog device (`serrano sim devices`) or a what-if variant
+    /// (`sim:asic2=h100-sxm,memory_gbs=x2`), modelled running this model;
+    /// `sim:FILE.toml` a `serrano sim calibrate` profile. The engine still makes the tokens
+    /// (each released no sooner than the device would have it), unless --sim-tokens synthetic.
+    #[arg(long, value_name = "sim:DEVICE|sim:PROFILE.toml")]
+    backend: Option<String>,
+    /// With --backend sim:...: `engine` (the model's real tokens) or `synthetic` (filler
+    /// text, `max_tokens` of it, at the device's pace; no model runs, so a device far faster
+    /// than this machine can be served to many clients at once).
+    #[arg(long, default_value = "engine", value_parser = ["engine", "synthetic"])]
+    sim_tokens: String,
     #[command(flatten)]
     otlp: telemetry::OtlpArgs,
     /// Largest request body accepted; larger ones get 413.
@@ -449,8 +461,13 @@ async fn routing_config(a: &ServerArgs, local: bool) -> Result<(String, &'static
     }
     let region = a.region.clone().unwrap_or_else(|| "default".into());
     let mut backends = Vec::new();
-    if local {
-        backends.push(serrano_router::config::Backend::local(&region));
+    match (&a.backend, local) {
+        (Some(spec), true) => backends.push(sim_backend(spec, &a.sim_tokens, &region)?),
+        (Some(_), false) => {
+            bail!("--backend sim:... needs a model to make its tokens (serve, not gateway)")
+        }
+        (None, true) => backends.push(serrano_router::config::Backend::local(&region)),
+        (None, false) => {}
     }
     let u = &a.upstream;
     if let Some(url) = &u.upstream {
@@ -484,6 +501,26 @@ async fn routing_config(a: &ServerArgs, local: bool) -> Result<(String, &'static
         backends.push(b);
     }
     Ok((serrano_router::config::render(&backends), "startup"))
+}
+
+/// `--backend sim:DEVICE` or `sim:PROFILE.toml` as a routing config's sim backend.
+fn sim_backend(spec: &str, tokens: &str, region: &str) -> Result<serrano_router::config::Backend> {
+    use serrano_router::config::{SimTier, SimTokens};
+    let Some(what) = spec.strip_prefix("sim:").filter(|w| !w.is_empty()) else {
+        bail!("--backend '{spec}': write sim:DEVICE or sim:PROFILE.toml");
+    };
+    let profile = what.ends_with(".toml");
+    let tier = SimTier {
+        device: (!profile).then(|| what.to_string()),
+        profile: profile.then(|| what.to_string()),
+        tokens: if tokens == "synthetic" {
+            SimTokens::Synthetic
+        } else {
+            SimTokens::Engine
+        },
+        ..SimTier::default()
+    };
+    Ok(serrano_router::config::Backend::sim("sim", region, tier))
 }
 
 fn run_server(engines: serrano_server::engines::LocalEngines, a: ServerArgs) -> Result<()> {

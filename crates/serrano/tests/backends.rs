@@ -1,7 +1,8 @@
 //! The local engine is a router backend like any other. Behind `serrano serve --config`, it shares
 //! load with a remote serrano node under `least-loaded` and shows its in-flight count; a full
 //! local engine falls back to the remote, and a dead remote to the local engine. One process
-//! serves several local models, one engine each.
+//! serves several local models, one engine each. A simulated device (`kind = "sim"`) is a
+//! backend too: the engine's tokens at the device's pace, or filler at it.
 
 mod common;
 
@@ -254,4 +255,165 @@ fn one_process_serves_two_local_models_one_engine_each() {
         .filter(|l| *l == "# TYPE serrano:num_requests_running gauge")
         .count();
     assert_eq!(families, 1, "{text}");
+}
+
+/// A `serrano sim calibrate` profile whose every step takes `step_s`, with a KV cache of
+/// `kv_tokens` positions.
+fn profile(dir: &std::path::Path, step_s: f64, kv_tokens: usize) -> std::path::PathBuf {
+    let path = dir.join("device.toml");
+    let text = format!(
+        "name = \"a test device\"\nintercept_s = {step_s}\nprefill_token_s = 0.0\ndecode_seq_s = 0.0\nkv_kilotoken_s = 0.0\nkv_tokens = {kv_tokens}\nmax_num_seqs = 8\nmax_batch_tokens = 512\nprice_per_hour = 1.0\n"
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// The `data:` payloads of a streamed completion, each with its arrival (seconds from the send).
+fn timed_stream(s: &Server, body: Value) -> Vec<(f64, Value)> {
+    let t0 = std::time::Instant::now();
+    let r = ureq::post(&s.url("/v1/completions"))
+        .set("Authorization", &format!("Bearer {ADMIN_KEY}"))
+        .timeout(Duration::from_secs(60))
+        .send_json(body)
+        .unwrap();
+    let mut out = Vec::new();
+    let mut reader = std::io::BufReader::new(r.into_reader());
+    let mut line = String::new();
+    while std::io::BufRead::read_line(&mut reader, &mut line).unwrap() > 0 {
+        if let Some(data) = line.trim_end().strip_prefix("data: ") {
+            if data != "[DONE]" {
+                out.push((
+                    t0.elapsed().as_secs_f64(),
+                    serde_json::from_str(data).unwrap(),
+                ));
+            }
+        }
+        line.clear();
+    }
+    out
+}
+
+#[test]
+fn a_sim_backend_releases_the_engines_own_tokens_at_the_devices_pace() {
+    let dir = tempfile::tempdir().unwrap();
+    // Every step of the device takes 40 ms; the tiny model's take well under one.
+    let device = profile(dir.path(), 0.04, 4096);
+    let cfg = format!(
+        "[[backend]]\nname = \"cpu\"\nkind = \"local\"\nregion = \"here\"\ntier = \"cpu\"\naliases = {{ fast = \"tiny\" }}\n\n[[backend]]\nname = \"asic\"\nkind = \"sim\"\nregion = \"here\"\ntier = \"asic\"\naliases = {{ paced = \"tiny\" }}\nsim = {{ profile = \"{}\" }}\n",
+        device.display()
+    );
+    let s =
+        Server::random_with_config(TinyModel::default(), &cfg, &["--served-model-name", "tiny"]);
+    let body = |model: &str| {
+        json!({"model": model, "prompt": "the sim", "max_tokens": 6, "temperature": 0,
+               "ignore_eos": true, "stream": true})
+    };
+    let text = |chunks: &[(f64, Value)]| {
+        chunks
+            .iter()
+            .map(|(_, c)| c["choices"][0]["text"].as_str().unwrap_or("").to_string())
+            .collect::<String>()
+    };
+    let fast = timed_stream(&s, body("fast"));
+    let paced = timed_stream(&s, body("paced"));
+    assert_eq!(text(&paced), text(&fast), "the engine's own tokens");
+    // A chunk per token whose text is whole (a partial character waits for the next).
+    let times: Vec<f64> = paced
+        .iter()
+        .filter(|(_, c)| {
+            c["choices"][0]["text"]
+                .as_str()
+                .is_some_and(|t| !t.is_empty())
+        })
+        .map(|(t, _)| *t)
+        .collect();
+    assert!(times.len() >= 4, "{paced:?}");
+    // The prompt's step gives the first token, then one step per token: none sooner.
+    assert!(times[0] >= 0.035, "first token at {times:?}");
+    for w in times.windows(2) {
+        assert!(
+            w[1] - w[0] >= 0.03,
+            "a token came before its step ended: {times:?}"
+        );
+    }
+    let last = paced.last().map_or(0.0, |(t, _)| *t);
+    assert!(last >= 0.2, "six steps of 40 ms took {last} s");
+    let (_, view) = s.get("/admin/v1/backends");
+    let kinds: Vec<&str> = view["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["local", "sim"]);
+    // Its model names reach the engine's own routes.
+    let (st, t) = s.post("/tokenize", &json!({"model": "paced", "prompt": "hi"}));
+    assert_eq!(st, 200, "{t}");
+}
+
+#[test]
+fn a_synthetic_sim_backend_streams_filler_at_the_devices_pace_and_refuses_what_it_cannot_honour() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = profile(dir.path(), 0.02, 160);
+    let spec = format!("sim:{}", device.display());
+    let s = Server::tiny(&["--backend", &spec, "--sim-tokens", "synthetic"]);
+    let chat = |extra: Value| {
+        let mut body = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        s.post_raw("/v1/chat/completions", body.to_string().as_bytes())
+    };
+    let t0 = std::time::Instant::now();
+    let (st, v, h) = chat(json!({}));
+    assert_eq!((st, h["x-serrano-backend"].as_str()), (200, "sim"), "{v}");
+    // Five tokens at 20 ms a step (the prompt's step gives the first).
+    assert!(
+        t0.elapsed() >= Duration::from_millis(95),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(v["choices"][0]["message"]["content"], " sim".repeat(5));
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"]["completion_tokens"], 5);
+
+    let chunks = timed_stream(
+        &s,
+        json!({"prompt": "hi", "max_tokens": 3, "n": 2, "stream": true,
+               "stream_options": {"include_usage": true}}),
+    );
+    let per_choice = |i: u64| {
+        chunks
+            .iter()
+            .filter(|(_, c)| c["choices"][0]["index"] == i && c["choices"][0]["text"] == " sim")
+            .count()
+    };
+    assert_eq!((per_choice(0), per_choice(1)), (3, 3), "{chunks:?}");
+    assert_eq!(chunks.last().unwrap().1["usage"]["completion_tokens"], 6);
+
+    for (field, extra) in [
+        ("stop", json!({"stop": ["x"]})),
+        ("logprobs", json!({"logprobs": true})),
+        (
+            "response_format",
+            json!({"response_format": {"type": "json_object"}}),
+        ),
+    ] {
+        let (st, v, _) = chat(extra);
+        assert_eq!(
+            (st, v["error"]["param"].as_str()),
+            (400, Some(field)),
+            "{v}"
+        );
+    }
+    // Within the model's context, past the device's KV cache: refused before any work.
+    let (st, v, _) = chat(json!({"max_tokens": 200}));
+    assert_eq!(st, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("KV cache holds 160"),
+        "{v}"
+    );
 }

@@ -1,0 +1,81 @@
+#!/bin/bash
+# The live sim backend against the simulator (issue 33, item 5; BENCHMARKS.md, "A simulated
+# device behind the API"):
+#   scripts/sim-validate-live.sh [BINARY] [OUT_DIR]     (about 6 minutes on 2 vCPUs)
+# `serrano serve` with a `kind = "sim"` backend: a catalog device (this machine's own roofline
+# entry, `cpu-2vcpu-epyc`, running the default model) stepping on the wall clock. Each case is
+# one seeded trace replayed by `serrano bench --trace` against that server and by `serrano sim
+# run --device --trace` on the virtual clock with the same step limits: the same scheduler and
+# device model, so the difference is what the live path adds (HTTP, the pipeline, the
+# device's thread waking on time, the load generator on the same 2 vCPUs). Synthetic tokens
+# (no model runs) unless the case says engine (the model's own tokens, each released no sooner
+# than the device would have it). Prefix caching is off (the device follows the server's
+# --no-prefix-caching): the load generator's prompts for the same request index repeat across
+# cases, which a cache would serve and the trace replay does not model. Prints the markdown table.
+set -euo pipefail
+B=${1:-target/release/serrano}
+OUT=${2:-$(mktemp -d)}
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$OUT"
+DIR=$(mktemp -d)
+DEVICE=cpu-2vcpu-epyc
+SEQS=32
+TOKENS=256
+PIDS=()
+trap 'kill "${PIDS[@]}" 2>/dev/null || true; rm -rf "$DIR"' EXIT
+wait_up() {
+  for _ in $(seq 1 120); do
+    curl -fs "http://127.0.0.1:$1/health" >/dev/null 2>&1 && return 0
+    sleep 1
+  done
+  echo "server on $1 did not start" >&2
+  exit 1
+}
+start() { # PORT TOKENS
+  printf '[[backend]]\nname = "sim"\nkind = "sim"\nregion = "here"\ntier = "sim"\nmax_concurrency = 1024\nsim = { device = "%s", max_num_seqs = %s, max_batch_tokens = %s, tokens = "%s" }\n' \
+    "$DEVICE" "$SEQS" "$TOKENS" "$2" >"$DIR/$2.toml"
+  mkdir -p "$DIR/$2" # a database folder each: the first admin key is written beside it
+  $B serve --port "$1" --allow-anonymous --no-prefix-caching --config "$DIR/$2.toml" --db "$DIR/$2/db" 2>"$DIR/$2.log" &
+  PIDS+=($!)
+  wait_up "$1"
+}
+
+# A seeded trace: NAME N RATE CV PMIN PMAX OUT (as scripts/sim-validate.sh writes them).
+trace() {
+  python3 - "$@" <<'PY'
+import json, os, random, sys, zlib
+name, n, rate, cv = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+pmin, pmax, out = int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
+rng = random.Random(zlib.crc32(os.path.basename(name).encode()))
+shape = 1.0 / (cv * cv)
+t = 0.0
+with open(name, "w") as f:
+    for _ in range(n):
+        e = {"time": round(t, 4), "prompt_tokens": rng.randint(pmin, pmax), "output_tokens": out}
+        f.write(json.dumps(e) + "\n")
+        t += rng.gammavariate(shape, 1.0 / (rate * shape))
+PY
+}
+
+plain="$DIR/plain.toml"
+printf 'name = "live"\nendpoint = "completions"\nstream = true\nrequests = 1\nwarmup_requests = 0\nprompt_tokens = { dist = "fixed", value = 64 }\noutput_tokens = { dist = "fixed", value = 64 }\narrival = { kind = "poisson", rate = 1.0 }\n' >"$plain"
+
+start 18841 synthetic
+start 18842 engine
+cases=(
+  "poisson-1|18841|120 1.0 1.0 64 512 64"
+  "poisson-3|18841|150 3.0 1.0 64 256 64"
+  "gamma-cv2|18841|120 2.0 2.0 64 256 64"
+  "engine-poisson-1|18842|80 1.0 1.0 64 256 64"
+)
+for c in "${cases[@]}"; do
+  IFS='|' read -r name port args <<<"$c"
+  echo "== $name" >&2
+  # shellcheck disable=SC2086
+  trace "$OUT/$name.jsonl" $args
+  $B bench --url "http://127.0.0.1:$port/v1" --workload "$plain" --trace "$OUT/$name.jsonl" \
+    --json "$OUT/$name.measured.json" >/dev/null
+  $B sim run --workload "$plain" --trace "$OUT/$name.jsonl" --device "$DEVICE" \
+    --max-num-seqs $SEQS --max-batch-tokens $TOKENS --json "$OUT/$name.sim.json" >/dev/null
+done
+python3 "$HERE/scripts/sim-table.py" "$OUT" poisson-1 poisson-3 gamma-cv2 engine-poisson-1
