@@ -19,8 +19,8 @@ use crate::catalog::Catalog;
 use crate::profile::Profile;
 use crate::roofline::{ModelShape, Precision};
 use crate::sim::{
-    run_nodes, run_requests, summarize, Backend, LateBound, Node, Request, SimError, SimRun,
-    Timing, TtftTarget,
+    modelled_energy, run_nodes, run_requests, summarize, Backend, LateBound, Node, Request,
+    SimError, SimRun, Timing, TtftTarget,
 };
 use crate::timeline::Timeline;
 
@@ -305,8 +305,11 @@ pub fn run(
     }
     let strategy = f.config.routing.strategy.as_str();
     let url = format!("sim://fleet/{strategy}/{}", f.backends.len());
+    let mut result = summarize(w, run.records, warmup, slo, name, url)?;
+    let watts = f.backends.iter().map(|b| b.timing.power_w()).sum();
+    result.energy = modelled_energy(watts, &result.summary);
     Ok(SimRun {
-        result: summarize(w, run.records, warmup, slo, name, url)?,
+        result,
         taken,
         timeline: run.timeline,
     })

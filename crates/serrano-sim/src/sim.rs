@@ -25,7 +25,8 @@ use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 
 use rand::SeedableRng;
-use serrano_bench::metrics::{RequestRecord, Slo};
+use serrano_bench::energy::Energy;
+use serrano_bench::metrics::{RequestRecord, Slo, Summary};
 use serrano_bench::run::RunResult;
 use serrano_bench::workload::{pick_weighted, Arrival, TraceEntry, Workload};
 use serrano_engine::kv::BLOCK_TOKENS;
@@ -192,6 +193,14 @@ impl Timing {
                 precision,
             } => step_time(device, model, *precision, shape, sampled).seconds,
             Timing::Calibrated { steps, .. } => steps.predict(shape).unwrap_or(0.0),
+        }
+    }
+
+    /// The device's board power, when known (a calibrated profile has none).
+    pub fn power_w(&self) -> Option<f64> {
+        match self {
+            Timing::Roofline { device, .. } => Some(device.power_w),
+            Timing::Calibrated { .. } => None,
         }
     }
 
@@ -844,10 +853,29 @@ pub fn run(
     let sent = records.iter().skip(warmup);
     let taken = vec![sent.filter(|r| r.intended.is_finite()).count()];
     let url = format!("sim://{}", b.timing.name());
+    let mut result = summarize(w, records, warmup, slo, name, url)?;
+    result.energy = modelled_energy(b.timing.power_w(), &result.summary);
     Ok(SimRun {
-        result: summarize(w, records, warmup, slo, name, url)?,
+        result,
         taken,
         timeline,
+    })
+}
+
+/// A simulated run's energy: `watts` (the backends' board power together) for the run's whole
+/// duration, as its cost counts the backends' price for the whole run: an upper bound (a device
+/// idles below its board power), stated in `scope`. `None` when a backend's power is unknown.
+pub(crate) fn modelled_energy(watts: Option<f64>, s: &Summary) -> Option<Energy> {
+    let watts = watts.filter(|w| w.is_finite() && *w >= 0.0)?;
+    let joules = watts * s.duration;
+    Some(Energy {
+        joules,
+        joules_per_output_token: (s.total_output_tokens > 0)
+            .then(|| joules / s.total_output_tokens as f64),
+        mean_watts: watts,
+        scope:
+            "modelled: every backend at its catalog board power for the whole run (an upper bound)"
+                .into(),
     })
 }
 
@@ -1033,6 +1061,14 @@ pub(crate) mod tests {
         let a = a.result;
         assert_eq!(a.records, again.result.records);
         assert_eq!(a.summary.completed, 200);
+        // Energy: the toy device's 100 W for the whole run.
+        let e = a.energy.as_ref().unwrap();
+        assert!(close(e.joules, 100.0 * a.summary.duration), "{e:?}");
+        let per_token = e.joules / a.summary.total_output_tokens as f64;
+        assert!(
+            close(e.joules_per_output_token.unwrap(), per_token),
+            "{e:?}"
+        );
         let other = Workload {
             seed: 4,
             ..w.clone()

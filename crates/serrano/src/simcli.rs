@@ -322,13 +322,15 @@ fn simulate(a: RunArgs) -> Result<()> {
         .file_name()
         .map_or_else(|| "model".to_string(), |f| f.to_string_lossy().into_owned());
     let assumptions = format!(
-        "{} {} at the catalog's efficiencies (compute {}, memory {}, {} us a step) and ${}/h",
+        "{} {} at the catalog's efficiencies (compute {}, memory {}, {} us a step), ${}/h and \
+         {} W (cost and energy for the whole run: energy an upper bound)",
         device.name,
         a.precision.as_str(),
         device.compute_efficiency,
         device.memory_efficiency,
         device.step_overhead_us,
         device.price_per_hour,
+        device.power_w,
     );
     report(&a, &backend, &name, device.price_per_hour, &assumptions)
 }
@@ -417,7 +419,8 @@ fn simulate_fleet(a: &RunArgs, path: &Path, catalog: &Catalog) -> Result<()> {
     println!(
         "Simulated {} requests in {:.2} s of this machine's time. Assumptions: each device's \
          roofline at the catalog's efficiencies or each profile's calibrated step model, \
-         ${:.2}/h for the fleet; the engine's scheduler and pacing on every backend (each \
+         ${:.2}/h for the fleet and each device at its board power for the whole run (energy \
+         an upper bound; none when a backend is a profile); the engine's scheduler and pacing on every backend (each \
          request in its tenant's class, interactive unless the fleet file says batch; default \
          targets); the router's own plans and concurrency limits.",
         run.result.records.len(),

@@ -556,8 +556,10 @@ fn sim_calibrate_reads_the_servers_step_model_and_run_replays_it() {
     let text = std::fs::read_to_string(&measured).unwrap();
     let profile: toml::Table = toml::from_str(&text).unwrap();
     assert!(profile["name"].as_str().unwrap().starts_with("measured at"));
-    // Every step costs something: at least the HTTP round trip is in its intercept.
-    assert!(profile["intercept_s"].as_float().unwrap() > 0.0, "{text}");
+    // A step of one decoding sequence costs something (a measured gap of one stream); the
+    // intercept alone may trade against the other terms in a noisy fit.
+    let term = |k: &str| profile[k].as_float().unwrap();
+    assert!(term("intercept_s") + term("decode_seq_s") > 0.0, "{text}");
     let o = serrano(
         &[
             "sim",
