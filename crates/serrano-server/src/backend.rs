@@ -376,4 +376,13 @@ pub trait Backend: Send + Sync + 'static {
     fn engine(&self) -> Option<&serrano_engine::EngineHandle> {
         None
     }
+
+    /// `/tokenize` by the backend itself, for a remote one that has vLLM's route (serrano,
+    /// vLLM): `req.model` is already the backend's own id. `None`: it has no such route.
+    async fn tokenize(
+        &self,
+        _req: &api::TokenizeRequest,
+    ) -> Option<Result<api::TokenizeResponse, BackendError>> {
+        None
+    }
 }

@@ -1,10 +1,11 @@
 //! The OpenAI-compatible routes: chat and legacy completions (both through the one pipeline,
-//! whatever backend serves them), models, and vLLM's tokenize/detokenize (local engines only).
+//! whatever backend serves them), models, and vLLM's tokenize/detokenize (local engines; a
+//! gateway forwards `/tokenize` to its backend).
 
 use std::sync::Arc;
 
 use axum::extract::{Extension, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::Json;
 use serrano_api as api;
@@ -112,7 +113,14 @@ pub async fn tokenize(
     Extension(ticket): Extension<Ticket>,
     JsonBody(req): JsonBody<api::TokenizeRequest>,
 ) -> Result<Json<api::TokenizeResponse>, ApiError> {
-    let (engine, _counted) = engine_for(&st, &ticket, req.model.as_deref()).await?;
+    let (engine, _counted) = match engine_for(&st, &ticket, req.model.as_deref()).await {
+        Ok(found) => found,
+        // No engine of this process serves the model (a gateway): a remote backend may.
+        Err(e) if e.status == StatusCode::NOT_FOUND => {
+            return tokenize_remote(&st, &ticket, req).await.map(Json)
+        }
+        Err(e) => return Err(e),
+    };
     let info = engine.info();
     let tokens = match (req.prompt, &req.messages) {
         (Some(p), None) => {
@@ -129,6 +137,44 @@ pub async fn tokenize(
         count: tokens.len() as u32,
         tokens,
         max_model_len: info.context_length as u32,
+    }))
+}
+
+/// `/tokenize` forwarded to the first backend the router would send the tenant's request for
+/// the model to (its regions, tiers and health rules hold: the prompt goes nowhere a
+/// generation could not) that has the route; counted against the key's limits as a local one.
+async fn tokenize_remote(
+    st: &AppState,
+    ticket: &Ticket,
+    mut req: api::TokenizeRequest,
+) -> Result<api::TokenizeResponse, ApiError> {
+    let p = principal(ticket)?;
+    let (model, plan) = st.plan(req.model.as_deref(), &p.tenant)?;
+    if !p.may_use_model(&model) {
+        return Err(
+            GovError::Forbidden(format!("This API key may not use the model '{model}'")).into(),
+        );
+    }
+    ticket.set_model(&model);
+    let _counted = ticket.reserve(0, 0).await?;
+    let mut first_error = None;
+    for c in &plan.candidates {
+        req.model = Some(c.model.clone());
+        match c.handle.tokenize(&req).await {
+            Some(Ok(r)) => return Ok(r),
+            Some(Err(e)) if !e.retryable() => return Err(e.into()),
+            Some(Err(e)) => {
+                first_error.get_or_insert(e.error);
+            }
+            None => {}
+        }
+    }
+    Err(first_error.unwrap_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!("No backend this key may use for '{model}' tokenizes"),
+        )
     }))
 }
 

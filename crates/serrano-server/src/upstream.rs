@@ -24,6 +24,8 @@ const MAX_EVENT_BYTES: usize = 1 << 20;
 const MAX_FORWARDED_MAX_TOKENS: u64 = 1 << 20;
 /// Largest upstream response body read whole.
 const MAX_RESPONSE_BYTES: usize = 16 << 20;
+/// Longest a forwarded `/tokenize` may take (less if the backend's own timeout is shorter).
+const TOKENIZE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Fields some servers read in place of `max_tokens`, which the reservation would not bound.
 const UNBOUNDED_FIELDS: &[&str] = &["n_predict", "max_new_tokens"];
 
@@ -306,6 +308,35 @@ impl Backend for Upstream {
         })
         .flat_map(futures::stream::iter)
         .boxed())
+    }
+
+    /// vLLM's `/tokenize` at the server's root (beside `/v1`), as serrano and vLLM serve it; a
+    /// server without it answers 404, passed on.
+    async fn tokenize(
+        &self,
+        req: &api::TokenizeRequest,
+    ) -> Option<Result<api::TokenizeResponse, BackendError>> {
+        let root = self.base.strip_suffix("/v1").unwrap_or(&self.base);
+        let sent = self
+            .authorized(self.client.post(format!("{root}/tokenize")))
+            .json(req)
+            .timeout(
+                self.timeout
+                    .unwrap_or(TOKENIZE_TIMEOUT)
+                    .min(TOKENIZE_TIMEOUT),
+            )
+            .send()
+            .await;
+        let resp = match sent {
+            Ok(r) if r.status().is_success() => r,
+            Ok(r) => return Some(Err(self.refusal(r).await)),
+            Err(e) => return Some(Err(BackendError::failed(self.error(e)))),
+        };
+        let parsed = match read_capped(resp, MAX_RESPONSE_BYTES).await {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        Some(parsed.map_err(|e| BackendError::failed(self.error(e))))
     }
 
     async fn health(&self) -> Option<Result<(), String>> {

@@ -128,7 +128,38 @@ fn gateway_forwards_with_governance() {
     assert_eq!(last_inference_record(&gw)["status"], 502);
     assert_eq!(gw.get("/admin/v1/ledger").1["open_requests"], 0);
     assert_eq!(gw.get("/admin/v1/ledger").1["spent_total"], spent);
-    // Routes that need a local model say so.
+    // `/tokenize` goes to the backend (gone: 502); `/detokenize` needs a local model.
     let (st, _) = gw.post("/tokenize", &json!({"prompt": "hi"}));
+    assert_eq!(st, 502);
+    let (st, _) = gw.post("/detokenize", &json!({"tokens": [1, 2]}));
     assert_eq!(st, 404);
+}
+
+/// A gateway has no tokenizer of its own: `/tokenize` goes to the node the router would send
+/// the request to, with its model id, so a load generator gets exact prompts through the front
+/// door; a model nobody serves is a 404 at the gateway.
+#[test]
+fn a_gateway_forwards_tokenize_to_its_backend() {
+    let (node, gw) = node_and_gateway(&[]);
+    for body in [
+        json!({"model": "tiny", "prompt": "the quick brown fox"}),
+        json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}),
+    ] {
+        let (st, direct) = node.post("/tokenize", &body);
+        assert_eq!(st, 200, "{direct}");
+        let (st, through) = gw.post("/tokenize", &body);
+        assert_eq!((st, &through), (200, &direct));
+        assert!(direct["count"].as_u64().unwrap() > 0, "{direct}");
+    }
+    let (st, v) = gw.post("/tokenize", &json!({"model": "nope", "prompt": "x"}));
+    assert_eq!(st, 404, "{v}");
+    // Counted as a request of the key, and audited at the gateway.
+    let (_, audit) = gw.get("/admin/v1/audit?limit=1000");
+    let tokenized = audit["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["endpoint"] == "/tokenize")
+        .count();
+    assert!(tokenized >= 2, "{audit}");
 }
