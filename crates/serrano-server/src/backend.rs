@@ -377,6 +377,12 @@ pub trait Backend: Send + Sync + 'static {
         None
     }
 
+    /// What a backend with a scheduler of its own is doing (a simulated device), for
+    /// `/metrics`; `None` for the others (a local engine reports through its own metrics).
+    fn load(&self) -> Option<serrano_sim::live::Load> {
+        None
+    }
+
     /// `/tokenize` by the backend itself, for a remote one that has vLLM's route (serrano,
     /// vLLM): `req.model` is already the backend's own id. `None`: it has no such route.
     async fn tokenize(

@@ -64,6 +64,10 @@ pub struct RoutingMetrics {
     breaker: Family<Labels, Gauge>,
     in_flight: Family<Labels, Gauge>,
     healthy: Family<Labels, Gauge>,
+    device_running: Family<Labels, Gauge>,
+    device_waiting: Family<Labels, Gauge>,
+    device_kv_usage: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    device_steps: Family<Labels, Gauge>,
     config_version: Gauge,
 }
 
@@ -86,6 +90,10 @@ impl RoutingMetrics {
             breaker: Family::default(),
             in_flight: Family::default(),
             healthy: Family::default(),
+            device_running: Family::default(),
+            device_waiting: Family::default(),
+            device_kv_usage: Family::default(),
+            device_steps: Family::default(),
             config_version: Gauge::default(),
             registry: Registry::default(),
         };
@@ -123,6 +131,26 @@ impl RoutingMetrics {
             "backend_healthy",
             "1 while the backend's health checks pass",
             m.healthy.clone(),
+        );
+        registry.register(
+            "backend_device_running",
+            "Sequences running on a simulated device (kind = sim)",
+            m.device_running.clone(),
+        );
+        registry.register(
+            "backend_device_waiting",
+            "Sequences waiting for admission on a simulated device",
+            m.device_waiting.clone(),
+        );
+        registry.register(
+            "backend_device_kv_usage",
+            "Share of a simulated device's KV cache in use",
+            m.device_kv_usage.clone(),
+        );
+        registry.register(
+            "backend_device_steps",
+            "Steps a simulated device has run since it started",
+            m.device_steps.clone(),
         );
         registry.register(
             "config_version",
@@ -287,6 +315,17 @@ impl Routing {
                 .healthy
                 .get_or_create(&l)
                 .set(i64::from(v.healthy));
+        }
+        for (b, h) in dep.config.backends.iter().zip(&dep.handles) {
+            let Some(load) = h.load() else { continue };
+            let l = RoutingMetrics::backend(&b.name);
+            let m = &self.metrics;
+            let int = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+            m.device_running.get_or_create(&l).set(int(load.running));
+            m.device_waiting.get_or_create(&l).set(int(load.waiting));
+            m.device_kv_usage.get_or_create(&l).set(load.kv_usage);
+            let steps = i64::try_from(load.steps).unwrap_or(i64::MAX);
+            m.device_steps.get_or_create(&l).set(steps);
         }
         let mut out = String::new();
         if encode(&mut out, &self.metrics.registry).is_err() {

@@ -148,6 +148,10 @@ impl Backend for SimBackend {
         true
     }
 
+    fn load(&self) -> Option<serrano_sim::live::Load> {
+        Some(self.device.load())
+    }
+
     /// The engine that renders for it (`/tokenize` of its model names, `/metrics`).
     fn engine(&self) -> Option<&EngineHandle> {
         self.local.engine()

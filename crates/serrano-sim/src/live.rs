@@ -10,7 +10,7 @@
 //! [`Sink`] the caller implements (a server's is a `tokio::sync::watch` sender).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -62,6 +62,28 @@ pub enum Refusal {
     Stopped,
 }
 
+/// What a device is doing, as its thread last saw it (for dashboards).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Load {
+    /// Sequences admitted and running.
+    pub running: usize,
+    /// Sequences waiting for admission.
+    pub waiting: usize,
+    /// Share of the KV cache's blocks in use.
+    pub kv_usage: f64,
+    /// Steps run since the device started.
+    pub steps: u64,
+}
+
+/// The thread's view of its load, published after every step.
+#[derive(Default)]
+struct Gauges {
+    running: AtomicUsize,
+    waiting: AtomicUsize,
+    kv_blocks: AtomicUsize,
+    steps: AtomicU64,
+}
+
 /// A device stepping on its own thread; dropping it lets the thread finish what it holds and
 /// end.
 pub struct Device {
@@ -69,6 +91,7 @@ pub struct Device {
     blocks: usize,
     /// Sequences submitted and not yet gone, across the queue and the thread.
     held: Arc<AtomicUsize>,
+    gauges: Arc<Gauges>,
 }
 
 impl Device {
@@ -77,16 +100,29 @@ impl Device {
         let blocks = Node::new(&backend)?.blocks();
         let (queue, arrivals) = sync_channel(QUEUE);
         let held = Arc::new(AtomicUsize::new(0));
-        let counted = held.clone();
+        let gauges = Arc::new(Gauges::default());
+        let (counted, published) = (held.clone(), gauges.clone());
         std::thread::Builder::new()
             .name(format!("sim-{}", name.chars().take(10).collect::<String>()))
-            .spawn(move || run(&backend, &arrivals, &counted))
+            .spawn(move || run(&backend, &arrivals, &counted, &published))
             .map_err(|e| SimError::Workload(format!("cannot start the device's thread: {e}")))?;
         Ok(Device {
             queue,
             blocks,
             held,
+            gauges,
         })
+    }
+
+    /// What the device is doing, as of its last step.
+    pub fn load(&self) -> Load {
+        let g = &self.gauges;
+        Load {
+            running: g.running.load(Ordering::Relaxed),
+            waiting: g.waiting.load(Ordering::Relaxed),
+            kv_usage: g.kv_blocks.load(Ordering::Relaxed) as f64 / self.blocks.max(1) as f64,
+            steps: g.steps.load(Ordering::Relaxed),
+        }
     }
 
     /// KV cache positions the device holds.
@@ -136,7 +172,7 @@ struct Live {
 
 /// The device's thread: steps while anything can run, sleeps on the queue otherwise, and ends
 /// once the [`Device`] is dropped and what it held is done.
-fn run(backend: &Backend, arrivals: &Receiver<Vec<Sequence>>, held: &AtomicUsize) {
+fn run(backend: &Backend, arrivals: &Receiver<Vec<Sequence>>, held: &AtomicUsize, gauges: &Gauges) {
     let Ok(mut node) = Node::new(backend) else {
         return;
     };
@@ -206,6 +242,7 @@ fn run(backend: &Backend, arrivals: &Receiver<Vec<Sequence>>, held: &AtomicUsize
         let Some((_, sampled)) = node.end_step() else {
             continue;
         };
+        gauges.steps.fetch_add(1, Ordering::Relaxed);
         for id in sampled {
             let Some(l) = live.get_mut(&id) else {
                 // Every planned sequence is one of ours; a stray id is dropped, not released.
@@ -222,6 +259,10 @@ fn run(backend: &Backend, arrivals: &Receiver<Vec<Sequence>>, held: &AtomicUsize
                 held.fetch_sub(1, Ordering::AcqRel);
             }
         }
+        let (running, waiting, kv_blocks) = node.load();
+        gauges.running.store(running, Ordering::Relaxed);
+        gauges.waiting.store(waiting, Ordering::Relaxed);
+        gauges.kv_blocks.store(kv_blocks, Ordering::Relaxed);
     }
 }
 
@@ -318,6 +359,14 @@ mod tests {
         }
         let v = times.0.lock().unwrap().clone();
         assert_eq!(v.len(), 5, "{v:?}");
+        // A prompt step and four decode steps; the sequence is gone, its blocks free.
+        let load = d.load();
+        assert_eq!(
+            (load.steps, load.running, load.waiting),
+            (5, 0, 0),
+            "{load:?}"
+        );
+        assert_eq!(load.kv_usage, 0.0);
         assert!((0.035..0.5).contains(&v[0]), "first token at {v:?}");
         for w in v.windows(2) {
             let gap = w[1] - w[0];

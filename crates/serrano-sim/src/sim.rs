@@ -459,6 +459,12 @@ impl<'a> Node<'a> {
         }
     }
 
+    /// Sequences running and waiting, and KV blocks in use.
+    pub(crate) fn load(&self) -> (usize, usize, usize) {
+        let used = self.s.allocator().lock().used();
+        (self.s.num_running(), self.s.num_waiting(), used)
+    }
+
     /// Nothing waiting, running or in flight.
     pub(crate) fn is_idle(&self) -> bool {
         self.pending.is_empty() && self.s.is_idle() && self.step.is_none()

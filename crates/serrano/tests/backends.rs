@@ -376,6 +376,14 @@ fn a_synthetic_sim_backend_streams_filler_at_the_devices_pace_and_refuses_what_i
     assert_eq!(v["choices"][0]["message"]["content"], " sim".repeat(5));
     assert_eq!(v["choices"][0]["finish_reason"], "length");
     assert_eq!(v["usage"]["completion_tokens"], 5);
+    // Dashboards see the device: its steps and, idle now, nothing running.
+    // (The device publishes them after its step's releases: a moment after the last token.)
+    let idle = wait_until(Duration::from_secs(5), || {
+        let text = s.metrics_text();
+        common::metric(&text, "serrano_backend_device_steps") >= 5.0
+            && common::metric(&text, "serrano_backend_device_running") == 0.0
+    });
+    assert!(idle, "{}", s.metrics_text());
 
     let chunks = timed_stream(
         &s,
