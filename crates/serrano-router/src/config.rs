@@ -67,7 +67,7 @@ impl Kind {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SimTier {
-    /// A catalog device (`serrano sim devices`), or a what-if variant (`NEW=BASE,FIELD=xK`).
+    /// A catalog device (`serrano sim roofline` lists them), or a what-if variant (`NEW=BASE,FIELD=xK`).
     pub device: Option<String>,
     /// Or a `serrano sim calibrate` profile file: a real server's step-time model.
     pub profile: Option<String>,

@@ -190,7 +190,7 @@ struct ServerArgs {
     #[command(flatten)]
     upstream: UpstreamArgs,
     /// Without --config: serve the model at the pace of a device this machine is not.
-    /// `sim:DEVICE` is a catalog device (`serrano sim devices`) or a what-if variant
+    /// `sim:DEVICE` is a catalog device (`serrano sim roofline` lists them) or a what-if variant
     /// (`sim:asic2=h100-sxm,memory_gbs=x2`), modelled running this model;
     /// `sim:FILE.toml` a `serrano sim calibrate` profile. The engine still makes the tokens
     /// (each released no sooner than the device would have it), unless --sim-tokens synthetic.
