@@ -19,6 +19,8 @@ HERE=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$OUT"
 export SERRANO_ADMIN_KEY=${SERRANO_ADMIN_KEY:-sk-sim-validate-admin-0123456789abcdef01}
 DIR=$(mktemp -d)
+# shellcheck source=scripts/sim-lib.sh
+. "$HERE/scripts/sim-lib.sh"
 A_PORT=18841
 B_PORT=18842
 GW_PORT=18843
@@ -31,33 +33,9 @@ A_PID=$!
 node 1 $B_PORT b
 B_PID=$!
 trap 'kill $A_PID $B_PID ${G_PID:-} 2>/dev/null || true; rm -rf "$DIR"' EXIT
-wait_up() {
-  for _ in $(seq 1 120); do
-    curl -fs "http://127.0.0.1:$1/health" >/dev/null 2>&1 && return 0
-    sleep 1
-  done
-  echo "server on $1 did not start" >&2
-  exit 1
-}
 wait_up $A_PORT
 wait_up $B_PORT
 
-# A seeded Poisson or gamma trace: NAME N RATE CV PMIN PMAX OUT.
-trace() {
-  python3 - "$@" <<'PY'
-import json, os, random, sys, zlib
-name, n, rate, cv = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
-pmin, pmax, out = int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
-rng = random.Random(zlib.crc32(os.path.basename(name).encode()))
-shape = 1.0 / (cv * cv)
-t = 0.0
-with open(name, "w") as f:
-    for _ in range(n):
-        f.write(json.dumps({"time": round(t, 4), "prompt_tokens": rng.randint(pmin, pmax),
-                            "output_tokens": out}) + "\n")
-        t += rng.gammavariate(shape, 1.0 / (rate * shape))
-PY
-}
 plain="$DIR/plain.toml"
 printf 'name = "fleet validation"\nendpoint = "completions"\nstream = true\nrequests = 1\nwarmup_requests = 0\nprompt_tokens = { dist = "fixed", value = 64 }\noutput_tokens = { dist = "fixed", value = 64 }\narrival = { kind = "poisson", rate = 1.0 }\n' >"$plain"
 measure() { # URL TRACE OUT [BENCH ARGS...]

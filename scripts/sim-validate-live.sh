@@ -18,19 +18,13 @@ OUT=${2:-$(mktemp -d)}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$OUT"
 DIR=$(mktemp -d)
+# shellcheck source=scripts/sim-lib.sh
+. "$HERE/scripts/sim-lib.sh"
 DEVICE=cpu-2vcpu-epyc
 SEQS=32
 TOKENS=256
 PIDS=()
 trap 'kill "${PIDS[@]}" 2>/dev/null || true; rm -rf "$DIR"' EXIT
-wait_up() {
-  for _ in $(seq 1 120); do
-    curl -fs "http://127.0.0.1:$1/health" >/dev/null 2>&1 && return 0
-    sleep 1
-  done
-  echo "server on $1 did not start" >&2
-  exit 1
-}
 start() { # PORT TOKENS
   printf '[[backend]]\nname = "sim"\nkind = "sim"\nregion = "here"\ntier = "sim"\nmax_concurrency = 1024\nsim = { device = "%s", max_num_seqs = %s, max_batch_tokens = %s, tokens = "%s" }\n' \
     "$DEVICE" "$SEQS" "$TOKENS" "$2" >"$DIR/$2.toml"
@@ -40,22 +34,6 @@ start() { # PORT TOKENS
   wait_up "$1"
 }
 
-# A seeded trace: NAME N RATE CV PMIN PMAX OUT (as scripts/sim-validate.sh writes them).
-trace() {
-  python3 - "$@" <<'PY'
-import json, os, random, sys, zlib
-name, n, rate, cv = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
-pmin, pmax, out = int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
-rng = random.Random(zlib.crc32(os.path.basename(name).encode()))
-shape = 1.0 / (cv * cv)
-t = 0.0
-with open(name, "w") as f:
-    for _ in range(n):
-        e = {"time": round(t, 4), "prompt_tokens": rng.randint(pmin, pmax), "output_tokens": out}
-        f.write(json.dumps(e) + "\n")
-        t += rng.gammavariate(shape, 1.0 / (rate * shape))
-PY
-}
 
 plain="$DIR/plain.toml"
 printf 'name = "live"\nendpoint = "completions"\nstream = true\nrequests = 1\nwarmup_requests = 0\nprompt_tokens = { dist = "fixed", value = 64 }\noutput_tokens = { dist = "fixed", value = 64 }\narrival = { kind = "poisson", rate = 1.0 }\n' >"$plain"

@@ -16,6 +16,8 @@ HERE=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$OUT"
 export SERRANO_ADMIN_KEY=${SERRANO_ADMIN_KEY:-sk-sim-validate-admin-0123456789abcdef01}
 DIR=$(mktemp -d)
+# shellcheck source=scripts/sim-lib.sh
+. "$HERE/scripts/sim-lib.sh"
 PORT=18831
 PREFIX_PORT=18832
 # Calibration and every case but prefix sharing run without prefix caching (as the calibration
@@ -23,17 +25,10 @@ PREFIX_PORT=18832
 $B serve --port $PORT --allow-anonymous --no-prefix-caching --db "$DIR/a.db" 2>"$DIR/a.log" &
 A_PID=$!
 trap 'kill $A_PID ${P_PID:-} 2>/dev/null || true; rm -rf "$DIR"' EXIT
-wait_up() {
-  for _ in $(seq 1 120); do
-    curl -fs "http://127.0.0.1:$1/health" >/dev/null 2>&1 && return 0
-    sleep 1
-  done
-  echo "server on $1 did not start" >&2
-  exit 1
-}
 wait_up $PORT
 
-# A seeded trace: NAME N RATE CV TENANTS... where each tenant is name:weight:pmin:pmax:out.
+# A seeded trace of tenants (this script's own, not sim-lib.sh's single-tenant one): NAME N
+# RATE CV TENANTS... where each tenant is name:weight:pmin:pmax:out.
 trace() {
   python3 - "$@" <<'PY'
 import json, os, random, sys, zlib
