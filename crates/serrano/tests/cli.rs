@@ -556,10 +556,12 @@ fn sim_calibrate_reads_the_servers_step_model_and_run_replays_it() {
     let text = std::fs::read_to_string(&measured).unwrap();
     let profile: toml::Table = toml::from_str(&text).unwrap();
     assert!(profile["name"].as_str().unwrap().starts_with("measured at"));
-    // A step of one decoding sequence costs something (a measured gap of one stream); the
-    // intercept alone may trade against the other terms in a noisy fit.
-    let term = |k: &str| profile[k].as_float().unwrap();
-    assert!(term("intercept_s") + term("decode_seq_s") > 0.0, "{text}");
+    // Four finite coefficients (the fit's accuracy is judged on the real model, BENCHMARKS.md
+    // "A profile measured from outside": this tiny model's steps are well under the HTTP
+    // round trip's noise, and under a loaded test run its terms may even come out negative).
+    for term in ["intercept_s", "prefill_token_s", "decode_seq_s", "kv_kilotoken_s"] {
+        assert!(profile[term].as_float().is_some_and(f64::is_finite), "{text}");
+    }
     let o = serrano(
         &[
             "sim",
