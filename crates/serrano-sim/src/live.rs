@@ -259,9 +259,9 @@ fn run(backend: &Backend, arrivals: &Receiver<Vec<Sequence>>, held: &AtomicUsize
                 held.fetch_sub(1, Ordering::AcqRel);
             }
         }
-        let (running, waiting, kv_blocks) = node.load();
+        let (running, queued, kv_blocks) = node.load();
         gauges.running.store(running, Ordering::Relaxed);
-        gauges.waiting.store(waiting, Ordering::Relaxed);
+        gauges.waiting.store(queued, Ordering::Relaxed);
         gauges.kv_blocks.store(kv_blocks, Ordering::Relaxed);
     }
 }

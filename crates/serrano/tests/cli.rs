@@ -559,8 +559,16 @@ fn sim_calibrate_reads_the_servers_step_model_and_run_replays_it() {
     // Four finite coefficients (the fit's accuracy is judged on the real model, BENCHMARKS.md
     // "A profile measured from outside": this tiny model's steps are well under the HTTP
     // round trip's noise, and under a loaded test run its terms may even come out negative).
-    for term in ["intercept_s", "prefill_token_s", "decode_seq_s", "kv_kilotoken_s"] {
-        assert!(profile[term].as_float().is_some_and(f64::is_finite), "{text}");
+    for term in [
+        "intercept_s",
+        "prefill_token_s",
+        "decode_seq_s",
+        "kv_kilotoken_s",
+    ] {
+        assert!(
+            profile[term].as_float().is_some_and(f64::is_finite),
+            "{text}"
+        );
     }
     let o = serrano(
         &[
