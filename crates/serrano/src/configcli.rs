@@ -117,6 +117,7 @@ fn check(file: &PathBuf) -> Result<()> {
     for var in config.missing_secrets() {
         eprintln!("warning: ${var} is not set here; the server needs it in its environment");
     }
+    check_sim_tiers(&config).with_context(|| format!("{}", file.display()))?;
     println!(
         "{}: ok ({} backends, {} routes, {} tenants; sha256 {})",
         file.display(),
@@ -125,6 +126,27 @@ fn check(file: &PathBuf) -> Result<()> {
         config.tenants.len(),
         &config.hash[..12]
     );
+    Ok(())
+}
+
+/// Each sim backend's device as the server will build it: the catalog's device or what-if
+/// variant, `model_shape` and precision, or the profile file (relative to this directory, as
+/// the server reads it). Whether the weights fit the device is known only with the served
+/// model, when the server starts.
+fn check_sim_tiers(config: &Config) -> Result<()> {
+    let catalog = serrano_sim::Catalog::builtin()?;
+    for b in &config.backends {
+        let Some(tier) = &b.sim else { continue };
+        // A stand-in for the served model's shape: only the names are checked here.
+        let mut shape = || {
+            catalog
+                .model("smollm2-135m")
+                .map(serrano_sim::ModelShape::from_spec)
+                .map_err(|e| e.to_string())
+        };
+        serrano_sim::fleet::tier_backend(tier, &catalog, &mut shape, std::path::Path::new("."))
+            .map_err(|e| anyhow::anyhow!("backend '{}': sim: {e}", b.name))?;
+    }
     Ok(())
 }
 

@@ -470,12 +470,25 @@ fn configs_are_versions_that_reload_and_roll_back_without_dropping_requests() {
 #[test]
 fn the_worked_example_configs_are_valid() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let example = root.join("examples/routing.toml");
-    let out = serrano(&["config", "check", example.to_str().unwrap()]);
+    for name in ["routing.toml", "sim-tier.toml"] {
+        let example = root.join("examples").join(name);
+        let out = serrano(&["config", "check", example.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // A sim backend's device is checked against the catalog, by name.
+    let sim = std::fs::read_to_string(root.join("examples/sim-tier.toml")).unwrap();
+    let bad = std::env::temp_dir().join(format!("bad-sim-{}.toml", std::process::id()));
+    std::fs::write(&bad, sim.replace("\"inference-asic\"", "\"tpu-v9\"")).unwrap();
+    let out = serrano(&["config", "check", bad.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&bad);
+    let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        !out.status.success() && err.contains("no device 'tpu-v9'"),
+        "{err}"
     );
     let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
     let block = readme
