@@ -1,5 +1,10 @@
 # Shared by the simulator's validation scripts (sourced, not run):
 # scripts/sim-validate.sh, scripts/sim-validate-fleet.sh, scripts/sim-validate-live.sh.
+# Each sets B (the binary) and OUT (where results go) first; this makes OUT, a scratch DIR the
+# script removes, and an admin key its servers register (so none writes a first-key file).
+mkdir -p "$OUT"
+DIR=$(mktemp -d)
+export SERRANO_ADMIN_KEY=${SERRANO_ADMIN_KEY:-sk-sim-validate-admin-0123456789abcdef01}
 
 # Waits up to two minutes for a server's /health on 127.0.0.1:PORT; exits the script if none.
 wait_up() { # PORT

@@ -16,9 +16,6 @@ set -euo pipefail
 B=${1:-target/release/serrano}
 OUT=${2:-$(mktemp -d)}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
-mkdir -p "$OUT"
-export SERRANO_ADMIN_KEY=${SERRANO_ADMIN_KEY:-sk-sim-validate-admin-0123456789abcdef01}
-DIR=$(mktemp -d)
 # shellcheck source=scripts/sim-lib.sh
 . "$HERE/scripts/sim-lib.sh"
 A_PORT=18841

@@ -16,8 +16,6 @@ set -euo pipefail
 B=${1:-target/release/serrano}
 OUT=${2:-$(mktemp -d)}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
-mkdir -p "$OUT"
-DIR=$(mktemp -d)
 # shellcheck source=scripts/sim-lib.sh
 . "$HERE/scripts/sim-lib.sh"
 DEVICE=cpu-2vcpu-epyc
@@ -28,8 +26,7 @@ trap 'kill "${PIDS[@]}" 2>/dev/null || true; rm -rf "$DIR"' EXIT
 start() { # PORT TOKENS
   printf '[[backend]]\nname = "sim"\nkind = "sim"\nregion = "here"\ntier = "sim"\nmax_concurrency = 1024\nsim = { device = "%s", max_num_seqs = %s, max_batch_tokens = %s, tokens = "%s" }\n' \
     "$DEVICE" "$SEQS" "$TOKENS" "$2" >"$DIR/$2.toml"
-  mkdir -p "$DIR/$2" # a database folder each: the first admin key is written beside it
-  $B serve --port "$1" --allow-anonymous --no-prefix-caching --config "$DIR/$2.toml" --db "$DIR/$2/db" 2>"$DIR/$2.log" &
+  $B serve --port "$1" --allow-anonymous --no-prefix-caching --config "$DIR/$2.toml" --db "$DIR/$2.db" 2>"$DIR/$2.log" &
   PIDS+=($!)
   wait_up "$1"
 }

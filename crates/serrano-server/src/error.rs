@@ -30,6 +30,19 @@ impl ApiError {
     }
 
     /// 400: the request is malformed or a value is out of range.
+    /// 429 with `Retry-After: 1`: a backend's queue or a share of it is full now.
+    pub fn busy(why: impl std::fmt::Display) -> Self {
+        ApiError {
+            code: Some("rate_limit_exceeded".into()),
+            retry_after_s: Some(1),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                format!("{why}. Retry later."),
+            )
+        }
+    }
+
     pub fn invalid(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
     }
@@ -102,24 +115,10 @@ impl ApiError {
 impl From<SubmitError> for ApiError {
     fn from(e: SubmitError) -> Self {
         match e {
-            SubmitError::QueueFull(_) => ApiError {
-                code: Some("rate_limit_exceeded".into()),
-                retry_after_s: Some(1),
-                ..ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limit_error",
-                    format!("Server is busy: {e}. Retry later."),
-                )
-            },
-            SubmitError::TenantBusy { .. } | SubmitError::BatchBusy(_) => ApiError {
-                code: Some("rate_limit_exceeded".into()),
-                retry_after_s: Some(1),
-                ..ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limit_error",
-                    format!("{e}. Retry later."),
-                )
-            },
+            SubmitError::QueueFull(_) => ApiError::busy(format!("Server is busy: {e}")),
+            SubmitError::TenantBusy { .. } | SubmitError::BatchBusy(_) => {
+                ApiError::busy(e.to_string())
+            }
             SubmitError::Stopped => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",

@@ -116,10 +116,6 @@ impl LocalBackend {
         .map(Some)
     }
 
-    pub(crate) fn engine_handle(&self) -> &EngineHandle {
-        &self.engine
-    }
-
     /// The prompt's token ids of a generation this backend rendered.
     pub(crate) fn prompt_of(p: &Prepared) -> Option<&[u32]> {
         p.work::<Work>().map(|w| w.req.prompt.as_slice())

@@ -149,13 +149,8 @@ async fn tokenize_remote(
     mut req: api::TokenizeRequest,
 ) -> Result<api::TokenizeResponse, ApiError> {
     let p = principal(ticket)?;
-    let (model, plan) = st.plan(req.model.as_deref(), &p.tenant)?;
-    if !p.may_use_model(&model) {
-        return Err(
-            GovError::Forbidden(format!("This API key may not use the model '{model}'")).into(),
-        );
-    }
-    ticket.set_model(&model);
+    let requested = req.model.as_deref().filter(|m| !m.is_empty());
+    let (model, plan) = pipeline::scoped_plan(st, ticket, &p, requested)?;
     let _counted = ticket.reserve(0, 0).await?;
     let mut first_error = None;
     for c in &plan.candidates {

@@ -384,7 +384,7 @@ fn slo_class(
 }
 
 /// Routes the request, checks the key may use the model, and records the decision on the ticket.
-fn scoped_plan(
+pub(crate) fn scoped_plan(
     st: &AppState,
     ticket: &Ticket,
     p: &Principal,

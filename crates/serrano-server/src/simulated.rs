@@ -43,12 +43,6 @@ impl SimBackend {
     }
 }
 
-impl SimBackend {
-    fn engine_info(&self) -> &serrano_engine::ModelInfo {
-        self.local.engine_handle().info()
-    }
-}
-
 /// Tells a sequence's stream how many of its tokens the device has released.
 struct Released(watch::Sender<u64>);
 
@@ -65,15 +59,7 @@ impl Sink for Released {
 fn refusal(r: Refusal) -> BackendError {
     match r {
         Refusal::TooLong { .. } => BackendError::refused(ApiError::invalid(r.to_string())),
-        Refusal::Busy => BackendError::busy(ApiError {
-            code: Some("rate_limit_exceeded".into()),
-            retry_after_s: Some(1),
-            ..ApiError::new(
-                axum::http::StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_error",
-                format!("{r}. Retry later."),
-            )
-        }),
+        Refusal::Busy => BackendError::busy(ApiError::busy(r)),
         Refusal::Stopped => BackendError::failed(ApiError::internal(r)),
     }
 }
@@ -89,7 +75,6 @@ fn synthetic_unsupported(gen: &Generation) -> Option<ApiError> {
         ))
     };
     let extra = gen.request.extra();
-    let set = |field: &str| extra.get(field).is_some_and(|v| !v.is_null());
     if !gen.stop.is_empty() {
         return no("stop");
     }
@@ -123,9 +108,8 @@ fn synthetic_unsupported(gen: &Generation) -> Option<ApiError> {
     if tools && !extra.get("tool_choice").is_some_and(|c| c == "none") {
         return no("tools");
     }
-    if set("functions") {
-        return no("functions");
-    }
+    // `functions` and the rest of what the engine cannot honour: the local backend's own
+    // checks, in its rendering.
     None
 }
 
@@ -183,7 +167,8 @@ impl Backend for SimBackend {
         let prompt = LocalBackend::prompt_of(&inner)
             .ok_or_else(|| BackendError::failed(ApiError::internal("no rendered prompt")))?
             .to_vec();
-        let cacheable = self.engine_info().prefix_caching;
+        // As the engine's own prefix cache: on unless `--no-prefix-caching`.
+        let cacheable = self.local.engine().is_some_and(|e| e.info().prefix_caching);
         let mut paces = Vec::with_capacity(gen.n);
         let mut seqs = Vec::with_capacity(gen.n);
         for _ in 0..gen.n {

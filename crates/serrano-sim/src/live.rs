@@ -239,11 +239,11 @@ fn run(backend: &Backend, arrivals: &Receiver<Vec<Sequence>>, held: &AtomicUsize
             continue;
         };
         wait(arrivals, &mut waiting, &mut open, epoch, end);
-        let Some((_, sampled)) = node.end_step() else {
+        let Some((_, plan)) = node.end_step() else {
             continue;
         };
         gauges.steps.fetch_add(1, Ordering::Relaxed);
-        for id in sampled {
+        for id in plan.iter().filter(|p| p.samples).map(|p| p.id) {
             let Some(l) = live.get_mut(&id) else {
                 // Every planned sequence is one of ours; a stray id is dropped, not released.
                 node.remove(id);

@@ -538,12 +538,13 @@ impl<'a> Node<'a> {
         }
     }
 
-    /// Ends the step in flight: its end and the sequences that sampled a token in it, each of
-    /// which the caller then either continues ([`Node::push_token`]) or removes.
-    pub(crate) fn end_step(&mut self) -> Option<(f64, Vec<u64>)> {
+    /// Ends the step in flight: its end and its plan; each sequence that sampled a token in it
+    /// (`samples`) the caller then either continues ([`Node::push_token`]) or removes. The plan
+    /// itself, not a list of ids: a step is the simulator's innermost loop.
+    pub(crate) fn end_step(&mut self) -> Option<(f64, Vec<Planned>)> {
         let (t, plan) = self.step.take()?;
         self.s.after_step();
-        Some((t, plan.iter().filter(|p| p.samples).map(|p| p.id).collect()))
+        Some((t, plan))
     }
 
     /// Sequence `id` goes on with the token it sampled.
@@ -564,11 +565,11 @@ impl<'a> Node<'a> {
         records: &mut [RequestRecord],
         generated: &mut [usize],
     ) -> (f64, Vec<usize>) {
-        let Some((t, sampled)) = self.end_step() else {
+        let Some((t, plan)) = self.end_step() else {
             return (0.0, Vec::new());
         };
         let mut done = Vec::new();
-        for id in sampled {
+        for id in plan.iter().filter(|p| p.samples).map(|p| p.id) {
             let i = id as usize;
             generated[i] += 1;
             if records[i].chunks.is_empty() {

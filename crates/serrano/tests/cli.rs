@@ -13,6 +13,20 @@ fn serrano(args: &[&str], home: Option<&std::path::Path>) -> Output {
     c.output().unwrap()
 }
 
+/// `serrano sim run --workload WORKLOAD ARGS --json OUT`, which must succeed; the JSON it wrote.
+fn sim_run_json(
+    workload: &std::path::Path,
+    args: &[&str],
+    out: &std::path::Path,
+) -> serde_json::Value {
+    let mut all = vec!["sim", "run", "--workload", workload.to_str().unwrap()];
+    all.extend_from_slice(args);
+    all.extend(["--json", out.to_str().unwrap()]);
+    let o = serrano(&all, None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap()
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -199,27 +213,16 @@ fn sim_run_writes_the_load_generators_json() {
          arrival = { kind = \"poisson\", rate = 20.0 }\n",
     )
     .unwrap();
-    let json = |name: &str| -> serde_json::Value {
-        let out = dir.path().join(name);
-        let o = serrano(
-            &[
-                "sim",
-                "run",
-                "--workload",
-                workload.to_str().unwrap(),
-                "--device",
-                "l4",
-                "--model",
-                model.to_str().unwrap(),
-                "--slo",
-                "ttft_p99=1s",
-                "--json",
-                out.to_str().unwrap(),
-            ],
-            None,
-        );
-        assert!(o.status.success(), "{}", stderr(&o));
-        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap()
+    let json = |name: &str| {
+        let args = [
+            "--device",
+            "l4",
+            "--model",
+            model.to_str().unwrap(),
+            "--slo",
+            "ttft_p99=1s",
+        ];
+        sim_run_json(&workload, &args, &dir.path().join(name))
     };
     let v = json("a.json");
     assert_eq!(v["completed"], 50, "{v}");
@@ -497,22 +500,7 @@ fn sim_calibrate_reads_the_servers_step_model_and_run_replays_it() {
     )
     .unwrap();
     let out = dir.path().join("r.json");
-    let o = serrano(
-        &[
-            "sim",
-            "run",
-            "--workload",
-            workload.to_str().unwrap(),
-            "--profile",
-            profile.to_str().unwrap(),
-            "--json",
-            out.to_str().unwrap(),
-        ],
-        None,
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let v = sim_run_json(&workload, &["--profile", profile.to_str().unwrap()], &out);
     assert_eq!(v["completed"], 20, "{v}");
     assert!(v["p50_ttft_ms"].as_f64().unwrap() > 0.0, "{v}");
     // The profile behind the router: a fleet of two copies of the server, the file named
@@ -524,22 +512,7 @@ fn sim_calibrate_reads_the_servers_step_model_and_run_replays_it() {
          region = \"eu\"\ntier = \"cpu\"\nmodels = [\"m\"]\nsim = { profile = \"p.toml\", count = 2 }\n",
     )
     .unwrap();
-    let o = serrano(
-        &[
-            "sim",
-            "run",
-            "--workload",
-            workload.to_str().unwrap(),
-            "--fleet",
-            fleet.to_str().unwrap(),
-            "--json",
-            out.to_str().unwrap(),
-        ],
-        None,
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let v = sim_run_json(&workload, &["--fleet", fleet.to_str().unwrap()], &out);
     assert_eq!(v["completed"], 20, "{v}");
     assert_eq!(v["fleet"]["backends"][1]["device"], "calibrated", "{v}");
     // Measured instead (as for a server that is not serrano): the engine's model fitted to
