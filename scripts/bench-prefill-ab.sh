@@ -7,13 +7,16 @@
 #
 # Prefill tok/s = prompt tokens / time to the first token (`serrano generate`, no prefix cache
 # between runs: each run is a fresh engine); decode = 128 new tokens after an 8-token prompt.
-# llama-bench is the AVX-512 build that ../shared/peers/llama-server.sh makes (cached).
+# llama-bench is the AVX-512 build that ../shared/peers/llama-server.sh makes (cached), or
+# LLAMA_BENCH: on a CPU without AMX, the `-march=native` build of
+# ../shared/peers/llama-bench-native.sh is llama.cpp at its best for prefill and decode alike
+# (where the CPU lists AMX but the VM traps it, that build dies on any batch: use it for decode).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 new=$1; old=$2; rounds=${3:-3}; threads=${4:-2}
 model=$("$new" models pull 2>/dev/null)
-bench=${SERRANO_PEERS_CACHE:-$HOME/.cache/serrano-peers}/llama.cpp-0.3.36/build/bin/llama-bench
-echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; threads used: $threads"
+bench=${LLAMA_BENCH:-${SERRANO_PEERS_CACHE:-$HOME/.cache/serrano-peers}/llama.cpp-0.3.36/build/bin/llama-bench}
+echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; threads used: $threads; peer: $bench"
 median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 rate() { # BIN PROMPT_TOKENS REPEAT -> median prefill tok/s
   "$1" generate -q --threads "$threads" --prompt-tokens "$2" -n 1 --repeat "$3" 2>/dev/null \

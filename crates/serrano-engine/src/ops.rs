@@ -251,6 +251,9 @@ pub(crate) fn with_scratch<T: Default + 'static, R>(
     })
 }
 
+/// Most groups [`groups_per_task`] hands one task.
+const MAX_GROUPS_PER_TASK: usize = 4;
+
 /// Groups of 16 rows handed to one task of a packed matmul: a decode-sized call does too
 /// little per group to pay for a task, a batched one plenty.
 fn groups_per_task(n: usize) -> usize {
@@ -262,11 +265,12 @@ fn groups_per_task(n: usize) -> usize {
 }
 
 /// The packed matmul's parallel loop: tasks of whole groups of every matrix, each running all
-/// tokens, eight at a time (then four, two, one), through [`packed::dot_tile`]; one token
-/// takes two groups per call, for independent chains to overlap.
+/// tokens through [`packed::dot_groups_into`].
 fn packed_groups(ws: &[&QMatrix], n: usize, ys: &mut [&mut [f32]], a: &packed::Acts) {
     assert!(!ws.is_empty() && ws.len() <= MAX_FUSED);
+    assert!(n > 0 && a.tokens() == n);
     let per = groups_per_task(n);
+    assert!(per <= MAX_GROUPS_PER_TASK);
     let mut ends = [0usize; MAX_FUSED];
     let mut outs: [Option<Scatter>; MAX_FUSED] = [None, None, None];
     let mut total = 0;
@@ -284,49 +288,25 @@ fn packed_groups(ws: &[&QMatrix], n: usize, ys: &mut [&mut [f32]], a: &packed::A
             return;
         };
         let (g0, g1) = (c * per, ((c + 1) * per).min(packed::groups(w.rows)));
-        // One tile: groups `g..g + G` times tokens `t..t + N`, stored in place.
-        fn tile<const G: usize, const N: usize>(
-            w: &QMatrix,
-            a: &packed::Acts,
-            out: &Scatter,
-            g: usize,
-            t: usize,
-        ) {
-            let lanes =
-                std::array::from_fn(|i| (w.rows - (g + i) * packed::GROUP).min(packed::GROUP));
-            let dst = std::array::from_fn(|i| {
-                std::array::from_fn(|k| out.span((t + k, (g + i) * packed::GROUP), lanes[i]))
-            });
-            let groups = std::array::from_fn(|i| w.group(g + i));
-            let xs = std::array::from_fn(|k| a.token(t + k));
-            // SAFETY: `span` checked each destination against the output; this task alone
-            // owns the rows of its groups (tasks' groups are disjoint), and one call's
-            // destinations are distinct (token, group) rows.
-            unsafe { packed::dot_tile_into::<G, N>(w.dtype, groups, xs, dst, lanes) };
+        let k = g1 - g0;
+        let mut groups: [&[u8]; MAX_GROUPS_PER_TASK] = [&[]; MAX_GROUPS_PER_TASK];
+        let mut lanes = [0usize; MAX_GROUPS_PER_TASK];
+        let mut dst = [std::ptr::null_mut(); MAX_GROUPS_PER_TASK];
+        for (i, g) in (g0..g1).enumerate() {
+            let r0 = g * packed::GROUP;
+            lanes[i] = (w.rows - r0).min(packed::GROUP);
+            groups[i] = w.group(g);
+            // `span` checks the last token's row; rows are `w.rows` apart, so every earlier
+            // token's lies inside the output too.
+            out.span((n - 1, r0), lanes[i]);
+            dst[i] = out.span((0, r0), lanes[i]);
         }
-        let mut t = 0;
-        while t + 8 <= n {
-            (g0..g1).for_each(|g| tile::<1, 8>(w, a, out, g, t));
-            t += 8;
-        }
-        if t + 4 <= n {
-            (g0..g1).for_each(|g| tile::<1, 4>(w, a, out, g, t));
-            t += 4;
-        }
-        if t + 2 <= n {
-            (g0..g1).for_each(|g| tile::<1, 2>(w, a, out, g, t));
-            t += 2;
-        }
-        if t < n {
-            let mut g = g0;
-            while g + 2 <= g1 {
-                tile::<2, 1>(w, a, out, g, t);
-                g += 2;
-            }
-            if g < g1 {
-                tile::<1, 1>(w, a, out, g, t);
-            }
-        }
+        // SAFETY: each (token, group) destination lies in the output (checked above); this
+        // task alone owns the rows of its groups (tasks' groups are disjoint), and the output
+        // is not read until every task has returned.
+        unsafe {
+            packed::dot_groups_into(w.dtype, &groups[..k], &lanes[..k], a, &dst[..k], w.rows)
+        };
     });
 }
 

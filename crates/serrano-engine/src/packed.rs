@@ -164,6 +164,8 @@ const PARALLEL_QUANTIZE_TOKENS: usize = 16;
 /// Quantized activations of `n` tokens in the packed kernel's layout.
 #[derive(Debug, Default)]
 pub struct Acts {
+    /// Tokens.
+    n: usize,
     blocks: usize,
     qs: Vec<i8>,
     d: Vec<f32>,
@@ -193,6 +195,7 @@ impl Acts {
     pub fn quantize(&mut self, x: &[f32], n: usize, cols: usize) {
         assert!(cols.is_multiple_of(QK) && x.len() == n * cols);
         let nb = cols / QK;
+        self.n = n;
         self.blocks = nb;
         for v in [&mut self.d, &mut self.s] {
             v.clear();
@@ -240,6 +243,10 @@ impl Acts {
         }
     }
 
+    pub fn tokens(&self) -> usize {
+        self.n
+    }
+
     pub fn token(&self, t: usize) -> Token<'_> {
         let nb = self.blocks;
         Token {
@@ -251,64 +258,67 @@ impl Acts {
     }
 }
 
-/// Dot products of `G` packed groups (16 rows each) with `N` tokens: `out[g][t][lane]`. Each
-/// (row, token) result is computed by the same instructions whatever `G` and `N` are, so
-/// batching never changes it.
-pub fn dot_tile<const G: usize, const N: usize>(
-    dtype: DType,
-    groups: [&[u8]; G],
-    xs: [Token<'_>; N],
-) -> [[[f32; GROUP]; N]; G] {
-    let mut out = [[[0f32; GROUP]; N]; G];
-    let dst = std::array::from_fn(|g| {
-        let row: *mut [f32; GROUP] = out[g].as_mut_ptr();
-        std::array::from_fn(|t| row.wrapping_add(t) as *mut f32)
-    });
-    // SAFETY: each pointer is one distinct row of 16 floats of `out`.
-    unsafe { dot_tile_into(dtype, groups, xs, dst, [GROUP; G]) };
-    out
-}
-
-/// [`dot_tile`], writing each (group, token)'s first `lanes[g]` results straight to
-/// `dst[g][t]` (a matmul's output row), with no copy through the stack.
+/// One task's share of a packed matmul: the packed `groups` (each [`GROUP`] rows, of which
+/// the first `lanes[i]` are real) times every token of `acts`. Result (token `t`, group `i`,
+/// lane `l`) goes to `dst[i] + t * stride + l`. Tokens go eight at a time through each group
+/// (then four, two, one); a lone token takes two groups per pass so their chains overlap.
+/// Each (row, token) result is computed by the same instructions whatever the shape of the
+/// tile it falls in, so batching never changes it.
+///
+/// The token loop lives here, beside the kernel, so the lengths are checked once per call and
+/// each tile's activations and destinations are pointer arithmetic, not arrays of slices
+/// built and checked per tile by the caller.
 ///
 /// # Safety
-/// Each `dst[g][t]` must be valid for `lanes[g]` (at most 16) writes of `f32` that no other
-/// pointer here or elsewhere overlaps during the call.
-#[inline]
-pub unsafe fn dot_tile_into<const G: usize, const N: usize>(
+/// For every group `i` and token `t < acts.tokens()`, `dst[i] + t * stride` must be valid for
+/// `lanes[i]` writes of `f32` that nothing else reads or writes during the call.
+pub unsafe fn dot_groups_into(
     dtype: DType,
-    groups: [&[u8]; G],
-    xs: [Token<'_>; N],
-    dst: [[*mut f32; N]; G],
-    lanes: [usize; G],
+    groups: &[&[u8]],
+    lanes: &[usize],
+    acts: &Acts,
+    dst: &[*mut f32],
+    stride: usize,
 ) {
-    let nb = xs[0].d.len();
+    let nb = acts.blocks;
+    assert!(groups.len() == lanes.len() && groups.len() == dst.len());
     assert!(lanes.iter().all(|&k| k <= GROUP));
     assert!(groups.iter().all(|g| g.len() == nb * block_bytes(dtype)));
-    assert!(xs
-        .iter()
-        .all(|x| x.d.len() == nb && x.s.len() == nb && x.sq.len() == nb && x.qs.len() == nb * QK));
+    let n = acts.n;
+    assert!(
+        acts.qs.len() == n * nb * QK
+            && acts.d.len() == n * nb
+            && acts.s.len() == n * nb
+            && acts.sq.len() == n * nb
+    );
     #[cfg(target_arch = "x86_64")]
     {
         if crate::kernels::has_avx512() {
+            let x = avx512::Xs {
+                qs: acts.qs.as_ptr(),
+                d: acts.d.as_ptr(),
+                s: acts.s.as_ptr(),
+                sq: acts.sq.as_ptr(),
+                nb,
+            };
             // SAFETY: the AVX-512 features this build uses were detected at run time, the
             // lengths were checked above, and the caller vouches for `dst`.
             unsafe {
                 match dtype {
-                    DType::Q4_0 => avx512::tile::<G, N, Q4_0>(groups, xs, dst, lanes),
-                    DType::Q4_1 => avx512::tile::<G, N, Q4_1>(groups, xs, dst, lanes),
-                    _ => avx512::tile::<G, N, Q8_0>(groups, xs, dst, lanes),
+                    DType::Q4_0 => avx512::groups::<Q4_0>(groups, lanes, x, n, dst, stride),
+                    DType::Q4_1 => avx512::groups::<Q4_1>(groups, lanes, x, n, dst, stride),
+                    _ => avx512::groups::<Q8_0>(groups, lanes, x, n, dst, stride),
                 }
             }
             return;
         }
     }
-    for g in 0..G {
-        for (t, x) in xs.iter().enumerate() {
-            for lane in 0..lanes[g] {
+    for (i, group) in groups.iter().enumerate() {
+        for t in 0..n {
+            for lane in 0..lanes[i] {
+                let v = portable_dot(dtype, group, lane, acts.token(t));
                 // SAFETY: the caller vouches for `dst`.
-                unsafe { *dst[g][t].add(lane) = portable_dot(dtype, groups[g], lane, *x) };
+                unsafe { *dst[i].wrapping_add(t * stride + lane) = v };
             }
         }
     }
@@ -341,20 +351,86 @@ pub fn portable_dot(dtype: DType, group: &[u8], lane: usize, x: Token<'_>) -> f3
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{Token, Q4_0, Q4_1, Q8_0};
+    use super::{Q4_0, Q4_1, Q8_0};
 
-    /// The [`super::dot_tile`] of kind `K`. Per block, each group's scales are converted and
-    /// its weights unpacked once into eight registers, then every token runs eight
-    /// `vpdpbusd` (two chains of four, added: integer sums, so exact) against its activations
-    /// broadcast four bytes at a time.
+    /// Activations in [`super::Acts`]'s layout, as pointers (token `t`'s 8-bit values at
+    /// `qs + t * nb * 32`, its scales and sums at `t * nb`).
+    #[derive(Clone, Copy)]
+    pub struct Xs {
+        pub qs: *const i8,
+        pub d: *const f32,
+        pub s: *const f32,
+        pub sq: *const i32,
+        pub nb: usize,
+    }
+
+    /// [`super::dot_groups_into`]'s loop over tiles, for kind `K`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    pub unsafe fn tile<const G: usize, const N: usize, const K: u8>(
-        groups: [&[u8]; G],
-        xs: [Token<'_>; N],
-        dst: [[*mut f32; N]; G],
+    pub unsafe fn groups<const K: u8>(
+        groups: &[&[u8]],
+        lanes: &[usize],
+        x: Xs,
+        n: usize,
+        dst: &[*mut f32],
+        stride: usize,
+    ) {
+        let at = |i: usize, t: usize| dst[i].wrapping_add(t * stride);
+        let mut t = 0;
+        while t + 8 <= n {
+            for (i, g) in groups.iter().enumerate() {
+                tile::<1, 8, K>([g.as_ptr()], x, t, [at(i, t)], stride, [lanes[i]]);
+            }
+            t += 8;
+        }
+        if t + 4 <= n {
+            for (i, g) in groups.iter().enumerate() {
+                tile::<1, 4, K>([g.as_ptr()], x, t, [at(i, t)], stride, [lanes[i]]);
+            }
+            t += 4;
+        }
+        if t + 2 <= n {
+            for (i, g) in groups.iter().enumerate() {
+                tile::<1, 2, K>([g.as_ptr()], x, t, [at(i, t)], stride, [lanes[i]]);
+            }
+            t += 2;
+        }
+        if t < n {
+            let mut i = 0;
+            while i + 2 <= groups.len() {
+                let gp = [groups[i].as_ptr(), groups[i + 1].as_ptr()];
+                tile::<2, 1, K>(
+                    gp,
+                    x,
+                    t,
+                    [at(i, t), at(i + 1, t)],
+                    stride,
+                    [lanes[i], lanes[i + 1]],
+                );
+                i += 2;
+            }
+            if i < groups.len() {
+                tile::<1, 1, K>([groups[i].as_ptr()], x, t, [at(i, t)], stride, [lanes[i]]);
+            }
+        }
+    }
+
+    /// `G` groups times tokens `t..t + N`, kind `K`; (group `g`, token `t + k`) stored at
+    /// `dst[g] + k * stride`. Per block, each group's scales are converted and its weights
+    /// unpacked once into eight registers, then every token runs eight `vpdpbusd` against its
+    /// activations broadcast four bytes at a time: one chain per token, the tile's tokens
+    /// interleaved so their chains overlap (integer sums, so the order is exact), or two
+    /// chains per token where the tile holds fewer than four (group, token) pairs.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    #[inline]
+    unsafe fn tile<const G: usize, const N: usize, const K: u8>(
+        gp: [*const u8; G],
+        x: Xs,
+        t: usize,
+        dst: [*mut f32; G],
+        stride: usize,
         lanes: [usize; G],
     ) {
-        let nb = xs[0].d.len();
+        let nb = x.nb;
         let (bb, wa) = match K {
             Q4_0 => (288, 32),
             Q4_1 => (320, 64),
@@ -362,9 +438,13 @@ mod avx512 {
         };
         let m4 = _mm512_set1_epi8(0x0F);
         let mut acc = [[_mm512_setzero_ps(); N]; G];
+        // Token t + k's block b: 8-bit values at qs + k * row + 32 b, scales at sc + k * nb + b.
+        let row = nb * 32;
+        let qs = x.qs.add(t * row);
+        let sc = t * nb;
         for b in 0..nb {
             for g in 0..G {
-                let p = groups[g].as_ptr().add(b * bb);
+                let p = gp[g].add(b * bb);
                 // Decode reads each weight once and waits on memory: ask for the next block
                 // while this one computes (a prefetch never faults; past the end it is only
                 // an address, computed with wrapping arithmetic and never dereferenced).
@@ -395,35 +475,52 @@ mod avx512 {
                         w[l + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4);
                     }
                 }
-                for t in 0..N {
-                    let x = xs[t].qs.as_ptr().add(b * 32) as *const i32;
-                    let start = match K {
-                        Q4_0 => -8 * *xs[t].sq.get_unchecked(b),
-                        Q8_0 => -128 * *xs[t].sq.get_unchecked(b),
-                        _ => 0,
+                let mut isum = [_mm512_setzero_si512(); N];
+                for (k, i) in isum.iter_mut().enumerate() {
+                    let sq = *x.sq.add(sc + k * nb + b);
+                    *i = match K {
+                        Q4_0 => _mm512_set1_epi32(-8 * sq),
+                        Q8_0 => _mm512_set1_epi32(-128 * sq),
+                        _ => _mm512_setzero_si512(),
                     };
-                    let mut i0 = _mm512_set1_epi32(start);
-                    let mut i1 = _mm512_setzero_si512();
-                    for j in 0..4 {
-                        let x0 = _mm512_set1_epi32(x.add(2 * j).read_unaligned());
-                        let x1 = _mm512_set1_epi32(x.add(2 * j + 1).read_unaligned());
-                        i0 = _mm512_dpbusd_epi32(i0, w[2 * j], x0);
-                        i1 = _mm512_dpbusd_epi32(i1, w[2 * j + 1], x1);
+                }
+                let xq = |k: usize, j: usize| {
+                    qs.add(k * row + b * 32 + 4 * j)
+                        .cast::<i32>()
+                        .read_unaligned()
+                };
+                if N * G >= 4 {
+                    for (j, wj) in w.iter().enumerate() {
+                        for (k, i) in isum.iter_mut().enumerate() {
+                            *i = _mm512_dpbusd_epi32(*i, *wj, _mm512_set1_epi32(xq(k, j)));
+                        }
                     }
-                    let isum = _mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1));
-                    let sc = _mm512_mul_ps(dw, _mm512_set1_ps(*xs[t].d.get_unchecked(b)));
-                    acc[g][t] = _mm512_fmadd_ps(isum, sc, acc[g][t]);
+                } else {
+                    for (k, i) in isum.iter_mut().enumerate() {
+                        let mut i1 = _mm512_setzero_si512();
+                        for j in 0..4 {
+                            let x0 = _mm512_set1_epi32(xq(k, 2 * j));
+                            let x1 = _mm512_set1_epi32(xq(k, 2 * j + 1));
+                            *i = _mm512_dpbusd_epi32(*i, w[2 * j], x0);
+                            i1 = _mm512_dpbusd_epi32(i1, w[2 * j + 1], x1);
+                        }
+                        *i = _mm512_add_epi32(*i, i1);
+                    }
+                }
+                for (k, i) in isum.iter().enumerate() {
+                    let at = sc + k * nb + b;
+                    let s = _mm512_mul_ps(dw, _mm512_set1_ps(*x.d.add(at)));
+                    acc[g][k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(*i), s, acc[g][k]);
                     if K == Q4_1 {
-                        let sx = _mm512_set1_ps(*xs[t].s.get_unchecked(b));
-                        acc[g][t] = _mm512_fmadd_ps(mw, sx, acc[g][t]);
+                        acc[g][k] = _mm512_fmadd_ps(mw, _mm512_set1_ps(*x.s.add(at)), acc[g][k]);
                     }
                 }
             }
         }
         for g in 0..G {
             let mask: __mmask16 = ((1u32 << lanes[g]) - 1) as u16;
-            for t in 0..N {
-                _mm512_mask_storeu_ps(dst[g][t], mask, acc[g][t]);
+            for (k, a) in acc[g].iter().enumerate() {
+                _mm512_mask_storeu_ps(dst[g].wrapping_add(k * stride), mask, *a);
             }
         }
     }
@@ -494,46 +591,53 @@ mod tests {
         }
     }
 
-    /// Every tile shape the matmul uses gives each (row, token) exactly the reference's bits.
+    /// Every tile shape the matmul uses (tokens 8, 4, 2 and 1 at a time; a lone token with two
+    /// groups or one) gives each (row, token) exactly the reference's bits, partial groups
+    /// write only their rows, and nothing lands outside a token's rows.
     #[test]
     fn the_dispatched_kernel_equals_the_reference_bit_for_bit_in_every_tile() {
         for dt in TYPES {
             for cols in [32, 96, 576, 1536] {
-                let (_, groups) = packed(dt, 2 * GROUP, cols, 7 + cols as u64);
-                let n = 8;
-                let x = random_vec(n * cols, 11);
-                let mut acts = Acts::default();
-                acts.quantize(&x, n, cols);
-                let tok: [Token<'_>; 8] = std::array::from_fn(|t| acts.token(t));
-                let want = |g: usize, t: usize, lane: usize| {
-                    portable_dot(dt, &groups[g], lane, tok[t]).to_bits()
-                };
-                let (g0, g1) = (groups[0].as_slice(), groups[1].as_slice());
-                let check = |label: &str, got: &[[f32; GROUP]], g: usize, t0: usize| {
-                    for (i, lanes) in got.iter().enumerate() {
-                        for (lane, v) in lanes.iter().enumerate() {
-                            assert_eq!(
-                                v.to_bits(),
-                                want(g, t0 + i, lane),
-                                "{dt:?} cols={cols} {label} group {g} token {} lane {lane}",
-                                t0 + i
-                            );
+                let (_, groups) = packed(dt, 3 * GROUP, cols, 7 + cols as u64);
+                for n in [1, 2, 3, 5, 8, 15, 19] {
+                    let x = random_vec(n * cols, 11 + n as u64);
+                    let mut acts = Acts::default();
+                    acts.quantize(&x, n, cols);
+                    for (gs, lanes) in [
+                        (&groups[..], &[16, 16, 9][..]),
+                        (&groups[1..], &[16, 5][..]),
+                        (&groups[2..], &[16][..]),
+                    ] {
+                        let refs: Vec<&[u8]> = gs.iter().map(Vec::as_slice).collect();
+                        // Output rows of 3 groups per token, plus a guard row after the last.
+                        let stride = 3 * GROUP;
+                        let mut out = vec![f32::NAN; (n + 1) * stride];
+                        let base = out.as_mut_ptr();
+                        let dst: Vec<*mut f32> = (0..gs.len())
+                            .map(|i| base.wrapping_add(i * GROUP))
+                            .collect();
+                        // SAFETY: token t's group i writes `lanes[i]` floats at
+                        // `t * stride + i * GROUP`, inside `out`.
+                        unsafe { dot_groups_into(dt, &refs, lanes, &acts, &dst, stride) };
+                        for t in 0..=n {
+                            for (i, (g, &k)) in refs.iter().zip(lanes).enumerate() {
+                                for lane in 0..GROUP {
+                                    let got = out[t * stride + i * GROUP + lane];
+                                    if t < n && lane < k {
+                                        let want = portable_dot(dt, g, lane, acts.token(t));
+                                        assert_eq!(
+                                            got.to_bits(),
+                                            want.to_bits(),
+                                            "{dt:?} cols={cols} n={n} group {i} token {t} lane {lane}"
+                                        );
+                                    } else {
+                                        assert!(got.is_nan(), "{dt:?} n={n} wrote past lane {k}");
+                                    }
+                                }
+                            }
                         }
                     }
-                };
-                check("1x8", &dot_tile::<1, 8>(dt, [g1], tok)[0], 1, 0);
-                let four = [tok[4], tok[5], tok[6], tok[7]];
-                check("1x4", &dot_tile::<1, 4>(dt, [g0], four)[0], 0, 4);
-                check(
-                    "1x2",
-                    &dot_tile::<1, 2>(dt, [g1], [tok[2], tok[3]])[0],
-                    1,
-                    2,
-                );
-                let two = dot_tile::<2, 1>(dt, [g0, g1], [tok[5]]);
-                check("2x1", &two[0], 0, 5);
-                check("2x1", &two[1], 1, 5);
-                check("1x1", &dot_tile::<1, 1>(dt, [g0], [tok[7]])[0], 0, 7);
+                }
             }
         }
     }

@@ -44,8 +44,8 @@ pub fn run(a: RooflineArgs) -> Result<()> {
     // the weights do between decode steps: on a CPU whose last-level cache holds the model,
     // that cache's bandwidth is the ceiling, not memory's.
     let bw_step = read_bandwidth(bytes as usize, 10);
-    let (flops, isa) = fma_throughput(Duration::from_millis(500));
-    let int8 = int8_throughput(Duration::from_millis(500));
+    let (flops, isa) = fma_throughput(Duration::from_millis(1500));
+    let int8 = int8_throughput(Duration::from_millis(1500));
     println!(
         "kernel pool: {threads} threads; matmul kernels: {} (cap with {})",
         serrano_engine::kernels::simd_name(),
@@ -58,10 +58,13 @@ pub fn run(a: RooflineArgs) -> Result<()> {
         bw_step / 1e9,
         bytes / 1e6
     );
-    println!("f32 FMA throughput: {:.1} GFLOP/s ({isa})", flops / 1e9);
+    println!(
+        "f32 FMA throughput: {:.1} GFLOP/s ({isa}; best of 5 runs of 0.3 s)",
+        flops / 1e9
+    );
     if let Some(m) = int8 {
         println!(
-            "8-bit dot throughput: {:.1} G multiply-adds/s (AVX512-VNNI)",
+            "8-bit dot throughput: {:.1} G multiply-adds/s (AVX512-VNNI; best of 5 runs of 0.3 s)",
             m / 1e9
         );
     }
