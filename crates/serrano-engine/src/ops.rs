@@ -268,7 +268,10 @@ fn groups_per_task(n: usize) -> usize {
 /// tokens through [`packed::dot_groups_into`].
 fn packed_groups(ws: &[&QMatrix], n: usize, ys: &mut [&mut [f32]], a: &packed::Acts) {
     assert!(!ws.is_empty() && ws.len() <= MAX_FUSED);
-    assert!(n > 0 && a.tokens() == n);
+    assert_eq!(a.tokens(), n);
+    if n == 0 {
+        return;
+    }
     let per = groups_per_task(n);
     assert!(per <= MAX_GROUPS_PER_TASK);
     let mut ends = [0usize; MAX_FUSED];

@@ -5,11 +5,15 @@
 //! Written by hand because it must use the engine's own thread pool; no crate measures that.
 
 use std::hint::black_box;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 
+use crate::gguf::Bytes;
 use crate::model::ModelConfig;
+use crate::ops::{matmul, pack_all, QMatrix};
+use crate::quant::{quantize_row, DType};
 
 /// Bytes one rayon task reads: large enough to stream, small enough to balance the threads.
 const READ_CHUNK_BYTES: usize = 1 << 20;
@@ -186,6 +190,60 @@ unsafe fn fma_avx2(iters: u64) -> f32 {
     out.iter().sum()
 }
 
+/// Multiply-adds per second of the engine's own matmul (`ops::matmul`: activation
+/// quantization, the fork-join and the kernel) on a `rows` x `cols` matrix of `dtype`,
+/// repacked as the model's weights are, against `tokens` tokens at once: what the kernel
+/// reaches of the 8-bit ceiling with nothing else of the forward pass around it. Best of
+/// [`PROBE_TRIES`] runs of about `run / PROBE_TRIES`, each a loop of whole calls on a pool
+/// thread (as a step runs). The weights are pseudo-random, quantized with the file format's
+/// own code.
+pub fn matmul_throughput(
+    dtype: DType,
+    rows: usize,
+    cols: usize,
+    tokens: usize,
+    run: Duration,
+) -> std::io::Result<f64> {
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = || {
+        // xorshift64: any spread of values will do, it only has to be cheap and repeatable.
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    };
+    let mut data = Vec::with_capacity(rows * dtype.row_bytes(cols));
+    for _ in 0..rows {
+        let row: Vec<f32> = (0..cols).map(|_| next()).collect();
+        data.extend(quantize_row(dtype, &row));
+    }
+    let mut w = QMatrix::new(dtype, rows, cols, Arc::new(Bytes::Owned(data)), 0);
+    pack_all(&mut [&mut w])?;
+    let x: Vec<f32> = (0..tokens * cols).map(|_| next()).collect();
+    let mut y = vec![0f32; tokens * rows];
+    let per_try = run / PROBE_TRIES as u32;
+    let best = rayon::scope(|_| {
+        let mut calls = 1u32;
+        loop {
+            let t = Instant::now();
+            (0..calls).for_each(|_| matmul(&w, &x, tokens, &mut y));
+            if t.elapsed() >= per_try / 4 || calls >= 1 << 20 {
+                break;
+            }
+            calls *= 2;
+        }
+        let mut best = f64::INFINITY;
+        for _ in 0..PROBE_TRIES {
+            let t = Instant::now();
+            (0..calls).for_each(|_| matmul(&w, &x, tokens, &mut y));
+            best = best.min(t.elapsed().as_secs_f64() / calls as f64);
+        }
+        best
+    });
+    black_box(&y);
+    Ok((rows * cols * tokens) as f64 / best.max(1e-12))
+}
+
 /// Multiply-adds one token costs in the weight matmuls, the output head aside (prefill computes
 /// logits for the last position only).
 pub fn matmul_macs_per_token(c: &ModelConfig) -> f64 {
@@ -214,6 +272,14 @@ mod tests {
         assert!(flops.is_finite() && flops > 0.0);
         if let Some(macs) = int8_throughput(Duration::from_millis(20)) {
             assert!(macs.is_finite() && macs > 0.0);
+        }
+    }
+
+    #[test]
+    fn the_matmul_probe_measures_something() {
+        for dtype in [DType::Q4_1, DType::Q8_0] {
+            let macs = matmul_throughput(dtype, 40, 64, 9, Duration::from_millis(10)).unwrap();
+            assert!(macs.is_finite() && macs > 0.0, "{dtype:?}: {macs}");
         }
     }
 

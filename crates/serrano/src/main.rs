@@ -62,8 +62,9 @@ enum Command {
     },
     /// Load-test an OpenAI-compatible endpoint: TTFT, inter-token latency, goodput, cost.
     Bench(Box<benchcli::BenchArgs>),
-    /// Measure this machine's memory bandwidth and FMA throughput, the decode and prefill
-    /// ceilings they put on the model, and how close the engine gets to them.
+    /// Measure this machine's memory bandwidth, FMA and 8-bit dot throughput, the decode and
+    /// prefill ceilings they put on the model, and how close the engine (and its matmul
+    /// alone) gets to them.
     Roofline(Box<roofline::RooflineArgs>),
     /// Inference hardware you may not own: a model's roofline on catalog devices (H100, H200,
     /// A100, L4, MI300X, an inference ASIC, this CPU), with cost and energy per 1M tokens.

@@ -147,6 +147,18 @@ fn roofline_reports_ceilings_and_measured_speeds() {
     for line in ["read bandwidth: ", "f32 FMA throughput: "] {
         assert!(out.contains(line), "{out}");
     }
+    // Where the repacked kernel runs (AVX-512), its matmul is measured per format.
+    if out.contains("8-bit dot throughput: ") {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("matmul (repacked weights, 128x64, "))
+            .expect("matmul line");
+        for format in ["Q4_1 ", "Q4_0 ", "Q8_0 "] {
+            let rate = line.split(format).nth(1).and_then(|r| r.split(' ').next());
+            let rate: f64 = rate.and_then(|r| r.parse().ok()).expect(format);
+            assert!(rate > 0.0, "{line}");
+        }
+    }
     // "decode: ceiling N tok/s ...; measured M tok/s ..." with both numbers positive.
     for what in ["decode: ceiling ", "prefill: ceiling "] {
         let line = out.lines().find(|l| l.starts_with(what)).expect(what);
