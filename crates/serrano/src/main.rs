@@ -427,6 +427,13 @@ fn model_stem(path: &Path) -> String {
 
 fn serve(a: ServeArgs) -> Result<()> {
     let (path, engine) = start_engine(&a.model, a.served_model_names.first().cloned())?;
+    // Answered before the server listens: the engine times its step-time calibration first
+    // (about a second), so `/health` now answers once the model serves at speed (a fresh
+    // server's first request waited behind the calibration), and a model that loads but does
+    // not answer stops the start-up, as one a config loads is refused.
+    engine
+        .verify()
+        .map_err(|e| anyhow::anyhow!("{} loaded but failed its check: {e}", path.display()))?;
     let names = if a.served_model_names.is_empty() {
         vec![model_stem(&path)]
     } else {
