@@ -4,7 +4,7 @@
 //! and each sequence streams its events back over its own channel.
 
 use std::io::Write;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -373,9 +373,38 @@ pub struct EngineHandle {
     info: Arc<ModelInfo>,
     metrics: Arc<EngineMetrics>,
     max_waiting: usize,
+    started: Arc<Started>,
+}
+
+/// Set by the engine thread once its start-up (the step-time calibration) is done and it
+/// takes requests.
+#[derive(Default)]
+struct Started {
+    done: Mutex<bool>,
+    changed: Condvar,
+}
+
+impl Started {
+    fn set(&self) {
+        *self.done.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.changed.notify_all();
+    }
 }
 
 impl EngineHandle {
+    /// Waits, at most `timeout`, until the engine thread has finished its start-up
+    /// calibration and takes requests; whether it has. A server waits on this before it
+    /// listens, so its first request does not queue behind the calibration.
+    pub fn wait_started(&self, timeout: Duration) -> bool {
+        let done = self.started.done.lock().unwrap_or_else(|e| e.into_inner());
+        let (done, _) = self
+            .started
+            .changed
+            .wait_timeout_while(done, timeout, |d| !*d)
+            .unwrap_or_else(|e| e.into_inner());
+        *done
+    }
+
     pub fn info(&self) -> &Arc<ModelInfo> {
         &self.info
     }
@@ -643,6 +672,7 @@ pub fn start_from_gguf(file: &GgufFile, config: EngineConfig) -> Result<EngineHa
         None => None,
     };
     let (tx, rx) = mpsc::channel(config.max_waiting.max(1));
+    let started = Arc::new(Started::default());
     let alloc = SharedAllocator::new(n_blocks);
     let sched_cfg = SchedulerConfig {
         max_num_seqs: config.max_num_seqs.max(1),
@@ -668,6 +698,7 @@ pub fn start_from_gguf(file: &GgufFile, config: EngineConfig) -> Result<EngineHa
         step_count: 0,
         this_step: None,
         model_name: config.model_name.clone(),
+        started: started.clone(),
     };
     thread::Builder::new()
         .name("serrano-engine".into())
@@ -680,6 +711,7 @@ pub fn start_from_gguf(file: &GgufFile, config: EngineConfig) -> Result<EngineHa
         info,
         metrics,
         max_waiting: config.max_waiting,
+        started,
     })
 }
 
@@ -774,6 +806,7 @@ struct Worker {
     this_step: Option<TokenStep>,
     /// Its `model_name`, for the log.
     model_name: String,
+    started: Arc<Started>,
 }
 
 impl Worker {
@@ -781,6 +814,7 @@ impl Worker {
         if self.calibrate {
             self.calibrate();
         }
+        self.started.set();
         loop {
             if self.sched.is_idle() {
                 match self.rx.blocking_recv() {

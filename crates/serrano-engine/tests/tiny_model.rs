@@ -136,6 +136,22 @@ fn engine_generates_streams_and_finishes_by_length() {
     assert_eq!((ids.len(), reason, n), (12, FinishReason::Length, 12));
 }
 
+/// The engine says when its start-up (calibrated or not) is done, and stays started.
+#[test]
+fn an_engine_says_when_it_has_started() {
+    use std::time::Duration;
+    let h = start_from_gguf(&tiny(), EngineConfig::default()).unwrap();
+    assert!(h.wait_started(Duration::from_secs(60)));
+    // Started stays started.
+    assert!(h.wait_started(Duration::ZERO));
+    let uncalibrated = EngineConfig {
+        calibrate: false,
+        ..EngineConfig::default()
+    };
+    let h = start_from_gguf(&tiny(), uncalibrated).unwrap();
+    assert!(h.wait_started(Duration::from_secs(60)));
+}
+
 #[test]
 fn same_seed_same_output_even_under_concurrency() {
     let h = start_from_gguf(&tiny(), EngineConfig::default()).unwrap();

@@ -425,15 +425,21 @@ fn model_stem(path: &Path) -> String {
         .unwrap_or_else(|| "default".into())
 }
 
+/// How long `serve` waits for its engine's start-up (a calibration of at most ~2 s).
+const ENGINE_START_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 fn serve(a: ServeArgs) -> Result<()> {
     let (path, engine) = start_engine(&a.model, a.served_model_names.first().cloned())?;
-    // Answered before the server listens: the engine times its step-time calibration first
-    // (about a second), so `/health` now answers once the model serves at speed (a fresh
-    // server's first request waited behind the calibration), and a model that loads but does
-    // not answer stops the start-up, as one a config loads is refused.
-    engine
-        .verify()
-        .map_err(|e| anyhow::anyhow!("{} loaded but failed its check: {e}", path.display()))?;
+    // The engine times its step-time calibration (about a second) before it takes requests:
+    // waited for here, before the server listens, so `/health` answers once the model serves
+    // at speed (a fresh server's first request used to queue behind the calibration).
+    if !engine.wait_started(ENGINE_START_LIMIT) {
+        anyhow::bail!(
+            "the engine of {} did not finish starting within {} s",
+            path.display(),
+            ENGINE_START_LIMIT.as_secs()
+        );
+    }
     let names = if a.served_model_names.is_empty() {
         vec![model_stem(&path)]
     } else {
