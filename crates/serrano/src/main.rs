@@ -416,7 +416,18 @@ fn start_engine(m: &ModelArgs, name: Option<String>) -> Result<(PathBuf, EngineH
     tracing::info!(threads, "kernel thread pool started");
     let path = resolve_model(m)?;
     let cfg = engine_config(m, name.unwrap_or_else(|| model_stem(&path)));
-    Ok((path.clone(), load_engine(&path, cfg)?))
+    let engine = load_engine(&path, cfg)?;
+    // The engine times its step-time calibration (about a second) before it takes requests:
+    // waited for here, so `serve` listens (and `/health` answers) once the model serves at
+    // speed, and `generate`'s first run is not timed behind it (both used to be).
+    if !engine.wait_started(ENGINE_START_LIMIT) {
+        anyhow::bail!(
+            "the engine of {} did not finish starting within {} s",
+            path.display(),
+            ENGINE_START_LIMIT.as_secs()
+        );
+    }
+    Ok((path, engine))
 }
 
 fn model_stem(path: &Path) -> String {
@@ -425,21 +436,11 @@ fn model_stem(path: &Path) -> String {
         .unwrap_or_else(|| "default".into())
 }
 
-/// How long `serve` waits for its engine's start-up (a calibration of at most ~2 s).
+/// How long a command waits for its engine's start-up (a calibration of at most ~2 s).
 const ENGINE_START_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn serve(a: ServeArgs) -> Result<()> {
     let (path, engine) = start_engine(&a.model, a.served_model_names.first().cloned())?;
-    // The engine times its step-time calibration (about a second) before it takes requests:
-    // waited for here, before the server listens, so `/health` answers once the model serves
-    // at speed (a fresh server's first request used to queue behind the calibration).
-    if !engine.wait_started(ENGINE_START_LIMIT) {
-        anyhow::bail!(
-            "the engine of {} did not finish starting within {} s",
-            path.display(),
-            ENGINE_START_LIMIT.as_secs()
-        );
-    }
     let names = if a.served_model_names.is_empty() {
         vec![model_stem(&path)]
     } else {
