@@ -81,32 +81,47 @@ pub fn fma_throughput(run: Duration) -> (f64, &'static str) {
     (iters * (CHAINS * LANES * 2) as f64 / s.max(1e-9), name)
 }
 
-/// Times [`on_every_thread`] measures a probe, keeping the fastest.
+/// Times a compute probe is measured, keeping the fastest.
 const PROBE_TRIES: usize = 5;
+
+/// How many units of work `f(n)` does in about `run / 4` (doubling from `start`): a timed
+/// try that long is not dominated by its start-up.
+fn calibrated_count(run: Duration, start: u64, mut f: impl FnMut(u64)) -> u64 {
+    let mut n = start;
+    loop {
+        let t = Instant::now();
+        f(n);
+        if t.elapsed() >= run / 4 || n >= 1 << 40 {
+            return n;
+        }
+        n *= 2;
+    }
+}
+
+/// The seconds the fastest of [`PROBE_TRIES`] runs of `f` took. A ceiling is the best the
+/// hardware does: on a shared VM a single run of half a second read anywhere from 55% to
+/// 100% of the best one.
+fn fastest(mut f: impl FnMut()) -> f64 {
+    (0..PROBE_TRIES)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
 
 /// Runs `kernel(iters)` on every pool thread at once, `iters` calibrated on one thread to
 /// last about `run / PROBE_TRIES`, [`PROBE_TRIES`] times; returns the iterations one run does
-/// in all and the seconds the fastest took. A ceiling is the best the hardware does: on a
-/// shared VM a single run of half a second read anywhere from 55% to 100% of the best one.
+/// in all and the seconds the fastest took.
 fn on_every_thread<T: Send>(run: Duration, kernel: impl Fn(u64) -> T + Sync) -> (f64, f64) {
-    let run = run / PROBE_TRIES as u32;
-    let mut iters = 1u64 << 14;
-    loop {
-        let t = Instant::now();
-        black_box(kernel(iters));
-        if t.elapsed() >= run / 4 || iters >= 1 << 40 {
-            break;
-        }
-        iters *= 2;
-    }
+    let iters = calibrated_count(run / PROBE_TRIES as u32, 1 << 14, |n| {
+        black_box(kernel(n));
+    });
     let threads = rayon::current_num_threads();
-    let mut best = f64::INFINITY;
-    for _ in 0..PROBE_TRIES {
-        let t = Instant::now();
-        let out: Vec<T> = rayon::broadcast(|_| kernel(iters));
-        best = best.min(t.elapsed().as_secs_f64());
-        black_box(out);
-    }
+    let best = fastest(|| {
+        black_box(rayon::broadcast(|_| kernel(iters)));
+    });
     (threads as f64 * iters as f64, best)
 }
 
@@ -221,24 +236,10 @@ pub fn matmul_throughput(
     pack_all(&mut [&mut w])?;
     let x: Vec<f32> = (0..tokens * cols).map(|_| next()).collect();
     let mut y = vec![0f32; tokens * rows];
-    let per_try = run / PROBE_TRIES as u32;
     let best = rayon::scope(|_| {
-        let mut calls = 1u32;
-        loop {
-            let t = Instant::now();
-            (0..calls).for_each(|_| matmul(&w, &x, tokens, &mut y));
-            if t.elapsed() >= per_try / 4 || calls >= 1 << 20 {
-                break;
-            }
-            calls *= 2;
-        }
-        let mut best = f64::INFINITY;
-        for _ in 0..PROBE_TRIES {
-            let t = Instant::now();
-            (0..calls).for_each(|_| matmul(&w, &x, tokens, &mut y));
-            best = best.min(t.elapsed().as_secs_f64() / calls as f64);
-        }
-        best
+        let mut calls = |n: u64| (0..n).for_each(|_| matmul(&w, &x, tokens, &mut y));
+        let n = calibrated_count(run / PROBE_TRIES as u32, 1, &mut calls);
+        fastest(|| calls(n)) / n as f64
     });
     black_box(&y);
     Ok((rows * cols * tokens) as f64 / best.max(1e-12))
