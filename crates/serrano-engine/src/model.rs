@@ -13,6 +13,15 @@ use crate::quant::dequantize_row;
 /// Element-wise work below this size runs on the calling thread (a fork-join costs more).
 const PAR_MIN_ELEMS: usize = 1 << 14;
 
+/// Tensors every layer must have (norms, Q, K, V, output, gate, up, down); a header claiming more
+/// layers than the file has tensors for is corrupt.
+const TENSORS_PER_LAYER: usize = 9;
+
+/// The widest dimension a header may claim. The largest open models are ~2^14 wide with
+/// vocabularies of ~2^18, so anything above 2^24 is a corrupt file, refused before it sizes an
+/// allocation.
+const MAX_WIDTH: usize = 1 << 24;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
     pub architecture: String,
@@ -71,9 +80,31 @@ impl ModelConfig {
             Some(t) => t.len(),
             None => u("vocab_size")?,
         };
+        let n_layers = u("block_count")?;
+        let d_ff = u("feed_forward_length")?;
+        // Every size below is read from the header before any tensor is checked against it, so a
+        // corrupt one must be refused here, not after a vector sized by it failed to allocate.
+        if n_layers == 0 || n_layers > f.tensors.len() / TENSORS_PER_LAYER {
+            return Err(EngineError::Invalid(format!(
+                "{n_layers} layers in a file of {} tensors",
+                f.tensors.len()
+            )));
+        }
+        for (what, width) in [
+            ("embedding length", d_model),
+            ("feed-forward length", d_ff),
+            ("vocabulary", vocab_size),
+            ("attention width", n_heads.saturating_mul(head_dim)),
+        ] {
+            if width == 0 || width > MAX_WIDTH {
+                return Err(EngineError::Invalid(format!(
+                    "{what} {width} is outside 1..={MAX_WIDTH}"
+                )));
+            }
+        }
         Ok(ModelConfig {
-            n_layers: u("block_count")?,
-            d_ff: u("feed_forward_length")?,
+            n_layers,
+            d_ff,
             context_length: u("context_length")?,
             rms_eps: f
                 .get_f64(&k("attention.layer_norm_rms_epsilon"))
@@ -1796,5 +1827,31 @@ mod tests {
         let pos_of = [10, 11, 12, 13, 14, 15, 7, 0, 1, 5];
         attention_tiles(&seq_of, &pos_of, &mut tiles);
         assert_eq!(tiles, [(0, 4), (4, 2), (6, 1), (7, 2), (9, 1)]);
+    }
+
+    /// A header whose sizes the tensors cannot back is refused before it sizes anything (the
+    /// fuzz test found `block_count` flipped to ~2^34 asking for a 1.7 TB vector of layers).
+    #[test]
+    fn sizes_the_tensors_cannot_back_are_refused_before_allocating() {
+        use crate::gguf::Value;
+        let bytes = crate::testing::TinyModel::default().gguf_bytes();
+        let good = GgufFile::from_vec(bytes.clone()).unwrap();
+        assert!(Model::load(&good).is_ok());
+        for (key, value) in [
+            ("llama.block_count", u64::MAX >> 20),
+            ("llama.block_count", 0),
+            ("llama.embedding_length", 1 << 40),
+            ("llama.feed_forward_length", 1 << 40),
+            ("llama.feed_forward_length", 0),
+            ("llama.attention.key_length", 1 << 40),
+        ] {
+            let mut f = GgufFile::from_vec(bytes.clone()).unwrap();
+            f.metadata.insert(key.into(), Value::U64(value));
+            let err = Model::load(&f).map(|_| ()).unwrap_err();
+            assert!(
+                matches!(err, EngineError::Invalid(_)),
+                "{key}={value}: {err}"
+            );
+        }
     }
 }
