@@ -256,6 +256,29 @@ pub fn matmul_macs_per_token(c: &ModelConfig) -> f64 {
     c.n_layers as f64 * (d * q + 2.0 * d * kv + q * d + 3.0 * d * c.d_ff as f64)
 }
 
+/// Multiply-adds of causal attention over a whole prompt of `tokens` tokens: position `i`
+/// scores `i + 1` keys and sums as many values, in every head of every layer.
+pub fn attention_macs(c: &ModelConfig, tokens: usize) -> f64 {
+    let (n, heads) = (tokens as f64, (c.n_layers * c.n_heads * c.head_dim) as f64);
+    heads * n * (n + 1.0)
+}
+
+/// Prefill ceiling in tokens/s for a prompt of `tokens` tokens: the matmuls at `matmul_rate`
+/// multiply-adds/s (the 8-bit dot, or f32 FMA where the integer kernels do not run) and
+/// attention, which is f32 in every build, at `attention_rate`. Attention grows with the
+/// square of the prompt, so a longer prompt's ceiling is lower: this is what a long prompt's
+/// rate is held against, not the matmuls' ceiling alone.
+pub fn prefill_ceiling(
+    c: &ModelConfig,
+    tokens: usize,
+    matmul_rate: f64,
+    attention_rate: f64,
+) -> f64 {
+    let seconds = tokens as f64 * matmul_macs_per_token(c) / matmul_rate
+        + attention_macs(c, tokens) / attention_rate;
+    tokens as f64 / seconds.max(f64::MIN_POSITIVE)
+}
+
 /// Bytes of f16 KV cache one decode step reads per sequence at this context length.
 pub fn kv_bytes_per_token(c: &ModelConfig, context: usize) -> f64 {
     (c.n_layers * 2 * c.n_kv_heads * c.head_dim * 2 * context) as f64
@@ -274,6 +297,44 @@ mod tests {
         if let Some(macs) = int8_throughput(Duration::from_millis(20)) {
             assert!(macs.is_finite() && macs > 0.0);
         }
+    }
+
+    /// SmolLM2-135M's shape: 30 layers, 9 heads of 64, 3 KV heads, 576 wide, FFN 1536.
+    fn smollm2() -> ModelConfig {
+        ModelConfig {
+            architecture: "llama".into(),
+            n_layers: 30,
+            d_model: 576,
+            d_ff: 1536,
+            n_heads: 9,
+            n_kv_heads: 3,
+            head_dim: 64,
+            vocab_size: 49152,
+            context_length: 8192,
+            rms_eps: 1e-5,
+            rope_base: 100000.0,
+            rope_dims: 64,
+            rope_style: crate::ops::RopeStyle::Adjacent,
+            rope_pos_scale: 1.0,
+        }
+    }
+
+    #[test]
+    fn attention_takes_the_prefill_ceiling_down_with_the_square_of_the_prompt() {
+        let c = smollm2();
+        // 512 positions score 1 + 2 + ... + 512 keys and sum as many values, in 270 heads of 64.
+        assert_eq!(attention_macs(&c, 512), 270.0 * 64.0 * 512.0 * 513.0);
+        assert_eq!(attention_macs(&c, 0), 0.0);
+        // Attention free: the matmuls' ceiling whatever the length.
+        let macs = matmul_macs_per_token(&c);
+        let free = prefill_ceiling(&c, 4096, 460e9, f64::INFINITY);
+        assert!((free - 460e9 / macs).abs() < 1e-6 * free, "{free}");
+        // This machine's rates (8-bit dot 460 G, f32 FMA 115 G multiply-adds/s): a 4,096-token
+        // prompt's ceiling is under half a 512-token prompt's, a 1,024-token one's above 3/4.
+        let at = |n| prefill_ceiling(&c, n, 460e9, 115e9);
+        assert!(at(1024) / at(512) > 0.75, "{} {}", at(1024), at(512));
+        assert!(at(4096) / at(512) < 0.5, "{} {}", at(4096), at(512));
+        assert!(at(1) > at(512) && at(512) > at(1024) && at(1024) > at(4096));
     }
 
     #[test]

@@ -7,8 +7,8 @@ use anyhow::Result;
 use clap::Args;
 use serrano_engine::quant::DType;
 use serrano_engine::roofline::{
-    fma_throughput, int8_throughput, kv_bytes_per_token, matmul_macs_per_token, matmul_throughput,
-    read_bandwidth,
+    attention_macs, fma_throughput, int8_throughput, kv_bytes_per_token, matmul_macs_per_token,
+    matmul_throughput, prefill_ceiling, read_bandwidth,
 };
 use serrano_engine::GenerateRequest;
 
@@ -24,9 +24,10 @@ pub struct RooflineArgs {
     /// Tokens decoded for the measured decode speed (after an 8-token prompt).
     #[arg(long, default_value_t = 128)]
     decode_tokens: usize,
-    /// Prompt tokens for the measured prefill speed.
-    #[arg(long, default_value_t = 512)]
-    prefill_tokens: usize,
+    /// Prompt lengths for the measured prefill speeds, comma-separated: each is held against
+    /// its own ceiling (attention grows with the square of the prompt) and against the first.
+    #[arg(long, value_delimiter = ',', default_value = "512,1024,4096")]
+    prefill_tokens: Vec<usize>,
     /// Measured runs of each; the best is reported.
     #[arg(long, default_value_t = 3)]
     repeat: usize,
@@ -100,33 +101,51 @@ pub fn run(a: RooflineArgs) -> Result<()> {
     }
     // The larger of the two: a cache that holds the step's bytes serves them faster.
     let decode_ceiling = bw.max(bw_step) / bytes;
-    // Prefill: arithmetic. The integer kernels' ceiling where they run, else f32 FMA (a
-    // multiply-add is 2 FLOPs).
-    let macs = matmul_macs_per_token(c);
-    let (prefill_ceiling, prefill_basis) = match int8 {
-        Some(m) if serrano_engine::kernels::has_avx512() => (m / macs, "8-bit dot throughput"),
-        _ => (flops / (2.0 * macs), "f32 FMA"),
+    // Prefill: arithmetic. The matmuls at the integer kernels' rate where they run, else at
+    // f32 FMA's (a multiply-add is 2 FLOPs); attention at f32 FMA's in every build.
+    let fma_macs = flops / 2.0;
+    let (matmul_rate, matmul_basis) = match int8 {
+        Some(m) if serrano_engine::kernels::has_avx512() => (m, "8-bit dot"),
+        _ => (fma_macs, "f32 FMA"),
     };
+    // A prompt longer than the served context cannot run; say so rather than fail.
+    let (lengths, too_long): (Vec<usize>, Vec<usize>) = a
+        .prefill_tokens
+        .iter()
+        .partition(|&&n| n > 0 && n < info.context_length);
+    if !too_long.is_empty() {
+        println!(
+            "prefill: skipping prompts of {too_long:?} tokens (the served context is {})",
+            info.context_length
+        );
+    }
 
     let mut best_decode = 0f64;
-    let mut best_prefill = 0f64;
+    let mut best_prefill = vec![0f64; lengths.len()];
+    // A different first token for every prompt, so nothing comes from the prefix cache (the
+    // prompts are one text cut to length: a longer one would otherwise reuse a shorter one's
+    // KV); run 0 warms up and is not counted.
+    let mut prompts = 0u32;
     for run in 0..a.repeat.max(1) + 1 {
-        // A different first token each run, so nothing comes from the prefix cache; run 0
-        // warms up and is not counted.
-        let prompt = |n: usize| {
+        let mut prompt = |n: usize| {
             let mut p = synthetic_prompt(&info.tokenizer, n);
-            p[0] = (p[0] + run as u32 + 1) % c.vocab_size as u32;
+            prompts += 1;
+            p[0] = (p[0] + prompts) % c.vocab_size as u32;
             p
         };
         let mut req = GenerateRequest::new(prompt(8), a.decode_tokens);
         req.ignore_eos = true;
         let d = timed_run(&engine, req)?;
-        let mut req = GenerateRequest::new(prompt(a.prefill_tokens), 1);
-        req.ignore_eos = true;
-        let p = timed_run(&engine, req)?;
         if run > 0 {
             best_decode = best_decode.max(d.decode_tps);
-            best_prefill = best_prefill.max(a.prefill_tokens as f64 / p.ttft_s.max(1e-9));
+        }
+        for (&n, best) in lengths.iter().zip(&mut best_prefill) {
+            let mut req = GenerateRequest::new(prompt(n), 1);
+            req.ignore_eos = true;
+            let p = timed_run(&engine, req)?;
+            if run > 0 {
+                *best = best.max(n as f64 / p.ttft_s.max(1e-9));
+            }
         }
     }
     println!(
@@ -142,12 +161,34 @@ pub fn run(a: RooflineArgs) -> Result<()> {
         a.repeat.max(1),
         100.0 * best_decode / decode_ceiling
     );
+    let macs = matmul_macs_per_token(c);
     println!(
-        "prefill: ceiling {prefill_ceiling:.0} tok/s ({prefill_basis} / {:.0}M multiply-adds per token in the matmuls); measured {best_prefill:.1} tok/s ({}-token prompt, best of {}) = {:.0}% of the ceiling",
+        "prefill: matmuls {:.0}M multiply-adds a token at the {matmul_basis} rate ({:.0} tok/s alone); attention {:.0} G multiply-adds/s (f32 FMA)",
         macs / 1e6,
-        a.prefill_tokens,
-        a.repeat.max(1),
-        100.0 * best_prefill / prefill_ceiling
+        matmul_rate / macs,
+        fma_macs / 1e9
     );
+    let first = lengths
+        .first()
+        .map(|&n| (n, prefill_ceiling(c, n, matmul_rate, fma_macs)));
+    for (&n, &best) in lengths.iter().zip(&best_prefill) {
+        let ceiling = prefill_ceiling(c, n, matmul_rate, fma_macs);
+        // Against the first length too: how much a longer prompt loses, beside how much its
+        // ceiling says it must.
+        let against_first = match (first, best_prefill.first()) {
+            (Some((f, f_ceiling)), Some(&f_best)) if f != n => format!(
+                "; {:.0}% of the {f}-token rate (the ceilings' ratio: {:.0}%)",
+                100.0 * best / f_best.max(1e-9),
+                100.0 * ceiling / f_ceiling
+            ),
+            _ => String::new(),
+        };
+        println!(
+            "prefill {n} tokens: ceiling {ceiling:.0} tok/s (attention {:.0}% of its multiply-adds); measured {best:.1} tok/s (best of {}) = {:.0}% of the ceiling{against_first}",
+            100.0 * attention_macs(c, n) / (attention_macs(c, n) + n as f64 * macs),
+            a.repeat.max(1),
+            100.0 * best / ceiling
+        );
+    }
     Ok(())
 }

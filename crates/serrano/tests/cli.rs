@@ -136,7 +136,7 @@ fn roofline_reports_ceilings_and_measured_speeds() {
             "--decode-tokens",
             "16",
             "--prefill-tokens",
-            "32",
+            "32,64,100000",
             "--repeat",
             "1",
         ],
@@ -159,8 +159,18 @@ fn roofline_reports_ceilings_and_measured_speeds() {
             assert!(rate > 0.0, "{line}");
         }
     }
-    // "decode: ceiling N tok/s ...; measured M tok/s ..." with both numbers positive.
-    for what in ["decode: ceiling ", "prefill: ceiling "] {
+    // A prompt longer than the served context is skipped, named.
+    assert!(
+        out.contains("prefill: skipping prompts of [100000] tokens"),
+        "{out}"
+    );
+    // "decode: ceiling N tok/s ...; measured M tok/s ..." with both numbers positive, and a
+    // line per prompt length that runs, the second against the first.
+    for what in [
+        "decode: ceiling ",
+        "prefill 32 tokens: ceiling ",
+        "prefill 64 tokens: ceiling ",
+    ] {
         let line = out.lines().find(|l| l.starts_with(what)).expect(what);
         let numbers: Vec<f64> = line
             .split_whitespace()
@@ -171,6 +181,10 @@ fn roofline_reports_ceilings_and_measured_speeds() {
             "{line}"
         );
     }
+    assert!(
+        out.contains("% of the 32-token rate (the ceilings' ratio: "),
+        "{out}"
+    );
 }
 
 /// `serrano sim roofline` on a model file: one row per device asked for, ceilings that follow
