@@ -108,14 +108,15 @@ pub fn run(a: RooflineArgs) -> Result<()> {
         Some(m) if serrano_engine::kernels::has_avx512() => (m, "8-bit dot"),
         _ => (fma_macs, "f32 FMA"),
     };
-    // A prompt longer than the served context cannot run; say so rather than fail.
+    // A prompt the served context cannot hold (or an empty one) cannot run; say so rather
+    // than fail.
     let (lengths, too_long): (Vec<usize>, Vec<usize>) = a
         .prefill_tokens
         .iter()
         .partition(|&&n| n > 0 && n < info.context_length);
     if !too_long.is_empty() {
         println!(
-            "prefill: skipping prompts of {too_long:?} tokens (the served context is {})",
+            "prefill: skipping prompts of {too_long:?} tokens (a prompt and its one new token must fit the served context of {})",
             info.context_length
         );
     }
