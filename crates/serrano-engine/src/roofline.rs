@@ -299,29 +299,9 @@ mod tests {
         }
     }
 
-    /// SmolLM2-135M's shape: 30 layers, 9 heads of 64, 3 KV heads, 576 wide, FFN 1536.
-    fn smollm2() -> ModelConfig {
-        ModelConfig {
-            architecture: "llama".into(),
-            n_layers: 30,
-            d_model: 576,
-            d_ff: 1536,
-            n_heads: 9,
-            n_kv_heads: 3,
-            head_dim: 64,
-            vocab_size: 49152,
-            context_length: 8192,
-            rms_eps: 1e-5,
-            rope_base: 100000.0,
-            rope_dims: 64,
-            rope_style: crate::ops::RopeStyle::Adjacent,
-            rope_pos_scale: 1.0,
-        }
-    }
-
     #[test]
     fn attention_takes_the_prefill_ceiling_down_with_the_square_of_the_prompt() {
-        let c = smollm2();
+        let c = crate::testing::smollm2_135m_config();
         // 512 positions score 1 + 2 + ... + 512 keys and sum as many values, in 270 heads of 64.
         assert_eq!(attention_macs(&c, 512), 270.0 * 64.0 * 512.0 * 513.0);
         assert_eq!(attention_macs(&c, 0), 0.0);

@@ -50,6 +50,27 @@ impl Lcg {
     }
 }
 
+/// The default model's shape (SmolLM2-135M): 30 layers of width 576, 9 query heads and 3 KV
+/// heads of 64, MLP 1,536, a 49,152-token vocabulary; for tests of arithmetic on that shape.
+pub fn smollm2_135m_config() -> crate::model::ModelConfig {
+    crate::model::ModelConfig {
+        architecture: "llama".into(),
+        n_layers: 30,
+        d_model: 576,
+        d_ff: 1536,
+        n_heads: 9,
+        n_kv_heads: 3,
+        head_dim: 64,
+        vocab_size: 49152,
+        context_length: 8192,
+        rms_eps: 1e-5,
+        rope_base: 100000.0,
+        rope_dims: 64,
+        rope_style: crate::ops::RopeStyle::Adjacent,
+        rope_pos_scale: 1.0,
+    }
+}
+
 /// Deterministic values in [-1, 1), for kernel tests against their references.
 pub fn random_vec(n: usize, seed: u64) -> Vec<f32> {
     let mut rng = Lcg(seed);

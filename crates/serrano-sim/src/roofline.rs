@@ -251,24 +251,8 @@ mod tests {
 
     #[test]
     fn the_default_model_has_its_published_parameter_count() {
-        // SmolLM2-135M: 30 layers of width 576, 9 query heads and 3 KV heads of 64, MLP 1,536,
-        // a 49,152-token vocabulary, the head tied to the embedding.
-        let c = ModelConfig {
-            architecture: "llama".into(),
-            n_layers: 30,
-            d_model: 576,
-            d_ff: 1536,
-            n_heads: 9,
-            n_kv_heads: 3,
-            head_dim: 64,
-            vocab_size: 49152,
-            context_length: 8192,
-            rms_eps: 1e-5,
-            rope_base: 100000.0,
-            rope_dims: 64,
-            rope_style: serrano_engine::ops::RopeStyle::Adjacent,
-            rope_pos_scale: 1.0,
-        };
+        // SmolLM2-135M, the head tied to the embedding.
+        let c = serrano_engine::testing::smollm2_135m_config();
         let m = ModelShape::from_config(&c, false);
         assert_eq!(m.total_params, 134_515_008.0);
         // K and V: 2 x 30 layers x 192 x 2 bytes.
