@@ -8,6 +8,8 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
 use crate::gguf::Bytes;
@@ -82,7 +84,7 @@ pub fn fma_throughput(run: Duration) -> (f64, &'static str) {
 }
 
 /// Times a compute probe is measured, keeping the fastest.
-const PROBE_TRIES: usize = 5;
+pub const PROBE_TRIES: usize = 5;
 
 /// How many units of work `f(n)` does in about `run / 4` (doubling from `start`): a timed
 /// try that long is not dominated by its start-up.
@@ -219,14 +221,8 @@ pub fn matmul_throughput(
     tokens: usize,
     run: Duration,
 ) -> std::io::Result<f64> {
-    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
-    let mut next = || {
-        // xorshift64: any spread of values will do, it only has to be cheap and repeatable.
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-    };
+    let mut rng = ChaCha8Rng::seed_from_u64(0x5e11a);
+    let mut next = || rng.random_range(-0.5f32..0.5);
     let mut data = Vec::with_capacity(rows * dtype.row_bytes(cols));
     for _ in 0..rows {
         let row: Vec<f32> = (0..cols).map(|_| next()).collect();

@@ -8,7 +8,7 @@ use clap::Args;
 use serrano_engine::quant::DType;
 use serrano_engine::roofline::{
     attention_macs, fma_throughput, int8_throughput, kv_bytes_per_token, matmul_macs_per_token,
-    matmul_throughput, prefill_ceiling, read_bandwidth,
+    matmul_throughput, prefill_ceiling, read_bandwidth, PROBE_TRIES,
 };
 use serrano_engine::GenerateRequest;
 
@@ -33,11 +33,18 @@ pub struct RooflineArgs {
     repeat: usize,
 }
 
+/// Time each compute probe gets, shared among its tries (the fastest is kept).
+const PROBE_RUN: Duration = Duration::from_millis(1500);
+
 /// Tokens per call of the matmul probe: enough for the kernel's widest tiles (8 tokens) to
 /// run nearly every pass, as in a prefill chunk or a large decode batch.
 const MATMUL_PROBE_TOKENS: usize = 64;
 
 pub fn run(a: RooflineArgs) -> Result<()> {
+    let probe = format!(
+        "best of {PROBE_TRIES} runs of {:.1} s",
+        PROBE_RUN.as_secs_f64() / PROBE_TRIES as f64
+    );
     let (path, engine) = start_engine(&a.model, None)?;
     let info = engine.info().clone();
     let c = &info.config;
@@ -51,8 +58,8 @@ pub fn run(a: RooflineArgs) -> Result<()> {
     // the weights do between decode steps: on a CPU whose last-level cache holds the model,
     // that cache's bandwidth is the ceiling, not memory's.
     let bw_step = read_bandwidth(bytes as usize, 10);
-    let (flops, isa) = fma_throughput(Duration::from_millis(1500));
-    let int8 = int8_throughput(Duration::from_millis(1500));
+    let (flops, isa) = fma_throughput(PROBE_RUN);
+    let int8 = int8_throughput(PROBE_RUN);
     println!(
         "kernel pool: {threads} threads; matmul kernels: {} (cap with {})",
         serrano_engine::kernels::simd_name(),
@@ -66,12 +73,12 @@ pub fn run(a: RooflineArgs) -> Result<()> {
         bytes / 1e6
     );
     println!(
-        "f32 FMA throughput: {:.1} GFLOP/s ({isa}; best of 5 runs of 0.3 s)",
+        "f32 FMA throughput: {:.1} GFLOP/s ({isa}; {probe})",
         flops / 1e9
     );
     if let Some(m) = int8 {
         println!(
-            "8-bit dot throughput: {:.1} G multiply-adds/s (AVX512-VNNI; best of 5 runs of 0.3 s)",
+            "8-bit dot throughput: {:.1} G multiply-adds/s (AVX512-VNNI; {probe})",
             m / 1e9
         );
     }
@@ -80,13 +87,7 @@ pub fn run(a: RooflineArgs) -> Result<()> {
         // how much of the ceiling the kernel's own instruction mix leaves.
         let mut line = String::new();
         for dtype in [DType::Q4_1, DType::Q4_0, DType::Q8_0] {
-            let r = matmul_throughput(
-                dtype,
-                c.d_ff,
-                c.d_model,
-                MATMUL_PROBE_TOKENS,
-                Duration::from_millis(1500),
-            )?;
+            let r = matmul_throughput(dtype, c.d_ff, c.d_model, MATMUL_PROBE_TOKENS, PROBE_RUN)?;
             line += &format!(
                 "{}{dtype:?} {:.1} G ({:.0}%)",
                 if line.is_empty() { "" } else { ", " },
@@ -95,7 +96,7 @@ pub fn run(a: RooflineArgs) -> Result<()> {
             );
         }
         println!(
-            "matmul (repacked weights, {}x{}, {MATMUL_PROBE_TOKENS} tokens a call, best of 5 runs of 0.3 s): {line} multiply-adds/s (% of the 8-bit dot)",
+            "matmul (repacked weights, {}x{}, {MATMUL_PROBE_TOKENS} tokens a call, {probe}): {line} multiply-adds/s (% of the 8-bit dot)",
             c.d_ff, c.d_model
         );
     }
@@ -169,24 +170,26 @@ pub fn run(a: RooflineArgs) -> Result<()> {
         matmul_rate / macs,
         fma_macs / 1e9
     );
-    let first = lengths
-        .first()
-        .map(|&n| (n, prefill_ceiling(c, n, matmul_rate, fma_macs)));
-    for (&n, &best) in lengths.iter().zip(&best_prefill) {
-        let ceiling = prefill_ceiling(c, n, matmul_rate, fma_macs);
+    let rows: Vec<(usize, f64, f64)> = lengths
+        .iter()
+        .zip(&best_prefill)
+        .map(|(&n, &best)| (n, best, prefill_ceiling(c, n, matmul_rate, fma_macs)))
+        .collect();
+    for (i, &(n, best, ceiling)) in rows.iter().enumerate() {
         // Against the first length too: how much a longer prompt loses, beside how much its
         // ceiling says it must.
-        let against_first = match (first, best_prefill.first()) {
-            (Some((f, f_ceiling)), Some(&f_best)) if f != n => format!(
+        let against_first = match rows.first() {
+            Some(&(f, f_best, f_ceiling)) if i > 0 => format!(
                 "; {:.0}% of the {f}-token rate (the ceilings' ratio: {:.0}%)",
                 100.0 * best / f_best.max(1e-9),
                 100.0 * ceiling / f_ceiling
             ),
             _ => String::new(),
         };
+        let attention = attention_macs(c, n);
         println!(
             "prefill {n} tokens: ceiling {ceiling:.0} tok/s (attention {:.0}% of its multiply-adds); measured {best:.1} tok/s (best of {}) = {:.0}% of the ceiling{against_first}",
-            100.0 * attention_macs(c, n) / (attention_macs(c, n) + n as f64 * macs),
+            100.0 * attention / (attention + n as f64 * macs),
             a.repeat.max(1),
             100.0 * best / ceiling
         );
